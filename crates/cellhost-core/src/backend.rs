@@ -1,0 +1,293 @@
+//! The `Backend` trait and the types that cross it.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cellhost_spec::{Cell, Isolation};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::TeardownReport;
+use crate::ids::CellId;
+
+/// A secret's value, resolved on the host at create time. Zeroed on drop,
+/// never serialized, never printed.
+pub struct SecretValue {
+    pub name: String,
+    pub value: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SecretValue({}, <{} bytes redacted>)",
+            self.name,
+            self.value.len()
+        )
+    }
+}
+
+/// Everything a backend needs to make one cell.
+#[derive(Debug)]
+pub struct CreateRequest {
+    pub id: CellId,
+    /// A document that already passed `cellhost_spec::validate`.
+    pub cell: Cell,
+    /// Values for every `spec.secrets` entry, in document order.
+    pub secrets: Vec<SecretValue>,
+}
+
+/// What destroy, status and reconcile need to find a cell's host objects
+/// again, possibly in another process after a crash. Stored by the
+/// supervisor; never holds secrets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CellHandle {
+    pub id: CellId,
+    pub name: String,
+    pub isolation: Isolation,
+    /// The cell's private directory on the host (logs, bundle, state).
+    pub state_dir: PathBuf,
+    /// Tier-specific details (cgroup paths, container ids, pid files).
+    #[serde(default)]
+    pub tier: serde_json::Value,
+}
+
+/// How a workload ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitInfo {
+    /// Exit code when it exited normally.
+    pub code: Option<i32>,
+    /// Signal number when it was killed by a signal.
+    pub signal: Option<i32>,
+    /// The kernel's OOM killer ended it (cgroup memory limit reached).
+    #[serde(default)]
+    pub oom_killed: bool,
+}
+
+impl ExitInfo {
+    pub fn exited(code: i32) -> Self {
+        ExitInfo {
+            code: Some(code),
+            signal: None,
+            oom_killed: false,
+        }
+    }
+
+    pub fn signaled(signal: i32) -> Self {
+        ExitInfo {
+            code: None,
+            signal: Some(signal),
+            oom_killed: false,
+        }
+    }
+
+    /// The shell convention: the exit code, or 128 + signal.
+    pub fn shell_code(&self) -> i32 {
+        match (self.code, self.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 1,
+        }
+    }
+
+    /// `exited 0`, `killed by SIGKILL (OOM: memory limit reached)`.
+    pub fn describe(&self) -> String {
+        let base = match (self.code, self.signal) {
+            (Some(c), _) => format!("exited with code {c}"),
+            (None, Some(s)) => format!("killed by {}", signal_name(s)),
+            (None, None) => "ended (status unknown)".to_string(),
+        };
+        if self.oom_killed {
+            format!("{base} (OOM-killed: memory limit reached)")
+        } else {
+            base
+        }
+    }
+}
+
+/// `SIGKILL` for 9, `signal 42` for anything unnamed.
+pub fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGXCPU => "SIGXCPU",
+        _ => return format!("signal {sig}"),
+    };
+    name.to_string()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CellState {
+    /// Host objects exist; the workload has not been started.
+    Created,
+    Running,
+    /// The workload ended; its objects (log, exit status) remain.
+    Exited,
+    /// No host objects of this cell exist.
+    Gone,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CellStatus {
+    pub state: CellState,
+    /// Host pid of the workload's first process, while it lives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit: Option<ExitInfo>,
+}
+
+/// A slice of a cell's log from a byte offset.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LogChunk {
+    pub data: Vec<u8>,
+    /// Offset to pass next time to continue after `data`.
+    pub next_offset: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExecOutput {
+    pub exit: ExitInfo,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// A cell's host objects found by naming convention, with or without a
+/// record in the store (reconcile uses this to find orphans).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedCell {
+    pub id: CellId,
+    pub isolation: Isolation,
+    pub state: CellState,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The host lacks something this cell needs. `cellhost doctor` explains.
+    #[error("host lacks {capability}: {detail}")]
+    MissingCapability { capability: String, detail: String },
+    #[error("{op} is not supported by the {tier} tier")]
+    Unsupported { op: &'static str, tier: Isolation },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("cell {0} not found")]
+    NotFound(CellId),
+    #[error("cell {id} is {state:?}; {op} needs it {wanted}")]
+    WrongState {
+        id: CellId,
+        op: &'static str,
+        state: CellState,
+        wanted: &'static str,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The engine (libcontainer, dockerd, qemu...) failed.
+    #[error("{0}")]
+    Engine(String),
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+}
+
+impl BackendError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        BackendError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// One isolation tier. Implementations are cheap to share (`Arc<dyn
+/// Backend>`); every method may be called concurrently for different cells.
+#[async_trait]
+pub trait Backend: Send + Sync {
+    fn isolation(&self) -> Isolation;
+
+    /// Make every host object of the cell, workload ready but not running.
+    /// On error, everything made so far has been removed again.
+    async fn create(&self, req: CreateRequest) -> Result<CellHandle, BackendError>;
+
+    /// Let the created workload run.
+    async fn start(&self, handle: &CellHandle) -> Result<(), BackendError>;
+
+    /// End the workload (SIGTERM, then SIGKILL after `grace`); objects stay.
+    async fn stop(&self, handle: &CellHandle, grace: Duration) -> Result<(), BackendError>;
+
+    /// Remove every host object of the cell and verify none is left.
+    /// Idempotent: destroying a destroyed cell is a clean report.
+    async fn destroy(&self, handle: &CellHandle) -> Result<TeardownReport, BackendError>;
+
+    async fn status(&self, handle: &CellHandle) -> Result<CellStatus, BackendError>;
+
+    /// Every cell of this tier that has host objects, found by naming.
+    async fn list(&self) -> Result<Vec<ListedCell>, BackendError>;
+
+    /// The cell's combined stdout+stderr log from `offset`.
+    async fn logs(&self, handle: &CellHandle, offset: u64) -> Result<LogChunk, BackendError>;
+
+    /// Run a command inside a running cell. Tiers that cannot say so.
+    async fn exec(
+        &self,
+        handle: &CellHandle,
+        req: ExecRequest,
+    ) -> Result<ExecOutput, BackendError> {
+        let _ = (handle, req);
+        Err(BackendError::Unsupported {
+            op: "exec",
+            tier: self.isolation(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_codes() {
+        assert_eq!(ExitInfo::exited(3).shell_code(), 3);
+        assert_eq!(ExitInfo::signaled(9).shell_code(), 137);
+        let mut oom = ExitInfo::signaled(9);
+        oom.oom_killed = true;
+        assert_eq!(
+            oom.describe(),
+            "killed by SIGKILL (OOM-killed: memory limit reached)"
+        );
+    }
+
+    #[test]
+    fn secret_debug_redacts() {
+        let s = SecretValue {
+            name: "tok".into(),
+            value: Zeroizing::new(b"hunter2".to_vec()),
+        };
+        let d = format!("{s:?}");
+        assert!(!d.contains("hunter2"));
+        assert!(d.contains("7 bytes"));
+    }
+}

@@ -1,0 +1,1 @@
+//! Host capability probe (`cellhost doctor`). Placeholder: being written.

@@ -1,0 +1,170 @@
+//! Resolving `spec.secrets` on the host, at create time.
+//!
+//! Values come from a file (path relative to the document's directory), an
+//! environment variable of the caller, or inline. They go straight into
+//! [`SecretValue`]s (zeroed on drop); nothing here logs or stores them.
+
+use std::path::Path;
+
+use cellhost_spec::{CellSpec, SecretSource};
+use zeroize::Zeroizing;
+
+use crate::SecretValue;
+
+/// Largest secret value accepted (1 MiB): secrets are tokens and keys, not
+/// data sets, and they live in a tmpfs charged to the host.
+pub const MAX_SECRET_BYTES: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    #[error("spec.secrets.{name}.from.file: cannot read {path}: {source}")]
+    File {
+        name: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spec.secrets.{name}.from.env: variable {var} is not set in the caller's environment")]
+    EnvMissing { name: String, var: String },
+    #[error("spec.secrets.{name}: value is larger than {MAX_SECRET_BYTES} bytes")]
+    TooLarge { name: String },
+}
+
+/// Resolve every secret of `spec`. `base_dir` anchors relative file paths
+/// (the directory of the document); `env` looks up the caller's variables.
+pub fn resolve(
+    spec: &CellSpec,
+    base_dir: &Path,
+    env: impl Fn(&str) -> Option<Vec<u8>>,
+) -> Result<Vec<SecretValue>, SecretError> {
+    let mut out = Vec::with_capacity(spec.secrets.len());
+    for s in &spec.secrets {
+        let value: Zeroizing<Vec<u8>> = match &s.from {
+            SecretSource::File(p) => {
+                let path = base_dir.join(p);
+                let read = || -> std::io::Result<Zeroizing<Vec<u8>>> {
+                    use std::io::Read;
+                    let f = std::fs::File::open(&path)?;
+                    let mut buf = Zeroizing::new(Vec::new());
+                    f.take(MAX_SECRET_BYTES + 1).read_to_end(&mut buf)?;
+                    Ok(buf)
+                };
+                read().map_err(|source| SecretError::File {
+                    name: s.name.clone(),
+                    path: path.display().to_string(),
+                    source,
+                })?
+            }
+            SecretSource::Env(var) => {
+                Zeroizing::new(env(var).ok_or_else(|| SecretError::EnvMissing {
+                    name: s.name.clone(),
+                    var: var.clone(),
+                })?)
+            }
+            SecretSource::Value(v) => Zeroizing::new(v.as_bytes().to_vec()),
+        };
+        if value.len() as u64 > MAX_SECRET_BYTES {
+            return Err(SecretError::TooLarge {
+                name: s.name.clone(),
+            });
+        }
+        out.push(SecretValue {
+            name: s.name.clone(),
+            value,
+        });
+    }
+    Ok(out)
+}
+
+/// The caller's environment as a lookup for [`resolve`].
+pub fn process_env(var: &str) -> Option<Vec<u8>> {
+    use std::os::unix::ffi::OsStringExt;
+    std::env::var_os(var).map(|v| v.into_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellhost_spec::{Isolation, SecretRef};
+
+    fn spec_with(secrets: Vec<SecretRef>) -> CellSpec {
+        CellSpec {
+            isolation: Isolation::Process,
+            image: "host".into(),
+            command: vec!["/bin/true".into()],
+            working_dir: None,
+            env: Default::default(),
+            secrets,
+            resources: Default::default(),
+            ports: vec![],
+            volume: None,
+            network: Default::default(),
+            lifetime: Default::default(),
+        }
+    }
+
+    #[test]
+    fn resolves_all_sources() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tok"), b"from-file").unwrap();
+        let spec = spec_with(vec![
+            SecretRef {
+                name: "a".into(),
+                from: SecretSource::File("tok".into()),
+            },
+            SecretRef {
+                name: "b".into(),
+                from: SecretSource::Env("X".into()),
+            },
+            SecretRef {
+                name: "c".into(),
+                from: SecretSource::Value("inline".into()),
+            },
+        ]);
+        let got = resolve(&spec, dir.path(), |v| {
+            (v == "X").then(|| b"from-env".to_vec())
+        })
+        .unwrap();
+        let vals: Vec<&[u8]> = got.iter().map(|s| s.value.as_slice()).collect();
+        assert_eq!(vals, [&b"from-file"[..], b"from-env", b"inline"]);
+    }
+
+    #[test]
+    fn errors_name_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = spec_with(vec![SecretRef {
+            name: "k".into(),
+            from: SecretSource::Env("NOPE".into()),
+        }]);
+        let e = resolve(&spec, dir.path(), |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("spec.secrets.k.from.env"), "{e}");
+        let spec = spec_with(vec![SecretRef {
+            name: "f".into(),
+            from: SecretSource::File("missing".into()),
+        }]);
+        let e = resolve(&spec, dir.path(), |_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("spec.secrets.f.from.file"), "{e}");
+    }
+
+    #[test]
+    fn oversized_secret_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("big"),
+            vec![b'x'; MAX_SECRET_BYTES as usize + 1],
+        )
+        .unwrap();
+        let spec = spec_with(vec![SecretRef {
+            name: "big".into(),
+            from: SecretSource::File("big".into()),
+        }]);
+        assert!(matches!(
+            resolve(&spec, dir.path(), |_| None),
+            Err(SecretError::TooLarge { .. })
+        ));
+    }
+}

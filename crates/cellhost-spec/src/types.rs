@@ -1,0 +1,211 @@
+//! The Cell document, v1.
+//!
+//! Every struct denies unknown fields: a typo in a document is an error,
+//! never a silently ignored setting. Field names are camelCase on the wire.
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+
+pub const API_VERSION: &str = "cellhost.dev/v1";
+pub const KIND: &str = "Cell";
+
+/// A whole cell document.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Cell {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: CellSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub labels: IndexMap<String, String>,
+}
+
+/// Isolation tier, weakest to strongest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    Process,
+    Container,
+    Vm,
+    Microvm,
+}
+
+impl Isolation {
+    pub const ALL: [Isolation; 4] = [
+        Isolation::Process,
+        Isolation::Container,
+        Isolation::Vm,
+        Isolation::Microvm,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Process => "process",
+            Isolation::Container => "container",
+            Isolation::Vm => "vm",
+            Isolation::Microvm => "microvm",
+        }
+    }
+}
+
+impl std::fmt::Display for Isolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CellSpec {
+    pub isolation: Isolation,
+    /// Tier-specific image reference. Process tier: `host` (read-only view
+    /// of the host's /usr, /bin, /lib*, /sbin) or an absolute path to a
+    /// rootfs directory.
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// argv of the workload. Required and non-empty.
+    pub command: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// The workload's environment, exactly: nothing else is inherited.
+    /// Order is preserved into the workload's environ.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub env: IndexMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretRef>,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<Port>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<Volume>,
+    #[serde(default)]
+    pub network: Network,
+    #[serde(default)]
+    pub lifetime: Lifetime,
+}
+
+fn default_image() -> String {
+    "host".to_string()
+}
+
+/// A secret delivered to the workload as `/run/secrets/<name>`, mode 0600.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SecretRef {
+    pub name: String,
+    pub from: SecretSource,
+}
+
+/// Where the host reads a secret's value. Exactly one key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub enum SecretSource {
+    /// A file on the caller's host, read at create time.
+    File(String),
+    /// An environment variable of the caller, read at create time.
+    Env(String),
+    /// Inline value. Less safe: the value lives in the document (and so in
+    /// whatever stored or sent the document). cellhost redacts it before
+    /// storing the document.
+    Value(String),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Resources {
+    /// CPU bandwidth in cores (0.5 = half a core).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    #[serde(default, rename = "memoryMiB", skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    #[serde(default, rename = "diskGiB", skip_serializing_if = "Option::is_none")]
+    pub disk_gib: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Port {
+    pub container: u32,
+    pub host: u32,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Volume {
+    pub path: String,
+    #[serde(rename = "sizeGiB")]
+    pub size_gib: u64,
+    #[serde(default)]
+    pub encrypted: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Loopback only.
+    #[default]
+    None,
+    Bridged,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Network {
+    #[serde(default)]
+    pub mode: NetworkMode,
+    /// Egress allow-list; empty = deny all egress.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub egress: Vec<EgressRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct EgressRule {
+    pub cidr: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Lifetime {
+    #[serde(default = "default_ttl")]
+    pub ttl_seconds: u64,
+}
+
+impl Default for Lifetime {
+    fn default() -> Self {
+        Lifetime {
+            ttl_seconds: default_ttl(),
+        }
+    }
+}
+
+/// One hour, the default lease.
+pub const DEFAULT_TTL_SECONDS: u64 = 3600;
+
+fn default_ttl() -> u64 {
+    DEFAULT_TTL_SECONDS
+}
