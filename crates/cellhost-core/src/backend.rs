@@ -228,6 +228,10 @@ impl BackendError {
 pub trait Backend: Send + Sync {
     fn isolation(&self) -> Isolation;
 
+    /// The handle `create` will return for this id, computed without side
+    /// effects so the store can record it before anything is made.
+    fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle;
+
     /// Make every host object of the cell, workload ready but not running.
     /// On error, everything made so far has been removed again.
     async fn create(&self, req: CreateRequest) -> Result<CellHandle, BackendError>;

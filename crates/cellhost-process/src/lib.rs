@@ -1,1 +1,814 @@
-//! Placeholder.
+//! The `process` tier: a workload in its own pid, mount, uts, ipc and net
+//! namespaces, inside its own cgroup, on a read-only root, run by youki's
+//! `libcontainer` through a per-cell shim.
+//!
+//! # Layout on the host
+//!
+//! ```text
+//! <state>/host-root, <state>/host-etc     shared `image: host` root (see bundle)
+//! <state>/cells/<id>/            0700, one per cell
+//!   config.json                  OCI spec (no secrets: env is the declared env)
+//!   log                          workload stdout+stderr, 0600
+//!   secrets/                     tmpfs (0700), one 0600 file per secret,
+//!                                bind-mounted read-only at /run/secrets
+//!   shim.pid shim.log exit.json  the shim's (see shim)
+//!   lc/cellhost-<id>/            libcontainer state (state.json, notify socket)
+//! <cgroup hierarchy>/cellhost/cellhost-<id>   per controller (v1) or unified (v2)
+//! ```
+//!
+//! # Lifecycle
+//!
+//! create: cell dir, secrets tmpfs, config.json, then the shim creates the
+//! container (init waits for the start signal) and reports its pid. start:
+//! libcontainer's start signal. stop: SIGTERM to the init, SIGKILL to the
+//! whole cgroup after the grace period. destroy: SIGKILL the pid namespace's
+//! init (the kernel then kills every process in the namespace) and every
+//! pid left in the cgroup, wait for the shim, libcontainer delete (cgroups,
+//! state), unmount the secrets tmpfs, remove the cell dir, then *check*
+//! each of those and report what is left.
+//!
+//! # Idempotency
+//!
+//! Everything is found again from the cell id alone (dir and cgroup names),
+//! so destroy works from a fresh process after a crash, and destroying a
+//! destroyed cell is a clean report. A create that fails half way calls
+//! destroy before returning the error.
+//!
+//! # Threat model
+//!
+//! The workload is untrusted. It gets exactly its declared environment,
+//! fds 0-2 only (stdin /dev/null, stdout/stderr the cell log), no view of
+//! the host's /etc or other cells, resource limits from cgroups, and
+//! loopback-only networking. Secret values never appear in argv (the shim's
+//! argv is paths and ids), in config.json, in logs or in the store; they
+//! exist only in the cell's tmpfs and in memory during create.
+
+mod bundle;
+pub mod executor;
+pub mod hostfs;
+pub mod shim;
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cellhost_core::ids::CellId;
+use cellhost_core::{
+    Backend, BackendError, CellHandle, CellState, CellStatus, CreateRequest, ExitInfo, ListedCell,
+    LogChunk, SecretValue, TeardownReport,
+};
+use cellhost_spec::{Cell, Isolation};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::AsyncBufReadExt;
+
+pub use bundle::{BundleError, HostRoot};
+use hostfs::CellCgroups;
+use shim::{EXIT_FILE, LC_ROOT, LOG_FILE, SHIM_LOG_FILE, SHIM_PID_FILE, ShimReport};
+
+/// How long create waits for the shim to report.
+const SHIM_REPORT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long destroy waits for processes to die and the shim to exit.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Size of the per-cell secrets tmpfs.
+const SECRETS_TMPFS_SIZE: &str = "size=4m";
+
+/// How the backend starts a shim: `program args... <cell-dir> <container-id>`.
+#[derive(Debug, Clone)]
+pub struct ShimCommand {
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+}
+
+impl ShimCommand {
+    /// Re-execute the running binary as `<exe> __shim` (the `cellhost` CLI).
+    pub fn current_exe() -> io::Result<ShimCommand> {
+        Ok(ShimCommand {
+            program: std::env::current_exe()?,
+            args: vec!["__shim".into()],
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ProcessConfig {
+    /// Root of this tier's host state (e.g. `/var/lib/cellhost/process`).
+    pub state_dir: PathBuf,
+    pub shim: ShimCommand,
+}
+
+/// The process tier.
+#[derive(Debug, Clone)]
+pub struct ProcessBackend {
+    cfg: ProcessConfig,
+}
+
+/// Paths of one cell on the host, derived from its id.
+#[derive(Debug, Clone)]
+pub struct CellPaths {
+    pub dir: PathBuf,
+    pub container_id: String,
+}
+
+impl CellPaths {
+    pub fn log(&self) -> PathBuf {
+        self.dir.join(LOG_FILE)
+    }
+    pub fn exit(&self) -> PathBuf {
+        self.dir.join(EXIT_FILE)
+    }
+    pub fn secrets(&self) -> PathBuf {
+        self.dir.join("secrets")
+    }
+    pub fn lc_state(&self) -> PathBuf {
+        self.dir.join(LC_ROOT).join(&self.container_id)
+    }
+    pub fn shim_pid(&self) -> PathBuf {
+        self.dir.join(SHIM_PID_FILE)
+    }
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BackendError {
+    let context = context.into();
+    move |e| BackendError::io(context, e)
+}
+
+impl ProcessBackend {
+    pub fn new(cfg: ProcessConfig) -> ProcessBackend {
+        ProcessBackend { cfg }
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.cfg.state_dir
+    }
+
+    pub fn paths(&self, id: &CellId) -> CellPaths {
+        CellPaths {
+            dir: self.cfg.state_dir.join("cells").join(id.as_str()),
+            container_id: id.object_name(),
+        }
+    }
+
+    fn paths_of(&self, h: &CellHandle) -> CellPaths {
+        self.paths(&h.id)
+    }
+
+    fn handle_of(&self, id: &CellId, cell: &Cell) -> CellHandle {
+        let p = self.paths(id);
+        CellHandle {
+            id: id.clone(),
+            name: cell.metadata.name.clone(),
+            isolation: Isolation::Process,
+            state_dir: p.dir.clone(),
+            tier: serde_json::json!({
+                "containerId": p.container_id,
+                "cgroup": format!("/{}/{}", hostfs::CGROUP_PARENT, p.container_id),
+            }),
+        }
+    }
+
+    /// The cgroups of a cell (for limits, metering and tests).
+    pub fn cgroups(&self, id: &CellId) -> io::Result<CellCgroups> {
+        CellCgroups::for_object(&id.object_name())
+    }
+
+    /// Host pid of the cell's init process, if libcontainer recorded one.
+    pub fn init_pid(&self, id: &CellId) -> Option<i32> {
+        read_state_pid(&self.paths(id).lc_state())
+    }
+
+    /// Check the host can enforce what the document asks, before any side
+    /// effect.
+    fn admit(&self, cell: &Cell) -> Result<CellCgroups, BackendError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(BackendError::MissingCapability {
+                capability: "root".into(),
+                detail: "the process tier needs root (namespaces, cgroups, mounts)".into(),
+            });
+        }
+        let cg = CellCgroups::for_object("cellhost-admit")
+            .map_err(io_err("reading /proc/self/mountinfo"))?;
+        let r = &cell.spec.resources;
+        let need = |what: &str, ok: bool| -> Result<(), BackendError> {
+            if ok {
+                Ok(())
+            } else {
+                Err(BackendError::MissingCapability {
+                    capability: format!("cgroup.{what}"),
+                    detail: format!(
+                        "spec.resources asks for a {what} limit but no {what} cgroup controller is mounted"
+                    ),
+                })
+            }
+        };
+        need("memory", r.memory_mib.is_none() || cg.memory.is_some())?;
+        need("cpu", r.cpus.is_none() || cg.cpu.is_some())?;
+        need("pids", r.pids.is_none() || cg.procs.is_some())?;
+        if cell.spec.network.mode != cellhost_spec::NetworkMode::None {
+            return Err(BackendError::MissingCapability {
+                capability: "network.bridged".into(),
+                detail: "the process tier supports network.mode: none (loopback only) so far"
+                    .into(),
+            });
+        }
+        if cell.spec.volume.is_some() {
+            return Err(BackendError::MissingCapability {
+                capability: "volume".into(),
+                detail: "spec.volume is not supported by the process tier yet".into(),
+            });
+        }
+        if !cell.spec.ports.is_empty() {
+            return Err(BackendError::MissingCapability {
+                capability: "ports".into(),
+                detail: "spec.ports needs network.mode: bridged, not supported yet".into(),
+            });
+        }
+        Ok(cg)
+    }
+
+    async fn create_inner(&self, req: &CreateRequest, p: &CellPaths) -> Result<(), BackendError> {
+        let root = bundle::RootSource::resolve(&req.cell, &self.cfg.state_dir)
+            .map_err(|e| BackendError::Invalid(e.to_string()))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&p.dir)
+            .map_err(io_err(format!("creating {}", p.dir.display())))?;
+        let secrets_dir = if req.secrets.is_empty() {
+            None
+        } else {
+            write_secrets(&p.secrets(), &req.secrets)?;
+            Some(p.secrets())
+        };
+        let cgroup_path = format!("/{}/{}", hostfs::CGROUP_PARENT, p.container_id);
+        let spec = bundle::oci_spec(&bundle::SpecInputs {
+            cell: &req.cell,
+            root: &root,
+            secrets_dir: secrets_dir.as_deref(),
+            cgroup_path: &cgroup_path,
+        })
+        .map_err(|e| BackendError::Engine(e.to_string()))?;
+        let json = serde_json::to_vec(&spec).map_err(|e| BackendError::Engine(e.to_string()))?;
+        write_private(&p.dir.join("config.json"), &json)?;
+        // The log exists before the shim so readers never race its creation.
+        fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(p.log())
+            .map_err(io_err("creating cell log"))?;
+        self.run_shim(p).await
+    }
+
+    async fn run_shim(&self, p: &CellPaths) -> Result<(), BackendError> {
+        let shim_log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(p.dir.join(SHIM_LOG_FILE))
+            .map_err(io_err("creating shim log"))?;
+        let mut cmd = tokio::process::Command::new(&self.cfg.shim.program);
+        cmd.args(&self.cfg.shim.args)
+            .arg(&p.dir)
+            .arg(&p.container_id)
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(shim_log);
+        let mut child = cmd.spawn().map_err(io_err(format!(
+            "spawning shim {}",
+            self.cfg.shim.program.display()
+        )))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| BackendError::Engine("shim stdout missing".into()))?;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(SHIM_REPORT_TIMEOUT, lines.next_line()).await;
+        // The shim's first process exits right after forking; reap it.
+        let _ = child.wait().await;
+        let line = match line {
+            Err(_) => {
+                return Err(BackendError::Timeout(
+                    SHIM_REPORT_TIMEOUT,
+                    "the shim to report",
+                ));
+            }
+            Ok(Err(e)) => return Err(BackendError::io("reading shim report", e)),
+            Ok(Ok(None)) => {
+                let log = fs::read_to_string(p.dir.join(SHIM_LOG_FILE)).unwrap_or_default();
+                return Err(BackendError::Engine(format!(
+                    "shim exited without reporting: {}",
+                    log.lines().last().unwrap_or("no diagnostics")
+                )));
+            }
+            Ok(Ok(Some(l))) => l,
+        };
+        let rep: ShimReport = serde_json::from_str(&line)
+            .map_err(|e| BackendError::Engine(format!("bad shim report {line:?}: {e}")))?;
+        if rep.ok {
+            Ok(())
+        } else {
+            Err(BackendError::Engine(
+                rep.error.unwrap_or_else(|| "shim failed".into()),
+            ))
+        }
+    }
+
+    fn read_exit(&self, p: &CellPaths) -> Option<ExitInfo> {
+        let data = fs::read(p.exit()).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+
+    /// SIGKILL the namespace init and everything in the cgroup until the
+    /// cgroup is empty or the deadline passes.
+    fn kill_all(&self, p: &CellPaths, cg: &CellCgroups, deadline: Instant) {
+        if let Some(pid) = read_state_pid(&p.lc_state())
+            && pid_in_cell(pid, &p.container_id)
+        {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        loop {
+            let pids = cg.pids();
+            if pids.is_empty() || Instant::now() >= deadline {
+                return;
+            }
+            for pid in pids {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn wait_shim_gone(&self, p: &CellPaths, deadline: Instant) {
+        let Some(pid) = read_pid_file(&p.shim_pid()) else {
+            return;
+        };
+        while shim_alive(pid, &p.dir) {
+            if Instant::now() >= deadline {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                std::thread::sleep(Duration::from_millis(10));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Blocking teardown + verification (runs on a blocking thread).
+    fn destroy_blocking(&self, id: &CellId) -> TeardownReport {
+        let p = self.paths(id);
+        let mut report = TeardownReport::new(id.as_str());
+        report.already_gone = !p.dir.exists();
+        let cg = match CellCgroups::for_object(&p.container_id) {
+            Ok(cg) => cg,
+            Err(e) => {
+                report.error(format!("reading cgroup mounts: {e}"));
+                CellCgroups::from_hierarchies(&p.container_id, &[])
+            }
+        };
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        let shim_pid = read_pid_file(&p.shim_pid());
+        let init_pid = read_state_pid(&p.lc_state());
+
+        // 1. processes
+        self.kill_all(&p, &cg, deadline);
+        self.wait_shim_gone(&p, deadline);
+
+        // 2. libcontainer's own delete (cgroups + its state dir).
+        if p.lc_state().join("state.json").exists() {
+            match libcontainer::container::Container::load(p.lc_state()) {
+                Ok(mut c) => {
+                    if let Err(e) = c.delete(true) {
+                        report.error(format!("libcontainer delete: {}", shim::error_chain(&e)));
+                    }
+                }
+                Err(e) => report.error(format!("libcontainer load: {}", shim::error_chain(&e))),
+            }
+        }
+        // Fallback: remove any cgroup dir still there (empty by now).
+        for d in cg.existing() {
+            let mut tries = 0;
+            while let Err(e) = fs::remove_dir(&d) {
+                if e.kind() == io::ErrorKind::NotFound {
+                    break;
+                }
+                tries += 1;
+                if tries > 50 || Instant::now() >= deadline {
+                    report.error(format!("rmdir {}: {e}", d.display()));
+                    break;
+                }
+                self.kill_all(&p, &cg, deadline);
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+
+        // 3. mounts under the cell dir (the secrets tmpfs).
+        if let Ok(ms) = hostfs::mounts_under(&p.dir) {
+            for m in ms.iter().rev() {
+                if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::empty()) {
+                    // Busy: detach, then verify below.
+                    if nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH).is_err() {
+                        report.error(format!("umount {}: {e}", m.display()));
+                    }
+                }
+            }
+        }
+
+        // 4. the cell dir.
+        if let Err(e) = fs::remove_dir_all(&p.dir)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            report.error(format!("removing {}: {e}", p.dir.display()));
+        }
+
+        // Verify.
+        let mut left: Vec<String> = cg.pids().iter().map(|p| p.to_string()).collect();
+        if let Some(pid) = init_pid
+            && pid_in_cell(pid, &p.container_id)
+        {
+            left.push(format!("init {pid}"));
+        }
+        if let Some(pid) = shim_pid
+            && shim_alive(pid, &p.dir)
+        {
+            left.push(format!("shim {pid}"));
+        }
+        report.check_detail(
+            "processes",
+            format!("cgroup {} + init + shim", cg.relative),
+            left.len() as u64,
+            left.join(" "),
+        );
+        let cgs = cg.existing();
+        report.check_detail(
+            "cgroup",
+            cg.relative.clone(),
+            cgs.len() as u64,
+            cgs.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+        );
+        match hostfs::mounts_under(&p.dir) {
+            Ok(ms) => {
+                let secret_mounts = ms.iter().filter(|m| m.starts_with(p.secrets())).count() as u64;
+                report.check_detail(
+                    "mounts",
+                    format!("/proc/self/mountinfo under {}", p.dir.display()),
+                    ms.len() as u64,
+                    ms.iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                );
+                report.check(
+                    "secrets",
+                    format!("tmpfs {}", p.secrets().display()),
+                    secret_mounts + p.secrets().exists() as u64,
+                );
+            }
+            Err(e) => {
+                report.check_detail(
+                    "mounts",
+                    "/proc/self/mountinfo",
+                    1,
+                    format!("unreadable: {e}"),
+                );
+            }
+        }
+        report.check(
+            "state_dir",
+            p.dir.display().to_string(),
+            p.dir.exists() as u64,
+        );
+        report
+    }
+
+    /// Ids of cells with a dir or a cgroup on this host.
+    fn listed_ids(&self) -> Vec<CellId> {
+        let mut ids: Vec<CellId> = Vec::new();
+        if let Ok(rd) = fs::read_dir(self.cfg.state_dir.join("cells")) {
+            for e in rd.flatten() {
+                if let Ok(id) = CellId::parse(&e.file_name().to_string_lossy()) {
+                    ids.push(id);
+                }
+            }
+        }
+        if let Ok(names) = hostfs::cell_cgroup_names() {
+            for n in names {
+                if let Some(id) = n
+                    .strip_prefix("cellhost-")
+                    .and_then(|s| CellId::parse(s).ok())
+                    && !ids.contains(&id)
+                {
+                    ids.push(id);
+                }
+            }
+        }
+        ids.sort();
+        ids
+    }
+
+    fn status_blocking(&self, id: &CellId) -> CellStatus {
+        let p = self.paths(id);
+        if let Some(exit) = self.read_exit(&p) {
+            return CellStatus {
+                state: CellState::Exited,
+                pid: None,
+                exit: Some(exit),
+            };
+        }
+        let cg_pids = CellCgroups::for_object(&p.container_id)
+            .map(|c| c.pids())
+            .unwrap_or_default();
+        if !p.dir.exists() {
+            return if cg_pids.is_empty() {
+                CellStatus {
+                    state: CellState::Gone,
+                    pid: None,
+                    exit: None,
+                }
+            } else {
+                // An orphan: processes without a cell dir.
+                CellStatus {
+                    state: CellState::Running,
+                    pid: cg_pids.first().map(|p| *p as u32),
+                    exit: None,
+                }
+            };
+        }
+        let status = read_state_field(&p.lc_state(), "status");
+        let pid = read_state_pid(&p.lc_state()).filter(|pid| pid_in_cell(*pid, &p.container_id));
+        match (status.as_deref(), pid) {
+            (Some("created"), Some(pid)) => CellStatus {
+                state: CellState::Created,
+                pid: Some(pid as u32),
+                exit: None,
+            },
+            (_, Some(pid)) => CellStatus {
+                state: CellState::Running,
+                pid: Some(pid as u32),
+                exit: None,
+            },
+            // The init is gone and no shim recorded how: it ended unobserved.
+            (Some(_), None) => {
+                let shim_up = read_pid_file(&p.shim_pid()).is_some_and(|s| shim_alive(s, &p.dir));
+                if shim_up {
+                    // The shim is about to write exit.json.
+                    CellStatus {
+                        state: CellState::Running,
+                        pid: None,
+                        exit: None,
+                    }
+                } else {
+                    CellStatus {
+                        state: CellState::Exited,
+                        pid: None,
+                        exit: Some(ExitInfo {
+                            code: None,
+                            signal: None,
+                            oom_killed: false,
+                        }),
+                    }
+                }
+            }
+            // Dir but no container yet: a create in progress or interrupted.
+            (None, None) => CellStatus {
+                state: CellState::Created,
+                pid: None,
+                exit: None,
+            },
+        }
+    }
+}
+
+fn write_private(path: &Path, data: &[u8]) -> Result<(), BackendError> {
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(format!("writing {}", path.display())))?;
+    f.write_all(data)
+        .map_err(io_err(format!("writing {}", path.display())))
+}
+
+/// Mount a private tmpfs at `dir` and write each secret as a 0600 file.
+fn write_secrets(dir: &Path, secrets: &[SecretValue]) -> Result<(), BackendError> {
+    use nix::mount::{MsFlags, mount};
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(format!("creating {}", dir.display())))?;
+    mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(format!("mode=0700,{SECRETS_TMPFS_SIZE}").as_str()),
+    )
+    .map_err(|e| {
+        BackendError::io(
+            format!("mounting secrets tmpfs at {}", dir.display()),
+            e.into(),
+        )
+    })?;
+    for s in secrets {
+        let path = dir.join(&s.name);
+        let mut f = fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err(format!("creating secret file {}", path.display())))?;
+        f.write_all(&s.value)
+            .map_err(io_err(format!("writing secret file {}", path.display())))?;
+    }
+    Ok(())
+}
+
+fn read_pid_file(path: &Path) -> Option<i32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn read_state_field(lc_state: &Path, field: &str) -> Option<String> {
+    let data = fs::read(lc_state.join("state.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&data).ok()?;
+    v.get(field)?.as_str().map(str::to_string)
+}
+
+fn read_state_pid(lc_state: &Path) -> Option<i32> {
+    let data = fs::read(lc_state.join("state.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&data).ok()?;
+    v.get("pid")?
+        .as_i64()
+        .and_then(|p| i32::try_from(p).ok())
+        .filter(|p| *p > 0)
+}
+
+/// Is `pid` alive and a member of the cell's cgroup (guards against pid
+/// reuse)?
+fn pid_in_cell(pid: i32, container_id: &str) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/cgroup")) {
+        Ok(s) => s
+            .lines()
+            .any(|l| l.ends_with(&format!("/{}/{container_id}", hostfs::CGROUP_PARENT))),
+        Err(_) => false,
+    }
+}
+
+/// Is `pid` a live shim of the cell at `dir`? A shim that exited may
+/// linger as a zombie until init reaps it; a zombie is not alive.
+fn shim_alive(pid: i32, dir: &Path) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r.trim_start())
+        && (rest.starts_with('Z') || rest.starts_with('X'))
+    {
+        return false;
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = dir.as_os_str().as_encoded_bytes();
+    cmdline.windows(needle.len().max(1)).any(|w| w == needle)
+}
+
+#[async_trait]
+impl Backend for ProcessBackend {
+    fn isolation(&self) -> Isolation {
+        Isolation::Process
+    }
+
+    fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle {
+        self.handle_of(id, cell)
+    }
+
+    async fn create(&self, req: CreateRequest) -> Result<CellHandle, BackendError> {
+        if req.cell.spec.isolation != Isolation::Process {
+            return Err(BackendError::Invalid(format!(
+                "spec.isolation is {}, this is the process tier",
+                req.cell.spec.isolation
+            )));
+        }
+        self.admit(&req.cell)?;
+        let handle = self.handle_of(&req.id, &req.cell);
+        let p = self.paths(&req.id);
+        if p.dir.exists() {
+            // Leftovers at this id: pre-clean (idempotent).
+            let _ = self.destroy(&handle).await?;
+        }
+        match self.create_inner(&req, &p).await {
+            Ok(()) => Ok(handle),
+            Err(e) => {
+                let report = self.destroy(&handle).await?;
+                if report.is_clean() {
+                    Err(e)
+                } else {
+                    Err(BackendError::Engine(format!(
+                        "{e}; rollback incomplete: {}",
+                        report.summary()
+                    )))
+                }
+            }
+        }
+    }
+
+    async fn start(&self, handle: &CellHandle) -> Result<(), BackendError> {
+        let p = self.paths_of(handle);
+        let id = handle.id.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = libcontainer::container::Container::load(p.lc_state()).map_err(|e| {
+                BackendError::Engine(format!("loading cell {id}: {}", shim::error_chain(&e)))
+            })?;
+            c.start().map_err(|e| {
+                BackendError::Engine(format!("starting cell {id}: {}", shim::error_chain(&e)))
+            })
+        })
+        .await
+        .map_err(|e| BackendError::Engine(format!("start task: {e}")))?
+    }
+
+    async fn stop(&self, handle: &CellHandle, grace: Duration) -> Result<(), BackendError> {
+        let this = self.clone();
+        let id = handle.id.clone();
+        tokio::task::spawn_blocking(move || {
+            let p = this.paths(&id);
+            let st = this.status_blocking(&id);
+            if st.state != CellState::Running && st.state != CellState::Created {
+                return Ok(());
+            }
+            if let Some(pid) = st.pid {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            }
+            let until = Instant::now() + grace;
+            while Instant::now() < until && !p.exit().exists() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let cg = CellCgroups::for_object(&p.container_id).map_err(io_err("reading cgroups"))?;
+            this.kill_all(&p, &cg, Instant::now() + KILL_TIMEOUT);
+            this.wait_shim_gone(&p, Instant::now() + KILL_TIMEOUT);
+            Ok(())
+        })
+        .await
+        .map_err(|e| BackendError::Engine(format!("stop task: {e}")))?
+    }
+
+    async fn destroy(&self, handle: &CellHandle) -> Result<TeardownReport, BackendError> {
+        let this = self.clone();
+        let id = handle.id.clone();
+        tokio::task::spawn_blocking(move || this.destroy_blocking(&id))
+            .await
+            .map_err(|e| BackendError::Engine(format!("destroy task: {e}")))
+    }
+
+    async fn status(&self, handle: &CellHandle) -> Result<CellStatus, BackendError> {
+        let this = self.clone();
+        let id = handle.id.clone();
+        tokio::task::spawn_blocking(move || this.status_blocking(&id))
+            .await
+            .map_err(|e| BackendError::Engine(format!("status task: {e}")))
+    }
+
+    async fn list(&self) -> Result<Vec<ListedCell>, BackendError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || {
+            this.listed_ids()
+                .into_iter()
+                .map(|id| {
+                    let state = this.status_blocking(&id).state;
+                    ListedCell {
+                        id,
+                        isolation: Isolation::Process,
+                        state,
+                    }
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| BackendError::Engine(format!("list task: {e}")))
+    }
+
+    async fn logs(&self, handle: &CellHandle, offset: u64) -> Result<LogChunk, BackendError> {
+        let path = self.paths_of(handle).log();
+        let mut f = match fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(BackendError::NotFound(handle.id.clone()));
+            }
+            Err(e) => return Err(BackendError::io(format!("opening {}", path.display()), e)),
+        };
+        f.seek(SeekFrom::Start(offset))
+            .map_err(io_err("seeking cell log"))?;
+        let mut data = Vec::new();
+        f.take(1 << 20)
+            .read_to_end(&mut data)
+            .map_err(io_err("reading cell log"))?;
+        let next_offset = offset + data.len() as u64;
+        Ok(LogChunk { data, next_offset })
+    }
+}

@@ -1,0 +1,268 @@
+//! The per-cell shim: the single-threaded helper that owns one workload.
+//!
+//! libcontainer forks and clones, so it must not run on a thread of a
+//! tokio runtime. The backend therefore re-executes the `cellhost` binary
+//! as `cellhost __shim <cell-dir> <container-id>` (as containerd shims and
+//! conmon do). The shim:
+//!
+//! 1. forks once and lets its parent exit, so it is nobody's child (the
+//!    supervisor never has to reap it and may die without taking it along),
+//!    and starts a new session (no terminal signals reach it);
+//! 2. creates the container with libcontainer — the workload's init waits
+//!    for the start signal — with stdin `/dev/null` and stdout+stderr
+//!    appended to `<cell-dir>/log`; the init process is the shim's child
+//!    (libcontainer clones it with CLONE_PARENT from its intermediate);
+//! 3. brings up loopback in the cell's fresh network namespace;
+//! 4. reports `{"ok":true,"pid":N}` (or `{"ok":false,"error":...}`) as one
+//!    line on its stdout, a pipe the backend reads, then detaches from it;
+//! 5. waits for the init process, reads the cgroup's OOM-kill counter, and
+//!    writes `<cell-dir>/exit.json` atomically (tmp + fsync + rename).
+//!
+//! Layout: `<cell-dir>/shim.pid` (the shim's pid), `<cell-dir>/shim.log`
+//! (its own diagnostics, never the workload's output), `<cell-dir>/lc/`
+//! (libcontainer's state root), `<cell-dir>/exit.json`.
+//!
+//! Idempotency: a shim for a cell dir that already has libcontainer state
+//! fails the create; destroy removes everything regardless.
+//!
+//! Threat model: the shim never sees secrets (they are files in a tmpfs
+//! made by the backend before the shim runs); its argv holds only paths
+//! and ids.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use cellhost_core::ExitInfo;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::{ForkResult, Pid};
+
+use crate::executor::ExactEnvExecutor;
+use crate::hostfs::CellCgroups;
+
+/// File names inside a cell dir.
+pub const LOG_FILE: &str = "log";
+pub const EXIT_FILE: &str = "exit.json";
+pub const SHIM_PID_FILE: &str = "shim.pid";
+pub const SHIM_LOG_FILE: &str = "shim.log";
+pub const LC_ROOT: &str = "lc";
+
+/// The line the shim reports on its stdout.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ShimReport {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Entry point of `cellhost __shim`. Returns the process exit code.
+pub fn main(cell_dir: &Path, container_id: &str) -> i32 {
+    // Step 1: detach. The parent returns at once so the spawner can reap it.
+    // SAFETY: the shim is single-threaded here (called first thing from the
+    // binary's main before any runtime or thread starts), so fork is sound.
+    match unsafe { nix::unistd::fork() } {
+        Ok(ForkResult::Parent { .. }) => return 0,
+        Ok(ForkResult::Child) => {}
+        Err(e) => {
+            report(&ShimReport {
+                ok: false,
+                pid: None,
+                error: Some(format!("fork: {e}")),
+            });
+            return 1;
+        }
+    }
+    let _ = nix::unistd::setsid();
+
+    let pid = match create(cell_dir, container_id) {
+        Ok(pid) => pid,
+        Err(e) => {
+            tracing::error!("create failed: {e}");
+            report(&ShimReport {
+                ok: false,
+                pid: None,
+                error: Some(e),
+            });
+            return 1;
+        }
+    };
+    report(&ShimReport {
+        ok: true,
+        pid: Some(pid.as_raw()),
+        error: None,
+    });
+    detach_stdout();
+
+    let exit = wait_for(pid);
+    let mut exit = exit;
+    if let Ok(cg) = CellCgroups::for_object(container_id) {
+        exit.oom_killed = cg.oom_kills().unwrap_or(0) > 0;
+    }
+    if let Err(e) = write_atomic(
+        &cell_dir.join(EXIT_FILE),
+        &serde_json::to_vec(&exit).unwrap_or_default(),
+    ) {
+        tracing::error!("writing exit status: {e}");
+        return 1;
+    }
+    0
+}
+
+fn report(r: &ShimReport) {
+    let mut line = serde_json::to_vec(r).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    line.push(b'\n');
+    let mut out = io::stdout().lock();
+    let _ = out.write_all(&line);
+    let _ = out.flush();
+}
+
+/// Point stdout at /dev/null so the spawner's pipe sees EOF.
+fn detach_stdout() {
+    if let Ok(null) = File::options().write(true).open("/dev/null") {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+    }
+}
+
+fn create(cell_dir: &Path, container_id: &str) -> Result<Pid, String> {
+    write_atomic(
+        &cell_dir.join(SHIM_PID_FILE),
+        std::process::id().to_string().as_bytes(),
+    )
+    .map_err(|e| format!("writing shim pid: {e}"))?;
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(cell_dir.join(LOG_FILE))
+        .map_err(|e| format!("opening cell log: {e}"))?;
+    let log2 = log.try_clone().map_err(|e| format!("dup log: {e}"))?;
+    let null = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+    let lc_root = cell_dir.join(LC_ROOT);
+    fs::create_dir_all(&lc_root).map_err(|e| format!("{}: {e}", lc_root.display()))?;
+
+    let container = ContainerBuilder::new(container_id.to_string(), SyscallType::default())
+        .with_root_path(&lc_root)
+        .map_err(|e| error_chain(&e))?
+        .with_executor(ExactEnvExecutor)
+        .with_stdin(OwnedFd::from(null))
+        .with_stdout(OwnedFd::from(log))
+        .with_stderr(OwnedFd::from(log2))
+        .validate_id()
+        .map_err(|e| error_chain(&e))?
+        .as_init(cell_dir)
+        .with_systemd(false)
+        .with_detach(true)
+        .build()
+        .map_err(|e| error_chain(&e))?;
+    let pid = container
+        .pid()
+        .ok_or_else(|| "libcontainer reported no init pid".to_string())?;
+    loopback_up(pid).map_err(|e| format!("bringing up loopback: {e}"))?;
+    Ok(pid)
+}
+
+/// `err: cause: cause` on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn wait_for(pid: Pid) -> ExitInfo {
+    loop {
+        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
+            Ok(WaitStatus::Exited(_, code)) => return ExitInfo::exited(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return ExitInfo::signaled(sig as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!("waitpid {pid}: {e}");
+                return ExitInfo {
+                    code: None,
+                    signal: None,
+                    oom_killed: false,
+                };
+            }
+        }
+    }
+}
+
+/// Write `data` to `path` via a temp file, fsync, rename, dir fsync.
+pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let tmp: PathBuf = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
+    {
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+/// Bring `lo` up inside the network namespace of `pid`. A fresh network
+/// namespace has loopback down; `network.mode: none` promises loopback.
+fn loopback_up(pid: Pid) -> io::Result<()> {
+    use nix::sched::{CloneFlags, setns};
+    let own = File::open("/proc/self/ns/net")?;
+    let theirs = File::open(format!("/proc/{pid}/ns/net"))?;
+    setns(&theirs, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    let res = set_lo_up();
+    setns(&own, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+    res
+}
+
+fn set_lo_up() -> io::Result<()> {
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(io::Error::from)?;
+    if_flags_up(sock.as_raw_fd(), b"lo")
+}
+
+/// SIOCGIFFLAGS / SIOCSIFFLAGS with IFF_UP on interface `name`.
+fn if_flags_up(fd: i32, name: &[u8]) -> io::Result<()> {
+    // SAFETY: `ifreq` is plain old data, so all-zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.iter()) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: `req` is a valid, initialised ifreq that outlives both ioctls;
+    // `fd` is an open socket; the union field ifru_flags is the one these
+    // requests read and write.
+    unsafe {
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,351 @@
+//! `cellhost run` and `cellhost validate`.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cellhost_core::ids::CellId;
+use cellhost_core::{Backend, BackendError, CellState, CreateRequest, ExitInfo, TeardownReport};
+use cellhost_spec::{Cell, Isolation};
+use cellhost_store::{Desired, NewCell, Observed, Store, now_ms};
+use serde_json::json;
+
+use crate::cli::RunArgs;
+use crate::{EXIT_CAPABILITY, EXIT_INVALID, EXIT_RUNTIME, exit_err};
+
+/// Largest document read (the spec crate enforces its own cap too).
+const MAX_DOC_BYTES: u64 = 4 << 20;
+/// How often the foreground run polls the log and status.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Read a document from a path or `-` (stdin).
+pub fn read_doc(file: &Path) -> anyhow::Result<(String, PathBuf)> {
+    let mut text = String::new();
+    if file == Path::new("-") {
+        std::io::stdin()
+            .take(MAX_DOC_BYTES)
+            .read_to_string(&mut text)
+            .context("reading document from stdin")?;
+        return Ok((text, std::env::current_dir()?));
+    }
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_DOC_BYTES).read_to_string(&mut text))
+        .map_err(|e| exit_err(EXIT_INVALID, format!("{}: {e}", file.display())))?;
+    let base = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    Ok((text, base))
+}
+
+/// Parse and validate, or exit 3 listing every problem.
+pub fn load_cell(file: &Path, json_out: bool) -> anyhow::Result<(Cell, PathBuf)> {
+    let (text, base) = read_doc(file)?;
+    match cellhost_spec::parse_and_validate(&text) {
+        Ok(c) => Ok((c, base)),
+        Err(e) => {
+            let errs = e.field_errors();
+            if json_out {
+                let list: Vec<_> = errs
+                    .iter()
+                    .map(|f| json!({"path": f.path, "message": f.message}))
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"valid": false, "file": file.display().to_string(), "errors": list})
+                );
+            } else {
+                for f in &errs {
+                    if f.path.is_empty() {
+                        eprintln!("{}: {}", file.display(), f.message);
+                    } else {
+                        eprintln!("{}: {}: {}", file.display(), f.path, f.message);
+                    }
+                }
+            }
+            Err(exit_err(
+                EXIT_INVALID,
+                format!(
+                    "{}: invalid cell document ({} problem{})",
+                    file.display(),
+                    errs.len(),
+                    if errs.len() == 1 { "" } else { "s" }
+                ),
+            ))
+        }
+    }
+}
+
+pub fn validate(file: &Path, json_out: bool) -> anyhow::Result<u8> {
+    let (cell, _) = load_cell(file, json_out)?;
+    if json_out {
+        println!(
+            "{}",
+            json!({"valid": true, "file": file.display().to_string(), "name": cell.metadata.name, "isolation": cell.spec.isolation})
+        );
+    } else {
+        println!(
+            "{}: valid ({} cell {:?})",
+            file.display(),
+            cell.spec.isolation,
+            cell.metadata.name
+        );
+    }
+    Ok(0)
+}
+
+/// The backend for a tier on this host, or exit 4 saying why not.
+pub fn backend_for(isolation: Isolation, state_dir: &Path) -> anyhow::Result<Arc<dyn Backend>> {
+    match isolation {
+        Isolation::Process => {
+            let shim = cellhost_process::ShimCommand::current_exe()
+                .context("locating the cellhost binary for the shim")?;
+            Ok(Arc::new(cellhost_process::ProcessBackend::new(
+                cellhost_process::ProcessConfig {
+                    state_dir: state_dir.join("process"),
+                    shim,
+                },
+            )))
+        }
+        other => Err(exit_err(
+            EXIT_CAPABILITY,
+            format!(
+                "the {other} tier is not available in this build of cellhost (only process so far); `cellhost doctor` shows what this host supports"
+            ),
+        )),
+    }
+}
+
+/// Map a backend error to an exit code.
+pub fn backend_err(e: BackendError, what: &str) -> anyhow::Error {
+    let code = match e {
+        BackendError::MissingCapability { .. } | BackendError::Unsupported { .. } => {
+            EXIT_CAPABILITY
+        }
+        BackendError::Invalid(_) => EXIT_INVALID,
+        _ => EXIT_RUNTIME,
+    };
+    let hint = if code == EXIT_CAPABILITY {
+        "; see `cellhost doctor`"
+    } else {
+        ""
+    };
+    exit_err(code, format!("{what}: {e}{hint}"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+enum Outcome {
+    Exited,
+    Expired,
+    Interrupted,
+}
+
+pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Result<u8> {
+    let (cell, base) = load_cell(&args.file, json_out)?;
+    let backend = backend_for(cell.spec.isolation, state_dir)?;
+    let secrets =
+        cellhost_core::secrets::resolve(&cell.spec, &base, cellhost_core::secrets::process_env)
+            .map_err(|e| exit_err(EXIT_INVALID, e.to_string()))?;
+
+    let store = Store::open(state_dir)
+        .with_context(|| format!("opening the store in {}", state_dir.display()))?;
+    let id = CellId::random();
+    let ttl = Duration::from_secs(cell.spec.lifetime.ttl_seconds);
+    let now = now_ms();
+    let redacted = cellhost_spec::redacted(&cell);
+    // Desired state first, then side effects.
+    store.insert_cell(&NewCell {
+        id: &id,
+        name: &cell.metadata.name,
+        isolation: cell.spec.isolation,
+        owner: &args.owner,
+        document: &redacted,
+        created_at: now,
+        expires_at: now.saturating_add(ttl.as_millis() as i64),
+    })?;
+    let handle = backend.handle_for(&id, &cell);
+    store.set_handle(&id, &handle)?;
+    store.append_event(
+        &id,
+        "cellhost.cell.creating",
+        &json!({"name": cell.metadata.name}),
+    )?;
+
+    let created = backend
+        .create(CreateRequest {
+            id: id.clone(),
+            cell: cell.clone(),
+            secrets,
+        })
+        .await;
+    if let Err(e) = created {
+        store.set_error(&id, &e.to_string())?;
+        // create rolled back; make sure and record it.
+        let report = backend
+            .destroy(&handle)
+            .await
+            .map_err(|e| backend_err(e, "rollback"))?;
+        finish_record(&store, &id, &report)?;
+        return Err(backend_err(
+            e,
+            &format!("creating cell {:?}", cell.metadata.name),
+        ));
+    }
+    store.set_observed(&id, Observed::Created)?;
+    store.append_event(&id, "cellhost.cell.created", &json!({}))?;
+
+    if let Err(e) = backend.start(&handle).await {
+        let report = backend
+            .destroy(&handle)
+            .await
+            .map_err(|e| backend_err(e, "rollback"))?;
+        finish_record(&store, &id, &report)?;
+        return Err(backend_err(e, "starting cell"));
+    }
+    store.set_observed(&id, Observed::Running)?;
+    store.append_event(&id, "cellhost.cell.started", &json!({}))?;
+    if !json_out {
+        eprintln!(
+            "cellhost: cell {id} ({}) running, lease {}s",
+            cell.metadata.name,
+            ttl.as_secs()
+        );
+    }
+
+    let deadline = tokio::time::Instant::now() + ttl;
+    let mut offset = 0u64;
+    let mut captured: Vec<u8> = Vec::new();
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    let (outcome, mut exit) = loop {
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {
+                offset = pump_logs(&*backend, &handle, offset, json_out, &mut captured).await;
+                let st = backend.status(&handle).await.map_err(|e| backend_err(e, "status"))?;
+                match st.state {
+                    CellState::Exited => break (Outcome::Exited, st.exit),
+                    CellState::Gone => break (Outcome::Exited, None),
+                    _ => {}
+                }
+            }
+            _ = &mut ctrl_c => break (Outcome::Interrupted, None),
+            _ = sigterm.recv() => break (Outcome::Interrupted, None),
+            _ = tokio::time::sleep_until(deadline) => break (Outcome::Expired, None),
+        }
+    };
+    offset = pump_logs(&*backend, &handle, offset, json_out, &mut captured).await;
+    let _ = offset;
+    match outcome {
+        Outcome::Expired => {
+            if !json_out {
+                eprintln!(
+                    "cellhost: lease of {}s expired; killing cell {id}",
+                    ttl.as_secs()
+                );
+            }
+            store.append_event(&id, "cellhost.cell.expired", &json!({}))?;
+        }
+        Outcome::Interrupted => {
+            if !json_out {
+                eprintln!("cellhost: interrupted; destroying cell {id}");
+            }
+        }
+        Outcome::Exited => {}
+    }
+    if let Some(x) = &exit {
+        store.set_exit(&id, x)?;
+    }
+    store.set_desired(&id, Desired::Destroyed)?;
+    store.set_observed(&id, Observed::Destroying)?;
+    let report = backend
+        .destroy(&handle)
+        .await
+        .map_err(|e| backend_err(e, "destroying cell"))?;
+    if outcome != Outcome::Exited {
+        // Killed by us: SIGKILL, or SIGINT-style for an interrupt.
+        exit = Some(ExitInfo::signaled(if outcome == Outcome::Interrupted {
+            libc::SIGINT
+        } else {
+            libc::SIGKILL
+        }));
+    }
+    finish_record(&store, &id, &report)?;
+
+    let exit = exit.unwrap_or(ExitInfo {
+        code: None,
+        signal: None,
+        oom_killed: false,
+    });
+    if json_out {
+        println!(
+            "{}",
+            json!({
+                "id": id, "name": cell.metadata.name, "outcome": outcome, "exit": exit,
+                "exitCode": exit.shell_code(), "teardown": report,
+                "output": String::from_utf8_lossy(&captured),
+            })
+        );
+    } else {
+        let how = match outcome {
+            Outcome::Exited => exit.describe(),
+            Outcome::Expired => "killed at lease expiry".to_string(),
+            Outcome::Interrupted => "interrupted".to_string(),
+        };
+        eprintln!("cellhost: cell {id} {how}; {}", report.summary());
+    }
+    if !report.is_clean() {
+        return Err(exit_err(
+            EXIT_RUNTIME,
+            format!("cell {id} left residue: {}", report.summary()),
+        ));
+    }
+    Ok(exit.shell_code().clamp(0, 255) as u8)
+}
+
+/// Remove the record only after a clean report; keep it (with the error)
+/// otherwise, so a later reconcile finishes the job.
+fn finish_record(store: &Store, id: &CellId, report: &TeardownReport) -> anyhow::Result<()> {
+    store.append_event(
+        id,
+        "cellhost.cell.destroyed",
+        &serde_json::to_value(report)?,
+    )?;
+    if report.is_clean() {
+        store.set_observed(id, Observed::Gone)?;
+        store.remove(id)?;
+    } else {
+        store.set_observed(id, Observed::Failed)?;
+        store.set_error(id, &report.summary())?;
+    }
+    Ok(())
+}
+
+async fn pump_logs(
+    backend: &dyn Backend,
+    handle: &cellhost_core::CellHandle,
+    mut offset: u64,
+    json_out: bool,
+    captured: &mut Vec<u8>,
+) -> u64 {
+    loop {
+        let Ok(chunk) = backend.logs(handle, offset).await else {
+            return offset;
+        };
+        if chunk.data.is_empty() {
+            return offset;
+        }
+        offset = chunk.next_offset;
+        if json_out {
+            captured.extend_from_slice(&chunk.data);
+        } else {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&chunk.data);
+            let _ = out.flush();
+        }
+    }
+}
