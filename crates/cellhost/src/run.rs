@@ -9,7 +9,7 @@ use anyhow::Context;
 use cellhost_core::ids::CellId;
 use cellhost_core::{Backend, BackendError, CellState, CreateRequest, ExitInfo, TeardownReport};
 use cellhost_spec::{Cell, Isolation};
-use cellhost_store::{Desired, NewCell, Observed, Store, now_ms};
+use cellhost_store::{CellUpdate, Desired, NewCell, Observed, Store, now_ms};
 use serde_json::json;
 
 use crate::cli::RunArgs;
@@ -168,11 +168,12 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         expires_at: now.saturating_add(ttl.as_millis() as i64),
     })?;
     let handle = backend.handle_for(&id, &cell);
-    store.set_handle(&id, &handle)?;
-    store.append_event(
+    store.apply(
         &id,
-        "cellhost.cell.creating",
-        &json!({"name": cell.metadata.name}),
+        &CellUpdate::default().handle(&handle).event(
+            "cellhost.cell.creating",
+            &json!({"name": cell.metadata.name}),
+        ),
     )?;
 
     let created = backend
@@ -183,7 +184,12 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         })
         .await;
     if let Err(e) = created {
-        store.set_error(&id, &e.to_string())?;
+        store.apply(
+            &id,
+            &CellUpdate::default()
+                .error(&e.to_string())
+                .desired(Desired::Destroyed),
+        )?;
         // create rolled back; make sure and record it.
         let report = backend
             .destroy(&handle)
@@ -195,8 +201,12 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
             &format!("creating cell {:?}", cell.metadata.name),
         ));
     }
-    store.set_observed(&id, Observed::Created)?;
-    store.append_event(&id, "cellhost.cell.created", &json!({}))?;
+    store.apply(
+        &id,
+        &CellUpdate::default()
+            .observed(Observed::Created)
+            .event("cellhost.cell.created", &json!({})),
+    )?;
 
     if let Err(e) = backend.start(&handle).await {
         let report = backend
@@ -206,8 +216,12 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         finish_record(&store, &id, &report)?;
         return Err(backend_err(e, "starting cell"));
     }
-    store.set_observed(&id, Observed::Running)?;
-    store.append_event(&id, "cellhost.cell.started", &json!({}))?;
+    store.apply(
+        &id,
+        &CellUpdate::default()
+            .observed(Observed::Running)
+            .event("cellhost.cell.started", &json!({})),
+    )?;
     if !json_out {
         eprintln!(
             "cellhost: cell {id} ({}) running, lease {}s",
@@ -248,7 +262,6 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
                     ttl.as_secs()
                 );
             }
-            store.append_event(&id, "cellhost.cell.expired", &json!({}))?;
         }
         Outcome::Interrupted => {
             if !json_out {
@@ -257,11 +270,22 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         }
         Outcome::Exited => {}
     }
+    let exit_json = serde_json::to_value(exit)?;
+    let mut update = CellUpdate::default()
+        .desired(Desired::Destroyed)
+        .observed(Observed::Destroying)
+        .event(
+            match outcome {
+                Outcome::Exited => "cellhost.cell.exited",
+                Outcome::Expired => "cellhost.cell.expired",
+                Outcome::Interrupted => "cellhost.cell.interrupted",
+            },
+            &exit_json,
+        );
     if let Some(x) = &exit {
-        store.set_exit(&id, x)?;
+        update = update.exit(x);
     }
-    store.set_desired(&id, Desired::Destroyed)?;
-    store.set_observed(&id, Observed::Destroying)?;
+    store.apply(&id, &update)?;
     let report = backend
         .destroy(&handle)
         .await
@@ -310,17 +334,19 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
 /// Remove the record only after a clean report; keep it (with the error)
 /// otherwise, so a later reconcile finishes the job.
 fn finish_record(store: &Store, id: &CellId, report: &TeardownReport) -> anyhow::Result<()> {
-    store.append_event(
-        id,
-        "cellhost.cell.destroyed",
-        &serde_json::to_value(report)?,
-    )?;
+    let data = serde_json::to_value(report)?;
     if report.is_clean() {
-        store.set_observed(id, Observed::Gone)?;
+        store.append_event(id, "cellhost.cell.destroyed", &data)?;
         store.remove(id)?;
     } else {
-        store.set_observed(id, Observed::Failed)?;
-        store.set_error(id, &report.summary())?;
+        let summary = report.summary();
+        store.apply(
+            id,
+            &CellUpdate::default()
+                .observed(Observed::Failed)
+                .error(&summary)
+                .event("cellhost.cell.teardown_failed", &data),
+        )?;
     }
     Ok(())
 }

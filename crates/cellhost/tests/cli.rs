@@ -1,0 +1,309 @@
+//! The `cellhost` binary end to end: exit codes, run, ttl, Ctrl-C, secrets
+//! hygiene across argv, log and store.
+
+mod common;
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn cellhost(state: &Path) -> Command {
+    let mut c = Command::new(common::cellhost_bin());
+    c.arg("--state-dir").arg(state);
+    c
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+const HEAD: &str =
+    "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata:\n  name: t\nspec:\n  isolation: process\n";
+
+#[test]
+fn validate_lists_every_problem_and_exits_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = write(
+        dir.path(),
+        "bad.yaml",
+        "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata:\n  name: -bad\nspec:\n  isolation: process\n  command: [\"/bin/true\"]\n  env: { 1BAD: x }\n  resources: { memoryMiB: 1 }\n  lifetime: { ttlSeconds: 0 }\n",
+    );
+    let out = cellhost(dir.path())
+        .arg("validate")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for path in [
+        "metadata.name",
+        "spec.env.1BAD",
+        "spec.resources.memoryMiB",
+        "spec.lifetime.ttlSeconds",
+    ] {
+        assert!(
+            err.contains(&format!(": {path}: ")),
+            "missing {path} in:\n{err}"
+        );
+    }
+    let out = cellhost(dir.path())
+        .args(["--json", "validate"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["valid"], false);
+    assert_eq!(v["errors"].as_array().unwrap().len(), 4, "{v}");
+
+    let good = write(
+        dir.path(),
+        "good.yaml",
+        &format!("{HEAD}  command: [\"/bin/true\"]\n"),
+    );
+    let out = cellhost(dir.path())
+        .arg("validate")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = cellhost(dir.path())
+        .arg("validate")
+        .arg(dir.path().join("missing.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let out = cellhost(dir.path()).arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+}
+
+#[test]
+fn unavailable_tier_exits_4() {
+    let dir = tempfile::tempdir().unwrap();
+    let doc = write(
+        dir.path(),
+        "vm.yaml",
+        "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata:\n  name: t\nspec:\n  isolation: microvm\n  image: x\n  command: [\"/bin/true\"]\n",
+    );
+    let out = cellhost(dir.path()).arg("run").arg(&doc).output().unwrap();
+    assert_eq!(out.status.code(), Some(4));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("microvm") && err.contains("cellhost doctor"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one clear line: {err}");
+}
+
+#[test]
+fn run_streams_output_and_returns_the_exit_code() {
+    require_process_tier!();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = write(
+        dir.path(),
+        "c.yaml",
+        &format!("{HEAD}  command: [\"/bin/sh\", \"-c\", \"echo hello; exit 7\"]\n"),
+    );
+    let out = cellhost(dir.path()).arg("run").arg(&doc).output().unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("exited with code 7") && err.contains("teardown clean"),
+        "{err}"
+    );
+
+    let out = cellhost(dir.path())
+        .args(["--json", "run"])
+        .arg(&doc)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["exitCode"], 7);
+    assert_eq!(v["output"], "hello\n");
+    assert_eq!(
+        v["teardown"]["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["residue"].as_u64().unwrap())
+            .sum::<u64>(),
+        0
+    );
+    // A clean run leaves no record behind.
+    let db = std::fs::read(dir.path().join("cellhost.db")).unwrap();
+    assert!(!db.is_empty());
+}
+
+#[test]
+fn lease_expiry_kills_the_cell() {
+    require_process_tier!();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = write(
+        dir.path(),
+        "c.yaml",
+        &format!("{HEAD}  command: [\"/bin/sleep\", \"60\"]\n  lifetime: {{ ttlSeconds: 1 }}\n"),
+    );
+    let t0 = Instant::now();
+    let out = cellhost(dir.path()).arg("run").arg(&doc).output().unwrap();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGKILL));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lease of 1s expired"), "{err}");
+    assert!(err.contains("teardown clean"), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "the 60 s sleep was not cut short"
+    );
+}
+
+#[test]
+fn ctrl_c_destroys_the_cell_cleanly() {
+    require_process_tier!();
+    let dir = tempfile::tempdir().unwrap();
+    let doc = write(
+        dir.path(),
+        "c.yaml",
+        &format!("{HEAD}  command: [\"/bin/sh\", \"-c\", \"echo up; sleep 60\"]\n"),
+    );
+    let mut child = cellhost(dir.path())
+        .arg("run")
+        .arg(&doc)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut first = [0u8; 3];
+    stdout.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"up\n");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGINT), "{err}");
+    assert!(
+        err.contains("interrupted") && err.contains("teardown clean"),
+        "{err}"
+    );
+    let cells = dir.path().join("process/cells");
+    assert_eq!(std::fs::read_dir(&cells).map(|d| d.count()).unwrap_or(0), 0);
+}
+
+/// Every /proc/*/cmdline on the host, concatenated.
+fn all_cmdlines() -> Vec<u8> {
+    let mut all = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if e.file_name()
+            .to_string_lossy()
+            .bytes()
+            .all(|b| b.is_ascii_digit())
+            && let Ok(c) = std::fs::read(e.path().join("cmdline"))
+        {
+            all.extend_from_slice(&c);
+            all.push(b'\n');
+        }
+    }
+    all
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+#[test]
+fn secrets_never_reach_argv_log_or_store() {
+    require_process_tier!();
+    let dir = tempfile::tempdir().unwrap();
+    let from_file = "file-secret-7f3a9c1e";
+    let from_env = "env-secret-55b2d0aa";
+    let inline = "inline-secret-c0ffee42";
+    write(dir.path(), "tok", from_file);
+    let doc = write(
+        dir.path(),
+        "s.yaml",
+        &format!(
+            "{HEAD}  command: [\"/bin/sh\", \"-c\", \"for f in /run/secrets/*; do stat -c '%n %a' $f; done; echo ready; sleep 2\"]\n  secrets:\n    - {{ name: a, from: {{ file: tok }} }}\n    - {{ name: b, from: {{ env: CELLHOST_TEST_SECRET }} }}\n    - {{ name: c, from: {{ value: {inline} }} }}\n"
+        ),
+    );
+    let mut child = cellhost(dir.path())
+        .arg("run")
+        .arg(&doc)
+        .env("CELLHOST_TEST_SECRET", from_env)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !contains(&seen, b"ready") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "cell ended early: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+    // While the cell runs: no process's argv holds any secret (the env
+    // secret is in the cellhost run process's environment by the test's own
+    // doing, not in argv).
+    let cmdlines = all_cmdlines();
+    for s in [from_file, from_env, inline] {
+        assert!(
+            !contains(&cmdlines, s.as_bytes()),
+            "secret {s} in some /proc/*/cmdline"
+        );
+    }
+    // The store, including its WAL, while the record exists.
+    for f in ["cellhost.db", "cellhost.db-wal"] {
+        let bytes = std::fs::read(dir.path().join(f)).unwrap_or_default();
+        for s in [from_file, from_env, inline] {
+            assert!(!contains(&bytes, s.as_bytes()), "secret {s} in {f}");
+        }
+    }
+    let status = child.wait().unwrap();
+    stdout.read_to_end(&mut seen).unwrap();
+    let mut err = Vec::new();
+    child.stderr.take().unwrap().read_to_end(&mut err).unwrap();
+    assert_eq!(status.code(), Some(0), "{}", String::from_utf8_lossy(&err));
+    let out = String::from_utf8_lossy(&seen);
+    assert!(
+        out.contains("/run/secrets/a 600")
+            && out.contains("/run/secrets/b 600")
+            && out.contains("/run/secrets/c 600"),
+        "{out}"
+    );
+    for s in [from_file, from_env, inline] {
+        assert!(
+            !contains(&seen, s.as_bytes()) && !contains(&err, s.as_bytes()),
+            "secret {s} in the cell log or cellhost output"
+        );
+        for f in ["cellhost.db", "cellhost.db-wal"] {
+            let bytes = std::fs::read(dir.path().join(f)).unwrap_or_default();
+            assert!(
+                !contains(&bytes, s.as_bytes()),
+                "secret {s} in {f} after the run"
+            );
+        }
+    }
+}

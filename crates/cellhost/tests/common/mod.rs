@@ -1,0 +1,158 @@
+//! Shared helpers for the real (root, cgroups, namespaces) tier tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use cellhost_core::ids::CellId;
+use cellhost_core::{Backend, CellHandle, CellState, CellStatus, CreateRequest, SecretValue};
+use cellhost_process::{ProcessBackend, ProcessConfig, ShimCommand};
+use cellhost_spec::Cell;
+
+/// Why this host cannot run process cells, or None when it can. Tests that
+/// need the process tier print this and return (a capability probe, never a
+/// silent skip).
+pub fn process_tier_missing() -> Option<String> {
+    let report = cellhost_core::probe::probe(&Default::default());
+    let tier = report.tier(cellhost_spec::Isolation::Process);
+    (!tier.ok).then(|| tier.detail.clone())
+}
+
+#[macro_export]
+macro_rules! require_process_tier {
+    () => {
+        if let Some(why) = common::process_tier_missing() {
+            eprintln!(
+                "SKIP {}: process tier unavailable on this host: {why}",
+                module_path!()
+            );
+            return;
+        }
+    };
+}
+
+pub fn cellhost_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cellhost"))
+}
+
+/// A backend with its own state dir under a temp dir.
+pub struct Tier {
+    pub backend: ProcessBackend,
+    pub dir: tempfile::TempDir,
+    /// Every cell this test made: destroyed on drop, so a failing test
+    /// leaves no processes, cgroups or mounts behind for the next one.
+    made: std::sync::Mutex<Vec<CellHandle>>,
+}
+
+impl Drop for Tier {
+    fn drop(&mut self) {
+        let made = std::mem::take(&mut *self.made.lock().unwrap_or_else(|e| e.into_inner()));
+        if made.is_empty() {
+            return;
+        }
+        let backend = self.backend.clone();
+        // A fresh thread: drop may run inside a test's runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = rt();
+            for h in made {
+                let _ = rt.block_on(backend.destroy(&h));
+            }
+        })
+        .join();
+    }
+}
+
+pub fn tier() -> Tier {
+    let dir = tempfile::Builder::new()
+        .prefix("cellhost-test-")
+        .tempdir()
+        .expect("tempdir");
+    let backend = ProcessBackend::new(ProcessConfig {
+        state_dir: dir.path().join("process"),
+        shim: ShimCommand {
+            program: cellhost_bin(),
+            args: vec!["__shim".into()],
+        },
+    });
+    Tier {
+        backend,
+        dir,
+        made: Default::default(),
+    }
+}
+
+/// A valid process cell document with `spec_body` (YAML lines indented by 2
+/// under `spec:`) appended after isolation/image.
+pub fn cell(name: &str, spec_body: &str) -> Cell {
+    let doc = format!(
+        "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata:\n  name: {name}\nspec:\n  isolation: process\n  image: host\n{spec_body}"
+    );
+    cellhost_spec::parse_and_validate(&doc)
+        .unwrap_or_else(|e| panic!("test document invalid: {e}\n{doc}"))
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+impl Tier {
+    pub async fn create(&self, cell: Cell, secrets: Vec<SecretValue>) -> (CellId, CellHandle) {
+        let id = CellId::random();
+        let h = self
+            .backend
+            .create(CreateRequest {
+                id: id.clone(),
+                cell,
+                secrets,
+            })
+            .await
+            .expect("create");
+        self.made.lock().unwrap().push(h.clone());
+        (id, h)
+    }
+
+    pub async fn run(&self, cell: Cell) -> (CellHandle, CellStatus) {
+        let (_, h) = self.create(cell, vec![]).await;
+        self.backend.start(&h).await.expect("start");
+        let st = self.wait_exit(&h, Duration::from_secs(60)).await;
+        (h, st)
+    }
+
+    pub async fn wait_exit(&self, h: &CellHandle, max: Duration) -> CellStatus {
+        let until = Instant::now() + max;
+        loop {
+            let st = self.backend.status(h).await.expect("status");
+            if st.state == CellState::Exited || Instant::now() > until {
+                return st;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn log(&self, h: &CellHandle) -> String {
+        let c = self.backend.logs(h, 0).await.expect("logs");
+        String::from_utf8_lossy(&c.data).into_owned()
+    }
+}
+
+/// Wait until `pid` has exec'd `exe` (the workload replaced the init).
+pub fn wait_exe(pid: i32, exe: &str) {
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(p) = std::fs::read_link(format!("/proc/{pid}/exe"))
+            && p == Path::new(exe)
+        {
+            return;
+        }
+        assert!(Instant::now() < until, "pid {pid} never exec'd {exe}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Mount points under `dir` in this process's mount namespace.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    cellhost_process::hostfs::mounts_under(dir).expect("mountinfo")
+}
