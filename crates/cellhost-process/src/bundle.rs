@@ -8,6 +8,7 @@
 //!   bin -> usr/bin ...                    mirrors of the host's /bin, /lib* symlinks
 //! <state>/host-etc/           minimal /etc shown to every host-image cell
 //!   passwd group hosts nsswitch.conf resolv.conf ld.so.cache
+//!   alternatives/                         mount point: host's, read-only
 //! <state>/cells/<id>/config.json   this cell's OCI runtime spec
 //! ```
 //!
@@ -44,6 +45,9 @@ use oci_spec::runtime::{
 /// read-only when they are directories, re-created when they are symlinks
 /// (Debian's merged /usr makes most of them symlinks into /usr).
 const HOST_TREES: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+
+/// Host dir of symlinks that many host programs resolve through.
+const ALTERNATIVES: &str = "/etc/alternatives";
 
 /// Empty mount points every root needs.
 const MOUNT_POINTS: &[&str] = &["proc", "dev", "sys", "tmp", "run", "etc"];
@@ -132,6 +136,11 @@ impl HostRoot {
                 write_file(&tmp.join("resolv.conf"), "")?;
                 if let Ok(cache) = fs::read("/etc/ld.so.cache") {
                     fs::write(tmp.join("ld.so.cache"), cache)?;
+                }
+                // Mount point for the host's /etc/alternatives (Debian's
+                // awk, editor, ... are symlinks through it).
+                if Path::new(ALTERNATIVES).is_dir() {
+                    mkdir(&tmp.join("alternatives"), 0o755)?;
                 }
                 Ok(())
             })
@@ -314,6 +323,9 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
             mounts.push(bind_ro(&format!("/{t}"), &Path::new("/").join(t))?);
         }
         mounts.push(bind_ro("/etc", &h.etc)?);
+        if h.etc.join("alternatives").is_dir() {
+            mounts.push(bind_ro(ALTERNATIVES, Path::new(ALTERNATIVES))?);
+        }
     }
     if let Some(dir) = inp.secrets_dir {
         mounts.push(

@@ -1,8 +1,328 @@
-//! `cellhost bench`: placeholder until the process bench lands.
+//! `cellhost bench process`: what a process cell costs, against baselines
+//! measured in the same run, interleaved so drift hits both alike.
+//!
+//! - create→first instruction: from the start of `create` until the
+//!   workload's first write lands in its log (inotify on the log file), for
+//!   `/bin/echo`; baseline: `unshare -pf -m -u -i -n /bin/echo` until its
+//!   first byte arrives on a pipe. Both include exec and echo's own start.
+//! - full lifecycle: create, run `/bin/true`, wait for its exit, destroy;
+//!   baselines: `unshare ... /bin/true` spawn to reap, and `docker run --rm`
+//!   of a local image when a Docker daemon answers.
+//! - shim exec cost: `cellhost --version`, the price of re-executing this
+//!   binary, which every process cell pays once for its shim.
+//!
+//! Numbers are reported, never asserted: targets are printed with met or
+//! missed.
+
+use std::io::Read;
 use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use crate::cli::BenchArgs;
+use anyhow::Context;
+use cellhost_core::ids::CellId;
+use cellhost_core::{Backend, CellState, CreateRequest};
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
+use serde_json::json;
 
-pub async fn bench(_state_dir: &Path, _args: BenchArgs, _json: bool) -> anyhow::Result<u8> {
-    anyhow::bail!("bench: not yet")
+use crate::cli::{BenchArgs, BenchTier};
+
+const UNSHARE: &[&str] = &["-pf", "-m", "-u", "-i", "-n"];
+/// Local image the docker baseline runs (built by scripts/test).
+const DOCKER_IMAGE_ENV: &str = "CELLHOST_BENCH_DOCKER_IMAGE";
+const DOCKER_IMAGE_DEFAULT: &str = "cellhost-test/busybox:latest";
+
+#[derive(Debug, Default, Clone)]
+struct Series(Vec<Duration>);
+
+impl Series {
+    fn push(&mut self, d: Duration) {
+        self.0.push(d);
+    }
+    fn pct(&self, p: f64) -> Option<Duration> {
+        if self.0.is_empty() {
+            return None;
+        }
+        let mut v = self.0.clone();
+        v.sort();
+        let idx = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
+        Some(v[idx.min(v.len() - 1)])
+    }
+    fn ms(&self, p: f64) -> Option<f64> {
+        self.pct(p).map(|d| d.as_secs_f64() * 1000.0)
+    }
+    fn json(&self) -> serde_json::Value {
+        json!({"n": self.0.len(), "p50_ms": self.ms(50.0), "p99_ms": self.ms(99.0)})
+    }
+}
+
+fn cell_doc(name: &str, argv: &[&str]) -> anyhow::Result<cellhost_spec::Cell> {
+    let doc = json!({
+        "apiVersion": "cellhost.dev/v1", "kind": "Cell",
+        "metadata": {"name": name},
+        "spec": {"isolation": "process", "image": "host", "command": argv,
+                 "resources": {"memoryMiB": 64, "pids": 16, "cpus": 1}}
+    });
+    Ok(cellhost_spec::parse_and_validate(&doc.to_string())?)
+}
+
+fn docker_image() -> String {
+    std::env::var(DOCKER_IMAGE_ENV).unwrap_or_else(|_| DOCKER_IMAGE_DEFAULT.to_string())
+}
+
+/// Is a Docker daemon reachable with the bench image present? Why not.
+fn docker_ready() -> Result<(), String> {
+    let out = Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", &docker_image()])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("docker CLI: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .next()
+            .unwrap_or("docker failed")
+            .to_string())
+    }
+}
+
+/// Spawn `unshare ... argv`; time to the first stdout byte and to reap.
+fn unshare_run(argv: &[&str]) -> anyhow::Result<(Duration, Duration)> {
+    let t0 = Instant::now();
+    let mut child = Command::new("unshare")
+        .args(UNSHARE)
+        .args(argv)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawning unshare")?;
+    let mut out = child.stdout.take().context("unshare stdout")?;
+    let mut b = [0u8; 1];
+    let n = out.read(&mut b)?;
+    let first = t0.elapsed();
+    let st = child.wait()?;
+    anyhow::ensure!(st.success(), "unshare baseline failed: {st}");
+    let _ = n;
+    Ok((first, t0.elapsed()))
+}
+
+fn timed_command(cmd: &mut Command) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let st = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?;
+    anyhow::ensure!(st.success(), "{cmd:?} failed: {st}");
+    Ok(t0.elapsed())
+}
+
+pub async fn bench(state_dir: &Path, args: BenchArgs, json_out: bool) -> anyhow::Result<u8> {
+    match args.tier {
+        BenchTier::Process => bench_process(state_dir, args.cells.max(1), json_out).await,
+    }
+}
+
+async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Result<u8> {
+    let backend = crate::run::backend_for(cellhost_spec::Isolation::Process, state_dir)?;
+    let docker = docker_ready();
+    let exe = std::env::current_exe()?;
+
+    let mut first = Series::default();
+    let mut create_s = Series::default();
+    let mut start_s = Series::default();
+    let mut life = Series::default();
+    let mut un_first = Series::default();
+    let mut un_life = Series::default();
+    let mut dock = Series::default();
+    let mut shim_exec = Series::default();
+    let docker_n = n.min(20); // docker run is slow; 20 samples bound the run
+
+    // Warm-up: page cache, host root skeleton, cgroup parents.
+    for _ in 0..3 {
+        let h = one_cell(&*backend, &["/bin/true"]).await?;
+        wait_exited(&*backend, &h).await?;
+        backend.destroy(&h).await?;
+        unshare_run(&["/bin/true"])?;
+    }
+
+    for i in 0..n {
+        // create → first instruction
+        let cell = cell_doc(&format!("bench{i}"), &["/bin/echo", "x"])?;
+        let id = CellId::random();
+        let t0 = Instant::now();
+        let h = backend
+            .create(CreateRequest {
+                id: id.clone(),
+                cell,
+                secrets: vec![],
+            })
+            .await
+            .map_err(|e| crate::run::backend_err(e, "bench create"))?;
+        let created = t0.elapsed();
+        let log = h.state_dir.join("log");
+        let ino = Inotify::init(InitFlags::IN_CLOEXEC)?;
+        ino.add_watch(&log, AddWatchFlags::IN_MODIFY)?;
+        let t_start = Instant::now();
+        backend
+            .start(&h)
+            .await
+            .map_err(|e| crate::run::backend_err(e, "bench start"))?;
+        start_s.push(t_start.elapsed());
+        create_s.push(created);
+        if std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) == 0 {
+            ino.read_events()?;
+        }
+        first.push(t0.elapsed());
+        drop(ino);
+        wait_exited(&*backend, &h).await?;
+        let report = backend.destroy(&h).await?;
+        anyhow::ensure!(
+            report.is_clean(),
+            "bench cell left residue: {}",
+            report.summary()
+        );
+
+        // full lifecycle
+        let t0 = Instant::now();
+        let h = one_cell(&*backend, &["/bin/true"]).await?;
+        wait_exited(&*backend, &h).await?;
+        let report = backend.destroy(&h).await?;
+        life.push(t0.elapsed());
+        anyhow::ensure!(
+            report.is_clean(),
+            "bench cell left residue: {}",
+            report.summary()
+        );
+
+        let (f, _) = unshare_run(&["/bin/echo", "x"])?;
+        un_first.push(f);
+        let (_, l) = unshare_run(&["/bin/true"])?;
+        un_life.push(l);
+        shim_exec.push(timed_command(Command::new(&exe).arg("--version"))?);
+        if docker.is_ok() && i < docker_n {
+            dock.push(timed_command(Command::new("docker").args([
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                &docker_image(),
+                "/bin/true",
+            ]))?);
+        }
+    }
+
+    let ratio = |a: &Series, b: &Series| match (a.pct(50.0), b.pct(50.0)) {
+        (Some(a), Some(b)) if !b.is_zero() => Some(a.as_secs_f64() / b.as_secs_f64()),
+        _ => None,
+    };
+    let first_vs_unshare = ratio(&first, &un_first);
+    let docker_vs_life = ratio(&dock, &life);
+    let p50_first = first.ms(50.0).unwrap_or(f64::NAN);
+    let targets = json!({
+        "first_instruction_p50_le_3ms": p50_first <= 3.0,
+        "first_instruction_le_1_5x_unshare": first_vs_unshare.map(|r| r <= 1.5),
+        "lifecycle_ge_20x_faster_than_docker": docker_vs_life.map(|r| r >= 20.0),
+    });
+
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "tier": "process", "cells": n,
+                "create_to_first_instruction": first.json(),
+                "create": create_s.json(),
+                "start": start_s.json(),
+                "unshare_first_output": un_first.json(),
+                "lifecycle": life.json(),
+                "unshare_lifecycle": un_life.json(),
+                "docker_run_rm": if docker.is_ok() { dock.json() } else { json!({"skipped": docker.as_ref().err()}) },
+                "shim_exec": shim_exec.json(),
+                "ratios": {"first_instruction_vs_unshare": first_vs_unshare, "docker_vs_lifecycle": docker_vs_life},
+                "targets_met": targets,
+            }))?
+        );
+        return Ok(0);
+    }
+    let row = |name: &str, s: &Series| match (s.ms(50.0), s.ms(99.0)) {
+        (Some(a), Some(b)) => println!("{name:<40} {a:>9.2} {b:>9.2}  (n={})", s.0.len()),
+        _ => println!("{name:<40} {:>9} {:>9}", "-", "-"),
+    };
+    println!("cellhost bench process: {n} cells, baselines interleaved in the same run");
+    println!("{:<40} {:>9} {:>9}", "", "p50 ms", "p99 ms");
+    row("cellhost create -> first instruction", &first);
+    row("  of which create (shim, libcontainer)", &create_s);
+    row("  of which start (libcontainer signal)", &start_s);
+    row("baseline: unshare -pf -m -u -i -n echo", &un_first);
+    row("cellhost lifecycle (create,true,destroy)", &life);
+    row("baseline: unshare -pf -m -u -i -n true", &un_life);
+    match &docker {
+        Ok(()) => row("baseline: docker run --rm true", &dock),
+        Err(why) => println!("{:<40} skipped: {why}", "baseline: docker run --rm true"),
+    }
+    row("shim exec cost (cellhost --version)", &shim_exec);
+    let fmt = |r: Option<f64>| {
+        r.map(|r| format!("{r:.2}x"))
+            .unwrap_or_else(|| "n/a".into())
+    };
+    let verdict = |ok: Option<bool>| match ok {
+        Some(true) => "met",
+        Some(false) => "MISSED",
+        None => "not measured",
+    };
+    println!();
+    println!(
+        "first instruction p50 {p50_first:.2} ms (target <= 3 ms): {}",
+        verdict(Some(p50_first <= 3.0))
+    );
+    println!(
+        "first instruction vs unshare: {} (target <= 1.5x): {}",
+        fmt(first_vs_unshare),
+        verdict(first_vs_unshare.map(|r| r <= 1.5))
+    );
+    println!(
+        "docker run --rm vs cellhost lifecycle: {} (target >= 20x): {}",
+        fmt(docker_vs_life),
+        verdict(docker_vs_life.map(|r| r >= 20.0))
+    );
+    Ok(0)
+}
+
+async fn one_cell(
+    backend: &dyn Backend,
+    argv: &[&str],
+) -> anyhow::Result<cellhost_core::CellHandle> {
+    let id = CellId::random();
+    let h = backend
+        .create(CreateRequest {
+            id,
+            cell: cell_doc("bench", argv)?,
+            secrets: vec![],
+        })
+        .await
+        .map_err(|e| crate::run::backend_err(e, "bench create"))?;
+    backend
+        .start(&h)
+        .await
+        .map_err(|e| crate::run::backend_err(e, "bench start"))?;
+    Ok(h)
+}
+
+async fn wait_exited(backend: &dyn Backend, h: &cellhost_core::CellHandle) -> anyhow::Result<()> {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = backend.status(h).await?;
+        if matches!(st.state, CellState::Exited | CellState::Gone) {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < until,
+            "bench cell did not exit within 30 s"
+        );
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
 }
