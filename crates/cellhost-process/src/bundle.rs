@@ -164,10 +164,12 @@ fn write_file(p: &Path, s: &str) -> io::Result<()> {
 fn atomic_dir(dir: &Path, fill: impl FnOnce(&Path) -> io::Result<()>) -> io::Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("/"));
     fs::create_dir_all(parent)?;
+    // Unique per maker (threads of one process included).
     let tmp = parent.join(format!(
-        ".{}.tmp-{}",
+        ".{}.tmp-{}-{}",
         dir.file_name().and_then(|n| n.to_str()).unwrap_or("dir"),
-        std::process::id()
+        std::process::id(),
+        cellhost_core::ids::CellId::random()
     ));
     let _ = fs::remove_dir_all(&tmp);
     mkdir(&tmp, 0o755)?;

@@ -23,7 +23,11 @@ pub struct Cell {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Metadata {
     pub name: String,
-    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "IndexMap::is_empty",
+        deserialize_with = "unique_map::deserialize"
+    )]
     pub labels: IndexMap<String, String>,
 }
 
@@ -75,8 +79,13 @@ pub struct CellSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
     /// The workload's environment, exactly: nothing else is inherited.
-    /// Order is preserved into the workload's environ.
-    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    /// Order is preserved into the workload's environ. A key given twice
+    /// is an error, in JSON as in YAML.
+    #[serde(
+        default,
+        skip_serializing_if = "IndexMap::is_empty",
+        deserialize_with = "unique_map::deserialize"
+    )]
     pub env: IndexMap<String, String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<SecretRef>,
@@ -105,7 +114,11 @@ pub struct SecretRef {
 }
 
 /// Where the host reads a secret's value. Exactly one key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// `Debug` prints `Value(<redacted>)` for an inline value, so a cell can be
+/// logged with `{:?}` without leaking it. `Serialize` does write the value:
+/// use [`crate::redacted`] before storing or sending a document.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub enum SecretSource {
     /// A file on the caller's host, read at create time.
@@ -118,16 +131,29 @@ pub enum SecretSource {
     Value(String),
 }
 
+impl std::fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::File(p) => f.debug_tuple("File").field(p).finish(),
+            SecretSource::Env(v) => f.debug_tuple("Env").field(v).finish(),
+            SecretSource::Value(_) => f.write_str("Value(<redacted>)"),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Resources {
-    /// CPU bandwidth in cores (0.5 = half a core).
+    /// CPU bandwidth in cores (0.5 = half a core); 0.01..=1024.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus: Option<f64>,
+    /// Memory limit, MiB; 16..=1048576.
     #[serde(default, rename = "memoryMiB", skip_serializing_if = "Option::is_none")]
     pub memory_mib: Option<u64>,
+    /// Most processes/threads; 1..=4194304.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u64>,
+    /// Writable disk for the workload, GiB; 1..=65536.
     #[serde(default, rename = "diskGiB", skip_serializing_if = "Option::is_none")]
     pub disk_gib: Option<u64>,
 }
@@ -208,4 +234,49 @@ pub const DEFAULT_TTL_SECONDS: u64 = 3600;
 
 fn default_ttl() -> u64 {
     DEFAULT_TTL_SECONDS
+}
+
+/// Deserialize a string map, rejecting a key given twice.
+///
+/// The YAML parser already refuses duplicate keys, but serde_json (like
+/// `IndexMap`'s own `Deserialize`) silently keeps the last one, so
+/// `{"env": {"A": "1", "A": "2"}}` would read as `A=2`: a document that
+/// says two things. This makes JSON as strict as YAML.
+mod unique_map {
+    use std::fmt;
+
+    use indexmap::IndexMap;
+    use serde::Deserializer;
+    use serde::de::{Error, MapAccess, Visitor};
+
+    pub(super) fn deserialize<'de, D>(de: D) -> Result<IndexMap<String, String>, D::Error>
+    where
+        D: Deserializer<'de>,
+    {
+        struct UniqueMap;
+
+        impl<'de> Visitor<'de> for UniqueMap {
+            type Value = IndexMap<String, String>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map of strings to strings")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                // size_hint comes from the input: cap it, don't trust it.
+                let mut out = IndexMap::with_capacity(map.size_hint().unwrap_or(0).min(64));
+                while let Some(key) = map.next_key::<String>()? {
+                    if out.contains_key(&key) {
+                        // `parse` turns this wording into the path `<map>.<key>`.
+                        return Err(A::Error::custom(format_args!("duplicate key `{key}`")));
+                    }
+                    let value = map.next_value::<String>()?;
+                    out.insert(key, value);
+                }
+                Ok(out)
+            }
+        }
+
+        de.deserialize_map(UniqueMap)
+    }
 }

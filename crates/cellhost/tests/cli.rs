@@ -307,3 +307,53 @@ fn secrets_never_reach_argv_log_or_store() {
         }
     }
 }
+
+#[test]
+fn doctor_reports_every_capability_and_tier() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cellhost(dir.path())
+        .args(["--json", "doctor"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    for key in cellhost_core::probe::KEYS {
+        assert!(names.contains(key), "doctor lacks {key}: {names:?}");
+    }
+    let tiers: Vec<&str> = v["tiers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["tier"].as_str().unwrap())
+        .collect();
+    assert_eq!(tiers, ["process", "container", "vm", "microvm"]);
+    // The docker line must agree with whether the socket answers.
+    let docker_ok = v["capabilities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "docker")
+        .unwrap()["ok"]
+        .as_bool()
+        .unwrap();
+    let sock = std::os::unix::net::UnixStream::connect("/var/run/docker.sock").is_ok();
+    if std::env::var_os("DOCKER_HOST").is_none() {
+        assert_eq!(
+            docker_ok, sock,
+            "doctor's docker line disagrees with a direct connect"
+        );
+    }
+    let human = cellhost(dir.path()).arg("doctor").output().unwrap();
+    let text = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("yes") || l.starts_with("no")),
+        "{text}"
+    );
+}
