@@ -1378,10 +1378,10 @@ fn which(name: &str) -> Option<PathBuf> {
 fn version_of(line: &str) -> String {
     let mut words = line.split_whitespace();
     while let Some(w) = words.next() {
-        if w.eq_ignore_ascii_case("version") {
-            if let Some(v) = words.next() {
-                return v.trim_end_matches(',').to_string();
-            }
+        if w.eq_ignore_ascii_case("version")
+            && let Some(v) = words.next()
+        {
+            return v.trim_end_matches(',').to_string();
         }
     }
     line.to_string()

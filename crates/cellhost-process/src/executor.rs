@@ -126,7 +126,7 @@ mod tests {
         let e = resolve_command("sh", &["PATH=/nonexistent".into()]).unwrap_err();
         assert!(e.contains("not found in /nonexistent"), "{e}");
         assert!(
-            resolve_command("/etc/hostname", &[])
+            resolve_command("/etc/passwd", &[])
                 .unwrap_err()
                 .contains("not executable")
         );

@@ -813,14 +813,14 @@ fn decode_cell(row: &Row<'_>) -> Result<CellRecord, StoreError> {
     let handle: Option<String> = column(row, 9, "cells.handle", &raw)?;
     let exit: Option<String> = column(row, 10, "cells.exit", &raw)?;
     let handle: Option<CellHandle> = handle.map(|h| json(&h, "cells.handle", &raw)).transpose()?;
-    if let Some(h) = &handle {
-        if h.id != id {
-            return Err(StoreError::corrupt(
-                &raw,
-                "cells.handle",
-                format!("handle names cell {}", h.id),
-            ));
-        }
+    if let Some(h) = &handle
+        && h.id != id
+    {
+        return Err(StoreError::corrupt(
+            &raw,
+            "cells.handle",
+            format!("handle names cell {}", h.id),
+        ));
     }
     Ok(CellRecord {
         name: column(row, 1, "cells.name", &raw)?,
