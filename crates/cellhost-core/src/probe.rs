@@ -57,6 +57,7 @@
 //! only pattern-matched and quoted (truncated, on one line). No secret
 //! passes through the probe, and children inherit none of our environment.
 
+use crate::mountinfo::MountEntry;
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fmt;
@@ -703,64 +704,6 @@ unsafe fn fork_unshare_exit(flag: libc::c_int) -> libc::pid_t {
 // ---------------------------------------------------------------------------
 // cgroups
 
-/// One line of `/proc/self/mountinfo`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct MountInfo {
-    /// Root of the mount within its filesystem.
-    root: String,
-    mount_point: PathBuf,
-    fs_type: String,
-    super_options: String,
-}
-
-/// Parse mountinfo text; lines that do not have the documented shape are
-/// skipped.
-fn parse_mountinfo(text: &str) -> Vec<MountInfo> {
-    text.lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mut l = left.split_whitespace();
-            let root = l.nth(3)?;
-            let mount_point = l.next()?;
-            let mut r = right.split_whitespace();
-            let fs_type = r.next()?;
-            let _source = r.next();
-            let super_options = r.next().unwrap_or("");
-            Some(MountInfo {
-                root: unescape_mount(root),
-                mount_point: PathBuf::from(unescape_mount(mount_point)),
-                fs_type: fs_type.to_string(),
-                super_options: super_options.to_string(),
-            })
-        })
-        .collect()
-}
-
-/// Undo the kernel's octal escapes (`\040` for a space) in mountinfo paths.
-fn unescape_mount(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            let digits = &b[i + 1..i + 4];
-            if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
-                let v = digits
-                    .iter()
-                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
-                if let Ok(byte) = u8::try_from(v) {
-                    out.push(byte);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// One mounted cgroup hierarchy.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Hierarchy {
@@ -790,31 +733,16 @@ fn known_v1_controllers() -> BTreeSet<String> {
     if !from_proc.is_empty() {
         return from_proc;
     }
-    [
-        "cpu",
-        "cpuacct",
-        "cpuset",
-        "memory",
-        "devices",
-        "freezer",
-        "net_cls",
-        "net_prio",
-        "blkio",
-        "perf_event",
-        "hugetlb",
-        "pids",
-        "rdma",
-        "misc",
-    ]
-    .into_iter()
-    .map(str::to_string)
-    .collect()
+    crate::mountinfo::V1_CONTROLLERS
+        .iter()
+        .map(|c| c.to_string())
+        .collect()
 }
 
 /// Work out the cgroup layout from parsed mountinfo. v2 controllers come
 /// from `read_controllers(mount_point)` (the file `cgroup.controllers`).
 fn cgroup_layout(
-    mounts: &[MountInfo],
+    mounts: &[MountEntry],
     known_v1: &BTreeSet<String>,
     read_controllers: impl Fn(&Path) -> Vec<String>,
 ) -> CgroupLayout {
@@ -1057,7 +985,7 @@ fn check_cgroups() -> CgroupCheck {
         }
     };
     let layout = cgroup_layout(
-        &parse_mountinfo(&mountinfo),
+        &crate::mountinfo::parse(&mountinfo),
         &known_v1_controllers(),
         read_v2_controllers,
     );
@@ -2429,7 +2357,7 @@ garbage line without separator
 1 2 3 - short
 ";
         let known = known_v1_controllers();
-        let mounts = parse_mountinfo(text);
+        let mounts = crate::mountinfo::parse(text);
         assert_eq!(mounts.len(), 6);
         let l = cgroup_layout(&mounts, &known, |_| vec![]);
         assert_eq!(l.version, Some(CgroupVersion::Hybrid));
@@ -2444,7 +2372,7 @@ garbage line without separator
             "hybrid: v1 cpu, memory, name=systemd; v2 /sys/fs/cgroup/unified [no controllers]"
         );
 
-        let v1_only: Vec<MountInfo> = mounts
+        let v1_only: Vec<MountEntry> = mounts
             .iter()
             .filter(|m| m.fs_type != "cgroup2")
             .cloned()
@@ -2455,7 +2383,7 @@ garbage line without separator
         );
 
         let v2 = "29 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
-        let l = cgroup_layout(&parse_mountinfo(v2), &known, |p| {
+        let l = cgroup_layout(&crate::mountinfo::parse(v2), &known, |p| {
             assert_eq!(p, Path::new("/sys/fs/cgroup"));
             vec!["cpu".into(), "memory".into(), "pids".into()]
         });
@@ -2466,11 +2394,11 @@ garbage line without separator
 
     #[test]
     fn mountinfo_odd_content_does_not_panic() {
-        let m = parse_mountinfo("1 2 3:4 / /a\\040b\\ rw - ext4 /dev/x rw\n\\\n - \n");
+        let m = crate::mountinfo::parse("1 2 3:4 / /a\\040b\\ rw - ext4 /dev/x rw\n\\\n - \n");
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].mount_point, Path::new("/a b\\"));
-        assert_eq!(unescape_mount("\\777\\0"), "\\777\\0");
-        assert_eq!(unescape_mount("x\\134y"), "x\\y");
+        assert_eq!(crate::mountinfo::unescape("\\777\\0"), "\\777\\0");
+        assert_eq!(crate::mountinfo::unescape("x\\134y"), "x\\y");
         for junk in [
             "",
             "-",
@@ -2479,7 +2407,7 @@ garbage line without separator
             "\u{0} - \u{1}",
             "é é é é é - é",
         ] {
-            let _ = parse_mountinfo(junk);
+            let _ = crate::mountinfo::parse(junk);
         }
     }
 

@@ -18,75 +18,8 @@ use std::path::{Path, PathBuf};
 /// The cgroup parent every cell cgroup lives under.
 pub const CGROUP_PARENT: &str = "cellhost";
 
-/// One line of /proc/self/mountinfo, the fields we use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MountEntry {
-    pub mount_point: PathBuf,
-    pub fs_type: String,
-    pub source: String,
-    pub super_options: String,
-}
-
-/// Undo the kernel's octal escapes (`\040` for space) in mountinfo paths.
-fn unescape(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            let v = (b[i + 1] - b'0') as u32 * 64
-                + (b[i + 2] - b'0') as u32 * 8
-                + (b[i + 3] - b'0') as u32;
-            out.push(v as u8);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parse mountinfo text. Malformed lines are skipped.
-pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some((pre, post)) = line.split_once(" - ") else {
-            continue;
-        };
-        let pre: Vec<&str> = pre.split(' ').collect();
-        let post: Vec<&str> = post.split(' ').collect();
-        if pre.len() < 5 || post.len() < 3 {
-            continue;
-        }
-        out.push(MountEntry {
-            mount_point: PathBuf::from(unescape(pre[4])),
-            fs_type: post[0].to_string(),
-            source: unescape(post[1]),
-            super_options: post[2].to_string(),
-        });
-    }
-    out
-}
-
-/// The current mount table of this process's mount namespace.
-pub fn mounts() -> io::Result<Vec<MountEntry>> {
-    Ok(parse_mountinfo(&fs::read_to_string(
-        "/proc/self/mountinfo",
-    )?))
-}
-
-/// Mount points at or below `dir`.
-pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    Ok(mounts()?
-        .into_iter()
-        .map(|m| m.mount_point)
-        .filter(|p| p.starts_with(dir))
-        .collect())
-}
+use cellhost_core::mountinfo::read_self as mounts;
+pub use cellhost_core::mountinfo::{MountEntry, mounts_under};
 
 /// A mounted cgroup hierarchy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,22 +31,7 @@ pub struct Hierarchy {
     pub controllers: Vec<String>,
 }
 
-const V1_CONTROLLERS: &[&str] = &[
-    "cpu",
-    "cpuacct",
-    "cpuset",
-    "memory",
-    "devices",
-    "freezer",
-    "blkio",
-    "pids",
-    "net_cls",
-    "net_prio",
-    "perf_event",
-    "hugetlb",
-    "rdma",
-    "misc",
-];
+use cellhost_core::mountinfo::V1_CONTROLLERS;
 
 /// Every cgroup hierarchy mounted in this mount namespace.
 pub fn hierarchies() -> io::Result<Vec<Hierarchy>> {
@@ -311,6 +229,7 @@ pub fn cell_cgroup_names() -> io::Result<Vec<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use cellhost_core::mountinfo::parse as parse_mountinfo;
 
     const SAMPLE: &str = "\
 25 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
@@ -325,11 +244,10 @@ garbage line without separator
 ";
 
     #[test]
-    fn parses_mountinfo_with_escapes() {
+    fn sample_parses() {
         let m = parse_mountinfo(SAMPLE);
         assert_eq!(m.len(), 8);
         assert_eq!(m[7].mount_point, PathBuf::from("/var/lib/cell x/secrets"));
-        assert_eq!(m[7].fs_type, "tmpfs");
     }
 
     #[test]
@@ -368,11 +286,5 @@ garbage line without separator
             cg.dirs,
             vec![PathBuf::from("/sys/fs/cgroup/cellhost/cellhost-x")]
         );
-    }
-
-    #[test]
-    fn unescape_handles_truncated_escape() {
-        assert_eq!(unescape("a\\04"), "a\\04");
-        assert_eq!(unescape("a\\134b"), "a\\b");
     }
 }
