@@ -565,14 +565,17 @@ impl ProcessBackend {
                         exit: None,
                     }
                 } else {
+                    // The shim may have written exit.json and exited since
+                    // we looked: read it again before calling it unknown.
+                    let exit = self.read_exit(&p).unwrap_or(ExitInfo {
+                        code: None,
+                        signal: None,
+                        oom_killed: false,
+                    });
                     CellStatus {
                         state: CellState::Exited,
                         pid: None,
-                        exit: Some(ExitInfo {
-                            code: None,
-                            signal: None,
-                            oom_killed: false,
-                        }),
+                        exit: Some(exit),
                     }
                 }
             }
@@ -584,6 +587,46 @@ impl ProcessBackend {
             },
         }
     }
+}
+
+/// Let a created container run: libcontainer's start, minus its `chdir`.
+///
+/// `Container::start` reaches the init's notify socket by `chdir`ing into
+/// the state dir (socket paths are limited to 108 bytes). The working
+/// directory is process-wide, so two starts on two threads of a supervisor
+/// race and can signal each other's cells. This connects through
+/// `/proc/self/fd/<dirfd>/notify.sock` instead, then records the state
+/// change the way libcontainer does.
+fn start_container(lc_state: &Path) -> Result<(), BackendError> {
+    use libcontainer::container::{Container, ContainerStatus};
+    use std::os::fd::AsRawFd;
+    let engine = |what: &str, e: &dyn std::error::Error| {
+        BackendError::Engine(format!("{what}: {}", shim::error_chain(e)))
+    };
+    let mut c = Container::load(lc_state.to_path_buf()).map_err(|e| engine("loading state", &e))?;
+    if !c.can_start() {
+        return Err(BackendError::Engine(format!(
+            "container is {:?}, not created",
+            c.status()
+        )));
+    }
+    let dir =
+        fs::File::open(lc_state).map_err(io_err(format!("opening {}", lc_state.display())))?;
+    let sock = format!(
+        "/proc/self/fd/{}/{}",
+        dir.as_raw_fd(),
+        libcontainer::notify_socket::NOTIFY_FILE
+    );
+    let mut stream = std::os::unix::net::UnixStream::connect(&sock)
+        .map_err(io_err("connecting to the cell's notify socket"))?;
+    stream
+        .write_all(b"start container")
+        .map_err(io_err("signalling the cell to start"))?;
+    // The init reads to EOF.
+    drop(stream);
+    c.set_status(ContainerStatus::Running)
+        .save()
+        .map_err(|e| engine("saving state", &e))
 }
 
 fn write_private(path: &Path, data: &[u8]) -> Result<(), BackendError> {
@@ -722,11 +765,9 @@ impl Backend for ProcessBackend {
         let p = self.paths_of(handle);
         let id = handle.id.clone();
         tokio::task::spawn_blocking(move || {
-            let mut c = libcontainer::container::Container::load(p.lc_state()).map_err(|e| {
-                BackendError::Engine(format!("loading cell {id}: {}", shim::error_chain(&e)))
-            })?;
-            c.start().map_err(|e| {
-                BackendError::Engine(format!("starting cell {id}: {}", shim::error_chain(&e)))
+            start_container(&p.lc_state()).map_err(|e| match e {
+                BackendError::Engine(m) => BackendError::Engine(format!("starting cell {id}: {m}")),
+                other => other,
             })
         })
         .await

@@ -26,7 +26,16 @@ fn env_is_exactly_declared_and_fds_are_0_1_2() {
         let pid = t.backend.init_pid(&id).expect("init pid");
         common::wait_exe(pid, "/usr/bin/sleep");
 
-        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        // exec replaces /proc/<pid>/exe a moment before the new stack (and
+        // so environ) is in place: wait for it to be non-empty.
+        let until = Instant::now() + Duration::from_secs(10);
+        let environ = loop {
+            let e = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+            if !e.is_empty() || Instant::now() > until {
+                break e;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
         assert_eq!(environ, b"ZED=last-declared-first\0A=1\0SPACES=two words\0EMPTY=\0", "environ differs");
 
         let fds: BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))

@@ -147,7 +147,12 @@ pub fn wait_exe(pid: i32, exe: &str) {
         {
             return;
         }
-        assert!(Instant::now() < until, "pid {pid} never exec'd {exe}");
+        if Instant::now() >= until {
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let wchan = std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+            let link = std::fs::read_link(format!("/proc/{pid}/exe"));
+            panic!("pid {pid} never exec'd {exe}: exe={link:?} wchan={wchan} status={status}");
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
 }
