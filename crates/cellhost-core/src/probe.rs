@@ -717,8 +717,6 @@ struct CgroupLayout {
     version: Option<CgroupVersion>,
     v1: Vec<Hierarchy>,
     v2: Vec<Hierarchy>,
-    /// Some cgroup mount has `favordynmods` (cheap task migration).
-    favordynmods: bool,
 }
 
 /// v1 controller names the kernel knows (first column of `/proc/cgroups`),
@@ -749,11 +747,6 @@ fn cgroup_layout(
     let mut layout = CgroupLayout::default();
     let mut seen_v1: BTreeSet<Vec<String>> = BTreeSet::new();
     for m in mounts {
-        if matches!(m.fs_type.as_str(), "cgroup" | "cgroup2")
-            && m.super_options.split(',').any(|o| o == "favordynmods")
-        {
-            layout.favordynmods = true;
-        }
         match m.fs_type.as_str() {
             "cgroup" => {
                 let mut controllers: Vec<String> = m
@@ -1025,18 +1018,7 @@ fn check_cgroups() -> CgroupCheck {
         per.push(cap);
     }
     let all = per.iter().all(|c| c.ok);
-    // Without favordynmods the kernel waits for an RCU grace period when a
-    // task first joins a cgroup: the largest single cost of a process cell.
-    let dynmods = if layout.favordynmods {
-        "favordynmods on"
-    } else {
-        "favordynmods off (each cell start waits an RCU grace period; `mount -o remount,favordynmods` a cgroup mount to avoid it)"
-    };
-    let detail = format!(
-        "{}; child cgroups: {}; {dynmods}",
-        layout.summary(),
-        brief.join(", ")
-    );
+    let detail = format!("{}; child cgroups: {}", layout.summary(), brief.join(", "));
     let mut caps = vec![Capability::new(
         "cgroup",
         layout.version.is_some() && all,
