@@ -99,8 +99,7 @@ pub fn main(cell_dir: &Path, container_id: &str) -> i32 {
     });
     detach_stdout();
 
-    let exit = wait_for(pid);
-    let mut exit = exit;
+    let mut exit = wait_for(pid);
     if let Ok(cg) = CellCgroups::for_object(container_id) {
         exit.oom_killed = cg.oom_kills().unwrap_or(0) > 0;
     }

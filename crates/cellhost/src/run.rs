@@ -110,12 +110,17 @@ pub fn backend_for(isolation: Isolation, state_dir: &Path) -> anyhow::Result<Arc
                 },
             )))
         }
-        other => Err(exit_err(
-            EXIT_CAPABILITY,
-            format!(
-                "the {other} tier is not available in this build of cellhost (only process so far); `cellhost doctor` shows what this host supports"
-            ),
-        )),
+        other => {
+            let tier = cellhost_core::probe::probe(&Default::default()).tier(other);
+            Err(exit_err(
+                EXIT_CAPABILITY,
+                format!(
+                    "the {other} tier is not available in this build of cellhost (only process so far); doctor: {} {other} ({})",
+                    if tier.ok { "yes" } else { "no" },
+                    tier.detail
+                ),
+            ))
+        }
     }
 }
 
@@ -128,12 +133,26 @@ pub fn backend_err(e: BackendError, what: &str) -> anyhow::Error {
         BackendError::Invalid(_) => EXIT_INVALID,
         _ => EXIT_RUNTIME,
     };
-    let hint = if code == EXIT_CAPABILITY {
-        "; see `cellhost doctor`"
-    } else {
-        ""
+    let hint = match &e {
+        BackendError::MissingCapability { capability, .. } => doctor_says(capability),
+        _ => String::new(),
     };
     exit_err(code, format!("{what}: {e}{hint}"))
+}
+
+/// `; doctor: no  cgroup.memory  <why>` for a capability key, so a refusal
+/// shows what `cellhost doctor` shows for the same thing.
+fn doctor_says(capability: &str) -> String {
+    let report = cellhost_core::probe::probe(&Default::default());
+    match report.get(capability) {
+        Some(c) => format!(
+            "; doctor: {} {} ({})",
+            if c.ok { "yes" } else { "no" },
+            c.name,
+            c.detail
+        ),
+        None => "; see `cellhost doctor`".to_string(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]

@@ -98,10 +98,25 @@ fn unavailable_tier_exits_4() {
     assert_eq!(out.status.code(), Some(4));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("microvm") && err.contains("cellhost doctor"),
+        err.contains("microvm") && err.contains("doctor: "),
         "{err}"
     );
     assert_eq!(err.lines().count(), 1, "one clear line: {err}");
+
+    // A process cell asking for what the tier cannot give yet.
+    let doc = write(
+        dir.path(),
+        "ports.yaml",
+        &format!(
+            "{HEAD}  command: [\"/bin/true\"]\n  ports: [ {{ container: 80, host: 18080 }} ]\n"
+        ),
+    );
+    let out = cellhost(dir.path()).arg("run").arg(&doc).output().unwrap();
+    if common::process_tier_missing().is_none() {
+        assert_eq!(out.status.code(), Some(4));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("host lacks ports"), "{err}");
+    }
 }
 
 #[test]
