@@ -8,7 +8,7 @@
 //! <state>/host-root, <state>/host-etc     shared `image: host` root (see bundle)
 //! <state>/cells/<id>/            0700, one per cell
 //!   config.json                  OCI spec (no secrets: env is the declared env)
-//!   log                          workload stdout+stderr, 0600
+//!   log                          workload stdout+stderr, 0600, capped
 //!   secrets/                     tmpfs (0700), one 0600 file per secret,
 //!                                bind-mounted read-only at /run/secrets
 //!   shim.pid shim.log exit.json  the shim's (see shim)
@@ -77,7 +77,8 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Size of the per-cell secrets tmpfs.
 const SECRETS_TMPFS_SIZE: &str = "size=4m";
 
-/// How the backend starts a shim: `program args... <cell-dir> <container-id>`.
+/// How the backend starts a shim:
+/// `program args... <cell-dir> <container-id> <log-cap-bytes>`.
 #[derive(Debug, Clone)]
 pub struct ShimCommand {
     pub program: PathBuf,
@@ -99,6 +100,23 @@ pub struct ProcessConfig {
     /// Root of this tier's host state (e.g. `/var/lib/cellhost/process`).
     pub state_dir: PathBuf,
     pub shim: ShimCommand,
+    /// Most bytes of workload output kept in a cell's log; the rest is
+    /// dropped (see `shim::copy_capped`).
+    pub log_cap_bytes: u64,
+}
+
+/// Default cap on a cell's log: 64 MiB.
+pub const DEFAULT_LOG_CAP_BYTES: u64 = 64 << 20;
+
+impl ProcessConfig {
+    /// A config with the default log cap.
+    pub fn new(state_dir: PathBuf, shim: ShimCommand) -> ProcessConfig {
+        ProcessConfig {
+            state_dir,
+            shim,
+            log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
+        }
+    }
 }
 
 /// The process tier.
@@ -275,6 +293,7 @@ impl ProcessBackend {
         cmd.args(&self.cfg.shim.args)
             .arg(&p.dir)
             .arg(&p.container_id)
+            .arg(self.cfg.log_cap_bytes.to_string())
             .env_clear()
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())

@@ -9,13 +9,15 @@
 //!    supervisor never has to reap it and may die without taking it along),
 //!    and starts a new session (no terminal signals reach it);
 //! 2. creates the container with libcontainer — the workload's init waits
-//!    for the start signal — with stdin `/dev/null` and stdout+stderr
-//!    appended to `<cell-dir>/log`; the init process is the shim's child
+//!    for the start signal — with stdin `/dev/null` and stdout+stderr one
+//!    pipe whose read end only the shim holds; the init process is the shim's child
 //!    (libcontainer clones it with CLONE_PARENT from its intermediate);
 //! 3. brings up loopback in the cell's fresh network namespace;
 //! 4. reports `{"ok":true,"pid":N}` (or `{"ok":false,"error":...}`) as one
 //!    line on its stdout, a pipe the backend reads, then detaches from it;
-//! 5. waits for the init process, reads the cgroup's OOM-kill counter, and
+//! 5. copies the pipe into `<cell-dir>/log` up to a size cap (the rest is
+//!    drained and dropped: a chatty workload cannot fill the host's disk),
+//!    then reaps the init, reads the cgroup's OOM-kill counter, and
 //!    writes `<cell-dir>/exit.json` atomically (tmp + fsync + rename).
 //!
 //! Layout: `<cell-dir>/shim.pid` (the shim's pid), `<cell-dir>/shim.log`
@@ -62,7 +64,7 @@ pub struct ShimReport {
 }
 
 /// Entry point of `cellhost __shim`. Returns the process exit code.
-pub fn main(cell_dir: &Path, container_id: &str) -> i32 {
+pub fn main(cell_dir: &Path, container_id: &str, log_cap: u64) -> i32 {
     // Step 1: detach. The parent returns at once so the spawner can reap it.
     // SAFETY: the shim is single-threaded here (called first thing from the
     // binary's main before any runtime or thread starts), so fork is sound.
@@ -80,8 +82,8 @@ pub fn main(cell_dir: &Path, container_id: &str) -> i32 {
     }
     let _ = nix::unistd::setsid();
 
-    let pid = match create(cell_dir, container_id) {
-        Ok(pid) => pid,
+    let (pid, output, log) = match create(cell_dir, container_id) {
+        Ok(made) => made,
         Err(e) => {
             tracing::error!("create failed: {e}");
             report(&ShimReport {
@@ -99,6 +101,7 @@ pub fn main(cell_dir: &Path, container_id: &str) -> i32 {
     });
     detach_stdout();
 
+    copy_capped(output, log, log_cap);
     let mut exit = wait_for(pid);
     if let Ok(cg) = CellCgroups::for_object(container_id) {
         exit.oom_killed = cg.oom_kills().unwrap_or(0) > 0;
@@ -128,7 +131,9 @@ fn detach_stdout() {
     }
 }
 
-fn create(cell_dir: &Path, container_id: &str) -> Result<Pid, String> {
+/// Create the container. Returns the init pid, the read end of the pipe
+/// that is the workload's stdout and stderr, and the cell log.
+fn create(cell_dir: &Path, container_id: &str) -> Result<(Pid, OwnedFd, File), String> {
     write_atomic(
         &cell_dir.join(SHIM_PID_FILE),
         std::process::id().to_string().as_bytes(),
@@ -140,18 +145,22 @@ fn create(cell_dir: &Path, container_id: &str) -> Result<Pid, String> {
         .mode(0o600)
         .open(cell_dir.join(LOG_FILE))
         .map_err(|e| format!("opening cell log: {e}"))?;
-    let log2 = log.try_clone().map_err(|e| format!("dup log: {e}"))?;
+    let (output, input) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| format!("output pipe: {e}"))?;
+    let input2 = input.try_clone().map_err(|e| format!("dup pipe: {e}"))?;
     let null = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
     let lc_root = cell_dir.join(LC_ROOT);
     fs::create_dir_all(&lc_root).map_err(|e| format!("{}: {e}", lc_root.display()))?;
 
+    // The builder owns the write ends and closes them when it is done, so
+    // the shim holds only the read end: EOF means every writer is gone.
     let container = ContainerBuilder::new(container_id.to_string(), SyscallType::default())
         .with_root_path(&lc_root)
         .map_err(|e| error_chain(&e))?
         .with_executor(ExactEnvExecutor)
         .with_stdin(OwnedFd::from(null))
-        .with_stdout(OwnedFd::from(log))
-        .with_stderr(OwnedFd::from(log2))
+        .with_stdout(input)
+        .with_stderr(input2)
         .validate_id()
         .map_err(|e| error_chain(&e))?
         .as_init(cell_dir)
@@ -163,7 +172,46 @@ fn create(cell_dir: &Path, container_id: &str) -> Result<Pid, String> {
         .pid()
         .ok_or_else(|| "libcontainer reported no init pid".to_string())?;
     loopback_up(pid).map_err(|e| format!("bringing up loopback: {e}"))?;
-    Ok(pid)
+    Ok((pid, output, log))
+}
+
+/// Copy the workload's output into the log until every writer has closed
+/// the pipe (at the latest when the pid namespace dies with its init),
+/// keeping at most `cap` bytes of log: past it, one marker line is written
+/// and the rest is read and discarded, so the workload never blocks or
+/// gets SIGPIPE for talking too much, and never fills the host's disk.
+pub fn copy_capped(output: OwnedFd, mut log: File, cap: u64) {
+    let mut written = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut capped = written >= cap;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match nix::unistd::read(output.as_raw_fd(), &mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!("reading workload output: {e}");
+                return;
+            }
+        };
+        if capped {
+            continue;
+        }
+        let room = usize::try_from(cap.saturating_sub(written)).unwrap_or(usize::MAX);
+        let take = n.min(room);
+        if log.write_all(&buf[..take]).is_err() {
+            capped = true;
+            continue;
+        }
+        written += take as u64;
+        if take < n {
+            capped = true;
+            let _ = writeln!(
+                log,
+                "\n[cellhost: log capped at {cap} bytes; further output discarded]"
+            );
+        }
+    }
 }
 
 /// `err: cause: cause` on one line.

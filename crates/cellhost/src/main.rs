@@ -102,8 +102,12 @@ fn init_tracing(verbose: u8) {
 }
 
 fn shim(args: &[std::ffi::OsString]) -> ExitCode {
-    let (Some(dir), Some(id)) = (args.first(), args.get(1)) else {
-        eprintln!("usage: cellhost __shim <cell-dir> <container-id>");
+    let cap = args
+        .get(2)
+        .and_then(|c| c.to_str())
+        .and_then(|c| c.parse::<u64>().ok());
+    let (Some(dir), Some(id), Some(cap)) = (args.first(), args.get(1), cap) else {
+        eprintln!("usage: cellhost __shim <cell-dir> <container-id> <log-cap-bytes>");
         return ExitCode::from(EXIT_USAGE);
     };
     // The shim's stderr is the cell's shim.log (set by the backend). Log
@@ -122,7 +126,7 @@ fn shim(args: &[std::ffi::OsString]) -> ExitCode {
             .with_ansi(false)
             .try_init();
     }
-    let code = cellhost_process::shim::main(&PathBuf::from(dir), &id.to_string_lossy());
+    let code = cellhost_process::shim::main(&PathBuf::from(dir), &id.to_string_lossy(), cap);
     ExitCode::from(code as u8)
 }
 

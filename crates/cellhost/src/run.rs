@@ -104,10 +104,7 @@ pub fn backend_for(isolation: Isolation, state_dir: &Path) -> anyhow::Result<Arc
             let shim = cellhost_process::ShimCommand::current_exe()
                 .context("locating the cellhost binary for the shim")?;
             Ok(Arc::new(cellhost_process::ProcessBackend::new(
-                cellhost_process::ProcessConfig {
-                    state_dir: state_dir.join("process"),
-                    shim,
-                },
+                cellhost_process::ProcessConfig::new(state_dir.join("process"), shim),
             )))
         }
         other => {

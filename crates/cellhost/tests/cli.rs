@@ -97,10 +97,7 @@ fn unavailable_tier_exits_4() {
     let out = cellhost(dir.path()).arg("run").arg(&doc).output().unwrap();
     assert_eq!(out.status.code(), Some(4));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("microvm") && err.contains("doctor: "),
-        "{err}"
-    );
+    assert!(err.contains("microvm") && err.contains("doctor: "), "{err}");
     assert_eq!(err.lines().count(), 1, "one clear line: {err}");
 
     // A process cell asking for what the tier cannot give yet.

@@ -44,12 +44,16 @@ fn env_is_exactly_declared_and_fds_are_0_1_2() {
             .collect();
         assert_eq!(fds, BTreeSet::from(["0".into(), "1".into(), "2".into()]));
         assert_eq!(std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap().to_str(), Some("/dev/null"));
-        let log = t.backend.paths(&id).log();
-        for fd in [1, 2] {
-            let target = std::fs::metadata(format!("/proc/{pid}/fd/{fd}")).unwrap();
-            let logm = std::fs::metadata(&log).unwrap();
-            assert_eq!((target.dev(), target.ino()), (logm.dev(), logm.ino()), "fd {fd} is not the cell log");
-        }
+        // stdout and stderr are one pipe whose only reader is the shim,
+        // which copies it into the cell log.
+        let out = std::fs::metadata(format!("/proc/{pid}/fd/1")).unwrap();
+        let err = std::fs::metadata(format!("/proc/{pid}/fd/2")).unwrap();
+        assert_eq!((out.dev(), out.ino()), (err.dev(), err.ino()), "fd 1 and 2 differ");
+        let pipe = std::fs::read_link(format!("/proc/{pid}/fd/1")).unwrap();
+        assert!(pipe.to_string_lossy().starts_with("pipe:"), "{pipe:?}");
+        let shim: i32 = std::fs::read_to_string(t.backend.paths(&id).shim_pid()).unwrap().trim().parse().unwrap();
+        let shim_fds: Vec<_> = std::fs::read_dir(format!("/proc/{shim}/fd")).unwrap().map(|e| std::fs::read_link(e.unwrap().path()).unwrap()).collect();
+        assert!(shim_fds.contains(&pipe), "the shim does not hold the output pipe: {shim_fds:?}");
         let report = t.backend.destroy(&h).await.unwrap();
         assert!(report.is_clean(), "{}", report.summary());
     });
@@ -98,6 +102,39 @@ fn exit_codes_are_reported() {
             (Some(7), None, false)
         );
         assert_eq!(t.log(&h).await, "out\nerr\n");
+        assert!(t.backend.destroy(&h).await.unwrap().is_clean());
+    });
+}
+
+#[test]
+fn log_is_capped_and_the_workload_runs_on() {
+    require_process_tier!();
+    let t = common::tier();
+    common::rt().block_on(async {
+        // Four times the cap, then a normal exit.
+        let bytes = common::LOG_CAP * 4;
+        let cell = common::cell(
+            "chatty",
+            &format!(
+                "  command: [\"/bin/sh\", \"-c\", \"head -c {bytes} /dev/zero; echo done >&2\"]\n"
+            ),
+        );
+        let (h, st) = t.run(cell).await;
+        assert_eq!(
+            st.exit.unwrap().code,
+            Some(0),
+            "workload must not be killed for talking"
+        );
+        let log = std::fs::read(t.backend.paths(&h.id).log()).unwrap();
+        let size = log.len() as u64;
+        assert!(
+            size <= common::LOG_CAP + 200,
+            "log is {size} bytes, cap {}",
+            common::LOG_CAP
+        );
+        let tail = String::from_utf8_lossy(&log[log.len().saturating_sub(200)..]).into_owned();
+        assert!(tail.contains("[cellhost: log capped at"), "{tail:?}");
+        assert!(!tail.contains("done"), "output after the cap was kept");
         assert!(t.backend.destroy(&h).await.unwrap().is_clean());
     });
 }

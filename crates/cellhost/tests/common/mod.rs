@@ -35,6 +35,9 @@ pub fn cellhost_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cellhost"))
 }
 
+/// The tests' log cap: small, so the cap test stays quick.
+pub const LOG_CAP: u64 = 256 * 1024;
+
 /// A backend with its own state dir under a temp dir.
 pub struct Tier {
     pub backend: ProcessBackend,
@@ -73,6 +76,7 @@ pub fn tier() -> Tier {
             program: cellhost_bin(),
             args: vec!["__shim".into()],
         },
+        log_cap_bytes: LOG_CAP,
     });
     Tier {
         backend,
