@@ -28,7 +28,9 @@ use serde_json::json;
 use crate::cli::{BenchArgs, BenchTier};
 
 const UNSHARE: &[&str] = &["-pf", "-m", "-u", "-i", "-n"];
-/// Local image the docker baseline runs (built by scripts/test).
+/// Local image the docker baseline runs: any image with /bin/true (no
+/// registry is reachable here; `docker import` a busybox rootfs, or name
+/// another with CELLHOST_BENCH_DOCKER_IMAGE).
 const DOCKER_IMAGE_ENV: &str = "CELLHOST_BENCH_DOCKER_IMAGE";
 const DOCKER_IMAGE_DEFAULT: &str = "cellhost-test/busybox:latest";
 
@@ -135,6 +137,7 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
     let mut first = Series::default();
     let mut create_s = Series::default();
     let mut start_s = Series::default();
+    let mut destroy_s = Series::default();
     let mut life = Series::default();
     let mut un_first = Series::default();
     let mut un_life = Series::default();
@@ -191,7 +194,9 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
         let t0 = Instant::now();
         let h = one_cell(&*backend, &["/bin/true"]).await?;
         wait_exited(&*backend, &h).await?;
+        let td = Instant::now();
         let report = backend.destroy(&h).await?;
+        destroy_s.push(td.elapsed());
         life.push(t0.elapsed());
         anyhow::ensure!(
             report.is_clean(),
@@ -239,6 +244,7 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
                 "start": start_s.json(),
                 "unshare_first_output": un_first.json(),
                 "lifecycle": life.json(),
+                "destroy": destroy_s.json(),
                 "unshare_lifecycle": un_life.json(),
                 "docker_run_rm": if docker.is_ok() { dock.json() } else { json!({"skipped": docker.as_ref().err()}) },
                 "shim_exec": shim_exec.json(),
@@ -259,6 +265,7 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
     row("  of which start (libcontainer signal)", &start_s);
     row("baseline: unshare -pf -m -u -i -n echo", &un_first);
     row("cellhost lifecycle (create,true,destroy)", &life);
+    row("  of which destroy (kill, delete, verify)", &destroy_s);
     row("baseline: unshare -pf -m -u -i -n true", &un_life);
     match &docker {
         Ok(()) => row("baseline: docker run --rm true", &dock),

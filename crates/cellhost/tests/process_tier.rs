@@ -356,3 +356,37 @@ fn stop_escalates_to_sigkill_after_grace() {
         assert!(t.backend.destroy(&h).await.unwrap().is_clean());
     });
 }
+
+#[test]
+fn runs_on_a_rootfs_directory() {
+    require_process_tier!();
+    let busybox = std::path::Path::new("/bin/busybox");
+    if !busybox.exists() {
+        eprintln!(
+            "SKIP runs_on_a_rootfs_directory: /bin/busybox (Debian busybox-static) not installed"
+        );
+        return;
+    }
+    let t = common::tier();
+    let rootfs = t.dir.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+    common::rt().block_on(async {
+        let mut cell = common::cell(
+            "rootfs",
+            "  command: [\"/bin/sh\", \"-c\", \"/bin/busybox ls / | /bin/busybox tr '\\\\n' ' '; if /bin/busybox touch /bin/x 2>/dev/null; then echo rw; else echo ro; fi\"]\n",
+        );
+        cell.spec.image = rootfs.display().to_string();
+        let (h, st) = t.run(cell).await;
+        let log = t.log(&h).await;
+        assert_eq!(st.exit.unwrap().code, Some(0), "{log}");
+        // Only the rootfs's own entries plus the runtime's mount points;
+        // nothing of the host's /usr or /etc.
+        let entries: Vec<&str> = log.split_whitespace().collect();
+        assert!(entries.contains(&"bin") && entries.contains(&"proc") && entries.contains(&"tmp"), "{log}");
+        assert!(!entries.contains(&"usr") && !entries.contains(&"etc"), "{log}");
+        assert_eq!(entries.last(), Some(&"ro"), "rootfs must be read-only: {log}");
+        assert!(t.backend.destroy(&h).await.unwrap().is_clean());
+    });
+}
