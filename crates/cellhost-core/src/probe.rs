@@ -1830,7 +1830,7 @@ fn check_kvm(opts: &ProbeOptions, qemu: Option<&Path>) -> Capability {
         );
     };
     if !opts.kvm_boot {
-        return no_boot("not requested");
+        return no_boot("not requested: `cellhost doctor --kvm-boot` runs one");
     }
     match kvm_probe_boot(qemu, &kernel, opts.kvm_boot_deadline) {
         Ok(took) => Capability::new(
