@@ -12,7 +12,8 @@
 //!
 //! Runs inside the container init process, after pivot_root and capability
 //! drop, single-threaded, before the start signal (validate) and at start
-//! (exec).
+//! (exec). `exec` installs the default seccomp filter (see `seccomp`) as
+//! its last step before `execve`.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -85,6 +86,9 @@ impl Executor for ExactEnvExecutor {
             CString::new(path.as_os_str().as_bytes()).map_err(|_| ExecutorError::InvalidArg)?;
         let argv = cstrings(&args)?;
         let envp = cstrings(&env)?;
+        let programs =
+            crate::seccomp::default_programs().map_err(|e| ExecutorError::Other(e.to_string()))?;
+        crate::seccomp::apply(&programs).map_err(|e| ExecutorError::Other(e.to_string()))?;
         let err = nix::unistd::execve(&path, &argv, &envp).unwrap_err();
         Err(ExecutorError::Other(format!(
             "execve {}: {err}",

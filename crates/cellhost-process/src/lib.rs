@@ -46,6 +46,7 @@
 mod bundle;
 pub mod executor;
 pub mod hostfs;
+pub mod seccomp;
 pub mod shim;
 
 use std::ffi::OsString;

@@ -390,3 +390,30 @@ fn runs_on_a_rootfs_directory() {
         assert!(t.backend.destroy(&h).await.unwrap().is_clean());
     });
 }
+
+#[test]
+fn seccomp_denies_user_namespaces_and_keyrings_that_the_host_allows() {
+    require_process_tier!();
+    let script = "if unshare -U /bin/true 2>/dev/null; then echo userns=ok; else echo userns=denied; fi; \
+                  perl -e '$r = syscall(250, 0, -3, 0); print $r < 0 ? \"keyctl=$!\\n\" : \"keyctl=ok\\n\"'";
+    // Control: the same commands on the host succeed, so a denial in the
+    // cell is the cell's filter, not the host.
+    let host = std::process::Command::new("/bin/sh")
+        .args(["-c", script])
+        .output()
+        .unwrap();
+    let host = String::from_utf8_lossy(&host.stdout).into_owned();
+    assert_eq!(host, "userns=ok\nkeyctl=ok\n", "host control");
+    let t = common::tier();
+    common::rt().block_on(async {
+        let cell = common::cell(
+            "sandboxed",
+            &format!("  command: [\"/bin/sh\", \"-c\", {script:?}]\n"),
+        );
+        let (h, st) = t.run(cell).await;
+        let log = t.log(&h).await;
+        assert_eq!(st.exit.unwrap().code, Some(0), "{log}");
+        assert_eq!(log, "userns=denied\nkeyctl=Operation not permitted\n");
+        assert!(t.backend.destroy(&h).await.unwrap().is_clean());
+    });
+}
