@@ -83,6 +83,15 @@ impl ExitInfo {
         }
     }
 
+    /// It ended, but how was not observed.
+    pub fn unknown() -> Self {
+        ExitInfo {
+            code: None,
+            signal: None,
+            oom_killed: false,
+        }
+    }
+
     /// The shell convention: the exit code, or 128 + signal.
     pub fn shell_code(&self) -> i32 {
         match (self.code, self.signal) {

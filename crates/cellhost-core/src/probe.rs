@@ -481,28 +481,19 @@ fn check_device_mapper() -> Capability {
                 .any(|l| l.split_whitespace().nth(1) == Some("device-mapper"))
         })
     });
-    match (control.exists(), listed) {
-        (true, Some(p)) => Capability::new(
-            "device-mapper",
-            true,
-            format!("/dev/mapper/control exists, {p} lists device-mapper"),
-        ),
-        (true, None) => Capability::new(
-            "device-mapper",
+    let (ok, detail) = match (control.exists(), listed) {
+        (true, Some(p)) => (true, format!("/dev/mapper/control exists, {p} lists device-mapper")),
+        (true, None) => (
             false,
-            "/dev/mapper/control exists but neither /proc/misc nor /proc/devices lists device-mapper",
+            "/dev/mapper/control exists but neither /proc/misc nor /proc/devices lists device-mapper".into(),
         ),
-        (false, Some(p)) => Capability::new(
-            "device-mapper",
+        (false, Some(p)) => (false, format!("{p} lists device-mapper but /dev/mapper/control is missing")),
+        (false, None) => (
             false,
-            format!("{p} lists device-mapper but /dev/mapper/control is missing"),
+            "no /dev/mapper/control and the kernel lists no device-mapper (dm-crypt volumes cannot open)".into(),
         ),
-        (false, None) => Capability::new(
-            "device-mapper",
-            false,
-            "no /dev/mapper/control and the kernel lists no device-mapper (dm-crypt volumes cannot open)",
-        ),
-    }
+    };
+    Capability::new("device-mapper", ok, detail)
 }
 
 fn check_fuse() -> Capability {

@@ -172,24 +172,6 @@ impl ProcessBackend {
         }
     }
 
-    fn paths_of(&self, h: &CellHandle) -> CellPaths {
-        self.paths(&h.id)
-    }
-
-    fn handle_of(&self, id: &CellId, cell: &Cell) -> CellHandle {
-        let p = self.paths(id);
-        CellHandle {
-            id: id.clone(),
-            name: cell.metadata.name.clone(),
-            isolation: Isolation::Process,
-            state_dir: p.dir.clone(),
-            tier: serde_json::json!({
-                "containerId": p.container_id,
-                "cgroup": format!("/{}/{}", hostfs::CGROUP_PARENT, p.container_id),
-            }),
-        }
-    }
-
     /// The cgroups of a cell (for limits, metering and tests).
     pub fn cgroups(&self, id: &CellId) -> io::Result<CellCgroups> {
         CellCgroups::for_object(&id.object_name())
@@ -344,10 +326,11 @@ impl ProcessBackend {
         serde_json::from_slice(&data).ok()
     }
 
-    /// SIGKILL the namespace init and everything in the cgroup until the
-    /// cgroup is empty or the deadline passes.
-    fn kill_all(&self, p: &CellPaths, cg: &CellCgroups, deadline: Instant) {
-        if let Some(pid) = read_state_pid(&p.lc_state())
+    /// SIGKILL the namespace init (`init`, from libcontainer's state) and
+    /// everything in the cgroup until the cgroup is empty or the deadline
+    /// passes.
+    fn kill_all(&self, p: &CellPaths, init: Option<i32>, cg: &CellCgroups, deadline: Instant) {
+        if let Some(pid) = init
             && pid_in_cell(pid, &p.container_id)
         {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -395,7 +378,7 @@ impl ProcessBackend {
         let init_pid = read_state_pid(&p.lc_state());
 
         // 1. processes
-        self.kill_all(&p, &cg, deadline);
+        self.kill_all(&p, init_pid, &cg, deadline);
         self.wait_shim_gone(&p, deadline);
 
         // 2. libcontainer's own delete (cgroups + its state dir).
@@ -421,7 +404,7 @@ impl ProcessBackend {
                     report.error(format!("rmdir {}: {e}", d.display()));
                     break;
                 }
-                self.kill_all(&p, &cg, deadline);
+                self.kill_all(&p, init_pid, &cg, deadline);
                 std::thread::sleep(Duration::from_millis(2));
             }
         }
@@ -542,10 +525,12 @@ impl ProcessBackend {
                 exit: Some(exit),
             };
         }
-        let cg_pids = CellCgroups::for_object(&p.container_id)
-            .map(|c| c.pids())
-            .unwrap_or_default();
         if !p.dir.exists() {
+            // Only here is the cgroup worth walking: a cell dir answers
+            // every other question.
+            let cg_pids = CellCgroups::for_object(&p.container_id)
+                .map(|c| c.pids())
+                .unwrap_or_default();
             return if cg_pids.is_empty() {
                 CellStatus {
                     state: CellState::Gone,
@@ -561,9 +546,9 @@ impl ProcessBackend {
                 }
             };
         }
-        let status = read_state_field(&p.lc_state(), "status");
-        let pid = read_state_pid(&p.lc_state()).filter(|pid| pid_in_cell(*pid, &p.container_id));
-        match (status.as_deref(), pid) {
+        let state = LcState::read(&p.lc_state());
+        let pid = state.pid.filter(|pid| pid_in_cell(*pid, &p.container_id));
+        match (state.status.as_deref(), pid) {
             (Some("created"), Some(pid)) => CellStatus {
                 state: CellState::Created,
                 pid: Some(pid as u32),
@@ -587,11 +572,7 @@ impl ProcessBackend {
                 } else {
                     // The shim may have written exit.json and exited since
                     // we looked: read it again before calling it unknown.
-                    let exit = self.read_exit(&p).unwrap_or(ExitInfo {
-                        code: None,
-                        signal: None,
-                        oom_killed: false,
-                    });
+                    let exit = self.read_exit(&p).unwrap_or_else(ExitInfo::unknown);
                     CellStatus {
                         state: CellState::Exited,
                         pid: None,
@@ -699,19 +680,27 @@ fn read_pid_file(path: &Path) -> Option<i32> {
     fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
-fn read_state_field(lc_state: &Path, field: &str) -> Option<String> {
-    let data = fs::read(lc_state.join("state.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&data).ok()?;
-    v.get(field)?.as_str().map(str::to_string)
+/// The two fields of libcontainer's `state.json` cellhost reads.
+#[derive(Debug, Default, serde::Deserialize)]
+struct LcState {
+    status: Option<String>,
+    pid: Option<i32>,
+}
+
+impl LcState {
+    /// Read once; a missing or unreadable file is an empty state.
+    fn read(lc_state: &Path) -> LcState {
+        let mut st: LcState = fs::read(lc_state.join("state.json"))
+            .ok()
+            .and_then(|d| serde_json::from_slice(&d).ok())
+            .unwrap_or_default();
+        st.pid = st.pid.filter(|p| *p > 0);
+        st
+    }
 }
 
 fn read_state_pid(lc_state: &Path) -> Option<i32> {
-    let data = fs::read(lc_state.join("state.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_slice(&data).ok()?;
-    v.get("pid")?
-        .as_i64()
-        .and_then(|p| i32::try_from(p).ok())
-        .filter(|p| *p > 0)
+    LcState::read(lc_state).pid
 }
 
 /// Is `pid` alive and a member of the cell's cgroup (guards against pid
@@ -748,7 +737,17 @@ impl Backend for ProcessBackend {
     }
 
     fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle {
-        self.handle_of(id, cell)
+        let p = self.paths(id);
+        CellHandle {
+            id: id.clone(),
+            name: cell.metadata.name.clone(),
+            isolation: Isolation::Process,
+            state_dir: p.dir.clone(),
+            tier: serde_json::json!({
+                "containerId": p.container_id,
+                "cgroup": format!("/{}/{}", hostfs::CGROUP_PARENT, p.container_id),
+            }),
+        }
     }
 
     async fn create(&self, req: CreateRequest) -> Result<CellHandle, BackendError> {
@@ -759,7 +758,7 @@ impl Backend for ProcessBackend {
             )));
         }
         self.admit(&req.cell)?;
-        let handle = self.handle_of(&req.id, &req.cell);
+        let handle = self.handle_for(&req.id, &req.cell);
         let p = self.paths(&req.id);
         if p.dir.exists() {
             // Leftovers at this id: pre-clean (idempotent).
@@ -782,7 +781,7 @@ impl Backend for ProcessBackend {
     }
 
     async fn start(&self, handle: &CellHandle) -> Result<(), BackendError> {
-        let p = self.paths_of(handle);
+        let p = self.paths(&handle.id);
         let id = handle.id.clone();
         tokio::task::spawn_blocking(move || {
             start_container(&p.lc_state()).map_err(|e| match e {
@@ -811,7 +810,12 @@ impl Backend for ProcessBackend {
                 std::thread::sleep(Duration::from_millis(5));
             }
             let cg = CellCgroups::for_object(&p.container_id).map_err(io_err("reading cgroups"))?;
-            this.kill_all(&p, &cg, Instant::now() + KILL_TIMEOUT);
+            this.kill_all(
+                &p,
+                st.pid.map(|p| p as i32),
+                &cg,
+                Instant::now() + KILL_TIMEOUT,
+            );
             this.wait_shim_gone(&p, Instant::now() + KILL_TIMEOUT);
             Ok(())
         })
@@ -855,7 +859,7 @@ impl Backend for ProcessBackend {
     }
 
     async fn logs(&self, handle: &CellHandle, offset: u64) -> Result<LogChunk, BackendError> {
-        let path = self.paths_of(handle).log();
+        let path = self.paths(&handle.id).log();
         let mut f = match fs::File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {

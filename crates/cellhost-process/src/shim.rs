@@ -238,11 +238,7 @@ fn wait_for(pid: Pid) -> ExitInfo {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
                 tracing::error!("waitpid {pid}: {e}");
-                return ExitInfo {
-                    code: None,
-                    signal: None,
-                    oom_killed: false,
-                };
+                return ExitInfo::unknown();
             }
         }
     }

@@ -104,11 +104,10 @@ fn unshare_run(argv: &[&str]) -> anyhow::Result<(Duration, Duration)> {
         .context("spawning unshare")?;
     let mut out = child.stdout.take().context("unshare stdout")?;
     let mut b = [0u8; 1];
-    let n = out.read(&mut b)?;
+    out.read_exact(&mut b)?;
     let first = t0.elapsed();
     let st = child.wait()?;
     anyhow::ensure!(st.success(), "unshare baseline failed: {st}");
-    let _ = n;
     Ok((first, t0.elapsed()))
 }
 

@@ -268,8 +268,7 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
             _ = tokio::time::sleep_until(deadline) => break (Outcome::Expired, None),
         }
     };
-    offset = pump_logs(&*backend, &handle, offset, json_out, &mut captured).await;
-    let _ = offset;
+    pump_logs(&*backend, &handle, offset, json_out, &mut captured).await;
     match outcome {
         Outcome::Expired => {
             if !json_out {
@@ -316,11 +315,7 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
     }
     finish_record(&store, &id, &report)?;
 
-    let exit = exit.unwrap_or(ExitInfo {
-        code: None,
-        signal: None,
-        oom_killed: false,
-    });
+    let exit = exit.unwrap_or_else(ExitInfo::unknown);
     if json_out {
         println!(
             "{}",
