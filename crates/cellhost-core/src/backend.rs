@@ -182,6 +182,18 @@ pub struct ExecOutput {
     pub stderr: Vec<u8>,
 }
 
+/// A sample of what a cell is using now, for metering. Counters are
+/// cumulative since the cell was created; gauges are instantaneous.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceUsage {
+    /// CPU time consumed by every process of the cell, nanoseconds
+    /// (counter).
+    pub cpu_ns: u64,
+    /// Memory charged to the cell now, bytes (gauge).
+    pub memory_bytes: u64,
+}
+
 /// A cell's host objects found by naming convention, with or without a
 /// record in the store (reconcile uses this to find orphans).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -262,6 +274,16 @@ pub trait Backend: Send + Sync {
 
     /// The cell's combined stdout+stderr log from `offset`.
     async fn logs(&self, handle: &CellHandle, offset: u64) -> Result<LogChunk, BackendError>;
+
+    /// What the cell uses now (cgroup, engine or VM stats). Tiers that
+    /// cannot measure say so.
+    async fn usage(&self, handle: &CellHandle) -> Result<ResourceUsage, BackendError> {
+        let _ = handle;
+        Err(BackendError::Unsupported {
+            op: "usage",
+            tier: self.isolation(),
+        })
+    }
 
     /// Run a command inside a running cell. Tiers that cannot say so.
     async fn exec(

@@ -31,6 +31,19 @@
 //! events  id INTEGER PK AUTOINCREMENT, cell_id, at (unix ms), type, data (JSON)
 //! ```
 //!
+//! Migration 2:
+//!
+//! ```text
+//! events  + owner (the cell row's owner when the event was appended; NULL
+//!           for events of cells without a row, e.g. orphans)
+//! usage   id PK AUTOINCREMENT, cell_id, owner, start_ms, end_ms,
+//!         cpu_ns_counter (the cell's cumulative CPU counter at end_ms),
+//!         cpu_seconds, memory_byte_seconds, wall_seconds (this interval)
+//! ```
+//!
+//! `usage` has no foreign key either: billing reads intervals of cells
+//! that are long gone.
+//!
 //! Both tables are `STRICT` (SQLite checks column types). `events` has no
 //! foreign key to `cells` on purpose: the log outlives the row
 //! (`cellhost.cell.destroyed` is appended after the row is removed).
@@ -172,6 +185,22 @@ const MIGRATIONS: &[&str] = &[
         data     TEXT    NOT NULL
     ) STRICT;
     CREATE INDEX events_cell_id ON events (cell_id, id);",
+    // 2: events remember the cell's owner (filled from the row at insert,
+    // so the log stays filterable by owner after the row is gone); usage
+    // intervals for metering.
+    "ALTER TABLE events ADD COLUMN owner TEXT;
+    CREATE TABLE usage (
+        id                  INTEGER PRIMARY KEY AUTOINCREMENT,
+        cell_id             TEXT    NOT NULL,
+        owner               TEXT    NOT NULL,
+        start_ms            INTEGER NOT NULL,
+        end_ms              INTEGER NOT NULL,
+        cpu_ns_counter      INTEGER NOT NULL,
+        cpu_seconds         REAL    NOT NULL,
+        memory_byte_seconds REAL    NOT NULL,
+        wall_seconds        REAL    NOT NULL
+    ) STRICT;
+    CREATE INDEX usage_cell_id ON usage (cell_id, id);",
 ];
 
 /// The schema version this build writes and understands.
@@ -297,6 +326,40 @@ pub struct Event {
     /// The `type` column, e.g. `cellhost.cell.created`.
     pub kind: String,
     pub data: serde_json::Value,
+    /// Owner of the cell when the event was appended; `None` when the
+    /// cell had no row (orphans, events appended after removal).
+    pub owner: Option<String>,
+}
+
+/// One metering interval of one cell, for [`Store::record_usage`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct UsageInterval {
+    pub cell_id: CellId,
+    pub owner: String,
+    /// Unix ms.
+    pub start_ms: i64,
+    /// Unix ms, not before `start_ms`.
+    pub end_ms: i64,
+    /// The cell's cumulative CPU counter (ns) at `end_ms`, so the next
+    /// interval's delta survives a supervisor restart.
+    pub cpu_ns_counter: u64,
+    pub cpu_seconds: f64,
+    pub memory_byte_seconds: f64,
+    pub wall_seconds: f64,
+}
+
+/// The sum of a cell's metering intervals.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageTotals {
+    pub intervals: u64,
+    pub cpu_seconds: f64,
+    pub memory_byte_seconds: f64,
+    pub wall_seconds: f64,
+    /// `end_ms` of the last interval (unix ms), if any.
+    pub last_end_ms: Option<i64>,
+    /// `cpu_ns_counter` of the last interval, if any.
+    pub last_cpu_ns_counter: Option<u64>,
 }
 
 /// A handle on the state store. Cheap to share behind an `Arc`; every
@@ -365,6 +428,17 @@ impl Store {
     /// Record a new cell: `desired=running`, `observed=creating`, no handle.
     /// Call before the backend makes anything.
     pub fn insert_cell(&self, new: &NewCell<'_>) -> Result<(), StoreError> {
+        self.insert_cell_with(new, &CellUpdate::default())
+    }
+
+    /// [`Store::insert_cell`] and [`Store::apply`] of `update` (typically
+    /// the handle and a `cellhost.cell.creating` event) in one transaction:
+    /// one disk sync for the whole "desired state first" step.
+    pub fn insert_cell_with(
+        &self,
+        new: &NewCell<'_>,
+        update: &CellUpdate<'_>,
+    ) -> Result<(), StoreError> {
         if new.name != new.document.metadata.name {
             return Err(StoreError::Invalid(format!(
                 "cell {}: name {:?} disagrees with document metadata.name {:?}",
@@ -384,8 +458,11 @@ impl Store {
             )));
         }
         let document = encode("document", new.document)?;
+        let prepared = prepare_update(new.id, update)?;
         let now = (self.clock)();
-        let res = self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let res = tx.execute(
             "INSERT INTO cells (id, name, isolation, owner, document, created_at, expires_at,
                                 desired, observed, handle, exit, last_error, updated_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, NULL, NULL, NULL, ?10)",
@@ -403,14 +480,17 @@ impl Store {
             ],
         );
         match res {
-            Ok(_) => Ok(()),
+            Ok(_) => {}
             Err(rusqlite::Error::SqliteFailure(e, _))
                 if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY =>
             {
-                Err(StoreError::AlreadyExists(new.id.clone()))
+                return Err(StoreError::AlreadyExists(new.id.clone()));
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
         }
+        apply_prepared(&tx, new.id, prepared, now)?;
+        tx.commit()?;
+        Ok(())
     }
 
     /// Apply several changes to one cell, and optionally append the event
@@ -419,73 +499,106 @@ impl Store {
     /// stamps `updated_at`. `NotFound` if the cell has no row (nothing is
     /// written then, not even the event).
     pub fn apply(&self, id: &CellId, update: &CellUpdate<'_>) -> Result<(), StoreError> {
-        use rusqlite::types::Value;
         // Encode and validate everything before taking the write lock.
-        let mut sets: Vec<(&'static str, Value)> = Vec::new();
-        if let Some(h) = update.handle {
-            if &h.id != id {
-                return Err(StoreError::Invalid(format!(
-                    "handle of cell {} given for cell {id}",
-                    h.id
-                )));
-            }
-            sets.push(("handle", Value::Text(encode("handle", h)?)));
-        }
-        if let Some(d) = update.desired {
-            sets.push(("desired", Value::Text(d.as_str().into())));
-        }
-        if let Some(o) = update.observed {
-            sets.push(("observed", Value::Text(o.as_str().into())));
-        }
-        if let Some(x) = update.exit {
-            sets.push(("exit", Value::Text(encode("exit", x)?)));
-        }
-        if let Some(e) = update.error {
-            sets.push((
-                "last_error",
-                e.map_or(Value::Null, |e| Value::Text(e.into())),
-            ));
-        }
-        if let Some(at) = update.expires_at {
-            sets.push(("expires_at", Value::Integer(at)));
-        }
-        let event = match update.event {
-            Some((kind, data)) => {
-                check_event_kind(kind)?;
-                Some((kind, encode("event data", data)?))
-            }
-            None => None,
-        };
-
+        let prepared = prepare_update(id, update)?;
         let now = (self.clock)();
-        sets.push(("updated_at", Value::Integer(now)));
-        // Column names are this function's literals, never caller input.
-        let assignments: Vec<String> = sets
-            .iter()
-            .enumerate()
-            .map(|(i, (col, _))| format!("{col} = ?{}", i + 1))
-            .collect();
-        let sql = format!(
-            "UPDATE cells SET {} WHERE id = ?{}",
-            assignments.join(", "),
-            sets.len() + 1
-        );
-        let mut values: Vec<Value> = sets.into_iter().map(|(_, v)| v).collect();
-        values.push(Value::Text(id.as_str().into()));
-
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let n = tx
-            .prepare_cached(&sql)?
-            .execute(rusqlite::params_from_iter(values))?;
-        if n == 0 {
-            return Err(StoreError::NotFound(id.clone())); // tx dropped: rollback
+        apply_prepared(&tx, id, prepared, now)?; // on error tx drops: rollback
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Append the event (typically `cellhost.cell.destroyed` with the
+    /// TeardownReport) and delete the row in one transaction: the log
+    /// keeps the owner, and a crash cannot keep one without the other.
+    /// `Ok(false)` if there was no row (the event is still appended).
+    pub fn remove_with_event(
+        &self,
+        id: &CellId,
+        kind: &str,
+        data: &serde_json::Value,
+    ) -> Result<bool, StoreError> {
+        check_event_kind(kind)?;
+        let data = encode("event data", data)?;
+        let at = (self.clock)();
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        insert_event(&tx, id, at, kind, &data)?;
+        let n = tx.execute("DELETE FROM cells WHERE id = ?1", [id.as_str()])?;
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
+    /// Append metering intervals, all in one transaction (one disk sync
+    /// per metering pass, whatever the number of cells).
+    pub fn record_usage(&self, intervals: &[UsageInterval]) -> Result<(), StoreError> {
+        if intervals.is_empty() {
+            return Ok(());
         }
-        if let Some((kind, data)) = event {
-            insert_event(&tx, id, now, kind, &data)?;
+        for u in intervals {
+            let finite = [u.cpu_seconds, u.memory_byte_seconds, u.wall_seconds]
+                .iter()
+                .all(|v| v.is_finite() && *v >= 0.0);
+            if u.end_ms < u.start_ms || !finite {
+                return Err(StoreError::Invalid(format!(
+                    "usage interval of cell {}: end before start or a negative/non-finite amount",
+                    u.cell_id
+                )));
+            }
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO usage (cell_id, owner, start_ms, end_ms, cpu_ns_counter,
+                                    cpu_seconds, memory_byte_seconds, wall_seconds)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for u in intervals {
+                stmt.execute(params![
+                    u.cell_id.as_str(),
+                    u.owner,
+                    u.start_ms,
+                    u.end_ms,
+                    i64::try_from(u.cpu_ns_counter).unwrap_or(i64::MAX),
+                    u.cpu_seconds,
+                    u.memory_byte_seconds,
+                    u.wall_seconds,
+                ])?;
+            }
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Sum of a cell's metering intervals (zeros when it has none).
+    pub fn usage_totals(&self, id: &CellId) -> Result<UsageTotals, StoreError> {
+        let conn = self.conn();
+        let (intervals, cpu, mem, wall): (i64, f64, f64, f64) = conn
+            .prepare_cached(
+                "SELECT COUNT(*), TOTAL(cpu_seconds), TOTAL(memory_byte_seconds),
+                        TOTAL(wall_seconds)
+                 FROM usage WHERE cell_id = ?1",
+            )?
+            .query_row([id.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })?;
+        let last: Option<(i64, i64)> = conn
+            .prepare_cached(
+                "SELECT end_ms, cpu_ns_counter FROM usage WHERE cell_id = ?1
+                 ORDER BY id DESC LIMIT 1",
+            )?
+            .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        Ok(UsageTotals {
+            intervals: u64::try_from(intervals).unwrap_or(0),
+            cpu_seconds: cpu,
+            memory_byte_seconds: mem,
+            wall_seconds: wall,
+            last_end_ms: last.map(|l| l.0),
+            last_cpu_ns_counter: last.map(|l| u64::try_from(l.1).unwrap_or(0)),
+        })
     }
 
     /// Record the backend's handle. It must be this cell's handle.
@@ -581,7 +694,8 @@ impl Store {
     pub fn events_since(&self, after_id: i64, limit: u32) -> Result<Vec<Event>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT id, cell_id, at, type, data FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
+            "SELECT id, cell_id, at, type, data, owner FROM events
+             WHERE id > ?1 ORDER BY id LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![after_id, i64::from(limit)], |row| {
             Ok(decode_event(row))
@@ -623,6 +737,88 @@ impl Store {
     }
 }
 
+/// An update encoded and validated, ready to run under the write lock.
+struct PreparedUpdate {
+    sets: Vec<(&'static str, rusqlite::types::Value)>,
+    event: Option<(String, String)>,
+}
+
+fn prepare_update(id: &CellId, update: &CellUpdate<'_>) -> Result<PreparedUpdate, StoreError> {
+    use rusqlite::types::Value;
+    let mut sets: Vec<(&'static str, Value)> = Vec::new();
+    if let Some(h) = update.handle {
+        if &h.id != id {
+            return Err(StoreError::Invalid(format!(
+                "handle of cell {} given for cell {id}",
+                h.id
+            )));
+        }
+        sets.push(("handle", Value::Text(encode("handle", h)?)));
+    }
+    if let Some(d) = update.desired {
+        sets.push(("desired", Value::Text(d.as_str().into())));
+    }
+    if let Some(o) = update.observed {
+        sets.push(("observed", Value::Text(o.as_str().into())));
+    }
+    if let Some(x) = update.exit {
+        sets.push(("exit", Value::Text(encode("exit", x)?)));
+    }
+    if let Some(e) = update.error {
+        sets.push((
+            "last_error",
+            e.map_or(Value::Null, |e| Value::Text(e.into())),
+        ));
+    }
+    if let Some(at) = update.expires_at {
+        sets.push(("expires_at", Value::Integer(at)));
+    }
+    let event = match update.event {
+        Some((kind, data)) => {
+            check_event_kind(kind)?;
+            Some((kind.to_string(), encode("event data", data)?))
+        }
+        None => None,
+    };
+    Ok(PreparedUpdate { sets, event })
+}
+
+/// Run a prepared update inside `tx`; always stamps `updated_at = now`.
+/// `NotFound` if the row is missing (the caller drops `tx`: rollback).
+fn apply_prepared(
+    tx: &rusqlite::Transaction<'_>,
+    id: &CellId,
+    prepared: PreparedUpdate,
+    now: i64,
+) -> Result<(), StoreError> {
+    use rusqlite::types::Value;
+    let PreparedUpdate { mut sets, event } = prepared;
+    sets.push(("updated_at", Value::Integer(now)));
+    // Column names are prepare_update's literals, never caller input.
+    let assignments: Vec<String> = sets
+        .iter()
+        .enumerate()
+        .map(|(i, (col, _))| format!("{col} = ?{}", i + 1))
+        .collect();
+    let sql = format!(
+        "UPDATE cells SET {} WHERE id = ?{}",
+        assignments.join(", "),
+        sets.len() + 1
+    );
+    let mut values: Vec<Value> = sets.into_iter().map(|(_, v)| v).collect();
+    values.push(Value::Text(id.as_str().into()));
+    let n = tx
+        .prepare_cached(&sql)?
+        .execute(rusqlite::params_from_iter(values))?;
+    if n == 0 {
+        return Err(StoreError::NotFound(id.clone()));
+    }
+    if let Some((kind, data)) = event {
+        insert_event(tx, id, now, &kind, &data)?;
+    }
+    Ok(())
+}
+
 /// Event types are dotted words (`cellhost.cell.created`): non-empty, no
 /// whitespace or control characters.
 fn check_event_kind(kind: &str) -> Result<(), StoreError> {
@@ -641,8 +837,11 @@ fn insert_event(
     kind: &str,
     data: &str,
 ) -> Result<i64, StoreError> {
-    conn.prepare_cached("INSERT INTO events (cell_id, at, type, data) VALUES (?1, ?2, ?3, ?4)")?
-        .execute(params![cell_id.as_str(), at, kind, data])?;
+    conn.prepare_cached(
+        "INSERT INTO events (cell_id, at, type, data, owner)
+         VALUES (?1, ?2, ?3, ?4, (SELECT owner FROM cells WHERE id = ?1))",
+    )?
+    .execute(params![cell_id.as_str(), at, kind, data])?;
     Ok(conn.last_insert_rowid())
 }
 
@@ -858,12 +1057,14 @@ fn decode_event(row: &Row<'_>) -> Result<Event, StoreError> {
     let kind: String = row.get(3).map_err(|e| bad("events.type", &e))?;
     let data: String = row.get(4).map_err(|e| bad("events.data", &e))?;
     let data = serde_json::from_str(&data).map_err(|e| bad("events.data", &e))?;
+    let owner: Option<String> = row.get(5).map_err(|e| bad("events.owner", &e))?;
     Ok(Event {
         id: event_id,
         cell_id,
         at,
         kind,
         data,
+        owner,
     })
 }
 

@@ -727,3 +727,115 @@ fn now_ms_is_plausible() {
     let t = now_ms();
     assert!(t > T0 && t < 4_102_444_800_000, "{t}"); // 2023 < now < 2100
 }
+
+#[test]
+fn insert_with_update_is_one_transaction() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path()).unwrap();
+    let (a, d) = (id(1), doc("hello", Isolation::Process));
+    let h = handle(&a, Isolation::Process);
+    let data = json!({"n": 1});
+    store
+        .insert_cell_with(
+            &new_cell(&a, &d, T0),
+            &CellUpdate::default()
+                .handle(&h)
+                .event("cellhost.cell.creating", &data),
+        )
+        .unwrap();
+    let rec = store.get(&a).unwrap().unwrap();
+    assert_eq!(rec.handle.as_ref(), Some(&h));
+    let ev = store.events_since(0, 10).unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].owner.as_deref(), Some("local"));
+
+    // A bad update (foreign handle) inserts nothing at all.
+    let b = id(2);
+    let err = store
+        .insert_cell_with(&new_cell(&b, &d, T0), &CellUpdate::default().handle(&h))
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Invalid(_)), "{err}");
+    assert!(store.get(&b).unwrap().is_none());
+}
+
+#[test]
+fn remove_with_event_keeps_owner_in_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path()).unwrap();
+    let (a, d) = (id(1), doc("hello", Isolation::Process));
+    store.insert_cell(&new_cell(&a, &d, T0)).unwrap();
+    assert!(
+        store
+            .remove_with_event(&a, "cellhost.cell.destroyed", &json!({}))
+            .unwrap()
+    );
+    assert!(store.get(&a).unwrap().is_none());
+    let ev = store.events_since(0, 10).unwrap();
+    assert_eq!(ev.last().unwrap().kind, "cellhost.cell.destroyed");
+    assert_eq!(ev.last().unwrap().owner.as_deref(), Some("local"));
+    // Already gone: false, and the event of a row-less cell has no owner.
+    assert!(
+        !store
+            .remove_with_event(&a, "cellhost.orphan.destroyed", &json!({}))
+            .unwrap()
+    );
+    assert_eq!(
+        store.events_since(0, 10).unwrap().last().unwrap().owner,
+        None
+    );
+}
+
+#[test]
+fn usage_totals_sum_intervals_and_keep_last_counter() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path()).unwrap();
+    let a = id(1);
+    assert_eq!(store.usage_totals(&a).unwrap(), UsageTotals::default());
+    let iv = |start: i64, counter: u64, cpu: f64| UsageInterval {
+        cell_id: a.clone(),
+        owner: "local".into(),
+        start_ms: start,
+        end_ms: start + 1000,
+        cpu_ns_counter: counter,
+        cpu_seconds: cpu,
+        memory_byte_seconds: 1024.0,
+        wall_seconds: 1.0,
+    };
+    store
+        .record_usage(&[iv(T0, 500_000_000, 0.5), iv(T0 + 1000, 1_250_000_000, 0.75)])
+        .unwrap();
+    let t = store.usage_totals(&a).unwrap();
+    assert_eq!(t.intervals, 2);
+    assert!((t.cpu_seconds - 1.25).abs() < 1e-9);
+    assert!((t.memory_byte_seconds - 2048.0).abs() < 1e-9);
+    assert!((t.wall_seconds - 2.0).abs() < 1e-9);
+    assert_eq!(t.last_end_ms, Some(T0 + 2000));
+    assert_eq!(t.last_cpu_ns_counter, Some(1_250_000_000));
+
+    // A bad interval rejects the whole batch.
+    let mut bad = iv(T0 + 5000, 1, 0.1);
+    bad.cpu_seconds = f64::NAN;
+    assert!(store.record_usage(&[iv(T0 + 4000, 2, 0.1), bad]).is_err());
+    assert_eq!(store.usage_totals(&a).unwrap().intervals, 2);
+}
+
+#[test]
+fn migration_2_upgrades_a_version_1_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join(DB_FILE_NAME);
+    {
+        let c = Connection::open(&path).unwrap();
+        c.execute_batch(MIGRATIONS[0]).unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+        c.execute(
+            "INSERT INTO events (cell_id, at, type, data) VALUES ('000000000001', 1, 'x', '{}')",
+            [],
+        )
+        .unwrap();
+    }
+    let store = Store::open(tmp.path()).unwrap();
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+    let ev = store.events_since(0, 10).unwrap();
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0].owner, None);
+}
