@@ -77,6 +77,19 @@ fn cstrings(v: &[String]) -> Result<Vec<CString>, ExecutorError> {
         .collect()
 }
 
+/// Default SIGPIPE disposition (a writer to a closed pipe dies, as
+/// everywhere outside Rust's runtime).
+pub(crate) fn reset_sigpipe() {
+    // SAFETY: installs the default disposition, no handler code; the
+    // process is single-threaded and about to execve.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
+}
+
 impl Executor for ExactEnvExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
         let (args, env) = args_and_env(spec);
@@ -89,6 +102,9 @@ impl Executor for ExactEnvExecutor {
         let programs =
             crate::seccomp::default_programs().map_err(|e| ExecutorError::Other(e.to_string()))?;
         crate::seccomp::apply(&programs).map_err(|e| ExecutorError::Other(e.to_string()))?;
+        // The shim is a Rust program, which ignores SIGPIPE, and an ignored
+        // signal survives execve: give the workload the default.
+        reset_sigpipe();
         let err = nix::unistd::execve(&path, &argv, &envp).unwrap_err();
         Err(ExecutorError::Other(format!(
             "execve {}: {err}",

@@ -18,6 +18,27 @@ use std::path::{Path, PathBuf};
 /// The cgroup parent every cell cgroup lives under.
 pub const CGROUP_PARENT: &str = "cellhost";
 
+/// The cgroup group of one backend instance, under [`CGROUP_PARENT`]: 8 hex
+/// digits of a hash of its (absolute) state dir. Cgroups are host-global,
+/// state dirs are not: two instances (a daemon and a test, two daemons on
+/// two state dirs) must never take each other's cells for orphans. A cell's
+/// cgroup is `/cellhost/<instance>/cellhost-<id>`.
+pub fn instance_tag(state_dir: &Path) -> String {
+    let abs = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    // FNV-1a 64, folded to 32 bits: stable across builds and processes.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in abs.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{:08x}", (h ^ (h >> 32)) as u32)
+}
+
+/// `<instance>/cellhost-<id>`: the cell's cgroup below [`CGROUP_PARENT`].
+pub fn cgroup_object(instance: &str, container_id: &str) -> String {
+    format!("{instance}/{container_id}")
+}
+
 use cellhost_core::mountinfo::read_self as mounts;
 pub use cellhost_core::mountinfo::{MountEntry, mounts_under};
 
@@ -210,11 +231,23 @@ fn collect_procs(dir: &Path, out: &mut Vec<i32>) {
     }
 }
 
-/// Cell object names (`cellhost-<id>`) that have a cgroup on this host.
-pub fn cell_cgroup_names() -> io::Result<Vec<String>> {
+/// Remove the instance's (empty) cgroup group from every hierarchy; one
+/// that still holds cells stays (rmdir of a non-empty cgroup fails).
+/// For tools and tests that end an instance; cells never need it.
+pub fn remove_instance_group(instance: &str) {
+    if let Ok(hs) = hierarchies() {
+        for h in hs {
+            let _ = fs::remove_dir(h.mount_point.join(CGROUP_PARENT).join(instance));
+        }
+    }
+}
+
+/// Cell object names (`cellhost-<id>`) that have a cgroup of `instance`
+/// (see [`instance_tag`]) on this host.
+pub fn cell_cgroup_names(instance: &str) -> io::Result<Vec<String>> {
     let mut names = Vec::new();
     for h in hierarchies()? {
-        if let Ok(rd) = fs::read_dir(h.mount_point.join(CGROUP_PARENT)) {
+        if let Ok(rd) = fs::read_dir(h.mount_point.join(CGROUP_PARENT).join(instance)) {
             for e in rd.flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();
                 if n.starts_with("cellhost-") && !names.contains(&n) {

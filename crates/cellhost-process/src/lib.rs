@@ -12,6 +12,7 @@
 //!   secrets/                     tmpfs (0700), one 0600 file per secret,
 //!                                bind-mounted read-only at /run/secrets
 //!   shim.pid shim.log exit.json  the shim's (see shim)
+//!   exec.lock                    serialises exec set-up against destroy (see exec)
 //!   lc/cellhost-<id>/            libcontainer state (state.json, notify socket)
 //! <cgroup hierarchy>/cellhost/cellhost-<id>   per controller (v1) or unified (v2)
 //! ```
@@ -25,7 +26,10 @@
 //! init (the kernel then kills every process in the namespace) and every
 //! pid left in the cgroup, wait for the shim, libcontainer delete (cgroups,
 //! state), unmount the secrets tmpfs, remove the cell dir, then *check*
-//! each of those and report what is left.
+//! each of those and report what is left. exec (while running): a helper
+//! process joins the cell's namespaces and cgroup (see exec); destroy kills
+//! what it started like any other process of the cell. usage: the cell's
+//! cgroup counters, read from files.
 //!
 //! # Idempotency
 //!
@@ -44,6 +48,7 @@
 //! exist only in the cell's tmpfs and in memory during create.
 
 mod bundle;
+pub mod exec;
 pub mod executor;
 pub mod hostfs;
 pub mod seccomp;
@@ -54,13 +59,14 @@ use std::fs;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cellhost_core::ids::CellId;
 use cellhost_core::{
-    Backend, BackendError, CellHandle, CellState, CellStatus, CreateRequest, ExitInfo, ListedCell,
-    LogChunk, SecretValue, TeardownReport,
+    Backend, BackendError, CellHandle, CellState, CellStatus, CreateRequest, ExecOutput,
+    ExecRequest, ExitInfo, ListedCell, LogChunk, ResourceUsage, SecretValue, TeardownReport,
 };
 use cellhost_spec::{Cell, Isolation};
 use nix::sys::signal::{Signal, kill};
@@ -68,7 +74,7 @@ use nix::unistd::Pid;
 use tokio::io::AsyncBufReadExt;
 
 pub use bundle::{BundleError, HostRoot};
-use hostfs::CellCgroups;
+use hostfs::{CellCgroups, Hierarchy};
 use shim::{EXIT_FILE, LC_ROOT, LOG_FILE, SHIM_LOG_FILE, SHIM_PID_FILE, ShimReport};
 
 /// How long create waits for the shim to report.
@@ -78,8 +84,18 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Size of the per-cell secrets tmpfs.
 const SECRETS_TMPFS_SIZE: &str = "size=4m";
 
+/// The hidden subcommand of the `cellhost` binary that runs a shim.
+pub const SHIM_SUBCOMMAND: &str = "__shim";
+/// The hidden subcommand that runs one exec helper (see [`exec`]). The
+/// binary's `main` dispatches on it (and on [`SHIM_SUBCOMMAND`]) before
+/// anything else runs.
+pub const EXEC_SUBCOMMAND: &str = "__exec";
+
 /// How the backend starts a shim:
-/// `program args... <cell-dir> <container-id> <log-cap-bytes>`.
+/// `program args... <cell-dir> <container-id> <log-cap-bytes>`, where
+/// `args` ends with the subcommand ([`SHIM_SUBCOMMAND`]). The backend's
+/// other helpers are the same binary with another subcommand (see
+/// [`ShimCommand::with_subcommand`]).
 #[derive(Debug, Clone)]
 pub struct ShimCommand {
     pub program: PathBuf,
@@ -91,8 +107,23 @@ impl ShimCommand {
     pub fn current_exe() -> io::Result<ShimCommand> {
         Ok(ShimCommand {
             program: std::env::current_exe()?,
-            args: vec!["__shim".into()],
+            args: vec![SHIM_SUBCOMMAND.into()],
         })
+    }
+
+    /// The same program and argument prefix with another hidden
+    /// subcommand: `<exe> __shim` becomes `<exe> <sub>`. A prefix that
+    /// does not end in [`SHIM_SUBCOMMAND`] gets `sub` appended.
+    pub fn with_subcommand(&self, sub: &str) -> ShimCommand {
+        let mut args = self.args.clone();
+        if args.last().is_some_and(|a| a == SHIM_SUBCOMMAND) {
+            args.pop();
+        }
+        args.push(sub.into());
+        ShimCommand {
+            program: self.program.clone(),
+            args,
+        }
     }
 }
 
@@ -124,6 +155,12 @@ impl ProcessConfig {
 #[derive(Debug, Clone)]
 pub struct ProcessBackend {
     cfg: ProcessConfig,
+    /// The host's cgroup hierarchies, read from mountinfo once (shared by
+    /// clones) for `usage`, which a metering loop calls every few seconds
+    /// per cell. Cgroup hierarchies are mounted at boot and not moved.
+    hierarchies: Arc<OnceLock<Vec<Hierarchy>>>,
+    /// This instance's cgroup group (see [`hostfs::instance_tag`]).
+    instance: String,
 }
 
 /// Paths of one cell on the host, derived from its id.
@@ -131,6 +168,8 @@ pub struct ProcessBackend {
 pub struct CellPaths {
     pub dir: PathBuf,
     pub container_id: String,
+    /// The cell's cgroup below `/cellhost`: `<instance>/cellhost-<id>`.
+    pub cgroup: String,
 }
 
 impl CellPaths {
@@ -157,8 +196,58 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BackendError 
 }
 
 impl ProcessBackend {
-    pub fn new(cfg: ProcessConfig) -> ProcessBackend {
-        ProcessBackend { cfg }
+    pub fn new(mut cfg: ProcessConfig) -> ProcessBackend {
+        // Absolute, so the shim (another cwd) derives the same paths and
+        // the same cgroup instance tag.
+        if let Ok(abs) = std::path::absolute(&cfg.state_dir) {
+            cfg.state_dir = abs;
+        }
+        let instance = hostfs::instance_tag(&cfg.state_dir);
+        ProcessBackend {
+            cfg,
+            hierarchies: Arc::default(),
+            instance,
+        }
+    }
+
+    /// The cgroup of a cell below `/cellhost`: `<instance>/cellhost-<id>`.
+    fn cgroup_object(&self, id: &CellId) -> String {
+        hostfs::cgroup_object(&self.instance, &id.object_name())
+    }
+
+    /// This instance's cgroup group under `/cellhost` (cells of other state
+    /// dirs live in other groups).
+    pub fn cgroup_instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The cell's cgroups from the cached hierarchies (see `hierarchies`).
+    fn cached_cgroups(&self, id: &CellId) -> io::Result<CellCgroups> {
+        let hs = match self.hierarchies.get() {
+            Some(hs) => hs,
+            None => {
+                let read = hostfs::hierarchies()?;
+                self.hierarchies.get_or_init(|| read)
+            }
+        };
+        Ok(CellCgroups::from_hierarchies(&self.cgroup_object(id), hs))
+    }
+
+    /// Cumulative cpu time and current memory of the cell's cgroup.
+    fn usage_now(&self, id: &CellId) -> Result<ResourceUsage, BackendError> {
+        let cg = self
+            .cached_cgroups(id)
+            .map_err(io_err("reading /proc/self/mountinfo"))?;
+        let cpu = cg.cpu_usage_ns();
+        let mem = cg.memory_bytes();
+        if cpu.is_none() && mem.is_none() {
+            // No cgroup (never made, or destroyed): nothing to meter.
+            return Err(BackendError::NotFound(id.clone()));
+        }
+        Ok(ResourceUsage {
+            cpu_ns: cpu.unwrap_or(0),
+            memory_bytes: mem.unwrap_or(0),
+        })
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -169,12 +258,13 @@ impl ProcessBackend {
         CellPaths {
             dir: self.cfg.state_dir.join("cells").join(id.as_str()),
             container_id: id.object_name(),
+            cgroup: self.cgroup_object(id),
         }
     }
 
     /// The cgroups of a cell (for limits, metering and tests).
     pub fn cgroups(&self, id: &CellId) -> io::Result<CellCgroups> {
-        CellCgroups::for_object(&id.object_name())
+        CellCgroups::for_object(&self.cgroup_object(id))
     }
 
     /// Host pid of the cell's init process, if libcontainer recorded one.
@@ -191,7 +281,7 @@ impl ProcessBackend {
                 detail: "the process tier needs root (namespaces, cgroups, mounts)".into(),
             });
         }
-        let cg = CellCgroups::for_object("cellhost-admit")
+        let cg = CellCgroups::for_object(&hostfs::cgroup_object(&self.instance, "cellhost-admit"))
             .map_err(io_err("reading /proc/self/mountinfo"))?;
         let r = &cell.spec.resources;
         let need = |what: &str, ok: bool| -> Result<(), BackendError> {
@@ -245,7 +335,7 @@ impl ProcessBackend {
             write_secrets(&p.secrets(), &req.secrets)?;
             Some(p.secrets())
         };
-        let cgroup_path = format!("/{}/{}", hostfs::CGROUP_PARENT, p.container_id);
+        let cgroup_path = format!("/{}/{}", hostfs::CGROUP_PARENT, p.cgroup);
         let spec = bundle::oci_spec(&bundle::SpecInputs {
             cell: &req.cell,
             root: &root,
@@ -331,7 +421,7 @@ impl ProcessBackend {
     /// passes.
     fn kill_all(&self, p: &CellPaths, init: Option<i32>, cg: &CellCgroups, deadline: Instant) {
         if let Some(pid) = init
-            && pid_in_cell(pid, &p.container_id)
+            && pid_in_cell(pid, &p.cgroup)
         {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
@@ -366,14 +456,18 @@ impl ProcessBackend {
         let p = self.paths(id);
         let mut report = TeardownReport::new(id.as_str());
         report.already_gone = !p.dir.exists();
-        let cg = match CellCgroups::for_object(&p.container_id) {
+        let cg = match CellCgroups::for_object(&p.cgroup) {
             Ok(cg) => cg,
             Err(e) => {
                 report.error(format!("reading cgroup mounts: {e}"));
-                CellCgroups::from_hierarchies(&p.container_id, &[])
+                CellCgroups::from_hierarchies(&p.cgroup, &[])
             }
         };
         let deadline = Instant::now() + KILL_TIMEOUT;
+        // No exec may be joining the cell while it is torn down (a late
+        // join would re-create the cgroup): hold the exec lock throughout.
+        // It lives in the cell dir and goes with it.
+        let _exec_lock = exec::lock_for_destroy(&p.dir, deadline);
         let shim_pid = read_pid_file(&p.shim_pid());
         let init_pid = read_state_pid(&p.lc_state());
 
@@ -431,7 +525,7 @@ impl ProcessBackend {
         // Verify.
         let mut left: Vec<String> = cg.pids().iter().map(|p| p.to_string()).collect();
         if let Some(pid) = init_pid
-            && pid_in_cell(pid, &p.container_id)
+            && pid_in_cell(pid, &p.cgroup)
         {
             left.push(format!("init {pid}"));
         }
@@ -501,7 +595,7 @@ impl ProcessBackend {
                 }
             }
         }
-        if let Ok(names) = hostfs::cell_cgroup_names() {
+        if let Ok(names) = hostfs::cell_cgroup_names(&self.instance) {
             for n in names {
                 if let Some(id) = n
                     .strip_prefix("cellhost-")
@@ -528,7 +622,7 @@ impl ProcessBackend {
         if !p.dir.exists() {
             // Only here is the cgroup worth walking: a cell dir answers
             // every other question.
-            let cg_pids = CellCgroups::for_object(&p.container_id)
+            let cg_pids = CellCgroups::for_object(&p.cgroup)
                 .map(|c| c.pids())
                 .unwrap_or_default();
             return if cg_pids.is_empty() {
@@ -547,7 +641,7 @@ impl ProcessBackend {
             };
         }
         let state = LcState::read(&p.lc_state());
-        let pid = state.pid.filter(|pid| pid_in_cell(*pid, &p.container_id));
+        let pid = state.pid.filter(|pid| pid_in_cell(*pid, &p.cgroup));
         match (state.status.as_deref(), pid) {
             (Some("created"), Some(pid)) => CellStatus {
                 state: CellState::Created,
@@ -705,11 +799,11 @@ fn read_state_pid(lc_state: &Path) -> Option<i32> {
 
 /// Is `pid` alive and a member of the cell's cgroup (guards against pid
 /// reuse)?
-fn pid_in_cell(pid: i32, container_id: &str) -> bool {
+fn pid_in_cell(pid: i32, cgroup: &str) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/cgroup")) {
         Ok(s) => s
             .lines()
-            .any(|l| l.ends_with(&format!("/{}/{container_id}", hostfs::CGROUP_PARENT))),
+            .any(|l| l.ends_with(&format!("/{}/{cgroup}", hostfs::CGROUP_PARENT))),
         Err(_) => false,
     }
 }
@@ -745,7 +839,7 @@ impl Backend for ProcessBackend {
             state_dir: p.dir.clone(),
             tier: serde_json::json!({
                 "containerId": p.container_id,
-                "cgroup": format!("/{}/{}", hostfs::CGROUP_PARENT, p.container_id),
+                "cgroup": format!("/{}/{}", hostfs::CGROUP_PARENT, self.cgroup_object(id)),
             }),
         }
     }
@@ -809,7 +903,7 @@ impl Backend for ProcessBackend {
             while Instant::now() < until && !p.exit().exists() {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let cg = CellCgroups::for_object(&p.container_id).map_err(io_err("reading cgroups"))?;
+            let cg = CellCgroups::for_object(&p.cgroup).map_err(io_err("reading cgroups"))?;
             this.kill_all(
                 &p,
                 st.pid.map(|p| p as i32),
@@ -875,5 +969,20 @@ impl Backend for ProcessBackend {
             .map_err(io_err("reading cell log"))?;
         let next_offset = offset + data.len() as u64;
         Ok(LogChunk { data, next_offset })
+    }
+
+    /// A few small cgroupfs reads; cheap enough to run inline.
+    async fn usage(&self, handle: &CellHandle) -> Result<ResourceUsage, BackendError> {
+        self.usage_now(&handle.id)
+    }
+
+    /// See [`exec`]: a helper process joins the running cell with
+    /// libcontainer's tenant builder. A timeout is `BackendError::Timeout`.
+    async fn exec(
+        &self,
+        handle: &CellHandle,
+        req: ExecRequest,
+    ) -> Result<ExecOutput, BackendError> {
+        exec::run(self, &handle.id, req).await
     }
 }

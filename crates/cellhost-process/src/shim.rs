@@ -103,7 +103,15 @@ pub fn main(cell_dir: &Path, container_id: &str, log_cap: u64) -> i32 {
 
     copy_capped(output, log, log_cap);
     let mut exit = wait_for(pid);
-    if let Ok(cg) = CellCgroups::for_object(container_id) {
+    // The cell dir is <backend state>/cells/<id>: the same instance tag the
+    // backend computed from its state dir.
+    let instance = cell_dir
+        .parent()
+        .and_then(Path::parent)
+        .map(crate::hostfs::instance_tag)
+        .unwrap_or_default();
+    if let Ok(cg) = CellCgroups::for_object(&crate::hostfs::cgroup_object(&instance, container_id))
+    {
         exit.oom_killed = cg.oom_kills().unwrap_or(0) > 0;
     }
     if let Err(e) = write_atomic(

@@ -23,7 +23,8 @@ fn two_hundred_cycles_leave_nothing() {
         assert!(t.backend.destroy(&h).await.unwrap().is_clean());
     });
     let before = open_fds();
-    let cgroups_before = cellhost_process::hostfs::cell_cgroup_names().unwrap();
+    let cgroups_before =
+        cellhost_process::hostfs::cell_cgroup_names(t.backend.cgroup_instance()).unwrap();
     rt.block_on(async {
         for i in 0..200 {
             let cell = common::cell(
@@ -42,10 +43,11 @@ fn two_hundred_cycles_leave_nothing() {
         .unwrap()
         .count();
     assert_eq!(cells, 0, "cell dirs left behind");
-    let names: Vec<String> = cellhost_process::hostfs::cell_cgroup_names()
-        .unwrap()
-        .into_iter()
-        .filter(|n| !cgroups_before.contains(n))
-        .collect();
+    let names: Vec<String> =
+        cellhost_process::hostfs::cell_cgroup_names(t.backend.cgroup_instance())
+            .unwrap()
+            .into_iter()
+            .filter(|n| !cgroups_before.contains(n))
+            .collect();
     assert!(names.is_empty(), "cgroups left: {names:?}");
 }

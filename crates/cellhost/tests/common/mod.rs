@@ -50,7 +50,9 @@ pub struct Tier {
 impl Drop for Tier {
     fn drop(&mut self) {
         let made = std::mem::take(&mut *self.made.lock().unwrap_or_else(|e| e.into_inner()));
+        let instance = self.backend.cgroup_instance().to_string();
         if made.is_empty() {
+            cellhost_process::hostfs::remove_instance_group(&instance);
             return;
         }
         let backend = self.backend.clone();
@@ -62,6 +64,7 @@ impl Drop for Tier {
             }
         })
         .join();
+        cellhost_process::hostfs::remove_instance_group(&instance);
     }
 }
 
