@@ -125,6 +125,10 @@ fn timed_command(cmd: &mut Command) -> anyhow::Result<Duration> {
 pub async fn bench(state_dir: &Path, args: BenchArgs, json_out: bool) -> anyhow::Result<u8> {
     match args.tier {
         BenchTier::Process => bench_process(state_dir, args.cells.max(1), json_out).await,
+        BenchTier::Api => {
+            crate::bench_api::bench_api(state_dir, args.cells.max(1), args.concurrency, json_out)
+                .await
+        }
     }
 }
 

@@ -22,6 +22,18 @@ pub struct Cli {
     /// Print data as JSON.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The daemon's API for detached commands: unix:/path or tcp:host:port.
+    #[arg(
+        long,
+        global = true,
+        env = "CELLHOST_API",
+        default_value = "unix:/run/cellhost/api.sock"
+    )]
+    pub api: String,
+    /// File holding the bearer token for a tcp: API (never pass the token
+    /// itself on the command line).
+    #[arg(long, global = true, env = "CELLHOST_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// More detail on errors and progress (-vv for debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -47,6 +59,104 @@ pub enum Command {
     },
     /// Measure the cost of cells against baselines in the same run.
     Bench(BenchArgs),
+    /// Run the supervisor daemon: store, leases, reconcile, metering, API.
+    Serve(ServeArgs),
+    /// Create (and start) a cell on the daemon; prints its id.
+    Create {
+        /// Cell document (YAML or JSON); `-` for stdin. `file`/`env`
+        /// secrets are read here and sent inline over the API.
+        file: PathBuf,
+        /// Create without starting (start later with `cellhost start`).
+        #[arg(long)]
+        no_start: bool,
+    },
+    /// Start a created cell.
+    Start { id: String },
+    /// Stop a cell's workload (SIGTERM, then SIGKILL after the grace).
+    Stop {
+        id: String,
+        /// Seconds between SIGTERM and SIGKILL.
+        #[arg(long)]
+        grace: Option<u64>,
+    },
+    /// Destroy a cell and print its TeardownReport.
+    Rm { id: String },
+    /// List cells.
+    Ls,
+    /// Show one cell, with its metered usage.
+    Inspect { id: String },
+    /// Print a cell's output.
+    Logs {
+        id: String,
+        /// Keep printing new output until the cell ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Run a command in a running cell: `cellhost exec ID -- CMD ARGS...`.
+    Exec {
+        id: String,
+        /// Environment of the command, KEY=VALUE (repeatable); nothing else
+        /// is passed.
+        #[arg(short, long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+        /// Seconds before the command is killed.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+        /// Working directory inside the cell.
+        #[arg(long)]
+        cwd: Option<String>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Extend a cell's lease by SECONDS.
+    Extend { id: String, seconds: u64 },
+    /// Print the event log (CloudEvents JSON, one a line).
+    Events {
+        /// Keep streaming new events.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Show this node's resources, capacity and reservations.
+    Node,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The operator's unix socket (created 0600; its directory 0700 when
+    /// cellhost creates it).
+    #[arg(long, default_value = "/run/cellhost/api.sock")]
+    pub socket: PathBuf,
+    /// Also listen on TCP for tenants, e.g. tcp:127.0.0.1:7070 (needs
+    /// --tokens).
+    #[arg(long, value_name = "tcp:HOST:PORT")]
+    pub listen: Option<String>,
+    /// Bearer tokens for --listen: lines of `owner token`, file mode 0600.
+    #[arg(long, value_name = "FILE")]
+    pub tokens: Option<PathBuf>,
+    /// Name of this node in events and /v1/node (default: hostname).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// CPUs cells may reserve = logical CPUs × this.
+    #[arg(long, default_value_t = 4.0)]
+    pub cpu_overcommit: f64,
+    /// Memory cells may reserve = (total − reserve) × this.
+    #[arg(long, default_value_t = 1.0)]
+    pub memory_overcommit: f64,
+    /// Memory kept for the host, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub reserve_memory_mib: u64,
+    /// CPUs reserved by a cell whose document sets none.
+    #[arg(long, default_value_t = 0.1)]
+    pub default_cpus: f64,
+    /// Memory reserved by a cell whose document sets none, MiB.
+    #[arg(long, default_value_t = 64)]
+    pub default_memory_mib: u64,
+    /// Seconds between reconcile passes.
+    #[arg(long, default_value_t = 3)]
+    pub reconcile_interval: u64,
+    /// Seconds per metering interval.
+    #[arg(long, default_value_t = 5)]
+    pub meter_interval: u64,
 }
 
 #[derive(Debug, Args)]
@@ -66,9 +176,16 @@ pub struct BenchArgs {
     /// Number of cells (and baseline runs) to measure.
     #[arg(long, default_value_t = 200)]
     pub cells: usize,
+    /// Creates in flight at once (bench api).
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum BenchTier {
+    /// Process cells against `unshare` and `docker run` baselines.
     Process,
+    /// Process cells through the daemon's API against the library-direct
+    /// path.
+    Api,
 }

@@ -10,8 +10,12 @@
 //! the workload's code (128 + signal when it was killed).
 
 mod bench;
+mod bench_api;
 mod cli;
+mod client;
+mod remote;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +57,9 @@ fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == "__shim") {
         return shim(&args[2..]);
+    }
+    if args.get(1).is_some_and(|a| a == "__exec") {
+        return cellhost_process::exec::exec_main(&args[2..]);
     }
 
     let cli = match Cli::try_parse() {
@@ -144,6 +151,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Validate { file } => run::validate(&file, cli.json),
         Command::Doctor { kvm_boot } => doctor(kvm_boot, cli.json),
         Command::Bench(b) => runtime()?.block_on(bench::bench(&state_dir, b, cli.json)),
+        Command::Serve(args) => runtime()?.block_on(serve::serve(&state_dir, args)),
+        cmd => {
+            let client = remote::client(&cli.api, cli.token_file.as_deref())?;
+            runtime()?.block_on(remote::dispatch(&client, cmd, cli.json))
+        }
     }
 }
 

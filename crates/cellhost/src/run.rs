@@ -163,6 +163,8 @@ enum Outcome {
 pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Result<u8> {
     let (cell, base) = load_cell(&args.file, json_out)?;
     let backend = backend_for(cell.spec.isolation, state_dir)?;
+    // A daemon on this state dir would reconcile our in-flight cell away.
+    let _lock = crate::serve::lock_state_dir(state_dir, false)?;
     let secrets =
         cellhost_core::secrets::resolve(&cell.spec, &base, cellhost_core::secrets::process_env)
             .map_err(|e| exit_err(EXIT_INVALID, e.to_string()))?;

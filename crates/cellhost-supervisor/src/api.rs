@@ -1,0 +1,844 @@
+//! The HTTP API (axum): REST + JSON over a unix socket (operator) and,
+//! optionally, TCP with bearer tokens (tenants).
+//!
+//! # Layout on the host
+//!
+//! ```text
+//! /run/cellhost/            0700 (created by `cellhost serve` when missing)
+//!   api.sock                0600  every request is the operator
+//! tcp:127.0.0.1:7070        optional; `Authorization: Bearer <token>`
+//! ```
+//!
+//! # Threat model
+//!
+//! The socket's mode is the operator's authentication: whoever can connect
+//! is root-equivalent for cells. TCP callers are tenants: no token → 401;
+//! a token sees and touches only the cells it owns (any other id → 404,
+//! indistinguishable from a missing one). `/healthz` and `/openapi.json`
+//! are public. Bodies are capped at [`BODY_LIMIT`]; a malformed body,
+//! query or document is a 400 JSON error naming the field, never a panic.
+//! Documents may carry only inline `value` secrets (see the supervisor's
+//! docs); their values go to the backend and are redacted before storing.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use cellhost_core::{ExecRequest, SecretValue};
+use cellhost_spec::SecretSource;
+use futures_util::stream::{self, Stream};
+use serde::{Deserialize, Serialize};
+use utoipa::{Modify, OpenApi, ToSchema};
+use zeroize::Zeroizing;
+
+use crate::error::SupervisorError;
+use crate::events::CloudEvent;
+use crate::node::NodeStatus;
+use crate::supervisor::{Caller, CellView, Supervisor};
+use crate::tokens::Tokens;
+
+/// Largest request body accepted (a document is capped at 1 MiB by the
+/// parser too).
+pub const BODY_LIMIT: usize = 1 << 20;
+
+/// Most bytes of log one non-following `logs` call returns.
+pub const LOG_PAGE_LIMIT: usize = 8 << 20;
+
+/// Most bytes of stdout (and of stderr) an exec returns.
+pub const EXEC_OUTPUT_LIMIT: usize = 4 << 20;
+
+/// `{ "error": "...", "code": "not_found", "field": "spec.cpus" }`
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ApiError {
+    pub error: String,
+    /// Stable machine-readable code.
+    pub code: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+/// An error response.
+pub struct ApiFailure {
+    status: StatusCode,
+    body: ApiError,
+}
+
+impl ApiFailure {
+    fn new(status: StatusCode, code: &str, error: impl Into<String>) -> Self {
+        ApiFailure {
+            status,
+            body: ApiError {
+                error: error.into(),
+                code: code.into(),
+                field: None,
+            },
+        }
+    }
+
+    fn bad_request(field: Option<&str>, error: impl Into<String>) -> Self {
+        let mut f = ApiFailure::new(StatusCode::BAD_REQUEST, "invalid", error);
+        f.body.field = field.map(str::to_string);
+        f
+    }
+}
+
+impl From<SupervisorError> for ApiFailure {
+    fn from(e: SupervisorError) -> Self {
+        let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if status.is_server_error() {
+            tracing::error!("api: {e}");
+        }
+        ApiFailure {
+            status,
+            body: ApiError {
+                error: e.to_string(),
+                code: e.code().to_string(),
+                field: e.field().map(str::to_string),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, Json(self.body)).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+type ApiResult<T> = Result<T, ApiFailure>;
+
+/// `Json<T>` whose rejections are [`ApiError`]s.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    Json<T>: FromRequest<S, Rejection = JsonRejection>,
+{
+    type Rejection = ApiFailure;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(rej) => {
+                // Too large stays 413; every other body problem (syntax,
+                // wrong types, missing Content-Type) is the client's: 400.
+                if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    return Err(ApiFailure::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "too_large",
+                        rej.body_text(),
+                    ));
+                }
+                Err(ApiFailure::bad_request(None, rej.body_text()))
+            }
+        }
+    }
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(v)| v)
+        .map_err(|rej| ApiFailure::bad_request(None, rej.body_text()))
+}
+
+#[derive(Clone)]
+struct AppState {
+    sup: Arc<Supervisor>,
+}
+
+/// The router with every route; `caller` decides who the requests are.
+fn routes(sup: Arc<Supervisor>) -> Router<()> {
+    Router::new()
+        .route("/v1/cells", post(create_cell).get(list_cells))
+        .route("/v1/cells/{id}", get(get_cell).delete(delete_cell))
+        .route("/v1/cells/{id}/start", post(start_cell))
+        .route("/v1/cells/{id}/stop", post(stop_cell))
+        .route("/v1/cells/{id}/extend", post(extend_cell))
+        .route("/v1/cells/{id}/exec", post(exec_cell))
+        .route("/v1/cells/{id}/logs", get(cell_logs))
+        .route("/v1/events", get(events))
+        .route("/v1/node", get(node))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi_json))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(AppState { sup })
+}
+
+/// The operator's router (unix socket): every request is the operator.
+pub fn operator_router(sup: Arc<Supervisor>) -> Router<()> {
+    routes(sup).layer(Extension(Caller::operator()))
+}
+
+/// The tenants' router (TCP): bearer tokens decide the caller.
+pub fn tenant_router(sup: Arc<Supervisor>, tokens: Arc<Tokens>) -> Router<()> {
+    routes(sup).layer(middleware::from_fn_with_state(tokens, authenticate))
+}
+
+async fn authenticate(State(tokens): State<Arc<Tokens>>, mut req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if path == "/healthz" || path == "/openapi.json" {
+        return next.run(req).await;
+    }
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match token.and_then(|t| tokens.owner(t)) {
+        Some(owner) => {
+            let caller = Caller::tenant(owner);
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        None => ApiFailure::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid `Authorization: Bearer <token>` header is required",
+        )
+        .into_response(),
+    }
+}
+
+async fn not_found() -> ApiFailure {
+    ApiFailure::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+// ------------------------------------------------------------------ schemas
+
+/// A cell document (`apiVersion: cellhost.dev/v1`, `kind: Cell`), as JSON
+/// (`Content-Type: application/json`) or YAML (`application/yaml`). Unknown
+/// fields are errors. Secrets may only be inline (`from: {value: ...}`).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct CellDocument {
+    #[schema(example = "cellhost.dev/v1")]
+    api_version: String,
+    #[schema(example = "Cell")]
+    kind: String,
+    #[schema(value_type = Object)]
+    metadata: serde_json::Value,
+    #[schema(value_type = Object)]
+    spec: serde_json::Value,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct CreateQuery {
+    /// Start the workload after creating it (default true).
+    pub start: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct StopQuery {
+    /// SIGTERM→SIGKILL grace, seconds (default: the daemon's).
+    #[param(maximum = 3600)]
+    pub grace_seconds: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtendRequest {
+    /// Seconds to add to the lease.
+    #[schema(minimum = 1, maximum = 31622400)]
+    pub seconds: u64,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecBody {
+    /// Program and arguments; the program is resolved on the cell's PATH.
+    pub argv: Vec<String>,
+    /// The exec'd process's whole environment.
+    #[serde(default)]
+    #[schema(value_type = std::collections::HashMap<String, String>)]
+    pub env: indexmap::IndexMap<String, String>,
+    pub cwd: Option<String>,
+    /// Killed after this many milliseconds (default 30000).
+    #[schema(minimum = 1, maximum = 3600000)]
+    pub timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExecResponse {
+    /// The exit code, or 128 + signal.
+    pub exit_code: i32,
+    pub signal: Option<i32>,
+    /// Output as UTF-8 (invalid sequences replaced), each capped.
+    pub stdout: String,
+    pub stderr: String,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LogsQuery {
+    /// Keep the response open and stream new output until the cell ends.
+    pub follow: Option<bool>,
+    /// Byte offset to start from (default 0).
+    pub offset: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Stream (Server-Sent Events) instead of returning one page.
+    pub follow: Option<bool>,
+    /// Return events with an id greater than this (default 0).
+    pub after: Option<i64>,
+    /// Page size, 1..=1000 (default 100); ignored when following.
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<u32>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EventPage {
+    pub events: Vec<CloudEvent>,
+    /// Pass as `after` to continue.
+    pub next: i64,
+}
+
+/// The TeardownReport: what destroy checked, and what it found left.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct TeardownReportSchema {
+    cell_id: String,
+    #[schema(value_type = Vec<Object>)]
+    checks: Vec<serde_json::Value>,
+    errors: Option<Vec<String>>,
+    already_gone: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+}
+
+// ----------------------------------------------------------------- handlers
+
+/// Create (and start) a cell.
+#[utoipa::path(post, path = "/v1/cells", tag = "cells",
+    params(CreateQuery),
+    request_body(content(
+        (CellDocument = "application/json"),
+        (CellDocument = "application/yaml"),
+    )),
+    responses(
+        (status = 201, description = "Created", body = CellView),
+        (status = 400, description = "Invalid document", body = ApiError),
+        (status = 401, description = "No valid token", body = ApiError),
+        (status = 409, description = "Not enough capacity", body = ApiError),
+        (status = 413, description = "Body too large", body = ApiError),
+        (status = 422, description = "Tier not available here", body = ApiError),
+    ))]
+async fn create_cell(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    q: Result<Query<CreateQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> ApiResult<(StatusCode, Json<CellView>)> {
+    let q = query(q)?;
+    let body = body.map_err(|rej| {
+        let status = rej.status();
+        ApiFailure::new(
+            status,
+            if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "too_large"
+            } else {
+                "invalid"
+            },
+            rej.body_text(),
+        )
+    })?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| ApiFailure::bad_request(None, "the document is not UTF-8"))?;
+    let mut cell = cellhost_spec::parse_and_validate(text).map_err(|e| {
+        let errs = e.field_errors();
+        let field = errs.first().map(|f| f.path.clone());
+        let message = if errs.is_empty() {
+            e.to_string()
+        } else {
+            errs.iter()
+                .map(|f| f.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        ApiFailure::bad_request(field.as_deref(), message)
+    })?;
+    let secrets = take_inline_secrets(&mut cell)?;
+    let view = st
+        .sup
+        .create(&caller, cell, secrets, q.start.unwrap_or(true))
+        .await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Move every secret's value out of the document (API documents may carry
+/// only inline values).
+fn take_inline_secrets(cell: &mut cellhost_spec::Cell) -> ApiResult<Vec<SecretValue>> {
+    let mut out = Vec::with_capacity(cell.spec.secrets.len());
+    for (i, s) in cell.spec.secrets.iter_mut().enumerate() {
+        match &mut s.from {
+            SecretSource::Value(v) => out.push(SecretValue {
+                name: s.name.clone(),
+                value: Zeroizing::new(std::mem::take(v).into_bytes()),
+            }),
+            _ => {
+                return Err(ApiFailure::bad_request(
+                    Some(&format!("spec.secrets.{i}.from")),
+                    "only inline `value` secrets are accepted over the API \
+                     (`cellhost create` reads `file` and `env` secrets on the client)",
+                ));
+            }
+        }
+    }
+    // The document keeps the entries (names); values now live in `out`.
+    for s in &mut cell.spec.secrets {
+        s.from = SecretSource::Value(String::new());
+    }
+    Ok(out)
+}
+
+/// List the caller's cells (every cell for the operator).
+#[utoipa::path(get, path = "/v1/cells", tag = "cells",
+    responses(
+        (status = 200, body = Vec<CellView>),
+        (status = 401, body = ApiError),
+    ))]
+async fn list_cells(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<Vec<CellView>>> {
+    Ok(Json(st.sup.list(&caller).await?))
+}
+
+/// One cell, with its metered usage.
+#[utoipa::path(get, path = "/v1/cells/{id}", tag = "cells",
+    params(("id" = String, Path, description = "Cell id (12 hex digits)")),
+    responses(
+        (status = 200, body = CellView),
+        (status = 401, body = ApiError),
+        (status = 404, body = ApiError),
+    ))]
+async fn get_cell(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<CellView>> {
+    Ok(Json(st.sup.get(&caller, &id).await?))
+}
+
+/// Destroy a cell; returns the TeardownReport (residue 0 or what is left).
+#[utoipa::path(delete, path = "/v1/cells/{id}", tag = "cells",
+    params(("id" = String, Path, description = "Cell id")),
+    responses(
+        (status = 200, body = TeardownReportSchema),
+        (status = 401, body = ApiError),
+        (status = 404, body = ApiError),
+        (status = 409, description = "Another operation is running", body = ApiError),
+    ))]
+async fn delete_cell(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<cellhost_core::TeardownReport>> {
+    Ok(Json(st.sup.destroy(&caller, &id).await?))
+}
+
+/// Start a created (or stopped, where the tier can) cell.
+#[utoipa::path(post, path = "/v1/cells/{id}/start", tag = "cells",
+    params(("id" = String, Path, description = "Cell id")),
+    responses(
+        (status = 200, body = CellView),
+        (status = 401, body = ApiError),
+        (status = 404, body = ApiError),
+        (status = 409, body = ApiError),
+    ))]
+async fn start_cell(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<CellView>> {
+    Ok(Json(st.sup.start(&caller, &id).await?))
+}
+
+/// Stop the workload (SIGTERM, SIGKILL after the grace); the cell stays.
+#[utoipa::path(post, path = "/v1/cells/{id}/stop", tag = "cells",
+    params(("id" = String, Path, description = "Cell id"), StopQuery),
+    responses(
+        (status = 200, body = CellView),
+        (status = 400, body = ApiError),
+        (status = 401, body = ApiError),
+        (status = 404, body = ApiError),
+        (status = 409, body = ApiError),
+    ))]
+async fn stop_cell(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    q: Result<Query<StopQuery>, QueryRejection>,
+) -> ApiResult<Json<CellView>> {
+    let q = query(q)?;
+    let grace = match q.grace_seconds {
+        Some(s) if s > 3600 => {
+            return Err(ApiFailure::bad_request(
+                Some("graceSeconds"),
+                "must be 0..=3600",
+            ));
+        }
+        g => g.map(Duration::from_secs),
+    };
+    Ok(Json(st.sup.stop(&caller, &id, grace).await?))
+}
+
+/// Extend the lease.
+#[utoipa::path(post, path = "/v1/cells/{id}/extend", tag = "cells",
+    params(("id" = String, Path, description = "Cell id")),
+    request_body = ExtendRequest,
+    responses(
+        (status = 200, body = CellView),
+        (status = 400, body = ApiError),
+        (status = 401, body = ApiError),
+        (status = 404, body = ApiError),
+        (status = 409, description = "Lease already ended", body = ApiError),
+    ))]
+async fn extend_cell(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ExtendRequest>,
+) -> ApiResult<Json<CellView>> {
+    Ok(Json(st.sup.extend(&caller, &id, body.seconds).await?))
+}
+
+/// Run a command inside a running cell and collect its output.
+#[utoipa::path(post, path = "/v1/cells/{id}/exec", tag = "cells",
+    params(("id" = String, Path, description = "Cell id")),
+    request_body = ExecBody,
+    responses(
+        (status = 200, body = ExecResponse),
+        (status = 400, body = ApiError),
+        (status = 401, body = ApiError),
+        (status = 404, body = ApiError),
+        (status = 409, body = ApiError),
+        (status = 422, description = "The tier cannot exec", body = ApiError),
+        (status = 504, description = "Timed out", body = ApiError),
+    ))]
+async fn exec_cell(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<ExecBody>,
+) -> ApiResult<Json<ExecResponse>> {
+    if body.argv.is_empty() || body.argv[0].is_empty() {
+        return Err(ApiFailure::bad_request(Some("argv"), "must name a program"));
+    }
+    if body.argv.iter().any(|a| a.contains('\0')) {
+        return Err(ApiFailure::bad_request(
+            Some("argv"),
+            "must not contain NUL",
+        ));
+    }
+    for (k, v) in &body.env {
+        if !cellhost_spec::is_posix_name(k) || v.contains('\0') {
+            return Err(ApiFailure::bad_request(
+                Some(&format!("env.{}", k.escape_debug())),
+                "names must be POSIX names and values must not contain NUL",
+            ));
+        }
+    }
+    let timeout = body.timeout_ms.unwrap_or(30_000);
+    if !(1..=3_600_000).contains(&timeout) {
+        return Err(ApiFailure::bad_request(
+            Some("timeoutMs"),
+            "must be 1..=3600000",
+        ));
+    }
+    let req = ExecRequest {
+        argv: body.argv,
+        env: body.env.into_iter().collect(),
+        cwd: body.cwd,
+        timeout: Some(Duration::from_millis(timeout)),
+    };
+    let out = st.sup.exec(&caller, &id, req).await?;
+    let cap = |b: &[u8]| String::from_utf8_lossy(&b[..b.len().min(EXEC_OUTPUT_LIMIT)]).into_owned();
+    Ok(Json(ExecResponse {
+        exit_code: out.exit.shell_code(),
+        signal: out.exit.signal,
+        stdout: cap(&out.stdout),
+        stderr: cap(&out.stderr),
+    }))
+}
+
+/// The cell's combined stdout+stderr (`text/plain`); `follow=true` streams.
+#[utoipa::path(get, path = "/v1/cells/{id}/logs", tag = "cells",
+    params(("id" = String, Path, description = "Cell id"), LogsQuery),
+    responses(
+        (status = 200, description = "Log bytes", content_type = "text/plain", body = String),
+        (status = 400, body = ApiError),
+        (status = 401, body = ApiError),
+        (status = 404, body = ApiError),
+    ))]
+async fn cell_logs(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    q: Result<Query<LogsQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let q = query(q)?;
+    let mut offset = q.offset.unwrap_or(0);
+    // Fail early (404) before a streaming response has started.
+    let first = st.sup.logs(&caller, &id, offset).await?;
+    let plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if !q.follow.unwrap_or(false) {
+        let mut data = first.data;
+        offset = first.next_offset;
+        while data.len() < LOG_PAGE_LIMIT {
+            let c = st.sup.logs(&caller, &id, offset).await?;
+            if c.data.is_empty() {
+                break;
+            }
+            offset = c.next_offset;
+            data.extend_from_slice(&c.data);
+        }
+        data.truncate(LOG_PAGE_LIMIT);
+        return Ok((plain, data).into_response());
+    }
+    struct Follow {
+        st: AppState,
+        caller: Caller,
+        id: String,
+        offset: u64,
+        pending: Option<Vec<u8>>,
+        idle_checks: u32,
+    }
+    let init = Follow {
+        st,
+        caller,
+        id,
+        offset: first.next_offset,
+        pending: Some(first.data).filter(|d| !d.is_empty()),
+        idle_checks: 0,
+    };
+    let s = stream::unfold(init, |mut f| async move {
+        if let Some(d) = f.pending.take() {
+            return Some((Ok::<_, Infallible>(Bytes::from(d)), f));
+        }
+        loop {
+            match f.st.sup.logs(&f.caller, &f.id, f.offset).await {
+                Ok(c) if !c.data.is_empty() => {
+                    f.offset = c.next_offset;
+                    f.idle_checks = 0;
+                    return Some((Ok(Bytes::from(c.data)), f));
+                }
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+            // Nothing new: end once the workload cannot write any more
+            // (checked every 10 idle polls, and the log drained again).
+            f.idle_checks += 1;
+            if f.idle_checks % 10 == 0 && !f.st.sup.log_open(&f.caller, &f.id).await {
+                let last = f.st.sup.logs(&f.caller, &f.id, f.offset).await.ok()?;
+                if last.data.is_empty() {
+                    return None;
+                }
+                f.offset = last.next_offset;
+                return Some((Ok(Bytes::from(last.data)), f));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    Ok((plain, Body::from_stream(s)).into_response())
+}
+
+/// The audit log as CloudEvents; `follow=true` streams Server-Sent Events.
+#[utoipa::path(get, path = "/v1/events", tag = "events",
+    params(EventsQuery),
+    responses(
+        (status = 200, description = "A page of events, or a Server-Sent Events stream of CloudEvents when following",
+            content((EventPage = "application/json"), (String = "text/event-stream"))),
+        (status = 400, body = ApiError),
+        (status = 401, body = ApiError),
+    ))]
+async fn events(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    q: Result<Query<EventsQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiFailure::bad_request(Some("limit"), "must be 1..=1000"));
+    }
+    // SSE clients resume with Last-Event-ID.
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i64>().ok());
+    let after = resume.or(q.after).unwrap_or(0).max(0);
+    if !q.follow.unwrap_or(false) {
+        let (events, next) = st.sup.events(&caller, after, limit).await?;
+        return Ok(Json(EventPage { events, next }).into_response());
+    }
+    Ok(Sse::new(event_stream(st.sup, caller, after))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+fn event_stream(
+    sup: Arc<Supervisor>,
+    caller: Caller,
+    after: i64,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let rx = sup.subscribe();
+    let init = (
+        sup,
+        caller,
+        after,
+        rx,
+        std::collections::VecDeque::<CloudEvent>::new(),
+    );
+    stream::unfold(
+        init,
+        |(sup, caller, mut cursor, mut rx, mut buf)| async move {
+            loop {
+                if let Some(ev) = buf.pop_front() {
+                    let sse = SseEvent::default()
+                        .id(ev.id.clone())
+                        .event(ev.kind.clone())
+                        .json_data(&ev)
+                        .unwrap_or_else(|_| SseEvent::default().comment("unencodable event"));
+                    return Some((Ok(sse), (sup, caller, cursor, rx, buf)));
+                }
+                rx.mark_unchanged();
+                match sup.events(&caller, cursor, 256).await {
+                    Ok((events, next)) => {
+                        cursor = next;
+                        if !events.is_empty() {
+                            buf.extend(events);
+                            continue;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("event stream: {e}");
+                        return None;
+                    }
+                }
+                // Woken by the supervisor, or poll now and then (events written
+                // by another process, e.g. `cellhost run`).
+                let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+            }
+        },
+    )
+}
+
+/// Real CPU, memory and disk figures, capacity and reservations.
+#[utoipa::path(get, path = "/v1/node", tag = "node",
+    responses((status = 200, body = NodeStatus), (status = 401, body = ApiError)))]
+async fn node(State(st): State<AppState>) -> ApiResult<Json<NodeStatus>> {
+    Ok(Json(st.sup.node().await?))
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "node",
+    responses(
+        (status = 200, content_type = "text/plain", body = String),
+        (status = 401, body = ApiError),
+        (status = 403, description = "Only the operator reads metrics", body = ApiError),
+    ))]
+async fn metrics(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Response> {
+    if !caller.operator {
+        return Err(ApiFailure::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "metrics are for the operator",
+        ));
+    }
+    let text = crate::metrics::render(&st.sup).await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// Liveness.
+#[utoipa::path(get, path = "/healthz", tag = "node",
+    security(()),
+    responses((status = 200, body = Health)))]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "node",
+    security(()),
+    responses((status = 200, content_type = "application/json", body = Object)))]
+async fn openapi_json() -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        openapi().to_json().unwrap_or_default(),
+    )
+        .into_response()
+}
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let c = api.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "cellhost", description = "Rent isolated compute cells. On the unix socket every caller is the operator; on TCP a bearer token names the owner."),
+    paths(create_cell, list_cells, get_cell, delete_cell, start_cell, stop_cell, extend_cell,
+          exec_cell, cell_logs, events, node, metrics, healthz, openapi_json),
+    components(schemas(ApiError, CellView, CellDocument, EventPage, CloudEvent, NodeStatus,
+                        ExtendRequest, ExecBody, ExecResponse, TeardownReportSchema, Health)),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+)]
+struct ApiDoc;
+
+/// The OpenAPI 3.1 document of this API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}

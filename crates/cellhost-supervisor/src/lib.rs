@@ -1,0 +1,20 @@
+//! cellhost's supervisor: the daemon half of the runtime.
+//!
+//! [`Supervisor`] owns the store and every cell's life: admission against
+//! the node's capacity, create/start/stop/extend/destroy with the store
+//! written before and after each side effect, a lease reaper, a reconciler
+//! that adopts, rolls back, finishes and sweeps after a crash, metering
+//! from cgroup (and later engine/VM) stats, and an append-only event log.
+//! [`api`] serves it over HTTP (axum) on a unix socket and, with bearer
+//! tokens, on TCP. The `cellhost` binary wires both (`cellhost serve`).
+
+pub mod api;
+pub mod error;
+pub mod events;
+pub mod metrics;
+pub mod node;
+pub mod supervisor;
+pub mod tokens;
+
+pub use error::SupervisorError;
+pub use supervisor::{Caller, CellView, ReconcileSummary, Supervisor, SupervisorConfig};

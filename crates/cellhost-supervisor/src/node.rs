@@ -1,0 +1,278 @@
+//! What this node has: real CPU, memory and disk figures (sysinfo), the
+//! capacity cells may reserve, and what is reserved.
+//!
+//! Capacity = what the host has × the operator's overcommit ratio, minus
+//! the memory the operator keeps for the host itself:
+//!
+//! ```text
+//! cpus    = logical CPUs × cpu_overcommit            (default 4.0: CPU is
+//!                                                     time-shared, cells are
+//!                                                     throttled by quota)
+//! memory  = (total memory − host reserve) × memory_overcommit  (default 1.0:
+//!                                                     memory is not shareable;
+//!                                                     overcommit means OOM)
+//! ```
+//!
+//! A cell reserves its `resources.cpus` / `resources.memoryMiB`, or the
+//! operator's defaults when the document sets none (a cell without limits
+//! still occupies the node).
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde::Serialize;
+use sysinfo::{CpuRefreshKind, Disks, MemoryRefreshKind, RefreshKind, System};
+
+/// Admission policy, from `cellhost serve` flags.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdmissionPolicy {
+    pub cpu_overcommit: f64,
+    pub memory_overcommit: f64,
+    /// Memory kept for the host, never reserved by cells.
+    pub host_reserve_bytes: u64,
+    /// Reservation of a cell whose document sets no `resources.cpus`.
+    pub default_cpus: f64,
+    /// Reservation of a cell whose document sets no `resources.memoryMiB`.
+    pub default_memory_bytes: u64,
+}
+
+impl Default for AdmissionPolicy {
+    fn default() -> Self {
+        AdmissionPolicy {
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.0,
+            host_reserve_bytes: 256 << 20,
+            default_cpus: 0.1,
+            default_memory_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What one cell holds against capacity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Reservation {
+    pub cpus: f64,
+    pub memory_bytes: u64,
+}
+
+impl Reservation {
+    pub fn of(spec: &cellhost_spec::CellSpec, policy: &AdmissionPolicy) -> Reservation {
+        Reservation {
+            cpus: spec.resources.cpus.unwrap_or(policy.default_cpus),
+            memory_bytes: spec
+                .resources
+                .memory_mib
+                .map_or(policy.default_memory_bytes, |m| m.saturating_mul(1 << 20)),
+        }
+    }
+}
+
+/// Capacity cells may reserve on this node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Capacity {
+    pub cpus: f64,
+    pub memory_bytes: u64,
+}
+
+impl Capacity {
+    pub fn from_host(cpus: usize, total_memory: u64, policy: &AdmissionPolicy) -> Capacity {
+        let mem = total_memory.saturating_sub(policy.host_reserve_bytes) as f64
+            * policy.memory_overcommit;
+        Capacity {
+            cpus: cpus as f64 * policy.cpu_overcommit,
+            memory_bytes: mem.max(0.0) as u64,
+        }
+    }
+
+    /// `Err(reason)` when `want` does not fit beside `reserved`.
+    pub fn admit(&self, reserved: Reservation, want: Reservation) -> Result<(), String> {
+        // A small epsilon: 0.1 + 0.2 must fit in 0.3.
+        if reserved.cpus + want.cpus > self.cpus + 1e-9 {
+            return Err(format!(
+                "the cell asks for {:.2} CPUs; {:.2} of this node's {:.2} are free \
+                 (capacity = logical CPUs × cpu overcommit)",
+                want.cpus,
+                (self.cpus - reserved.cpus).max(0.0),
+                self.cpus
+            ));
+        }
+        if reserved.memory_bytes.saturating_add(want.memory_bytes) > self.memory_bytes {
+            return Err(format!(
+                "the cell asks for {} MiB of memory; {} of this node's {} MiB are free",
+                want.memory_bytes >> 20,
+                self.memory_bytes.saturating_sub(reserved.memory_bytes) >> 20,
+                self.memory_bytes >> 20
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `GET /v1/node`.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    pub name: String,
+    pub version: String,
+    pub kernel: Option<String>,
+    pub uptime_seconds: u64,
+    pub cpu: CpuStatus,
+    pub memory: MemoryStatus,
+    /// The filesystem holding the state dir.
+    pub disk: Option<DiskStatus>,
+    pub capacity: Capacity,
+    pub reserved: Reservation,
+    /// `capacity − reserved`, floored at zero.
+    pub free: Reservation,
+    /// Tiers this daemon can run now.
+    pub tiers: Vec<String>,
+    pub cells: CellCounts,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CpuStatus {
+    pub logical: usize,
+    /// Busy share of all CPUs since the previous sample, 0..=100.
+    pub usage_percent: f32,
+    pub load_average: [f64; 3],
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryStatus {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub used_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiskStatus {
+    pub mount_point: String,
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CellCounts {
+    pub total: usize,
+    pub running: usize,
+}
+
+/// Host figures, sampled on demand. Holds one `System` so CPU usage is
+/// measured between consecutive samples (sysinfo needs two).
+pub struct HostInfo {
+    sys: Mutex<System>,
+}
+
+impl Default for HostInfo {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// One sample of host figures.
+#[derive(Debug, Clone)]
+pub struct HostSample {
+    pub cpus: usize,
+    pub cpu_usage: f32,
+    pub memory: MemoryStatus,
+}
+
+impl HostInfo {
+    pub fn new() -> HostInfo {
+        let sys = System::new_with_specifics(
+            RefreshKind::nothing()
+                .with_cpu(CpuRefreshKind::nothing().with_cpu_usage())
+                .with_memory(MemoryRefreshKind::nothing().with_ram()),
+        );
+        HostInfo {
+            sys: Mutex::new(sys),
+        }
+    }
+
+    pub fn sample(&self) -> HostSample {
+        let mut sys = self.sys.lock().unwrap_or_else(|p| p.into_inner());
+        sys.refresh_cpu_usage();
+        sys.refresh_memory_specifics(MemoryRefreshKind::nothing().with_ram());
+        let total = sys.total_memory();
+        let available = sys.available_memory();
+        HostSample {
+            cpus: sys.cpus().len().max(1),
+            cpu_usage: sys.global_cpu_usage(),
+            memory: MemoryStatus {
+                total_bytes: total,
+                available_bytes: available,
+                used_bytes: total.saturating_sub(available),
+            },
+        }
+    }
+
+    pub fn load_average() -> [f64; 3] {
+        let l = System::load_average();
+        [l.one, l.five, l.fifteen]
+    }
+
+    /// The disk whose mount point is the longest prefix of `path`.
+    pub fn disk_for(path: &Path) -> Option<DiskStatus> {
+        let disks = Disks::new_with_refreshed_list();
+        disks
+            .list()
+            .iter()
+            .filter(|d| path.starts_with(d.mount_point()))
+            .max_by_key(|d| d.mount_point().as_os_str().len())
+            .map(|d| DiskStatus {
+                mount_point: d.mount_point().display().to_string(),
+                total_bytes: d.total_space(),
+                available_bytes: d.available_space(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_applies_overcommit_and_reserve() {
+        let p = AdmissionPolicy {
+            cpu_overcommit: 2.0,
+            memory_overcommit: 1.0,
+            host_reserve_bytes: 1 << 30,
+            ..AdmissionPolicy::default()
+        };
+        let c = Capacity::from_host(2, 5 << 30, &p);
+        assert_eq!(c.cpus, 4.0);
+        assert_eq!(c.memory_bytes, 4 << 30);
+    }
+
+    #[test]
+    fn admit_refuses_with_a_reason() {
+        let c = Capacity {
+            cpus: 1.0,
+            memory_bytes: 1 << 30,
+        };
+        let r = |cpus, mib: u64| Reservation {
+            cpus,
+            memory_bytes: mib << 20,
+        };
+        assert!(c.admit(r(0.7, 0), r(0.3, 1024)).is_ok());
+        let e = c.admit(r(0.8, 0), r(0.3, 1)).unwrap_err();
+        assert!(e.contains("0.30 CPUs") && e.contains("0.20"), "{e}");
+        let e = c.admit(r(0.0, 1000), r(0.1, 100)).unwrap_err();
+        assert!(e.contains("100 MiB") && e.contains("24 of"), "{e}");
+    }
+
+    #[test]
+    fn host_sample_is_real() {
+        let s = HostInfo::new().sample();
+        assert!(s.cpus >= 1);
+        assert!(s.memory.total_bytes > 0);
+        assert!(s.memory.available_bytes <= s.memory.total_bytes);
+        assert!(HostInfo::disk_for(Path::new("/")).is_some_and(|d| d.total_bytes > 0));
+    }
+}

@@ -1,0 +1,221 @@
+//! `cellhost serve`: the supervisor daemon.
+//!
+//! # Layout on the host
+//!
+//! ```text
+//! <state>/serve.lock        flock: exclusive while a daemon runs; `cellhost
+//!                           run` holds it shared, so the two never drive the
+//!                           same store at once
+//! <state>/cellhost.db       the store (cellhost-store)
+//! <state>/process/          process-tier cells (cellhost-process)
+//! /run/cellhost/api.sock    0600, the operator's API (dir 0700 if we make it)
+//! ```
+//!
+//! # Lifecycle
+//!
+//! Take the lock, open the store, build the backends this host can run,
+//! bind the socket (a stale socket file from a killed daemon is replaced:
+//! the lock proves nobody serves it), start the supervisor's loops (the
+//! first reconcile pass runs at once), serve until SIGTERM/SIGINT. Cells
+//! outlive the daemon (their shims are nobody's children); the next start
+//! adopts them.
+
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use cellhost_core::Backend;
+use cellhost_spec::Isolation;
+use cellhost_store::Store;
+use cellhost_supervisor::node::AdmissionPolicy;
+use cellhost_supervisor::tokens::Tokens;
+use cellhost_supervisor::{Supervisor, SupervisorConfig, api};
+use nix::fcntl::{Flock, FlockArg};
+
+use crate::cli::ServeArgs;
+use crate::{EXIT_USAGE, exit_err};
+
+pub const LOCK_FILE: &str = "serve.lock";
+
+/// Hold `<state>/serve.lock` exclusively (daemon) or shared (`run`).
+pub fn lock_state_dir(state_dir: &Path, exclusive: bool) -> anyhow::Result<Flock<std::fs::File>> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(state_dir)
+        .with_context(|| format!("creating {}", state_dir.display()))?;
+    let path = state_dir.join(LOCK_FILE);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let arg = if exclusive {
+        FlockArg::LockExclusiveNonblock
+    } else {
+        FlockArg::LockSharedNonblock
+    };
+    Flock::lock(f, arg).map_err(|(_, e)| {
+        let who = if exclusive {
+            "another `cellhost serve` or a `cellhost run`"
+        } else {
+            "a `cellhost serve` daemon"
+        };
+        exit_err(
+            crate::EXIT_RUNTIME,
+            format!(
+                "{} is in use by {who} ({e}); talk to the daemon with `cellhost create`, or use another --state-dir",
+                state_dir.display()
+            ),
+        )
+    })
+}
+
+/// The backends this host can run now.
+pub fn backends(state_dir: &Path) -> anyhow::Result<Vec<Arc<dyn Backend>>> {
+    let mut out: Vec<Arc<dyn Backend>> = Vec::new();
+    let report = cellhost_core::probe::probe(&Default::default());
+    let tier = report.tier(Isolation::Process);
+    if tier.ok {
+        out.push(crate::run::backend_for(Isolation::Process, state_dir)?);
+    } else {
+        tracing::warn!("process tier unavailable: {}", tier.detail);
+    }
+    Ok(out)
+}
+
+fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale socket {}", path.display()))?,
+        Ok(_) => bail!("{} exists and is not a socket", path.display()),
+        Err(_) => {}
+    }
+    let l = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    Ok(l)
+}
+
+pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
+    let _lock = lock_state_dir(state_dir, true)?;
+    let tokens = match (&args.listen, &args.tokens) {
+        (Some(_), Some(f)) => Some(Arc::new(Tokens::load(f)?)),
+        (Some(_), None) => {
+            return Err(exit_err(EXIT_USAGE, "--listen needs --tokens FILE"));
+        }
+        (None, Some(_)) => return Err(exit_err(EXIT_USAGE, "--tokens needs --listen")),
+        (None, None) => None,
+    };
+    let tcp = match &args.listen {
+        Some(l) => {
+            let Some(addr) = l.strip_prefix("tcp:") else {
+                return Err(exit_err(
+                    EXIT_USAGE,
+                    format!("--listen {l:?}: expected tcp:HOST:PORT"),
+                ));
+            };
+            Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?,
+            )
+        }
+        None => None,
+    };
+    for (flag, v) in [
+        ("--cpu-overcommit", args.cpu_overcommit),
+        ("--memory-overcommit", args.memory_overcommit),
+        ("--default-cpus", args.default_cpus),
+    ] {
+        if !(v.is_finite() && v > 0.0 && v <= 1024.0) {
+            return Err(exit_err(
+                EXIT_USAGE,
+                format!("{flag} must be > 0 and <= 1024"),
+            ));
+        }
+    }
+    if args.reconcile_interval == 0 || args.meter_interval == 0 {
+        return Err(exit_err(EXIT_USAGE, "intervals must be at least 1 second"));
+    }
+
+    let store = Arc::new(
+        Store::open(state_dir)
+            .with_context(|| format!("opening the store in {}", state_dir.display()))?,
+    );
+    let node_name = args.node_name.clone().unwrap_or_else(|| {
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "cellhost".into())
+    });
+    let mut cfg = SupervisorConfig::new(node_name, state_dir.to_path_buf());
+    cfg.policy = AdmissionPolicy {
+        cpu_overcommit: args.cpu_overcommit,
+        memory_overcommit: args.memory_overcommit,
+        host_reserve_bytes: args.reserve_memory_mib << 20,
+        default_cpus: args.default_cpus,
+        default_memory_bytes: args.default_memory_mib << 20,
+    };
+    cfg.reconcile_interval = Duration::from_secs(args.reconcile_interval);
+    cfg.meter_interval = Duration::from_secs(args.meter_interval);
+    let sup = Supervisor::new(store, backends(state_dir)?, cfg)?;
+
+    let unix = bind_socket(&args.socket)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let loops = tokio::spawn(sup.clone().run(stop_rx.clone()));
+
+    let shutdown = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let unix_server = axum::serve(unix, api::operator_router(sup.clone()))
+        .with_graceful_shutdown(shutdown(stop_rx.clone()));
+    let unix_task = tokio::spawn(async move { unix_server.await });
+    let tcp_task = match (tcp, tokens) {
+        (Some(l), Some(t)) => {
+            tracing::info!("tenant API on tcp:{}", l.local_addr()?);
+            let server = axum::serve(l, api::tenant_router(sup.clone(), t))
+                .with_graceful_shutdown(shutdown(stop_rx.clone()));
+            Some(tokio::spawn(async move { server.await }))
+        }
+        _ => None,
+    };
+    eprintln!(
+        "cellhost: serving on {} (tiers: {})",
+        args.socket.display(),
+        sup.tiers()
+            .iter()
+            .map(|t| t.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("cellhost: shutting down; cells keep running and are adopted at the next start");
+    let _ = stop_tx.send(true);
+    let _ = loops.await;
+    // Streams (logs -f, events -f) may hold connections: do not wait long.
+    let _ = tokio::time::timeout(Duration::from_secs(2), unix_task).await;
+    if let Some(t) = tcp_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    let _ = std::fs::remove_file(&args.socket);
+    Ok(0)
+}
