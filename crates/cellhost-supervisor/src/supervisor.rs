@@ -567,21 +567,14 @@ impl Supervisor {
         );
         // Known to this process: reconcile does not announce it as adopted.
         lock(&self.adopted).insert(id.clone());
-        let idc = id.clone();
-        let rec = self
-            .db(move |s| {
-                s.apply(
-                    &idc,
-                    &CellUpdate::default()
-                        .observed(observed)
-                        .event(kinds::CREATED, &json!({ "state": observed.as_str() })),
-                )?;
-                s.get(&idc)
-            })
-            .await?;
-        self.notify();
-        let rec = rec.ok_or_else(|| SupervisorError::NotFound(id.to_string()))?;
-        Ok(CellView::from_record(&rec, now_ms(), None))
+        self.update_and_get(
+            id,
+            CellUpdate::default().observed(observed),
+            None,
+            kinds::CREATED,
+            json!({ "state": observed.as_str() }),
+        )
+        .await
     }
 
     /// Drop what the supervisor holds in memory for a cell.
@@ -683,6 +676,7 @@ impl Supervisor {
             CellUpdate::default()
                 .desired(Desired::Running)
                 .observed(Observed::Running),
+            None,
             kinds::STARTED,
             json!({}),
         )
@@ -723,22 +717,14 @@ impl Supervisor {
         let exit = status.exit.unwrap_or_else(ExitInfo::unknown);
         lock(&self.marks).remove(&rec.id);
         let data = serde_json::to_value(exit).unwrap_or_default();
-        let idc = rec.id.clone();
-        let rec = self
-            .db(move |s| {
-                s.apply(
-                    &idc,
-                    &CellUpdate::default()
-                        .observed(Observed::Exited)
-                        .exit(&exit)
-                        .event(kinds::STOPPED, &data),
-                )?;
-                s.get(&idc)
-            })
-            .await?;
-        self.notify();
-        let rec = rec.ok_or_else(|| SupervisorError::NotFound(id.to_string()))?;
-        Ok(CellView::from_record(&rec, now_ms(), None))
+        self.update_and_get(
+            &rec.id,
+            CellUpdate::default().observed(Observed::Exited),
+            Some(exit),
+            kinds::STOPPED,
+            data,
+        )
+        .await
     }
 
     /// Move the lease end by `seconds`. An ended lease cannot be extended
@@ -764,23 +750,30 @@ impl Supervisor {
         self.update_and_get(
             &rec.id,
             CellUpdate::default().expires_at(at),
+            None,
             kinds::EXTENDED,
             json!({ "seconds": seconds, "expiresAt": rfc3339_ms(at) }),
         )
         .await
     }
 
+    /// Apply `update` (+ `exit`) with the event in one commit; the new view.
     async fn update_and_get(
         &self,
         id: &CellId,
         update: CellUpdate<'static>,
+        exit: Option<ExitInfo>,
         kind: &'static str,
         data: serde_json::Value,
     ) -> Result<CellView> {
         let idc = id.clone();
         let rec = self
             .db(move |s| {
-                s.apply(&idc, &update.event(kind, &data))?;
+                let mut u: CellUpdate<'_> = update;
+                if let Some(x) = &exit {
+                    u = u.exit(x);
+                }
+                s.apply(&idc, &u.event(kind, &data))?;
                 s.get(&idc)
             })
             .await?;
@@ -1213,6 +1206,7 @@ impl Supervisor {
                     self.update_and_get(
                         &rec.id,
                         CellUpdate::default().observed(Observed::Running),
+                        None,
                         kinds::ADOPTED,
                         json!({ "pid": status.pid }),
                     )

@@ -36,7 +36,7 @@ fn doc() -> Value {
         "apiVersion": "cellhost.dev/v1", "kind": "Cell",
         "metadata": {"name": "bench"},
         "spec": {"isolation": "process", "image": "host", "command": ["/bin/sleep", "600"],
-                 "resources": {"memoryMiB": 64, "pids": 8, "cpus": 0.01},
+                 "resources": {"memoryMiB": 64, "pids": 8, "cpus": 0.5},
                  "lifetime": {"ttlSeconds": 600}}
     })
 }
