@@ -839,7 +839,7 @@ impl Backend for ProcessBackend {
             state_dir: p.dir.clone(),
             tier: serde_json::json!({
                 "containerId": p.container_id,
-                "cgroup": format!("/{}/{}", hostfs::CGROUP_PARENT, self.cgroup_object(id)),
+                "cgroup": format!("/{}/{}", hostfs::CGROUP_PARENT, p.cgroup),
             }),
         }
     }

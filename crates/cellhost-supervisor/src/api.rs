@@ -134,19 +134,18 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(rej) => {
-                // Too large stays 413; every other body problem (syntax,
-                // wrong types, missing Content-Type) is the client's: 400.
-                if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    return Err(ApiFailure::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "too_large",
-                        rej.body_text(),
-                    ));
-                }
-                Err(ApiFailure::bad_request(None, rej.body_text()))
-            }
+            Err(rej) => Err(body_rejected(rej.status(), rej.body_text())),
         }
+    }
+}
+
+/// A body axum would not take. Too large stays 413; every other body
+/// problem (syntax, wrong types, missing Content-Type) is the client's: 400.
+fn body_rejected(status: StatusCode, text: String) -> ApiFailure {
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiFailure::new(status, "too_large", text)
+    } else {
+        ApiFailure::bad_request(None, text)
     }
 }
 
@@ -360,18 +359,7 @@ async fn create_cell(
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<CellView>)> {
     let q = query(q)?;
-    let body = body.map_err(|rej| {
-        let status = rej.status();
-        ApiFailure::new(
-            status,
-            if status == StatusCode::PAYLOAD_TOO_LARGE {
-                "too_large"
-            } else {
-                "invalid"
-            },
-            rej.body_text(),
-        )
-    })?;
+    let body = body.map_err(|rej| body_rejected(rej.status(), rej.body_text()))?;
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiFailure::bad_request(None, "the document is not UTF-8"))?;
     let mut cell = cellhost_spec::parse_and_validate(text).map_err(|e| {
@@ -414,10 +402,7 @@ fn take_inline_secrets(cell: &mut cellhost_spec::Cell) -> ApiResult<Vec<SecretVa
             }
         }
     }
-    // The document keeps the entries (names); values now live in `out`.
-    for s in &mut cell.spec.secrets {
-        s.from = SecretSource::Value(String::new());
-    }
+    // The document keeps the entries (names, emptied values).
     Ok(out)
 }
 

@@ -48,126 +48,111 @@ pub async fn render(sup: &Supervisor) -> Result<String, SupervisorError> {
         );
     }
     let c = &sup.counters;
-    let counters: [(&str, &str, u64); 10] = [
+    let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+    let (cap, res) = (sup.capacity(), sup.reserved());
+    // One unlabelled sample each: (name, type, help, value).
+    let scalars: [(&str, &str, &str, f64); 16] = [
         (
             "cellhost_creates_total",
+            "counter",
             "Cells created and started.",
-            c.creates.load(Ordering::Relaxed),
+            n(&c.creates),
         ),
         (
             "cellhost_create_failures_total",
+            "counter",
             "Creates that failed and were rolled back.",
-            c.create_failures.load(Ordering::Relaxed),
+            n(&c.create_failures),
         ),
         (
             "cellhost_admission_refusals_total",
+            "counter",
             "Creates refused for lack of capacity.",
-            c.admission_refusals.load(Ordering::Relaxed),
+            n(&c.admission_refusals),
         ),
         (
             "cellhost_destroys_total",
+            "counter",
             "Cells destroyed with a clean TeardownReport.",
-            c.destroys.load(Ordering::Relaxed),
+            n(&c.destroys),
         ),
         (
             "cellhost_dirty_teardowns_total",
+            "counter",
             "Teardowns that left residue (retried by reconcile).",
-            c.dirty_teardowns.load(Ordering::Relaxed),
+            n(&c.dirty_teardowns),
         ),
         (
             "cellhost_leases_reaped_total",
+            "counter",
             "Cells destroyed at lease expiry.",
-            c.leases_reaped.load(Ordering::Relaxed),
+            n(&c.leases_reaped),
         ),
         (
             "cellhost_orphans_destroyed_total",
+            "counter",
             "Host objects without a record destroyed by reconcile.",
-            c.orphans_destroyed.load(Ordering::Relaxed),
+            n(&c.orphans_destroyed),
         ),
         (
             "cellhost_creates_rolled_back_total",
+            "counter",
             "Interrupted creates rolled back by reconcile.",
-            c.rolled_back.load(Ordering::Relaxed),
+            n(&c.rolled_back),
         ),
         (
             "cellhost_reconcile_passes_total",
+            "counter",
             "Reconcile passes run.",
-            c.reconcile_passes.load(Ordering::Relaxed),
+            n(&c.reconcile_passes),
         ),
         (
             "cellhost_reconcile_errors_total",
+            "counter",
             "Errors met by reconcile.",
-            c.reconcile_errors.load(Ordering::Relaxed),
+            n(&c.reconcile_errors),
+        ),
+        (
+            "cellhost_create_seconds_sum",
+            "counter",
+            "Total create-to-running time of successful creates.",
+            n(&c.create_us_sum) / 1e6,
+        ),
+        (
+            "cellhost_capacity_cpus",
+            "gauge",
+            "CPUs cells may reserve (logical CPUs x overcommit).",
+            cap.cpus,
+        ),
+        (
+            "cellhost_reserved_cpus",
+            "gauge",
+            "CPUs reserved by cells.",
+            res.cpus,
+        ),
+        (
+            "cellhost_capacity_memory_bytes",
+            "gauge",
+            "Memory cells may reserve.",
+            cap.memory_bytes as f64,
+        ),
+        (
+            "cellhost_reserved_memory_bytes",
+            "gauge",
+            "Memory reserved by cells.",
+            res.memory_bytes as f64,
+        ),
+        (
+            "cellhost_uptime_seconds",
+            "gauge",
+            "Seconds since the supervisor started.",
+            sup.uptime().as_secs_f64(),
         ),
     ];
-    for (name, help, v) in counters {
-        family(&mut o, name, "counter", help);
-        sample(&mut o, name, &[], v as f64);
+    for (name, kind, help, v) in scalars {
+        family(&mut o, name, kind, help);
+        sample(&mut o, name, &[], v);
     }
-    family(
-        &mut o,
-        "cellhost_create_seconds_sum",
-        "counter",
-        "Total create-to-running time of successful creates.",
-    );
-    sample(
-        &mut o,
-        "cellhost_create_seconds_sum",
-        &[],
-        c.create_us_sum.load(Ordering::Relaxed) as f64 / 1e6,
-    );
-    let cap = sup.capacity();
-    let res = sup.reserved();
-    family(
-        &mut o,
-        "cellhost_capacity_cpus",
-        "gauge",
-        "CPUs cells may reserve (logical CPUs x overcommit).",
-    );
-    sample(&mut o, "cellhost_capacity_cpus", &[], cap.cpus);
-    family(
-        &mut o,
-        "cellhost_reserved_cpus",
-        "gauge",
-        "CPUs reserved by cells.",
-    );
-    sample(&mut o, "cellhost_reserved_cpus", &[], res.cpus);
-    family(
-        &mut o,
-        "cellhost_capacity_memory_bytes",
-        "gauge",
-        "Memory cells may reserve.",
-    );
-    sample(
-        &mut o,
-        "cellhost_capacity_memory_bytes",
-        &[],
-        cap.memory_bytes as f64,
-    );
-    family(
-        &mut o,
-        "cellhost_reserved_memory_bytes",
-        "gauge",
-        "Memory reserved by cells.",
-    );
-    sample(
-        &mut o,
-        "cellhost_reserved_memory_bytes",
-        &[],
-        res.memory_bytes as f64,
-    );
-    family(
-        &mut o,
-        "cellhost_uptime_seconds",
-        "gauge",
-        "Seconds since the supervisor started.",
-    );
-    sample(
-        &mut o,
-        "cellhost_uptime_seconds",
-        &[],
-        sup.uptime().as_secs_f64(),
-    );
     Ok(o)
 }
 

@@ -68,6 +68,15 @@ impl Reservation {
     }
 }
 
+impl<'a> std::iter::Sum<&'a Reservation> for Reservation {
+    fn sum<I: Iterator<Item = &'a Reservation>>(iter: I) -> Reservation {
+        iter.fold(Reservation::default(), |a, r| Reservation {
+            cpus: a.cpus + r.cpus,
+            memory_bytes: a.memory_bytes.saturating_add(r.memory_bytes),
+        })
+    }
+}
+
 /// Capacity cells may reserve on this node.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -261,6 +261,64 @@ pub struct Counters {
     pub create_us_sum: AtomicU64,
 }
 
+/// One state change of a row and the event that announces it: the only
+/// way the supervisor writes a row (one commit each). Owned, so it can
+/// move into the store's blocking task.
+struct Change {
+    desired: Option<Desired>,
+    observed: Option<Observed>,
+    exit: Option<ExitInfo>,
+    error: Option<String>,
+    expires_at: Option<i64>,
+    kind: &'static str,
+    data: serde_json::Value,
+}
+
+impl Change {
+    fn event(kind: &'static str, data: serde_json::Value) -> Change {
+        Change {
+            desired: None,
+            observed: None,
+            exit: None,
+            error: None,
+            expires_at: None,
+            kind,
+            data,
+        }
+    }
+    fn desired(mut self, d: Desired) -> Self {
+        self.desired = Some(d);
+        self
+    }
+    fn observed(mut self, o: Observed) -> Self {
+        self.observed = Some(o);
+        self
+    }
+    fn exit(mut self, x: ExitInfo) -> Self {
+        self.exit = Some(x);
+        self
+    }
+    fn error(mut self, e: String) -> Self {
+        self.error = Some(e);
+        self
+    }
+    fn expires_at(mut self, at: i64) -> Self {
+        self.expires_at = Some(at);
+        self
+    }
+    fn update(&self) -> CellUpdate<'_> {
+        CellUpdate {
+            desired: self.desired,
+            observed: self.observed,
+            handle: None,
+            exit: self.exit.as_ref(),
+            error: self.error.as_deref().map(Some),
+            expires_at: self.expires_at,
+            event: Some((self.kind, &self.data)),
+        }
+    }
+}
+
 /// Per-cell mark for metering deltas.
 #[derive(Debug, Clone, Copy)]
 struct Mark {
@@ -408,13 +466,24 @@ impl Supervisor {
 
     /// The caller's view of a row: `NotFound` for absent and foreign alike.
     async fn visible(&self, caller: &Caller, id: &str) -> Result<CellRecord> {
-        let not_found = || SupervisorError::NotFound(id.to_string());
-        let id = CellId::parse(id).map_err(|_| not_found())?;
-        let rec = self.db(move |s| s.get(&id)).await?.ok_or_else(not_found)?;
-        if !caller.may_see(Some(&rec.owner)) {
-            return Err(not_found());
+        let id = CellId::parse(id).map_err(|_| SupervisorError::NotFound(id.to_string()))?;
+        self.visible_id(caller, &id).await
+    }
+
+    async fn visible_id(&self, caller: &Caller, id: &CellId) -> Result<CellRecord> {
+        let idc = id.clone();
+        match self.db(move |s| s.get(&idc)).await? {
+            Some(rec) if caller.may_see(Some(&rec.owner)) => Ok(rec),
+            _ => Err(SupervisorError::NotFound(id.to_string())),
         }
-        Ok(rec)
+    }
+
+    /// Take the cell's slot, then read the row under it (so no other
+    /// operation changes it until the caller is done).
+    async fn visible_locked(&self, caller: &Caller, id: &str) -> Result<(CellRecord, CellLock)> {
+        let id = CellId::parse(id).map_err(|_| SupervisorError::NotFound(id.to_string()))?;
+        let slot = self.lock_for_request(&id).await?;
+        Ok((self.visible_id(caller, &id).await?, slot))
     }
 
     fn handle_of(&self, rec: &CellRecord) -> Result<CellHandle> {
@@ -444,12 +513,7 @@ impl Supervisor {
         let guard = self.lock_for_request(&id).await?;
         {
             let mut res = lock(&self.reservations);
-            let reserved = res
-                .values()
-                .fold(Reservation::default(), |a, r| Reservation {
-                    cpus: a.cpus + r.cpus,
-                    memory_bytes: a.memory_bytes.saturating_add(r.memory_bytes),
-                });
+            let reserved: Reservation = res.values().sum();
             if let Err(why) = self.capacity.admit(reserved, want) {
                 self.counters
                     .admission_refusals
@@ -536,18 +600,13 @@ impl Supervisor {
         };
         if let Err(e) = started {
             let msg = e.to_string();
-            let data = json!({ "error": msg });
-            let idc = id.clone();
-            self.db(move |s| {
-                s.apply(
-                    &idc,
-                    &CellUpdate::default()
-                        .desired(Desired::Destroyed)
-                        .observed(Observed::Destroying)
-                        .error(&msg)
-                        .event(kinds::CREATE_FAILED, &data),
-                )
-            })
+            self.record(
+                id,
+                Change::event(kinds::CREATE_FAILED, json!({ "error": msg }))
+                    .desired(Desired::Destroyed)
+                    .observed(Observed::Destroying)
+                    .error(msg),
+            )
             .await?;
             let report = backend.destroy(&handle).await?;
             self.finish_teardown(id, &report).await?;
@@ -558,6 +617,18 @@ impl Supervisor {
         } else {
             Observed::Created
         };
+        self.mark_started(id);
+        // Known to this process: reconcile does not announce it as adopted.
+        lock(&self.adopted).insert(id.clone());
+        self.record_view(
+            id,
+            Change::event(kinds::CREATED, json!({ "state": observed.as_str() })).observed(observed),
+        )
+        .await
+    }
+
+    /// The workload (re)starts now with a fresh CPU counter.
+    fn mark_started(&self, id: &CellId) {
         lock(&self.marks).insert(
             id.clone(),
             Mark {
@@ -565,16 +636,6 @@ impl Supervisor {
                 cpu_ns: 0,
             },
         );
-        // Known to this process: reconcile does not announce it as adopted.
-        lock(&self.adopted).insert(id.clone());
-        self.update_and_get(
-            id,
-            CellUpdate::default().observed(observed),
-            None,
-            kinds::CREATED,
-            json!({ "state": observed.as_str() }),
-        )
-        .await
     }
 
     /// Drop what the supervisor holds in memory for a cell.
@@ -589,53 +650,43 @@ impl Supervisor {
     async fn finish_teardown(&self, id: &CellId, report: &TeardownReport) -> Result<()> {
         let data = serde_json::to_value(report)
             .map_err(|e| SupervisorError::Internal(format!("encoding report: {e}")))?;
-        let idc = id.clone();
         if report.is_clean() {
+            let idc = id.clone();
             self.db(move |s| s.remove_with_event(&idc, kinds::DESTROYED, &data))
                 .await?;
+            self.notify();
             self.forget(id);
             self.counters.destroys.fetch_add(1, Ordering::Relaxed);
         } else {
-            let summary = report.summary();
-            self.db(move |s| {
-                s.apply(
-                    &idc,
-                    &CellUpdate::default()
-                        .observed(Observed::Failed)
-                        .error(&summary)
-                        .event(kinds::TEARDOWN_FAILED, &data),
-                )
-            })
+            self.record(
+                id,
+                Change::event(kinds::TEARDOWN_FAILED, data)
+                    .observed(Observed::Failed)
+                    .error(report.summary()),
+            )
             .await?;
             self.counters
                 .dirty_teardowns
                 .fetch_add(1, Ordering::Relaxed);
         }
-        self.notify();
         Ok(())
     }
 
     /// Destroy a cell whose slot the caller holds. `reason` goes in the
-    /// `destroying` event; `extra` (e.g. `expired`) is appended first.
+    /// `destroying` event.
     async fn teardown(&self, rec: &CellRecord, reason: &str) -> Result<TeardownReport> {
         let backend = self.backend(rec.isolation)?.clone();
         let handle = self.handle_of(rec)?;
         if rec.observed == Observed::Running {
             self.meter_cell(rec, &handle).await;
         }
-        let idc = rec.id.clone();
-        let data = json!({ "reason": reason });
-        self.db(move |s| {
-            s.apply(
-                &idc,
-                &CellUpdate::default()
-                    .desired(Desired::Destroyed)
-                    .observed(Observed::Destroying)
-                    .event(kinds::DESTROYING, &data),
-            )
-        })
+        self.record(
+            &rec.id,
+            Change::event(kinds::DESTROYING, json!({ "reason": reason }))
+                .desired(Desired::Destroyed)
+                .observed(Observed::Destroying),
+        )
         .await?;
-        self.notify();
         let report = backend.destroy(&handle).await?;
         self.finish_teardown(&rec.id, &report).await?;
         Ok(report)
@@ -644,17 +695,12 @@ impl Supervisor {
     // ------------------------------------------------------- other requests
 
     pub async fn destroy(&self, caller: &Caller, id: &str) -> Result<TeardownReport> {
-        let rec = self.visible(caller, id).await?;
-        let _g = self.lock_for_request(&rec.id).await?;
-        // Re-read under the slot: another request may have finished first.
-        let rec = self.visible(caller, id).await?;
+        let (rec, _slot) = self.visible_locked(caller, id).await?;
         self.teardown(&rec, "requested").await
     }
 
     pub async fn start(&self, caller: &Caller, id: &str) -> Result<CellView> {
-        let rec = self.visible(caller, id).await?;
-        let _g = self.lock_for_request(&rec.id).await?;
-        let rec = self.visible(caller, id).await?;
+        let (rec, _slot) = self.visible_locked(caller, id).await?;
         if !matches!(rec.observed, Observed::Created | Observed::Exited) {
             return Err(SupervisorError::Conflict(format!(
                 "cell {} is {}; start needs it created or exited",
@@ -664,21 +710,12 @@ impl Supervisor {
         }
         let handle = self.handle_of(&rec)?;
         self.backend(rec.isolation)?.start(&handle).await?;
-        lock(&self.marks).insert(
-            rec.id.clone(),
-            Mark {
-                at_ms: now_ms(),
-                cpu_ns: 0,
-            },
-        );
-        self.update_and_get(
+        self.mark_started(&rec.id);
+        self.record_view(
             &rec.id,
-            CellUpdate::default()
+            Change::event(kinds::STARTED, json!({}))
                 .desired(Desired::Running)
                 .observed(Observed::Running),
-            None,
-            kinds::STARTED,
-            json!({}),
         )
         .await
     }
@@ -689,9 +726,7 @@ impl Supervisor {
         id: &str,
         grace: Option<Duration>,
     ) -> Result<CellView> {
-        let rec = self.visible(caller, id).await?;
-        let _g = self.lock_for_request(&rec.id).await?;
-        let rec = self.visible(caller, id).await?;
+        let (rec, _slot) = self.visible_locked(caller, id).await?;
         if !matches!(
             rec.observed,
             Observed::Running | Observed::Created | Observed::Exited
@@ -717,12 +752,11 @@ impl Supervisor {
         let exit = status.exit.unwrap_or_else(ExitInfo::unknown);
         lock(&self.marks).remove(&rec.id);
         let data = serde_json::to_value(exit).unwrap_or_default();
-        self.update_and_get(
+        self.record_view(
             &rec.id,
-            CellUpdate::default().observed(Observed::Exited),
-            Some(exit),
-            kinds::STOPPED,
-            data,
+            Change::event(kinds::STOPPED, data)
+                .observed(Observed::Exited)
+                .exit(exit),
         )
         .await
     }
@@ -736,9 +770,7 @@ impl Supervisor {
                 format!("must be 1..={MAX_EXTEND_SECONDS}"),
             ));
         }
-        let rec = self.visible(caller, id).await?;
-        let _g = self.lock_for_request(&rec.id).await?;
-        let rec = self.visible(caller, id).await?;
+        let (rec, _slot) = self.visible_locked(caller, id).await?;
         let now = now_ms();
         if rec.expires_at <= now || rec.desired == Desired::Destroyed {
             return Err(SupervisorError::Conflict(format!(
@@ -747,33 +779,31 @@ impl Supervisor {
             )));
         }
         let at = rec.expires_at.saturating_add((seconds * 1000) as i64);
-        self.update_and_get(
+        self.record_view(
             &rec.id,
-            CellUpdate::default().expires_at(at),
-            None,
-            kinds::EXTENDED,
-            json!({ "seconds": seconds, "expiresAt": rfc3339_ms(at) }),
+            Change::event(
+                kinds::EXTENDED,
+                json!({ "seconds": seconds, "expiresAt": rfc3339_ms(at) }),
+            )
+            .expires_at(at),
         )
         .await
     }
 
-    /// Apply `update` (+ `exit`) with the event in one commit; the new view.
-    async fn update_and_get(
-        &self,
-        id: &CellId,
-        update: CellUpdate<'static>,
-        exit: Option<ExitInfo>,
-        kind: &'static str,
-        data: serde_json::Value,
-    ) -> Result<CellView> {
+    /// Write `change` (one commit) and wake event streams.
+    async fn record(&self, id: &CellId, change: Change) -> Result<()> {
+        let idc = id.clone();
+        self.db(move |s| s.apply(&idc, &change.update())).await?;
+        self.notify();
+        Ok(())
+    }
+
+    /// [`Supervisor::record`], then the row as the API shows it.
+    async fn record_view(&self, id: &CellId, change: Change) -> Result<CellView> {
         let idc = id.clone();
         let rec = self
             .db(move |s| {
-                let mut u: CellUpdate<'_> = update;
-                if let Some(x) = &exit {
-                    u = u.exit(x);
-                }
-                s.apply(&idc, &u.event(kind, &data))?;
+                s.apply(&idc, &change.update())?;
                 s.get(&idc)
             })
             .await?;
@@ -901,12 +931,7 @@ impl Supervisor {
     }
 
     pub fn reserved(&self) -> Reservation {
-        lock(&self.reservations)
-            .values()
-            .fold(Reservation::default(), |a, r| Reservation {
-                cpus: a.cpus + r.cpus,
-                memory_bytes: a.memory_bytes.saturating_add(r.memory_bytes),
-            })
+        lock(&self.reservations).values().sum()
     }
 
     pub fn uptime(&self) -> Duration {
@@ -1203,12 +1228,10 @@ impl Supervisor {
             CellState::Running => {
                 let first = lock(&self.adopted).insert(rec.id.clone());
                 if first || rec.observed != Observed::Running {
-                    self.update_and_get(
+                    self.record(
                         &rec.id,
-                        CellUpdate::default().observed(Observed::Running),
-                        None,
-                        kinds::ADOPTED,
-                        json!({ "pid": status.pid }),
+                        Change::event(kinds::ADOPTED, json!({ "pid": status.pid }))
+                            .observed(Observed::Running),
                     )
                     .await?;
                     sum.adopted += 1;
@@ -1217,19 +1240,14 @@ impl Supervisor {
             CellState::Exited if rec.observed != Observed::Exited => {
                 let exit = status.exit.unwrap_or_else(ExitInfo::unknown);
                 let data = serde_json::to_value(exit).unwrap_or_default();
-                let idc = rec.id.clone();
-                self.db(move |s| {
-                    s.apply(
-                        &idc,
-                        &CellUpdate::default()
-                            .observed(Observed::Exited)
-                            .exit(&exit)
-                            .event(kinds::EXITED, &data),
-                    )
-                })
+                self.record(
+                    &rec.id,
+                    Change::event(kinds::EXITED, data)
+                        .observed(Observed::Exited)
+                        .exit(exit),
+                )
                 .await?;
-                self.meter_final(&rec);
-                self.notify();
+                lock(&self.marks).remove(&rec.id);
                 sum.exited += 1;
             }
             CellState::Gone => {
@@ -1249,10 +1267,6 @@ impl Supervisor {
             _ => {}
         }
         Ok(())
-    }
-
-    fn meter_final(&self, rec: &CellRecord) {
-        lock(&self.marks).remove(&rec.id);
     }
 
     /// The supervisor's background work until `shutdown` turns true:

@@ -34,8 +34,9 @@ const UNSHARE: &[&str] = &["-pf", "-m", "-u", "-i", "-n"];
 const DOCKER_IMAGE_ENV: &str = "CELLHOST_BENCH_DOCKER_IMAGE";
 const DOCKER_IMAGE_DEFAULT: &str = "cellhost-test/busybox:latest";
 
+/// Latency samples; percentiles by nearest rank.
 #[derive(Debug, Default, Clone)]
-struct Series(Vec<Duration>);
+pub(crate) struct Series(pub(crate) Vec<Duration>);
 
 impl Series {
     fn push(&mut self, d: Duration) {
@@ -50,10 +51,10 @@ impl Series {
         let idx = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
         Some(v[idx.min(v.len() - 1)])
     }
-    fn ms(&self, p: f64) -> Option<f64> {
+    pub(crate) fn ms(&self, p: f64) -> Option<f64> {
         self.pct(p).map(|d| d.as_secs_f64() * 1000.0)
     }
-    fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         json!({"n": self.0.len(), "p50_ms": self.ms(50.0), "p99_ms": self.ms(99.0)})
     }
 }

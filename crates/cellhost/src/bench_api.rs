@@ -27,6 +27,7 @@ use cellhost_supervisor::{Caller, Supervisor, SupervisorConfig};
 use hyper::Method;
 use serde_json::{Value, json};
 
+use crate::bench::Series;
 use crate::client::{Client, Target};
 
 const BATCH: usize = 25;
@@ -48,28 +49,24 @@ enum Mode {
     Api,
 }
 
+/// One mode's latencies and the wall time of its batches.
 #[derive(Default)]
-struct Result_ {
-    lat: Vec<Duration>,
+struct Throughput {
+    lat: Series,
     wall: Duration,
 }
 
-impl Result_ {
+impl Throughput {
     fn pct(&self, p: f64) -> f64 {
-        let mut v = self.lat.clone();
-        v.sort();
-        if v.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((p / 100.0) * (v.len() - 1) as f64).round() as usize;
-        v[i].as_secs_f64() * 1000.0
+        self.lat.ms(p).unwrap_or(f64::NAN)
     }
     fn rate(&self) -> f64 {
-        self.lat.len() as f64 / self.wall.as_secs_f64()
+        self.lat.0.len() as f64 / self.wall.as_secs_f64()
     }
     fn json(&self) -> Value {
-        json!({"n": self.lat.len(), "cells_per_s": self.rate(),
-               "p50_ms": self.pct(50.0), "p99_ms": self.pct(99.0)})
+        let mut v = self.lat.json();
+        v["cells_per_s"] = json!(self.rate());
+        v
     }
 }
 
@@ -142,7 +139,11 @@ pub async fn bench_api(
     let client = Arc::new(client);
     let body = Arc::new(serde_json::to_vec(&doc())?);
 
-    let mut results = [Result_::default(), Result_::default(), Result_::default()];
+    let mut results = [
+        Throughput::default(),
+        Throughput::default(),
+        Throughput::default(),
+    ];
     let modes = [Mode::Backend, Mode::Supervisor, Mode::Api];
     // Warm-up: one small batch of each, untimed.
     for m in modes {
@@ -153,7 +154,7 @@ pub async fn bench_api(
         let k = BATCH.min(n - done);
         for (i, m) in modes.iter().enumerate() {
             let (lat, wall) = run_batch(*m, k, concurrency, &backend, &sup, &client, &body).await?;
-            results[i].lat.extend(lat);
+            results[i].lat.0.extend(lat);
             results[i].wall += wall;
         }
         done += k;
@@ -161,7 +162,7 @@ pub async fn bench_api(
     drop(daemon);
 
     let [b, s, a] = &results;
-    let overhead = |x: &Result_, base: &Result_| (base.rate() / x.rate() - 1.0) * 100.0;
+    let overhead = |x: &Throughput, base: &Throughput| (base.rate() / x.rate() - 1.0) * 100.0;
     let api_vs_sup = overhead(a, s);
     let api_vs_backend = overhead(a, b);
     if json_out {
