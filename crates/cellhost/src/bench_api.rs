@@ -221,6 +221,11 @@ impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         if std::env::var_os("CELLHOST_BENCH_KEEP").is_none() {
             let _ = std::fs::remove_dir_all(&self.0);
+            // The three instances' (empty) cgroup groups.
+            for sub in ["backend", "supervisor", "daemon"] {
+                let tag = cellhost_process::hostfs::instance_tag(&self.0.join(sub).join("process"));
+                cellhost_process::hostfs::remove_instance_group(&tag);
+            }
         }
     }
 }

@@ -25,7 +25,7 @@ const HEAD: &str =
 
 #[test]
 fn validate_lists_every_problem_and_exits_3() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::state_dir();
     let bad = write(
         dir.path(),
         "bad.yaml",
@@ -88,7 +88,7 @@ fn validate_lists_every_problem_and_exits_3() {
 
 #[test]
 fn unavailable_tier_exits_4() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::state_dir();
     let doc = write(
         dir.path(),
         "vm.yaml",
@@ -119,7 +119,7 @@ fn unavailable_tier_exits_4() {
 #[test]
 fn run_streams_output_and_returns_the_exit_code() {
     require_process_tier!();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::state_dir();
     let doc = write(
         dir.path(),
         "c.yaml",
@@ -160,7 +160,7 @@ fn run_streams_output_and_returns_the_exit_code() {
 #[test]
 fn lease_expiry_kills_the_cell() {
     require_process_tier!();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::state_dir();
     let doc = write(
         dir.path(),
         "c.yaml",
@@ -181,7 +181,7 @@ fn lease_expiry_kills_the_cell() {
 #[test]
 fn ctrl_c_destroys_the_cell_cleanly() {
     require_process_tier!();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::state_dir();
     let doc = write(
         dir.path(),
         "c.yaml",
@@ -244,7 +244,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 #[test]
 fn secrets_never_reach_argv_log_or_store() {
     require_process_tier!();
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::state_dir();
     let from_file = "file-secret-7f3a9c1e";
     let from_env = "env-secret-55b2d0aa";
     let inline = "inline-secret-c0ffee42";
@@ -322,7 +322,7 @@ fn secrets_never_reach_argv_log_or_store() {
 
 #[test]
 fn doctor_reports_every_capability_and_tier() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::state_dir();
     let out = cellhost(dir.path())
         .args(["--json", "doctor"])
         .output()

@@ -31,6 +31,28 @@ macro_rules! require_process_tier {
     };
 }
 
+/// A temp state dir for the `cellhost` binary. On drop it also removes the
+/// (by then empty) cgroup group the binary's process tier made for it, so
+/// tests leave no cgroup directories behind.
+pub struct StateDir(tempfile::TempDir);
+
+impl StateDir {
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let tag = cellhost_process::hostfs::instance_tag(&self.path().join("process"));
+        cellhost_process::hostfs::remove_instance_group(&tag);
+    }
+}
+
+pub fn state_dir() -> StateDir {
+    StateDir(tempfile::tempdir().expect("tempdir"))
+}
+
 pub fn cellhost_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cellhost"))
 }
