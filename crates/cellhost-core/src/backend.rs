@@ -37,6 +37,9 @@ pub struct CreateRequest {
     pub cell: Cell,
     /// Values for every `spec.secrets` entry, in document order.
     pub secrets: Vec<SecretValue>,
+    /// Who the cell belongs to (the supervisor's owner), for tiers that
+    /// label host objects with it; `None` outside the daemon.
+    pub owner: Option<String>,
 }
 
 /// What destroy, status and reconcile need to find a cell's host objects

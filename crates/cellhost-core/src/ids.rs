@@ -5,6 +5,7 @@
 //! crash left behind.
 
 use std::fmt;
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +85,22 @@ fn fill_random(buf: &mut [u8]) {
             panic!("getrandom failed: {}", std::io::Error::last_os_error());
         }
     }
+}
+
+/// The tag of one backend instance: 8 hex digits of a hash of its
+/// (absolute) state dir. Cgroups, containers and networks are host-global,
+/// state dirs are not: two instances (a daemon and a test, two daemons on
+/// two state dirs) must never take each other's cells for orphans. The
+/// process tier groups cgroups by it, the container tier labels by it.
+pub fn instance_tag(state_dir: &Path) -> String {
+    let abs = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
+    // FNV-1a 64, folded to 32 bits: stable across builds and processes.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in abs.as_os_str().as_encoded_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{:08x}", (h ^ (h >> 32)) as u32)
 }
 
 #[cfg(test)]

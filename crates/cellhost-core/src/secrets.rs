@@ -3,13 +3,24 @@
 //! Values come from a file (path relative to the document's directory), an
 //! environment variable of the caller, or inline. They go straight into
 //! [`SecretValue`]s (zeroed on drop); nothing here logs or stores them.
+//!
+//! [`write_tmpfs`] is how tiers deliver them: a private tmpfs per cell (so
+//! values never reach a disk), one 0600 file per secret, which the tier
+//! bind-mounts read-only at `/run/secrets`. The tier unmounts it at
+//! destroy and checks the mount is gone.
 
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 use cellhost_spec::{CellSpec, SecretSource};
 use zeroize::Zeroizing;
 
-use crate::SecretValue;
+use crate::{BackendError, SecretValue};
+
+/// Size of a cell's secrets tmpfs: [`MAX_SECRET_BYTES`] × a few.
+const TMPFS_OPTIONS: &str = "mode=0700,size=4m";
 
 /// Largest secret value accepted (1 MiB): secrets are tokens and keys, not
 /// data sets, and they live in a tmpfs charged to the host.
@@ -80,6 +91,36 @@ pub fn resolve(
 pub fn process_env(var: &str) -> Option<Vec<u8>> {
     use std::os::unix::ffi::OsStringExt;
     std::env::var_os(var).map(|v| v.into_vec())
+}
+
+/// Mount a private tmpfs at `dir` (made 0700) and write each secret as a
+/// 0600 file in it. The caller unmounts it at teardown.
+pub fn write_tmpfs(dir: &Path, secrets: &[SecretValue]) -> Result<(), BackendError> {
+    use nix::mount::{MsFlags, mount};
+    let ctx = |what: &str, p: &Path| format!("{what} {}", p.display());
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| BackendError::io(ctx("creating", dir), e))?;
+    mount(
+        Some("tmpfs"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(TMPFS_OPTIONS),
+    )
+    .map_err(|e| BackendError::io(ctx("mounting the secrets tmpfs at", dir), e.into()))?;
+    for s in secrets {
+        let path = dir.join(&s.name);
+        fs::OpenOptions::new()
+            .create_new(true)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut f| f.write_all(&s.value))
+            .map_err(|e| BackendError::io(ctx("writing secret file", &path), e))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

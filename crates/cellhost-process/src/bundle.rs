@@ -388,7 +388,7 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
         .cwd(spec.working_dir.clone().unwrap_or_else(|| "/".to_string()))
         .capabilities(capabilities)
         .no_new_privileges(true)
-        .rlimits(vec![])
+        .rlimits(rlimits(&spec.resources.ulimits)?)
         .build()
         .map_err(spec_err)?;
 
@@ -488,4 +488,21 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
         .linux(linux)
         .build()
         .map_err(spec_err)
+}
+/// `spec.resources.ulimits` as OCI rlimits (`nofile` -> `RLIMIT_NOFILE`).
+/// The names were checked by the spec crate against the same list.
+fn rlimits(
+    ulimits: &[cellhost_spec::Ulimit],
+) -> Result<Vec<oci_spec::runtime::PosixRlimit>, BundleError> {
+    ulimits
+        .iter()
+        .map(|u| {
+            serde_json::from_value(serde_json::json!({
+                "type": format!("RLIMIT_{}", u.name.to_ascii_uppercase()),
+                "soft": u.soft,
+                "hard": u.hard,
+            }))
+            .map_err(|e| BundleError::Spec(format!("spec.resources.ulimits {}: {e}", u.name)))
+        })
+        .collect()
 }

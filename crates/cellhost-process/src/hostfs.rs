@@ -18,21 +18,10 @@ use std::path::{Path, PathBuf};
 /// The cgroup parent every cell cgroup lives under.
 pub const CGROUP_PARENT: &str = "cellhost";
 
-/// The cgroup group of one backend instance, under [`CGROUP_PARENT`]: 8 hex
-/// digits of a hash of its (absolute) state dir. Cgroups are host-global,
-/// state dirs are not: two instances (a daemon and a test, two daemons on
-/// two state dirs) must never take each other's cells for orphans. A cell's
-/// cgroup is `/cellhost/<instance>/cellhost-<id>`.
-pub fn instance_tag(state_dir: &Path) -> String {
-    let abs = std::path::absolute(state_dir).unwrap_or_else(|_| state_dir.to_path_buf());
-    // FNV-1a 64, folded to 32 bits: stable across builds and processes.
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in abs.as_os_str().as_encoded_bytes() {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{:08x}", (h ^ (h >> 32)) as u32)
-}
+/// The cgroup group of one backend instance, under [`CGROUP_PARENT`]: see
+/// [`cellhost_core::ids::instance_tag`]. A cell's cgroup is
+/// `/cellhost/<instance>/cellhost-<id>`.
+pub use cellhost_core::ids::instance_tag;
 
 /// `<instance>/cellhost-<id>`: the cell's cgroup below [`CGROUP_PARENT`].
 pub fn cgroup_object(instance: &str, container_id: &str) -> String {

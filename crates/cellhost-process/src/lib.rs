@@ -66,7 +66,7 @@ use async_trait::async_trait;
 use cellhost_core::ids::CellId;
 use cellhost_core::{
     Backend, BackendError, CellHandle, CellState, CellStatus, CreateRequest, ExecOutput,
-    ExecRequest, ExitInfo, ListedCell, LogChunk, ResourceUsage, SecretValue, TeardownReport,
+    ExecRequest, ExitInfo, ListedCell, LogChunk, ResourceUsage, TeardownReport,
 };
 use cellhost_spec::{Cell, Isolation};
 use nix::sys::signal::{Signal, kill};
@@ -81,8 +81,6 @@ use shim::{EXIT_FILE, LC_ROOT, LOG_FILE, SHIM_LOG_FILE, SHIM_PID_FILE, ShimRepor
 const SHIM_REPORT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long destroy waits for processes to die and the shim to exit.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
-/// Size of the per-cell secrets tmpfs.
-const SECRETS_TMPFS_SIZE: &str = "size=4m";
 
 /// The hidden subcommand of the `cellhost` binary that runs a shim.
 pub const SHIM_SUBCOMMAND: &str = "__shim";
@@ -332,7 +330,7 @@ impl ProcessBackend {
         let secrets_dir = if req.secrets.is_empty() {
             None
         } else {
-            write_secrets(&p.secrets(), &req.secrets)?;
+            cellhost_core::secrets::write_tmpfs(&p.secrets(), &req.secrets)?;
             Some(p.secrets())
         };
         let cgroup_path = format!("/{}/{}", hostfs::CGROUP_PARENT, p.cgroup);
@@ -734,40 +732,6 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), BackendError> {
         .map_err(io_err(format!("writing {}", path.display())))?;
     f.write_all(data)
         .map_err(io_err(format!("writing {}", path.display())))
-}
-
-/// Mount a private tmpfs at `dir` and write each secret as a 0600 file.
-fn write_secrets(dir: &Path, secrets: &[SecretValue]) -> Result<(), BackendError> {
-    use nix::mount::{MsFlags, mount};
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_err(format!("creating {}", dir.display())))?;
-    mount(
-        Some("tmpfs"),
-        dir,
-        Some("tmpfs"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some(format!("mode=0700,{SECRETS_TMPFS_SIZE}").as_str()),
-    )
-    .map_err(|e| {
-        BackendError::io(
-            format!("mounting secrets tmpfs at {}", dir.display()),
-            e.into(),
-        )
-    })?;
-    for s in secrets {
-        let path = dir.join(&s.name);
-        let mut f = fs::OpenOptions::new()
-            .create_new(true)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err(format!("creating secret file {}", path.display())))?;
-        f.write_all(&s.value)
-            .map_err(io_err(format!("writing secret file {}", path.display())))?;
-    }
-    Ok(())
 }
 
 fn read_pid_file(path: &Path) -> Option<i32> {

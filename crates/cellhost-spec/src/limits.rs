@@ -54,3 +54,6 @@ pub const MAX_EGRESS_RULES: usize = 256;
 
 /// Longest lease, seconds (`spec.lifetime.ttlSeconds`): 30 days.
 pub const MAX_TTL_SECONDS: u64 = 30 * 24 * 60 * 60;
+
+/// Most entries in `spec.resources.ulimits`.
+pub const MAX_ULIMITS: usize = 16;

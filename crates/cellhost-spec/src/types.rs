@@ -156,7 +156,43 @@ pub struct Resources {
     /// Writable disk for the workload, GiB; 1..=65536.
     #[serde(default, rename = "diskGiB", skip_serializing_if = "Option::is_none")]
     pub disk_gib: Option<u64>,
+    /// Extra resource limits (setrlimit) for the workload, e.g.
+    /// `{ name: nofile, soft: 1024, hard: 4096 }`. Unset ones keep the
+    /// tier's defaults.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ulimits: Vec<Ulimit>,
 }
+
+/// One rlimit: `name` is the lower-case resource without `RLIMIT_`
+/// (`nofile`, `nproc`, `core`, `memlock`, `stack`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Ulimit {
+    pub name: String,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// The rlimit names a document may set, with their `RLIMIT_*` numbers on
+/// Linux.
+pub const ULIMIT_NAMES: [&str; 16] = [
+    "as",
+    "core",
+    "cpu",
+    "data",
+    "fsize",
+    "locks",
+    "memlock",
+    "msgqueue",
+    "nice",
+    "nofile",
+    "nproc",
+    "rss",
+    "rtprio",
+    "rttime",
+    "sigpending",
+    "stack",
+];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

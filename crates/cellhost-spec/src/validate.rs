@@ -352,6 +352,43 @@ fn check_resources(r: &Resources, errs: &mut ValidationErrors) {
         MIN_DISK_GIB,
         MAX_DISK_GIB,
     );
+    check_ulimits(&r.ulimits, errs);
+}
+
+fn check_ulimits(ulimits: &[Ulimit], errs: &mut ValidationErrors) {
+    if ulimits.len() > MAX_ULIMITS {
+        errs.push(
+            "spec.resources.ulimits",
+            format!("at most {MAX_ULIMITS} entries, got {}", ulimits.len()),
+        );
+    }
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (i, u) in ulimits.iter().enumerate() {
+        let mut base = String::from("spec.resources.ulimits");
+        push_index(&mut base, i);
+        if !ULIMIT_NAMES.contains(&u.name.as_str()) {
+            errs.push(
+                join(&base, "name"),
+                format!(
+                    "unknown rlimit {:?}; one of {}",
+                    u.name,
+                    ULIMIT_NAMES.join(", ")
+                ),
+            );
+        } else if let Some(first) = seen.insert(u.name.as_str(), i) {
+            errs.push(
+                join(&base, "name"),
+                format!("{} already set by spec.resources.ulimits.{first}", u.name),
+            );
+        }
+        if u.soft > u.hard {
+            errs.push(join(&base, "soft"), format!("must be <= hard ({})", u.hard));
+        }
+        // The kernel's RLIM_INFINITY is u64::MAX; docker takes i64.
+        if u.hard > i64::MAX as u64 {
+            errs.push(join(&base, "hard"), format!("must be <= {}", i64::MAX));
+        }
+    }
 }
 
 fn check_range(errs: &mut ValidationErrors, path: &str, value: Option<u64>, min: u64, max: u64) {
@@ -974,6 +1011,38 @@ mod tests {
             host,
             protocol,
         }
+    }
+
+    #[test]
+    fn ulimits() {
+        let u = |name: &str, soft, hard| Ulimit {
+            name: name.into(),
+            soft,
+            hard,
+        };
+        assert_ok(&with(|c| {
+            c.spec.resources.ulimits = vec![u("nofile", 1024, 4096), u("core", 0, 0)]
+        }));
+        assert_one(
+            &with(|c| c.spec.resources.ulimits = vec![u("files", 1, 1)]),
+            "spec.resources.ulimits.0.name",
+            "unknown rlimit",
+        );
+        assert_one(
+            &with(|c| c.spec.resources.ulimits = vec![u("nofile", 8, 4)]),
+            "spec.resources.ulimits.0.soft",
+            "must be <= hard (4)",
+        );
+        assert_one(
+            &with(|c| c.spec.resources.ulimits = vec![u("nproc", 1, 1), u("nproc", 2, 2)]),
+            "spec.resources.ulimits.1.name",
+            "already set by spec.resources.ulimits.0",
+        );
+        assert_one(
+            &with(|c| c.spec.resources.ulimits = vec![u("stack", 1, u64::MAX)]),
+            "spec.resources.ulimits.0.hard",
+            "must be <=",
+        );
     }
 
     #[test]

@@ -591,6 +591,7 @@ impl Supervisor {
                 id: id.clone(),
                 cell,
                 secrets,
+                owner: Some(caller.owner.clone()),
             })
             .await;
         let started = match made {

@@ -167,6 +167,7 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
                 id: id.clone(),
                 cell,
                 secrets: vec![],
+                owner: None,
             })
             .await
             .map_err(|e| crate::run::backend_err(e, "bench create"))?;
@@ -313,6 +314,7 @@ async fn one_cell(
             id,
             cell: cell_doc("bench", argv)?,
             secrets: vec![],
+            owner: None,
         })
         .await
         .map_err(|e| crate::run::backend_err(e, "bench create"))?;

@@ -134,7 +134,14 @@ pub async fn bench_api(
     let mut cfg = SupervisorConfig::new("bench", lib_dir.clone());
     cfg.policy.cpu_overcommit = 1024.0;
     cfg.policy.host_reserve_bytes = 0;
-    let sup = Supervisor::new(store, crate::serve::backends(&lib_dir)?, cfg)?;
+    let sup = Supervisor::new(
+        store,
+        vec![crate::run::backend_for(
+            cellhost_spec::Isolation::Process,
+            &lib_dir,
+        )?],
+        cfg,
+    )?;
     let (daemon, client) = spawn_daemon(&root.join("daemon")).await?;
     let client = Arc::new(client);
     let body = Arc::new(serde_json::to_vec(&doc())?);
@@ -260,6 +267,7 @@ async fn run_batch(
                             id: id.clone(),
                             cell,
                             secrets: vec![],
+                            owner: None,
                         })
                         .await?;
                     backend.start(&h).await?;

@@ -157,6 +157,20 @@ pub struct ServeArgs {
     /// Seconds per metering interval.
     #[arg(long, default_value_t = 5)]
     pub meter_interval: u64,
+    /// Restart policy of container cells: `no` (the cell ends when its
+    /// workload does) or `unless-stopped` (dockerd restarts it after a
+    /// crash or its own restart).
+    #[arg(long, value_enum, default_value = "no")]
+    pub container_restart: ContainerRestart,
+    /// Host address container cells publish their ports on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub publish_address: std::net::IpAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ContainerRestart {
+    No,
+    UnlessStopped,
 }
 
 #[derive(Debug, Args)]

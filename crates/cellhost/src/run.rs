@@ -19,6 +19,8 @@ use crate::{EXIT_CAPABILITY, EXIT_INVALID, EXIT_RUNTIME, exit_err};
 const MAX_DOC_BYTES: u64 = 4 << 20;
 /// How often the foreground run polls the log and status.
 const POLL: Duration = Duration::from_millis(20);
+/// The same for container cells.
+const CONTAINER_POLL: Duration = Duration::from_millis(100);
 
 /// Read a document from a path or `-` (stdin).
 pub fn read_doc(file: &Path) -> anyhow::Result<(String, PathBuf)> {
@@ -107,12 +109,19 @@ pub fn backend_for(isolation: Isolation, state_dir: &Path) -> anyhow::Result<Arc
                 cellhost_process::ProcessConfig::new(state_dir.join("process"), shim),
             )))
         }
+        Isolation::Container => {
+            let mut cfg = cellhost_docker::DockerConfig::new(state_dir.join("docker"));
+            cfg.progress = Some(std::sync::Arc::new(|line: &str| {
+                eprintln!("cellhost: {line}")
+            }));
+            Ok(Arc::new(cellhost_docker::DockerBackend::new(cfg)))
+        }
         other => {
             let tier = cellhost_core::probe::probe(&Default::default()).tier(other);
             Err(exit_err(
                 EXIT_CAPABILITY,
                 format!(
-                    "the {other} tier is not available in this build of cellhost (only process so far); doctor: {} {other} ({})",
+                    "the {other} tier is not available in this build of cellhost (process and container so far); doctor: {} {other} ({})",
                     if tier.ok { "yes" } else { "no" },
                     tier.detail
                 ),
@@ -199,6 +208,7 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
             id: id.clone(),
             cell: cell.clone(),
             secrets,
+            owner: None,
         })
         .await;
     if let Err(e) = created {
@@ -254,9 +264,15 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
+    // Each container poll is two engine API calls: poll less often.
+    let poll = if cell.spec.isolation == Isolation::Container {
+        CONTAINER_POLL
+    } else {
+        POLL
+    };
     let (outcome, mut exit) = loop {
         tokio::select! {
-            _ = tokio::time::sleep(POLL) => {
+            _ = tokio::time::sleep(poll) => {
                 offset = pump_logs(&*backend, &handle, offset, json_out, &mut captured).await;
                 let st = backend.status(&handle).await.map_err(|e| backend_err(e, "status"))?;
                 match st.state {

@@ -34,7 +34,7 @@ use cellhost_supervisor::tokens::Tokens;
 use cellhost_supervisor::{Supervisor, SupervisorConfig, api};
 use nix::fcntl::{Flock, FlockArg};
 
-use crate::cli::ServeArgs;
+use crate::cli::{ContainerRestart, ServeArgs};
 use crate::{EXIT_USAGE, exit_err};
 
 pub const LOCK_FILE: &str = "serve.lock";
@@ -75,7 +75,7 @@ pub fn lock_state_dir(state_dir: &Path, exclusive: bool) -> anyhow::Result<Flock
 }
 
 /// The backends this host can run now.
-pub fn backends(state_dir: &Path) -> anyhow::Result<Vec<Arc<dyn Backend>>> {
+pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dyn Backend>>> {
     let mut out: Vec<Arc<dyn Backend>> = Vec::new();
     let report = cellhost_core::probe::probe(&Default::default());
     let tier = report.tier(Isolation::Process);
@@ -83,6 +83,16 @@ pub fn backends(state_dir: &Path) -> anyhow::Result<Vec<Arc<dyn Backend>>> {
         out.push(crate::run::backend_for(Isolation::Process, state_dir)?);
     } else {
         tracing::warn!("process tier unavailable: {}", tier.detail);
+    }
+    let tier = report.tier(Isolation::Container);
+    if tier.ok {
+        let mut cfg = cellhost_docker::DockerConfig::new(state_dir.join("docker"));
+        cfg.policy.restart_unless_stopped =
+            args.container_restart == ContainerRestart::UnlessStopped;
+        cfg.policy.publish_address = args.publish_address.to_string();
+        out.push(Arc::new(cellhost_docker::DockerBackend::new(cfg)));
+    } else {
+        tracing::warn!("container tier unavailable: {}", tier.detail);
     }
     Ok(out)
 }
@@ -172,7 +182,7 @@ pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
     };
     cfg.reconcile_interval = Duration::from_secs(args.reconcile_interval);
     cfg.meter_interval = Duration::from_secs(args.meter_interval);
-    let sup = Supervisor::new(store, backends(state_dir)?, cfg)?;
+    let sup = Supervisor::new(store, backends(state_dir, &args)?, cfg)?;
 
     let unix = bind_socket(&args.socket)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

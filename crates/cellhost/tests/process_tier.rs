@@ -257,6 +257,7 @@ fn failed_creates_roll_back_cleanly() {
                     id: id.clone(),
                     cell,
                     secrets: vec![],
+                    owner: None,
                 })
                 .await
                 .unwrap_err();

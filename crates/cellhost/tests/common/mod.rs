@@ -136,6 +136,7 @@ impl Tier {
                 id: id.clone(),
                 cell,
                 secrets,
+                owner: None,
             })
             .await
             .expect("create");

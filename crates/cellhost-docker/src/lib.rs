@@ -1,0 +1,927 @@
+//! The `container` tier: a cell is a Docker container, driven through the
+//! Engine API with `bollard` (no docker CLI in the path).
+//!
+//! # Layout on the host
+//!
+//! ```text
+//! engine: container  cellhost-<id>        labels cellhost.cell/.instance/.owner/.name
+//!         volume     cellhost-<id>-data   (spec.volume), same labels
+//!         network    cellhost             bridge cellhost0, shared, see egress
+//! <state>/docker/cells/<id>/              0700
+//!   secrets/                              tmpfs 0700, one 0600 file per secret,
+//!                                         bind-mounted read-only at /run/secrets
+//! ```
+//!
+//! # Lifecycle
+//!
+//! create: pre-clean anything left at this id, pull the image when the
+//! engine lacks it (progress to the configured sink; a failed pull makes
+//! nothing), secrets tmpfs, named volume, network guard for bridged cells,
+//! then the container (created, not started). Any failure removes what was
+//! made. start/stop: the engine's (stop = stop signal, SIGKILL after the
+//! grace period; docker-init is PID 1 so the signal reaches the workload).
+//! destroy: force-remove the container with its anonymous volumes, remove
+//! the named volume, unmount the secrets tmpfs, remove the cell dir, then
+//! *check* each (container, named volume, anonymous volumes, network
+//! endpoints, secrets mount, cell dir) and report what is left. status,
+//! logs, usage (stats), exec: the engine's. The engine keeps the workload's
+//! log (json-file, capped); `logs` reads it through the API.
+//!
+//! # Idempotency
+//!
+//! Every object is named from the cell id, so destroy works from a fresh
+//! process after a crash and twice in a row; "no such container/volume" is
+//! success. `list` finds cells by the instance label, and by leftover
+//! volumes and cell dirs, so reconcile sees half-made cells as orphans.
+//!
+//! # Threat model
+//!
+//! The workload is untrusted; the engine is trusted and local (secrets and
+//! volumes are host paths bind-mounted in, so a remote DOCKER_HOST is not
+//! supported for cells that have them). The container's environment is
+//! exactly the document's plus what the engine and image add (HOSTNAME;
+//! PATH/HOME when unset; image ENV) — nothing of the host's or the
+//! daemon's. Secret values never appear in the create body, `docker
+//! inspect`, argv, logs or the store: only in the host tmpfs. Containers
+//! get no-new-privileges, no NET_RAW, memory+swap = memory, a pids limit
+//! when asked, and a bridged cell's egress is denied (see [`egress`]).
+
+pub mod egress;
+pub mod mapping;
+
+use std::collections::HashSet;
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::errors::Error as DockerError;
+use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+use bollard::models::{ContainerStateStatusEnum, VolumeCreateRequest};
+use bollard::query_parameters::{
+    CreateContainerOptions, CreateImageOptions, ListContainersOptions, ListVolumesOptions,
+    LogsOptions, RemoveContainerOptions, RemoveVolumeOptions, StatsOptions, StopContainerOptions,
+    WaitContainerOptions,
+};
+use cellhost_core::ids::CellId;
+use cellhost_core::{
+    Backend, BackendError, CellHandle, CellState, CellStatus, CreateRequest, ExecOutput,
+    ExecRequest, ExitInfo, ListedCell, LogChunk, ResourceUsage, TeardownReport,
+};
+use cellhost_spec::{Cell, Isolation, NetworkMode};
+use futures_util::StreamExt;
+use tokio::sync::OnceCell;
+
+pub use mapping::{LABEL_CELL, LABEL_INSTANCE, LABEL_OWNER, Names, Policy};
+
+/// Timeout for every API call but pulls and waits.
+const API_TIMEOUT: Duration = Duration::from_secs(60);
+/// Timeout for an image pull.
+const PULL_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Most bytes of output an exec returns per stream.
+pub const EXEC_OUTPUT_CAP: usize = 16 << 20;
+
+/// Called with one line per pull progress message.
+pub type PullProgress = Arc<dyn Fn(&str) + Send + Sync>;
+
+#[derive(Clone)]
+pub struct DockerConfig {
+    /// `<state>/docker`: per-cell dirs (secrets) and the instance tag.
+    pub state_dir: PathBuf,
+    pub policy: Policy,
+    /// Where pull progress goes (the CLI prints it); `None` logs it.
+    pub progress: Option<PullProgress>,
+}
+
+impl DockerConfig {
+    /// Defaults: restart policy `no`, ports on 0.0.0.0, network
+    /// `cellhost`, 16 MiB of log per container, 5 s stop timeout.
+    pub fn new(state_dir: PathBuf) -> DockerConfig {
+        DockerConfig {
+            state_dir,
+            policy: Policy {
+                restart_unless_stopped: false,
+                publish_address: "0.0.0.0".into(),
+                network: "cellhost".into(),
+                log_max_bytes: 16 << 20,
+                stop_timeout_secs: 5,
+            },
+            progress: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for DockerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DockerConfig")
+            .field("state_dir", &self.state_dir)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+pub struct DockerBackend {
+    cfg: DockerConfig,
+    instance: String,
+    /// The client for DOCKER_HOST (or the default socket), made once.
+    local: Result<Docker, String>,
+    /// The same client after API version negotiation (the engine may be
+    /// older than bollard's default version). Negotiated on first use and
+    /// retried until it succeeds, so a backend made while dockerd is down
+    /// works once it is up.
+    negotiated: OnceCell<Docker>,
+}
+
+/// Is this an engine answer with `status`?
+pub(crate) fn is_status(e: &DockerError, status: u16) -> bool {
+    matches!(e, DockerError::DockerResponseServerError { status_code, .. } if *status_code == status)
+}
+
+/// An engine error with context; the engine's own message when it sent
+/// one, else what the client saw (socket missing, refused, timeout).
+pub(crate) fn engine_err(ctx: &str, e: DockerError) -> BackendError {
+    match e {
+        DockerError::DockerResponseServerError { message, .. } => {
+            BackendError::Engine(format!("{ctx}: {message}"))
+        }
+        other => BackendError::Engine(format!("{ctx}: docker engine: {other}")),
+    }
+}
+
+fn io_err(ctx: String) -> impl FnOnce(std::io::Error) -> BackendError {
+    move |e| BackendError::io(ctx, e)
+}
+
+impl DockerBackend {
+    pub fn new(cfg: DockerConfig) -> DockerBackend {
+        let instance = cellhost_core::ids::instance_tag(&cfg.state_dir);
+        let local = Docker::connect_with_local_defaults()
+            .map(|d| d.with_timeout(API_TIMEOUT))
+            .map_err(|e| e.to_string());
+        DockerBackend {
+            cfg,
+            instance,
+            local,
+            negotiated: OnceCell::new(),
+        }
+    }
+
+    /// The instance label value this backend lists by.
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    /// The API client, version negotiated.
+    pub async fn client(&self) -> Result<&Docker, BackendError> {
+        let local = self
+            .local
+            .as_ref()
+            .map_err(|e| BackendError::MissingCapability {
+                capability: "docker".into(),
+                detail: e.clone(),
+            })?;
+        self.negotiated
+            .get_or_try_init(|| async {
+                local
+                    .clone()
+                    .negotiate_version()
+                    .await
+                    .map_err(|e| engine_err("connecting to the docker engine", e))
+            })
+            .await
+    }
+
+    fn cell_dir(&self, id: &CellId) -> PathBuf {
+        self.cfg.state_dir.join("cells").join(id.as_str())
+    }
+
+    fn names(handle: &CellHandle) -> Names {
+        Names::of(&handle.id)
+    }
+
+    /// Make sure the image is present; pull it (with progress) if not.
+    async fn ensure_image(&self, docker: &Docker, image: &str) -> Result<(), BackendError> {
+        match docker.inspect_image(image).await {
+            Ok(_) => return Ok(()),
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(engine_err(&format!("inspecting image {image}"), e)),
+        }
+        let (repo, tag) = mapping::split_image(image);
+        let opts = CreateImageOptions {
+            from_image: Some(repo.to_string()),
+            tag: Some(tag.to_string()),
+            ..Default::default()
+        };
+        let puller = docker.clone().with_timeout(PULL_TIMEOUT);
+        let mut stream = puller.create_image(Some(opts), None, None);
+        let say = |line: String| match &self.cfg.progress {
+            Some(p) => p(&line),
+            None => tracing::info!("{line}"),
+        };
+        say(format!("pulling image {image}"));
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| match e {
+                DockerError::DockerResponseServerError { message, .. }
+                | DockerError::DockerStreamError { error: message } => {
+                    BackendError::Engine(format!("spec.image: pulling {image} failed: {message}"))
+                }
+                other => engine_err(&format!("spec.image: pulling {image}"), other),
+            })?;
+            if let Some(msg) = info.error_detail.and_then(|d| d.message) {
+                return Err(BackendError::Engine(format!(
+                    "spec.image: pulling {image} failed: {msg}"
+                )));
+            }
+            let mut line = String::new();
+            if let Some(id) = &info.id {
+                line.push_str(id);
+                line.push_str(": ");
+            }
+            line.push_str(info.status.as_deref().unwrap_or(""));
+            if let Some(p) = &info.progress_detail
+                && let (Some(cur), Some(total)) = (p.current, p.total)
+                && total > 0
+            {
+                line.push_str(&format!(
+                    " {:.1}/{:.1} MB",
+                    cur as f64 / 1e6,
+                    total as f64 / 1e6
+                ));
+            }
+            say(line);
+        }
+        // The stream ending is not proof: make sure it is there now.
+        docker
+            .inspect_image(image)
+            .await
+            .map(|_| ())
+            .map_err(|e| engine_err(&format!("spec.image: {image} after pull"), e))
+    }
+
+    /// The create steps after the pre-clean; the caller rolls back on error.
+    async fn make(&self, docker: &Docker, req: &CreateRequest) -> Result<(), BackendError> {
+        let cell = &req.cell;
+        let names = Names::of(&req.id);
+        let labels = mapping::labels(
+            &req.id,
+            &self.instance,
+            req.owner.as_deref(),
+            &cell.metadata.name,
+        );
+        let dir = self.cell_dir(&req.id);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err(format!("creating {}", dir.display())))?;
+        let secrets_dir = if req.secrets.is_empty() {
+            None
+        } else {
+            let s = dir.join("secrets");
+            cellhost_core::secrets::write_tmpfs(&s, &req.secrets)?;
+            Some(s)
+        };
+        let volume = if cell.spec.volume.is_some() {
+            let v = VolumeCreateRequest {
+                name: Some(names.volume.clone()),
+                driver: Some("local".into()),
+                labels: Some(labels.clone()),
+                ..Default::default()
+            };
+            docker
+                .create_volume(v)
+                .await
+                .map_err(|e| engine_err(&format!("creating volume {}", names.volume), e))?;
+            Some(names.volume.as_str())
+        } else {
+            None
+        };
+        if cell.spec.network.mode == NetworkMode::Bridged {
+            egress::ensure(docker, &self.cfg.policy.network).await?;
+        }
+        let body = mapping::create_body(
+            cell,
+            labels,
+            &self.cfg.policy,
+            secrets_dir.as_deref(),
+            volume,
+        );
+        let opts = CreateContainerOptions {
+            name: Some(names.container.clone()),
+            ..Default::default()
+        };
+        docker
+            .create_container(Some(opts), body)
+            .await
+            .map_err(|e| engine_err(&format!("creating container {}", names.container), e))?;
+        Ok(())
+    }
+
+    /// Refuse what this tier cannot do yet, before anything is made.
+    fn check_supported(cell: &Cell) -> Result<(), BackendError> {
+        if let Some(v) = &cell.spec.volume
+            && v.encrypted
+        {
+            return Err(BackendError::MissingCapability {
+                capability: "volume.encrypted".into(),
+                detail: "encrypted volumes for containers come with the volumes engine; use encrypted: false".into(),
+            });
+        }
+        if !cell.spec.ports.is_empty() && cell.spec.network.mode == NetworkMode::None {
+            return Err(BackendError::Invalid(
+                "spec.ports: publishing ports needs spec.network.mode: bridged (mode none is loopback only)".into(),
+            ));
+        }
+        if !cell.spec.network.egress.is_empty() {
+            return Err(BackendError::MissingCapability {
+                capability: "network.egress".into(),
+                detail: "the container tier denies all egress of bridged cells; allow-lists are not supported yet".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Wait for the container to stop running; its exit as `status` sees it.
+    /// (Not in the `Backend` contract: `run` and the benchmark use it to
+    /// avoid polling.)
+    pub async fn wait(&self, handle: &CellHandle) -> Result<CellStatus, BackendError> {
+        let docker = self.client().await?;
+        let name = Self::names(handle).container;
+        let waiter = docker
+            .clone()
+            .with_timeout(Duration::from_secs(u64::MAX >> 2));
+        let opts = WaitContainerOptions {
+            condition: "not-running".into(),
+        };
+        let mut s = waiter.wait_container(&name, Some(opts));
+        match s.next().await {
+            // A non-zero exit arrives as an "error" from bollard.
+            Some(Ok(_)) | Some(Err(DockerError::DockerContainerWaitError { .. })) | None => {}
+            Some(Err(e)) if is_status(&e, 404) => {
+                return Err(BackendError::NotFound(handle.id.clone()));
+            }
+            Some(Err(e)) => return Err(engine_err(&format!("waiting for {name}"), e)),
+        }
+        self.status(handle).await
+    }
+
+    /// Every container, volume and cell dir of this instance, by cell id.
+    async fn listed_ids(&self, docker: &Docker) -> Result<Vec<(CellId, CellState)>, BackendError> {
+        let filter = std::collections::HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_INSTANCE}={}", self.instance)],
+        )]);
+        let containers = docker
+            .list_containers(Some(ListContainersOptions {
+                all: true,
+                filters: Some(filter.clone()),
+                ..Default::default()
+            }))
+            .await
+            .map_err(|e| engine_err("listing containers", e))?;
+        let mut out: Vec<(CellId, CellState)> = Vec::new();
+        let mut seen = HashSet::new();
+        for c in containers {
+            let Some(id) = c
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(LABEL_CELL))
+                .and_then(|v| CellId::parse(v).ok())
+            else {
+                continue;
+            };
+            let state = match c.state.as_ref().map(|s| s.to_string()).as_deref() {
+                Some("created") => CellState::Created,
+                Some("running" | "restarting" | "paused") => CellState::Running,
+                _ => CellState::Exited,
+            };
+            if seen.insert(id.clone()) {
+                out.push((id, state));
+            }
+        }
+        let volumes = docker
+            .list_volumes(Some(ListVolumesOptions {
+                filters: Some(filter),
+            }))
+            .await
+            .map_err(|e| engine_err("listing volumes", e))?;
+        let vol_ids = volumes
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|v| v.labels.get(LABEL_CELL).and_then(|s| CellId::parse(s).ok()));
+        let dir_ids = fs::read_dir(self.cfg.state_dir.join("cells"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| CellId::parse(&e.file_name().to_string_lossy()).ok());
+        for id in vol_ids.chain(dir_ids).collect::<Vec<_>>() {
+            if seen.insert(id.clone()) {
+                // Leftovers without a container: nothing runs.
+                out.push((id, CellState::Exited));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A container's state as the contract's.
+fn to_status(state: Option<&bollard::models::ContainerState>) -> CellStatus {
+    let Some(s) = state else {
+        return CellStatus {
+            state: CellState::Exited,
+            pid: None,
+            exit: Some(ExitInfo::unknown()),
+        };
+    };
+    let pid = s.pid.filter(|p| *p > 0).and_then(|p| u32::try_from(p).ok());
+    match s.status {
+        Some(ContainerStateStatusEnum::CREATED) => CellStatus {
+            state: CellState::Created,
+            pid: None,
+            exit: None,
+        },
+        Some(
+            ContainerStateStatusEnum::RUNNING
+            | ContainerStateStatusEnum::RESTARTING
+            | ContainerStateStatusEnum::PAUSED,
+        ) => CellStatus {
+            state: CellState::Running,
+            pid,
+            exit: None,
+        },
+        _ => {
+            let exit = if s.oom_killed == Some(true) {
+                ExitInfo {
+                    code: None,
+                    signal: Some(libc::SIGKILL),
+                    oom_killed: true,
+                }
+            } else {
+                match s.exit_code.and_then(|c| i32::try_from(c).ok()) {
+                    Some(c) => ExitInfo::exited(c),
+                    None => ExitInfo::unknown(),
+                }
+            };
+            CellStatus {
+                state: CellState::Exited,
+                pid: None,
+                exit: Some(exit),
+            }
+        }
+    }
+}
+
+/// Count the objects in `names` the engine still has (via `exists`).
+async fn count_left<F, Fut>(names: &[String], exists: F) -> (u64, Vec<String>)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut left = Vec::new();
+    for n in names {
+        if exists(n.clone()).await {
+            left.push(n.clone());
+        }
+    }
+    (left.len() as u64, left)
+}
+
+#[async_trait]
+impl Backend for DockerBackend {
+    fn isolation(&self) -> Isolation {
+        Isolation::Container
+    }
+
+    fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle {
+        let names = Names::of(id);
+        CellHandle {
+            id: id.clone(),
+            name: names.container.clone(),
+            isolation: Isolation::Container,
+            state_dir: self.cell_dir(id),
+            tier: serde_json::json!({
+                "container": names.container,
+                "volume": cell.spec.volume.as_ref().map(|_| names.volume),
+                "image": cell.spec.image,
+                "instance": self.instance,
+            }),
+        }
+    }
+
+    async fn create(&self, req: CreateRequest) -> Result<CellHandle, BackendError> {
+        if req.cell.spec.isolation != Isolation::Container {
+            return Err(BackendError::Invalid(format!(
+                "the container backend got a {} cell",
+                req.cell.spec.isolation
+            )));
+        }
+        Self::check_supported(&req.cell)?;
+        let docker = self.client().await?;
+        let handle = self.handle_for(&req.id, &req.cell);
+        // Leftovers of an earlier attempt at this id go first.
+        let pre = self.destroy(&handle).await?;
+        if !pre.is_clean() {
+            return Err(BackendError::Engine(format!(
+                "cleaning leftovers of {}: {}",
+                req.id,
+                pre.summary()
+            )));
+        }
+        // A failed pull makes nothing, so it needs no rollback.
+        self.ensure_image(docker, &req.cell.spec.image).await?;
+        if let Err(e) = self.make(docker, &req).await {
+            match self.destroy(&handle).await {
+                Ok(r) if r.is_clean() => {}
+                Ok(r) => tracing::warn!("rolling back {}: {}", req.id, r.summary()),
+                Err(d) => tracing::warn!("rolling back {}: {d}", req.id),
+            }
+            return Err(e);
+        }
+        Ok(handle)
+    }
+
+    async fn start(&self, handle: &CellHandle) -> Result<(), BackendError> {
+        let docker = self.client().await?;
+        let name = Self::names(handle).container;
+        match docker.start_container(&name, None).await {
+            Ok(()) => Ok(()),
+            // 304: already started.
+            Err(e) if is_status(&e, 304) => Ok(()),
+            Err(e) if is_status(&e, 404) => Err(BackendError::NotFound(handle.id.clone())),
+            Err(e) => Err(engine_err(&format!("starting {name}"), e)),
+        }
+    }
+
+    async fn stop(&self, handle: &CellHandle, grace: Duration) -> Result<(), BackendError> {
+        let docker = self.client().await?;
+        let name = Self::names(handle).container;
+        let secs = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
+        let opts = StopContainerOptions {
+            t: Some(i32::try_from(secs).unwrap_or(i32::MAX)),
+            signal: None,
+        };
+        // The engine's stop waits the grace period itself; give the call
+        // that long on top of the usual timeout.
+        let stopper = docker.clone().with_timeout(API_TIMEOUT + grace);
+        match stopper.stop_container(&name, Some(opts)).await {
+            Ok(()) => Ok(()),
+            // 304: already stopped.
+            Err(e) if is_status(&e, 304) => Ok(()),
+            Err(e) if is_status(&e, 404) => Err(BackendError::NotFound(handle.id.clone())),
+            Err(e) => Err(engine_err(&format!("stopping {name}"), e)),
+        }
+    }
+
+    async fn destroy(&self, handle: &CellHandle) -> Result<TeardownReport, BackendError> {
+        let docker = self.client().await?;
+        let names = Self::names(handle);
+        let dir = self.cell_dir(&handle.id);
+        let secrets = dir.join("secrets");
+        let mut report = TeardownReport::new(handle.id.to_string());
+
+        // The container's anonymous volumes, named before removal so they
+        // can be checked after.
+        let mut anon: Vec<String> = Vec::new();
+        let container_existed = match docker.inspect_container(&names.container, None).await {
+            Ok(c) => {
+                for m in c.mounts.unwrap_or_default() {
+                    if m.typ.as_deref() == Some("volume")
+                        && let Some(n) = m.name
+                        && n != names.volume
+                    {
+                        anon.push(n);
+                    }
+                }
+                true
+            }
+            Err(e) if is_status(&e, 404) => false,
+            Err(e) => return Err(engine_err(&format!("inspecting {}", names.container), e)),
+        };
+        if container_existed {
+            let opts = RemoveContainerOptions {
+                force: true,
+                v: true,
+                link: false,
+            };
+            match docker.remove_container(&names.container, Some(opts)).await {
+                Ok(()) => {}
+                Err(e) if is_status(&e, 404) => {}
+                Err(e) => report.error(format!("removing container {}: {e}", names.container)),
+            }
+        }
+        let volume_existed = match docker
+            .remove_volume(&names.volume, Some(RemoveVolumeOptions { force: false }))
+            .await
+        {
+            Ok(()) => true,
+            Err(e) if is_status(&e, 404) => false,
+            Err(e) => {
+                report.error(format!("removing volume {}: {e}", names.volume));
+                true
+            }
+        };
+        let mounted = cellhost_core::mountinfo::mounts_under(&secrets).unwrap_or_default();
+        for m in mounted.iter().rev() {
+            if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
+                report.error(format!("unmounting {}: {e}", m.display()));
+            }
+        }
+        let dir_existed = dir.exists();
+        if dir_existed
+            && let Err(e) = fs::remove_dir_all(&dir)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            report.error(format!("removing {}: {e}", dir.display()));
+        }
+
+        // Checks: what is still there now.
+        let container_left = match docker.inspect_container(&names.container, None).await {
+            Ok(_) => 1,
+            Err(e) if is_status(&e, 404) => 0,
+            Err(e) => return Err(engine_err(&format!("checking {}", names.container), e)),
+        };
+        report.check(
+            "container",
+            format!("engine container {}", names.container),
+            container_left,
+        );
+        let volume_left = match docker.inspect_volume(&names.volume).await {
+            Ok(_) => 1,
+            Err(e) if is_status(&e, 404) => 0,
+            Err(e) => return Err(engine_err(&format!("checking {}", names.volume), e)),
+        };
+        report.check(
+            "volume",
+            format!("engine volume {}", names.volume),
+            volume_left,
+        );
+        let (n, left) = count_left(&anon, |v| async move {
+            !matches!(docker.inspect_volume(&v).await, Err(e) if is_status(&e, 404))
+        })
+        .await;
+        report.check_detail(
+            "anonymous-volumes",
+            format!("{} anonymous volume(s) of the container", anon.len()),
+            n,
+            left.join(", "),
+        );
+        let endpoints = match docker.inspect_network(&self.cfg.policy.network, None).await {
+            Ok(net) => net
+                .containers
+                .unwrap_or_default()
+                .values()
+                .filter(|ep| ep.name.as_deref() == Some(names.container.as_str()))
+                .count() as u64,
+            Err(e) if is_status(&e, 404) => 0,
+            Err(e) => return Err(engine_err("checking network endpoints", e)),
+        };
+        report.check(
+            "network-endpoints",
+            format!("network {}", self.cfg.policy.network),
+            endpoints,
+        );
+        let secret_mounts = cellhost_core::mountinfo::mounts_under(&secrets)
+            .map(|m| m.len() as u64)
+            .unwrap_or(0);
+        report.check(
+            "secrets",
+            format!("tmpfs {}", secrets.display()),
+            secret_mounts,
+        );
+        report.check("state-dir", dir.display().to_string(), dir.exists() as u64);
+        report.already_gone = !container_existed && !volume_existed && !dir_existed;
+        Ok(report)
+    }
+
+    async fn status(&self, handle: &CellHandle) -> Result<CellStatus, BackendError> {
+        let docker = self.client().await?;
+        let name = Self::names(handle).container;
+        match docker.inspect_container(&name, None).await {
+            Ok(c) => Ok(to_status(c.state.as_ref())),
+            Err(e) if is_status(&e, 404) => Ok(CellStatus {
+                state: CellState::Gone,
+                pid: None,
+                exit: None,
+            }),
+            Err(e) => Err(engine_err(&format!("inspecting {name}"), e)),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<ListedCell>, BackendError> {
+        let docker = self.client().await?;
+        Ok(self
+            .listed_ids(docker)
+            .await?
+            .into_iter()
+            .map(|(id, state)| ListedCell {
+                id,
+                isolation: Isolation::Container,
+                state,
+            })
+            .collect())
+    }
+
+    async fn logs(&self, handle: &CellHandle, offset: u64) -> Result<LogChunk, BackendError> {
+        let docker = self.client().await?;
+        let name = Self::names(handle).container;
+        let opts = LogsOptions {
+            follow: false,
+            stdout: true,
+            stderr: true,
+            tail: "all".into(),
+            ..Default::default()
+        };
+        // The engine has no byte offsets: read the whole (capped) log and
+        // skip what the caller has.
+        let mut data = Vec::new();
+        let mut s = docker.logs(&name, Some(opts));
+        while let Some(item) = s.next().await {
+            match item {
+                Ok(LogOutput::StdOut { message } | LogOutput::StdErr { message })
+                | Ok(LogOutput::Console { message }) => data.extend_from_slice(&message),
+                Ok(LogOutput::StdIn { .. }) => {}
+                Err(e) if is_status(&e, 404) => {
+                    return Err(BackendError::NotFound(handle.id.clone()));
+                }
+                Err(e) => return Err(engine_err(&format!("reading the log of {name}"), e)),
+            }
+        }
+        let len = data.len() as u64;
+        let from = offset.min(len) as usize;
+        Ok(LogChunk {
+            data: data.split_off(from),
+            next_offset: len.max(offset),
+        })
+    }
+
+    async fn usage(&self, handle: &CellHandle) -> Result<ResourceUsage, BackendError> {
+        let docker = self.client().await?;
+        let name = Self::names(handle).container;
+        let opts = StatsOptions {
+            stream: false,
+            one_shot: true,
+        };
+        let mut s = docker.stats(&name, Some(opts));
+        match s.next().await {
+            Some(Ok(st)) => Ok(ResourceUsage {
+                cpu_ns: st
+                    .cpu_stats
+                    .and_then(|c| c.cpu_usage)
+                    .and_then(|u| u.total_usage)
+                    .unwrap_or(0),
+                memory_bytes: st.memory_stats.and_then(|m| m.usage).unwrap_or(0),
+            }),
+            Some(Err(e)) if is_status(&e, 404) => Err(BackendError::NotFound(handle.id.clone())),
+            Some(Err(e)) => Err(engine_err(&format!("stats of {name}"), e)),
+            None => Err(BackendError::Engine(format!("stats of {name}: no answer"))),
+        }
+    }
+
+    async fn exec(
+        &self,
+        handle: &CellHandle,
+        req: ExecRequest,
+    ) -> Result<ExecOutput, BackendError> {
+        let docker = self.client().await?;
+        let name = Self::names(handle).container;
+        let st = self.status(handle).await?;
+        if st.state != CellState::Running {
+            return Err(BackendError::WrongState {
+                id: handle.id.clone(),
+                op: "exec",
+                state: st.state,
+                wanted: "running",
+            });
+        }
+        let env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let created = docker
+            .create_exec(
+                &name,
+                CreateExecOptions {
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    attach_stdin: Some(false),
+                    tty: Some(false),
+                    env: Some(env),
+                    cmd: Some(req.argv.clone()),
+                    working_dir: req.cwd.clone(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| engine_err(&format!("exec in {name}"), e))?;
+        let exec_id = created.id;
+        let started = docker
+            .start_exec(
+                &exec_id,
+                Some(StartExecOptions {
+                    detach: false,
+                    tty: false,
+                    output_capacity: None,
+                }),
+            )
+            .await
+            .map_err(|e| engine_err(&format!("exec in {name}"), e))?;
+        let StartExecResults::Attached { mut output, .. } = started else {
+            return Err(BackendError::Engine(format!(
+                "exec in {name}: engine detached"
+            )));
+        };
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let collect = async {
+            while let Some(item) = output.next().await {
+                match item {
+                    Ok(LogOutput::StdOut { message }) => push_capped(&mut out, &message),
+                    Ok(LogOutput::StdErr { message }) => push_capped(&mut err, &message),
+                    Ok(_) => {}
+                    Err(e) => return Err(engine_err(&format!("exec output from {name}"), e)),
+                }
+            }
+            Ok(())
+        };
+        let finished = match req.timeout {
+            Some(t) => tokio::time::timeout(t, collect).await,
+            None => Ok(collect.await),
+        };
+        match finished {
+            Ok(r) => r?,
+            Err(_) => {
+                // The engine cannot kill an exec: kill its process (the
+                // engine is local; the pid is the host's).
+                if let Ok(i) = docker.inspect_exec(&exec_id).await
+                    && let Some(pid) = i.pid.filter(|p| *p > 0)
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                return Err(BackendError::Timeout(
+                    req.timeout.unwrap_or_default(),
+                    "the exec'd command",
+                ));
+            }
+        }
+        let info = docker
+            .inspect_exec(&exec_id)
+            .await
+            .map_err(|e| engine_err(&format!("exec in {name}"), e))?;
+        let exit = match info.exit_code.and_then(|c| i32::try_from(c).ok()) {
+            Some(c) => ExitInfo::exited(c),
+            None => ExitInfo::unknown(),
+        };
+        Ok(ExecOutput {
+            exit,
+            stdout: out,
+            stderr: err,
+        })
+    }
+}
+
+fn push_capped(buf: &mut Vec<u8>, data: &[u8]) {
+    let room = EXEC_OUTPUT_CAP.saturating_sub(buf.len());
+    buf.extend_from_slice(&data[..data.len().min(room)]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bollard::models::ContainerState;
+
+    #[test]
+    fn states_map_to_the_contract() {
+        let st = |status, code, oom| ContainerState {
+            status: Some(status),
+            exit_code: Some(code),
+            oom_killed: Some(oom),
+            pid: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(
+            to_status(Some(&st(ContainerStateStatusEnum::CREATED, 0, false))).state,
+            CellState::Created
+        );
+        let exited = to_status(Some(&st(ContainerStateStatusEnum::EXITED, 3, false)));
+        assert_eq!(exited.state, CellState::Exited);
+        assert_eq!(exited.exit, Some(ExitInfo::exited(3)));
+        let oom = to_status(Some(&st(ContainerStateStatusEnum::EXITED, 137, true)));
+        assert!(oom.exit.unwrap().oom_killed);
+        let mut running = st(ContainerStateStatusEnum::RUNNING, 0, false);
+        running.pid = Some(4242);
+        let r = to_status(Some(&running));
+        assert_eq!((r.state, r.pid), (CellState::Running, Some(4242)));
+    }
+
+    #[test]
+    fn exec_output_is_capped() {
+        let mut b = vec![0u8; EXEC_OUTPUT_CAP - 2];
+        push_capped(&mut b, b"abcd");
+        assert_eq!(b.len(), EXEC_OUTPUT_CAP);
+        assert_eq!(&b[b.len() - 2..], b"ab");
+    }
+}

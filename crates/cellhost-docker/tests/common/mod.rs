@@ -1,0 +1,113 @@
+//! Shared helpers for the tests against a real Docker Engine.
+//!
+//! Every test first asks [`engine`]: it returns `None`, after printing why,
+//! when no dockerd answers or the local test image is missing
+//! (`scripts/test` starts dockerd and imports the image, so CI runs them).
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cellhost_core::ids::CellId;
+use cellhost_core::{Backend, CellHandle, CellState, CellStatus, CreateRequest, SecretValue};
+use cellhost_docker::{DockerBackend, DockerConfig};
+use cellhost_spec::Cell;
+use zeroize::Zeroizing;
+
+/// Imported by scripts/test from a busybox-static rootfs (no registry).
+pub const IMAGE: &str = "cellhost-test/busybox:latest";
+
+pub struct Engine {
+    pub backend: Arc<DockerBackend>,
+    pub docker: bollard::Docker,
+    _dir: tempfile::TempDir,
+}
+
+/// A backend on a fresh state dir, or `None` (printed) when this host has
+/// no engine or no test image.
+pub async fn engine() -> Option<Engine> {
+    engine_with(|_| {}).await
+}
+
+pub async fn engine_with(tune: impl FnOnce(&mut DockerConfig)) -> Option<Engine> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: not root (the container tier mounts secrets tmpfs)");
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = DockerConfig::new(dir.path().join("docker"));
+    tune(&mut cfg);
+    let backend = Arc::new(DockerBackend::new(cfg));
+    let docker = match backend.client().await {
+        Ok(d) => d.clone(),
+        Err(e) => {
+            eprintln!("SKIP: no docker engine answers ({e}); scripts/test starts one");
+            return None;
+        }
+    };
+    if docker.inspect_image(IMAGE).await.is_err() {
+        eprintln!("SKIP: test image {IMAGE} missing; scripts/test imports it");
+        return None;
+    }
+    Some(Engine {
+        backend,
+        docker,
+        _dir: dir,
+    })
+}
+
+pub fn cell(body: &str) -> Cell {
+    let doc = format!(
+        "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {{ name: t }}\nspec:\n  isolation: container\n  image: {IMAGE}\n{body}"
+    );
+    cellhost_spec::parse_and_validate(&doc).unwrap_or_else(|e| panic!("{e}\n{doc}"))
+}
+
+pub fn secret(name: &str, value: &str) -> SecretValue {
+    SecretValue {
+        name: name.into(),
+        value: Zeroizing::new(value.as_bytes().to_vec()),
+    }
+}
+
+impl Engine {
+    pub async fn create(&self, cell: Cell, secrets: Vec<SecretValue>) -> CellHandle {
+        self.backend
+            .create(CreateRequest {
+                id: CellId::random(),
+                cell,
+                secrets,
+                owner: Some("tester".into()),
+            })
+            .await
+            .expect("create")
+    }
+
+    /// Create and start.
+    pub async fn run(&self, cell: Cell, secrets: Vec<SecretValue>) -> CellHandle {
+        let h = self.create(cell, secrets).await;
+        self.backend.start(&h).await.expect("start");
+        h
+    }
+
+    /// Wait for the workload to end.
+    pub async fn wait(&self, h: &CellHandle) -> CellStatus {
+        let st = tokio::time::timeout(Duration::from_secs(60), self.backend.wait(h))
+            .await
+            .expect("workload did not end within 60 s")
+            .expect("wait");
+        assert_eq!(st.state, CellState::Exited, "{st:?}");
+        st
+    }
+
+    pub async fn log(&self, h: &CellHandle) -> String {
+        String::from_utf8(self.backend.logs(h, 0).await.unwrap().data).unwrap()
+    }
+
+    /// Destroy and insist on a clean report.
+    pub async fn destroy(&self, h: &CellHandle) {
+        let r = self.backend.destroy(h).await.expect("destroy");
+        assert!(r.is_clean(), "{}", r.summary());
+    }
+}
