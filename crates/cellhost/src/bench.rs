@@ -39,7 +39,7 @@ const DOCKER_IMAGE_DEFAULT: &str = "cellhost-test/busybox:latest";
 pub(crate) struct Series(pub(crate) Vec<Duration>);
 
 impl Series {
-    fn push(&mut self, d: Duration) {
+    pub(crate) fn push(&mut self, d: Duration) {
         self.0.push(d);
     }
     fn pct(&self, p: f64) -> Option<Duration> {
@@ -69,12 +69,12 @@ fn cell_doc(name: &str, argv: &[&str]) -> anyhow::Result<cellhost_spec::Cell> {
     Ok(cellhost_spec::parse_and_validate(&doc.to_string())?)
 }
 
-fn docker_image() -> String {
+pub(crate) fn docker_image() -> String {
     std::env::var(DOCKER_IMAGE_ENV).unwrap_or_else(|_| DOCKER_IMAGE_DEFAULT.to_string())
 }
 
 /// Is a Docker daemon reachable with the bench image present? Why not.
-fn docker_ready() -> Result<(), String> {
+pub(crate) fn docker_ready() -> Result<(), String> {
     let out = Command::new("docker")
         .args(["image", "inspect", "--format", "{{.Id}}", &docker_image()])
         .stdin(Stdio::null())
@@ -129,6 +129,9 @@ pub async fn bench(state_dir: &Path, args: BenchArgs, json_out: bool) -> anyhow:
         BenchTier::Api => {
             crate::bench_api::bench_api(state_dir, args.cells.max(1), args.concurrency, json_out)
                 .await
+        }
+        BenchTier::Container => {
+            crate::bench_container::bench_container(state_dir, args.cells.max(1), json_out).await
         }
     }
 }

@@ -202,4 +202,7 @@ pub enum BenchTier {
     /// Process cells through the daemon's API against the library-direct
     /// path.
     Api,
+    /// Container cells through the Engine API (bollard) against `docker
+    /// run -d` / `docker run --rm` via the CLI.
+    Container,
 }

@@ -11,6 +11,7 @@
 
 mod bench;
 mod bench_api;
+mod bench_container;
 mod cli;
 mod client;
 mod remote;

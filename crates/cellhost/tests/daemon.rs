@@ -861,3 +861,125 @@ fn schemathesis_finds_no_server_errors() {
     d.destroy_all();
     assert!(d.host_ids().is_empty());
 }
+
+/// Is a dockerd with the test image here? Prints why not.
+fn docker_ready() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: not root");
+        return false;
+    }
+    let ok = Command::new("docker")
+        .args([
+            "image",
+            "inspect",
+            "--format",
+            "{{.Id}}",
+            "cellhost-test/busybox:latest",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIP: no dockerd with cellhost-test/busybox:latest (scripts/test sets both up)");
+    }
+    ok
+}
+
+fn docker_inspect(name: &str) -> Option<Value> {
+    let out = Command::new("docker")
+        .args(["inspect", name])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice::<Value>(&out.stdout)
+        .ok()?
+        .as_array()?
+        .first()
+        .cloned()
+}
+
+#[test]
+fn container_cells_through_the_daemon() {
+    if !docker_ready() {
+        return;
+    }
+    let mut d = Daemon::start(&[]);
+    let doc = json!({
+        "apiVersion": "cellhost.dev/v1", "kind": "Cell",
+        "metadata": {"name": "ctr"},
+        "spec": {"isolation": "container", "image": "cellhost-test/busybox:latest",
+                 "command": ["/bin/sh", "-c", "echo started; i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; sleep 600"],
+                 "env": {"MODE": "daemon"},
+                 "resources": {"cpus": 0.5, "memoryMiB": 64, "pids": 32},
+                 "lifetime": {"ttlSeconds": 600}}
+    });
+    let id = d.create(doc.clone());
+    let cell = d.call("GET", &format!("/v1/cells/{id}"), None).json();
+    assert_eq!(cell["observed"], "running", "{cell}");
+    // The engine carries the labels reconcile finds it by.
+    let c = docker_inspect(&format!("cellhost-{id}")).expect("container exists");
+    let labels = &c["Config"]["Labels"];
+    assert_eq!(labels["cellhost.cell"], id.as_str());
+    assert_eq!(labels["cellhost.owner"], cell["owner"]);
+    assert_eq!(
+        labels["cellhost.instance"].as_str().unwrap(),
+        cellhost_core::ids::instance_tag(&d.state.join("docker"))
+    );
+    // exec and logs through the API.
+    let r = d.call(
+        "POST",
+        &format!("/v1/cells/{id}/exec"),
+        Some(json!({"argv": ["/bin/sh", "-c", "echo $MODE"]})),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["stdout"], "daemon\n", "{}", r.json());
+    wait_until("the log", Duration::from_secs(10), || {
+        String::from_utf8_lossy(&d.call("GET", &format!("/v1/cells/{id}/logs"), None).body)
+            .contains("started")
+    });
+    // Metering from the engine's stats.
+    wait_until("a usage interval with cpu", Duration::from_secs(15), || {
+        let u = d.call("GET", &format!("/v1/cells/{id}"), None).json()["usage"].clone();
+        u["cpuSeconds"].as_f64().unwrap_or(0.0) > 0.0
+            && u["memoryByteSeconds"].as_f64().unwrap_or(0.0) > 0.0
+    });
+
+    // An orphan: the record vanishes while the daemon is down.
+    let orphan = d.create(doc);
+    d.kill9();
+    {
+        let store = cellhost_store::Store::open(&d.state).unwrap();
+        assert!(store.remove(&CellId::parse(&orphan).unwrap()).unwrap());
+    }
+    d.spawn();
+    wait_until(
+        "the container orphan to be destroyed",
+        Duration::from_secs(15),
+        || docker_inspect(&format!("cellhost-{orphan}")).is_none(),
+    );
+    assert!(
+        d.events()
+            .iter()
+            .any(|e| e["subject"] == orphan.as_str() && e["type"] == "cellhost.orphan.destroyed")
+    );
+    // The recorded cell survived the restart and is destroyed cleanly.
+    assert_eq!(
+        d.call("GET", &format!("/v1/cells/{id}"), None).json()["observed"],
+        "running"
+    );
+    let r = d.call("DELETE", &format!("/v1/cells/{id}"), None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let report = r.json();
+    assert!(
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["residue"] == 0),
+        "{report}"
+    );
+    assert!(docker_inspect(&format!("cellhost-{id}")).is_none());
+}
