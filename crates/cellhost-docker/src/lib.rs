@@ -351,22 +351,24 @@ impl DockerBackend {
     pub async fn wait(&self, handle: &CellHandle) -> Result<CellStatus, BackendError> {
         let docker = self.client().await?;
         let name = Self::names(handle).container;
-        let waiter = docker
-            .clone()
-            .with_timeout(Duration::from_secs(u64::MAX >> 2));
-        let opts = WaitContainerOptions {
-            condition: "not-running".into(),
-        };
-        let mut s = waiter.wait_container(&name, Some(opts));
-        match s.next().await {
-            // A non-zero exit arrives as an "error" from bollard.
-            Some(Ok(_)) | Some(Err(DockerError::DockerContainerWaitError { .. })) | None => {}
-            Some(Err(e)) if is_status(&e, 404) => {
-                return Err(BackendError::NotFound(handle.id.clone()));
+        // One long request per hour: a client timeout just asks again.
+        let waiter = docker.clone().with_timeout(Duration::from_secs(3600));
+        loop {
+            let opts = WaitContainerOptions {
+                condition: "not-running".into(),
+            };
+            match waiter.wait_container(&name, Some(opts)).next().await {
+                // A non-zero exit arrives as an "error" from bollard.
+                Some(Ok(_)) | Some(Err(DockerError::DockerContainerWaitError { .. })) | None => {
+                    return self.status(handle).await;
+                }
+                Some(Err(DockerError::RequestTimeoutError)) => continue,
+                Some(Err(e)) if is_status(&e, 404) => {
+                    return Err(BackendError::NotFound(handle.id.clone()));
+                }
+                Some(Err(e)) => return Err(engine_err(&format!("waiting for {name}"), e)),
             }
-            Some(Err(e)) => return Err(engine_err(&format!("waiting for {name}"), e)),
         }
-        self.status(handle).await
     }
 
     /// Every container, volume and cell dir of this instance, by cell id.
@@ -751,11 +753,14 @@ impl Backend for DockerBackend {
                 Err(e) => return Err(engine_err(&format!("reading the log of {name}"), e)),
             }
         }
+        // The engine rotates a full log by truncating it (one file, capped):
+        // a log shorter than the caller's offset started over, and all of
+        // it is new to the caller.
         let len = data.len() as u64;
-        let from = offset.min(len) as usize;
+        let from = if offset > len { 0 } else { offset as usize };
         Ok(LogChunk {
             data: data.split_off(from),
-            next_offset: len.max(offset),
+            next_offset: len,
         })
     }
 

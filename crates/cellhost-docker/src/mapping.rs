@@ -35,7 +35,7 @@ pub struct Names {
 impl Names {
     pub fn of(id: &CellId) -> Names {
         Names {
-            container: format!("cellhost-{id}"),
+            container: id.object_name(),
             volume: format!("cellhost-{id}-data"),
         }
     }
