@@ -102,14 +102,7 @@ async fn limits_are_in_the_engine_and_enforced() {
         (Some("nofile"), Some(123), Some(456))
     );
     // Enforced: the workload sees the rlimit...
-    let mut log = String::new();
-    for _ in 0..100 {
-        log = e.log(&h).await;
-        if log.lines().count() >= 2 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let log = e.log_lines(&h, 2).await;
     assert_eq!(
         log.lines().take(2).collect::<Vec<_>>(),
         ["123", "456"],
@@ -209,14 +202,7 @@ async fn secret_is_a_0600_file_and_absent_from_inspect() {
             vec![secret("api", &value)],
         )
         .await;
-    let mut log = String::new();
-    for _ in 0..200 {
-        log = e.log(&h).await;
-        if !log.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let log = e.log_lines(&h, 1).await;
     assert_eq!(log, "600 0\n");
     // The content, read through exec (so it is in no log).
     let cat = e

@@ -34,6 +34,21 @@ const UNSHARE: &[&str] = &["-pf", "-m", "-u", "-i", "-n"];
 const DOCKER_IMAGE_ENV: &str = "CELLHOST_BENCH_DOCKER_IMAGE";
 const DOCKER_IMAGE_DEFAULT: &str = "cellhost-test/busybox:latest";
 
+/// `0.93x`, or `n/a` when the ratio was not measured.
+pub(crate) fn fmt_ratio(r: Option<f64>) -> String {
+    r.map(|r| format!("{r:.2}x"))
+        .unwrap_or_else(|| "n/a".into())
+}
+
+/// A target's verdict as printed: met, MISSED, or not measured.
+pub(crate) fn verdict(ok: Option<bool>) -> &'static str {
+    match ok {
+        Some(true) => "met",
+        Some(false) => "MISSED",
+        None => "not measured",
+    }
+}
+
 /// Latency samples; percentiles by nearest rank.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Series(pub(crate) Vec<Duration>);
@@ -280,15 +295,6 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
         Err(why) => println!("{:<40} skipped: {why}", "baseline: docker run --rm true"),
     }
     row("shim exec cost (cellhost --version)", &shim_exec);
-    let fmt = |r: Option<f64>| {
-        r.map(|r| format!("{r:.2}x"))
-            .unwrap_or_else(|| "n/a".into())
-    };
-    let verdict = |ok: Option<bool>| match ok {
-        Some(true) => "met",
-        Some(false) => "MISSED",
-        None => "not measured",
-    };
     println!();
     println!(
         "first instruction p50 {p50_first:.2} ms (target <= 3 ms): {}",
@@ -296,12 +302,12 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
     );
     println!(
         "first instruction vs unshare: {} (target <= 1.5x): {}",
-        fmt(first_vs_unshare),
+        fmt_ratio(first_vs_unshare),
         verdict(first_vs_unshare.map(|r| r <= 1.5))
     );
     println!(
         "docker run --rm vs cellhost lifecycle: {} (target >= 20x): {}",
-        fmt(docker_vs_life),
+        fmt_ratio(docker_vs_life),
         verdict(docker_vs_life.map(|r| r >= 20.0))
     );
     Ok(0)

@@ -33,7 +33,7 @@ use cellhost_core::{Backend, CellHandle, CreateRequest};
 use cellhost_docker::{DockerBackend, DockerConfig};
 use serde_json::json;
 
-use crate::bench::{Series, docker_image, docker_ready};
+use crate::bench::{Series, docker_image, docker_ready, fmt_ratio, verdict};
 
 /// Target: ours / CLI at p50, for both measures.
 const TARGET_RATIO: f64 = 0.8;
@@ -411,24 +411,15 @@ fn report(r: &Results, n: usize, image: &str, json_out: bool) -> anyhow::Result<
     println!(
         "  (not mirrored: the cell's labels; the CLI's figures include its own start and version negotiation)"
     );
-    let fmt = |x: Option<f64>| {
-        x.map(|x| format!("{x:.2}x"))
-            .unwrap_or_else(|| "n/a".into())
-    };
-    let verdict = |ok: Option<bool>| match ok {
-        Some(true) => "met",
-        Some(false) => "MISSED",
-        None => "not measured",
-    };
     println!();
     println!(
         "create -> running vs docker run -d (p50): {} (target <= {TARGET_RATIO}x): {}",
-        fmt(running_ratio),
+        fmt_ratio(running_ratio),
         verdict(met(running_ratio))
     );
     println!(
         "lifecycle vs docker run --rm (p50): {} (target <= {TARGET_RATIO}x): {}",
-        fmt(life_ratio),
+        fmt_ratio(life_ratio),
         verdict(met(life_ratio))
     );
     Ok(0)

@@ -105,6 +105,19 @@ impl Engine {
         String::from_utf8(self.backend.logs(h, 0).await.unwrap().data).unwrap()
     }
 
+    /// The log once it has `lines` lines (or whatever it has after 5 s).
+    pub async fn log_lines(&self, h: &CellHandle, lines: usize) -> String {
+        let mut log = String::new();
+        for _ in 0..250 {
+            log = self.log(h).await;
+            if log.lines().count() >= lines {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        log
+    }
+
     /// Destroy and insist on a clean report.
     pub async fn destroy(&self, h: &CellHandle) {
         let r = self.backend.destroy(h).await.expect("destroy");
