@@ -29,6 +29,8 @@ pub mod kinds {
     pub const EXITED: &str = "cellhost.cell.exited";
     pub const EXTENDED: &str = "cellhost.cell.extended";
     pub const EXPIRED: &str = "cellhost.cell.expired";
+    /// `cellhost run` was interrupted (Ctrl-C, SIGTERM) and destroyed it.
+    pub const INTERRUPTED: &str = "cellhost.cell.interrupted";
     pub const DESTROYING: &str = "cellhost.cell.destroying";
     pub const DESTROYED: &str = "cellhost.cell.destroyed";
     pub const TEARDOWN_FAILED: &str = "cellhost.cell.teardown_failed";

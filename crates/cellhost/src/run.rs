@@ -10,6 +10,7 @@ use cellhost_core::ids::CellId;
 use cellhost_core::{Backend, BackendError, CellState, CreateRequest, ExitInfo, TeardownReport};
 use cellhost_spec::{Cell, Isolation};
 use cellhost_store::{CellUpdate, Desired, NewCell, Observed, Store, now_ms};
+use cellhost_supervisor::events::kinds;
 use serde_json::json;
 
 use crate::cli::RunArgs;
@@ -149,6 +150,9 @@ pub fn backend_err(e: BackendError, what: &str) -> anyhow::Error {
 /// `; doctor: no  cgroup.memory  <why>` for a capability key, so a refusal
 /// shows what `cellhost doctor` shows for the same thing.
 fn doctor_says(capability: &str) -> String {
+    if !cellhost_core::probe::KEYS.contains(&capability) {
+        return "; see `cellhost doctor`".to_string();
+    }
     let report = cellhost_core::probe::probe(&Default::default());
     match report.get(capability) {
         Some(c) => format!(
@@ -184,23 +188,21 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
     let ttl = Duration::from_secs(cell.spec.lifetime.ttl_seconds);
     let now = now_ms();
     let redacted = cellhost_spec::redacted(&cell);
-    // Desired state first, then side effects.
-    store.insert_cell(&NewCell {
-        id: &id,
-        name: &cell.metadata.name,
-        isolation: cell.spec.isolation,
-        owner: &args.owner,
-        document: &redacted,
-        created_at: now,
-        expires_at: now.saturating_add(ttl.as_millis() as i64),
-    })?;
+    // Desired state first, then side effects; each step one commit.
     let handle = backend.handle_for(&id, &cell);
-    store.apply(
-        &id,
-        &CellUpdate::default().handle(&handle).event(
-            "cellhost.cell.creating",
-            &json!({"name": cell.metadata.name}),
-        ),
+    store.insert_cell_with(
+        &NewCell {
+            id: &id,
+            name: &cell.metadata.name,
+            isolation: cell.spec.isolation,
+            owner: &args.owner,
+            document: &redacted,
+            created_at: now,
+            expires_at: now.saturating_add(ttl.as_millis() as i64),
+        },
+        &CellUpdate::default()
+            .handle(&handle)
+            .event(kinds::CREATING, &json!({"name": cell.metadata.name})),
     )?;
 
     let created = backend
@@ -212,43 +214,24 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         })
         .await;
     if let Err(e) = created {
-        store.apply(
-            &id,
-            &CellUpdate::default()
-                .error(&e.to_string())
-                .desired(Desired::Destroyed),
-        )?;
-        // create rolled back; make sure and record it.
-        let report = backend
-            .destroy(&handle)
-            .await
-            .map_err(|e| backend_err(e, "rollback"))?;
-        finish_record(&store, &id, &report)?;
-        return Err(backend_err(
-            e,
-            &format!("creating cell {:?}", cell.metadata.name),
-        ));
+        let what = format!("creating cell {:?}", cell.metadata.name);
+        return Err(roll_back(&*backend, &store, &handle, e, &what).await);
     }
     store.apply(
         &id,
         &CellUpdate::default()
             .observed(Observed::Created)
-            .event("cellhost.cell.created", &json!({})),
+            .event(kinds::CREATED, &json!({})),
     )?;
 
     if let Err(e) = backend.start(&handle).await {
-        let report = backend
-            .destroy(&handle)
-            .await
-            .map_err(|e| backend_err(e, "rollback"))?;
-        finish_record(&store, &id, &report)?;
-        return Err(backend_err(e, "starting cell"));
+        return Err(roll_back(&*backend, &store, &handle, e, "starting cell").await);
     }
     store.apply(
         &id,
         &CellUpdate::default()
             .observed(Observed::Running)
-            .event("cellhost.cell.started", &json!({})),
+            .event(kinds::STARTED, &json!({})),
     )?;
     if !json_out {
         eprintln!(
@@ -309,9 +292,9 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         .observed(Observed::Destroying)
         .event(
             match outcome {
-                Outcome::Exited => "cellhost.cell.exited",
-                Outcome::Expired => "cellhost.cell.expired",
-                Outcome::Interrupted => "cellhost.cell.interrupted",
+                Outcome::Exited => kinds::EXITED,
+                Outcome::Expired => kinds::EXPIRED,
+                Outcome::Interrupted => kinds::INTERRUPTED,
             },
             &exit_json,
         );
@@ -360,13 +343,41 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
     Ok(exit.shell_code().clamp(0, 255) as u8)
 }
 
-/// Remove the record only after a clean report; keep it (with the error)
-/// otherwise, so a later reconcile finishes the job.
+/// A failed create or start: record the error and that the cell is to go,
+/// destroy what the backend made, and return the error to exit with.
+async fn roll_back(
+    backend: &dyn Backend,
+    store: &Store,
+    handle: &cellhost_core::CellHandle,
+    e: BackendError,
+    what: &str,
+) -> anyhow::Error {
+    let recorded = store.apply(
+        &handle.id,
+        &CellUpdate::default()
+            .error(&e.to_string())
+            .desired(Desired::Destroyed),
+    );
+    if let Err(r) = recorded {
+        return r.into();
+    }
+    let report = match backend.destroy(handle).await {
+        Ok(r) => r,
+        Err(d) => return backend_err(d, "rollback"),
+    };
+    if let Err(f) = finish_record(store, &handle.id, &report) {
+        return f;
+    }
+    backend_err(e, what)
+}
+
+/// Remove the record only after a clean report (one commit with its
+/// event); keep it (with the error) otherwise, so a later reconcile
+/// finishes the job.
 fn finish_record(store: &Store, id: &CellId, report: &TeardownReport) -> anyhow::Result<()> {
     let data = serde_json::to_value(report)?;
     if report.is_clean() {
-        store.append_event(id, "cellhost.cell.destroyed", &data)?;
-        store.remove(id)?;
+        store.remove_with_event(id, kinds::DESTROYED, &data)?;
     } else {
         let summary = report.summary();
         store.apply(
@@ -374,7 +385,7 @@ fn finish_record(store: &Store, id: &CellId, report: &TeardownReport) -> anyhow:
             &CellUpdate::default()
                 .observed(Observed::Failed)
                 .error(&summary)
-                .event("cellhost.cell.teardown_failed", &data),
+                .event(kinds::TEARDOWN_FAILED, &data),
         )?;
     }
     Ok(())

@@ -198,19 +198,7 @@ fn ctrl_c_destroys_the_cell_cleanly() {
     let mut first = [0u8; 3];
     stdout.read_exact(&mut first).unwrap();
     assert_eq!(&first, b"up\n");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, err) = common::interrupt(child);
     assert_eq!(status.code(), Some(128 + libc::SIGINT), "{err}");
     assert!(
         err.contains("interrupted") && err.contains("teardown clean"),

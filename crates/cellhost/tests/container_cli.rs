@@ -10,24 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const IMAGE: &str = "cellhost-test/busybox:latest";
-
-fn docker_ready() -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP: not root");
-        return false;
-    }
-    let ok = Command::new("docker")
-        .args(["image", "inspect", "--format", "{{.Id}}", IMAGE])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIP: no dockerd with {IMAGE} (scripts/test sets both up)");
-    }
-    ok
-}
+use common::{DOCKER_TEST_IMAGE as IMAGE, docker_ready};
 
 fn run(state: &Path, doc: &str) -> std::process::Output {
     let file = state.join("doc.yaml");
@@ -111,7 +94,7 @@ fn the_shipped_example_serves_its_secret_on_the_published_port() {
     }
     let dir = common::state_dir();
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/container.yaml");
-    let mut child = Command::new(common::cellhost_bin())
+    let child = Command::new(common::cellhost_bin())
         .arg("--state-dir")
         .arg(dir.path())
         .arg("run")
@@ -135,19 +118,7 @@ fn the_shipped_example_serves_its_secret_on_the_published_port() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Ctrl-C: the cell is destroyed cleanly.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let (status, err) = common::interrupt(child);
     assert!(
         body.contains("hello from a container cell"),
         "{body:?}\n{err}"

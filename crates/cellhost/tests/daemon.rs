@@ -862,30 +862,6 @@ fn schemathesis_finds_no_server_errors() {
     assert!(d.host_ids().is_empty());
 }
 
-/// Is a dockerd with the test image here? Prints why not.
-fn docker_ready() -> bool {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP: not root");
-        return false;
-    }
-    let ok = Command::new("docker")
-        .args([
-            "image",
-            "inspect",
-            "--format",
-            "{{.Id}}",
-            "cellhost-test/busybox:latest",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("SKIP: no dockerd with cellhost-test/busybox:latest (scripts/test sets both up)");
-    }
-    ok
-}
-
 fn docker_inspect(name: &str) -> Option<Value> {
     let out = Command::new("docker")
         .args(["inspect", name])
@@ -903,14 +879,14 @@ fn docker_inspect(name: &str) -> Option<Value> {
 
 #[test]
 fn container_cells_through_the_daemon() {
-    if !docker_ready() {
+    if !common::docker_ready() {
         return;
     }
     let mut d = Daemon::start(&[]);
     let doc = json!({
         "apiVersion": "cellhost.dev/v1", "kind": "Cell",
         "metadata": {"name": "ctr"},
-        "spec": {"isolation": "container", "image": "cellhost-test/busybox:latest",
+        "spec": {"isolation": "container", "image": common::DOCKER_TEST_IMAGE,
                  "command": ["/bin/sh", "-c", "echo started; i=0; while [ $i -lt 100000 ]; do i=$((i+1)); done; sleep 600"],
                  "env": {"MODE": "daemon"},
                  "resources": {"cpus": 0.5, "memoryMiB": 64, "pids": 32},

@@ -53,6 +53,49 @@ pub fn state_dir() -> StateDir {
     StateDir(tempfile::tempdir().expect("tempdir"))
 }
 
+/// The local image the container tests run (scripts/test imports it from
+/// busybox-static; no registry is reachable).
+pub const DOCKER_TEST_IMAGE: &str = "cellhost-test/busybox:latest";
+
+/// Is a dockerd with [`DOCKER_TEST_IMAGE`] here (and are we root)? Prints
+/// why not: container tests skip on that.
+pub fn docker_ready() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: not root");
+        return false;
+    }
+    let ok = std::process::Command::new("docker")
+        .args(["image", "inspect", "--format", "{{.Id}}", DOCKER_TEST_IMAGE])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("SKIP: no dockerd with {DOCKER_TEST_IMAGE} (scripts/test sets both up)");
+    }
+    ok
+}
+
+/// Ctrl-C a `cellhost run` child: its exit status and all it wrote on
+/// stderr (which must be piped).
+pub fn interrupt(mut child: std::process::Child) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    (status, err)
+}
+
 pub fn cellhost_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cellhost"))
 }
