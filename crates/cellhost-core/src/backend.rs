@@ -168,6 +168,9 @@ pub struct LogChunk {
     pub data: Vec<u8>,
     /// Offset to pass next time to continue after `data`.
     pub next_offset: u64,
+    /// More of the log is already there past `next_offset` (the chunk was
+    /// cut at a page size): ask again at once rather than waiting.
+    pub more: bool,
 }
 
 #[derive(Debug, Clone, Default)]

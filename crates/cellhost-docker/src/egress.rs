@@ -90,22 +90,29 @@ fn iptables(args: &[&str]) -> Result<bool, BackendError> {
     }
 }
 
-/// Insert every missing rule so that the list above is the chain's head.
+/// Insert every missing rule at its place in its chain, so the list above
+/// is the head of each chain even when only some rules were lost.
 fn ensure_rules() -> Result<(), BackendError> {
     let rules = rules();
-    // Insert bottom-up at position 1 so the final order is the list's.
-    for (chain, rule) in rules.iter().rev() {
+    for (i, (chain, rule)) in rules.iter().enumerate() {
         let mut check = vec!["-C", chain];
         check.extend(rule);
         if iptables(&check)? {
             continue;
         }
-        let mut insert = vec!["-I", chain, "1"];
+        // 1 + the rules of this chain listed (and so ensured) before it.
+        let at = 1 + rules[..i].iter().filter(|(c, _)| c == chain).count();
+        let at = at.to_string();
+        let mut insert = vec!["-I", chain, &at];
         insert.extend(rule);
         iptables(&insert)?;
     }
     Ok(())
 }
+
+/// The rules are host-global: one check-and-insert at a time in this
+/// process, so two bridged creates never insert a rule twice.
+static RULES_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Make sure the network exists and the guard is in place.
 pub async fn ensure(docker: &Docker, network: &str) -> Result<(), BackendError> {
@@ -140,6 +147,7 @@ pub async fn ensure(docker: &Docker, network: &str) -> Result<(), BackendError> 
         }
         Err(e) => return Err(engine_err(&format!("inspecting network {network}"), e)),
     }
+    let _one_at_a_time = RULES_LOCK.lock().await;
     tokio::task::spawn_blocking(ensure_rules)
         .await
         .map_err(|e| BackendError::Engine(format!("egress guard task: {e}")))?

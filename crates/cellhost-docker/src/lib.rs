@@ -46,8 +46,8 @@
 //! get no-new-privileges, no NET_RAW, memory+swap = memory, a pids limit
 //! when asked, and a bridged cell's egress is denied (see [`egress`]).
 
-pub mod egress;
-pub mod mapping;
+mod egress;
+mod mapping;
 
 use std::collections::HashSet;
 use std::fs;
@@ -61,7 +61,7 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
-use bollard::models::{ContainerStateStatusEnum, VolumeCreateRequest};
+use bollard::models::VolumeCreateRequest;
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, ListContainersOptions, ListVolumesOptions,
     LogsOptions, RemoveContainerOptions, RemoveVolumeOptions, StatsOptions, StopContainerOptions,
@@ -76,12 +76,15 @@ use cellhost_spec::{Cell, Isolation, NetworkMode};
 use futures_util::StreamExt;
 use tokio::sync::OnceCell;
 
-pub use mapping::{LABEL_CELL, LABEL_INSTANCE, LABEL_OWNER, Names, Policy};
+use mapping::{LABEL_CELL, LABEL_INSTANCE};
+pub use mapping::{Names, Policy};
 
 /// Timeout for every API call but pulls and waits.
 const API_TIMEOUT: Duration = Duration::from_secs(60);
 /// Timeout for an image pull.
 const PULL_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Client timeout of one wait request (`wait` asks again after it).
+const WAIT_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Most bytes of output an exec returns per stream.
 pub const EXEC_OUTPUT_CAP: usize = 16 << 20;
 
@@ -170,11 +173,6 @@ impl DockerBackend {
         }
     }
 
-    /// The instance label value this backend lists by.
-    pub fn instance(&self) -> &str {
-        &self.instance
-    }
-
     /// The API client, version negotiated.
     pub async fn client(&self) -> Result<&Docker, BackendError> {
         let local = self
@@ -197,10 +195,6 @@ impl DockerBackend {
 
     fn cell_dir(&self, id: &CellId) -> PathBuf {
         self.cfg.state_dir.join("cells").join(id.as_str())
-    }
-
-    fn names(handle: &CellHandle) -> Names {
-        Names::of(&handle.id)
     }
 
     /// Make sure the image is present; pull it (with progress) if not.
@@ -346,13 +340,13 @@ impl DockerBackend {
     }
 
     /// Wait for the container to stop running; its exit as `status` sees it.
-    /// (Not in the `Backend` contract: `run` and the benchmark use it to
-    /// avoid polling.)
+    /// (Not in the `Backend` contract: the benchmark uses it to avoid
+    /// polling.)
     pub async fn wait(&self, handle: &CellHandle) -> Result<CellStatus, BackendError> {
         let docker = self.client().await?;
-        let name = Self::names(handle).container;
-        // One long request per hour: a client timeout just asks again.
-        let waiter = docker.clone().with_timeout(Duration::from_secs(3600));
+        let name = Names::of(&handle.id).container;
+        // One long request at a time: a client timeout just asks again.
+        let waiter = docker.clone().with_timeout(WAIT_TIMEOUT);
         loop {
             let opts = WaitContainerOptions {
                 condition: "not-running".into(),
@@ -396,11 +390,7 @@ impl DockerBackend {
             else {
                 continue;
             };
-            let state = match c.state.as_ref().map(|s| s.to_string()).as_deref() {
-                Some("created") => CellState::Created,
-                Some("running" | "restarting" | "paused") => CellState::Running,
-                _ => CellState::Exited,
-            };
+            let state = cell_state(c.state.map(|s| s.to_string()).as_deref());
             if seen.insert(id.clone()) {
                 out.push((id, state));
             }
@@ -421,13 +411,23 @@ impl DockerBackend {
             .flatten()
             .flatten()
             .filter_map(|e| CellId::parse(&e.file_name().to_string_lossy()).ok());
-        for id in vol_ids.chain(dir_ids).collect::<Vec<_>>() {
+        for id in vol_ids.chain(dir_ids) {
             if seen.insert(id.clone()) {
                 // Leftovers without a container: nothing runs.
                 out.push((id, CellState::Exited));
             }
         }
         Ok(out)
+    }
+}
+
+/// The engine's state word (`created`, `running`, `exited`, ...) as the
+/// contract's state; anything that is not created or running has ended.
+fn cell_state(engine: Option<&str>) -> CellState {
+    match engine {
+        Some("created") => CellState::Created,
+        Some("running" | "restarting" | "paused") => CellState::Running,
+        _ => CellState::Exited,
     }
 }
 
@@ -441,17 +441,13 @@ fn to_status(state: Option<&bollard::models::ContainerState>) -> CellStatus {
         };
     };
     let pid = s.pid.filter(|p| *p > 0).and_then(|p| u32::try_from(p).ok());
-    match s.status {
-        Some(ContainerStateStatusEnum::CREATED) => CellStatus {
+    match cell_state(s.status.map(|x| x.to_string()).as_deref()) {
+        CellState::Created => CellStatus {
             state: CellState::Created,
             pid: None,
             exit: None,
         },
-        Some(
-            ContainerStateStatusEnum::RUNNING
-            | ContainerStateStatusEnum::RESTARTING
-            | ContainerStateStatusEnum::PAUSED,
-        ) => CellStatus {
+        CellState::Running => CellStatus {
             state: CellState::Running,
             pid,
             exit: None,
@@ -476,21 +472,6 @@ fn to_status(state: Option<&bollard::models::ContainerState>) -> CellStatus {
             }
         }
     }
-}
-
-/// Count the objects in `names` the engine still has (via `exists`).
-async fn count_left<F, Fut>(names: &[String], exists: F) -> (u64, Vec<String>)
-where
-    F: Fn(String) -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let mut left = Vec::new();
-    for n in names {
-        if exists(n.clone()).await {
-            left.push(n.clone());
-        }
-    }
-    (left.len() as u64, left)
 }
 
 #[async_trait]
@@ -549,7 +530,7 @@ impl Backend for DockerBackend {
 
     async fn start(&self, handle: &CellHandle) -> Result<(), BackendError> {
         let docker = self.client().await?;
-        let name = Self::names(handle).container;
+        let name = Names::of(&handle.id).container;
         match docker.start_container(&name, None).await {
             Ok(()) => Ok(()),
             // 304: already started.
@@ -561,7 +542,7 @@ impl Backend for DockerBackend {
 
     async fn stop(&self, handle: &CellHandle, grace: Duration) -> Result<(), BackendError> {
         let docker = self.client().await?;
-        let name = Self::names(handle).container;
+        let name = Names::of(&handle.id).container;
         let secs = grace.as_secs() + u64::from(grace.subsec_nanos() > 0);
         let opts = StopContainerOptions {
             t: Some(i32::try_from(secs).unwrap_or(i32::MAX)),
@@ -581,7 +562,7 @@ impl Backend for DockerBackend {
 
     async fn destroy(&self, handle: &CellHandle) -> Result<TeardownReport, BackendError> {
         let docker = self.client().await?;
-        let names = Self::names(handle);
+        let names = Names::of(&handle.id);
         let dir = self.cell_dir(&handle.id);
         let secrets = dir.join("secrets");
         let mut report = TeardownReport::new(handle.id.to_string());
@@ -633,44 +614,56 @@ impl Backend for DockerBackend {
                 report.error(format!("unmounting {}: {e}", m.display()));
             }
         }
-        let dir_existed = dir.exists();
-        if dir_existed
-            && let Err(e) = fs::remove_dir_all(&dir)
-            && e.kind() != std::io::ErrorKind::NotFound
-        {
-            report.error(format!("removing {}: {e}", dir.display()));
-        }
+        let dir_existed = match fs::remove_dir_all(&dir) {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => {
+                report.error(format!("removing {}: {e}", dir.display()));
+                true
+            }
+        };
 
-        // Checks: what is still there now.
-        let container_left = match docker.inspect_container(&names.container, None).await {
-            Ok(_) => 1,
-            Err(e) if is_status(&e, 404) => 0,
-            Err(e) => return Err(engine_err(&format!("checking {}", names.container), e)),
+        // Checks: what is still there now. What the engine or the kernel
+        // already said was absent above is not asked for again.
+        let container_left = if !container_existed {
+            0
+        } else {
+            match docker.inspect_container(&names.container, None).await {
+                Ok(_) => 1,
+                Err(e) if is_status(&e, 404) => 0,
+                Err(e) => return Err(engine_err(&format!("checking {}", names.container), e)),
+            }
         };
         report.check(
             "container",
             format!("engine container {}", names.container),
             container_left,
         );
-        let volume_left = match docker.inspect_volume(&names.volume).await {
-            Ok(_) => 1,
-            Err(e) if is_status(&e, 404) => 0,
-            Err(e) => return Err(engine_err(&format!("checking {}", names.volume), e)),
+        let volume_left = if !volume_existed {
+            0
+        } else {
+            match docker.inspect_volume(&names.volume).await {
+                Ok(_) => 1,
+                Err(e) if is_status(&e, 404) => 0,
+                Err(e) => return Err(engine_err(&format!("checking {}", names.volume), e)),
+            }
         };
         report.check(
             "volume",
             format!("engine volume {}", names.volume),
             volume_left,
         );
-        let (n, left) = count_left(&anon, |v| async move {
-            !matches!(docker.inspect_volume(&v).await, Err(e) if is_status(&e, 404))
-        })
-        .await;
+        let mut anon_left = Vec::new();
+        for v in &anon {
+            if !matches!(docker.inspect_volume(v).await, Err(e) if is_status(&e, 404)) {
+                anon_left.push(v.as_str());
+            }
+        }
         report.check_detail(
             "anonymous-volumes",
             format!("{} anonymous volume(s) of the container", anon.len()),
-            n,
-            left.join(", "),
+            anon_left.len() as u64,
+            anon_left.join(", "),
         );
         let endpoints = match docker.inspect_network(&self.cfg.policy.network, None).await {
             Ok(net) => net
@@ -687,22 +680,30 @@ impl Backend for DockerBackend {
             format!("network {}", self.cfg.policy.network),
             endpoints,
         );
-        let secret_mounts = cellhost_core::mountinfo::mounts_under(&secrets)
-            .map(|m| m.len() as u64)
-            .unwrap_or(0);
+        let secret_mounts = if mounted.is_empty() {
+            0
+        } else {
+            cellhost_core::mountinfo::mounts_under(&secrets)
+                .map(|m| m.len() as u64)
+                .unwrap_or(0)
+        };
         report.check(
             "secrets",
             format!("tmpfs {}", secrets.display()),
             secret_mounts,
         );
-        report.check("state-dir", dir.display().to_string(), dir.exists() as u64);
+        report.check(
+            "state-dir",
+            dir.display().to_string(),
+            (dir_existed && dir.exists()) as u64,
+        );
         report.already_gone = !container_existed && !volume_existed && !dir_existed;
         Ok(report)
     }
 
     async fn status(&self, handle: &CellHandle) -> Result<CellStatus, BackendError> {
         let docker = self.client().await?;
-        let name = Self::names(handle).container;
+        let name = Names::of(&handle.id).container;
         match docker.inspect_container(&name, None).await {
             Ok(c) => Ok(to_status(c.state.as_ref())),
             Err(e) if is_status(&e, 404) => Ok(CellStatus {
@@ -730,7 +731,7 @@ impl Backend for DockerBackend {
 
     async fn logs(&self, handle: &CellHandle, offset: u64) -> Result<LogChunk, BackendError> {
         let docker = self.client().await?;
-        let name = Self::names(handle).container;
+        let name = Names::of(&handle.id).container;
         let opts = LogsOptions {
             follow: false,
             stdout: true,
@@ -758,15 +759,17 @@ impl Backend for DockerBackend {
         // it is new to the caller.
         let len = data.len() as u64;
         let from = if offset > len { 0 } else { offset as usize };
+        // Always everything up to the end: there is never more.
         Ok(LogChunk {
             data: data.split_off(from),
             next_offset: len,
+            more: false,
         })
     }
 
     async fn usage(&self, handle: &CellHandle) -> Result<ResourceUsage, BackendError> {
         let docker = self.client().await?;
-        let name = Self::names(handle).container;
+        let name = Names::of(&handle.id).container;
         let opts = StatsOptions {
             stream: false,
             one_shot: true,
@@ -793,7 +796,7 @@ impl Backend for DockerBackend {
         req: ExecRequest,
     ) -> Result<ExecOutput, BackendError> {
         let docker = self.client().await?;
-        let name = Self::names(handle).container;
+        let name = Names::of(&handle.id).container;
         let st = self.status(handle).await?;
         if st.state != CellState::Running {
             return Err(BackendError::WrongState {
@@ -896,7 +899,7 @@ fn push_capped(buf: &mut Vec<u8>, data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bollard::models::ContainerState;
+    use bollard::models::{ContainerState, ContainerStateStatusEnum};
 
     #[test]
     fn states_map_to_the_contract() {

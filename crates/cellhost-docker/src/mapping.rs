@@ -10,7 +10,7 @@ use bollard::models::{
     ResourcesUlimits, RestartPolicy, RestartPolicyNameEnum,
 };
 use cellhost_core::ids::CellId;
-use cellhost_spec::{Cell, NetworkMode, Protocol};
+use cellhost_spec::{Cell, NetworkMode};
 
 /// Label keys every cellhost object carries.
 pub const LABEL_CELL: &str = "cellhost.cell";
@@ -36,7 +36,7 @@ impl Names {
     pub fn of(id: &CellId) -> Names {
         Names {
             container: id.object_name(),
-            volume: format!("cellhost-{id}-data"),
+            volume: format!("{}-data", id.object_name()),
         }
     }
 }
@@ -89,13 +89,6 @@ pub fn labels(
     l
 }
 
-fn protocol(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-    }
-}
-
 /// The create body. `secrets_dir` is the host tmpfs holding the secret
 /// files (bind-mounted read-only at [`SECRETS_TARGET`]); `volume` is the
 /// named volume for `spec.volume`.
@@ -135,7 +128,7 @@ pub fn create_body(
     let mut exposed = Vec::new();
     let mut bindings: HashMap<String, Option<Vec<PortBinding>>> = HashMap::new();
     for p in &spec.ports {
-        let key = format!("{}/{}", p.container, protocol(p.protocol));
+        let key = format!("{}/{}", p.container, p.protocol.as_str());
         exposed.push(key.clone());
         bindings
             .entry(key)

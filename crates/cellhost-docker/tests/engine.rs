@@ -89,7 +89,7 @@ async fn limits_are_in_the_engine_and_enforced() {
             vec![],
         )
         .await;
-    let name = Names::of(&h.id).container;
+    let name = h.name.clone();
     let info = e.docker.inspect_container(&name, None).await.unwrap();
     let hc = info.host_config.unwrap();
     assert_eq!(hc.nano_cpus, Some(500_000_000));
@@ -219,7 +219,7 @@ async fn secret_is_a_0600_file_and_absent_from_inspect() {
     assert_eq!(cat.stdout, value.as_bytes());
     // Not in the engine's view of the container: inspect (API and CLI)
     // and the engine's own files for it.
-    let name = Names::of(&h.id).container;
+    let name = h.name.clone();
     let info = e.docker.inspect_container(&name, None).await.unwrap();
     let json = serde_json::to_string(&info).unwrap();
     assert!(!json.contains(&value), "secret in the inspect JSON");
@@ -339,11 +339,7 @@ async fn anonymous_volumes_of_the_image_are_removed() {
     let mut c = cell("  command: [\"/bin/sleep\", \"600\"]\n");
     c.spec.image = tag.clone();
     let h = e.run(c, vec![]).await;
-    let info = e
-        .docker
-        .inspect_container(&Names::of(&h.id).container, None)
-        .await
-        .unwrap();
+    let info = e.docker.inspect_container(&h.name, None).await.unwrap();
     let anon: Vec<String> = info
         .mounts
         .unwrap_or_default()

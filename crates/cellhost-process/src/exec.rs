@@ -692,11 +692,9 @@ impl Drop for HangUp {
 }
 
 async fn cell_state(b: &ProcessBackend, id: &CellId) -> Result<CellState, BackendError> {
-    let this = b.clone();
     let id = id.clone();
-    tokio::task::spawn_blocking(move || this.status_blocking(&id).state)
+    b.blocking("status", move |this| this.status_blocking(&id).state)
         .await
-        .map_err(|e| BackendError::Engine(format!("status task: {e}")))
 }
 
 fn not_running(id: &CellId, state: CellState) -> BackendError {

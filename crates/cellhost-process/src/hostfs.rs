@@ -234,8 +234,13 @@ pub fn remove_instance_group(instance: &str) {
 /// Cell object names (`cellhost-<id>`) that have a cgroup of `instance`
 /// (see [`instance_tag`]) on this host.
 pub fn cell_cgroup_names(instance: &str) -> io::Result<Vec<String>> {
+    Ok(cell_cgroup_names_in(instance, &hierarchies()?))
+}
+
+/// [`cell_cgroup_names`] over hierarchies the caller already read.
+pub fn cell_cgroup_names_in(instance: &str, hs: &[Hierarchy]) -> Vec<String> {
     let mut names = Vec::new();
-    for h in hierarchies()? {
+    for h in hs {
         if let Ok(rd) = fs::read_dir(h.mount_point.join(CGROUP_PARENT).join(instance)) {
             for e in rd.flatten() {
                 let n = e.file_name().to_string_lossy().into_owned();
@@ -245,7 +250,7 @@ pub fn cell_cgroup_names(instance: &str) -> io::Result<Vec<String>> {
             }
         }
     }
-    Ok(names)
+    names
 }
 
 #[cfg(test)]

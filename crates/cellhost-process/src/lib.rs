@@ -82,6 +82,9 @@ const SHIM_REPORT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long destroy waits for processes to die and the shim to exit.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most bytes of log one `logs` call returns.
+const LOG_PAGE: u64 = 1 << 20;
+
 /// The hidden subcommand of the `cellhost` binary that runs a shim.
 pub const SHIM_SUBCOMMAND: &str = "__shim";
 /// The hidden subcommand that runs one exec helper (see [`exec`]). The
@@ -219,22 +222,43 @@ impl ProcessBackend {
         &self.instance
     }
 
-    /// The cell's cgroups from the cached hierarchies (see `hierarchies`).
-    fn cached_cgroups(&self, id: &CellId) -> io::Result<CellCgroups> {
-        let hs = match self.hierarchies.get() {
+    /// The cgroup hierarchies, read from mountinfo once per backend (cgroup
+    /// mounts do not change under a running host).
+    fn cached_hierarchies(&self) -> io::Result<&[Hierarchy]> {
+        Ok(match self.hierarchies.get() {
             Some(hs) => hs,
             None => {
                 let read = hostfs::hierarchies()?;
                 self.hierarchies.get_or_init(|| read)
             }
-        };
-        Ok(CellCgroups::from_hierarchies(&self.cgroup_object(id), hs))
+        })
+    }
+
+    /// The cgroups of a cgroup object (`<instance>/cellhost-<id>`) from the
+    /// cached hierarchies.
+    fn cgroups_of(&self, object: &str) -> io::Result<CellCgroups> {
+        Ok(CellCgroups::from_hierarchies(
+            object,
+            self.cached_hierarchies()?,
+        ))
+    }
+
+    /// Run `f` on a blocking thread with a clone of this backend.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&ProcessBackend) -> T + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .map_err(|e| BackendError::Engine(format!("{what} task: {e}")))
     }
 
     /// Cumulative cpu time and current memory of the cell's cgroup.
     fn usage_now(&self, id: &CellId) -> Result<ResourceUsage, BackendError> {
         let cg = self
-            .cached_cgroups(id)
+            .cgroups_of(&self.cgroup_object(id))
             .map_err(io_err("reading /proc/self/mountinfo"))?;
         let cpu = cg.cpu_usage_ns();
         let mem = cg.memory_bytes();
@@ -262,7 +286,7 @@ impl ProcessBackend {
 
     /// The cgroups of a cell (for limits, metering and tests).
     pub fn cgroups(&self, id: &CellId) -> io::Result<CellCgroups> {
-        CellCgroups::for_object(&self.cgroup_object(id))
+        self.cgroups_of(&self.cgroup_object(id))
     }
 
     /// Host pid of the cell's init process, if libcontainer recorded one.
@@ -272,14 +296,15 @@ impl ProcessBackend {
 
     /// Check the host can enforce what the document asks, before any side
     /// effect.
-    fn admit(&self, cell: &Cell) -> Result<CellCgroups, BackendError> {
+    fn admit(&self, cell: &Cell) -> Result<(), BackendError> {
         if !nix::unistd::geteuid().is_root() {
             return Err(BackendError::MissingCapability {
                 capability: "root".into(),
                 detail: "the process tier needs root (namespaces, cgroups, mounts)".into(),
             });
         }
-        let cg = CellCgroups::for_object(&hostfs::cgroup_object(&self.instance, "cellhost-admit"))
+        let cg = self
+            .cgroups_of(&hostfs::cgroup_object(&self.instance, "cellhost-admit"))
             .map_err(io_err("reading /proc/self/mountinfo"))?;
         let r = &cell.spec.resources;
         let need = |what: &str, ok: bool| -> Result<(), BackendError> {
@@ -316,7 +341,7 @@ impl ProcessBackend {
                 detail: "spec.ports needs network.mode: bridged, not supported yet".into(),
             });
         }
-        Ok(cg)
+        Ok(())
     }
 
     async fn create_inner(&self, req: &CreateRequest, p: &CellPaths) -> Result<(), BackendError> {
@@ -454,7 +479,7 @@ impl ProcessBackend {
         let p = self.paths(id);
         let mut report = TeardownReport::new(id.as_str());
         report.already_gone = !p.dir.exists();
-        let cg = match CellCgroups::for_object(&p.cgroup) {
+        let cg = match self.cgroups_of(&p.cgroup) {
             Ok(cg) => cg,
             Err(e) => {
                 report.error(format!("reading cgroup mounts: {e}"));
@@ -593,8 +618,8 @@ impl ProcessBackend {
                 }
             }
         }
-        if let Ok(names) = hostfs::cell_cgroup_names(&self.instance) {
-            for n in names {
+        if let Ok(hs) = self.cached_hierarchies() {
+            for n in hostfs::cell_cgroup_names_in(&self.instance, hs) {
                 if let Some(id) = n
                     .strip_prefix("cellhost-")
                     .and_then(|s| CellId::parse(s).ok())
@@ -620,7 +645,8 @@ impl ProcessBackend {
         if !p.dir.exists() {
             // Only here is the cgroup worth walking: a cell dir answers
             // every other question.
-            let cg_pids = CellCgroups::for_object(&p.cgroup)
+            let cg_pids = self
+                .cgroups_of(&p.cgroup)
                 .map(|c| c.pids())
                 .unwrap_or_default();
             return if cg_pids.is_empty() {
@@ -852,9 +878,8 @@ impl Backend for ProcessBackend {
     }
 
     async fn stop(&self, handle: &CellHandle, grace: Duration) -> Result<(), BackendError> {
-        let this = self.clone();
         let id = handle.id.clone();
-        tokio::task::spawn_blocking(move || {
+        self.blocking("stop", move |this| {
             let p = this.paths(&id);
             let st = this.status_blocking(&id);
             if st.state != CellState::Running && st.state != CellState::Created {
@@ -867,7 +892,9 @@ impl Backend for ProcessBackend {
             while Instant::now() < until && !p.exit().exists() {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let cg = CellCgroups::for_object(&p.cgroup).map_err(io_err("reading cgroups"))?;
+            let cg = this
+                .cgroups_of(&p.cgroup)
+                .map_err(io_err("reading cgroups"))?;
             this.kill_all(
                 &p,
                 st.pid.map(|p| p as i32),
@@ -877,29 +904,23 @@ impl Backend for ProcessBackend {
             this.wait_shim_gone(&p, Instant::now() + KILL_TIMEOUT);
             Ok(())
         })
-        .await
-        .map_err(|e| BackendError::Engine(format!("stop task: {e}")))?
+        .await?
     }
 
     async fn destroy(&self, handle: &CellHandle) -> Result<TeardownReport, BackendError> {
-        let this = self.clone();
         let id = handle.id.clone();
-        tokio::task::spawn_blocking(move || this.destroy_blocking(&id))
+        self.blocking("destroy", move |this| this.destroy_blocking(&id))
             .await
-            .map_err(|e| BackendError::Engine(format!("destroy task: {e}")))
     }
 
     async fn status(&self, handle: &CellHandle) -> Result<CellStatus, BackendError> {
-        let this = self.clone();
         let id = handle.id.clone();
-        tokio::task::spawn_blocking(move || this.status_blocking(&id))
+        self.blocking("status", move |this| this.status_blocking(&id))
             .await
-            .map_err(|e| BackendError::Engine(format!("status task: {e}")))
     }
 
     async fn list(&self) -> Result<Vec<ListedCell>, BackendError> {
-        let this = self.clone();
-        tokio::task::spawn_blocking(move || {
+        self.blocking("list", |this| {
             this.listed_ids()
                 .into_iter()
                 .map(|id| {
@@ -913,7 +934,6 @@ impl Backend for ProcessBackend {
                 .collect()
         })
         .await
-        .map_err(|e| BackendError::Engine(format!("list task: {e}")))
     }
 
     async fn logs(&self, handle: &CellHandle, offset: u64) -> Result<LogChunk, BackendError> {
@@ -928,11 +948,15 @@ impl Backend for ProcessBackend {
         f.seek(SeekFrom::Start(offset))
             .map_err(io_err("seeking cell log"))?;
         let mut data = Vec::new();
-        f.take(1 << 20)
+        f.take(LOG_PAGE)
             .read_to_end(&mut data)
             .map_err(io_err("reading cell log"))?;
         let next_offset = offset + data.len() as u64;
-        Ok(LogChunk { data, next_offset })
+        Ok(LogChunk {
+            more: data.len() as u64 == LOG_PAGE,
+            data,
+            next_offset,
+        })
     }
 
     /// A few small cgroupfs reads; cheap enough to run inline.

@@ -403,13 +403,6 @@ fn check_port_number(errs: &mut ValidationErrors, path: &str, port: u32) {
     check_range(errs, path, Some(u64::from(port)), 1, 65_535);
 }
 
-fn protocol_str(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-    }
-}
-
 fn check_ports(ports: &[Port], errs: &mut ValidationErrors) {
     if ports.len() > MAX_PORTS {
         errs.push(
@@ -430,7 +423,7 @@ fn check_ports(ports: &[Port], errs: &mut ValidationErrors) {
                 format!(
                     "host port {}/{} already used by spec.ports.{first}",
                     port.host,
-                    protocol_str(port.protocol)
+                    port.protocol.as_str()
                 ),
             ),
             None => {

@@ -600,12 +600,11 @@ async fn cell_logs(
     if !q.follow.unwrap_or(false) {
         let mut data = first.data;
         offset = first.next_offset;
-        while data.len() < LOG_PAGE_LIMIT {
+        let mut more = first.more;
+        while more && data.len() < LOG_PAGE_LIMIT {
             let c = st.sup.logs(&caller, &id, offset).await?;
-            if c.data.is_empty() {
-                break;
-            }
             offset = c.next_offset;
+            more = c.more;
             data.extend_from_slice(&c.data);
         }
         data.truncate(LOG_PAGE_LIMIT);

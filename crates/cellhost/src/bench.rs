@@ -69,6 +69,13 @@ impl Series {
     pub(crate) fn ms(&self, p: f64) -> Option<f64> {
         self.pct(p).map(|d| d.as_secs_f64() * 1000.0)
     }
+    /// p50 of `self` over p50 of `base`, when both were measured.
+    pub(crate) fn p50_ratio(&self, base: &Series) -> Option<f64> {
+        match (self.ms(50.0), base.ms(50.0)) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        }
+    }
     pub(crate) fn json(&self) -> serde_json::Value {
         json!({"n": self.0.len(), "p50_ms": self.ms(50.0), "p99_ms": self.ms(99.0)})
     }
@@ -244,12 +251,8 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
         }
     }
 
-    let ratio = |a: &Series, b: &Series| match (a.pct(50.0), b.pct(50.0)) {
-        (Some(a), Some(b)) if !b.is_zero() => Some(a.as_secs_f64() / b.as_secs_f64()),
-        _ => None,
-    };
-    let first_vs_unshare = ratio(&first, &un_first);
-    let docker_vs_life = ratio(&dock, &life);
+    let first_vs_unshare = first.p50_ratio(&un_first);
+    let docker_vs_life = dock.p50_ratio(&life);
     let p50_first = first.ms(50.0).unwrap_or(f64::NAN);
     let targets = json!({
         "first_instruction_p50_le_3ms": p50_first <= 3.0,

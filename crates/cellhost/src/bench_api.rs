@@ -205,16 +205,15 @@ pub async fn bench_api(
             r.pct(99.0)
         );
     }
-    let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
     println!();
     println!(
         "API throughput {:.1} cells/s (target >= 200): {}",
         a.rate(),
-        verdict(a.rate() >= 200.0)
+        crate::bench::verdict(Some(a.rate() >= 200.0))
     );
     println!(
         "API overhead vs supervisor direct: {api_vs_sup:+.1}% (target <= 20%): {}",
-        verdict(api_vs_sup <= 20.0)
+        crate::bench::verdict(Some(api_vs_sup <= 20.0))
     );
     println!(
         "API overhead vs backend direct: {api_vs_backend:+.1}% (store commits + admission + API)"

@@ -14,7 +14,7 @@
 //!   returns once the engine removed the container).
 //!
 //! The baseline runs with the flags of a cell's create body that change
-//! what the engine does ([`CLI_FLAGS`]): docker-init, network none, the
+//! what the engine does ([`cli_flags`]): docker-init, network none, the
 //! json-file log cap, no-new-privileges, no NET_RAW, the stop timeout.
 //! Not mirrored (no cost to speak of): the cell's labels and its empty
 //! entrypoint (the bench image has none). The cell has no resources, no
@@ -43,28 +43,37 @@ const WARMUP: usize = 3;
 /// Prefix of every baseline container's name; removed at the end by it.
 const CLI_PREFIX: &str = "cellhost-bench-";
 
-/// `docker run` flags matching what the container tier puts in a cell's
-/// create body (see `cellhost_docker::mapping::create_body` and
-/// `DockerConfig::new`'s policy).
-const CLI_FLAGS: &[&str] = &[
-    "--network",
-    "none",
-    "--init",
-    "--log-driver",
-    "json-file",
-    "--log-opt",
-    "max-size=16777216",
-    "--log-opt",
-    "max-file=1",
-    "--security-opt",
-    "no-new-privileges:true",
-    "--cap-drop",
-    "NET_RAW",
-    "--stop-timeout",
-    "5",
-    "--restart",
-    "no",
-];
+/// `docker run` flags for what the container tier puts in a cell's create
+/// body (see `cellhost_docker::mapping::create_body`), the operator policy
+/// taken from the bench backend's own config so the two cannot drift.
+fn cli_flags(policy: &cellhost_docker::Policy) -> Vec<String> {
+    let restart = if policy.restart_unless_stopped {
+        "unless-stopped"
+    } else {
+        "no"
+    };
+    [
+        "--network",
+        "none",
+        "--init",
+        "--log-driver",
+        "json-file",
+        "--log-opt",
+        &format!("max-size={}", policy.log_max_bytes),
+        "--log-opt",
+        "max-file=1",
+        "--security-opt",
+        "no-new-privileges:true",
+        "--cap-drop",
+        "NET_RAW",
+        "--stop-timeout",
+        &policy.stop_timeout_secs.to_string(),
+        "--restart",
+        restart,
+    ]
+    .map(str::to_string)
+    .to_vec()
+}
 
 fn cell_doc(image: &str, argv: &[&str]) -> anyhow::Result<cellhost_spec::Cell> {
     let doc = json!({
@@ -109,7 +118,9 @@ pub async fn bench_container(state_dir: &Path, n: usize, json_out: bool) -> anyh
     let image = docker_image();
     let root = state_dir.join(format!("bench-container-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(root.clone());
-    let backend = DockerBackend::new(DockerConfig::new(root.join("docker")));
+    let cfg = DockerConfig::new(root.join("docker"));
+    let flags = cli_flags(&cfg.policy);
+    let backend = DockerBackend::new(cfg);
     // Skip cleanly (capability exit code) without an engine or the image.
     backend.client().await.map_err(|e| {
         crate::exit_err(
@@ -129,7 +140,7 @@ pub async fn bench_container(state_dir: &Path, n: usize, json_out: bool) -> anyh
 
     let mut res = Results::default();
     let measured = {
-        let run = measure(&backend, &image, &prefix, n, &mut res);
+        let run = measure(&backend, &image, &flags, &prefix, n, &mut res);
         tokio::pin!(run);
         tokio::select! {
             r = &mut run => r,
@@ -140,13 +151,14 @@ pub async fn bench_container(state_dir: &Path, n: usize, json_out: bool) -> anyh
     let cleaned = cleanup(&backend, &prefix).await;
     measured?;
     cleaned?;
-    report(&res, n, &image, json_out)
+    report(&res, n, &image, &flags, json_out)
 }
 
 /// Warm-up, then `n` interleaved rounds into `res`.
 async fn measure(
     backend: &DockerBackend,
     image: &str,
+    flags: &[String],
     prefix: &str,
     n: usize,
     res: &mut Results,
@@ -160,13 +172,13 @@ async fn measure(
         let name_rm = format!("{prefix}rm{i}");
         if i % 2 == 0 {
             ours_running(backend, &sleep, r).await?;
-            cli_run_d(image, &name_d, r)?;
+            cli_run_d(image, flags, &name_d, r)?;
             ours_lifecycle(backend, &truth, r).await?;
-            cli_run_rm(image, &name_rm, r)?;
+            cli_run_rm(image, flags, &name_rm, r)?;
         } else {
-            cli_run_d(image, &name_d, r)?;
+            cli_run_d(image, flags, &name_d, r)?;
             ours_running(backend, &sleep, r).await?;
-            cli_run_rm(image, &name_rm, r)?;
+            cli_run_rm(image, flags, &name_rm, r)?;
             ours_lifecycle(backend, &truth, r).await?;
         }
     }
@@ -196,76 +208,89 @@ async fn destroy_clean(backend: &DockerBackend, h: &CellHandle) -> anyhow::Resul
     Ok(())
 }
 
-/// create + start of `sleep 600`, timed; destroy untimed.
-async fn ours_running(
+/// Times since the create call began, for one of our cells.
+struct Marks {
+    created: Duration,
+    started: Duration,
+    /// After the workload exited (only when waited for).
+    exited: Duration,
+    destroyed: Duration,
+}
+
+/// create + start, then (when `wait`) wait for a zero exit, then destroy
+/// with its checks; the time at each step.
+async fn ours(
     backend: &DockerBackend,
     cell: &cellhost_spec::Cell,
-    r: &mut Results,
-) -> anyhow::Result<()> {
+    wait: bool,
+) -> anyhow::Result<Marks> {
     let t0 = Instant::now();
     let h = backend
         .create(create_req(cell))
         .await
         .map_err(|e| crate::run::backend_err(e, "bench create"))?;
     let created = t0.elapsed();
-    let ts = Instant::now();
-    let started = backend.start(&h).await;
-    let start = ts.elapsed();
-    let total = t0.elapsed();
-    if let Err(e) = started {
-        let _ = backend.destroy(&h).await;
-        return Err(crate::run::backend_err(e, "bench start"));
-    }
-    r.create.push(created);
-    r.start.push(start);
-    r.running.push(total);
-    destroy_clean(backend, &h).await
-}
-
-/// create + start + wait for `/bin/true` + destroy, all timed.
-async fn ours_lifecycle(
-    backend: &DockerBackend,
-    cell: &cellhost_spec::Cell,
-    r: &mut Results,
-) -> anyhow::Result<()> {
-    let t0 = Instant::now();
-    let h = backend
-        .create(create_req(cell))
-        .await
-        .map_err(|e| crate::run::backend_err(e, "bench create"))?;
-    let t_created = t0.elapsed();
     let ran = async {
         backend
             .start(&h)
             .await
             .map_err(|e| crate::run::backend_err(e, "bench start"))?;
-        let t_started = t0.elapsed();
-        let st = backend
-            .wait(&h)
-            .await
-            .map_err(|e| crate::run::backend_err(e, "bench wait"))?;
-        anyhow::ensure!(
-            st.exit.as_ref().and_then(|x| x.code) == Some(0),
-            "bench cell /bin/true did not exit 0: {st:?}"
-        );
-        Ok(t_started)
+        let started = t0.elapsed();
+        if wait {
+            let st = backend
+                .wait(&h)
+                .await
+                .map_err(|e| crate::run::backend_err(e, "bench wait"))?;
+            anyhow::ensure!(
+                st.exit.as_ref().and_then(|x| x.code) == Some(0),
+                "bench cell did not exit 0: {st:?}"
+            );
+        }
+        Ok(started)
     }
     .await;
-    let t_started = match ran {
+    let started = match ran {
         Ok(t) => t,
         Err(e) => {
             let _ = backend.destroy(&h).await;
             return Err(e);
         }
     };
-    let t_exited = t0.elapsed();
+    let exited = t0.elapsed();
     destroy_clean(backend, &h).await?;
-    let total = t0.elapsed();
-    r.life_create.push(t_created);
-    r.life_start.push(t_started - t_created);
-    r.life_wait.push(t_exited - t_started);
-    r.life_destroy.push(total - t_exited);
-    r.life.push(total);
+    Ok(Marks {
+        created,
+        started,
+        exited,
+        destroyed: t0.elapsed(),
+    })
+}
+
+/// create→running of `sleep 600` (the destroy is not counted).
+async fn ours_running(
+    backend: &DockerBackend,
+    cell: &cellhost_spec::Cell,
+    r: &mut Results,
+) -> anyhow::Result<()> {
+    let m = ours(backend, cell, false).await?;
+    r.create.push(m.created);
+    r.start.push(m.started - m.created);
+    r.running.push(m.started);
+    Ok(())
+}
+
+/// The whole life of `/bin/true`, every step counted.
+async fn ours_lifecycle(
+    backend: &DockerBackend,
+    cell: &cellhost_spec::Cell,
+    r: &mut Results,
+) -> anyhow::Result<()> {
+    let m = ours(backend, cell, true).await?;
+    r.life_create.push(m.created);
+    r.life_start.push(m.started - m.created);
+    r.life_wait.push(m.exited - m.started);
+    r.life_destroy.push(m.destroyed - m.exited);
+    r.life.push(m.destroyed);
     Ok(())
 }
 
@@ -289,9 +314,9 @@ fn docker_cli(args: &[&str]) -> anyhow::Result<(Duration, String)> {
 }
 
 /// `docker run -d ... sleep 600`, timed; `docker rm -f` untimed.
-fn cli_run_d(image: &str, name: &str, r: &mut Results) -> anyhow::Result<()> {
+fn cli_run_d(image: &str, flags: &[String], name: &str, r: &mut Results) -> anyhow::Result<()> {
     let mut args = vec!["run", "-d", "--name", name];
-    args.extend_from_slice(CLI_FLAGS);
+    args.extend(flags.iter().map(String::as_str));
     args.extend_from_slice(&[image, "/bin/sleep", "600"]);
     let (took, _) = docker_cli(&args)?;
     docker_cli(&["rm", "-f", name])?;
@@ -300,9 +325,9 @@ fn cli_run_d(image: &str, name: &str, r: &mut Results) -> anyhow::Result<()> {
 }
 
 /// `docker run --rm ... true`, timed.
-fn cli_run_rm(image: &str, name: &str, r: &mut Results) -> anyhow::Result<()> {
+fn cli_run_rm(image: &str, flags: &[String], name: &str, r: &mut Results) -> anyhow::Result<()> {
     let mut args = vec!["run", "--rm", "--name", name];
-    args.extend_from_slice(CLI_FLAGS);
+    args.extend(flags.iter().map(String::as_str));
     args.extend_from_slice(&[image, "/bin/true"]);
     let (took, _) = docker_cli(&args)?;
     r.cli_rm.push(took);
@@ -349,18 +374,17 @@ async fn cleanup(backend: &DockerBackend, prefix: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn ratio(ours: &Series, cli: &Series) -> Option<f64> {
-    match (ours.ms(50.0), cli.ms(50.0)) {
-        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-        _ => None,
-    }
-}
-
-fn report(r: &Results, n: usize, image: &str, json_out: bool) -> anyhow::Result<u8> {
-    let running_ratio = ratio(&r.running, &r.cli_d);
-    let life_ratio = ratio(&r.life, &r.cli_rm);
+fn report(
+    r: &Results,
+    n: usize,
+    image: &str,
+    flags: &[String],
+    json_out: bool,
+) -> anyhow::Result<u8> {
+    let running_ratio = r.running.p50_ratio(&r.cli_d);
+    let life_ratio = r.life.p50_ratio(&r.cli_rm);
     let met = |x: Option<f64>| x.map(|x| x <= TARGET_RATIO);
-    let flags = CLI_FLAGS.join(" ");
+    let flags = flags.join(" ");
     if json_out {
         println!(
             "{}",

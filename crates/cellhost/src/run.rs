@@ -111,7 +111,7 @@ pub fn backend_for(isolation: Isolation, state_dir: &Path) -> anyhow::Result<Arc
             )))
         }
         Isolation::Container => {
-            let mut cfg = cellhost_docker::DockerConfig::new(state_dir.join("docker"));
+            let mut cfg = docker_config(state_dir);
             cfg.progress = Some(std::sync::Arc::new(|line: &str| {
                 eprintln!("cellhost: {line}")
             }));
@@ -129,6 +129,12 @@ pub fn backend_for(isolation: Isolation, state_dir: &Path) -> anyhow::Result<Arc
             ))
         }
     }
+}
+
+/// The container tier's config for a state dir (its own subdir), with the
+/// default operator policy.
+pub fn docker_config(state_dir: &Path) -> cellhost_docker::DockerConfig {
+    cellhost_docker::DockerConfig::new(state_dir.join("docker"))
 }
 
 /// Map a backend error to an exit code.
@@ -247,7 +253,8 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
-    // Each container poll is two engine API calls: poll less often.
+    // Each container poll is two engine API calls (the whole log, an
+    // inspect): poll less often.
     let poll = if cell.spec.isolation == Isolation::Container {
         CONTAINER_POLL
     } else {
@@ -402,16 +409,16 @@ async fn pump_logs(
         let Ok(chunk) = backend.logs(handle, offset).await else {
             return offset;
         };
-        if chunk.data.is_empty() {
-            return offset;
-        }
         offset = chunk.next_offset;
         if json_out {
             captured.extend_from_slice(&chunk.data);
-        } else {
+        } else if !chunk.data.is_empty() {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&chunk.data);
             let _ = out.flush();
+        }
+        if !chunk.more {
+            return offset;
         }
     }
 }

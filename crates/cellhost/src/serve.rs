@@ -86,7 +86,7 @@ pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dy
     }
     let tier = report.tier(Isolation::Container);
     if tier.ok {
-        let mut cfg = cellhost_docker::DockerConfig::new(state_dir.join("docker"));
+        let mut cfg = crate::run::docker_config(state_dir);
         cfg.policy.restart_unless_stopped =
             args.container_restart == ContainerRestart::UnlessStopped;
         cfg.policy.publish_address = args.publish_address.to_string();
