@@ -19,3 +19,5 @@ mod report;
 pub use backend::*;
 pub use report::*;
 pub mod secrets;
+mod volume_key;
+pub use volume_key::*;

@@ -1,0 +1,547 @@
+//! Consumer-keyed encrypted volumes for cells.
+//!
+//! The consumer's 32-byte key ([`VolumeKey`]) encrypts the cell's
+//! persistent data, so a copy of the host's disk taken after the cell is
+//! gone (or while it is stopped) shows only ciphertext. Two engines put an
+//! ext4 file system on a LUKS container file:
+//!
+//! - **dm-crypt** ([`EngineKind::DmCrypt`], LUKS2) where the kernel has
+//!   device-mapper: `cryptsetup luksFormat` → `cryptsetup open` → ext4 on
+//!   `/dev/mapper/cellhost-<id>`.
+//! - **userspace** ([`EngineKind::Userspace`], LUKS1) where it has not
+//!   (containers, nested and CI hosts): `qemu-storage-daemon` opens the
+//!   container with its own LUKS driver and exports the decrypted view as a
+//!   FUSE file; a loop mount puts ext4 on it. qemu's LUKS driver reads
+//!   LUKS1, so this engine formats LUKS1; the format is recorded per volume.
+//!
+//! The engine is chosen by [`probe`] (dm-crypt when usable, else userspace)
+//! unless the operator forces one ([`EngineChoice`]).
+//!
+//! # Layout on the host
+//!
+//! ```text
+//! <root>/<id>/            0700 root, one per cell
+//!   volume.json           engine, LUKS format, size (never the key)
+//!   disk.luks             the LUKS container (sparse; header + ciphertext)
+//!   plain                 userspace only: qemu-storage-daemon's FUSE export
+//!   qsd.pid               userspace only: the storage daemon's pid
+//!   mnt/                  ext4 mount point
+//!   mnt/data/             what the tier binds into the cell at spec.volume.path
+//! ```
+//!
+//! Tiers bind `mnt/data`, never `mnt`: when the volume is closed that path
+//! does not exist, so an engine that would create a missing bind source
+//! (or a cell started by something other than cellhost) cannot write the
+//! cell's data, in plaintext, onto the host's disk under an empty mount
+//! point.
+//!
+//! # Lifecycle
+//!
+//! [`Volumes::create`]: pre-clean whatever is left at that id, write
+//! `volume.json`, make the sparse file, format, open, mkfs, mount, make
+//! `data/`. Any failure rolls back everything made (the same teardown as
+//! destroy). [`Volumes::close`] unmounts and closes (the container file
+//! stays); [`Volumes::open`] needs the key again. The storage daemon runs in
+//! its own session (`--daemonize`), and mounts are the kernel's, so an open
+//! volume outlives the cellhost process that opened it: a restarted daemon
+//! finds it open ([`Volumes::is_open`]). [`Volumes::destroy`] unmounts (lazy
+//! only when busy, then verified), closes, erases every keyslot, deletes the
+//! file and the dir, and records one residue check per kind of object.
+//!
+//! # Idempotency
+//!
+//! destroy and close on a missing or half-made volume do what is left and
+//! succeed; a second destroy finds nothing and reports zero residue. create
+//! starts with destroy's cleanup, so a crash mid-create is mended by the
+//! next create or destroy of that id.
+//!
+//! # Threat model
+//!
+//! Protects: data at rest from anyone who reads the host's disk, its
+//! backups or its snapshots, at any time the volume is closed, and forever
+//! after destroy (the keyslots are overwritten before the file is deleted,
+//! so even recovered blocks of the deleted file cannot be unlocked).
+//! Does not protect: against root on the host while the volume is open (the
+//! kernel or the storage daemon holds the master key in memory, and the
+//! mount is readable) — nothing short of confidential computing does.
+//! The key never touches argv, the environment, a file, a log or the store:
+//! cryptsetup reads it on stdin (`--key-file=-`); qemu-storage-daemon reads
+//! it as a `secret` object from its stdin (`file=/dev/stdin`), a pipe that
+//! is closed as soon as it is written. Passphrases are [`Zeroizing`].
+//!
+//! # Why shell out
+//!
+//! cryptsetup, qemu-storage-daemon, mkfs.ext4 and mount are the interfaces
+//! of record for LUKS formatting, qemu's block layer, ext4 and loop-device
+//! setup (mount(8) allocates the loop device under util-linux's lock and
+//! sets autoclear, so it detaches at umount). Reimplementing LUKS or ext4
+//! here would be both more code and less audit-able; the argv of every call
+//! is fixed text plus paths under `<root>`, and the key goes over a pipe.
+//! Unmounting is a syscall (`umount2`).
+
+mod engine;
+mod erase;
+mod tools;
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use cellhost_core::{TeardownReport, VolumeKey, ids::CellId};
+use serde::{Deserialize, Serialize};
+
+pub use engine::{EngineChoice, EngineKind, LuksFormat, Probe, probe};
+pub use tools::Tools;
+
+/// Bytes in a GiB.
+const GIB: u64 = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// No engine can run here, or a forced one cannot.
+    #[error("host lacks an encrypted-volume engine: {0}")]
+    Unavailable(String),
+    #[error("the volume key does not open the encrypted volume of cell {0}; nothing was changed")]
+    WrongKey(CellId),
+    #[error("cell {0} has no encrypted volume on this host")]
+    NotFound(CellId),
+    #[error("spec.volume.sizeGiB: {0}")]
+    Size(String),
+    /// A step of create/open failed; `step` names it (format, open, mkfs,
+    /// mount...), `detail` is the tool's own message.
+    #[error("encrypted volume of cell {id}: {step} failed: {detail}")]
+    Step {
+        id: CellId,
+        step: &'static str,
+        detail: String,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl VolumeError {
+    fn io(context: impl Into<String>, source: io::Error) -> Self {
+        VolumeError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// How the volumes of this host are made.
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    /// Parent of every per-cell volume dir (`<state>/volumes`).
+    pub root: PathBuf,
+    pub engine: EngineChoice,
+    /// Where the tools are (default: found on `PATH`).
+    pub tools: Tools,
+}
+
+impl VolumeConfig {
+    pub fn new(root: impl Into<PathBuf>) -> VolumeConfig {
+        VolumeConfig {
+            root: root.into(),
+            engine: EngineChoice::Auto,
+            tools: Tools::default(),
+        }
+    }
+}
+
+/// What `volume.json` records about a volume. Never the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeMeta {
+    pub engine: EngineKind,
+    pub format: LuksFormat,
+    pub size_gib: u64,
+}
+
+/// An open, mounted volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenVolume {
+    /// The directory a tier binds into the cell (`mnt/data`).
+    pub data_dir: PathBuf,
+    pub engine: EngineKind,
+    pub format: LuksFormat,
+    pub size_gib: u64,
+}
+
+/// The paths of one cell's volume.
+#[derive(Debug, Clone)]
+pub struct VolumePaths {
+    pub dir: PathBuf,
+    pub meta: PathBuf,
+    pub disk: PathBuf,
+    pub plain: PathBuf,
+    pub pidfile: PathBuf,
+    pub mnt: PathBuf,
+    pub data: PathBuf,
+    /// dm-crypt mapping name.
+    pub mapper: String,
+}
+
+/// The encrypted volumes of one host (one state dir).
+#[derive(Debug, Clone)]
+pub struct Volumes {
+    root: PathBuf,
+    engine: EngineKind,
+    tools: Tools,
+}
+
+impl Volumes {
+    /// Resolve the engine (probe, or the operator's forced choice) and
+    /// make the root dir. Fails when no engine can run here.
+    pub fn new(cfg: VolumeConfig) -> Result<Volumes, VolumeError> {
+        let p = engine::probe_with(&cfg.tools);
+        let engine = p.choose(cfg.engine).map_err(VolumeError::Unavailable)?;
+        mkdir_private(&cfg.root)?;
+        Ok(Volumes {
+            root: cfg.root,
+            engine,
+            tools: cfg.tools,
+        })
+    }
+
+    /// Use these tools from now on, without probing them again: a missing
+    /// or failing tool then fails the step that runs it (tests inject
+    /// failures this way).
+    pub fn with_tools(mut self, tools: Tools) -> Volumes {
+        self.tools = tools;
+        self
+    }
+
+    /// The engine new volumes get.
+    pub fn engine(&self) -> EngineKind {
+        self.engine
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn paths(&self, id: &CellId) -> VolumePaths {
+        let dir = self.root.join(id.as_str());
+        let mnt = dir.join("mnt");
+        VolumePaths {
+            meta: dir.join("volume.json"),
+            disk: dir.join("disk.luks"),
+            plain: dir.join("plain"),
+            pidfile: dir.join("qsd.pid"),
+            data: mnt.join("data"),
+            mnt,
+            mapper: id.object_name(),
+            dir,
+        }
+    }
+
+    /// Make, format, open and mount a new volume of `size_gib` GiB for
+    /// `id`, keyed by `key`. Leftovers at that id are removed first; on
+    /// error nothing of it is left.
+    pub fn create(
+        &self,
+        id: &CellId,
+        size_gib: u64,
+        key: &VolumeKey,
+    ) -> Result<OpenVolume, VolumeError> {
+        let p = self.paths(id);
+        let mut pre = TeardownReport::new(id.as_str());
+        self.destroy_into(id, &mut pre);
+        if !pre.is_clean() {
+            return Err(VolumeError::Step {
+                id: id.clone(),
+                step: "pre-clean",
+                detail: pre.summary(),
+            });
+        }
+        let r = self.create_steps(id, &p, size_gib, key);
+        if r.is_err() {
+            let mut rb = TeardownReport::new(id.as_str());
+            self.destroy_into(id, &mut rb);
+            if !rb.is_clean() {
+                tracing::error!(cell = %id, "volume rollback left residue: {}", rb.summary());
+            }
+        }
+        r
+    }
+
+    fn create_steps(
+        &self,
+        id: &CellId,
+        p: &VolumePaths,
+        size_gib: u64,
+        key: &VolumeKey,
+    ) -> Result<OpenVolume, VolumeError> {
+        if size_gib == 0 {
+            return Err(VolumeError::Size("must be >= 1".into()));
+        }
+        let bytes = size_gib
+            .checked_mul(GIB)
+            .filter(|b| i64::try_from(*b).is_ok())
+            .ok_or_else(|| VolumeError::Size(format!("{size_gib} GiB is too large")))?;
+        let free = free_bytes(&self.root)?;
+        if bytes > free {
+            return Err(VolumeError::Size(format!(
+                "{size_gib} GiB does not fit: {} GiB free under {}",
+                free / GIB,
+                self.root.display()
+            )));
+        }
+        let meta = VolumeMeta {
+            engine: self.engine,
+            format: self.engine.format(),
+            size_gib,
+        };
+        mkdir_private(&p.dir)?;
+        mkdir_private(&p.mnt)?;
+        write_meta(&p.meta, &meta)?;
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p.disk)
+            .map_err(|e| VolumeError::io(format!("creating {}", p.disk.display()), e))?;
+        f.set_len(bytes)
+            .map_err(|e| VolumeError::io(format!("sizing {}", p.disk.display()), e))?;
+        drop(f);
+        engine::format(&self.tools, id, p, meta.format, key)?;
+        let dev = engine::open(&self.tools, id, p, meta.engine, key)?;
+        self.tools.mkfs(id, &dev)?;
+        self.tools.mount(id, &dev, &p.mnt, meta.engine)?;
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&p.data)
+            .map_err(|e| VolumeError::io(format!("creating {}", p.data.display()), e))?;
+        Ok(open_volume(p, &meta))
+    }
+
+    /// The volume's recorded engine, format and size.
+    pub fn meta(&self, id: &CellId) -> Result<VolumeMeta, VolumeError> {
+        read_meta(&self.paths(id).meta)?.ok_or_else(|| VolumeError::NotFound(id.clone()))
+    }
+
+    /// Open and mount an existing, closed volume with its key. A wrong key
+    /// is [`VolumeError::WrongKey`] and leaves the volume as it was. Opening
+    /// an open volume returns it as is.
+    pub fn open(&self, id: &CellId, key: &VolumeKey) -> Result<OpenVolume, VolumeError> {
+        let p = self.paths(id);
+        let meta = self.meta(id)?;
+        if !p.disk.exists() {
+            return Err(VolumeError::NotFound(id.clone()));
+        }
+        if self.is_open(id) {
+            return Ok(open_volume(&p, &meta));
+        }
+        // A half-open state (daemon alive, no mount) from a crash: close
+        // first so open starts from the container file alone.
+        self.close(id)?;
+        let dev = engine::open(&self.tools, id, &p, meta.engine, key)?;
+        let mounted = self.tools.mount(id, &dev, &p.mnt, meta.engine);
+        if let Err(e) = mounted {
+            let _ = self.close(id);
+            return Err(e);
+        }
+        if !p.data.is_dir() {
+            let _ = self.close(id);
+            return Err(VolumeError::Step {
+                id: id.clone(),
+                step: "open",
+                detail: format!(
+                    "{} is missing from the opened file system",
+                    p.data.display()
+                ),
+            });
+        }
+        Ok(open_volume(&p, &meta))
+    }
+
+    /// The volume is mounted (so its data dir is usable).
+    pub fn is_open(&self, id: &CellId) -> bool {
+        let p = self.paths(id);
+        mounted_under(&p.mnt)
+            .map(|m| m.iter().any(|e| e == &p.mnt))
+            .unwrap_or(false)
+    }
+
+    /// The volume exists here (open or closed).
+    pub fn exists(&self, id: &CellId) -> bool {
+        self.paths(id).dir.exists()
+    }
+
+    /// Unmount and close; the container file stays. Idempotent.
+    pub fn close(&self, id: &CellId) -> Result<(), VolumeError> {
+        let p = self.paths(id);
+        let meta = read_meta(&p.meta)?;
+        tools::unmount(&p.mnt, false).map_err(|e| VolumeError::Step {
+            id: id.clone(),
+            step: "umount",
+            detail: e,
+        })?;
+        engine::close(&self.tools, id, &p, meta.map(|m| m.engine))
+    }
+
+    /// Remove every host object of the volume and record what is left:
+    /// checks `volume-mount`, `volume-loop`, `volume-daemon`,
+    /// `volume-mapper`, `volume-keyslots`, `volume-file`, `volume-dir`.
+    /// Never fails; a failed step is an error line in the report.
+    pub fn destroy_into(&self, id: &CellId, report: &mut TeardownReport) {
+        let p = self.paths(id);
+        let meta = read_meta(&p.meta).ok().flatten();
+        // 1. unmount (lazily only when busy), then verify.
+        if let Err(e) = tools::unmount(&p.mnt, true) {
+            report.error(format!("volume umount: {e}"));
+        }
+        // 2. close: storage daemon or dm mapping (both looked for, whatever
+        //    the record says, so a lost volume.json still gets closed).
+        if let Err(e) = engine::close(&self.tools, id, &p, meta.map(|m| m.engine)) {
+            report.error(format!("volume close: {e}"));
+        }
+        let mounts = mounted_under(&p.dir).unwrap_or_default();
+        report.check_detail(
+            "volume-mount",
+            p.dir.display().to_string(),
+            mounts.len() as u64,
+            format!("{mounts:?}"),
+        );
+        let loops = tools::loops_backed_by(&p.dir);
+        report.check_detail(
+            "volume-loop",
+            p.dir.display().to_string(),
+            loops.len() as u64,
+            loops.join(","),
+        );
+        let daemon = engine::daemon_pid(&p);
+        report.check_detail(
+            "volume-daemon",
+            p.pidfile.display().to_string(),
+            u64::from(daemon.is_some()),
+            format!("qemu-storage-daemon pid {daemon:?} still runs"),
+        );
+        let mapper = engine::mapper_exists(&p);
+        report.check(
+            "volume-mapper",
+            format!("/dev/mapper/{}", p.mapper),
+            u64::from(mapper),
+        );
+        // 3. keyslots: overwrite the header area before the file goes.
+        let slots = match erase::erase_header(&p.disk) {
+            Ok(left) => u64::from(left),
+            Err(e) => {
+                report.error(format!("volume keyslots: {e}"));
+                u64::from(p.disk.exists())
+            }
+        };
+        report.check_detail(
+            "volume-keyslots",
+            p.disk.display().to_string(),
+            slots,
+            "LUKS header still readable",
+        );
+        // 4. the file, 5. the dir (only when nothing is mounted in it).
+        if let Err(e) = remove_file(&p.disk) {
+            report.error(format!("volume file: {e}"));
+        }
+        report.check(
+            "volume-file",
+            p.disk.display().to_string(),
+            u64::from(p.disk.exists()),
+        );
+        if mounts.is_empty()
+            && let Err(e) = remove_dir(&p.dir)
+        {
+            report.error(format!("volume dir: {e}"));
+        }
+        report.check(
+            "volume-dir",
+            p.dir.display().to_string(),
+            u64::from(p.dir.exists()),
+        );
+    }
+
+    /// Ids of every volume dir under the root (reconcile's orphan sweep).
+    pub fn list(&self) -> Vec<CellId> {
+        let Ok(rd) = fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        rd.filter_map(|e| e.ok())
+            .filter_map(|e| CellId::parse(e.file_name().to_str()?).ok())
+            .collect()
+    }
+}
+
+fn open_volume(p: &VolumePaths, meta: &VolumeMeta) -> OpenVolume {
+    OpenVolume {
+        data_dir: p.data.clone(),
+        engine: meta.engine,
+        format: meta.format,
+        size_gib: meta.size_gib,
+    }
+}
+
+fn mkdir_private(dir: &Path) -> Result<(), VolumeError> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| VolumeError::io(format!("creating {}", dir.display()), e))
+}
+
+fn write_meta(path: &Path, meta: &VolumeMeta) -> Result<(), VolumeError> {
+    let text = serde_json::to_vec_pretty(meta).expect("VolumeMeta serializes");
+    let tmp = path.with_extension("json.tmp");
+    fs::write(&tmp, text)
+        .and_then(|()| fs::rename(&tmp, path))
+        .map_err(|e| VolumeError::io(format!("writing {}", path.display()), e))
+}
+
+fn read_meta(path: &Path) -> Result<Option<VolumeMeta>, VolumeError> {
+    match fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            VolumeError::io(
+                format!("reading {}", path.display()),
+                io::Error::new(io::ErrorKind::InvalidData, e),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(VolumeError::io(format!("reading {}", path.display()), e)),
+    }
+}
+
+fn free_bytes(dir: &Path) -> Result<u64, VolumeError> {
+    let s = nix::sys::statvfs::statvfs(dir).map_err(|e| {
+        VolumeError::io(
+            format!("statvfs {}", dir.display()),
+            io::Error::from_raw_os_error(e as i32),
+        )
+    })?;
+    Ok(s.blocks_available() * s.fragment_size())
+}
+
+/// Mount points at or under `dir`, from this process's mountinfo.
+fn mounted_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(cellhost_core::mountinfo::parse(&text)
+        .into_iter()
+        .map(|m| m.mount_point)
+        .filter(|m| m.starts_with(dir))
+        .collect())
+}
+
+fn remove_file(p: &Path) -> io::Result<()> {
+    match fs::remove_file(p) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+fn remove_dir(p: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(p) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}

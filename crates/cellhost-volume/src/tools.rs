@@ -1,0 +1,350 @@
+//! Running cryptsetup, qemu-storage-daemon, mkfs.ext4 and mount; unmounting
+//! and loop-device checks by syscall.
+//!
+//! Every child gets an empty environment plus `PATH` and `LC_ALL=C` (stable
+//! messages to match on), stdout discarded, stderr captured (capped), and
+//! a deadline after which it is killed. A secret goes to the child's stdin
+//! through a pipe that is closed as soon as it is written; argv holds only
+//! fixed flags and paths.
+
+use std::ffi::{OsStr, OsString};
+use std::fs;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use cellhost_core::ids::CellId;
+
+use crate::{EngineKind, VolumeError};
+
+/// Deadline for one tool run (formatting and mkfs of a big sparse file are
+/// the slow ones; they take milliseconds to seconds).
+const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+/// Most stderr kept from one tool.
+const MAX_STDERR: usize = 16 * 1024;
+
+/// Where the tools are. A bare name is looked up on `PATH` when run; a path
+/// is used as is. Operators with tools in odd places set these; tests use
+/// them to make a step fail.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub cryptsetup: PathBuf,
+    pub qemu_storage_daemon: PathBuf,
+    pub mkfs_ext4: PathBuf,
+    pub mount: PathBuf,
+}
+
+impl Default for Tools {
+    fn default() -> Self {
+        Tools {
+            cryptsetup: "cryptsetup".into(),
+            qemu_storage_daemon: "qemu-storage-daemon".into(),
+            mkfs_ext4: "mkfs.ext4".into(),
+            mount: "mount".into(),
+        }
+    }
+}
+
+/// The executable `tool` names, if there is one.
+pub(crate) fn find(tool: &Path) -> Option<PathBuf> {
+    let is_exec = |p: &Path| {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(p)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    };
+    if tool.components().count() > 1 {
+        return is_exec(tool).then(|| tool.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| is_exec(p))
+}
+
+/// How a tool run failed.
+#[derive(Debug)]
+pub(crate) enum RunError {
+    /// Not installed (or not executable).
+    Missing(String),
+    /// Ran and failed: exit code (None when killed) and its stderr.
+    Failed(Option<i32>, String),
+}
+
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Missing(m) => f.write_str(m),
+            RunError::Failed(Some(c), e) => write!(f, "exit {c}: {e}"),
+            RunError::Failed(None, e) => write!(f, "killed: {e}"),
+        }
+    }
+}
+
+/// Run `tool args…`, feeding `stdin` (then EOF) when given.
+pub(crate) fn run(tool: &Path, args: &[&OsStr], stdin: Option<&[u8]>) -> Result<(), RunError> {
+    let Some(exe) = find(tool) else {
+        return Err(RunError::Missing(format!(
+            "{} not found (install it: see `cellhost doctor`)",
+            tool.display()
+        )));
+    };
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    let mut child = Command::new(&exe)
+        .args(args)
+        .env_clear()
+        .env("PATH", path)
+        .env("LC_ALL", "C")
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| RunError::Missing(format!("{}: {e}", exe.display())))?;
+    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A child that exits early closes the pipe (EPIPE): its exit status
+        // and stderr say why, so the write error itself is not the story.
+        let _ = pipe.write_all(data);
+        drop(pipe);
+    }
+    let (tx, rx) = mpsc::channel();
+    if let Some(mut err) = child.stderr.take() {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = (&mut err).take(MAX_STDERR as u64).read_to_end(&mut buf);
+            let _ = tx.send(buf);
+        });
+    }
+    let deadline = Instant::now() + TOOL_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    // A daemonizing child may hold stderr a moment longer; do not wait on
+    // it forever.
+    let stderr = rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
+    let msg = one_line(&String::from_utf8_lossy(&stderr));
+    match status {
+        Some(s) if s.success() => Ok(()),
+        Some(s) => Err(RunError::Failed(s.code(), msg)),
+        None => Err(RunError::Failed(
+            None,
+            format!("no answer within {TOOL_TIMEOUT:?}; {msg}"),
+        )),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    let joined = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if joined.len() > 400 {
+        let mut cut = 400;
+        while !joined.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!("{}…", &joined[..cut])
+    } else {
+        joined
+    }
+}
+
+pub(crate) fn os(s: &str) -> &OsStr {
+    OsStr::new(s)
+}
+
+impl Tools {
+    /// ext4 on the opened device: no reserved blocks (the whole volume is
+    /// the cell's), no discard (which would tell the host which blocks of
+    /// the ciphertext are in use), lazy init (seconds → milliseconds).
+    pub(crate) fn mkfs(&self, id: &CellId, dev: &Path) -> Result<(), VolumeError> {
+        run(
+            &self.mkfs_ext4,
+            &[
+                os("-q"),
+                os("-F"),
+                os("-m"),
+                os("0"),
+                os("-L"),
+                os("cellhost"),
+                os("-E"),
+                os("lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0"),
+                dev.as_os_str(),
+            ],
+            None,
+        )
+        .map_err(|e| step(id, "mkfs", e))
+    }
+
+    /// Mount the opened device's ext4 at `mnt` (nosuid, nodev); through a
+    /// loop device (autoclear) when the device is the userspace engine's
+    /// FUSE file.
+    pub(crate) fn mount(
+        &self,
+        id: &CellId,
+        dev: &Path,
+        mnt: &Path,
+        engine: EngineKind,
+    ) -> Result<(), VolumeError> {
+        let opts = match engine {
+            EngineKind::Userspace => "loop,nosuid,nodev",
+            EngineKind::DmCrypt => "nosuid,nodev",
+        };
+        run(
+            &self.mount,
+            &[
+                os("-t"),
+                os("ext4"),
+                os("-o"),
+                os(opts),
+                dev.as_os_str(),
+                mnt.as_os_str(),
+            ],
+            None,
+        )
+        .map_err(|e| step(id, "mount", e))
+    }
+}
+
+pub(crate) fn step(id: &CellId, step: &'static str, e: RunError) -> VolumeError {
+    match e {
+        RunError::Missing(m) => VolumeError::Unavailable(format!("{step}: {m}")),
+        e => VolumeError::Step {
+            id: id.clone(),
+            step,
+            detail: e.to_string(),
+        },
+    }
+}
+
+/// Unmount whatever is mounted at `mnt` (stacked mounts too). When busy
+/// and `lazy_if_busy`, detach lazily; then verify nothing is mounted there.
+pub(crate) fn unmount(mnt: &Path, lazy_if_busy: bool) -> Result<(), String> {
+    use nix::errno::Errno;
+    use nix::mount::{MntFlags, umount2};
+    for _ in 0..8 {
+        if !is_mount_point(mnt) {
+            return Ok(());
+        }
+        match umount2(mnt, MntFlags::empty()) {
+            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+            Err(Errno::EBUSY) if lazy_if_busy => {
+                tracing::warn!(mount = %mnt.display(), "volume busy at destroy: detaching lazily");
+                umount2(mnt, MntFlags::MNT_DETACH)
+                    .map_err(|e| format!("lazy umount {}: {e}", mnt.display()))?;
+            }
+            Err(e) => return Err(format!("umount {}: {e}", mnt.display())),
+        }
+    }
+    if is_mount_point(mnt) {
+        Err(format!("{} is still mounted", mnt.display()))
+    } else {
+        Ok(())
+    }
+}
+
+fn is_mount_point(p: &Path) -> bool {
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|t| {
+            cellhost_core::mountinfo::parse(&t)
+                .iter()
+                .any(|m| m.mount_point == p)
+        })
+        .unwrap_or(false)
+}
+
+/// Loop devices whose backing file lies under `dir` (`/dev/loopN`).
+pub(crate) fn loops_backed_by(dir: &Path) -> Vec<String> {
+    let Ok(rd) = fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = rd
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            if !name.starts_with("loop") {
+                return None;
+            }
+            let back = fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
+            let back = PathBuf::from(back.trim_end_matches('\n'));
+            back.starts_with(dir).then(|| format!("/dev/{name}"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+nix::ioctl_none!(loop_clr_fd, 0x4C, 0x01);
+
+/// Detach loop devices still backed by files under `dir` (a mount that
+/// failed after its loop was set up, or a lazily unmounted volume once its
+/// last user left). Errors are returned per device.
+pub(crate) fn detach_loops(dir: &Path) -> Vec<String> {
+    let mut errors = Vec::new();
+    for dev in loops_backed_by(dir) {
+        let r = fs::OpenOptions::new()
+            .read(true)
+            .open(&dev)
+            .map_err(|e| e.to_string())
+            .and_then(|f| clear_loop(&f).map_err(|e| e.to_string()));
+        if let Err(e) = r {
+            errors.push(format!("detach {dev}: {e}"));
+        }
+    }
+    errors
+}
+
+fn clear_loop(f: &fs::File) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: LOOP_CLR_FD takes no argument; the fd is an open loop device
+    // that lives for the duration of the call.
+    unsafe { loop_clr_fd(f.as_raw_fd()) }.map(|_| ())
+}
+
+/// `,` doubled, as qemu's option syntax wants inside a value.
+pub(crate) fn qemu_escape(p: &Path) -> OsString {
+    let s = p.as_os_str().to_string_lossy().replace(',', ",,");
+    OsString::from(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_reports_missing_and_failing_tools() {
+        match run(Path::new("/nonexistent/tool"), &[], None) {
+            Err(RunError::Missing(m)) => assert!(m.contains("/nonexistent/tool"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        match run(
+            Path::new("sh"),
+            &[os("-c"), os("echo nope >&2; exit 3")],
+            None,
+        ) {
+            Err(RunError::Failed(Some(3), m)) => assert_eq!(m, "nope"),
+            other => panic!("{other:?}"),
+        }
+        run(
+            Path::new("sh"),
+            &[os("-c"), os("read x; test \"$x\" = abc")],
+            Some(b"abc\n"),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn qemu_values_escape_commas() {
+        assert_eq!(qemu_escape(Path::new("/a,b/c")), OsString::from("/a,,b/c"));
+    }
+}
