@@ -40,6 +40,9 @@ pub struct CreateRequest {
     /// Who the cell belongs to (the supervisor's owner), for tiers that
     /// label host objects with it; `None` outside the daemon.
     pub owner: Option<String>,
+    /// The consumer's key for `spec.volume` with `encrypted: true`; held in
+    /// memory only, zeroed when the request is dropped.
+    pub volume_key: Option<crate::VolumeKey>,
 }
 
 /// What destroy, status and reconcile need to find a cell's host objects
@@ -287,6 +290,20 @@ pub trait Backend: Send + Sync {
         let _ = handle;
         Err(BackendError::Unsupported {
             op: "usage",
+            tier: self.isolation(),
+        })
+    }
+
+    /// Open a stopped cell's encrypted volume again with its key, so the
+    /// cell can start. Tiers whose cells cannot restart say so.
+    async fn open_volume(
+        &self,
+        handle: &CellHandle,
+        key: &crate::VolumeKey,
+    ) -> Result<(), BackendError> {
+        let _ = (handle, key);
+        Err(BackendError::Unsupported {
+            op: "open_volume",
             tier: self.isolation(),
         })
     }

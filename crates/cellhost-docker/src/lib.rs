@@ -98,6 +98,9 @@ pub struct DockerConfig {
     pub policy: Policy,
     /// Where pull progress goes (the CLI prints it); `None` logs it.
     pub progress: Option<PullProgress>,
+    /// Engine of encrypted volumes (`<state>/volumes`, bind-mounted into
+    /// the container).
+    pub volume_engine: cellhost_volume::EngineChoice,
 }
 
 impl DockerConfig {
@@ -114,6 +117,7 @@ impl DockerConfig {
                 stop_timeout_secs: 5,
             },
             progress: None,
+            volume_engine: cellhost_volume::EngineChoice::Auto,
         }
     }
 }
@@ -137,6 +141,8 @@ pub struct DockerBackend {
     /// retried until it succeeds, so a backend made while dockerd is down
     /// works once it is up.
     negotiated: OnceCell<Docker>,
+    /// Encrypted volumes of this tier's cells.
+    volumes: cellhost_volume::Volumes,
 }
 
 /// Is this an engine answer with `status`?
@@ -165,7 +171,10 @@ impl DockerBackend {
         let local = Docker::connect_with_local_defaults()
             .map(|d| d.with_timeout(API_TIMEOUT))
             .map_err(|e| e.to_string());
+        let mut vcfg = cellhost_volume::VolumeConfig::new(cfg.state_dir.join("volumes"));
+        vcfg.engine = cfg.volume_engine;
         DockerBackend {
+            volumes: cellhost_volume::Volumes::new(vcfg),
             cfg,
             instance,
             local,
@@ -279,7 +288,19 @@ impl DockerBackend {
             cellhost_core::secrets::write_tmpfs(&s, &req.secrets)?;
             Some(s)
         };
-        let volume = if cell.spec.volume.is_some() {
+        let encrypted = {
+            let (vols, id, c) = (self.volumes.clone(), req.id.clone(), cell.clone());
+            let key = req
+                .volume_key
+                .as_ref()
+                .map(cellhost_core::VolumeKey::duplicate);
+            tokio::task::spawn_blocking(move || vols.create_for(&id, &c, key.as_ref()))
+                .await
+                .map_err(|e| BackendError::Engine(format!("volume task: {e}")))??
+        };
+        let volume = if let Some(open) = &encrypted {
+            Some(mapping::VolumeSource::Bind(open.data_dir.as_path()))
+        } else if cell.spec.volume.is_some() {
             let v = VolumeCreateRequest {
                 name: Some(names.volume.clone()),
                 driver: Some("local".into()),
@@ -290,7 +311,7 @@ impl DockerBackend {
                 .create_volume(v)
                 .await
                 .map_err(|e| engine_err(&format!("creating volume {}", names.volume), e))?;
-            Some(names.volume.as_str())
+            Some(mapping::VolumeSource::Named(names.volume.as_str()))
         } else {
             None
         };
@@ -316,15 +337,9 @@ impl DockerBackend {
     }
 
     /// Refuse what this tier cannot do yet, before anything is made.
-    fn check_supported(cell: &Cell) -> Result<(), BackendError> {
-        if let Some(v) = &cell.spec.volume
-            && v.encrypted
-        {
-            return Err(BackendError::MissingCapability {
-                capability: "volume.encrypted".into(),
-                detail: "encrypted volumes for containers come with the volumes engine; use encrypted: false".into(),
-            });
-        }
+    fn check_supported(&self, req: &CreateRequest) -> Result<(), BackendError> {
+        let cell = &req.cell;
+        self.volumes.admit(cell, req.volume_key.as_ref())?;
         if !cell.spec.ports.is_empty() && cell.spec.network.mode == NetworkMode::None {
             return Err(BackendError::Invalid(
                 "spec.ports: publishing ports needs spec.network.mode: bridged (mode none is loopback only)".into(),
@@ -411,7 +426,7 @@ impl DockerBackend {
             .flatten()
             .flatten()
             .filter_map(|e| CellId::parse(&e.file_name().to_string_lossy()).ok());
-        for id in vol_ids.chain(dir_ids) {
+        for id in vol_ids.chain(dir_ids).chain(self.volumes.list()) {
             if seen.insert(id.clone()) {
                 // Leftovers without a container: nothing runs.
                 out.push((id, CellState::Exited));
@@ -503,7 +518,7 @@ impl Backend for DockerBackend {
                 req.cell.spec.isolation
             )));
         }
-        Self::check_supported(&req.cell)?;
+        self.check_supported(&req)?;
         let docker = self.client().await?;
         let handle = self.handle_for(&req.id, &req.cell);
         // Leftovers of an earlier attempt at this id go first.
@@ -529,6 +544,9 @@ impl Backend for DockerBackend {
     }
 
     async fn start(&self, handle: &CellHandle) -> Result<(), BackendError> {
+        // Without its open volume the bind source is missing: say why
+        // rather than let the engine fail on the path.
+        self.volumes.require_open(&handle.id)?;
         let docker = self.client().await?;
         let name = Names::of(&handle.id).container;
         match docker.start_container(&name, None).await {
@@ -552,12 +570,31 @@ impl Backend for DockerBackend {
         // that long on top of the usual timeout.
         let stopper = docker.clone().with_timeout(API_TIMEOUT + grace);
         match stopper.stop_container(&name, Some(opts)).await {
-            Ok(()) => Ok(()),
+            Ok(()) => {}
             // 304: already stopped.
-            Err(e) if is_status(&e, 304) => Ok(()),
-            Err(e) if is_status(&e, 404) => Err(BackendError::NotFound(handle.id.clone())),
-            Err(e) => Err(engine_err(&format!("stopping {name}"), e)),
+            Err(e) if is_status(&e, 304) => {}
+            Err(e) if is_status(&e, 404) => return Err(BackendError::NotFound(handle.id.clone())),
+            Err(e) => return Err(engine_err(&format!("stopping {name}"), e)),
         }
+        // Data at rest is ciphertext while the cell does not run; start
+        // needs the key again.
+        let (vols, id) = (self.volumes.clone(), handle.id.clone());
+        tokio::task::spawn_blocking(move || vols.close_if_any(&id))
+            .await
+            .map_err(|e| BackendError::Engine(format!("volume task: {e}")))?
+    }
+
+    async fn open_volume(
+        &self,
+        handle: &CellHandle,
+        key: &cellhost_core::VolumeKey,
+    ) -> Result<(), BackendError> {
+        let (vols, id) = (self.volumes.clone(), handle.id.clone());
+        let key = key.duplicate();
+        tokio::task::spawn_blocking(move || vols.open(&id, &key).map(|_| ()))
+            .await
+            .map_err(|e| BackendError::Engine(format!("volume task: {e}")))?
+            .map_err(BackendError::from)
     }
 
     async fn destroy(&self, handle: &CellHandle) -> Result<TeardownReport, BackendError> {
@@ -613,6 +650,19 @@ impl Backend for DockerBackend {
             if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
                 report.error(format!("unmounting {}: {e}", m.display()));
             }
+        }
+        let volume_dir_existed = self.volumes.exists(&handle.id);
+        if volume_dir_existed {
+            let (vols, id) = (self.volumes.clone(), handle.id.clone());
+            let mut vr = TeardownReport::new(id.as_str());
+            let vr = tokio::task::spawn_blocking(move || {
+                vols.destroy_into(&id, &mut vr);
+                vr
+            })
+            .await
+            .map_err(|e| BackendError::Engine(format!("volume task: {e}")))?;
+            report.checks.extend(vr.checks);
+            report.errors.extend(vr.errors);
         }
         let dir_existed = match fs::remove_dir_all(&dir) {
             Ok(()) => true,
@@ -697,7 +747,8 @@ impl Backend for DockerBackend {
             dir.display().to_string(),
             (dir_existed && dir.exists()) as u64,
         );
-        report.already_gone = !container_existed && !volume_existed && !dir_existed;
+        report.already_gone =
+            !container_existed && !volume_existed && !dir_existed && !volume_dir_existed;
         Ok(report)
     }
 

@@ -89,15 +89,24 @@ pub fn labels(
     l
 }
 
+/// What backs `spec.volume`.
+#[derive(Debug, Clone, Copy)]
+pub enum VolumeSource<'a> {
+    /// An engine volume (plain `spec.volume`).
+    Named(&'a str),
+    /// The open encrypted volume's data dir on the host.
+    Bind(&'a Path),
+}
+
 /// The create body. `secrets_dir` is the host tmpfs holding the secret
-/// files (bind-mounted read-only at [`SECRETS_TARGET`]); `volume` is the
-/// named volume for `spec.volume`.
+/// files (bind-mounted read-only at [`SECRETS_TARGET`]); `volume` backs
+/// `spec.volume`.
 pub fn create_body(
     cell: &Cell,
     labels: HashMap<String, String>,
     policy: &Policy,
     secrets_dir: Option<&Path>,
-    volume: Option<&str>,
+    volume: Option<VolumeSource<'_>>,
 ) -> ContainerCreateBody {
     let spec = &cell.spec;
     let mut labels = labels;
@@ -115,11 +124,17 @@ pub fn create_body(
             ..Default::default()
         });
     }
-    if let (Some(v), Some(name)) = (&spec.volume, volume) {
+    if let (Some(v), Some(src)) = (&spec.volume, volume) {
+        // A bind (not `Binds`): the engine refuses a missing source rather
+        // than creating an empty dir, so a closed volume cannot start.
+        let (source, typ) = match src {
+            VolumeSource::Named(name) => (name.to_string(), MountType::VOLUME),
+            VolumeSource::Bind(dir) => (dir.display().to_string(), MountType::BIND),
+        };
         mounts.push(Mount {
             target: Some(v.path.clone()),
-            source: Some(name.to_string()),
-            typ: Some(MountType::VOLUME),
+            source: Some(source),
+            typ: Some(typ),
             read_only: Some(false),
             ..Default::default()
         });
@@ -274,7 +289,7 @@ spec:
             labels(&id, "inst", Some("alice"), "web"),
             &policy(),
             Some(Path::new("/run/x/secrets")),
-            Some(&names.volume),
+            Some(VolumeSource::Named(&names.volume)),
         );
         assert_eq!(body.env.as_deref().unwrap(), ["B=2", "A=1"]);
         assert_eq!(body.entrypoint.as_deref(), Some(&[][..]));

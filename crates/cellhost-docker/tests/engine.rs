@@ -373,6 +373,7 @@ async fn missing_image_fails_clearly_and_leaves_nothing() {
             cell: c.clone(),
             secrets: vec![secret("s", "x")],
             owner: None,
+            volume_key: None,
         })
         .await
         .expect_err("a pull with no registry must fail");
@@ -488,6 +489,7 @@ async fn unsupported_combinations_are_refused_before_anything_is_made() {
                 cell: cell(body),
                 secrets: vec![],
                 owner: None,
+                volume_key: None,
             })
             .await
             .expect_err(body);

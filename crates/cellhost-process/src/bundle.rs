@@ -231,6 +231,8 @@ pub struct SpecInputs<'a> {
     pub root: &'a RootSource,
     /// Host dir (a tmpfs) holding the secret files, if the cell has secrets.
     pub secrets_dir: Option<&'a Path>,
+    /// The opened encrypted volume: (`spec.volume.path`, host data dir).
+    pub volume: Option<(&'a str, &'a Path)>,
     /// Relative cgroup path (`/cellhost/cellhost-<id>`).
     pub cgroup_path: &'a str,
 }
@@ -337,6 +339,23 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
                 .source(dir)
                 .options(
                     ["bind", "ro", "nosuid", "nodev", "noexec"]
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect::<Vec<_>>(),
+                )
+                .build()
+                .map_err(spec_err)?,
+        );
+    }
+
+    if let Some((dest, source)) = inp.volume {
+        mounts.push(
+            MountBuilder::default()
+                .destination(dest)
+                .typ("bind")
+                .source(source)
+                .options(
+                    ["rbind", "rw", "nosuid", "nodev"]
                         .iter()
                         .map(|s| s.to_string())
                         .collect::<Vec<_>>(),

@@ -66,7 +66,7 @@ use async_trait::async_trait;
 use cellhost_core::ids::CellId;
 use cellhost_core::{
     Backend, BackendError, CellHandle, CellState, CellStatus, CreateRequest, ExecOutput,
-    ExecRequest, ExitInfo, ListedCell, LogChunk, ResourceUsage, TeardownReport,
+    ExecRequest, ExitInfo, ListedCell, LogChunk, ResourceUsage, TeardownReport, VolumeKey,
 };
 use cellhost_spec::{Cell, Isolation};
 use nix::sys::signal::{Signal, kill};
@@ -136,6 +136,8 @@ pub struct ProcessConfig {
     /// Most bytes of workload output kept in a cell's log; the rest is
     /// dropped (see `shim::copy_capped`).
     pub log_cap_bytes: u64,
+    /// Which encrypted-volume engine (`<state>/volumes`).
+    pub volume_engine: cellhost_volume::EngineChoice,
 }
 
 /// Default cap on a cell's log: 64 MiB.
@@ -148,6 +150,7 @@ impl ProcessConfig {
             state_dir,
             shim,
             log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
+            volume_engine: cellhost_volume::EngineChoice::Auto,
         }
     }
 }
@@ -162,6 +165,8 @@ pub struct ProcessBackend {
     hierarchies: Arc<OnceLock<Vec<Hierarchy>>>,
     /// This instance's cgroup group (see [`hostfs::instance_tag`]).
     instance: String,
+    /// Encrypted volumes of this tier's cells (`<state>/volumes/<id>`).
+    volumes: cellhost_volume::Volumes,
 }
 
 /// Paths of one cell on the host, derived from its id.
@@ -204,7 +209,10 @@ impl ProcessBackend {
             cfg.state_dir = abs;
         }
         let instance = hostfs::instance_tag(&cfg.state_dir);
+        let mut vcfg = cellhost_volume::VolumeConfig::new(cfg.state_dir.join("volumes"));
+        vcfg.engine = cfg.volume_engine;
         ProcessBackend {
+            volumes: cellhost_volume::Volumes::new(vcfg),
             cfg,
             hierarchies: Arc::default(),
             instance,
@@ -276,6 +284,11 @@ impl ProcessBackend {
         &self.cfg.state_dir
     }
 
+    /// This tier's encrypted volumes.
+    pub fn volumes(&self) -> &cellhost_volume::Volumes {
+        &self.volumes
+    }
+
     pub fn paths(&self, id: &CellId) -> CellPaths {
         CellPaths {
             dir: self.cfg.state_dir.join("cells").join(id.as_str()),
@@ -296,7 +309,7 @@ impl ProcessBackend {
 
     /// Check the host can enforce what the document asks, before any side
     /// effect.
-    fn admit(&self, cell: &Cell) -> Result<(), BackendError> {
+    fn admit(&self, cell: &Cell, key: Option<&VolumeKey>) -> Result<(), BackendError> {
         if !nix::unistd::geteuid().is_root() {
             return Err(BackendError::MissingCapability {
                 capability: "root".into(),
@@ -329,12 +342,14 @@ impl ProcessBackend {
                     .into(),
             });
         }
-        if cell.spec.volume.is_some() {
+        if cell.spec.volume.as_ref().is_some_and(|v| !v.encrypted) {
             return Err(BackendError::MissingCapability {
                 capability: "volume".into(),
-                detail: "spec.volume is not supported by the process tier yet".into(),
+                detail: "the process tier has encrypted volumes only (spec.volume.encrypted: true)"
+                    .into(),
             });
         }
+        self.volumes.admit(cell, key)?;
         if !cell.spec.ports.is_empty() {
             return Err(BackendError::MissingCapability {
                 capability: "ports".into(),
@@ -358,11 +373,23 @@ impl ProcessBackend {
             cellhost_core::secrets::write_tmpfs(&p.secrets(), &req.secrets)?;
             Some(p.secrets())
         };
+        let volume = {
+            let (vols, id, cell) = (self.volumes.clone(), req.id.clone(), req.cell.clone());
+            let key = req.volume_key.as_ref().map(VolumeKey::duplicate);
+            tokio::task::spawn_blocking(move || vols.create_for(&id, &cell, key.as_ref()))
+                .await
+                .map_err(|e| BackendError::Engine(format!("volume task: {e}")))??
+        };
+        let volume = match (&volume, &req.cell.spec.volume) {
+            (Some(open), Some(v)) => Some((v.path.as_str(), open.data_dir.as_path())),
+            _ => None,
+        };
         let cgroup_path = format!("/{}/{}", hostfs::CGROUP_PARENT, p.cgroup);
         let spec = bundle::oci_spec(&bundle::SpecInputs {
             cell: &req.cell,
             root: &root,
             secrets_dir: secrets_dir.as_deref(),
+            volume,
             cgroup_path: &cgroup_path,
         })
         .map_err(|e| BackendError::Engine(e.to_string()))?;
@@ -478,7 +505,7 @@ impl ProcessBackend {
     fn destroy_blocking(&self, id: &CellId) -> TeardownReport {
         let p = self.paths(id);
         let mut report = TeardownReport::new(id.as_str());
-        report.already_gone = !p.dir.exists();
+        report.already_gone = !p.dir.exists() && !self.volumes.exists(id);
         let cg = match self.cgroups_of(&p.cgroup) {
             Ok(cg) => cg,
             Err(e) => {
@@ -538,7 +565,10 @@ impl ProcessBackend {
             }
         }
 
-        // 4. the cell dir.
+        // 4. the encrypted volume (its own dir; checks of its own).
+        self.volumes.destroy_if_any(id, &mut report);
+
+        // 5. the cell dir.
         if let Err(e) = fs::remove_dir_all(&p.dir)
             && e.kind() != io::ErrorKind::NotFound
         {
@@ -616,6 +646,11 @@ impl ProcessBackend {
                 if let Ok(id) = CellId::parse(&e.file_name().to_string_lossy()) {
                     ids.push(id);
                 }
+            }
+        }
+        for id in self.volumes.list() {
+            if !ids.contains(&id) {
+                ids.push(id);
             }
         }
         if let Ok(hs) = self.cached_hierarchies() {
@@ -841,10 +876,10 @@ impl Backend for ProcessBackend {
                 req.cell.spec.isolation
             )));
         }
-        self.admit(&req.cell)?;
+        self.admit(&req.cell, req.volume_key.as_ref())?;
         let handle = self.handle_for(&req.id, &req.cell);
         let p = self.paths(&req.id);
-        if p.dir.exists() {
+        if p.dir.exists() || self.volumes.exists(&req.id) {
             // Leftovers at this id: pre-clean (idempotent).
             let _ = self.destroy(&handle).await?;
         }
@@ -867,7 +902,9 @@ impl Backend for ProcessBackend {
     async fn start(&self, handle: &CellHandle) -> Result<(), BackendError> {
         let p = self.paths(&handle.id);
         let id = handle.id.clone();
+        let vols = self.volumes.clone();
         tokio::task::spawn_blocking(move || {
+            vols.require_open(&id)?;
             start_container(&p.lc_state()).map_err(|e| match e {
                 BackendError::Engine(m) => BackendError::Engine(format!("starting cell {id}: {m}")),
                 other => other,
@@ -883,7 +920,7 @@ impl Backend for ProcessBackend {
             let p = this.paths(&id);
             let st = this.status_blocking(&id);
             if st.state != CellState::Running && st.state != CellState::Created {
-                return Ok(());
+                return this.volumes.close_if_any(&id);
             }
             if let Some(pid) = st.pid {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
@@ -902,7 +939,8 @@ impl Backend for ProcessBackend {
                 Instant::now() + KILL_TIMEOUT,
             );
             this.wait_shim_gone(&p, Instant::now() + KILL_TIMEOUT);
-            Ok(())
+            // Data at rest is ciphertext while the cell does not run.
+            this.volumes.close_if_any(&id)
         })
         .await?
     }

@@ -33,7 +33,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cellhost_core::{ExecRequest, SecretValue};
+use cellhost_core::{ExecRequest, SecretValue, VolumeKey};
 use cellhost_spec::SecretSource;
 use futures_util::stream::{self, Stream};
 use serde::{Deserialize, Serialize};
@@ -43,7 +43,7 @@ use zeroize::Zeroizing;
 use crate::error::SupervisorError;
 use crate::events::CloudEvent;
 use crate::node::NodeStatus;
-use crate::supervisor::{Caller, CellView, Supervisor};
+use crate::supervisor::{Caller, CellView, Confidential, Supervisor};
 use crate::tokens::Tokens;
 
 /// Largest request body accepted (a document is capped at 1 MiB by the
@@ -339,7 +339,10 @@ pub struct Health {
 
 /// Create (and start) a cell.
 #[utoipa::path(post, path = "/v1/cells", tag = "cells",
-    params(CreateQuery),
+    params(CreateQuery, (
+        "Cellhost-Volume-Key" = Option<String>, Header,
+        description = "Key of an encrypted spec.volume: 32 bytes as 64 hex digits or base64. Held in memory only, never stored."
+    )),
     request_body(content(
         (CellDocument = "application/json"),
         (CellDocument = "application/yaml"),
@@ -356,9 +359,11 @@ async fn create_cell(
     State(st): State<AppState>,
     Extension(caller): Extension<Caller>,
     q: Result<Query<CreateQuery>, QueryRejection>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> ApiResult<(StatusCode, Json<CellView>)> {
     let q = query(q)?;
+    let volume_key = volume_key(&headers)?;
     let body = body.map_err(|rej| body_rejected(rej.status(), rej.body_text()))?;
     let text = std::str::from_utf8(&body)
         .map_err(|_| ApiFailure::bad_request(None, "the document is not UTF-8"))?;
@@ -375,12 +380,28 @@ async fn create_cell(
         };
         ApiFailure::bad_request(field.as_deref(), message)
     })?;
-    let secrets = take_inline_secrets(&mut cell)?;
+    let confidential = Confidential {
+        secrets: take_inline_secrets(&mut cell)?,
+        volume_key,
+    };
     let view = st
         .sup
-        .create(&caller, cell, secrets, q.start.unwrap_or(true))
+        .create(&caller, cell, confidential, q.start.unwrap_or(true))
         .await?;
     Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// The header that carries an encrypted volume's key.
+pub const VOLUME_KEY_HEADER: &str = "cellhost-volume-key";
+
+/// The volume key from its header, if sent.
+fn volume_key(headers: &HeaderMap) -> ApiResult<Option<VolumeKey>> {
+    let Some(v) = headers.get(VOLUME_KEY_HEADER) else {
+        return Ok(None);
+    };
+    VolumeKey::parse(v.as_bytes())
+        .map(Some)
+        .map_err(|e| ApiFailure::bad_request(Some("Cellhost-Volume-Key"), e.to_string()))
 }
 
 /// Move every secret's value out of the document (API documents may carry
@@ -454,9 +475,13 @@ async fn delete_cell(
 
 /// Start a created (or stopped, where the tier can) cell.
 #[utoipa::path(post, path = "/v1/cells/{id}/start", tag = "cells",
-    params(("id" = String, Path, description = "Cell id")),
+    params(("id" = String, Path, description = "Cell id"), (
+        "Cellhost-Volume-Key" = Option<String>, Header,
+        description = "Reopens the cell's encrypted volume (closed when it stopped)."
+    )),
     responses(
         (status = 200, body = CellView),
+        (status = 400, body = ApiError),
         (status = 401, body = ApiError),
         (status = 404, body = ApiError),
         (status = 409, body = ApiError),
@@ -465,8 +490,10 @@ async fn start_cell(
     State(st): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> ApiResult<Json<CellView>> {
-    Ok(Json(st.sup.start(&caller, &id).await?))
+    let key = volume_key(&headers)?;
+    Ok(Json(st.sup.start(&caller, &id, key).await?))
 }
 
 /// Stop the workload (SIGTERM, SIGKILL after the grace); the cell stays.

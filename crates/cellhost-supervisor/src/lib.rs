@@ -17,4 +17,6 @@ pub mod supervisor;
 pub mod tokens;
 
 pub use error::SupervisorError;
-pub use supervisor::{Caller, CellView, ReconcileSummary, Supervisor, SupervisorConfig};
+pub use supervisor::{
+    Caller, CellView, Confidential, ReconcileSummary, Supervisor, SupervisorConfig,
+};

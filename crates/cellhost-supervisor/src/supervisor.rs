@@ -67,8 +67,18 @@ use std::time::{Duration, Instant};
 use cellhost_core::ids::CellId;
 use cellhost_core::{
     Backend, CellHandle, CellState, CreateRequest, ExecOutput, ExecRequest, ExitInfo, LogChunk,
-    SecretValue, TeardownReport,
+    SecretValue, TeardownReport, VolumeKey,
 };
+
+/// What comes with a create request and must never be stored or logged:
+/// secret values and the encrypted volume's key. Zeroed on drop.
+#[derive(Debug, Default)]
+pub struct Confidential {
+    /// A value for every `spec.secrets` entry, in order.
+    pub secrets: Vec<SecretValue>,
+    /// The key of `spec.volume` when it is encrypted.
+    pub volume_key: Option<VolumeKey>,
+}
 use cellhost_spec::{Cell, Isolation};
 use cellhost_store::{
     CellRecord, CellUpdate, Desired, NewCell, Observed, Store, StoreError, UsageInterval,
@@ -498,13 +508,13 @@ impl Supervisor {
     // ---------------------------------------------------------------- create
 
     /// Admit, record, create and (unless `start` is false) start a cell.
-    /// `cell` must be validated; `secrets` hold a value for every
-    /// `spec.secrets` entry, in order.
+    /// `cell` must be validated; `confidential` holds its secret values and
+    /// volume key.
     pub async fn create(
         self: &Arc<Self>,
         caller: &Caller,
         cell: Cell,
-        secrets: Vec<SecretValue>,
+        confidential: Confidential,
         start: bool,
     ) -> Result<CellView> {
         let backend = self.backend(cell.spec.isolation)?.clone();
@@ -524,7 +534,7 @@ impl Supervisor {
         }
         let t0 = Instant::now();
         let out = self
-            .create_inner(caller, &id, cell, secrets, start, &backend)
+            .create_inner(caller, &id, cell, confidential, start, &backend)
             .await;
         drop(guard);
         match &out {
@@ -549,7 +559,7 @@ impl Supervisor {
         caller: &Caller,
         id: &CellId,
         cell: Cell,
-        secrets: Vec<SecretValue>,
+        confidential: Confidential,
         start: bool,
         backend: &Arc<dyn Backend>,
     ) -> Result<CellView> {
@@ -590,8 +600,9 @@ impl Supervisor {
             .create(CreateRequest {
                 id: id.clone(),
                 cell,
-                secrets,
+                secrets: confidential.secrets,
                 owner: Some(caller.owner.clone()),
+                volume_key: confidential.volume_key,
             })
             .await;
         let started = match made {
@@ -700,7 +711,14 @@ impl Supervisor {
         self.teardown(&rec, "requested").await
     }
 
-    pub async fn start(&self, caller: &Caller, id: &str) -> Result<CellView> {
+    /// Start a created or exited cell. `volume_key` reopens its encrypted
+    /// volume first (closed when the cell stopped).
+    pub async fn start(
+        &self,
+        caller: &Caller,
+        id: &str,
+        volume_key: Option<VolumeKey>,
+    ) -> Result<CellView> {
         let (rec, _slot) = self.visible_locked(caller, id).await?;
         if !matches!(rec.observed, Observed::Created | Observed::Exited) {
             return Err(SupervisorError::Conflict(format!(
@@ -710,7 +728,12 @@ impl Supervisor {
             )));
         }
         let handle = self.handle_of(&rec)?;
-        self.backend(rec.isolation)?.start(&handle).await?;
+        let backend = self.backend(rec.isolation)?;
+        if let Some(key) = &volume_key {
+            backend.open_volume(&handle, key).await?;
+        }
+        drop(volume_key);
+        backend.start(&handle).await?;
         self.mark_started(&rec.id);
         self.record_view(
             &rec.id,

@@ -81,6 +81,7 @@
 
 mod engine;
 mod erase;
+mod tier;
 mod tools;
 
 use std::fs;
@@ -191,22 +192,22 @@ pub struct VolumePaths {
 #[derive(Debug, Clone)]
 pub struct Volumes {
     root: PathBuf,
-    engine: EngineKind,
+    /// The engine new volumes get, or why there is none.
+    engine: Result<EngineKind, String>,
     tools: Tools,
 }
 
 impl Volumes {
-    /// Resolve the engine (probe, or the operator's forced choice) and
-    /// make the root dir. Fails when no engine can run here.
-    pub fn new(cfg: VolumeConfig) -> Result<Volumes, VolumeError> {
-        let p = engine::probe_with(&cfg.tools);
-        let engine = p.choose(cfg.engine).map_err(VolumeError::Unavailable)?;
-        mkdir_private(&cfg.root)?;
-        Ok(Volumes {
+    /// Resolve the engine (probe, or the operator's forced choice). Never
+    /// fails: a host without an engine can still destroy and list what an
+    /// earlier run left; only create says the engine is missing.
+    pub fn new(cfg: VolumeConfig) -> Volumes {
+        let engine = engine::probe_with(&cfg.tools).choose(cfg.engine);
+        Volumes {
             root: cfg.root,
             engine,
             tools: cfg.tools,
-        })
+        }
     }
 
     /// Use these tools from now on, without probing them again: a missing
@@ -217,9 +218,9 @@ impl Volumes {
         self
     }
 
-    /// The engine new volumes get.
-    pub fn engine(&self) -> EngineKind {
-        self.engine
+    /// The engine new volumes get, or why there is none.
+    pub fn engine(&self) -> Result<EngineKind, &str> {
+        self.engine.as_ref().copied().map_err(|e| e.as_str())
     }
 
     pub fn root(&self) -> &Path {
@@ -250,6 +251,7 @@ impl Volumes {
         size_gib: u64,
         key: &VolumeKey,
     ) -> Result<OpenVolume, VolumeError> {
+        let engine = self.engine.clone().map_err(VolumeError::Unavailable)?;
         let p = self.paths(id);
         let mut pre = TeardownReport::new(id.as_str());
         self.destroy_into(id, &mut pre);
@@ -260,7 +262,7 @@ impl Volumes {
                 detail: pre.summary(),
             });
         }
-        let r = self.create_steps(id, &p, size_gib, key);
+        let r = self.create_steps(id, &p, engine, size_gib, key);
         if r.is_err() {
             let mut rb = TeardownReport::new(id.as_str());
             self.destroy_into(id, &mut rb);
@@ -275,6 +277,7 @@ impl Volumes {
         &self,
         id: &CellId,
         p: &VolumePaths,
+        engine: EngineKind,
         size_gib: u64,
         key: &VolumeKey,
     ) -> Result<OpenVolume, VolumeError> {
@@ -285,6 +288,7 @@ impl Volumes {
             .checked_mul(GIB)
             .filter(|b| i64::try_from(*b).is_ok())
             .ok_or_else(|| VolumeError::Size(format!("{size_gib} GiB is too large")))?;
+        mkdir_private(&self.root)?;
         let free = free_bytes(&self.root)?;
         if bytes > free {
             return Err(VolumeError::Size(format!(
@@ -294,8 +298,8 @@ impl Volumes {
             )));
         }
         let meta = VolumeMeta {
-            engine: self.engine,
-            format: self.engine.format(),
+            engine,
+            format: engine.format(),
             size_gib,
         };
         mkdir_private(&p.dir)?;
@@ -543,5 +547,70 @@ fn remove_dir(p: &Path) -> io::Result<()> {
     match fs::remove_dir_all(p) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         r => r,
+    }
+}
+
+/// Search a file's data extents for a byte string (see [`scan`]).
+pub mod scan {
+    //! Forensic scan of a (sparse) file: reads only its data extents
+    //! (SEEK_DATA/SEEK_HOLE; holes are zeros), so a 1 GiB container with a
+    //! few MiB written is scanned in milliseconds. Used by the tests and
+    //! the benchmark to show that what went into a volume is not in its
+    //! container file.
+
+    use std::fs;
+    use std::io::{self, Read, Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
+    use std::path::Path;
+
+    const CHUNK: usize = 8 << 20;
+
+    /// What a scan found.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Scan {
+        pub found: bool,
+        /// Bytes of data extents read.
+        pub scanned: u64,
+    }
+
+    pub fn find_in_data(path: &Path, needle: &[u8]) -> io::Result<Scan> {
+        use nix::unistd::{Whence, lseek};
+        let mut f = fs::File::open(path)?;
+        let len = i64::try_from(f.metadata()?.len()).unwrap_or(i64::MAX);
+        let (mut pos, mut scanned) = (0i64, 0u64);
+        while pos < len {
+            // ENXIO: no data after pos.
+            let Ok(start) = lseek(f.as_raw_fd(), pos, Whence::SeekData) else {
+                break;
+            };
+            let end = lseek(f.as_raw_fd(), start, Whence::SeekHole)
+                .map_err(|e| io::Error::from_raw_os_error(e as i32))?;
+            f.seek(SeekFrom::Start(start as u64))?;
+            // Chunks, each searched with the tail of the one before, so a
+            // match across a chunk boundary is found too.
+            let mut left = (end - start) as u64;
+            let mut buf: Vec<u8> = Vec::with_capacity(CHUNK + needle.len());
+            while left > 0 {
+                let keep = buf.len().min(needle.len().saturating_sub(1));
+                buf.drain(..buf.len() - keep);
+                let k = left.min(CHUNK as u64) as usize;
+                let at = buf.len();
+                buf.resize(at + k, 0);
+                f.read_exact(&mut buf[at..])?;
+                scanned += k as u64;
+                left -= k as u64;
+                if buf.windows(needle.len().max(1)).any(|w| w == needle) {
+                    return Ok(Scan {
+                        found: true,
+                        scanned,
+                    });
+                }
+            }
+            pos = end;
+        }
+        Ok(Scan {
+            found: false,
+            scanned,
+        })
     }
 }

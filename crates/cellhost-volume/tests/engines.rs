@@ -36,7 +36,8 @@ fn volumes(engine: EngineKind, tools: Tools) -> Option<(tempfile::TempDir, Volum
     let mut cfg = VolumeConfig::new(dir.path().join("volumes"));
     cfg.engine = EngineChoice::Force(engine);
     cfg.tools = tools;
-    let v = Volumes::new(cfg).expect("engine available");
+    let v = Volumes::new(cfg);
+    assert_eq!(v.engine(), Ok(engine));
     Some((dir, v))
 }
 
@@ -52,34 +53,9 @@ fn pattern() -> Vec<u8> {
     out
 }
 
-/// Does `needle` occur in the file? Reads only the file's data extents
-/// (SEEK_DATA/SEEK_HOLE): holes read as zeros and the container is sparse.
-/// Returns the answer and the bytes scanned.
 fn file_contains(path: &Path, needle: &[u8]) -> (bool, u64) {
-    use nix::unistd::{Whence, lseek};
-    use std::io::{Seek, SeekFrom};
-    use std::os::fd::AsRawFd;
-    let mut f = fs::File::open(path).unwrap();
-    let len = f.metadata().unwrap().len() as i64;
-    let mut pos = 0i64;
-    let mut scanned = 0u64;
-    while pos < len {
-        let Ok(start) = lseek(f.as_raw_fd(), pos, Whence::SeekData) else {
-            break; // ENXIO: no data after pos
-        };
-        let end = lseek(f.as_raw_fd(), start, Whence::SeekHole).unwrap();
-        f.seek(SeekFrom::Start(start as u64)).unwrap();
-        let mut seg = vec![0u8; (end - start) as usize];
-        f.read_exact(&mut seg).unwrap();
-        scanned += seg.len() as u64;
-        // Extents are scanned whole, so a match across two extents would
-        // need them adjacent, which SEEK_HOLE would have merged.
-        if seg.windows(needle.len()).any(|w| w == needle) {
-            return (true, scanned);
-        }
-        pos = end;
-    }
-    (false, scanned)
+    let s = cellhost_volume::scan::find_in_data(path, needle).unwrap();
+    (s.found, s.scanned)
 }
 
 fn write_synced(path: &Path, data: &[u8]) {
@@ -258,7 +234,7 @@ fn storage_daemon_outlives_its_caller_in_its_own_session() {
     // A fresh Volumes (a restarted daemon) sees it open and can close it.
     let mut cfg = VolumeConfig::new(v.root());
     cfg.engine = EngineChoice::Force(EngineKind::Userspace);
-    let v2 = Volumes::new(cfg).unwrap();
+    let v2 = Volumes::new(cfg);
     assert!(v2.is_open(&id));
     assert_eq!(v2.meta(&id).unwrap().format, LuksFormat::Luks1);
     let r = destroy(&v2, &id);
@@ -328,7 +304,6 @@ fn failure_at_every_create_step_rolls_back() {
             engine: EngineChoice::Force(EngineKind::Userspace),
             tools: Tools::default(),
         })
-        .unwrap()
         .with_tools(tools);
         let id = CellId::random();
         let err = v.create(&id, size, &VolumeKey::random()).unwrap_err();

@@ -159,7 +159,11 @@ pub async fn bench(state_dir: &Path, args: BenchArgs, json_out: bool) -> anyhow:
 }
 
 async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Result<u8> {
-    let backend = crate::run::backend_for(cellhost_spec::Isolation::Process, state_dir)?;
+    let backend = crate::run::backend_for(
+        cellhost_spec::Isolation::Process,
+        state_dir,
+        Default::default(),
+    )?;
     let docker = docker_ready();
     let exe = std::env::current_exe()?;
 
@@ -193,6 +197,7 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
                 cell,
                 secrets: vec![],
                 owner: None,
+                volume_key: None,
             })
             .await
             .map_err(|e| crate::run::backend_err(e, "bench create"))?;
@@ -327,6 +332,7 @@ async fn one_cell(
             cell: cell_doc("bench", argv)?,
             secrets: vec![],
             owner: None,
+            volume_key: None,
         })
         .await
         .map_err(|e| crate::run::backend_err(e, "bench create"))?;

@@ -127,8 +127,11 @@ pub async fn bench_api(
 ) -> anyhow::Result<u8> {
     let root = state_dir.join(format!("bench-api-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(root.clone());
-    let backend =
-        crate::run::backend_for(cellhost_spec::Isolation::Process, &root.join("backend"))?;
+    let backend = crate::run::backend_for(
+        cellhost_spec::Isolation::Process,
+        &root.join("backend"),
+        Default::default(),
+    )?;
     let lib_dir = root.join("supervisor");
     let store = Arc::new(Store::open(&lib_dir)?);
     let mut cfg = SupervisorConfig::new("bench", lib_dir.clone());
@@ -139,6 +142,7 @@ pub async fn bench_api(
         vec![crate::run::backend_for(
             cellhost_spec::Isolation::Process,
             &lib_dir,
+            Default::default(),
         )?],
         cfg,
     )?;
@@ -267,6 +271,7 @@ async fn run_batch(
                             cell,
                             secrets: vec![],
                             owner: None,
+                            volume_key: None,
                         })
                         .await?;
                     backend.start(&h).await?;
@@ -275,7 +280,7 @@ async fn run_batch(
                 Mode::Supervisor => {
                     let cell = cellhost_spec::parse_and_validate(std::str::from_utf8(&body)?)?;
                     Ok(sup
-                        .create(&Caller::operator(), cell, vec![], true)
+                        .create(&Caller::operator(), cell, Default::default(), true)
                         .await?
                         .id)
                 }

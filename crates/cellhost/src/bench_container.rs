@@ -191,6 +191,7 @@ fn create_req(cell: &cellhost_spec::Cell) -> CreateRequest {
         cell: cell.clone(),
         secrets: vec![],
         owner: None,
+        volume_key: None,
     }
 }
 

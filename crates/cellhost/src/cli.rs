@@ -69,9 +69,18 @@ pub enum Command {
         /// Create without starting (start later with `cellhost start`).
         #[arg(long)]
         no_start: bool,
+        /// Key of the document's encrypted volume (see `run`).
+        #[arg(long, value_name = "FILE")]
+        volume_key_file: Option<PathBuf>,
     },
-    /// Start a created cell.
-    Start { id: String },
+    /// Start a created cell (or a stopped one, where the tier can).
+    Start {
+        id: String,
+        /// Reopen the cell's encrypted volume with this key (it is closed
+        /// while the cell is stopped).
+        #[arg(long, value_name = "FILE")]
+        volume_key_file: Option<PathBuf>,
+    },
     /// Stop a cell's workload (SIGTERM, then SIGKILL after the grace).
     Stop {
         id: String,
@@ -165,6 +174,21 @@ pub struct ServeArgs {
     /// Host address container cells publish their ports on.
     #[arg(long, default_value = "0.0.0.0")]
     pub publish_address: std::net::IpAddr,
+    /// Encrypted-volume engine: auto (dm-crypt where the kernel has
+    /// device-mapper, else userspace), dm-crypt or userspace.
+    #[arg(long, env = "CELLHOST_VOLUME_ENGINE", default_value = "auto", value_parser = clap::value_parser!(VolumeEngineArg))]
+    pub volume_engine: VolumeEngineArg,
+}
+
+/// `--volume-engine`, parsed by the volume crate.
+#[derive(Debug, Clone, Copy)]
+pub struct VolumeEngineArg(pub cellhost_volume::EngineChoice);
+
+impl std::str::FromStr for VolumeEngineArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        s.parse().map(VolumeEngineArg)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -177,6 +201,14 @@ pub enum ContainerRestart {
 pub struct RunArgs {
     /// Cell document (YAML or JSON); `-` for stdin.
     pub file: PathBuf,
+    /// Key of the document's encrypted volume (`spec.volume.encrypted`):
+    /// a file holding 32 bytes, raw, as 64 hex digits or as base64. Read
+    /// once, held in memory only.
+    #[arg(long, value_name = "FILE")]
+    pub volume_key_file: Option<PathBuf>,
+    /// Encrypted-volume engine: auto, dm-crypt or userspace.
+    #[arg(long, env = "CELLHOST_VOLUME_ENGINE", default_value = "auto", value_parser = clap::value_parser!(VolumeEngineArg))]
+    pub volume_engine: VolumeEngineArg,
     /// Owner recorded for the cell.
     #[arg(long, default_value = "local")]
     pub owner: String,

@@ -105,6 +105,18 @@ impl Client {
         path: &str,
         body: Option<(&str, Vec<u8>)>,
     ) -> anyhow::Result<Response<Incoming>> {
+        self.send_with(method, path, body, None).await
+    }
+
+    /// [`Client::send`] with an encrypted volume's key in its header
+    /// (marked sensitive, so hyper never logs it).
+    pub async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+        volume_key: Option<&cellhost_core::VolumeKey>,
+    ) -> anyhow::Result<Response<Incoming>> {
         let mut sender = self.connect().await?;
         let host = match &self.target {
             Target::Unix(_) => "localhost".to_string(),
@@ -119,6 +131,11 @@ impl Client {
                 hyper::header::AUTHORIZATION,
                 format!("Bearer {}", t.as_str()),
             );
+        }
+        if let Some(k) = volume_key {
+            let mut v = hyper::header::HeaderValue::from_str(&k.passphrase())?;
+            v.set_sensitive(true);
+            req = req.header(cellhost_supervisor::api::VOLUME_KEY_HEADER, v);
         }
         let req = match body {
             Some((ct, data)) => req
@@ -140,7 +157,18 @@ impl Client {
         path: &str,
         body: Option<(&str, Vec<u8>)>,
     ) -> anyhow::Result<T> {
-        let resp = self.send(method, path, body).await?;
+        self.json_with(method, path, body, None).await
+    }
+
+    /// [`Client::json`] with a volume key header (see [`Client::send_with`]).
+    pub async fn json_with<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<(&str, Vec<u8>)>,
+        volume_key: Option<&cellhost_core::VolumeKey>,
+    ) -> anyhow::Result<T> {
+        let resp = self.send_with(method, path, body, volume_key).await?;
         let status = resp.status();
         let bytes = resp.into_body().collect().await?.to_bytes();
         if !status.is_success() {

@@ -49,13 +49,25 @@ fn secs_human(s: u64) -> String {
 
 pub async fn dispatch(c: &Client, cmd: Command, json: bool) -> anyhow::Result<u8> {
     match cmd {
-        Command::Create { file, no_start } => create(c, &file, !no_start, json).await,
-        Command::Start { id } => {
+        Command::Create {
+            file,
+            no_start,
+            volume_key_file,
+        } => create(c, &file, !no_start, volume_key_file.as_deref(), json).await,
+        Command::Start {
+            id,
+            volume_key_file,
+        } => {
+            let key = volume_key_file
+                .as_deref()
+                .map(crate::run::read_volume_key)
+                .transpose()?;
             let v: Value = c
-                .json(
+                .json_with(
                     Method::POST,
                     &format!("/v1/cells/{}/start", id_path(&id)?),
                     None,
+                    key.as_ref(),
                 )
                 .await?;
             show_state(&v, json)
@@ -267,8 +279,17 @@ fn show_state(v: &Value, json: bool) -> anyhow::Result<u8> {
 
 /// Read the document, resolve `file`/`env` secrets here (the daemon accepts
 /// only inline values), send it.
-async fn create(c: &Client, file: &Path, start: bool, json: bool) -> anyhow::Result<u8> {
+async fn create(
+    c: &Client,
+    file: &Path,
+    start: bool,
+    volume_key_file: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<u8> {
     let (mut cell, base) = crate::run::load_cell(file, json)?;
+    let key = volume_key_file
+        .map(crate::run::read_volume_key)
+        .transpose()?;
     let values =
         cellhost_core::secrets::resolve(&cell.spec, &base, cellhost_core::secrets::process_env)
             .map_err(|e| exit_err(EXIT_INVALID, e.to_string()))?;
@@ -284,10 +305,11 @@ async fn create(c: &Client, file: &Path, start: bool, json: bool) -> anyhow::Res
     let body = Zeroizing::new(serde_json::to_vec(&cell)?);
     drop(cell);
     let v: Value = c
-        .json(
+        .json_with(
             Method::POST,
             &format!("/v1/cells?start={start}"),
             Some(("application/json", body.to_vec())),
+            key.as_ref(),
         )
         .await?;
     if json {

@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cellhost_core::ids::CellId;
-use cellhost_core::{Backend, BackendError, CellState, CreateRequest, ExitInfo, TeardownReport};
+use cellhost_core::{
+    Backend, BackendError, CellState, CreateRequest, ExitInfo, TeardownReport, VolumeKey,
+};
 use cellhost_spec::{Cell, Isolation};
 use cellhost_store::{CellUpdate, Desired, NewCell, Observed, Store, now_ms};
 use cellhost_supervisor::events::kinds;
+use cellhost_volume::EngineChoice;
 use serde_json::json;
 
 use crate::cli::RunArgs;
@@ -101,17 +104,21 @@ pub fn validate(file: &Path, json_out: bool) -> anyhow::Result<u8> {
 }
 
 /// The backend for a tier on this host, or exit 4 saying why not.
-pub fn backend_for(isolation: Isolation, state_dir: &Path) -> anyhow::Result<Arc<dyn Backend>> {
+pub fn backend_for(
+    isolation: Isolation,
+    state_dir: &Path,
+    volume_engine: EngineChoice,
+) -> anyhow::Result<Arc<dyn Backend>> {
     match isolation {
         Isolation::Process => {
             let shim = cellhost_process::ShimCommand::current_exe()
                 .context("locating the cellhost binary for the shim")?;
-            Ok(Arc::new(cellhost_process::ProcessBackend::new(
-                cellhost_process::ProcessConfig::new(state_dir.join("process"), shim),
-            )))
+            let mut cfg = cellhost_process::ProcessConfig::new(state_dir.join("process"), shim);
+            cfg.volume_engine = volume_engine;
+            Ok(Arc::new(cellhost_process::ProcessBackend::new(cfg)))
         }
         Isolation::Container => {
-            let mut cfg = docker_config(state_dir);
+            let mut cfg = docker_config(state_dir, volume_engine);
             cfg.progress = Some(std::sync::Arc::new(|line: &str| {
                 eprintln!("cellhost: {line}")
             }));
@@ -133,8 +140,31 @@ pub fn backend_for(isolation: Isolation, state_dir: &Path) -> anyhow::Result<Arc
 
 /// The container tier's config for a state dir (its own subdir), with the
 /// default operator policy.
-pub fn docker_config(state_dir: &Path) -> cellhost_docker::DockerConfig {
-    cellhost_docker::DockerConfig::new(state_dir.join("docker"))
+pub fn docker_config(
+    state_dir: &Path,
+    volume_engine: EngineChoice,
+) -> cellhost_docker::DockerConfig {
+    let mut cfg = cellhost_docker::DockerConfig::new(state_dir.join("docker"));
+    cfg.volume_engine = volume_engine;
+    cfg
+}
+
+/// Read a volume key file (32 bytes raw, 64 hex digits or base64). The
+/// file's bytes are zeroed after parsing; a malformed key exits 3 naming
+/// the file, never quoting it.
+pub fn read_volume_key(path: &Path) -> anyhow::Result<VolumeKey> {
+    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| {
+        exit_err(
+            EXIT_INVALID,
+            format!("--volume-key-file {}: {e}", path.display()),
+        )
+    })?);
+    VolumeKey::parse(&bytes).map_err(|e| {
+        exit_err(
+            EXIT_INVALID,
+            format!("--volume-key-file {}: {e}", path.display()),
+        )
+    })
 }
 
 /// Map a backend error to an exit code.
@@ -181,7 +211,12 @@ enum Outcome {
 
 pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Result<u8> {
     let (cell, base) = load_cell(&args.file, json_out)?;
-    let backend = backend_for(cell.spec.isolation, state_dir)?;
+    let volume_key = args
+        .volume_key_file
+        .as_deref()
+        .map(read_volume_key)
+        .transpose()?;
+    let backend = backend_for(cell.spec.isolation, state_dir, args.volume_engine.0)?;
     // A daemon on this state dir would reconcile our in-flight cell away.
     let _lock = crate::serve::lock_state_dir(state_dir, false)?;
     let secrets =
@@ -217,6 +252,7 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
             cell: cell.clone(),
             secrets,
             owner: None,
+            volume_key,
         })
         .await;
     if let Err(e) = created {

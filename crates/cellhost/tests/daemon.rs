@@ -135,6 +135,9 @@ struct Daemon {
     state: PathBuf,
     socket: PathBuf,
     extra: Vec<String>,
+    /// Where the daemon's stderr goes (appended across restarts); None:
+    /// the test's stderr.
+    log: Option<PathBuf>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -149,6 +152,25 @@ impl Daemon {
             state: dir.path().join("state"),
             socket: dir.path().join("api.sock"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            log: None,
+            _dir: Some(dir),
+        };
+        d.spawn();
+        d
+    }
+
+    /// Like [`Daemon::start`], with the daemon's log in a file.
+    fn start_logged(extra: &[&str]) -> Daemon {
+        let dir = tempfile::Builder::new()
+            .prefix("cellhost-daemon-")
+            .tempdir()
+            .unwrap();
+        let mut d = Daemon {
+            child: None,
+            state: dir.path().join("state"),
+            socket: dir.path().join("api.sock"),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            log: Some(dir.path().join("daemon.log")),
             _dir: Some(dir),
         };
         d.spawn();
@@ -156,6 +178,16 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
+        let stderr = match &self.log {
+            Some(p) => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .unwrap(),
+            ),
+            None => Stdio::inherit(),
+        };
         let child = Command::new(common::cellhost_bin())
             .arg("--state-dir")
             .arg(&self.state)
@@ -172,7 +204,7 @@ impl Daemon {
             .env("CELLHOST_LOG", "info,libcontainer=error,libcgroups=error")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn cellhost serve");
         self.child = Some(child);
@@ -958,4 +990,114 @@ fn container_cells_through_the_daemon() {
         "{report}"
     );
     assert!(docker_inspect(&format!("cellhost-{id}")).is_none());
+}
+
+#[test]
+fn encrypted_volume_key_stays_out_of_store_and_log_and_survives_a_daemon_kill() {
+    require_process_tier!();
+    if let Err(why) = cellhost_volume::probe().choose(cellhost_volume::EngineChoice::Auto) {
+        eprintln!("SKIP: no encrypted-volume engine: {why}");
+        return;
+    }
+    let mut d = Daemon::start_logged(&["--volume-engine", "auto"]);
+    let key: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(11));
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    let mut s = doc(
+        "vol",
+        &["/bin/sh", "-c", "echo persisted > /data/f; exec sleep 300"],
+        300,
+    );
+    s["spec"]["volume"] = json!({"path": "/data", "sizeGiB": 1, "encrypted": true});
+    let body = serde_json::to_vec(&s).unwrap();
+    let post = |headers: &[(&str, &str)]| {
+        request(&d.addr(), "POST", "/v1/cells", Some(&body), headers).unwrap()
+    };
+    // No key, a malformed key: 400s that say which.
+    let r = post(&[]);
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("spec.volume.encrypted")
+    );
+    let r = post(&[("Cellhost-Volume-Key", "not-a-key")]);
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["field"], "Cellhost-Volume-Key");
+    assert!(d.cells().is_empty(), "refused creates leave no record");
+
+    let r = post(&[("Cellhost-Volume-Key", &hex)]);
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let data = d.state.join(format!("process/volumes/{id}/mnt/data/f"));
+    wait_until(
+        "the cell to write its volume",
+        Duration::from_secs(30),
+        || std::fs::read_to_string(&data).is_ok_and(|t| t == "persisted\n"),
+    );
+
+    // kill -9 the daemon: the cell and its open volume live on, and the
+    // restarted daemon adopts the cell without needing the key.
+    d.kill9();
+    d.spawn();
+    wait_until("adoption", Duration::from_secs(20), || {
+        d.call("GET", &format!("/v1/cells/{id}"), None).json()["observed"] == "running"
+    });
+    assert_eq!(std::fs::read_to_string(&data).unwrap(), "persisted\n");
+
+    // Stop closes the volume; start without the key says why it cannot.
+    let r = d.call("POST", &format!("/v1/cells/{id}/stop"), None);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert!(!data.exists(), "volume still open after stop");
+    let r = d.call("POST", &format!("/v1/cells/{id}/start"), None);
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.json()["error"].as_str().unwrap().contains("closed"));
+
+    let r = d.call("DELETE", &format!("/v1/cells/{id}"), None);
+    assert_eq!(r.status, 200);
+    let report = r.json();
+    let checks = report["checks"].as_array().unwrap();
+    for name in [
+        "volume-keyslots",
+        "volume-file",
+        "volume-daemon",
+        "volume-dir",
+    ] {
+        assert!(
+            checks
+                .iter()
+                .any(|c| c["name"] == name && c["residue"] == 0),
+            "{name} in {report}"
+        );
+    }
+    assert!(!d.state.join(format!("process/volumes/{id}")).exists());
+
+    // The key, in any spelling, is in neither the store nor the log.
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+    let needles: Vec<Vec<u8>> = vec![
+        hex.clone().into_bytes(),
+        hex.to_uppercase().into_bytes(),
+        b64.into_bytes(),
+        key.to_vec(),
+    ];
+    let log = d.log.clone().unwrap();
+    for f in [
+        d.state.join("cellhost.db"),
+        d.state.join("cellhost.db-wal"),
+        log.clone(),
+    ] {
+        let bytes = std::fs::read(&f).unwrap_or_default();
+        for n in &needles {
+            assert!(
+                !bytes.windows(n.len()).any(|w| w == n.as_slice()),
+                "volume key found in {}",
+                f.display()
+            );
+        }
+    }
+    assert!(
+        std::fs::metadata(&log).unwrap().len() > 0,
+        "the daemon logged something (so the log check looked at a real log)"
+    );
 }

@@ -258,6 +258,7 @@ fn failed_creates_roll_back_cleanly() {
                     cell,
                     secrets: vec![],
                     owner: None,
+                    volume_key: None,
                 })
                 .await
                 .unwrap_err();

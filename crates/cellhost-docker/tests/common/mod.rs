@@ -79,6 +79,7 @@ impl Engine {
                 cell,
                 secrets,
                 owner: Some("tester".into()),
+                volume_key: None,
             })
             .await
             .expect("create")

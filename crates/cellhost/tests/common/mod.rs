@@ -145,6 +145,7 @@ pub fn tier() -> Tier {
             args: vec!["__shim".into()],
         },
         log_cap_bytes: LOG_CAP,
+        volume_engine: Default::default(),
     });
     Tier {
         backend,
@@ -180,6 +181,7 @@ impl Tier {
                 cell,
                 secrets,
                 owner: None,
+                volume_key: None,
             })
             .await
             .expect("create");

@@ -1,0 +1,133 @@
+//! Encrypted volumes in process cells, for real: the cell writes through
+//! its mount, the host's container file holds only ciphertext, and after
+//! destroy not even a hard link the operator kept can be unlocked.
+
+mod common;
+
+use std::fs;
+use std::time::Duration;
+
+use cellhost_core::ids::CellId;
+use cellhost_core::{Backend, BackendError, CellState, CreateRequest, VolumeKey};
+use cellhost_volume::scan::find_in_data;
+
+const MARKER: &[u8] = b"cellhost-cell-pattern";
+
+/// Why the volume tests cannot run here (printed), or None.
+fn volume_engine_missing(t: &common::Tier) -> Option<String> {
+    t.backend
+        .volumes()
+        .engine()
+        .err()
+        .map(|why| format!("no encrypted-volume engine: {why}"))
+}
+
+/// The first `n` bytes of a (big, sparse) file.
+fn prefix(p: &std::path::Path, n: usize) -> Vec<u8> {
+    use std::io::Read;
+    let mut buf = vec![0u8; n];
+    fs::File::open(p).unwrap().read_exact(&mut buf).unwrap();
+    buf
+}
+
+#[test]
+fn process_cell_volume_is_ciphertext_and_unrecoverable_after_destroy() {
+    require_process_tier!();
+    let t = common::tier();
+    if let Some(why) = volume_engine_missing(&t) {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let rt = common::rt();
+    rt.block_on(async {
+        let cell = common::cell(
+            "vol",
+            "  command: [/bin/sh, -c, \"yes cellhost-cell-pattern | head -c 1048576 > /data/p && sync && echo wrote\"]\n  volume: { path: /data, sizeGiB: 1, encrypted: true }\n",
+        );
+        let key = VolumeKey::random();
+        let id = CellId::random();
+        // Without the key: refused before anything is made.
+        let err = t
+            .backend
+            .create(CreateRequest {
+                id: id.clone(),
+                cell: cell.clone(),
+                secrets: vec![],
+                owner: None,
+                volume_key: None,
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, BackendError::Invalid(m) if m.contains("spec.volume.encrypted")),
+            "{err}"
+        );
+        assert!(!t.backend.volumes().exists(&id));
+
+        let h = t
+            .backend
+            .create(CreateRequest {
+                id: id.clone(),
+                cell,
+                secrets: vec![],
+                owner: None,
+                volume_key: Some(key.duplicate()),
+            })
+            .await
+            .expect("create");
+        t.backend.start(&h).await.expect("start");
+        let st = t.wait_exit(&h, Duration::from_secs(60)).await;
+        assert_eq!(st.exit.map(|e| e.code), Some(Some(0)), "{}", t.log(&h).await);
+        assert_eq!(t.log(&h).await, "wrote\n");
+
+        let vols = t.backend.volumes();
+        let paths = vols.paths(&id);
+        // Positive control: the plaintext is where the cell put it.
+        let written = fs::read(paths.data.join("p")).unwrap();
+        assert_eq!(written.len(), 1 << 20);
+        assert!(written.starts_with(MARKER));
+
+        // Stop closes the volume: data at rest is ciphertext.
+        t.backend.stop(&h, Duration::from_secs(1)).await.unwrap();
+        assert!(!vols.is_open(&id));
+        assert!(!paths.data.exists());
+        let s = find_in_data(&paths.disk, MARKER).unwrap();
+        assert!(!s.found, "plaintext in the container");
+        assert!(s.scanned >= 1 << 20, "scanned {} bytes", s.scanned);
+        assert_eq!(prefix(&paths.disk, 6), b"LUKS\xba\xbe");
+        // A closed volume cannot start again (and this tier's cells do not
+        // restart anyway).
+        assert!(matches!(
+            t.backend.start(&h).await,
+            Err(BackendError::Invalid(m)) if m.contains("closed")
+        ));
+
+        // The operator keeps a hard link to the container...
+        let evidence = t.dir.path().join("evidence.luks");
+        fs::hard_link(&paths.disk, &evidence).unwrap();
+        let r = t.backend.destroy(&h).await.unwrap();
+        assert!(r.is_clean(), "{}", r.summary());
+        for name in ["volume-keyslots", "volume-file", "volume-daemon", "volume-mount"] {
+            assert!(
+                r.checks.iter().any(|c| c.name == name && c.residue == 0),
+                "{name}: {r:?}"
+            );
+        }
+        assert!(!paths.dir.exists());
+        assert_eq!(t.backend.status(&h).await.unwrap().state, CellState::Gone);
+        // ...but destroy overwrote the header in place, so the link holds
+        // no keyslot: the right key opens nothing, and the data blocks are
+        // still ciphertext.
+        let head = prefix(&evidence, 16 << 20);
+        assert!(head.iter().all(|b| *b == 0), "header erased");
+        assert!(!find_in_data(&evidence, MARKER).unwrap().found);
+        let isluks = std::process::Command::new("cryptsetup")
+            .arg("isLuks")
+            .arg(&evidence)
+            .status();
+        if let Ok(s) = isluks {
+            assert!(!s.success(), "cryptsetup still sees a LUKS header");
+        }
+        fs::remove_file(&evidence).unwrap();
+    });
+}
