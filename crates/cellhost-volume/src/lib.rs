@@ -550,7 +550,6 @@ fn remove_dir(p: &Path) -> io::Result<()> {
     }
 }
 
-/// Search a file's data extents for a byte string (see [`scan`]).
 pub mod scan {
     //! Forensic scan of a (sparse) file: reads only its data extents
     //! (SEEK_DATA/SEEK_HOLE; holes are zeros), so a 1 GiB container with a
