@@ -182,6 +182,11 @@ impl DockerBackend {
         }
     }
 
+    /// This tier's encrypted volumes.
+    pub fn volumes(&self) -> &cellhost_volume::Volumes {
+        &self.volumes
+    }
+
     /// The API client, version negotiated.
     pub async fn client(&self) -> Result<&Docker, BackendError> {
         let local = self

@@ -9,7 +9,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
 use cellhost_core::ids::CellId;
-use cellhost_core::{Backend, BackendError, CellState, CreateRequest, ExecRequest};
+use cellhost_core::{Backend, BackendError, CellState, CreateRequest, ExecRequest, VolumeKey};
 use cellhost_docker::Names;
 use common::{cell, engine, secret};
 
@@ -501,4 +501,75 @@ async fn unsupported_combinations_are_refused_before_anything_is_made() {
                 .is_err()
         );
     }
+}
+
+/// An encrypted volume in a container: bind-mounted from the open volume,
+/// closed on stop (start then refuses without the key, and a wrong key),
+/// reopened with the key with the data intact, and torn down with the cell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_volume_persists_across_stop_start_only_with_its_key() {
+    let Some(e) = engine().await else { return };
+    let vols = e.backend.volumes();
+    if let Err(why) = vols.engine() {
+        eprintln!("SKIP: no encrypted-volume engine: {why}");
+        return;
+    }
+    let cell = cell(
+        "  command: [sh, -c, \"cat /data/runs 2>/dev/null; echo run >> /data/runs\"]\n  volume: { path: /data, sizeGiB: 1, encrypted: true }\n",
+    );
+    let key = VolumeKey::random();
+    let h = e
+        .backend
+        .create(CreateRequest {
+            id: CellId::random(),
+            cell,
+            secrets: vec![],
+            owner: None,
+            volume_key: Some(key.duplicate()),
+        })
+        .await
+        .expect("create");
+    let inspect = e
+        .docker
+        .inspect_container(&format!("cellhost-{}", h.id), None)
+        .await
+        .unwrap();
+    let mount = inspect
+        .mounts
+        .unwrap_or_default()
+        .into_iter()
+        .find(|m| m.destination.as_deref() == Some("/data"))
+        .expect("a mount at /data");
+    assert_eq!(mount.typ.map(|t| t.to_string()).as_deref(), Some("bind"));
+    assert_eq!(
+        mount.source.as_deref(),
+        Some(vols.paths(&h.id).data.to_str().unwrap())
+    );
+    e.backend.start(&h).await.unwrap();
+    e.wait(&h).await;
+    assert_eq!(e.log(&h).await, "");
+
+    e.backend.stop(&h, Duration::from_secs(1)).await.unwrap();
+    assert!(!vols.is_open(&h.id), "stop closes the volume");
+    let err = e.backend.start(&h).await.unwrap_err();
+    assert!(matches!(&err, BackendError::Invalid(m) if m.contains("closed")), "{err}");
+    let err = e
+        .backend
+        .open_volume(&h, &VolumeKey::random())
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, BackendError::Invalid(m) if m.contains("does not open")), "{err}");
+    assert!(!vols.is_open(&h.id));
+
+    e.backend.open_volume(&h, &key).await.unwrap();
+    e.backend.start(&h).await.unwrap();
+    e.wait(&h).await;
+    // The second run read what the first wrote (the log holds both runs'
+    // output: the first printed nothing).
+    assert_eq!(e.log(&h).await, "run\n");
+
+    let r = e.backend.destroy(&h).await.unwrap();
+    assert!(r.is_clean(), "{}", r.summary());
+    assert!(r.checks.iter().any(|c| c.name == "volume-keyslots"));
+    assert!(!vols.paths(&h.id).dir.exists());
 }
