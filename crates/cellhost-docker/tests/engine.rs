@@ -552,13 +552,19 @@ async fn encrypted_volume_persists_across_stop_start_only_with_its_key() {
     e.backend.stop(&h, Duration::from_secs(1)).await.unwrap();
     assert!(!vols.is_open(&h.id), "stop closes the volume");
     let err = e.backend.start(&h).await.unwrap_err();
-    assert!(matches!(&err, BackendError::Invalid(m) if m.contains("closed")), "{err}");
+    assert!(
+        matches!(&err, BackendError::Invalid(m) if m.contains("closed")),
+        "{err}"
+    );
     let err = e
         .backend
         .open_volume(&h, &VolumeKey::random())
         .await
         .unwrap_err();
-    assert!(matches!(&err, BackendError::Invalid(m) if m.contains("does not open")), "{err}");
+    assert!(
+        matches!(&err, BackendError::Invalid(m) if m.contains("does not open")),
+        "{err}"
+    );
     assert!(!vols.is_open(&h.id));
 
     e.backend.open_volume(&h, &key).await.unwrap();

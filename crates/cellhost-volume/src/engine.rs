@@ -67,6 +67,11 @@ pub enum LuksFormat {
 }
 
 impl LuksFormat {
+    /// `luks1` / `luks2`.
+    pub fn as_str(self) -> &'static str {
+        self.cryptsetup_type()
+    }
+
     fn cryptsetup_type(self) -> &'static str {
         match self {
             LuksFormat::Luks1 => "luks1",

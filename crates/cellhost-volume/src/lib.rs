@@ -613,3 +613,49 @@ pub mod scan {
         })
     }
 }
+
+pub mod baseline {
+    //! A plain (unencrypted) loop-mounted ext4 of the same size, made with
+    //! the same mkfs and mount options as the engines: what an encrypted
+    //! volume costs is measured against this (`cellhost bench volume`).
+    //! Layout: `<dir>/disk.img`, `<dir>/mnt`. Not used for cells.
+
+    use std::fs;
+    use std::path::{Path, PathBuf};
+
+    use cellhost_core::ids::CellId;
+
+    use crate::{EngineKind, GIB, Tools, VolumeError, mkdir_private, tools};
+
+    /// Make and mount it; returns the mount point.
+    pub fn create(tools: &Tools, dir: &Path, size_gib: u64) -> Result<PathBuf, VolumeError> {
+        let id = CellId::parse("000000000000").expect("a valid id");
+        let (disk, mnt) = (dir.join("disk.img"), dir.join("mnt"));
+        mkdir_private(dir)?;
+        mkdir_private(&mnt)?;
+        let f = fs::File::create(&disk)
+            .map_err(|e| VolumeError::io(format!("creating {}", disk.display()), e))?;
+        f.set_len(size_gib * GIB)
+            .map_err(|e| VolumeError::io(format!("sizing {}", disk.display()), e))?;
+        tools.mkfs(&id, &disk)?;
+        // The userspace engine's mount options: loop, nosuid, nodev.
+        tools.mount(&id, &disk, &mnt, EngineKind::Userspace)?;
+        Ok(mnt)
+    }
+
+    /// Unmount and delete it.
+    pub fn remove(dir: &Path) -> Result<(), VolumeError> {
+        tools::unmount(&dir.join("mnt"), true).map_err(|detail| VolumeError::Step {
+            id: CellId::parse("000000000000").expect("a valid id"),
+            step: "umount",
+            detail,
+        })?;
+        tools::detach_loops(dir);
+        match fs::remove_dir_all(dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(VolumeError::io(format!("removing {}", dir.display()), e))
+            }
+            _ => Ok(()),
+        }
+    }
+}

@@ -155,6 +155,9 @@ pub async fn bench(state_dir: &Path, args: BenchArgs, json_out: bool) -> anyhow:
         BenchTier::Container => {
             crate::bench_container::bench_container(state_dir, args.cells.max(1), json_out).await
         }
+        BenchTier::Volume => {
+            crate::bench_volume::bench_volume(state_dir, args.cells, json_out).await
+        }
     }
 }
 

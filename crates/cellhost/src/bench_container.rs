@@ -86,7 +86,7 @@ fn cell_doc(image: &str, argv: &[&str]) -> anyhow::Result<cellhost_spec::Cell> {
 }
 
 /// The bench's own state dir, removed on drop (CELLHOST_BENCH_KEEP keeps it).
-struct RemoveOnDrop(PathBuf);
+pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {

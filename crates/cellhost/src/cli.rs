@@ -237,4 +237,7 @@ pub enum BenchTier {
     /// Container cells through the Engine API (bollard) against `docker
     /// run -d` / `docker run --rm` via the CLI.
     Container,
+    /// Encrypted volumes per engine (ready time, write MB/s) against a
+    /// plain loop-mounted ext4; `--cells` is the rounds (at most 20).
+    Volume,
 }

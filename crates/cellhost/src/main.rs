@@ -12,6 +12,7 @@
 mod bench;
 mod bench_api;
 mod bench_container;
+mod bench_volume;
 mod cli;
 mod client;
 mod remote;
