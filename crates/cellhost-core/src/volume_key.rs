@@ -218,6 +218,32 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Hostile input (it arrives in an API header): never a panic, and
+        /// anything accepted is one of the three spellings of 32 bytes.
+        #[test]
+        fn parse_never_panics(input in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
+            if let Ok(k) = VolumeKey::parse(&input) {
+                let t = input.strip_suffix(b"\n").unwrap_or(&input);
+                let t = t.strip_suffix(b"\r").unwrap_or(t);
+                proptest::prop_assert!(input.len() == 32 || t.len() == 64 || t.len() == 44);
+                proptest::prop_assert!(k.as_bytes().iter().any(|b| *b != 0));
+            }
+        }
+
+        #[test]
+        fn hex_and_base64_round_trip(raw in proptest::array::uniform32(proptest::num::u8::ANY)) {
+            proptest::prop_assume!(raw.iter().any(|b| *b != 0));
+            let k = VolumeKey::from_bytes(raw).unwrap();
+            let hex = k.passphrase();
+            let from_hex = VolumeKey::parse(hex.as_bytes()).unwrap();
+            proptest::prop_assert_eq!(from_hex.as_bytes(), &raw);
+            let b64 = base64::engine::general_purpose::STANDARD.encode(raw);
+            let from_b64 = VolumeKey::parse(b64.as_bytes()).unwrap();
+            proptest::prop_assert_eq!(from_b64.as_bytes(), &raw);
+        }
+    }
+
     #[test]
     fn debug_redacts_and_random_differs() {
         let a = VolumeKey::random();

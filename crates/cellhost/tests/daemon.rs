@@ -1101,3 +1101,36 @@ fn encrypted_volume_key_stays_out_of_store_and_log_and_survives_a_daemon_kill() 
         "the daemon logged something (so the log check looked at a real log)"
     );
 }
+
+/// A volume left without a record (a crash between making it and writing
+/// the row is impossible, but an operator's copy of a state dir is not) is
+/// an orphan: reconcile destroys it like any other host object.
+#[test]
+fn orphan_volume_is_swept() {
+    require_process_tier!();
+    if let Err(why) = cellhost_volume::probe().choose(cellhost_volume::EngineChoice::Auto) {
+        eprintln!("SKIP: no encrypted-volume engine: {why}");
+        return;
+    }
+    // Made while no daemon runs (a live daemon would sweep it mid-make:
+    // it has no row), then the daemon starts on that state dir.
+    let mut d = Daemon::start(&[]);
+    d.kill9();
+    let vols = d.backend().volumes().clone();
+    let id = CellId::random();
+    vols.create(&id, 1, &cellhost_core::VolumeKey::random())
+        .expect("volume");
+    let dir = vols.paths(&id).dir;
+    d.spawn();
+    wait_until(
+        "reconcile to sweep the volume",
+        Duration::from_secs(20),
+        || !dir.exists(),
+    );
+    assert!(!vols.is_open(&id));
+    let swept = d
+        .events()
+        .iter()
+        .any(|e| e["subject"] == id.as_str() && e["type"] == "cellhost.orphan.destroyed");
+    assert!(swept, "orphan event recorded");
+}

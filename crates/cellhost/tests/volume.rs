@@ -131,3 +131,118 @@ fn process_cell_volume_is_ciphertext_and_unrecoverable_after_destroy() {
         fs::remove_file(&evidence).unwrap();
     });
 }
+
+fn cellhost(state: &std::path::Path) -> std::process::Command {
+    let mut c = std::process::Command::new(common::cellhost_bin());
+    c.arg("--state-dir").arg(state);
+    c
+}
+
+const DOC: &str = "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata:\n  name: v\nspec:\n  isolation: process\n  command: [/bin/sh, -c, \"echo kept > /data/f && cat /data/f\"]\n  volume: { path: /data, sizeGiB: 1, encrypted: true }\n";
+
+#[test]
+fn run_with_a_volume_key_file() {
+    require_process_tier!();
+    if let Err(why) = cellhost_volume::probe().choose(cellhost_volume::EngineChoice::Auto) {
+        eprintln!("SKIP: no encrypted-volume engine: {why}");
+        return;
+    }
+    let dir = common::state_dir();
+    let doc = dir.path().join("v.yaml");
+    fs::write(&doc, DOC).unwrap();
+    let key = dir.path().join("key");
+    // 64 hex digits and a newline, as `openssl rand -hex 32` writes it.
+    fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
+
+    let out = cellhost(dir.path())
+        .arg("run")
+        .arg(&doc)
+        .arg("--volume-key-file")
+        .arg(&key)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\n");
+    assert!(
+        err.contains("teardown clean") && err.contains("volume-keyslots"),
+        "{err}"
+    );
+    assert!(!err.contains(&"ab".repeat(32)));
+    let vols = dir.path().join("process/volumes");
+    assert_eq!(
+        fs::read_dir(&vols).map(|d| d.count()).unwrap_or(0),
+        0,
+        "volume dir left"
+    );
+
+    // No key: exit 3 naming the field; a malformed key file: exit 3 naming
+    // the file and not quoting it.
+    let out = cellhost(dir.path()).arg("run").arg(&doc).output().unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("spec.volume.encrypted"));
+    fs::write(&key, "hunter2-not-a-key").unwrap();
+    let out = cellhost(dir.path())
+        .arg("run")
+        .arg(&doc)
+        .arg("--volume-key-file")
+        .arg(&key)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("--volume-key-file") && err.contains("32 bytes"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+    // A forced engine the host lacks: exit 4 (capability), nothing made.
+    if cellhost_volume::probe().dm_crypt.is_err() {
+        fs::write(&key, "ab".repeat(32)).unwrap();
+        let out = cellhost(dir.path())
+            .args(["run", "--volume-engine", "dm-crypt", "--volume-key-file"])
+            .arg(&key)
+            .arg(&doc)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(4), "{err}");
+        assert!(err.contains("dm-crypt"), "{err}");
+    }
+}
+
+#[test]
+fn bench_volume_reports_every_engine_against_plain() {
+    require_process_tier!();
+    if let Err(why) = cellhost_volume::probe().choose(cellhost_volume::EngineChoice::Auto) {
+        eprintln!("SKIP: no encrypted-volume engine: {why}");
+        return;
+    }
+    let dir = common::state_dir();
+    let out = cellhost(dir.path())
+        .args(["--json", "bench", "volume", "--cells", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let engines = v["engines"].as_array().unwrap();
+    assert!(engines.len() >= 2, "{v}");
+    assert_eq!(engines[0]["engine"], "plain ext4 (loop)");
+    for e in engines {
+        assert!(
+            e["measure"]["ready"]["p50_ms"].as_f64().unwrap() > 0.0,
+            "{e}"
+        );
+        assert!(
+            e["measure"]["write_mb_s_median"].as_f64().unwrap() > 0.0,
+            "{e}"
+        );
+    }
+    assert!(engines[1]["write_ratio_vs_plain"].as_f64().unwrap() > 0.0);
+    let left: Vec<_> = fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("bench-volume-"))
+        .collect();
+    assert!(left.is_empty(), "bench dir left");
+}
