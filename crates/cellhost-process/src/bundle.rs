@@ -247,19 +247,18 @@ fn mount(dest: &str, typ: &str, source: &str, opts: &[&str]) -> Result<Mount, Bu
         .map_err(spec_err)
 }
 
-fn bind_ro(dest: &str, source: &Path) -> Result<Mount, BundleError> {
+fn bind(dest: &str, source: &Path, opts: &[&str]) -> Result<Mount, BundleError> {
     MountBuilder::default()
         .destination(dest)
         .typ("bind")
         .source(source)
-        .options(
-            ["rbind", "ro", "nosuid", "nodev"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect::<Vec<_>>(),
-        )
+        .options(opts.iter().map(|s| s.to_string()).collect::<Vec<_>>())
         .build()
         .map_err(spec_err)
+}
+
+fn bind_ro(dest: &str, source: &Path) -> Result<Mount, BundleError> {
+    bind(dest, source, &["rbind", "ro", "nosuid", "nodev"])
 }
 
 /// The OCI runtime spec for a cell.
@@ -332,37 +331,14 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
         }
     }
     if let Some(dir) = inp.secrets_dir {
-        mounts.push(
-            MountBuilder::default()
-                .destination("/run/secrets")
-                .typ("bind")
-                .source(dir)
-                .options(
-                    ["bind", "ro", "nosuid", "nodev", "noexec"]
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect::<Vec<_>>(),
-                )
-                .build()
-                .map_err(spec_err)?,
-        );
+        mounts.push(bind(
+            "/run/secrets",
+            dir,
+            &["bind", "ro", "nosuid", "nodev", "noexec"],
+        )?);
     }
-
     if let Some((dest, source)) = inp.volume {
-        mounts.push(
-            MountBuilder::default()
-                .destination(dest)
-                .typ("bind")
-                .source(source)
-                .options(
-                    ["rbind", "rw", "nosuid", "nodev"]
-                        .iter()
-                        .map(|s| s.to_string())
-                        .collect::<Vec<_>>(),
-                )
-                .build()
-                .map_err(spec_err)?,
-        );
+        mounts.push(bind(dest, source, &["rbind", "rw", "nosuid", "nodev"])?);
     }
 
     let caps: std::collections::HashSet<Capability> = [

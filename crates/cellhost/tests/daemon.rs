@@ -143,24 +143,15 @@ struct Daemon {
 
 impl Daemon {
     fn start(extra: &[&str]) -> Daemon {
-        let dir = tempfile::Builder::new()
-            .prefix("cellhost-daemon-")
-            .tempdir()
-            .unwrap();
-        let mut d = Daemon {
-            child: None,
-            state: dir.path().join("state"),
-            socket: dir.path().join("api.sock"),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            log: None,
-            _dir: Some(dir),
-        };
-        d.spawn();
-        d
+        Daemon::start_with(extra, false)
     }
 
     /// Like [`Daemon::start`], with the daemon's log in a file.
     fn start_logged(extra: &[&str]) -> Daemon {
+        Daemon::start_with(extra, true)
+    }
+
+    fn start_with(extra: &[&str], logged: bool) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("cellhost-daemon-")
             .tempdir()
@@ -170,7 +161,7 @@ impl Daemon {
             state: dir.path().join("state"),
             socket: dir.path().join("api.sock"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-            log: Some(dir.path().join("daemon.log")),
+            log: logged.then(|| dir.path().join("daemon.log")),
             _dir: Some(dir),
         };
         d.spawn();

@@ -154,13 +154,16 @@ fn run_with_a_volume_key_file() {
     // 64 hex digits and a newline, as `openssl rand -hex 32` writes it.
     fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
 
-    let out = cellhost(dir.path())
-        .arg("run")
-        .arg(&doc)
-        .arg("--volume-key-file")
-        .arg(&key)
-        .output()
-        .unwrap();
+    let run_with_key = || {
+        cellhost(dir.path())
+            .arg("run")
+            .arg(&doc)
+            .arg("--volume-key-file")
+            .arg(&key)
+            .output()
+            .unwrap()
+    };
+    let out = run_with_key();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\n");
@@ -182,13 +185,7 @@ fn run_with_a_volume_key_file() {
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("spec.volume.encrypted"));
     fs::write(&key, "hunter2-not-a-key").unwrap();
-    let out = cellhost(dir.path())
-        .arg("run")
-        .arg(&doc)
-        .arg("--volume-key-file")
-        .arg(&key)
-        .output()
-        .unwrap();
+    let out = run_with_key();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(
