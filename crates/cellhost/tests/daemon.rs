@@ -986,10 +986,7 @@ fn container_cells_through_the_daemon() {
 #[test]
 fn encrypted_volume_key_stays_out_of_store_and_log_and_survives_a_daemon_kill() {
     require_process_tier!();
-    if let Err(why) = cellhost_volume::probe().choose(cellhost_volume::EngineChoice::Auto) {
-        eprintln!("SKIP: no encrypted-volume engine: {why}");
-        return;
-    }
+    require_volume_engine!();
     let mut d = Daemon::start_logged(&["--volume-engine", "auto"]);
     let key: [u8; 32] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(11));
     let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
@@ -1099,10 +1096,7 @@ fn encrypted_volume_key_stays_out_of_store_and_log_and_survives_a_daemon_kill() 
 #[test]
 fn orphan_volume_is_swept() {
     require_process_tier!();
-    if let Err(why) = cellhost_volume::probe().choose(cellhost_volume::EngineChoice::Auto) {
-        eprintln!("SKIP: no encrypted-volume engine: {why}");
-        return;
-    }
+    require_volume_engine!();
     // Made while no daemon runs (a live daemon would sweep it mid-make:
     // it has no row), then the daemon starts on that state dir.
     let mut d = Daemon::start(&[]);

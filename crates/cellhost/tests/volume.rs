@@ -13,15 +13,6 @@ use cellhost_volume::scan::find_in_data;
 
 const MARKER: &[u8] = b"cellhost-cell-pattern";
 
-/// Why the volume tests cannot run here (printed), or None.
-fn volume_engine_missing(t: &common::Tier) -> Option<String> {
-    t.backend
-        .volumes()
-        .engine()
-        .err()
-        .map(|why| format!("no encrypted-volume engine: {why}"))
-}
-
 /// The first `n` bytes of a (big, sparse) file.
 fn prefix(p: &std::path::Path, n: usize) -> Vec<u8> {
     use std::io::Read;
@@ -33,11 +24,8 @@ fn prefix(p: &std::path::Path, n: usize) -> Vec<u8> {
 #[test]
 fn process_cell_volume_is_ciphertext_and_unrecoverable_after_destroy() {
     require_process_tier!();
+    require_volume_engine!();
     let t = common::tier();
-    if let Some(why) = volume_engine_missing(&t) {
-        eprintln!("SKIP: {why}");
-        return;
-    }
     let rt = common::rt();
     rt.block_on(async {
         let cell = common::cell(
@@ -143,10 +131,7 @@ const DOC: &str = "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata:\n  name: v
 #[test]
 fn run_with_a_volume_key_file() {
     require_process_tier!();
-    if let Err(why) = cellhost_volume::probe().choose(cellhost_volume::EngineChoice::Auto) {
-        eprintln!("SKIP: no encrypted-volume engine: {why}");
-        return;
-    }
+    require_volume_engine!();
     let dir = common::state_dir();
     let doc = dir.path().join("v.yaml");
     fs::write(&doc, DOC).unwrap();
@@ -211,10 +196,7 @@ fn run_with_a_volume_key_file() {
 #[test]
 fn bench_volume_reports_every_engine_against_plain() {
     require_process_tier!();
-    if let Err(why) = cellhost_volume::probe().choose(cellhost_volume::EngineChoice::Auto) {
-        eprintln!("SKIP: no encrypted-volume engine: {why}");
-        return;
-    }
+    require_volume_engine!();
     let dir = common::state_dir();
     let out = cellhost(dir.path())
         .args(["--json", "bench", "volume", "--cells", "1"])

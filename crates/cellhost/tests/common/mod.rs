@@ -31,6 +31,23 @@ macro_rules! require_process_tier {
     };
 }
 
+/// Why this host cannot make encrypted volumes (no engine), or None.
+pub fn volume_engine_missing() -> Option<String> {
+    cellhost_volume::probe()
+        .choose(cellhost_volume::EngineChoice::Auto)
+        .err()
+}
+
+#[macro_export]
+macro_rules! require_volume_engine {
+    () => {
+        if let Some(why) = common::volume_engine_missing() {
+            eprintln!("SKIP {}: no encrypted-volume engine: {why}", module_path!());
+            return;
+        }
+    };
+}
+
 /// A temp state dir for the `cellhost` binary. On drop it also removes the
 /// (by then empty) cgroup group the binary's process tier made for it, so
 /// tests leave no cgroup directories behind.
