@@ -294,6 +294,15 @@ pub trait Backend: Send + Sync {
         })
     }
 
+    /// The workload ended on its own (the supervisor saw it exit): let go
+    /// of what only a running workload needs — close its encrypted volume,
+    /// so data at rest is ciphertext until a start with the key. Tiers that
+    /// restart workloads themselves keep it. Idempotent.
+    async fn release(&self, handle: &CellHandle) -> Result<(), BackendError> {
+        let _ = handle;
+        Ok(())
+    }
+
     /// Open a stopped cell's encrypted volume again with its key, so the
     /// cell can start. Tiers whose cells cannot restart say so.
     async fn open_volume(

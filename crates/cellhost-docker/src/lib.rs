@@ -589,6 +589,19 @@ impl Backend for DockerBackend {
             .map_err(|e| BackendError::Engine(format!("volume task: {e}")))?
     }
 
+    /// With restart policy `no` an exited container stays exited: close
+    /// its volume. Under `unless-stopped` the engine restarts it and needs
+    /// the volume open.
+    async fn release(&self, handle: &CellHandle) -> Result<(), BackendError> {
+        if self.cfg.policy.restart_unless_stopped {
+            return Ok(());
+        }
+        let (vols, id) = (self.volumes.clone(), handle.id.clone());
+        tokio::task::spawn_blocking(move || vols.close_if_any(&id))
+            .await
+            .map_err(|e| BackendError::Engine(format!("volume task: {e}")))?
+    }
+
     async fn open_volume(
         &self,
         handle: &CellHandle,

@@ -945,6 +945,12 @@ impl Backend for ProcessBackend {
         .await?
     }
 
+    async fn release(&self, handle: &CellHandle) -> Result<(), BackendError> {
+        let id = handle.id.clone();
+        self.blocking("release", move |this| this.volumes.close_if_any(&id))
+            .await?
+    }
+
     async fn destroy(&self, handle: &CellHandle) -> Result<TeardownReport, BackendError> {
         let id = handle.id.clone();
         self.blocking("destroy", move |this| this.destroy_blocking(&id))

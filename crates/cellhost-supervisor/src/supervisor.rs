@@ -1273,6 +1273,9 @@ impl Supervisor {
                 .await?;
                 lock(&self.marks).remove(&rec.id);
                 sum.exited += 1;
+                if let Err(e) = backend.release(&handle).await {
+                    tracing::warn!("releasing exited cell {}: {e}", rec.id);
+                }
             }
             CellState::Gone => {
                 let idc = rec.id.clone();

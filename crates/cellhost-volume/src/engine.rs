@@ -24,6 +24,8 @@ use crate::{VolumeError, VolumePaths};
 /// PBKDF2 iterations for keyslots: the minimum cryptsetup accepts. The
 /// passphrase is a 256-bit key, so stretching buys nothing.
 const PBKDF2_ITERATIONS: &str = "1000";
+/// How long a released loop device gets to detach.
+const LOOP_GRACE: Duration = Duration::from_secs(2);
 /// How long the storage daemon gets to flush and exit after SIGTERM.
 const DAEMON_GRACE: Duration = Duration::from_secs(10);
 
@@ -163,11 +165,10 @@ pub(crate) fn probe_with(t: &Tools) -> Probe {
         t.mkfs_ext4.as_path(),
         t.mount.as_path(),
     ];
-    let misc = fs::read_to_string("/proc/misc").unwrap_or_default();
-    let has_dm = misc.split_whitespace().any(|w| w == "device-mapper")
-        || Path::new("/dev/mapper/control").exists();
-    let dm_crypt = if !has_dm {
-        Err("no device-mapper in this kernel (/proc/misc, /dev/mapper/control)".to_string())
+    // The control node, not /proc/misc: inside a container /proc/misc
+    // shows the host kernel's device-mapper without giving access to it.
+    let dm_crypt = if !Path::new("/dev/mapper/control").exists() {
+        Err("no device-mapper here (/dev/mapper/control is missing)".to_string())
     } else {
         need(&common).map(|f| format!("device-mapper; {}", f.join(", ")))
     };
@@ -315,9 +316,23 @@ pub(crate) fn close(
     if !loop_errors.is_empty() {
         return Err(fail(loop_errors.join("; ")));
     }
+    // LOOP_CLR_FD on a device still in use only sets autoclear: the ext4
+    // on it is alive (a cell's mount namespace holds it). Signalling the
+    // storage daemon now would pull the disk from under it; wait, then
+    // refuse.
+    let deadline = Instant::now() + LOOP_GRACE;
+    while !tools::loops_backed_by(&p.dir).is_empty() {
+        if Instant::now() >= deadline {
+            return Err(fail(format!(
+                "loop device(s) {} still in use after {LOOP_GRACE:?}; the storage daemon is left running",
+                tools::loops_backed_by(&p.dir).join(",")
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     if engine != Some(EngineKind::DmCrypt) {
         if let Some(pid) = daemon_pid(p) {
-            stop_daemon(pid).map_err(fail)?;
+            stop_daemon(pid, p).map_err(fail)?;
         }
         // A daemon that died without unmounting leaves its FUSE mount.
         tools::unmount(&p.plain, true).map_err(fail)?;
@@ -337,24 +352,27 @@ pub(crate) fn close(
     Ok(())
 }
 
-fn stop_daemon(pid: i32) -> Result<(), String> {
+/// SIGTERM, then SIGKILL after [`DAEMON_GRACE`]. "Still running" means
+/// [`is_our_daemon`] still holds: a zombie (empty cmdline) has exited, and
+/// a pid reused by another process is never signalled again.
+fn stop_daemon(pid: i32, p: &VolumePaths) -> Result<(), String> {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
     let target = Pid::from_raw(pid);
-    let _ = kill(target, Signal::SIGTERM);
-    let deadline = Instant::now() + DAEMON_GRACE;
-    while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    if Path::new(&format!("/proc/{pid}")).exists() {
-        tracing::warn!(pid, "qemu-storage-daemon ignored SIGTERM: SIGKILL");
-        let _ = kill(target, Signal::SIGKILL);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+    let wait = |grace: Duration| {
+        let deadline = Instant::now() + grace;
+        while is_our_daemon(pid, p) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
+    };
+    let _ = kill(target, Signal::SIGTERM);
+    wait(DAEMON_GRACE);
+    if is_our_daemon(pid, p) {
+        tracing::warn!(pid, "qemu-storage-daemon ignored SIGTERM: SIGKILL");
+        let _ = kill(target, Signal::SIGKILL);
+        wait(Duration::from_secs(5));
     }
-    if Path::new(&format!("/proc/{pid}")).exists() {
+    if is_our_daemon(pid, p) {
         Err(format!("qemu-storage-daemon pid {pid} does not exit"))
     } else {
         Ok(())
@@ -364,11 +382,43 @@ fn stop_daemon(pid: i32) -> Result<(), String> {
 /// The volume's storage daemon, while it runs (and is really it).
 pub(crate) fn daemon_pid(p: &VolumePaths) -> Option<i32> {
     let pid: i32 = fs::read_to_string(&p.pidfile).ok()?.trim().parse().ok()?;
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    is_our_daemon(pid, p).then_some(pid)
+}
+
+/// Does `pid` run qemu-storage-daemon on this volume's container?
+fn is_our_daemon(pid: i32, p: &VolumePaths) -> bool {
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
     let disk = qemu_escape(&p.disk);
-    let disk = disk.to_string_lossy();
     let text = String::from_utf8_lossy(&cmdline);
-    (text.contains("qemu-storage-daemon") && text.contains(disk.as_ref())).then_some(pid)
+    text.contains("qemu-storage-daemon") && text.contains(disk.to_string_lossy().as_ref())
+}
+
+/// Does `key` unlock a keyslot of the container? (`cryptsetup open
+/// --test-passphrase`: no mapping is made, so it works without
+/// device-mapper, for LUKS1 and LUKS2.)
+pub(crate) fn verify_key(
+    t: &Tools,
+    id: &CellId,
+    p: &VolumePaths,
+    key: &VolumeKey,
+) -> Result<(), VolumeError> {
+    let pass = key.passphrase();
+    match run(
+        &t.cryptsetup,
+        &[
+            os("open"),
+            os("--test-passphrase"),
+            os("--key-file=-"),
+            p.disk.as_os_str(),
+        ],
+        Some(pass.as_bytes()),
+    ) {
+        Ok(()) => Ok(()),
+        Err(RunError::Failed(Some(2), _)) => Err(VolumeError::WrongKey(id.clone())),
+        Err(e) => Err(tools::step(id, "verify key", e)),
+    }
 }
 
 pub(crate) fn mapper_exists(p: &VolumePaths) -> bool {

@@ -58,9 +58,13 @@
 //! # Threat model
 //!
 //! Protects: data at rest from anyone who reads the host's disk, its
-//! backups or its snapshots, at any time the volume is closed, and forever
-//! after destroy (the keyslots are overwritten before the file is deleted,
-//! so even recovered blocks of the deleted file cannot be unlocked).
+//! backups or its snapshots, at any time the volume is closed, and after
+//! destroy (the keyslots are overwritten in place before the file is
+//! deleted, so recovered blocks of the deleted file, or a hard link, cannot
+//! be unlocked). In-place overwrite does not reach older copies of the
+//! header on copy-on-write file systems (btrfs, ZFS, reflinks), in
+//! snapshots taken while the volume existed, or in an SSD's remapped
+//! blocks: put `<state>` on a plain file system for that guarantee.
 //! Does not protect: against root on the host while the volume is open (the
 //! kernel or the storage daemon holds the master key in memory, and the
 //! mount is readable) — nothing short of confidential computing does.
@@ -201,10 +205,19 @@ impl Volumes {
     /// Resolve the engine (probe, or the operator's forced choice). Never
     /// fails: a host without an engine can still destroy and list what an
     /// earlier run left; only create says the engine is missing.
+    ///
+    /// The root is made and canonicalized here: mount points and loop
+    /// backing files are compared with what the kernel reports, which has
+    /// every symlink resolved.
     pub fn new(cfg: VolumeConfig) -> Volumes {
         let engine = engine::probe_with(&cfg.tools).choose(cfg.engine);
+        let root = mkdir_private(&cfg.root)
+            .ok()
+            .and_then(|()| fs::canonicalize(&cfg.root).ok())
+            .or_else(|| std::path::absolute(&cfg.root).ok())
+            .unwrap_or(cfg.root);
         Volumes {
-            root: cfg.root,
+            root,
             engine,
             tools: cfg.tools,
         }
@@ -331,7 +344,7 @@ impl Volumes {
 
     /// Open and mount an existing, closed volume with its key. A wrong key
     /// is [`VolumeError::WrongKey`] and leaves the volume as it was. Opening
-    /// an open volume returns it as is.
+    /// an open volume checks the key and returns it as is.
     pub fn open(&self, id: &CellId, key: &VolumeKey) -> Result<OpenVolume, VolumeError> {
         let p = self.paths(id);
         let meta = self.meta(id)?;
@@ -339,6 +352,8 @@ impl Volumes {
             return Err(VolumeError::NotFound(id.clone()));
         }
         if self.is_open(id) {
+            // Open already: the key must still be the right one.
+            engine::verify_key(&self.tools, id, &p, key)?;
             return Ok(open_volume(&p, &meta));
         }
         // A half-open state (daemon alive, no mount) from a crash: close
@@ -380,13 +395,24 @@ impl Volumes {
     /// Unmount and close; the container file stays. Idempotent.
     pub fn close(&self, id: &CellId) -> Result<(), VolumeError> {
         let p = self.paths(id);
-        let meta = read_meta(&p.meta)?;
+        // Unreadable metadata must not keep a volume open: look for both
+        // engines' objects then.
+        let meta = read_meta(&p.meta).ok().flatten();
         tools::unmount(&p.mnt, false).map_err(|e| VolumeError::Step {
             id: id.clone(),
             step: "umount",
             detail: e,
         })?;
         engine::close(&self.tools, id, &p, meta.map(|m| m.engine))
+    }
+
+    /// Does `key` open this volume? (Reads the header only.)
+    pub fn verify_key(&self, id: &CellId, key: &VolumeKey) -> Result<(), VolumeError> {
+        let p = self.paths(id);
+        if !p.disk.exists() {
+            return Err(VolumeError::NotFound(id.clone()));
+        }
+        engine::verify_key(&self.tools, id, &p, key)
     }
 
     /// Remove every host object of the volume and record what is left:
@@ -498,9 +524,13 @@ fn mkdir_private(dir: &Path) -> Result<(), VolumeError> {
 fn write_meta(path: &Path, meta: &VolumeMeta) -> Result<(), VolumeError> {
     let text = serde_json::to_vec_pretty(meta).expect("VolumeMeta serializes");
     let tmp = path.with_extension("json.tmp");
-    fs::write(&tmp, text)
-        .and_then(|()| fs::rename(&tmp, path))
-        .map_err(|e| VolumeError::io(format!("writing {}", path.display()), e))
+    let write = || -> io::Result<()> {
+        let mut f = fs::File::create(&tmp)?;
+        io::Write::write_all(&mut f, &text)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    };
+    write().map_err(|e| VolumeError::io(format!("writing {}", path.display()), e))
 }
 
 fn read_meta(path: &Path) -> Result<Option<VolumeMeta>, VolumeError> {

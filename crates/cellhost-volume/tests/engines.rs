@@ -175,6 +175,13 @@ fn forensic_round(engine: EngineKind) {
     assert!(daemons_for(&disk).is_empty());
     let third = v.open(&id, &key).unwrap();
     assert_eq!(fs::read(third.data_dir.join("pattern")).unwrap(), pat);
+    // Open already: a wrong key is still refused, the right one accepted.
+    assert!(matches!(
+        v.open(&id, &VolumeKey::random()),
+        Err(VolumeError::WrongKey(_))
+    ));
+    assert!(v.is_open(&id));
+    v.verify_key(&id, &key).unwrap();
 
     // Destroy while open: everything goes, the report says so; twice is fine.
     let r = destroy(&v, &id);

@@ -1060,6 +1060,36 @@ fn encrypted_volume_key_stays_out_of_store_and_log_and_survives_a_daemon_kill() 
     }
     assert!(!d.state.join(format!("process/volumes/{id}")).exists());
 
+    // A workload that ends on its own: reconcile sees the exit and closes
+    // its volume (ciphertext at rest until a start with the key).
+    let mut s2 = doc("vol2", &["/bin/sh", "-c", "echo done > /data/f"], 300);
+    s2["spec"]["volume"] = json!({"path": "/data", "sizeGiB": 1, "encrypted": true});
+    let body2 = serde_json::to_vec(&s2).unwrap();
+    let r = request(
+        &d.addr(),
+        "POST",
+        "/v1/cells",
+        Some(&body2),
+        &[("Cellhost-Volume-Key", &hex)],
+    )
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let id2 = r.json()["id"].as_str().unwrap().to_string();
+    wait_until("exit seen", Duration::from_secs(30), || {
+        d.call("GET", &format!("/v1/cells/{id2}"), None).json()["observed"] == "exited"
+    });
+    let mnt2 = d.state.join(format!("process/volumes/{id2}/mnt/data"));
+    wait_until("the volume to close", Duration::from_secs(10), || {
+        !mnt2.exists()
+    });
+    assert!(
+        d.state
+            .join(format!("process/volumes/{id2}/disk.luks"))
+            .exists()
+    );
+    let r = d.call("DELETE", &format!("/v1/cells/{id2}"), None);
+    assert_eq!(r.status, 200);
+
     // The key, in any spelling, is in neither the store nor the log.
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(key);
