@@ -45,6 +45,20 @@ pub struct CreateRequest {
     pub volume_key: Option<crate::VolumeKey>,
 }
 
+impl CreateRequest {
+    /// A request with no secrets, no owner and no volume key (benchmarks,
+    /// tests, documents that need none); set the fields to add them.
+    pub fn new(id: CellId, cell: Cell) -> CreateRequest {
+        CreateRequest {
+            id,
+            cell,
+            secrets: Vec::new(),
+            owner: None,
+            volume_key: None,
+        }
+    }
+}
+
 /// What destroy, status and reconcile need to find a cell's host objects
 /// again, possibly in another process after a crash. Stored by the
 /// supervisor; never holds secrets.

@@ -76,6 +76,39 @@ pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
         .collect())
 }
 
+/// What [`unmount_under`] found and could not undo.
+#[derive(Debug, Default)]
+pub struct Unmounted {
+    /// Mount points that were at or below the dir, in mount order.
+    pub found: Vec<PathBuf>,
+    /// One line per mount that is still there.
+    pub errors: Vec<String>,
+}
+
+/// Unmount everything at or below `dir`, newest first (so stacked and
+/// nested mounts go before what they sit on). A mount that will not go
+/// (busy) is detached lazily when `lazy_if_busy`, else reported; one that
+/// vanished meanwhile (EINVAL, ENOENT) is fine. The one unmount routine of
+/// every tier's teardown.
+pub fn unmount_under(dir: &Path, lazy_if_busy: bool) -> io::Result<Unmounted> {
+    use nix::errno::Errno;
+    use nix::mount::{MntFlags, umount2};
+    let found = mounts_under(dir)?;
+    let mut errors = Vec::new();
+    for m in found.iter().rev() {
+        match umount2(m, MntFlags::empty()) {
+            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
+            Err(e) if lazy_if_busy => {
+                if let Err(d) = umount2(m, MntFlags::MNT_DETACH) {
+                    errors.push(format!("umount {}: {e}; lazy: {d}", m.display()));
+                }
+            }
+            Err(e) => errors.push(format!("umount {}: {e}", m.display())),
+        }
+    }
+    Ok(Unmounted { found, errors })
+}
+
 /// Undo the kernel's octal escapes (`\040` for a space).
 pub fn unescape(s: &str) -> String {
     let b = s.as_bytes();

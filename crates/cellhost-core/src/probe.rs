@@ -1267,8 +1267,9 @@ fn search_path() -> String {
     dirs.join(":")
 }
 
-/// The first executable regular file `name` in [`search_path`].
-fn which(name: &str) -> Option<PathBuf> {
+/// The first executable regular file `name` on `PATH` or in the standard
+/// sbin/bin dirs (where root's tools live even when `PATH` lacks them).
+pub fn which(name: &str) -> Option<PathBuf> {
     search_path()
         .split(':')
         .map(|d| Path::new(d).join(name))
@@ -1848,6 +1849,12 @@ fn check_kvm(opts: &ProbeOptions, qemu: Option<&Path>) -> Capability {
 
 /// Collapse to one line (control characters become spaces) and cap length.
 fn one_line(s: &str) -> String {
+    one_line_max(s, MAX_DETAIL)
+}
+
+/// [`one_line`] with a cap of `max` characters: a tool's stderr as one
+/// error line.
+pub fn one_line_max(s: &str, max: usize) -> String {
     let mut out: String = s
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
@@ -1855,8 +1862,8 @@ fn one_line(s: &str) -> String {
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ");
-    if out.chars().count() > MAX_DETAIL {
-        out = out.chars().take(MAX_DETAIL - 3).collect();
+    if out.chars().count() > max {
+        out = out.chars().take(max.saturating_sub(3)).collect();
         out.push_str("...");
     }
     out

@@ -294,14 +294,14 @@ impl DockerBackend {
             Some(s)
         };
         let encrypted = {
-            let (vols, id, c) = (self.volumes.clone(), req.id.clone(), cell.clone());
+            let (id, c) = (req.id.clone(), cell.clone());
             let key = req
                 .volume_key
                 .as_ref()
                 .map(cellhost_core::VolumeKey::duplicate);
-            tokio::task::spawn_blocking(move || vols.create_for(&id, &c, key.as_ref()))
-                .await
-                .map_err(|e| BackendError::Engine(format!("volume task: {e}")))??
+            self.volumes
+                .blocking(move |v| v.create_for(&id, &c, key.as_ref()))
+                .await?
         };
         let volume = if let Some(open) = &encrypted {
             Some(mapping::VolumeSource::Bind(open.data_dir.as_path()))
@@ -583,10 +583,8 @@ impl Backend for DockerBackend {
         }
         // Data at rest is ciphertext while the cell does not run; start
         // needs the key again.
-        let (vols, id) = (self.volumes.clone(), handle.id.clone());
-        tokio::task::spawn_blocking(move || vols.close_if_any(&id))
-            .await
-            .map_err(|e| BackendError::Engine(format!("volume task: {e}")))?
+        let id = handle.id.clone();
+        self.volumes.blocking(move |v| v.close_if_any(&id)).await
     }
 
     /// With restart policy `no` an exited container stays exited: close
@@ -596,10 +594,8 @@ impl Backend for DockerBackend {
         if self.cfg.policy.restart_unless_stopped {
             return Ok(());
         }
-        let (vols, id) = (self.volumes.clone(), handle.id.clone());
-        tokio::task::spawn_blocking(move || vols.close_if_any(&id))
-            .await
-            .map_err(|e| BackendError::Engine(format!("volume task: {e}")))?
+        let id = handle.id.clone();
+        self.volumes.blocking(move |v| v.close_if_any(&id)).await
     }
 
     async fn open_volume(
@@ -607,12 +603,10 @@ impl Backend for DockerBackend {
         handle: &CellHandle,
         key: &cellhost_core::VolumeKey,
     ) -> Result<(), BackendError> {
-        let (vols, id) = (self.volumes.clone(), handle.id.clone());
-        let key = key.duplicate();
-        tokio::task::spawn_blocking(move || vols.open(&id, &key).map(|_| ()))
+        let (id, key) = (handle.id.clone(), key.duplicate());
+        self.volumes
+            .blocking(move |v| Ok(v.open(&id, &key).map(|_| ())?))
             .await
-            .map_err(|e| BackendError::Engine(format!("volume task: {e}")))?
-            .map_err(BackendError::from)
     }
 
     async fn destroy(&self, handle: &CellHandle) -> Result<TeardownReport, BackendError> {
@@ -663,24 +657,19 @@ impl Backend for DockerBackend {
                 true
             }
         };
-        let mounted = cellhost_core::mountinfo::mounts_under(&secrets).unwrap_or_default();
-        for m in mounted.iter().rev() {
-            if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH) {
-                report.error(format!("unmounting {}: {e}", m.display()));
-            }
-        }
+        let unmounted = cellhost_core::mountinfo::unmount_under(&secrets, true).unwrap_or_default();
+        report.errors.extend(unmounted.errors);
+        let mounted = unmounted.found;
         let volume_dir_existed = self.volumes.exists(&handle.id);
         if volume_dir_existed {
-            let (vols, id) = (self.volumes.clone(), handle.id.clone());
-            let mut vr = TeardownReport::new(id.as_str());
-            let vr = tokio::task::spawn_blocking(move || {
-                vols.destroy_into(&id, &mut vr);
-                vr
-            })
-            .await
-            .map_err(|e| BackendError::Engine(format!("volume task: {e}")))?;
-            report.checks.extend(vr.checks);
-            report.errors.extend(vr.errors);
+            let id = handle.id.clone();
+            report = self
+                .volumes
+                .blocking(move |v| {
+                    v.destroy_into(&id, &mut report);
+                    Ok(report)
+                })
+                .await?;
         }
         let dir_existed = match fs::remove_dir_all(&dir) {
             Ok(()) => true,

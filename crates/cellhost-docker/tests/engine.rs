@@ -369,11 +369,8 @@ async fn missing_image_fails_clearly_and_leaves_nothing() {
     let err = e
         .backend
         .create(CreateRequest {
-            id: id.clone(),
-            cell: c.clone(),
             secrets: vec![secret("s", "x")],
-            owner: None,
-            volume_key: None,
+            ..CreateRequest::new(id.clone(), c.clone())
         })
         .await
         .expect_err("a pull with no registry must fail");
@@ -484,13 +481,7 @@ async fn unsupported_combinations_are_refused_before_anything_is_made() {
         let id = CellId::random();
         let err = e
             .backend
-            .create(CreateRequest {
-                id: id.clone(),
-                cell: cell(body),
-                secrets: vec![],
-                owner: None,
-                volume_key: None,
-            })
+            .create(CreateRequest::new(id.clone(), cell(body)))
             .await
             .expect_err(body);
         assert!(err.to_string().contains(needle), "{err}");
@@ -521,11 +512,8 @@ async fn encrypted_volume_persists_across_stop_start_only_with_its_key() {
     let h = e
         .backend
         .create(CreateRequest {
-            id: CellId::random(),
-            cell,
-            secrets: vec![],
-            owner: None,
             volume_key: Some(key.duplicate()),
+            ..CreateRequest::new(CellId::random(), cell)
         })
         .await
         .expect("create");

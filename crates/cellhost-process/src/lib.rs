@@ -374,11 +374,11 @@ impl ProcessBackend {
             Some(p.secrets())
         };
         let volume = {
-            let (vols, id, cell) = (self.volumes.clone(), req.id.clone(), req.cell.clone());
+            let (id, cell) = (req.id.clone(), req.cell.clone());
             let key = req.volume_key.as_ref().map(VolumeKey::duplicate);
-            tokio::task::spawn_blocking(move || vols.create_for(&id, &cell, key.as_ref()))
-                .await
-                .map_err(|e| BackendError::Engine(format!("volume task: {e}")))??
+            self.volumes
+                .blocking(move |v| v.create_for(&id, &cell, key.as_ref()))
+                .await?
         };
         let volume = match (&volume, &req.cell.spec.volume) {
             (Some(open), Some(v)) => Some((v.path.as_str(), open.data_dir.as_path())),
@@ -554,14 +554,9 @@ impl ProcessBackend {
         }
 
         // 3. mounts under the cell dir (the secrets tmpfs).
-        if let Ok(ms) = hostfs::mounts_under(&p.dir) {
-            for m in ms.iter().rev() {
-                if let Err(e) = nix::mount::umount2(m, nix::mount::MntFlags::empty()) {
-                    // Busy: detach, then verify below.
-                    if nix::mount::umount2(m, nix::mount::MntFlags::MNT_DETACH).is_err() {
-                        report.error(format!("umount {}: {e}", m.display()));
-                    }
-                }
+        if let Ok(u) = cellhost_core::mountinfo::unmount_under(&p.dir, true) {
+            for e in u.errors {
+                report.error(e);
             }
         }
 
@@ -900,18 +895,15 @@ impl Backend for ProcessBackend {
     }
 
     async fn start(&self, handle: &CellHandle) -> Result<(), BackendError> {
-        let p = self.paths(&handle.id);
         let id = handle.id.clone();
-        let vols = self.volumes.clone();
-        tokio::task::spawn_blocking(move || {
-            vols.require_open(&id)?;
-            start_container(&p.lc_state()).map_err(|e| match e {
+        self.blocking("start", move |this| {
+            this.volumes.require_open(&id)?;
+            start_container(&this.paths(&id).lc_state()).map_err(|e| match e {
                 BackendError::Engine(m) => BackendError::Engine(format!("starting cell {id}: {m}")),
                 other => other,
             })
         })
-        .await
-        .map_err(|e| BackendError::Engine(format!("start task: {e}")))?
+        .await?
     }
 
     async fn stop(&self, handle: &CellHandle, grace: Duration) -> Result<(), BackendError> {

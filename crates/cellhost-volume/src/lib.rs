@@ -93,6 +93,7 @@ use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
+use cellhost_core::mountinfo::mounts_under;
 use cellhost_core::{TeardownReport, VolumeKey, ids::CellId};
 use serde::{Deserialize, Serialize};
 
@@ -381,10 +382,7 @@ impl Volumes {
 
     /// The volume is mounted (so its data dir is usable).
     pub fn is_open(&self, id: &CellId) -> bool {
-        let p = self.paths(id);
-        mounted_under(&p.mnt)
-            .map(|m| m.iter().any(|e| e == &p.mnt))
-            .unwrap_or(false)
+        is_mounted(&self.paths(id).mnt)
     }
 
     /// The volume exists here (open or closed).
@@ -431,7 +429,7 @@ impl Volumes {
         if let Err(e) = engine::close(&self.tools, id, &p, meta.map(|m| m.engine)) {
             report.error(format!("volume close: {e}"));
         }
-        let mounts = mounted_under(&p.dir).unwrap_or_default();
+        let mounts = mounts_under(&p.dir).unwrap_or_default();
         report.check_detail(
             "volume-mount",
             p.dir.display().to_string(),
@@ -556,14 +554,9 @@ fn free_bytes(dir: &Path) -> Result<u64, VolumeError> {
     Ok(s.blocks_available() * s.fragment_size())
 }
 
-/// Mount points at or under `dir`, from this process's mountinfo.
-fn mounted_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
-    let text = fs::read_to_string("/proc/self/mountinfo")?;
-    Ok(cellhost_core::mountinfo::parse(&text)
-        .into_iter()
-        .map(|m| m.mount_point)
-        .filter(|m| m.starts_with(dir))
-        .collect())
+/// Is something mounted at exactly `p`?
+fn is_mounted(p: &Path) -> bool {
+    mounts_under(p).is_ok_and(|m| m.iter().any(|e| e == p))
 }
 
 fn remove_file(p: &Path) -> io::Result<()> {

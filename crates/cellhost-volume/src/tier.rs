@@ -39,6 +39,18 @@ fn encrypted_size(cell: &Cell) -> Option<u64> {
 }
 
 impl Volumes {
+    /// Run `f` on a blocking thread: every volume step runs a tool or does
+    /// file I/O, which must not hold up a tier's async callers.
+    pub async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Volumes) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let vols = self.clone();
+        tokio::task::spawn_blocking(move || f(&vols))
+            .await
+            .map_err(|e| BackendError::Engine(format!("volume task: {e}")))?
+    }
+
     /// Before any side effect: can this cell's encrypted volume be made
     /// here, with the key (or its absence) that came along?
     pub fn admit(&self, cell: &Cell, key: Option<&VolumeKey>) -> Result<(), BackendError> {

@@ -47,21 +47,16 @@ impl Default for Tools {
     }
 }
 
-/// The executable `tool` names, if there is one.
+/// The executable `tool` names, if there is one: a path as is, a bare
+/// name as the host probe finds it.
 pub(crate) fn find(tool: &Path) -> Option<PathBuf> {
-    let is_exec = |p: &Path| {
-        use std::os::unix::fs::PermissionsExt;
-        fs::metadata(p)
-            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-            .unwrap_or(false)
-    };
     if tool.components().count() > 1 {
-        return is_exec(tool).then(|| tool.to_path_buf());
+        use std::os::unix::fs::PermissionsExt;
+        let exec =
+            fs::metadata(tool).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
+        return exec.then(|| tool.to_path_buf());
     }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    std::env::split_paths(&path)
-        .map(|d| d.join(tool))
-        .find(|p| is_exec(p))
+    cellhost_core::probe::which(tool.to_str()?)
 }
 
 /// How a tool run failed.
@@ -135,7 +130,7 @@ pub(crate) fn run(tool: &Path, args: &[&OsStr], stdin: Option<&[u8]>) -> Result<
     // A daemonizing child may hold stderr a moment longer; do not wait on
     // it forever.
     let stderr = rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
-    let msg = one_line(&String::from_utf8_lossy(&stderr));
+    let msg = cellhost_core::probe::one_line_max(&String::from_utf8_lossy(&stderr), 400);
     match status {
         Some(s) if s.success() => Ok(()),
         Some(s) => Err(RunError::Failed(s.code(), msg)),
@@ -143,19 +138,6 @@ pub(crate) fn run(tool: &Path, args: &[&OsStr], stdin: Option<&[u8]>) -> Result<
             None,
             format!("no answer within {TOOL_TIMEOUT:?}; {msg}"),
         )),
-    }
-}
-
-fn one_line(s: &str) -> String {
-    let joined = s.split_whitespace().collect::<Vec<_>>().join(" ");
-    if joined.len() > 400 {
-        let mut cut = 400;
-        while !joined.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        format!("{}…", &joined[..cut])
-    } else {
-        joined
     }
 }
 
@@ -230,37 +212,16 @@ pub(crate) fn step(id: &CellId, step: &'static str, e: RunError) -> VolumeError 
 /// Unmount whatever is mounted at `mnt` (stacked mounts too). When busy
 /// and `lazy_if_busy`, detach lazily; then verify nothing is mounted there.
 pub(crate) fn unmount(mnt: &Path, lazy_if_busy: bool) -> Result<(), String> {
-    use nix::errno::Errno;
-    use nix::mount::{MntFlags, umount2};
-    for _ in 0..8 {
-        if !is_mount_point(mnt) {
-            return Ok(());
-        }
-        match umount2(mnt, MntFlags::empty()) {
-            Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
-            Err(Errno::EBUSY) if lazy_if_busy => {
-                tracing::warn!(mount = %mnt.display(), "volume busy at destroy: detaching lazily");
-                umount2(mnt, MntFlags::MNT_DETACH)
-                    .map_err(|e| format!("lazy umount {}: {e}", mnt.display()))?;
-            }
-            Err(e) => return Err(format!("umount {}: {e}", mnt.display())),
-        }
+    let u = cellhost_core::mountinfo::unmount_under(mnt, lazy_if_busy)
+        .map_err(|e| format!("reading mountinfo: {e}"))?;
+    if !u.errors.is_empty() {
+        return Err(u.errors.join("; "));
     }
-    if is_mount_point(mnt) {
-        Err(format!("{} is still mounted", mnt.display()))
-    } else {
+    if u.found.is_empty() || !crate::is_mounted(mnt) {
         Ok(())
+    } else {
+        Err(format!("{} is still mounted", mnt.display()))
     }
-}
-
-fn is_mount_point(p: &Path) -> bool {
-    fs::read_to_string("/proc/self/mountinfo")
-        .map(|t| {
-            cellhost_core::mountinfo::parse(&t)
-                .iter()
-                .any(|m| m.mount_point == p)
-        })
-        .unwrap_or(false)
 }
 
 /// Loop devices whose backing file lies under `dir` (`/dev/loopN`).

@@ -195,13 +195,7 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
         let id = CellId::random();
         let t0 = Instant::now();
         let h = backend
-            .create(CreateRequest {
-                id: id.clone(),
-                cell,
-                secrets: vec![],
-                owner: None,
-                volume_key: None,
-            })
+            .create(CreateRequest::new(id.clone(), cell))
             .await
             .map_err(|e| crate::run::backend_err(e, "bench create"))?;
         let created = t0.elapsed();
@@ -330,13 +324,7 @@ async fn one_cell(
 ) -> anyhow::Result<cellhost_core::CellHandle> {
     let id = CellId::random();
     let h = backend
-        .create(CreateRequest {
-            id,
-            cell: cell_doc("bench", argv)?,
-            secrets: vec![],
-            owner: None,
-            volume_key: None,
-        })
+        .create(CreateRequest::new(id, cell_doc("bench", argv)?))
         .await
         .map_err(|e| crate::run::backend_err(e, "bench create"))?;
     backend

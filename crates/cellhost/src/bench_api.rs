@@ -265,15 +265,7 @@ async fn run_batch(
                 Mode::Backend => {
                     let cell: cellhost_spec::Cell = serde_json::from_slice(&body)?;
                     let id = CellId::random();
-                    let h = backend
-                        .create(CreateRequest {
-                            id: id.clone(),
-                            cell,
-                            secrets: vec![],
-                            owner: None,
-                            volume_key: None,
-                        })
-                        .await?;
+                    let h = backend.create(CreateRequest::new(id.clone(), cell)).await?;
                     backend.start(&h).await?;
                     Ok(id.to_string())
                 }

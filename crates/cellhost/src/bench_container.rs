@@ -185,16 +185,6 @@ async fn measure(
     Ok(())
 }
 
-fn create_req(cell: &cellhost_spec::Cell) -> CreateRequest {
-    CreateRequest {
-        id: CellId::random(),
-        cell: cell.clone(),
-        secrets: vec![],
-        owner: None,
-        volume_key: None,
-    }
-}
-
 async fn destroy_clean(backend: &DockerBackend, h: &CellHandle) -> anyhow::Result<()> {
     let report = backend
         .destroy(h)
@@ -227,7 +217,7 @@ async fn ours(
 ) -> anyhow::Result<Marks> {
     let t0 = Instant::now();
     let h = backend
-        .create(create_req(cell))
+        .create(CreateRequest::new(CellId::random(), cell.clone()))
         .await
         .map_err(|e| crate::run::backend_err(e, "bench create"))?;
     let created = t0.elapsed();

@@ -149,15 +149,19 @@ fn bench_blocking(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Result<
         }
     }
     let measured = results;
-    let plain = &measured[0];
+    let plain = measured[0].write_median();
+    let ratios: Vec<Option<f64>> = measured
+        .iter()
+        .map(|m| match (m.write_median(), plain) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        })
+        .collect();
     let rows: Vec<serde_json::Value> = sides
         .iter()
         .zip(&measured)
-        .map(|(s, m)| {
-            let ratio = match (m.write_median(), plain.write_median()) {
-                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-                _ => None,
-            };
+        .zip(&ratios)
+        .map(|((s, m), ratio)| {
             json!({"engine": s.name(), "measure": m.json(), "write_ratio_vs_plain": ratio})
         })
         .collect();
@@ -189,18 +193,14 @@ fn bench_blocking(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Result<
             "  {:<22} {:>12} {:>12} {:>12} {:>10}",
             "engine", "ready p50", "ready p99", "write MB/s", "vs plain"
         );
-        for (s, m) in sides.iter().zip(&measured) {
-            let ratio = match (m.write_median(), plain.write_median()) {
-                (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-                _ => None,
-            };
+        for ((s, m), ratio) in sides.iter().zip(&measured).zip(&ratios) {
             println!(
                 "  {:<22} {:>9.1} ms {:>9.1} ms {:>12.1} {:>10}",
                 s.name(),
                 m.ready.ms(50.0).unwrap_or(f64::NAN),
                 m.ready.ms(99.0).unwrap_or(f64::NAN),
                 m.write_median().unwrap_or(f64::NAN),
-                fmt_ratio(ratio)
+                fmt_ratio(*ratio)
             );
         }
         for s in &skipped {

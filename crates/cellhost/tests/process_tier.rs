@@ -253,13 +253,7 @@ fn failed_creates_roll_back_cleanly() {
             let id = CellId::random();
             let err = t
                 .backend
-                .create(CreateRequest {
-                    id: id.clone(),
-                    cell,
-                    secrets: vec![],
-                    owner: None,
-                    volume_key: None,
-                })
+                .create(CreateRequest::new(id.clone(), cell))
                 .await
                 .unwrap_err();
             eprintln!("{name}: {err}");

@@ -37,13 +37,7 @@ fn process_cell_volume_is_ciphertext_and_unrecoverable_after_destroy() {
         // Without the key: refused before anything is made.
         let err = t
             .backend
-            .create(CreateRequest {
-                id: id.clone(),
-                cell: cell.clone(),
-                secrets: vec![],
-                owner: None,
-                volume_key: None,
-            })
+            .create(CreateRequest::new(id.clone(), cell.clone()))
             .await
             .unwrap_err();
         assert!(
@@ -55,11 +49,8 @@ fn process_cell_volume_is_ciphertext_and_unrecoverable_after_destroy() {
         let h = t
             .backend
             .create(CreateRequest {
-                id: id.clone(),
-                cell,
-                secrets: vec![],
-                owner: None,
                 volume_key: Some(key.duplicate()),
+                ..CreateRequest::new(id.clone(), cell)
             })
             .await
             .expect("create");

@@ -194,11 +194,8 @@ impl Tier {
         let h = self
             .backend
             .create(CreateRequest {
-                id: id.clone(),
-                cell,
                 secrets,
-                owner: None,
-                volume_key: None,
+                ..CreateRequest::new(id.clone(), cell)
             })
             .await
             .expect("create");
