@@ -1,0 +1,131 @@
+//! PID 1 duties, for an agent booted as a microVM's init.
+//!
+//! # Layout in the guest
+//!
+//! ```text
+//! /proc      proc       (mounted when this is PID 1: always, a new pid
+//!                        namespace needs its own)
+//! /sys       sysfs      (when nothing is mounted there)
+//! /dev       devtmpfs   (when /dev/null is missing)
+//! /dev/pts   devpts     (when /dev/pts is empty)
+//! /run       tmpfs 0755 (when nothing is mounted there)
+//! ```
+//!
+//! # Lifecycle
+//!
+//! [`setup`] runs first, before any listener. Reaping is the reaper
+//! thread's job ([`super::exec::Reaper`]): as PID 1 every orphan in the
+//! guest is our child; outside PID 1 the agent makes itself a child
+//! subreaper so orphans of its execs still come back to it. [`poweroff`]
+//! ends the machine: SIGTERM to everything, a grace period, SIGKILL,
+//! sync, `reboot(POWER_OFF)`.
+//!
+//! # Idempotency
+//!
+//! Each mount is skipped when something is already there, so an initramfs
+//! that mounted some of them itself is fine.
+//!
+//! # Threat model
+//!
+//! None of its own: PID 1 in a guest the cell owns. Mounts use `nosuid`
+//! and `noexec` where the file system never holds programs.
+
+use std::path::Path;
+use std::time::Duration;
+
+use nix::mount::{MsFlags, mount};
+
+fn mounted(target: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|mi| mi.lines().any(|l| l.split(' ').nth(4) == Some(target)))
+        .unwrap_or(false)
+}
+
+fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) {
+    let _ = std::fs::create_dir_all(target);
+    if let Err(e) = mount(Some(fstype), target, Some(fstype), flags, data) {
+        tracing::warn!("mount {fstype} on {target}: {e}");
+    }
+}
+
+/// Mount what a bare initramfs lacks. A no-op outside PID 1 except that
+/// it makes the agent a child subreaper.
+pub fn setup(pid1: bool) {
+    if !pid1 {
+        // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes one integer
+        // argument and touches no memory of ours.
+        let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+        if rc != 0 {
+            tracing::warn!(
+                "PR_SET_CHILD_SUBREAPER: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        return;
+    }
+    let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount_fs("proc", "/proc", common, None);
+    if !mounted("/sys") {
+        mount_fs("sysfs", "/sys", common, None);
+    }
+    if !Path::new("/dev/null").exists() {
+        mount_fs(
+            "devtmpfs",
+            "/dev",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("mode=0755"),
+        );
+    }
+    if !mounted("/dev/pts") {
+        mount_fs(
+            "devpts",
+            "/dev/pts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620"),
+        );
+    }
+    if !mounted("/run") {
+        mount_fs(
+            "tmpfs",
+            "/run",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        );
+    }
+}
+
+/// Any process besides us (PID 1) in /proc.
+fn others_alive() -> bool {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten().any(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|p| p != 1)
+            })
+        })
+        .unwrap_or(false)
+}
+
+/// End the guest (PID 1) — never returns.
+pub fn poweroff() -> ! {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    // -1: every process but us.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+    for _ in 0..20 {
+        if !others_alive() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    nix::unistd::sync();
+    let e = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    tracing::error!("poweroff: {e:?}");
+    // PID 1 must not exit (the kernel panics); wait to be killed.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

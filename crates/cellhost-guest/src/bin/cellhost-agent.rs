@@ -1,0 +1,171 @@
+//! `cellhost-agent`: the in-guest helper (see the `cellhost_guest::agent`
+//! docs). Build it static to drop it into any rootfs or initramfs:
+//!
+//! ```text
+//! RUSTFLAGS="-C target-feature=+crt-static" \
+//!   cargo build --release --target x86_64-unknown-linux-gnu -p cellhost-guest --bin cellhost-agent
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use cellhost_guest::agent::{self, Agent, Config, init, serve};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cellhost-agent",
+    version,
+    about = "cellhost's in-guest agent: env, secrets, exec and files over NDJSON"
+)]
+struct Args {
+    /// Listen on this AF_VSOCK port (the default listener: 5555).
+    #[arg(long, value_name = "PORT")]
+    vsock_port: Option<u32>,
+    /// Serve a virtio-serial port: a name under /dev/virtio-ports or a path.
+    #[arg(long, value_name = "NAME|PATH")]
+    virtio_port: Option<String>,
+    /// Listen on a unix socket (made 0600).
+    #[arg(long, value_name = "PATH")]
+    unix: Option<PathBuf>,
+    /// Serve one connection on stdin/stdout and exit at its end.
+    #[arg(long, conflicts_with_all = ["vsock_port", "virtio_port", "unix"])]
+    stdio: bool,
+    /// Where the env file and secrets go (made 0700).
+    #[arg(long, default_value = "/run/cellhost", value_name = "DIR")]
+    state_dir: PathBuf,
+    /// Allow write_file/read_file beneath this directory (repeatable; none
+    /// turns file operations off).
+    #[arg(long = "file-root", value_name = "DIR")]
+    file_roots: Vec<PathBuf>,
+    /// Refuse exec requests.
+    #[arg(long)]
+    no_exec: bool,
+    /// The cell's main command, started once the agent listens.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CELLHOST_AGENT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let pid1 = std::process::id() == 1;
+    init::setup(pid1);
+
+    let mut config = Config::new(&args.state_dir);
+    config.file_roots = args.file_roots.clone();
+    config.exec = !args.no_exec;
+    let agent = match Agent::new(config) {
+        Ok(a) => Arc::new(a),
+        Err(e) => {
+            return fail(
+                pid1,
+                &format!("state dir {}: {e}", args.state_dir.display()),
+            );
+        }
+    };
+    let on_shutdown: serve::OnShutdown = {
+        let agent = agent.clone();
+        Arc::new(move || {
+            tracing::info!("shutdown requested");
+            if agent.is_pid1() {
+                init::poweroff();
+            }
+            agent.kill_main();
+            std::process::exit(0);
+        })
+    };
+
+    if args.stdio {
+        if !args.command.is_empty() {
+            agent.start_main(&args.command);
+        }
+        let stdin = std::io::stdin().lock();
+        let stdout = std::io::stdout().lock();
+        return match serve::serve_stream(&agent, stdin, stdout) {
+            Ok(agent::Control::Shutdown) => {
+                on_shutdown();
+                ExitCode::SUCCESS
+            }
+            Ok(agent::Control::Continue) => ExitCode::SUCCESS,
+            Err(e) => fail(pid1, &format!("stdio: {e}")),
+        };
+    }
+
+    let mut listeners = Vec::new();
+    if let Some(path) = args.unix.clone() {
+        let (a, s) = (agent.clone(), on_shutdown.clone());
+        listeners.push((
+            "unix",
+            std::thread::spawn(move || serve::listen_unix(a, &path, s)),
+        ));
+    }
+    if let Some(port) = &args.virtio_port {
+        let path = if port.contains('/') {
+            PathBuf::from(port)
+        } else {
+            PathBuf::from("/dev/virtio-ports").join(port)
+        };
+        let (a, s) = (agent.clone(), on_shutdown.clone());
+        listeners.push((
+            "virtio-serial",
+            std::thread::spawn(move || serve::serve_virtio_port(a, &path, s)),
+        ));
+    }
+    let vsock_port = match args.vsock_port {
+        Some(p) => Some(p),
+        None if listeners.is_empty() => Some(5555),
+        None => None,
+    };
+    if let Some(port) = vsock_port {
+        match serve::bind_vsock(port) {
+            Ok(l) => {
+                let (a, s) = (agent.clone(), on_shutdown.clone());
+                listeners.push((
+                    "vsock",
+                    std::thread::spawn(move || serve::listen_vsock(a, l, s)),
+                ));
+            }
+            Err(e) => tracing::error!("vsock port {port}: {e}"),
+        }
+    }
+    if listeners.is_empty() {
+        return fail(pid1, "no listener could start");
+    }
+    if !args.command.is_empty() {
+        agent.start_main(&args.command);
+    }
+    let mut code = ExitCode::SUCCESS;
+    for (what, l) in listeners {
+        match l.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!("{what}: {e}");
+                code = ExitCode::FAILURE;
+            }
+            Err(_) => code = ExitCode::FAILURE,
+        }
+    }
+    if pid1 {
+        init::poweroff();
+    }
+    code
+}
+
+/// Exit with an error — or, as PID 1 (whose exit panics the kernel),
+/// power off.
+fn fail(pid1: bool, msg: &str) -> ExitCode {
+    tracing::error!("{msg}");
+    if pid1 {
+        init::poweroff();
+    }
+    ExitCode::FAILURE
+}
