@@ -214,11 +214,9 @@ pub fn run(reaper: &Reaper, spec: ExecSpec) -> std::io::Result<ExecReply> {
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.cwd)
-        .stdin(if spec.stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
+        // A pipe, closed at once when there is no input: unlike /dev/null
+        // it exists in a root without /dev.
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut child = reaper.spawn(&mut cmd)?;

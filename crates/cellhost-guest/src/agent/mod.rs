@@ -353,7 +353,8 @@ impl Agent {
         cmd.args(&argv[1..])
             .env_clear()
             .current_dir("/")
-            .stdin(std::process::Stdio::null());
+            // A pipe closed at once: no /dev/null needed.
+            .stdin(std::process::Stdio::piped());
         if let Ok(fd) = io::stderr().as_fd().try_clone_to_owned() {
             cmd.stdout(std::process::Stdio::from(fd));
         }
@@ -368,8 +369,9 @@ impl Agent {
                     error: format!("{}: {e}", argv[0]),
                 };
             }
-            Ok(child) => {
+            Ok(mut child) => {
                 let pid = child.id() as i32;
+                drop(child.stdin.take());
                 drop(child);
                 tracing::info!(pid, "main command started: {:?}", argv[0]);
                 *main = MainState::Running { pid };
