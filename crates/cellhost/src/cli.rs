@@ -225,6 +225,10 @@ pub struct BenchArgs {
     /// Creates in flight at once (bench api).
     #[arg(long, default_value_t = 8)]
     pub concurrency: usize,
+    /// The cellhost-agent binary (bench guest); default: next to this
+    /// executable.
+    #[arg(long, env = "CELLHOST_AGENT", value_name = "PATH")]
+    pub agent: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -240,4 +244,8 @@ pub enum BenchTier {
     /// Encrypted volumes per engine (ready time, write MB/s) against a
     /// plain loop-mounted ext4; `--cells` is the rounds (at most 20).
     Volume,
+    /// The guest channel: ping and exec of /bin/true to a cellhost-agent
+    /// over a unix socket against a raw unix-socket echo; `--cells` × 10
+    /// pings, `--cells` execs.
+    Guest,
 }

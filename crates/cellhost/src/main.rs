@@ -12,6 +12,7 @@
 mod bench;
 mod bench_api;
 mod bench_container;
+mod bench_guest;
 mod bench_volume;
 mod cli;
 mod client;
@@ -62,6 +63,15 @@ fn main() -> ExitCode {
     }
     if args.get(1).is_some_and(|a| a == "__exec") {
         return cellhost_process::exec::exec_main(&args[2..]);
+    }
+    if args.get(1).is_some_and(|a| a == "__bench-echo") && args.len() == 3 {
+        return match bench_guest::echo_server(std::path::Path::new(&args[2])) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("cellhost __bench-echo: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
 
     let cli = match Cli::try_parse() {

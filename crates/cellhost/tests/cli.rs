@@ -357,3 +357,46 @@ fn doctor_reports_every_capability_and_tier() {
         "{text}"
     );
 }
+
+#[test]
+fn bench_guest_reports_pings_execs_and_cleans_up() {
+    // The agent binary sits next to cellhost when the workspace is built
+    // (cargo test --workspace builds every package's binaries first).
+    let agent = common::cellhost_bin().with_file_name("cellhost-agent");
+    if !agent.is_file() {
+        println!("skipped: {} not built (run the workspace tests)", agent.display());
+        return;
+    }
+    let dir = common::state_dir();
+    let out = cellhost(dir.path())
+        .args(["--json", "bench", "guest", "--cells", "3"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pings = v["pings"].as_array().unwrap();
+    assert!(!pings.is_empty(), "{v}");
+    for p in pings {
+        assert_eq!(p["ping"]["n"], 30, "{v}");
+        assert_eq!(p["echo_baseline"]["n"], 30, "{v}");
+        assert!(p["ping_ratio_vs_echo"].as_f64().unwrap() > 0.0, "{v}");
+    }
+    assert_eq!(v["exec_true"]["n"], 3, "{v}");
+    assert!(v["exec_ratio_vs_spawn"].as_f64().unwrap() > 0.0, "{v}");
+    assert!(v["ping_target_met"].is_boolean(), "{v}");
+    // Its scratch dir (agent state, sockets) is gone.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("bench-guest"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // A missing agent is a clear error, not a panic.
+    let out = cellhost(dir.path())
+        .args(["bench", "guest", "--cells", "1", "--agent", "/no/such/agent"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--agent /no/such/agent"), "{out:?}");
+}
