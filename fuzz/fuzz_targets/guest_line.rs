@@ -40,5 +40,6 @@ fuzz_target!(|data: &[u8]| {
     for line in out.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
         let r: Response = serde_json::from_slice(line).expect("a protocol response");
         assert_eq!(r.ok, r.error.is_none());
+        assert_eq!(r.ok, r.code.is_none());
     }
 });

@@ -166,11 +166,19 @@ pub enum ClientError {
         len: usize,
         max: usize,
     },
-    #[error("{endpoint}: agent speaks protocol version {agent}; this client needs {need}")]
-    Version {
+    #[error("{endpoint}: the agent refused this client's protocol version: {message}")]
+    Version { endpoint: String, message: String },
+    #[error("{endpoint}: {op}: the agent ({agent}) does not offer this op")]
+    Unsupported {
         endpoint: String,
-        agent: u32,
-        need: u32,
+        op: &'static str,
+        agent: String,
+    },
+    #[error("{endpoint}: {op}: connection out of step ({why}); reconnect")]
+    Broken {
+        endpoint: String,
+        op: &'static str,
+        why: String,
     },
 }
 
@@ -247,24 +255,65 @@ pub struct Client {
     next_id: u64,
     hello: HelloReply,
     opts: ConnectOptions,
+    /// Set when the stream can no longer be trusted to be in step (a
+    /// request half written, the agent gone): every later call fails.
+    broken: Option<String>,
+}
+
+/// `now + d`, saturating far in the future instead of overflowing.
+fn after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
+}
+
+/// Worth another attempt: the guest may still be booting.
+fn retryable(e: &ClientError) -> bool {
+    match e {
+        ClientError::Io { source, .. } => {
+            matches!(
+                source.kind(),
+                ErrorKind::NotFound
+                    | ErrorKind::ConnectionRefused
+                    | ErrorKind::ConnectionReset
+                    | ErrorKind::ConnectionAborted
+                    | ErrorKind::BrokenPipe
+                    | ErrorKind::UnexpectedEof
+                    | ErrorKind::TimedOut
+                    | ErrorKind::WouldBlock
+                    | ErrorKind::AddrNotAvailable
+                    | ErrorKind::NotConnected
+            ) || matches!(
+                source.raw_os_error(),
+                Some(libc::ENODEV | libc::ETIMEDOUT | libc::EHOSTUNREACH)
+            )
+        }
+        ClientError::Timeout { .. } | ClientError::Protocol { .. } => true,
+        _ => false,
+    }
 }
 
 impl Client {
-    /// Connect and `hello`, retrying until `opts.deadline`.
+    /// Connect and `hello`, retrying until `opts.deadline` while the
+    /// failure is one a booting guest gives (refused, reset, missing
+    /// socket, silence); other failures return at once. No attempt runs
+    /// past the deadline, except that an AF_VSOCK connect is bounded by the
+    /// kernel's own connect timeout (2 s).
     pub fn connect(endpoint: &Endpoint, opts: &ConnectOptions) -> Result<Client, ClientError> {
         let started = Instant::now();
-        let give_up = started + opts.deadline;
+        let give_up = after(started, opts.deadline);
         let mut backoff = opts.backoff;
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let last = match Client::attempt(endpoint, opts) {
+            let left = give_up.saturating_duration_since(Instant::now());
+            let budget = opts.attempt_timeout.min(left).max(Duration::from_millis(1));
+            let last = match Client::attempt(endpoint, opts, budget) {
                 Ok(c) => return Ok(c),
-                Err(e @ ClientError::Version { .. }) => return Err(e),
+                Err(e) if !retryable(&e) => return Err(e),
                 Err(e) => e.to_string(),
             };
             let now = Instant::now();
-            if now + backoff >= give_up {
+            if now >= give_up {
                 return Err(ClientError::NotReady {
                     endpoint: endpoint.to_string(),
                     attempts,
@@ -273,7 +322,7 @@ impl Client {
                 });
             }
             tracing::debug!(%endpoint, attempts, "agent not ready: {last}");
-            std::thread::sleep(backoff);
+            std::thread::sleep(backoff.min(give_up - now));
             backoff = (backoff * 2).min(opts.backoff_max);
         }
     }
@@ -285,10 +334,19 @@ impl Client {
         name: &str,
         opts: &ConnectOptions,
     ) -> Result<Client, ClientError> {
-        Client::handshake(Endpoint::Unix(name.into()), Conn::Unix(stream), opts)
+        Client::handshake(
+            Endpoint::Unix(name.into()),
+            Conn::Unix(stream),
+            opts,
+            opts.attempt_timeout,
+        )
     }
 
-    fn attempt(endpoint: &Endpoint, opts: &ConnectOptions) -> Result<Client, ClientError> {
+    fn attempt(
+        endpoint: &Endpoint,
+        opts: &ConnectOptions,
+        budget: Duration,
+    ) -> Result<Client, ClientError> {
         let io_err = |source| ClientError::Io {
             endpoint: endpoint.to_string(),
             op: "connect",
@@ -304,21 +362,24 @@ impl Client {
                 Conn::Vsock(vsock::VsockStream::connect_with_cid_port(*cid, *port).map_err(io_err)?)
             }
         };
-        Client::handshake(endpoint.clone(), conn, opts)
+        Client::handshake(endpoint.clone(), conn, opts, budget)
     }
 
+    /// Transport handshake and `hello`, all within `budget`.
     fn handshake(
         endpoint: Endpoint,
         conn: Conn,
         opts: &ConnectOptions,
+        budget: Duration,
     ) -> Result<Client, ClientError> {
+        let until = after(Instant::now(), budget);
         let name = endpoint.to_string();
         let io_err = |op, source| ClientError::Io {
             endpoint: name.clone(),
             op,
             source,
         };
-        conn.set_timeouts(opts.attempt_timeout)
+        conn.set_timeouts(budget)
             .map_err(|e| io_err("connect", e))?;
         let writer = conn.try_clone().map_err(|e| io_err("connect", e))?;
         let mut client = Client {
@@ -330,13 +391,14 @@ impl Client {
             hello: HelloReply {
                 version: 0,
                 agent: String::new(),
-                ops: vec![],
+                ops: vec!["hello".into()],
                 max_line: proto::MAX_REQUEST_LINE,
             },
             opts: opts.clone(),
+            broken: None,
         };
         match endpoint {
-            Endpoint::HybridVsock { port, .. } => client.hybrid_handshake(port)?,
+            Endpoint::HybridVsock { port, .. } => client.hybrid_handshake(port, budget)?,
             // End whatever partial line an earlier host client left in
             // the port; the agent answers it with an error (id null),
             // which `call` drops.
@@ -350,9 +412,29 @@ impl Client {
             version: Some(proto::PROTOCOL_VERSION),
             client: Some(format!("cellhost/{}", env!("CARGO_PKG_VERSION"))),
         };
-        client.hello = match client.call_within(hello, opts.attempt_timeout) {
+        let left = until
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        client.hello = match client.call_within(hello, left) {
             Ok(fields) => decode::<HelloReply>(&name, "hello", fields)?,
-            Err(ClientError::Agent { .. }) => HelloReply {
+            // An agent that refuses the version: not one we can talk to.
+            Err(ClientError::Agent {
+                code: Some(ErrorCode::UnsupportedVersion),
+                message,
+                ..
+            }) => {
+                return Err(ClientError::Version {
+                    endpoint: name,
+                    message,
+                });
+            }
+            // An agent without `hello` (microvm-runtime's daemon answers
+            // an unknown op with an error and no code): the three ops
+            // that protocol had.
+            Err(ClientError::Agent {
+                code: None | Some(ErrorCode::UnknownOp | ErrorCode::Unknown),
+                ..
+            }) => HelloReply {
                 version: 0,
                 agent: "legacy (no hello)".into(),
                 ops: ["ping", "set_env", "set_secret"].map(String::from).to_vec(),
@@ -360,13 +442,6 @@ impl Client {
             },
             Err(e) => return Err(e),
         };
-        if client.hello.version > proto::PROTOCOL_VERSION {
-            return Err(ClientError::Version {
-                endpoint: name,
-                agent: client.hello.version,
-                need: proto::PROTOCOL_VERSION,
-            });
-        }
         Ok(client)
     }
 
@@ -374,7 +449,7 @@ impl Client {
     /// answered by `OK <assigned host port>\n`; the stream then belongs to
     /// the guest port. A guest not listening yet gets the connection
     /// closed, which the caller retries.
-    fn hybrid_handshake(&mut self, port: u32) -> Result<(), ClientError> {
+    fn hybrid_handshake(&mut self, port: u32, budget: Duration) -> Result<(), ClientError> {
         let proto_err = |m: String| ClientError::Protocol {
             endpoint: self.name.clone(),
             op: "CONNECT",
@@ -402,6 +477,9 @@ impl Client {
             Ok(None) => Err(proto_err(format!(
                 "closed by the vsock device (nothing listens on port {port} yet?)"
             ))),
+            Err(e) if is_timeout(&e) => {
+                Err(proto_err(format!("no answer to CONNECT within {budget:?}")))
+            }
             Err(e) => Err(proto_err(format!("read: {e}"))),
         }
     }
@@ -428,55 +506,95 @@ impl Client {
         timeout: Duration,
     ) -> Result<Map<String, Value>, ClientError> {
         let name = op.name();
-        let id = self.next_id;
+        if let Some(why) = &self.broken {
+            return Err(ClientError::Broken {
+                endpoint: self.name.clone(),
+                op: name,
+                why: why.clone(),
+            });
+        }
+        if timeout.is_zero() {
+            return Err(ClientError::Protocol {
+                endpoint: self.name.clone(),
+                op: name,
+                message: "a zero timeout would send the request and never wait for it".into(),
+            });
+        }
+        if !self.hello.ops.iter().any(|o| o == name) {
+            return Err(ClientError::Unsupported {
+                endpoint: self.name.clone(),
+                op: name,
+                agent: self.hello.agent.clone(),
+            });
+        }
+        // String ids: microvm-runtime's daemon accepts only strings.
+        let id = self.next_id.to_string();
         self.next_id += 1;
         let line = Request {
-            id: Value::from(id),
+            id: Value::String(id.clone()),
             op,
         }
         .to_line();
-        if line.len() - 1 > self.hello.max_line.min(proto::MAX_REQUEST_LINE) {
+        let max = self.hello.max_line.min(proto::MAX_REQUEST_LINE);
+        if line.len() - 1 > max {
             return Err(ClientError::TooLarge {
                 op: name,
                 len: line.len() - 1,
-                max: proto::MAX_REQUEST_LINE,
+                max,
             });
         }
-        let deadline = Instant::now() + timeout;
-        let io_err = |source| ClientError::Io {
-            endpoint: self.name.clone(),
-            op: name,
-            source,
-        };
-        let timed_out = || ClientError::Timeout {
-            endpoint: self.name.clone(),
+        let deadline = after(Instant::now(), timeout);
+        let timed_out = |endpoint: &str| ClientError::Timeout {
+            endpoint: endpoint.to_string(),
             op: name,
             after: timeout,
         };
-        self.writer.set_timeouts(timeout).map_err(io_err)?;
-        self.writer.write_all(&line).map_err(|e| {
-            if is_timeout(&e) {
-                timed_out()
+        let write = self
+            .writer
+            .set_timeouts(timeout)
+            .and_then(|()| self.writer.write_all(&line));
+        if let Err(e) = write {
+            // Part of the line may be out: the stream is out of step.
+            self.broken = Some(format!("a request was cut off while writing: {e}"));
+            return Err(if is_timeout(&e) {
+                timed_out(&self.name)
             } else {
-                io_err(e)
-            }
-        })?;
+                ClientError::Io {
+                    endpoint: self.name.clone(),
+                    op: name,
+                    source: e,
+                }
+            });
+        }
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(timed_out());
+                return Err(timed_out(&self.name));
             }
-            self.reader.get_ref().set_timeouts(left).map_err(io_err)?;
-            let frame = match self.reader.next_frame() {
+            let frame = match self
+                .reader
+                .get_ref()
+                .set_timeouts(left)
+                .and_then(|()| self.reader.next_frame())
+            {
                 Ok(Some(f)) => f,
-                Ok(None) => {
-                    return Err(io_err(io::Error::new(
-                        ErrorKind::UnexpectedEof,
-                        "the agent closed the connection",
-                    )));
+                Err(e) if is_timeout(&e) => return Err(timed_out(&self.name)),
+                other => {
+                    let e = match other {
+                        Ok(None) => io::Error::new(
+                            ErrorKind::UnexpectedEof,
+                            "the agent closed the connection",
+                        ),
+                        Err(e) => e,
+                        Ok(Some(_)) => unreachable!(),
+                    };
+                    self.broken = Some(e.to_string());
+                    return Err(ClientError::Io {
+                        endpoint: self.name.clone(),
+                        op: name,
+                        source: e,
+                    });
                 }
-                Err(e) if is_timeout(&e) => return Err(timed_out()),
-                Err(e) => return Err(io_err(e)),
             };
             let Frame::Line(l) = frame else {
                 return Err(ClientError::Protocol {
@@ -492,7 +610,7 @@ impl Client {
                     continue;
                 }
             };
-            if resp.id.as_u64() != Some(id) {
+            if resp.id.as_str() != Some(id.as_str()) {
                 tracing::debug!(endpoint = %self.name, id = %resp.id, "dropping a stale response");
                 continue;
             }
@@ -530,7 +648,7 @@ impl Client {
     /// request timeout.
     pub fn exec(&mut self, req: ExecRequest) -> Result<ExecOutput, ClientError> {
         let t = Duration::from_millis(req.timeout_ms.unwrap_or(proto::DEFAULT_EXEC_TIMEOUT_MS))
-            + self.opts.request_timeout;
+            .saturating_add(self.opts.request_timeout);
         let fields = self.call_within(Op::Exec(req), t)?;
         let reply: ExecReply = decode(&self.name, "exec", fields)?;
         ExecOutput::from_reply(reply).map_err(|message| ClientError::Protocol {
@@ -579,17 +697,26 @@ impl Client {
         Ok((data, reply))
     }
 
-    /// Read a whole file in chunks, refusing more than `max` bytes.
+    /// Read a whole file in chunks, refusing more than `max` bytes. The
+    /// guest is not trusted: the total is bounded here, not by its `size`.
     pub fn read_file_all(&mut self, path: &str, max: u64) -> Result<Vec<u8>, ClientError> {
         let mut out = Vec::new();
         loop {
-            let (chunk, reply) = self.read_file(path, out.len() as u64, None)?;
-            if reply.size > max {
-                return Err(ClientError::Protocol {
-                    endpoint: self.name.clone(),
-                    op: "read_file",
-                    message: format!("{path}: {} bytes is over the {max} byte limit", reply.size),
-                });
+            let offset = out.len() as u64;
+            let (chunk, reply) = self.read_file(path, offset, None)?;
+            let bad = |message: String| ClientError::Protocol {
+                endpoint: self.name.clone(),
+                op: "read_file",
+                message,
+            };
+            if reply.size > max || offset + chunk.len() as u64 > max {
+                return Err(bad(format!("{path}: more than the {max} byte limit")));
+            }
+            if reply.offset != offset {
+                return Err(bad(format!(
+                    "asked for offset {offset}, got {}",
+                    reply.offset
+                )));
             }
             let done = reply.eof || chunk.is_empty();
             out.extend_from_slice(&chunk);

@@ -37,6 +37,8 @@ pub struct LineReader<R> {
     /// discarding).
     discarding: Option<usize>,
     max: usize,
+    /// At end of stream, drop an unterminated line instead of returning it.
+    drop_partial: bool,
 }
 
 impl<R: Read> LineReader<R> {
@@ -50,7 +52,16 @@ impl<R: Read> LineReader<R> {
             returned: false,
             discarding: None,
             max,
+            drop_partial: false,
         }
+    }
+
+    /// At end of stream, drop an unterminated line (and an over-long one
+    /// in progress) instead of returning it: for a stream whose writer may
+    /// vanish mid-line and come back as someone else (virtio-serial).
+    pub fn drop_partial_at_eof(mut self, yes: bool) -> Self {
+        self.drop_partial = yes;
+        self
     }
 
     pub fn get_ref(&self) -> &R {
@@ -73,7 +84,7 @@ impl<R: Read> LineReader<R> {
     }
 
     /// The next line, or `None` at end of stream. A final line without a
-    /// newline is returned as a line.
+    /// newline is returned as a line (unless [`Self::drop_partial_at_eof`]).
     pub fn next_frame(&mut self) -> io::Result<Option<Frame<'_>>> {
         if self.returned {
             self.line.clear();
@@ -89,6 +100,10 @@ impl<R: Read> LineReader<R> {
                     }
                 };
                 if n == 0 {
+                    if self.drop_partial {
+                        self.reset();
+                        return Ok(None);
+                    }
                     if let Some(len) = self.discarding.take() {
                         return Ok(Some(Frame::TooLong { len }));
                     }
@@ -210,6 +225,9 @@ mod tests {
             vec![Err(5), Ok(b"ab".to_vec())]
         );
         assert_eq!(frames(b"123456789", 100, 4), vec![Err(9)]);
+        let mut r = LineReader::new(&b"a\nhalf"[..], 10).drop_partial_at_eof(true);
+        assert_eq!(r.next_frame().unwrap(), Some(Frame::Line(b"a")));
+        assert_eq!(r.next_frame().unwrap(), None);
     }
 
     #[test]

@@ -20,8 +20,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// The protocol version this crate speaks. `hello` answers with it; a
-/// client that needs more refuses the agent.
+/// The protocol version this crate speaks. `hello` answers with it and
+/// with the list of ops; versions only add ops and fields, so a client
+/// checks the op list rather than the number (and the agent refuses only
+/// versions it cannot be, i.e. 0).
 pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Longest request line the agent reads, newline excluded. A longer line
@@ -57,8 +59,9 @@ impl std::fmt::Debug for Sensitive {
     }
 }
 
-/// A request, without its id.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A request, without its id. `Debug` shows env keys and sizes, never
+/// env values, secrets, stdin or file contents.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Op {
     /// Version exchange; optional. `version` is the client's.
@@ -106,6 +109,30 @@ impl Op {
     }
 }
 
+impl std::fmt::Debug for Op {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Op::SetEnv { env } => f
+                .debug_struct("SetEnv")
+                .field("keys", &env.keys().collect::<Vec<_>>())
+                .finish(),
+            Op::SetSecret { name, value_b64 } => f
+                .debug_struct("SetSecret")
+                .field("name", name)
+                .field("value_b64", value_b64)
+                .finish(),
+            Op::Exec(r) => r.fmt(f),
+            Op::WriteFile(r) => f
+                .debug_struct("WriteFile")
+                .field("path", &r.path)
+                .field("content_b64_len", &r.content_b64.len())
+                .finish(),
+            Op::ReadFile(r) => f.debug_struct("ReadFile").field("path", &r.path).finish(),
+            other => f.write_str(other.name()),
+        }
+    }
+}
+
 /// Every op name, as `hello` lists them.
 pub const OPS: &[&str] = &[
     "hello",
@@ -119,7 +146,7 @@ pub const OPS: &[&str] = &[
     "shutdown",
 ];
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Program and arguments; `argv[0]` is looked up in the exec's PATH
@@ -140,6 +167,18 @@ pub struct ExecRequest {
     /// Bytes of each stream to keep, at most [`MAX_EXEC_OUTPUT`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output: Option<usize>,
+}
+
+impl std::fmt::Debug for ExecRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Exec")
+            .field("argv", &self.argv)
+            .field("env_keys", &self.env.keys().collect::<Vec<_>>())
+            .field("cwd", &self.cwd)
+            .field("stdin_b64_len", &self.stdin_b64.as_ref().map(String::len))
+            .field("timeout_ms", &self.timeout_ms)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -192,6 +231,9 @@ pub enum ErrorCode {
     Busy,
     /// The host side of an I/O operation failed.
     Io,
+    /// A code this build does not know (from a newer agent).
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorCode {
@@ -209,6 +251,7 @@ impl ErrorCode {
             ErrorCode::SpawnFailed => "spawn_failed",
             ErrorCode::Busy => "busy",
             ErrorCode::Io => "io",
+            ErrorCode::Unknown => "unknown",
         }
     }
 }
@@ -578,6 +621,29 @@ mod tests {
         let line = req.to_line();
         assert_eq!(line.last(), Some(&b'\n'));
         assert_eq!(parse_request(&line[..line.len() - 1]).unwrap(), req);
+    }
+
+    #[test]
+    fn debug_hides_values() {
+        let op = Op::SetEnv {
+            env: [("TOKEN".to_string(), "hunter2".to_string())].into(),
+        };
+        let secret = Op::SetSecret {
+            name: "k".into(),
+            value_b64: Sensitive("aHVudGVyMg==".into()),
+        };
+        let exec = Op::Exec(ExecRequest {
+            argv: vec!["x".into()],
+            env: [("T".to_string(), "hunter2".to_string())].into(),
+            stdin_b64: Some("aHVudGVyMg==".into()),
+            ..Default::default()
+        });
+        for o in [op, secret, exec] {
+            let d = format!("{o:?}");
+            assert!(!d.contains("hunter2") && !d.contains("aHVudGVyMg"), "{d}");
+        }
+        let code: ErrorCode = serde_json::from_str("\"quota_exceeded\"").unwrap();
+        assert_eq!(code, ErrorCode::Unknown);
     }
 
     #[test]

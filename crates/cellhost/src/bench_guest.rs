@@ -17,7 +17,9 @@
 //! scheduler places the two servers differently. So both servers are
 //! pinned to one CPU, and the pings are measured twice: from that CPU
 //! (same-CPU) and from another (cross-CPU, closer to a real guest).
-//! Execs are measured from the other CPU.
+//! Execs are measured from the other CPU, alternating with the baseline.
+//! On a one-CPU host only same-CPU is measured and the target is reported
+//! as not measured.
 //!
 //! Numbers are reported, never asserted: the target (ping ≤ 200 µs at
 //! p50, in both placements) is printed as met or MISSED.
@@ -157,7 +159,7 @@ fn bench_blocking(
             .arg("--state-dir")
             .arg(dir.join("state"))
             .stdin(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("agent.log"))?)
             .spawn()
             .with_context(|| format!("starting {}", agent_bin.display()))?,
     );
@@ -170,7 +172,14 @@ fn bench_blocking(
             .spawn()
             .context("starting the echo baseline")?,
     );
-    let mut client = Client::connect(&Endpoint::Unix(agent_sock), &ConnectOptions::default())?;
+    let connect = ConnectOptions {
+        deadline: Duration::from_secs(10),
+        ..ConnectOptions::default()
+    };
+    let mut client = Client::connect(&Endpoint::Unix(agent_sock), &connect).map_err(|e| {
+        let log = std::fs::read_to_string(dir.join("agent.log")).unwrap_or_default();
+        anyhow::anyhow!("{e}; agent log: {}", log.trim())
+    })?;
     let echo = wait_for_socket(&echo_sock)?;
     let mut echo_w = echo.try_clone()?;
     let mut echo_r = BufReader::new(echo);
@@ -178,7 +187,7 @@ fn bench_blocking(
     let mut echo_once = |id: usize| -> anyhow::Result<Duration> {
         // The very line the client sends for a ping.
         let req = format!(
-            "{{\"op\":\"ping\",\"id\":{}}}\n",
+            "{{\"id\":\"{}\",\"op\":\"ping\"}}\n",
             4_000_000_000_000_000u64 + id as u64
         );
         let t0 = Instant::now();
@@ -197,14 +206,15 @@ fn bench_blocking(
         ..Default::default()
     };
 
-    for i in 0..WARMUP {
-        echo_once(i)?;
-        client.ping()?;
-    }
     for _ in 0..5 {
         client.exec(true_req.clone())?;
     }
     let mut measure_pings = |client: &mut Client| -> anyhow::Result<(Series, Series)> {
+        // Untimed warm-up in each placement.
+        for i in 0..WARMUP {
+            echo_once(i)?;
+            client.ping()?;
+        }
         let (mut echo_s, mut ping_s) = (Series::default(), Series::default());
         for i in 0..pings {
             // Alternate which goes first.
@@ -225,28 +235,40 @@ fn bench_blocking(
         pin(c)?;
         placements.push(("cross-CPU", measure_pings(&mut client)?));
     }
-    let (mut exec_s, mut spawn_s) = (Series::default(), Series::default());
-    for _ in 0..execs {
-        let t0 = Instant::now();
-        let out = client.exec(true_req.clone())?;
-        exec_s.push(t0.elapsed());
-        anyhow::ensure!(out.exit_code == Some(0), "/bin/true in the agent: {out:?}");
+    let spawn_true = || -> anyhow::Result<Duration> {
         let t0 = Instant::now();
         let st = Command::new("/bin/true")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()?;
-        spawn_s.push(t0.elapsed());
         anyhow::ensure!(st.success(), "/bin/true: {st}");
+        Ok(t0.elapsed())
+    };
+    let (mut exec_s, mut spawn_s) = (Series::default(), Series::default());
+    for i in 0..execs {
+        // Alternate which goes first.
+        if i % 2 == 0 {
+            spawn_s.push(spawn_true()?);
+        }
+        let t0 = Instant::now();
+        let out = client.exec(true_req.clone())?;
+        exec_s.push(t0.elapsed());
+        anyhow::ensure!(out.exit_code == Some(0), "/bin/true in the agent: {out:?}");
+        if i % 2 == 1 {
+            spawn_s.push(spawn_true()?);
+        }
     }
     let _ = client.shutdown();
 
     let us = |s: &Series, p: f64| s.ms(p).map(|ms| ms * 1000.0);
+    // One CPU: the cross-CPU placement, the realistic one, is not
+    // measured, so the target is not judged on the best case alone.
     let ping_ok = placements
         .iter()
         .map(|(_, (_, ping))| us(ping, 50.0).map(|v| v <= PING_TARGET.as_micros() as f64))
-        .try_fold(true, |all, ok| ok.map(|ok| all && ok));
+        .try_fold(true, |all, ok| ok.map(|ok| all && ok))
+        .filter(|_| placements.len() > 1);
     let exec_ratio = exec_s.p50_ratio(&spawn_s);
     let row = |s: &Series| json!({"n": s.0.len(), "p50_us": us(s, 50.0), "p99_us": us(s, 99.0)});
     if json_out {

@@ -364,7 +364,10 @@ fn bench_guest_reports_pings_execs_and_cleans_up() {
     // (cargo test --workspace builds every package's binaries first).
     let agent = common::cellhost_bin().with_file_name("cellhost-agent");
     if !agent.is_file() {
-        println!("skipped: {} not built (run the workspace tests)", agent.display());
+        println!(
+            "skipped: {} not built (run the workspace tests)",
+            agent.display()
+        );
         return;
     }
     let dir = common::state_dir();
@@ -394,9 +397,19 @@ fn bench_guest_reports_pings_execs_and_cleans_up() {
 
     // A missing agent is a clear error, not a panic.
     let out = cellhost(dir.path())
-        .args(["bench", "guest", "--cells", "1", "--agent", "/no/such/agent"])
+        .args([
+            "bench",
+            "guest",
+            "--cells",
+            "1",
+            "--agent",
+            "/no/such/agent",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--agent /no/such/agent"), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--agent /no/such/agent"),
+        "{out:?}"
+    );
 }

@@ -37,7 +37,6 @@ use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -93,23 +92,26 @@ pub fn write_atomic(dir: &Path, name: &str, data: &[u8], mode: u32) -> io::Resul
 }
 
 fn write_atomic_at(dirfd: &OwnedFd, name: &OsStr, data: &[u8], mode: u32) -> io::Result<()> {
-    let mut tmp = b".".to_vec();
-    tmp.extend_from_slice(name.as_bytes());
-    tmp.extend_from_slice(
-        format!(
-            ".tmp.{}.{}",
+    // The temp name does not embed the target's (a 255-byte name would
+    // overflow NAME_MAX); a leftover from a crash is skipped by O_EXCL.
+    let (fd, tmp) = loop {
+        let tmp = format!(
+            ".cellhost.tmp.{}.{}",
             std::process::id(),
             TMP_SEQ.fetch_add(1, Ordering::Relaxed)
-        )
-        .as_bytes(),
-    );
-    let tmp = OsStr::from_bytes(&tmp);
-    let fd = openat(
-        Some(dirfd.as_raw_fd()),
-        tmp,
-        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-        Mode::from_bits_truncate(0o600),
-    )?;
+        );
+        match openat(
+            Some(dirfd.as_raw_fd()),
+            tmp.as_str(),
+            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(0o600),
+        ) {
+            Ok(fd) => break (fd, tmp),
+            Err(Errno::EEXIST) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let tmp = OsStr::new(&tmp);
     let mut file = File::from(own(fd));
     let written = (|| -> io::Result<()> {
         file.write_all(data)?;

@@ -94,18 +94,36 @@ pub fn setup(pid1: bool) {
     }
 }
 
-/// Any process besides us (PID 1) in /proc.
+/// Any user process besides us (PID 1) in /proc (kernel threads have an
+/// empty cmdline and are not waited for).
 fn others_alive() -> bool {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten().any(|e| {
-                e.file_name()
-                    .to_str()
-                    .and_then(|n| n.parse::<u32>().ok())
-                    .is_some_and(|p| p != 1)
-            })
-        })
-        .unwrap_or(false)
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten().any(|e| {
+        let pid = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok());
+        pid.is_some_and(|p| p != 1)
+            && std::fs::read(e.path().join("cmdline")).is_ok_and(|c| !c.is_empty())
+    })
+}
+
+/// Mark every descriptor above stderr close-on-exec: whatever the agent
+/// inherited (a leaked fd of whatever started it) must not reach the
+/// processes it starts.
+pub fn cloexec_inherited() {
+    use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        // The listing's own fd is closed by now: EBADF, ignored.
+        let _ = fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+    }
 }
 
 /// End the guest (PID 1) — never returns.

@@ -67,8 +67,15 @@ pub enum Control {
     Shutdown,
 }
 
+/// Lines longer than this are decoded at most [`BIG_LINE_SLOTS`] at a
+/// time: a JSON value in memory is many times its text (a 1 MiB line of
+/// `[0,0,…]` is ~14 MiB decoded), and connections are many.
+const BIG_LINE: usize = 64 * 1024;
+const BIG_LINE_SLOTS: usize = 2;
+
 pub struct Agent {
     config: Config,
+    big_lines: (Mutex<usize>, std::sync::Condvar),
     roots: Roots,
     reaper: Arc<Reaper>,
     env_lock: Mutex<()>,
@@ -87,8 +94,9 @@ impl Agent {
         Ok(Agent {
             config,
             roots,
-            reaper: Reaper::start(),
+            reaper: Reaper::global(),
             env_lock: Mutex::new(()),
+            big_lines: (Mutex::new(0), std::sync::Condvar::new()),
             execs: AtomicUsize::new(0),
             main: Arc::new(Mutex::new(MainState::NotStarted)),
             started: Instant::now(),
@@ -114,7 +122,22 @@ impl Agent {
 
     /// Answer one request line (newline stripped).
     pub fn handle_line(&self, line: &[u8]) -> (Response, Control) {
-        let req = match proto::parse_request(line) {
+        let parsed = if line.len() > BIG_LINE {
+            let (lock, cv) = &self.big_lines;
+            let mut busy = lock.lock().unwrap_or_else(|p| p.into_inner());
+            while *busy >= BIG_LINE_SLOTS {
+                busy = cv.wait(busy).unwrap_or_else(|p| p.into_inner());
+            }
+            *busy += 1;
+            drop(busy);
+            let parsed = proto::parse_request(line);
+            *lock.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+            cv.notify_one();
+            parsed
+        } else {
+            proto::parse_request(line)
+        };
+        let req = match parsed {
             Ok(r) => r,
             Err((id, f)) => return (Response::failure(id, f), Control::Continue),
         };
@@ -165,7 +188,8 @@ impl Agent {
                 proto::check_secret_name(&name)?;
                 let value = B64
                     .decode(value_b64.0.as_bytes())
-                    .map_err(|e| Failure::invalid(format!("value_b64: not base64: {e}")))?;
+                    // No detail: it would quote bytes of the secret.
+                    .map_err(|_| Failure::invalid("value_b64: not valid base64"))?;
                 files::write_atomic(&self.secrets_dir(), &name, &value, 0o600)
                     .map_err(|e| io_failure("secret", e))?;
                 Ok(Map::new())
@@ -233,17 +257,22 @@ impl Agent {
             ));
         }
         let spec = self.exec_spec(req)?;
+        // A slot, given back on every path out (a drop guard).
+        struct Slot<'a>(&'a AtomicUsize);
+        impl Drop for Slot<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _slot = Slot(&self.execs);
         if self.execs.fetch_add(1, Ordering::SeqCst) >= self.config.max_execs {
-            self.execs.fetch_sub(1, Ordering::SeqCst);
             return Err(Failure::new(
                 ErrorCode::Busy,
                 format!("exec: {} execs already running", self.config.max_execs),
             ));
         }
         let argv0 = spec.argv[0].clone();
-        let out = exec::run(&self.reaper, spec);
-        self.execs.fetch_sub(1, Ordering::SeqCst);
-        let reply = out.map_err(|e| {
+        let reply = exec::run(&self.reaper, spec).map_err(|e| {
             Failure::new(
                 ErrorCode::SpawnFailed,
                 format!("argv[0]: cannot run {argv0:?}: {e}"),

@@ -23,7 +23,8 @@ struct Args {
     /// Listen on this AF_VSOCK port (the default listener: 5555).
     #[arg(long, value_name = "PORT")]
     vsock_port: Option<u32>,
-    /// Serve a virtio-serial port: a name under /dev/virtio-ports or a path.
+    /// Serve a virtio-serial port: its name (found under /dev/virtio-ports
+    /// or /sys/class/virtio-ports) or a device path.
     #[arg(long, value_name = "NAME|PATH")]
     virtio_port: Option<String>,
     /// Listen on a unix socket (made 0600).
@@ -56,8 +57,19 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let args = Args::parse();
     let pid1 = std::process::id() == 1;
+    // Descriptors we inherited must not reach execs and the main command.
+    init::cloexec_inherited();
+    // PID 1 must never exit (the kernel panics): the kernel passes stray
+    // command-line words to init, so a parse error there means defaults.
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) if pid1 => {
+            tracing::error!("arguments: {e}; going on with the defaults");
+            Args::parse_from(["cellhost-agent"])
+        }
+        Err(e) => e.exit(),
+    };
     init::setup(pid1);
 
     let mut config = Config::new(&args.state_dir);
@@ -95,44 +107,45 @@ fn main() -> ExitCode {
                 on_shutdown();
                 ExitCode::SUCCESS
             }
+            Ok(agent::Control::Continue) if pid1 => {
+                tracing::info!("stdin ended");
+                init::poweroff()
+            }
             Ok(agent::Control::Continue) => ExitCode::SUCCESS,
             Err(e) => fail(pid1, &format!("stdio: {e}")),
         };
     }
 
-    let mut listeners = Vec::new();
+    // Bind here, so a failure is known before the main command starts and
+    // the command starts only once the agent listens.
+    let mut listeners: Vec<std::thread::JoinHandle<()>> = Vec::new();
     if let Some(path) = args.unix.clone() {
-        let (a, s) = (agent.clone(), on_shutdown.clone());
-        listeners.push((
-            "unix",
-            std::thread::spawn(move || serve::listen_unix(a, &path, s)),
-        ));
+        match serve::bind_unix(&path) {
+            Ok(l) => {
+                tracing::info!("listening on unix:{}", path.display());
+                let (a, s) = (agent.clone(), on_shutdown.clone());
+                listeners.push(std::thread::spawn(move || serve::listen_unix(a, l, s)));
+            }
+            Err(e) => tracing::error!("unix socket {}: {e}", path.display()),
+        }
     }
-    if let Some(port) = &args.virtio_port {
-        let path = if port.contains('/') {
-            PathBuf::from(port)
-        } else {
-            PathBuf::from("/dev/virtio-ports").join(port)
-        };
+    if let Some(name) = args.virtio_port.clone() {
         let (a, s) = (agent.clone(), on_shutdown.clone());
-        listeners.push((
-            "virtio-serial",
-            std::thread::spawn(move || serve::serve_virtio_port(a, &path, s)),
-        ));
+        listeners.push(std::thread::spawn(move || {
+            serve::serve_virtio_port(a, &name, s)
+        }));
     }
     let vsock_port = match args.vsock_port {
         Some(p) => Some(p),
-        None if listeners.is_empty() => Some(5555),
+        None if args.unix.is_none() && args.virtio_port.is_none() => Some(5555),
         None => None,
     };
     if let Some(port) = vsock_port {
         match serve::bind_vsock(port) {
             Ok(l) => {
+                tracing::info!("listening on vsock port {port}");
                 let (a, s) = (agent.clone(), on_shutdown.clone());
-                listeners.push((
-                    "vsock",
-                    std::thread::spawn(move || serve::listen_vsock(a, l, s)),
-                ));
+                listeners.push(std::thread::spawn(move || serve::listen_vsock(a, l, s)));
             }
             Err(e) => tracing::error!("vsock port {port}: {e}"),
         }
@@ -143,21 +156,11 @@ fn main() -> ExitCode {
     if !args.command.is_empty() {
         agent.start_main(&args.command);
     }
-    let mut code = ExitCode::SUCCESS;
-    for (what, l) in listeners {
-        match l.join() {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!("{what}: {e}");
-                code = ExitCode::FAILURE;
-            }
-            Err(_) => code = ExitCode::FAILURE,
-        }
+    // Listeners run forever; a thread that ends did so by panicking.
+    for l in listeners {
+        let _ = l.join();
     }
-    if pid1 {
-        init::poweroff();
-    }
-    code
+    fail(pid1, "a listener stopped")
 }
 
 /// Exit with an error — or, as PID 1 (whose exit panics the kernel),

@@ -25,6 +25,10 @@ impl AgentProc {
     }
 
     pub fn start_with(extra: &[&str], command: &[&str]) -> AgentProc {
+        Self::start_env(extra, command, &[])
+    }
+
+    pub fn start_env(extra: &[&str], command: &[&str], env: &[(&str, &str)]) -> AgentProc {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("files")).unwrap();
         let sock = dir.path().join("agent.sock");
@@ -37,6 +41,7 @@ impl AgentProc {
             .arg(dir.path().join("files"))
             .args(extra)
             .env("CELLHOST_TEST_AGENT_ENV", "must-not-leak")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stderr(std::fs::File::create(dir.path().join("agent.log")).unwrap());
         if !command.is_empty() {
@@ -112,4 +117,14 @@ pub fn mode(p: &Path) -> u32 {
 
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// Kill and reap a child when the test ends, panicking or not.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
