@@ -258,12 +258,6 @@ impl Agent {
         }
         let spec = self.exec_spec(req)?;
         // A slot, given back on every path out (a drop guard).
-        struct Slot<'a>(&'a AtomicUsize);
-        impl Drop for Slot<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
         let _slot = Slot(&self.execs);
         if self.execs.fetch_add(1, Ordering::SeqCst) >= self.config.max_execs {
             return Err(Failure::new(
@@ -422,6 +416,15 @@ impl Agent {
         if let MainState::Running { pid } = *self.main.lock().unwrap_or_else(|p| p.into_inner()) {
             self.reaper.kill_group(pid);
         }
+    }
+}
+
+/// A taken slot of a counter (connections, execs), given back on drop.
+pub(crate) struct Slot<'a>(pub(crate) &'a AtomicUsize);
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 

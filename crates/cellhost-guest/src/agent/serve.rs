@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{Agent, Control};
+use super::{Agent, Control, Slot};
 use crate::line::{Frame, LineReader};
 use crate::proto::{self, ErrorCode, Failure, Response};
 
@@ -83,13 +83,6 @@ pub fn serve_lines(
 
 /// What to do once some connection asked for `shutdown`.
 pub type OnShutdown = Arc<dyn Fn() + Send + Sync>;
-
-struct Slot<'a>(&'a AtomicUsize);
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
 
 fn spawn_conn<S>(agent: &Arc<Agent>, active: &Arc<AtomicUsize>, on_shutdown: &OnShutdown, stream: S)
 where
