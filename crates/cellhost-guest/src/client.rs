@@ -646,16 +646,11 @@ impl Client {
 
     /// Run a command to completion; waits the exec's own timeout plus the
     /// request timeout.
-    pub fn exec(&mut self, req: ExecRequest) -> Result<ExecOutput, ClientError> {
+    pub fn exec(&mut self, req: ExecRequest) -> Result<ExecReply, ClientError> {
         let t = Duration::from_millis(req.timeout_ms.unwrap_or(proto::DEFAULT_EXEC_TIMEOUT_MS))
             .saturating_add(self.opts.request_timeout);
         let fields = self.call_within(Op::Exec(req), t)?;
-        let reply: ExecReply = decode(&self.name, "exec", fields)?;
-        ExecOutput::from_reply(reply).map_err(|message| ClientError::Protocol {
-            endpoint: self.name.clone(),
-            op: "exec",
-            message,
-        })
+        decode(&self.name, "exec", fields)
     }
 
     pub fn write_file(
@@ -686,15 +681,8 @@ impl Client {
             offset: Some(offset),
             limit,
         }))?;
-        let reply: ReadFileReply = decode(&self.name, "read_file", fields)?;
-        let data = B64
-            .decode(&reply.content_b64)
-            .map_err(|e| ClientError::Protocol {
-                endpoint: self.name.clone(),
-                op: "read_file",
-                message: format!("content_b64: {e}"),
-            })?;
-        Ok((data, reply))
+        let mut reply: ReadFileReply = decode(&self.name, "read_file", fields)?;
+        Ok((std::mem::take(&mut reply.content), reply))
     }
 
     /// Read a whole file in chunks, refusing more than `max` bytes. The
@@ -734,38 +722,6 @@ impl Client {
     /// Ask the agent to stop (a PID 1 agent powers the guest off).
     pub fn shutdown(&mut self) -> Result<(), ClientError> {
         self.call(Op::Shutdown).map(drop)
-    }
-}
-
-/// An exec's result with the streams decoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExecOutput {
-    pub exit_code: Option<i32>,
-    pub signal: Option<i32>,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
-    pub stdout_dropped: u64,
-    pub stderr_dropped: u64,
-    pub timed_out: bool,
-    pub duration_ms: u64,
-}
-
-impl ExecOutput {
-    fn from_reply(r: ExecReply) -> Result<ExecOutput, String> {
-        Ok(ExecOutput {
-            exit_code: r.exit_code,
-            signal: r.signal,
-            stdout: B64
-                .decode(&r.stdout_b64)
-                .map_err(|e| format!("stdout_b64: {e}"))?,
-            stderr: B64
-                .decode(&r.stderr_b64)
-                .map_err(|e| format!("stderr_b64: {e}"))?,
-            stdout_dropped: r.stdout_dropped,
-            stderr_dropped: r.stderr_dropped,
-            timed_out: r.timed_out,
-            duration_ms: r.duration_ms,
-        })
     }
 }
 

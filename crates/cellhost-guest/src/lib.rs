@@ -16,5 +16,5 @@ pub mod client;
 pub mod line;
 pub mod proto;
 
-pub use client::{Client, ClientError, ConnectOptions, Endpoint, ExecOutput};
-pub use proto::{ErrorCode, ExecRequest, PROTOCOL_VERSION};
+pub use client::{Client, ClientError, ConnectOptions, Endpoint};
+pub use proto::{ErrorCode, ExecReply, ExecRequest, PROTOCOL_VERSION};

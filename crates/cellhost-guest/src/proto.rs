@@ -476,6 +476,24 @@ pub struct HelloReply {
     pub max_line: usize,
 }
 
+/// Bytes as standard base64 strings on the wire (reply fields).
+mod b64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&B64.encode(b))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        B64.decode(text.as_bytes())
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// `exec`'s result.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ExecReply {
@@ -483,8 +501,11 @@ pub struct ExecReply {
     pub exit_code: Option<i32>,
     /// The signal that ended the process, when one did.
     pub signal: Option<i32>,
-    pub stdout_b64: String,
-    pub stderr_b64: String,
+    /// On the wire as `stdout_b64` / `stderr_b64`.
+    #[serde(rename = "stdout_b64", with = "b64")]
+    pub stdout: Vec<u8>,
+    #[serde(rename = "stderr_b64", with = "b64")]
+    pub stderr: Vec<u8>,
     /// Bytes produced beyond `max_output` and dropped.
     pub stdout_dropped: u64,
     pub stderr_dropped: u64,
@@ -496,7 +517,9 @@ pub struct ExecReply {
 /// `read_file`'s result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReadFileReply {
-    pub content_b64: String,
+    /// On the wire as `content_b64`.
+    #[serde(rename = "content_b64", with = "b64")]
+    pub content: Vec<u8>,
     /// The file's size when read.
     pub size: u64,
     pub offset: u64,

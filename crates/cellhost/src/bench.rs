@@ -15,7 +15,7 @@
 //! missed.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -134,7 +134,19 @@ fn unshare_run(argv: &[&str]) -> anyhow::Result<(Duration, Duration)> {
     Ok((first, t0.elapsed()))
 }
 
-fn timed_command(cmd: &mut Command) -> anyhow::Result<Duration> {
+/// The bench's own state dir, removed on drop (CELLHOST_BENCH_KEEP keeps it).
+pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if std::env::var_os("CELLHOST_BENCH_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// Run `cmd` with null stdio to its exit; how long it took.
+pub(crate) fn timed_command(cmd: &mut Command) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
     let st = cmd
         .stdin(Stdio::null())

@@ -23,7 +23,7 @@
 //! Numbers are reported, never asserted: the target (ours ≤ 0.8× the CLI
 //! at p50) is printed as met or MISSED.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -85,17 +85,6 @@ fn cell_doc(image: &str, argv: &[&str]) -> anyhow::Result<cellhost_spec::Cell> {
     Ok(cellhost_spec::parse_and_validate(&doc.to_string())?)
 }
 
-/// The bench's own state dir, removed on drop (CELLHOST_BENCH_KEEP keeps it).
-pub(crate) struct RemoveOnDrop(pub(crate) PathBuf);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        if std::env::var_os("CELLHOST_BENCH_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 #[derive(Default)]
 struct Results {
     /// create→running, ours, and its parts.
@@ -117,7 +106,7 @@ struct Results {
 pub async fn bench_container(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Result<u8> {
     let image = docker_image();
     let root = state_dir.join(format!("bench-container-{}", std::process::id()));
-    let _cleanup = RemoveOnDrop(root.clone());
+    let _cleanup = crate::bench::RemoveOnDrop(root.clone());
     let cfg = DockerConfig::new(root.join("docker"));
     let flags = cli_flags(&cfg.policy);
     let backend = DockerBackend::new(cfg);

@@ -36,7 +36,7 @@ use nix::sched::{CpuSet, sched_getaffinity, sched_setaffinity};
 use nix::unistd::Pid;
 use serde_json::json;
 
-use crate::bench::{Series, fmt_ratio, verdict};
+use crate::bench::{RemoveOnDrop, Series, fmt_ratio, verdict};
 
 const PING_TARGET: Duration = Duration::from_micros(200);
 const WARMUP: usize = 200;
@@ -142,7 +142,7 @@ fn bench_blocking(
     let execs = n.max(1);
     let dir = state_dir.join(format!("bench-guest-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let _cleanup = crate::bench_container::RemoveOnDrop(dir.clone());
+    let _cleanup = RemoveOnDrop(dir.clone());
 
     // Servers inherit this CPU; see the module docs.
     let cpus = allowed_cpus();
@@ -235,16 +235,7 @@ fn bench_blocking(
         pin(c)?;
         placements.push(("cross-CPU", measure_pings(&mut client)?));
     }
-    let spawn_true = || -> anyhow::Result<Duration> {
-        let t0 = Instant::now();
-        let st = Command::new("/bin/true")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()?;
-        anyhow::ensure!(st.success(), "/bin/true: {st}");
-        Ok(t0.elapsed())
-    };
+    let spawn_true = || crate::bench::timed_command(&mut Command::new("/bin/true"));
     let (mut exec_s, mut spawn_s) = (Series::default(), Series::default());
     for i in 0..execs {
         // Alternate which goes first.

@@ -116,7 +116,7 @@ pub async fn bench_volume(state_dir: &Path, n: usize, json_out: bool) -> anyhow:
 fn bench_blocking(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Result<u8> {
     let rounds = n.clamp(1, MAX_ROUNDS);
     let root = state_dir.join(format!("bench-volume-{}", std::process::id()));
-    let _cleanup = crate::bench_container::RemoveOnDrop(root.clone());
+    let _cleanup = crate::bench::RemoveOnDrop(root.clone());
     let probe = cellhost_volume::probe();
     let mut sides = vec![Side::Plain];
     let mut skipped = Vec::new();

@@ -232,9 +232,6 @@ pub struct ExecSpec {
 
 /// Run one exec to completion (or its timeout).
 pub fn run(reaper: &Reaper, spec: ExecSpec) -> std::io::Result<ExecReply> {
-    use base64::Engine as _;
-    let b64 = base64::engine::general_purpose::STANDARD;
-
     let started = Instant::now();
     let deadline = started
         .checked_add(spec.timeout)
@@ -307,8 +304,8 @@ pub fn run(reaper: &Reaper, spec: ExecSpec) -> std::io::Result<ExecReply> {
     Ok(ExecReply {
         exit_code: exit.code(),
         signal: exit.signal(),
-        stdout_b64: b64.encode(stdout),
-        stderr_b64: b64.encode(stderr),
+        stdout,
+        stderr,
         stdout_dropped,
         stderr_dropped,
         timed_out,
@@ -318,14 +315,12 @@ pub fn run(reaper: &Reaper, spec: ExecSpec) -> std::io::Result<ExecReply> {
 
 /// An exec's pipes, driven by `poll` from the exec's own thread.
 struct ExecIo {
-    outs: [Option<Box<dyn ReadFd>>; 2],
+    /// stdout and stderr, as plain files (one type for both pipes).
+    outs: [Option<std::fs::File>; 2],
     kept: [(Vec<u8>, u64); 2],
     stdin: Option<(std::process::ChildStdin, Vec<u8>, usize)>,
     cap: usize,
 }
-
-trait ReadFd: Read + AsFd + Send {}
-impl<T: Read + AsFd + Send> ReadFd for T {}
 
 impl ExecIo {
     fn new(child: &mut Child, input: Option<Vec<u8>>, cap: usize) -> ExecIo {
@@ -341,8 +336,14 @@ impl ExecIo {
         };
         ExecIo {
             outs: [
-                child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
-                child.stderr.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
+                child
+                    .stdout
+                    .take()
+                    .map(|p| std::fs::File::from(std::os::fd::OwnedFd::from(p))),
+                child
+                    .stderr
+                    .take()
+                    .map(|p| std::fs::File::from(std::os::fd::OwnedFd::from(p))),
             ],
             kept: Default::default(),
             stdin,

@@ -30,16 +30,10 @@
 //! None of its own: PID 1 in a guest the cell owns. Mounts use `nosuid`
 //! and `noexec` where the file system never holds programs.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nix::mount::{MsFlags, mount};
-
-fn mounted(target: &str) -> bool {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|mi| mi.lines().any(|l| l.split(' ').nth(4) == Some(target)))
-        .unwrap_or(false)
-}
 
 fn mount_fs(fstype: &str, target: &str, flags: MsFlags, data: Option<&str>) {
     let _ = std::fs::create_dir_all(target);
@@ -65,32 +59,40 @@ pub fn setup(pid1: bool) {
     }
     let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/proc", common, None);
-    if !mounted("/sys") {
-        mount_fs("sysfs", "/sys", common, None);
-    }
-    if !Path::new("/dev/null").exists() {
-        mount_fs(
+    // One read of the table (through our own /proc now), for the rest.
+    let mounted: Vec<PathBuf> = cellhost_core::mountinfo::read_self()
+        .map(|t| t.into_iter().map(|m| m.mount_point).collect())
+        .unwrap_or_default();
+    let absent = |p: &str| !mounted.iter().any(|m| m == Path::new(p));
+    let nosuid_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    let wanted: [(&str, &str, MsFlags, Option<&str>, bool); 4] = [
+        ("sysfs", "/sys", common, None, absent("/sys")),
+        (
             "devtmpfs",
             "/dev",
-            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            nosuid_noexec,
             Some("mode=0755"),
-        );
-    }
-    if !mounted("/dev/pts") {
-        mount_fs(
+            !Path::new("/dev/null").exists(),
+        ),
+        (
             "devpts",
             "/dev/pts",
-            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            nosuid_noexec,
             Some("newinstance,ptmxmode=0666,mode=0620"),
-        );
-    }
-    if !mounted("/run") {
-        mount_fs(
+            absent("/dev/pts"),
+        ),
+        (
             "tmpfs",
             "/run",
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
             Some("mode=0755"),
-        );
+            absent("/run"),
+        ),
+    ];
+    for (fstype, target, flags, data, missing) in wanted {
+        if missing {
+            mount_fs(fstype, target, flags, data);
+        }
     }
 }
 

@@ -361,7 +361,7 @@ impl Agent {
         let (data, size) = self.roots.read(&req.path, offset, limit)?;
         fields(&ReadFileReply {
             eof: offset + data.len() as u64 >= size,
-            content_b64: B64.encode(&data),
+            content: data,
             size,
             offset,
         })
