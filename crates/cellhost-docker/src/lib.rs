@@ -161,8 +161,20 @@ pub(crate) fn engine_err(ctx: &str, e: DockerError) -> BackendError {
     }
 }
 
-fn io_err(ctx: String) -> impl FnOnce(std::io::Error) -> BackendError {
-    move |e| BackendError::io(ctx, e)
+/// A residue count from an inspect call: 1 when the object answered, 0 on
+/// 404, an error otherwise.
+fn still_there<T>(r: Result<T, bollard::errors::Error>, what: &str) -> Result<u64, BackendError> {
+    match r {
+        Ok(_) => Ok(1),
+        Err(e) if is_status(&e, 404) => Ok(0),
+        Err(e) => Err(engine_err(&format!("checking {what}"), e)),
+    }
+}
+
+/// An engine exit code as the contract's exit (unknown when absent).
+fn exit_of(code: Option<i64>) -> ExitInfo {
+    code.and_then(|c| i32::try_from(c).ok())
+        .map_or_else(ExitInfo::unknown, ExitInfo::exited)
 }
 
 impl DockerBackend {
@@ -285,7 +297,7 @@ impl DockerBackend {
             .recursive(true)
             .mode(0o700)
             .create(&dir)
-            .map_err(io_err(format!("creating {}", dir.display())))?;
+            .map_err(|e| BackendError::io(format!("creating {}", dir.display()), e))?;
         let secrets_dir = if req.secrets.is_empty() {
             None
         } else {
@@ -293,16 +305,7 @@ impl DockerBackend {
             cellhost_core::secrets::write_tmpfs(&s, &req.secrets)?;
             Some(s)
         };
-        let encrypted = {
-            let (id, c) = (req.id.clone(), cell.clone());
-            let key = req
-                .volume_key
-                .as_ref()
-                .map(cellhost_core::VolumeKey::duplicate);
-            self.volumes
-                .blocking(move |v| v.create_for(&id, &c, key.as_ref()))
-                .await?
-        };
+        let encrypted = self.volumes.create_for(req).await?;
         let volume = if let Some(open) = &encrypted {
             Some(mapping::VolumeSource::Bind(open.data_dir.as_path()))
         } else if cell.spec.volume.is_some() {
@@ -480,10 +483,7 @@ fn to_status(state: Option<&bollard::models::ContainerState>) -> CellStatus {
                     oom_killed: true,
                 }
             } else {
-                match s.exit_code.and_then(|c| i32::try_from(c).ok()) {
-                    Some(c) => ExitInfo::exited(c),
-                    None => ExitInfo::unknown(),
-                }
+                exit_of(s.exit_code)
             };
             CellStatus {
                 state: CellState::Exited,
@@ -682,28 +682,23 @@ impl Backend for DockerBackend {
 
         // Checks: what is still there now. What the engine or the kernel
         // already said was absent above is not asked for again.
-        let container_left = if !container_existed {
-            0
+        let container_left = if container_existed {
+            still_there(
+                docker.inspect_container(&names.container, None).await,
+                &names.container,
+            )?
         } else {
-            match docker.inspect_container(&names.container, None).await {
-                Ok(_) => 1,
-                Err(e) if is_status(&e, 404) => 0,
-                Err(e) => return Err(engine_err(&format!("checking {}", names.container), e)),
-            }
+            0
         };
         report.check(
             "container",
             format!("engine container {}", names.container),
             container_left,
         );
-        let volume_left = if !volume_existed {
-            0
+        let volume_left = if volume_existed {
+            still_there(docker.inspect_volume(&names.volume).await, &names.volume)?
         } else {
-            match docker.inspect_volume(&names.volume).await {
-                Ok(_) => 1,
-                Err(e) if is_status(&e, 404) => 0,
-                Err(e) => return Err(engine_err(&format!("checking {}", names.volume), e)),
-            }
+            0
         };
         report.check(
             "volume",
@@ -937,10 +932,7 @@ impl Backend for DockerBackend {
             .inspect_exec(&exec_id)
             .await
             .map_err(|e| engine_err(&format!("exec in {name}"), e))?;
-        let exit = match info.exit_code.and_then(|c| i32::try_from(c).ok()) {
-            Some(c) => ExitInfo::exited(c),
-            None => ExitInfo::unknown(),
-        };
+        let exit = exit_of(info.exit_code);
         Ok(ExecOutput {
             exit,
             stdout: out,

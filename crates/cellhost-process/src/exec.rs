@@ -115,7 +115,7 @@ use libcontainer::workload::{
 use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::{Signal, kill, killpg};
-use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 use oci_spec::runtime::Spec;
 use tokio::io::AsyncReadExt;
@@ -405,11 +405,12 @@ fn wait_command(
     let pidfd = pidfd_open(pid).ok();
     loop {
         match waitpid(pid, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(Ended::Exited(ExitInfo::exited(code))),
-            Ok(WaitStatus::Signaled(_, sig, _)) => {
-                return Ok(Ended::Exited(ExitInfo::signaled(sig as i32)));
+            Ok(status) => {
+                if let Some(exit) = crate::shim::exit_of(status) {
+                    return Ok(Ended::Exited(exit));
+                }
             }
-            Ok(_) | Err(Errno::EINTR) => {}
+            Err(Errno::EINTR) => {}
             Err(e) => return Err(io_error("waiting for the command")(e.into())),
         }
         let now = Instant::now();
@@ -455,14 +456,7 @@ fn kill_group(pid: Pid) {
 }
 
 fn reap(pid: Pid) -> Result<ExitInfo, ExecError> {
-    loop {
-        match waitpid(pid, Some(WaitPidFlag::__WALL)) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(ExitInfo::exited(code)),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(ExitInfo::signaled(sig as i32)),
-            Ok(_) | Err(Errno::EINTR) => continue,
-            Err(e) => return Err(io_error("reaping the command")(e.into())),
-        }
-    }
+    crate::shim::reap(pid).map_err(|e| io_error("reaping the command")(e.into()))
 }
 
 fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {

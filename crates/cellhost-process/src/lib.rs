@@ -373,13 +373,7 @@ impl ProcessBackend {
             cellhost_core::secrets::write_tmpfs(&p.secrets(), &req.secrets)?;
             Some(p.secrets())
         };
-        let volume = {
-            let (id, cell) = (req.id.clone(), req.cell.clone());
-            let key = req.volume_key.as_ref().map(VolumeKey::duplicate);
-            self.volumes
-                .blocking(move |v| v.create_for(&id, &cell, key.as_ref()))
-                .await?
-        };
+        let volume = self.volumes.create_for(req).await?;
         let volume = match (&volume, &req.cell.spec.volume) {
             (Some(open), Some(v)) => Some((v.path.as_str(), open.data_dir.as_path())),
             _ => None,

@@ -237,19 +237,35 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn wait_for(pid: Pid) -> ExitInfo {
+/// A final wait status as an exit; `None` for stops and continues.
+pub(crate) fn exit_of(status: WaitStatus) -> Option<ExitInfo> {
+    match status {
+        WaitStatus::Exited(_, code) => Some(ExitInfo::exited(code)),
+        WaitStatus::Signaled(_, sig, _) => Some(ExitInfo::signaled(sig as i32)),
+        _ => None,
+    }
+}
+
+/// Wait for `pid` (any kind of child) to end and reap it.
+pub(crate) fn reap(pid: Pid) -> nix::Result<ExitInfo> {
     loop {
         match waitpid(pid, Some(WaitPidFlag::__WALL)) {
-            Ok(WaitStatus::Exited(_, code)) => return ExitInfo::exited(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return ExitInfo::signaled(sig as i32),
-            Ok(_) => continue,
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => {
-                tracing::error!("waitpid {pid}: {e}");
-                return ExitInfo::unknown();
+            Ok(status) => {
+                if let Some(exit) = exit_of(status) {
+                    return Ok(exit);
+                }
             }
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e),
         }
     }
+}
+
+fn wait_for(pid: Pid) -> ExitInfo {
+    reap(pid).unwrap_or_else(|e| {
+        tracing::error!("waitpid {pid}: {e}");
+        ExitInfo::unknown()
+    })
 }
 
 /// Write `data` to `path` via a temp file, fsync, rename, dir fsync.

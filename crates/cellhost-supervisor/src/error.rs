@@ -25,9 +25,6 @@ pub enum SupervisorError {
     /// The host cannot run this tier (see `cellhost doctor`).
     #[error("{0}")]
     Unavailable(String),
-    /// The tier cannot do this operation.
-    #[error("{0}")]
-    Unsupported(String),
     #[error("{0}")]
     Backend(#[source] BackendError),
     #[error("state store: {0}")]
@@ -44,46 +41,36 @@ impl SupervisorError {
         }
     }
 
-    /// HTTP status for the API.
-    pub fn status(&self) -> u16 {
+    /// HTTP status and stable code, from one table.
+    fn class(&self) -> (u16, &'static str) {
         match self {
-            SupervisorError::Invalid { .. } => 400,
-            SupervisorError::NotFound(_) => 404,
-            SupervisorError::Conflict(_) | SupervisorError::Capacity(_) => 409,
-            SupervisorError::Unavailable(_) | SupervisorError::Unsupported(_) => 422,
+            SupervisorError::Invalid { .. } => (400, "invalid"),
+            SupervisorError::NotFound(_) => (404, "not_found"),
+            SupervisorError::Conflict(_) => (409, "conflict"),
+            SupervisorError::Capacity(_) => (409, "capacity"),
+            SupervisorError::Unavailable(_) => (422, "tier_unavailable"),
             SupervisorError::Backend(b) => match b {
-                BackendError::Invalid(_) => 400,
-                BackendError::NotFound(_) => 404,
-                BackendError::WrongState { .. } => 409,
-                BackendError::MissingCapability { .. } | BackendError::Unsupported { .. } => 422,
-                BackendError::Timeout(..) => 504,
-                BackendError::Io { .. } | BackendError::Engine(_) => 500,
+                BackendError::Invalid(_) => (400, "invalid"),
+                BackendError::NotFound(_) => (404, "not_found"),
+                BackendError::WrongState { .. } => (409, "conflict"),
+                BackendError::MissingCapability { .. } => (422, "tier_unavailable"),
+                BackendError::Unsupported { .. } => (422, "unsupported"),
+                BackendError::Timeout(..) => (504, "timeout"),
+                BackendError::Io { .. } | BackendError::Engine(_) => (500, "backend"),
             },
-            SupervisorError::Store(_) | SupervisorError::Internal(_) => 500,
+            SupervisorError::Store(_) => (500, "store"),
+            SupervisorError::Internal(_) => (500, "internal"),
         }
+    }
+
+    /// The HTTP status this error maps to.
+    pub fn status(&self) -> u16 {
+        self.class().0
     }
 
     /// A stable, machine-readable code (`not_found`, `capacity`...).
     pub fn code(&self) -> &'static str {
-        match self {
-            SupervisorError::Invalid { .. } => "invalid",
-            SupervisorError::NotFound(_) => "not_found",
-            SupervisorError::Conflict(_) => "conflict",
-            SupervisorError::Capacity(_) => "capacity",
-            SupervisorError::Unavailable(_) => "tier_unavailable",
-            SupervisorError::Unsupported(_) => "unsupported",
-            SupervisorError::Backend(b) => match b {
-                BackendError::Invalid(_) => "invalid",
-                BackendError::NotFound(_) => "not_found",
-                BackendError::WrongState { .. } => "conflict",
-                BackendError::MissingCapability { .. } => "tier_unavailable",
-                BackendError::Unsupported { .. } => "unsupported",
-                BackendError::Timeout(..) => "timeout",
-                BackendError::Io { .. } | BackendError::Engine(_) => "backend",
-            },
-            SupervisorError::Store(_) => "store",
-            SupervisorError::Internal(_) => "internal",
-        }
+        self.class().1
     }
 
     pub fn field(&self) -> Option<&str> {

@@ -18,5 +18,5 @@ pub mod tokens;
 
 pub use error::SupervisorError;
 pub use supervisor::{
-    Caller, CellView, Confidential, ReconcileSummary, Supervisor, SupervisorConfig,
+    Caller, CellView, Confidential, ReconcileSummary, Supervisor, SupervisorConfig, record_teardown,
 };

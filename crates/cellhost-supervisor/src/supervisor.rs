@@ -367,6 +367,34 @@ pub struct Supervisor {
     started: Instant,
 }
 
+/// Record a destroy's outcome in one store commit: a clean report removes
+/// the row with a `destroyed` event; a dirty one keeps it as `failed`
+/// with the summary and a `teardown_failed` event. Shared by the daemon
+/// and `cellhost run`.
+pub fn record_teardown(
+    store: &Store,
+    id: &CellId,
+    report: &TeardownReport,
+) -> Result<(), StoreError> {
+    // A report is strings and counts: encoding cannot fail, but say so
+    // in the event rather than panic if it ever does.
+    let data = serde_json::to_value(report)
+        .unwrap_or_else(|e| serde_json::json!({ "error": format!("encoding report: {e}") }));
+    if report.is_clean() {
+        store
+            .remove_with_event(id, kinds::DESTROYED, &data)
+            .map(drop)
+    } else {
+        store.apply(
+            id,
+            &CellUpdate::default()
+                .observed(Observed::Failed)
+                .error(&report.summary())
+                .event(kinds::TEARDOWN_FAILED, &data),
+        )
+    }
+}
+
 impl Supervisor {
     /// A supervisor over `store` with the given backends (one per tier this
     /// host can run). Reservations of existing rows are loaded now.
@@ -402,10 +430,6 @@ impl Supervisor {
             counters: Counters::default(),
             started: Instant::now(),
         }))
-    }
-
-    pub fn config(&self) -> &SupervisorConfig {
-        &self.cfg
     }
 
     pub fn capacity(&self) -> Capacity {
@@ -660,23 +684,13 @@ impl Supervisor {
     /// After backend.destroy: remove the row on a clean report (one commit
     /// with the `destroyed` event), or mark it failed for reconcile.
     async fn finish_teardown(&self, id: &CellId, report: &TeardownReport) -> Result<()> {
-        let data = serde_json::to_value(report)
-            .map_err(|e| SupervisorError::Internal(format!("encoding report: {e}")))?;
+        let (idc, rep) = (id.clone(), report.clone());
+        self.db(move |s| record_teardown(s, &idc, &rep)).await?;
+        self.notify();
         if report.is_clean() {
-            let idc = id.clone();
-            self.db(move |s| s.remove_with_event(&idc, kinds::DESTROYED, &data))
-                .await?;
-            self.notify();
             self.forget(id);
             self.counters.destroys.fetch_add(1, Ordering::Relaxed);
         } else {
-            self.record(
-                id,
-                Change::event(kinds::TEARDOWN_FAILED, data)
-                    .observed(Observed::Failed)
-                    .error(report.summary()),
-            )
-            .await?;
             self.counters
                 .dirty_teardowns
                 .fetch_add(1, Ordering::Relaxed);

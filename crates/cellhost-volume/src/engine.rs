@@ -71,10 +71,6 @@ pub enum LuksFormat {
 impl LuksFormat {
     /// `luks1` / `luks2`.
     pub fn as_str(self) -> &'static str {
-        self.cryptsetup_type()
-    }
-
-    fn cryptsetup_type(self) -> &'static str {
         match self {
             LuksFormat::Luks1 => "luks1",
             LuksFormat::Luks2 => "luks2",
@@ -200,7 +196,7 @@ pub(crate) fn format(
         os("luksFormat"),
         os("--batch-mode"),
         os("--type"),
-        os(fmt.cryptsetup_type()),
+        os(fmt.as_str()),
         os("--cipher"),
         os("aes-xts-plain64"),
         os("--key-size"),

@@ -5,7 +5,7 @@
 //! Only `spec.volume` with `encrypted: true` is handled here; a tier
 //! decides what a plain volume is (an engine volume for containers).
 
-use cellhost_core::{BackendError, TeardownReport, VolumeKey, ids::CellId};
+use cellhost_core::{BackendError, CreateRequest, TeardownReport, VolumeKey, ids::CellId};
 use cellhost_spec::Cell;
 
 use crate::{OpenVolume, VolumeError, Volumes};
@@ -70,17 +70,18 @@ impl Volumes {
         }
     }
 
-    /// Make the cell's encrypted volume, if its document has one (blocking).
-    pub fn create_for(
+    /// Make the request's encrypted volume, if its document has one, on a
+    /// blocking thread (only the id, size and a copy of the key move there).
+    pub async fn create_for(
         &self,
-        id: &CellId,
-        cell: &Cell,
-        key: Option<&VolumeKey>,
+        req: &CreateRequest,
     ) -> Result<Option<OpenVolume>, BackendError> {
-        match (encrypted_size(cell), key) {
-            (Some(size), Some(key)) => Ok(Some(self.create(id, size, key)?)),
-            _ => Ok(None),
-        }
+        let (Some(size), Some(key)) = (encrypted_size(&req.cell), req.volume_key.as_ref()) else {
+            return Ok(None);
+        };
+        let (id, key) = (req.id.clone(), key.duplicate());
+        self.blocking(move |v| Ok(Some(v.create(&id, size, &key)?)))
+            .await
     }
 
     /// A cell whose volume is closed cannot start: its data dir would be

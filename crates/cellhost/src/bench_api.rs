@@ -126,7 +126,8 @@ pub async fn bench_api(
     json_out: bool,
 ) -> anyhow::Result<u8> {
     let root = state_dir.join(format!("bench-api-{}", std::process::id()));
-    let _cleanup = RemoveOnDrop(root.clone());
+    let _groups = RemoveInstanceGroups(root.clone());
+    let _cleanup = crate::bench::RemoveOnDrop(root.clone());
     let backend = crate::run::backend_for(
         cellhost_spec::Isolation::Process,
         &root.join("backend"),
@@ -225,13 +226,13 @@ pub async fn bench_api(
     Ok(0)
 }
 
-struct RemoveOnDrop(PathBuf);
+/// The three instances' (empty) cgroup groups, removed on drop (after
+/// the state dir: declare it first).
+struct RemoveInstanceGroups(PathBuf);
 
-impl Drop for RemoveOnDrop {
+impl Drop for RemoveInstanceGroups {
     fn drop(&mut self) {
         if std::env::var_os("CELLHOST_BENCH_KEEP").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0);
-            // The three instances' (empty) cgroup groups.
             for sub in ["backend", "supervisor", "daemon"] {
                 let tag = cellhost_process::hostfs::instance_tag(&self.0.join(sub).join("process"));
                 cellhost_process::hostfs::remove_instance_group(&tag);

@@ -174,6 +174,13 @@ pub struct ServeArgs {
     /// Host address container cells publish their ports on.
     #[arg(long, default_value = "0.0.0.0")]
     pub publish_address: std::net::IpAddr,
+    #[command(flatten)]
+    pub volume: VolumeEngineOpt,
+}
+
+/// `--volume-engine`, shared by `run` and `serve`.
+#[derive(Debug, clap::Args)]
+pub struct VolumeEngineOpt {
     /// Encrypted-volume engine: auto (dm-crypt where the kernel has
     /// device-mapper, else userspace), dm-crypt or userspace.
     #[arg(long, env = "CELLHOST_VOLUME_ENGINE", default_value = "auto", value_parser = clap::value_parser!(VolumeEngineArg))]
@@ -206,9 +213,8 @@ pub struct RunArgs {
     /// once, held in memory only.
     #[arg(long, value_name = "FILE")]
     pub volume_key_file: Option<PathBuf>,
-    /// Encrypted-volume engine: auto, dm-crypt or userspace.
-    #[arg(long, env = "CELLHOST_VOLUME_ENGINE", default_value = "auto", value_parser = clap::value_parser!(VolumeEngineArg))]
-    pub volume_engine: VolumeEngineArg,
+    #[command(flatten)]
+    pub volume: VolumeEngineOpt,
     /// Owner recorded for the cell.
     #[arg(long, default_value = "local")]
     pub owner: String,

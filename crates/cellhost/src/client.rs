@@ -51,13 +51,6 @@ pub struct Client {
     token: Option<Zeroizing<String>>,
 }
 
-/// The daemon's JSON error body.
-#[derive(serde::Deserialize)]
-struct ApiError {
-    error: String,
-    code: String,
-}
-
 impl Client {
     pub fn new(target: Target, token: Option<Zeroizing<String>>) -> Client {
         Client { target, token }
@@ -180,7 +173,7 @@ impl Client {
 
 /// The daemon's error as a CLI error.
 pub fn api_error(status: StatusCode, body: &[u8]) -> anyhow::Error {
-    match serde_json::from_slice::<ApiError>(body) {
+    match serde_json::from_slice::<cellhost_supervisor::api::ApiError>(body) {
         Ok(e) => exit_err(
             if e.code == "invalid" {
                 EXIT_INVALID

@@ -28,10 +28,11 @@ pub fn client(api: &str, token_file: Option<&Path>) -> anyhow::Result<Client> {
 }
 
 /// Check an id before putting it in a URL path.
-fn id_path(id: &str) -> anyhow::Result<&str> {
+/// `/v1/cells/<id><suffix>`, refusing an id that is not a cell id (exit 2).
+fn cell_path(id: &str, suffix: &str) -> anyhow::Result<String> {
     cellhost_core::ids::CellId::parse(id)
         .map_err(|e| exit_err(crate::EXIT_USAGE, format!("{id:?}: {e}")))?;
-    Ok(id)
+    Ok(format!("/v1/cells/{id}{suffix}"))
 }
 
 fn print_json(v: &Value) -> anyhow::Result<()> {
@@ -63,12 +64,7 @@ pub async fn dispatch(c: &Client, cmd: Command, json: bool) -> anyhow::Result<u8
                 .map(crate::run::read_volume_key)
                 .transpose()?;
             let v: Value = c
-                .json_with(
-                    Method::POST,
-                    &format!("/v1/cells/{}/start", id_path(&id)?),
-                    None,
-                    key.as_ref(),
-                )
+                .json_with(Method::POST, &cell_path(&id, "/start")?, None, key.as_ref())
                 .await?;
             show_state(&v, json)
         }
@@ -77,22 +73,12 @@ pub async fn dispatch(c: &Client, cmd: Command, json: bool) -> anyhow::Result<u8
                 .map(|g| format!("?graceSeconds={g}"))
                 .unwrap_or_default();
             let v: Value = c
-                .json(
-                    Method::POST,
-                    &format!("/v1/cells/{}/stop{q}", id_path(&id)?),
-                    None,
-                )
+                .json(Method::POST, &cell_path(&id, &format!("/stop{q}"))?, None)
                 .await?;
             show_state(&v, json)
         }
         Command::Rm { id } => {
-            let v: Value = c
-                .json(
-                    Method::DELETE,
-                    &format!("/v1/cells/{}", id_path(&id)?),
-                    None,
-                )
-                .await?;
+            let v: Value = c.json(Method::DELETE, &cell_path(&id, "")?, None).await?;
             let report: cellhost_core::TeardownReport =
                 serde_json::from_value(v.clone()).context("decoding the TeardownReport")?;
             if json {
@@ -130,14 +116,12 @@ pub async fn dispatch(c: &Client, cmd: Command, json: bool) -> anyhow::Result<u8
             Ok(0)
         }
         Command::Inspect { id } => {
-            let v: Value = c
-                .json(Method::GET, &format!("/v1/cells/{}", id_path(&id)?), None)
-                .await?;
+            let v: Value = c.json(Method::GET, &cell_path(&id, "")?, None).await?;
             print_json(&v)?;
             Ok(0)
         }
         Command::Logs { id, follow } => {
-            let path = format!("/v1/cells/{}/logs?follow={follow}", id_path(&id)?);
+            let path = cell_path(&id, &format!("/logs?follow={follow}"))?;
             let resp = c.send(Method::GET, &path, None).await?;
             let status = resp.status();
             let mut body = resp.into_body();
@@ -178,7 +162,7 @@ pub async fn dispatch(c: &Client, cmd: Command, json: bool) -> anyhow::Result<u8
             let v: Value = c
                 .json(
                     Method::POST,
-                    &format!("/v1/cells/{}/exec", id_path(&id)?),
+                    &cell_path(&id, "/exec")?,
                     Some(("application/json", serde_json::to_vec(&body)?)),
                 )
                 .await?;
@@ -195,7 +179,7 @@ pub async fn dispatch(c: &Client, cmd: Command, json: bool) -> anyhow::Result<u8
             let v: Value = c
                 .json(
                     Method::POST,
-                    &format!("/v1/cells/{}/extend", id_path(&id)?),
+                    &cell_path(&id, "/extend")?,
                     Some(("application/json", body)),
                 )
                 .await?;

@@ -7,9 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cellhost_core::ids::CellId;
-use cellhost_core::{
-    Backend, BackendError, CellState, CreateRequest, ExitInfo, TeardownReport, VolumeKey,
-};
+use cellhost_core::{Backend, BackendError, CellState, CreateRequest, ExitInfo, VolumeKey};
 use cellhost_spec::{Cell, Isolation};
 use cellhost_store::{CellUpdate, Desired, NewCell, Observed, Store, now_ms};
 use cellhost_supervisor::events::kinds;
@@ -216,7 +214,7 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         .as_deref()
         .map(read_volume_key)
         .transpose()?;
-    let backend = backend_for(cell.spec.isolation, state_dir, args.volume_engine.0)?;
+    let backend = backend_for(cell.spec.isolation, state_dir, args.volume.volume_engine.0)?;
     // A daemon on this state dir would reconcile our in-flight cell away.
     let _lock = crate::serve::lock_state_dir(state_dir, false)?;
     let secrets =
@@ -357,7 +355,7 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
             libc::SIGKILL
         }));
     }
-    finish_record(&store, &id, &report)?;
+    cellhost_supervisor::record_teardown(&store, &id, &report)?;
 
     let exit = exit.unwrap_or_else(ExitInfo::unknown);
     if json_out {
@@ -408,8 +406,8 @@ async fn roll_back(
         Ok(r) => r,
         Err(d) => return backend_err(d, "rollback"),
     };
-    if let Err(f) = finish_record(store, &handle.id, &report) {
-        return f;
+    if let Err(f) = cellhost_supervisor::record_teardown(store, &handle.id, &report) {
+        return f.into();
     }
     backend_err(e, what)
 }
@@ -417,23 +415,6 @@ async fn roll_back(
 /// Remove the record only after a clean report (one commit with its
 /// event); keep it (with the error) otherwise, so a later reconcile
 /// finishes the job.
-fn finish_record(store: &Store, id: &CellId, report: &TeardownReport) -> anyhow::Result<()> {
-    let data = serde_json::to_value(report)?;
-    if report.is_clean() {
-        store.remove_with_event(id, kinds::DESTROYED, &data)?;
-    } else {
-        let summary = report.summary();
-        store.apply(
-            id,
-            &CellUpdate::default()
-                .observed(Observed::Failed)
-                .error(&summary)
-                .event(kinds::TEARDOWN_FAILED, &data),
-        )?;
-    }
-    Ok(())
-}
-
 async fn pump_logs(
     backend: &dyn Backend,
     handle: &cellhost_core::CellHandle,

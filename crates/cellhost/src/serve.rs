@@ -83,14 +83,14 @@ pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dy
         out.push(crate::run::backend_for(
             Isolation::Process,
             state_dir,
-            args.volume_engine.0,
+            args.volume.volume_engine.0,
         )?);
     } else {
         tracing::warn!("process tier unavailable: {}", tier.detail);
     }
     let tier = report.tier(Isolation::Container);
     if tier.ok {
-        let mut cfg = crate::run::docker_config(state_dir, args.volume_engine.0);
+        let mut cfg = crate::run::docker_config(state_dir, args.volume.volume_engine.0);
         cfg.policy.restart_unless_stopped =
             args.container_restart == ContainerRestart::UnlessStopped;
         cfg.policy.publish_address = args.publish_address.to_string();

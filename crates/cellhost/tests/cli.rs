@@ -5,14 +5,10 @@ mod common;
 
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-fn cellhost(state: &Path) -> Command {
-    let mut c = Command::new(common::cellhost_bin());
-    c.arg("--state-dir").arg(state);
-    c
-}
+use common::cellhost;
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let p = dir.join(name);

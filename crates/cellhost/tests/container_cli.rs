@@ -15,9 +15,7 @@ use common::{DOCKER_TEST_IMAGE as IMAGE, docker_ready};
 fn run(state: &Path, doc: &str) -> std::process::Output {
     let file = state.join("doc.yaml");
     std::fs::write(&file, doc).unwrap();
-    Command::new(common::cellhost_bin())
-        .arg("--state-dir")
-        .arg(state)
+    common::cellhost(state)
         .arg("run")
         .arg(&file)
         .output()
@@ -94,9 +92,7 @@ fn the_shipped_example_serves_its_secret_on_the_published_port() {
     }
     let dir = common::state_dir();
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/container.yaml");
-    let child = Command::new(common::cellhost_bin())
-        .arg("--state-dir")
-        .arg(dir.path())
+    let child = common::cellhost(dir.path())
         .arg("run")
         .arg(&example)
         .stdout(Stdio::piped())
@@ -134,9 +130,7 @@ fn bench_container_reports_both_ratios_and_cleans_up() {
         return;
     }
     let dir = common::state_dir();
-    let out = Command::new(common::cellhost_bin())
-        .arg("--state-dir")
-        .arg(dir.path())
+    let out = common::cellhost(dir.path())
         .args(["--json", "bench", "container", "--cells", "2"])
         .output()
         .unwrap();

@@ -248,6 +248,23 @@ impl Daemon {
         r.json()["events"].as_array().unwrap().clone()
     }
 
+    /// DELETE a cell: 200, and every check of its report has zero residue.
+    /// Returns the report.
+    fn destroy_clean(&self, id: &str) -> serde_json::Value {
+        let r = self.call("DELETE", &format!("/v1/cells/{id}"), None);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let report = r.json();
+        assert!(
+            report["checks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|c| c["residue"] == 0),
+            "{report}"
+        );
+        report
+    }
+
     /// Destroy every cell through the API and check the reports.
     fn destroy_all(&self) {
         for c in self.cells() {
@@ -398,17 +415,7 @@ fn lifecycle_through_the_api() {
     assert_eq!(stop.json()["desired"], "stopped");
 
     for cell in [&echo, &id] {
-        let rm = d.call("DELETE", &format!("/v1/cells/{cell}"), None);
-        assert_eq!(rm.status, 200);
-        let report = rm.json();
-        assert!(
-            report["checks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|c| c["residue"] == 0),
-            "{report}"
-        );
+        d.destroy_clean(cell);
         assert_eq!(
             d.call("GET", &format!("/v1/cells/{cell}"), None).status,
             404
@@ -706,17 +713,7 @@ fn five_hundred_cycles_keep_fds_and_rss_flat() {
     let d = Daemon::start(&[]);
     let cycle = || {
         let id = d.create(doc("cycle", &["/bin/true"], 600));
-        let r = d.call("DELETE", &format!("/v1/cells/{id}"), None);
-        assert_eq!(r.status, 200);
-        let rep = r.json();
-        assert!(
-            rep["checks"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|c| c["residue"] == 0),
-            "{rep}"
-        );
+        d.destroy_clean(&id);
     };
     for _ in 0..50 {
         cycle();
@@ -969,17 +966,7 @@ fn container_cells_through_the_daemon() {
         d.call("GET", &format!("/v1/cells/{id}"), None).json()["observed"],
         "running"
     );
-    let r = d.call("DELETE", &format!("/v1/cells/{id}"), None);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
-    let report = r.json();
-    assert!(
-        report["checks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|c| c["residue"] == 0),
-        "{report}"
-    );
+    d.destroy_clean(&id);
     assert!(docker_inspect(&format!("cellhost-{id}")).is_none());
 }
 

@@ -111,12 +111,6 @@ fn process_cell_volume_is_ciphertext_and_unrecoverable_after_destroy() {
     });
 }
 
-fn cellhost(state: &std::path::Path) -> std::process::Command {
-    let mut c = std::process::Command::new(common::cellhost_bin());
-    c.arg("--state-dir").arg(state);
-    c
-}
-
 const DOC: &str = "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata:\n  name: v\nspec:\n  isolation: process\n  command: [/bin/sh, -c, \"echo kept > /data/f && cat /data/f\"]\n  volume: { path: /data, sizeGiB: 1, encrypted: true }\n";
 
 #[test]
@@ -131,7 +125,7 @@ fn run_with_a_volume_key_file() {
     fs::write(&key, format!("{}\n", "ab".repeat(32))).unwrap();
 
     let run_with_key = || {
-        cellhost(dir.path())
+        common::cellhost(dir.path())
             .arg("run")
             .arg(&doc)
             .arg("--volume-key-file")
@@ -157,7 +151,11 @@ fn run_with_a_volume_key_file() {
 
     // No key: exit 3 naming the field; a malformed key file: exit 3 naming
     // the file and not quoting it.
-    let out = cellhost(dir.path()).arg("run").arg(&doc).output().unwrap();
+    let out = common::cellhost(dir.path())
+        .arg("run")
+        .arg(&doc)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("spec.volume.encrypted"));
     fs::write(&key, "hunter2-not-a-key").unwrap();
@@ -172,7 +170,7 @@ fn run_with_a_volume_key_file() {
     // A forced engine the host lacks: exit 4 (capability), nothing made.
     if cellhost_volume::probe().dm_crypt.is_err() {
         fs::write(&key, "ab".repeat(32)).unwrap();
-        let out = cellhost(dir.path())
+        let out = common::cellhost(dir.path())
             .args(["run", "--volume-engine", "dm-crypt", "--volume-key-file"])
             .arg(&key)
             .arg(&doc)
@@ -189,7 +187,7 @@ fn bench_volume_reports_every_engine_against_plain() {
     require_process_tier!();
     require_volume_engine!();
     let dir = common::state_dir();
-    let out = cellhost(dir.path())
+    let out = common::cellhost(dir.path())
         .args(["--json", "bench", "volume", "--cells", "1"])
         .output()
         .unwrap();

@@ -113,6 +113,13 @@ pub fn interrupt(mut child: std::process::Child) -> (std::process::ExitStatus, S
     (status, err)
 }
 
+/// `cellhost --state-dir <state>`, ready for more arguments.
+pub fn cellhost(state: &std::path::Path) -> std::process::Command {
+    let mut c = std::process::Command::new(cellhost_bin());
+    c.arg("--state-dir").arg(state);
+    c
+}
+
 pub fn cellhost_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cellhost"))
 }
