@@ -19,5 +19,6 @@ mod report;
 pub use backend::*;
 pub use report::*;
 pub mod secrets;
+pub mod shim;
 mod volume_key;
 pub use volume_key::*;

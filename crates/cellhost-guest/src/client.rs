@@ -714,6 +714,15 @@ impl Client {
         }
     }
 
+    /// Start the cell's main command (once); returns its pid in the guest.
+    pub fn start(&mut self, argv: &[String], cwd: Option<&str>) -> Result<i32, ClientError> {
+        let fields = self.call(Op::Start(proto::StartRequest {
+            argv: argv.to_vec(),
+            cwd: cwd.map(str::to_string),
+        }))?;
+        Ok(fields.get("pid").and_then(|p| p.as_i64()).unwrap_or(0) as i32)
+    }
+
     pub fn status(&mut self) -> Result<StatusReply, ClientError> {
         let fields = self.call(Op::Status)?;
         decode(&self.name, "status", fields)

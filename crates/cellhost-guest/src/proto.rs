@@ -85,6 +85,10 @@ pub enum Op {
     Exec(ExecRequest),
     WriteFile(WriteFileRequest),
     ReadFile(ReadFileRequest),
+    /// Start the cell's main command (once): after `set_env` and
+    /// `set_secret`, so it starts with both in place. Its output goes to
+    /// the agent's console.
+    Start(StartRequest),
     /// The agent's own state and the main command's.
     Status,
     /// Answer, then stop: a PID 1 agent powers the machine off, any other
@@ -103,6 +107,7 @@ impl Op {
             Op::Exec(_) => "exec",
             Op::WriteFile(_) => "write_file",
             Op::ReadFile(_) => "read_file",
+            Op::Start(_) => "start",
             Op::Status => "status",
             Op::Shutdown => "shutdown",
         }
@@ -133,6 +138,15 @@ impl std::fmt::Debug for Op {
     }
 }
 
+/// `start`: the main command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    pub argv: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<String>,
+}
+
 /// Every op name, as `hello` lists them.
 pub const OPS: &[&str] = &[
     "hello",
@@ -142,6 +156,7 @@ pub const OPS: &[&str] = &[
     "exec",
     "write_file",
     "read_file",
+    "start",
     "status",
     "shutdown",
 ];

@@ -20,7 +20,7 @@ const CHUNK: usize = 1 << 20;
 
 /// Overwrite the header area with zeros, fsync, and read it back. Returns
 /// true when something non-zero is still there (the erase did not take).
-pub(crate) fn erase_header(disk: &Path) -> io::Result<bool> {
+pub fn erase_header(disk: &Path) -> io::Result<bool> {
     let mut f = match fs::OpenOptions::new().read(true).write(true).open(disk) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),

@@ -85,6 +85,7 @@
 
 mod engine;
 mod erase;
+pub use erase::{ERASE_BYTES, erase_header};
 mod tier;
 mod tools;
 

@@ -59,6 +59,9 @@ pub enum Command {
     },
     /// Measure the cost of cells against baselines in the same run.
     Bench(BenchArgs),
+    /// Manage the local image store of the vm and microvm tiers.
+    #[command(subcommand)]
+    Image(ImageCommand),
     /// Run the supervisor daemon: store, leases, reconcile, metering, API.
     Serve(ServeArgs),
     /// Create (and start) a cell on the daemon; prints its id.
@@ -254,4 +257,57 @@ pub enum BenchTier {
     /// over a unix socket against a raw unix-socket echo; `--cells` × 10
     /// pings, `--cells` execs.
     Guest,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Copy a kernel/initrd (microvm) or a base disk (vm) into the store.
+    Import {
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        kernel: Option<PathBuf>,
+        #[arg(long, value_name = "FILE")]
+        initrd: Option<PathBuf>,
+        /// Base disk (qcow2 or raw); cells get a qcow2 overlay on it.
+        #[arg(long, value_name = "FILE")]
+        disk: Option<PathBuf>,
+        /// Extra kernel command line (direct kernel boot).
+        #[arg(long)]
+        append: Option<String>,
+        /// Replace an image of the same name.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Build a microvm image: the kernel plus an initramfs holding the
+    /// static cellhost-agent as PID 1, the rootfs dir and kernel modules.
+    Initramfs {
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        kernel: PathBuf,
+        /// The static agent (scripts/build-agent; env CELLHOST_AGENT_STATIC).
+        #[arg(long, value_name = "FILE", env = "CELLHOST_AGENT_STATIC")]
+        agent: PathBuf,
+        /// A directory copied into the initramfs (busybox, the workload).
+        #[arg(long, value_name = "DIR")]
+        rootfs: Option<PathBuf>,
+        /// The guest kernel's lib/modules/<version> (for modular kernels).
+        #[arg(long, value_name = "DIR")]
+        modules_dir: Option<PathBuf>,
+        /// Modules to load at boot, dependencies added (default with
+        /// --modules-dir: virtio_mmio virtio_console virtio_blk).
+        #[arg(long = "module", value_name = "NAME")]
+        modules: Vec<String>,
+        #[arg(long)]
+        append: Option<String>,
+        #[arg(long)]
+        replace: bool,
+    },
+    /// List the store's images.
+    Ls,
+    /// Show one image's manifest (files, digests).
+    Inspect { name: String },
+    /// Recompute an image's digests (exit 1 when a file changed).
+    Verify { name: String },
+    /// Remove an image.
+    Rm { name: String },
 }

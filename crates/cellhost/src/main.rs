@@ -16,6 +16,7 @@ mod bench_guest;
 mod bench_volume;
 mod cli;
 mod client;
+mod image;
 mod remote;
 mod run;
 mod serve;
@@ -60,6 +61,9 @@ fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if args.get(1).is_some_and(|a| a == "__shim") {
         return shim(&args[2..]);
+    }
+    if args.get(1).is_some_and(|a| a == "__vmm") {
+        return vmm(&args[2..]);
     }
     if args.get(1).is_some_and(|a| a == "__exec") {
         return cellhost_process::exec::exec_main(&args[2..]);
@@ -149,6 +153,25 @@ fn shim(args: &[std::ffi::OsString]) -> ExitCode {
     ExitCode::from(code as u8)
 }
 
+/// `cellhost __vmm <cell-dir> <log-cap-bytes>`: the qemu tiers' shim.
+fn vmm(args: &[std::ffi::OsString]) -> ExitCode {
+    let cap = args
+        .get(1)
+        .and_then(|c| c.to_str())
+        .and_then(|c| c.parse::<u64>().ok());
+    let (Some(dir), Some(cap)) = (args.first(), cap) else {
+        eprintln!("usage: cellhost __vmm <cell-dir> <log-cap-bytes>");
+        return ExitCode::from(EXIT_USAGE);
+    };
+    // stderr is the cell's shim.log (set by the backend).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .try_init();
+    ExitCode::from(cellhost_qemu::vmm::main(&PathBuf::from(dir), cap) as u8)
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -164,6 +187,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Doctor { kvm_boot } => doctor(kvm_boot, cli.json),
         Command::Bench(b) => runtime()?.block_on(bench::bench(&state_dir, b, cli.json)),
         Command::Serve(args) => runtime()?.block_on(serve::serve(&state_dir, args)),
+        Command::Image(cmd) => image::image(&state_dir, cmd, cli.json),
         cmd => {
             let client = remote::client(&cli.api, cli.token_file.as_deref())?;
             runtime()?.block_on(remote::dispatch(&client, cmd, cli.json))

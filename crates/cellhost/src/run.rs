@@ -122,18 +122,29 @@ pub fn backend_for(
             }));
             Ok(Arc::new(cellhost_docker::DockerBackend::new(cfg)))
         }
-        other => {
-            let tier = cellhost_core::probe::probe(&Default::default()).tier(other);
-            Err(exit_err(
-                EXIT_CAPABILITY,
-                format!(
-                    "the {other} tier is not available in this build of cellhost (process and container so far); doctor: {} {other} ({})",
-                    if tier.ok { "yes" } else { "no" },
-                    tier.detail
-                ),
-            ))
+        tier @ (Isolation::Vm | Isolation::Microvm) => {
+            let status = cellhost_core::probe::probe(&Default::default()).tier(tier);
+            if !status.ok {
+                return Err(exit_err(
+                    EXIT_CAPABILITY,
+                    format!("the {tier} tier cannot run here: {}", status.detail),
+                ));
+            }
+            Ok(Arc::new(qemu_backend(tier, state_dir, status.accel)?))
         }
     }
+}
+
+/// A vm or microvm backend for a state dir, with the probe's accelerator.
+pub fn qemu_backend(
+    tier: Isolation,
+    state_dir: &Path,
+    accel: Option<cellhost_core::probe::Accel>,
+) -> anyhow::Result<cellhost_qemu::QemuBackend> {
+    let exe = std::env::current_exe().context("locating the cellhost binary for the vmm shim")?;
+    let mut cfg = cellhost_qemu::QemuConfig::new(tier, state_dir, exe);
+    cfg.accel = accel.unwrap_or(cellhost_core::probe::Accel::Tcg);
+    Ok(cellhost_qemu::QemuBackend::new(cfg))
 }
 
 /// The container tier's config for a state dir (its own subdir), with the

@@ -98,6 +98,18 @@ pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dy
     } else {
         tracing::warn!("container tier unavailable: {}", tier.detail);
     }
+    for t in [Isolation::Vm, Isolation::Microvm] {
+        let tier = report.tier(t);
+        if tier.ok {
+            let mut cfg = crate::run::qemu_backend(t, state_dir, tier.accel)?
+                .config()
+                .clone();
+            cfg.publish_address = args.publish_address.to_string();
+            out.push(Arc::new(cellhost_qemu::QemuBackend::new(cfg)));
+        } else {
+            tracing::warn!("{t} tier unavailable: {}", tier.detail);
+        }
+    }
     Ok(out)
 }
 

@@ -109,6 +109,42 @@ fn others_alive() -> bool {
     })
 }
 
+/// The module list a microVM initramfs carries (see `cellhost image
+/// initramfs`): one `.ko` path per line, dependencies first.
+pub const MODULES_LIST: &str = "/etc/cellhost/modules";
+
+/// Load the kernel modules named in `list` (PID 1, before the listeners:
+/// a stock distribution kernel has virtio-mmio, virtio-console and
+/// virtio-blk as modules). A module already loaded is fine; any other
+/// failure is logged and the next one tried, so one bad entry cannot keep
+/// the guest channel down when the driver it needs loaded. Returns how
+/// many loaded.
+pub fn load_modules(list: &Path) -> usize {
+    let Ok(text) = std::fs::read_to_string(list) else {
+        return 0;
+    };
+    let mut loaded = 0;
+    for path in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("module {path}: {e}");
+                continue;
+            }
+        };
+        match nix::kmod::finit_module(&file, c"", nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) => loaded += 1,
+            Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => tracing::warn!("module {path}: {e}"),
+        }
+    }
+    loaded
+}
+
 /// Mark every descriptor above stderr close-on-exec: whatever the agent
 /// inherited (a leaked fd of whatever started it) must not reach the
 /// processes it starts.

@@ -47,6 +47,9 @@ pub struct Config {
     pub exec: bool,
     /// Execs running at once; more are refused with `busy`.
     pub max_execs: usize,
+    /// Where secrets go; `None` is `<state_dir>/secrets`. A microVM's agent
+    /// uses `/run/secrets`, where the other tiers put them.
+    pub secrets_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -56,6 +59,7 @@ impl Config {
             file_roots: Vec::new(),
             exec: true,
             max_execs: 16,
+            secrets_dir: None,
         }
     }
 }
@@ -89,7 +93,12 @@ impl Agent {
     /// Make the state dirs (0700) and start the reaper.
     pub fn new(config: Config) -> io::Result<Agent> {
         files::private_dir(&config.state_dir)?;
-        files::private_dir(&config.state_dir.join("secrets"))?;
+        files::private_dir(
+            &config
+                .secrets_dir
+                .clone()
+                .unwrap_or_else(|| config.state_dir.join("secrets")),
+        )?;
         let roots = Roots::new(&config.file_roots)?;
         Ok(Agent {
             config,
@@ -113,7 +122,10 @@ impl Agent {
     }
 
     pub fn secrets_dir(&self) -> PathBuf {
-        self.config.state_dir.join("secrets")
+        self.config
+            .secrets_dir
+            .clone()
+            .unwrap_or_else(|| self.config.state_dir.join("secrets"))
     }
 
     pub fn is_pid1(&self) -> bool {
@@ -195,6 +207,34 @@ impl Agent {
                 Ok(Map::new())
             }
             Op::Exec(req) => self.exec(req),
+            Op::Start(req) => {
+                if req.argv.is_empty() || req.argv[0].is_empty() {
+                    return Err(Failure::invalid("argv: must name a program"));
+                }
+                if let Some(i) = req.argv.iter().position(|a| a.contains('\0')) {
+                    return Err(Failure::invalid(format!("argv[{i}]: contains NUL")));
+                }
+                let cwd = req.cwd.unwrap_or_else(|| "/".into());
+                if !cwd.starts_with('/') || cwd.contains('\0') {
+                    return Err(Failure::invalid(format!(
+                        "cwd: {cwd:?} is not an absolute path"
+                    )));
+                }
+                match self.start_main_in(&req.argv, &cwd) {
+                    Some(MainState::SpawnFailed { error }) => {
+                        Err(Failure::new(ErrorCode::SpawnFailed, error))
+                    }
+                    Some(MainState::Running { pid }) => {
+                        let mut m = Map::new();
+                        m.insert("pid".into(), Value::from(pid));
+                        Ok(m)
+                    }
+                    _ => Err(Failure::new(
+                        ErrorCode::Busy,
+                        "start: the main command was started already",
+                    )),
+                }
+            }
             Op::WriteFile(req) => self.write_file(req),
             Op::ReadFile(req) => self.read_file(req),
             Op::Status => fields(&StatusReply {
@@ -371,11 +411,21 @@ impl Agent {
     /// and stderr go to the agent's stderr (the console; stdout may be the
     /// protocol stream).
     pub fn start_main(&self, argv: &[String]) {
+        self.start_main_in(argv, "/");
+    }
+
+    /// [`Agent::start_main`] in `cwd`, once: the state after the attempt
+    /// (`Running` or `SpawnFailed`), or `None` when it was started before.
+    fn start_main_in(&self, argv: &[String], cwd: &str) -> Option<MainState> {
         use std::os::fd::AsFd;
+        let mut main = self.main.lock().unwrap_or_else(|p| p.into_inner());
+        if *main != MainState::NotStarted {
+            return None;
+        }
         let mut cmd = std::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .env_clear()
-            .current_dir("/")
+            .current_dir(cwd)
             // A pipe closed at once: no /dev/null needed.
             .stdin(std::process::Stdio::piped());
         if let Ok(fd) = io::stderr().as_fd().try_clone_to_owned() {
@@ -384,7 +434,6 @@ impl Agent {
         let spawned = self
             .process_env(&BTreeMap::new())
             .and_then(|env| self.reaper.spawn(cmd.envs(env)));
-        let mut main = self.main.lock().unwrap_or_else(|p| p.into_inner());
         match spawned {
             Err(e) => {
                 tracing::error!("main command {:?}: {e}", argv[0]);
@@ -409,6 +458,7 @@ impl Agent {
                 });
             }
         }
+        Some(main.clone())
     }
 
     /// Kill the main command's process group, if it runs.

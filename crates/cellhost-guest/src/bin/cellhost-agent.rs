@@ -36,6 +36,13 @@ struct Args {
     /// Where the env file and secrets go (made 0700).
     #[arg(long, default_value = "/run/cellhost", value_name = "DIR")]
     state_dir: PathBuf,
+    /// Where secrets go (made 0700); default `<state-dir>/secrets`.
+    #[arg(long, value_name = "DIR")]
+    secrets_dir: Option<PathBuf>,
+    /// Kernel modules to load first, one `.ko` path per line (as PID 1 the
+    /// default is /etc/cellhost/modules when it exists).
+    #[arg(long, value_name = "FILE")]
+    modules: Option<PathBuf>,
     /// Allow write_file/read_file beneath this directory (repeatable; none
     /// turns file operations off).
     #[arg(long = "file-root", value_name = "DIR")]
@@ -71,8 +78,17 @@ fn main() -> ExitCode {
         Err(e) => e.exit(),
     };
     init::setup(pid1);
+    let modules = args
+        .modules
+        .clone()
+        .or_else(|| pid1.then(|| PathBuf::from(init::MODULES_LIST)));
+    if let Some(list) = modules {
+        let n = init::load_modules(&list);
+        tracing::info!("loaded {n} kernel modules from {}", list.display());
+    }
 
     let mut config = Config::new(&args.state_dir);
+    config.secrets_dir = args.secrets_dir.clone();
     config.file_roots = args.file_roots.clone();
     config.exec = !args.no_exec;
     let agent = match Agent::new(config) {

@@ -1,0 +1,1005 @@
+//! The [`Backend`] of the vm and microvm tiers (see the crate header for
+//! layout, lifecycle, idempotency and threat model).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cellhost_core::ids::CellId;
+use cellhost_core::probe::Accel;
+use cellhost_core::shim::write_atomic;
+use cellhost_core::{
+    Backend, BackendError, CellHandle, CellState, CellStatus, CreateRequest, ExecOutput,
+    ExecRequest, ExitInfo, ListedCell, LogChunk, ResourceUsage, TeardownReport, VolumeKey,
+};
+use cellhost_guest::client::{Client, ConnectOptions, Endpoint};
+use cellhost_guest::proto::MainState;
+use cellhost_spec::{Cell, Isolation, NetworkMode};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::args::{self, Plan};
+use crate::image::{Image, ImageKind, ImageStore};
+use crate::qmp::Qmp;
+use crate::vmm::{self, QemuCommand};
+
+/// How the vm and microvm tiers run.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    pub tier: Isolation,
+    /// `<state>/<tier>`: one dir per cell.
+    pub state_dir: PathBuf,
+    pub images: ImageStore,
+    /// The binary whose `__vmm` subcommand is the shim (`cellhost`).
+    pub vmm_program: PathBuf,
+    pub qemu: PathBuf,
+    pub qemu_img: PathBuf,
+    pub genisoimage: PathBuf,
+    pub accel: Accel,
+    /// Host address published ports bind (default 127.0.0.1).
+    pub publish_address: String,
+    /// Bytes of guest console kept per cell.
+    pub log_cap: u64,
+    /// How long a microVM may take to boot to its agent.
+    pub boot_timeout: Duration,
+}
+
+impl QemuConfig {
+    /// Defaults: tools from PATH, TCG, ports on 127.0.0.1, 4 MiB of
+    /// console, 120 s to boot (TCG on a busy host is slow).
+    pub fn new(tier: Isolation, state_root: &Path, vmm_program: PathBuf) -> QemuConfig {
+        let tool = |n: &str| cellhost_core::probe::which(n).unwrap_or_else(|| PathBuf::from(n));
+        QemuConfig {
+            tier,
+            state_dir: state_root.join(tier.as_str()),
+            images: ImageStore::new(state_root.join("images")),
+            vmm_program,
+            qemu: tool("qemu-system-x86_64"),
+            qemu_img: tool("qemu-img"),
+            genisoimage: tool("genisoimage"),
+            accel: Accel::Tcg,
+            publish_address: "127.0.0.1".into(),
+            log_cap: 4 << 20,
+            boot_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct QemuBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: QemuConfig,
+}
+
+impl QemuBackend {
+    pub fn new(cfg: QemuConfig) -> QemuBackend {
+        QemuBackend {
+            inner: Arc::new(Inner { cfg }),
+        }
+    }
+
+    pub fn config(&self) -> &QemuConfig {
+        &self.inner.cfg
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Inner) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(&inner))
+            .await
+            .map_err(|e| BackendError::Engine(format!("blocking task: {e}")))?
+    }
+}
+
+fn engine(what: &str, e: impl std::fmt::Display) -> BackendError {
+    BackendError::Engine(format!("{what}: {e}"))
+}
+
+/// Marker files.
+const STARTED: &str = "started";
+const SHIM_LOG: &str = "shim.log";
+
+/// Is `pid` a live (not zombie) process whose argv names `dir`?
+fn owns(pid: i32, dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let zombie = stat
+        .rsplit_once(')')
+        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
+    !zombie && contains(&cmdline, dir.as_os_str().as_encoded_bytes())
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Every live process whose argv names `dir` and whose first argument is
+/// `program`'s file name (qemu, or the shim), found by scanning /proc: the
+/// pid files may be gone or stale.
+fn processes_naming(dir: &Path, program: &str) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        let name = argv0.rsplit(|b| *b == b'/').next().unwrap_or_default();
+        if name == program.as_bytes() && owns(pid, dir) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+fn tail(path: &Path, max: usize) -> String {
+    let b = std::fs::read(path).unwrap_or_default();
+    let s = String::from_utf8_lossy(&b[b.len().saturating_sub(max)..]).into_owned();
+    cellhost_core::probe::one_line_max(&s, max)
+}
+
+impl Inner {
+    fn microvm(&self) -> bool {
+        self.cfg.tier == Isolation::Microvm
+    }
+
+    fn cell_dir(&self, id: &CellId) -> PathBuf {
+        self.cfg.state_dir.join(id.as_str())
+    }
+
+    fn qemu_program(&self) -> String {
+        self.cfg
+            .qemu
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "qemu-system-x86_64".into())
+    }
+
+    fn vmm_program(&self) -> String {
+        self.cfg
+            .vmm_program
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The cell's live qemu, if any.
+    fn qemu_pid(&self, dir: &Path) -> Option<i32> {
+        if let Some(pid) = read_pid(&dir.join(vmm::QEMU_PID))
+            && owns(pid, dir)
+        {
+            return Some(pid);
+        }
+        processes_naming(dir, &self.qemu_program())
+            .into_iter()
+            .next()
+    }
+
+    fn image_for(&self, cell: &Cell) -> Result<Image, BackendError> {
+        let img = self
+            .cfg
+            .images
+            .get(&cell.spec.image)
+            .map_err(|e| BackendError::Invalid(format!("spec.image: {e}")))?;
+        let want = if self.microvm() {
+            ImageKind::Microvm
+        } else {
+            ImageKind::Vm
+        };
+        if img.manifest.kind != want {
+            return Err(BackendError::Invalid(format!(
+                "spec.image: {} is a {:?} image; {} cells need a {:?} image",
+                img.manifest.name, img.manifest.kind, self.cfg.tier, want
+            )));
+        }
+        Ok(img)
+    }
+
+    fn check_supported(&self, req: &CreateRequest) -> Result<(), BackendError> {
+        let spec = &req.cell.spec;
+        let unsupported = |what: &str| BackendError::MissingCapability {
+            capability: "network".into(),
+            detail: format!("{what} is not available on the {} tier yet", self.cfg.tier),
+        };
+        if spec.network.mode == NetworkMode::Bridged {
+            return Err(unsupported("network.mode: bridged"));
+        }
+        if !spec.network.egress.is_empty() {
+            return Err(unsupported("network.egress"));
+        }
+        if self.microvm() && !spec.ports.is_empty() {
+            return Err(unsupported("spec.ports"));
+        }
+        if let Some(v) = &spec.volume
+            && v.encrypted
+            && req.volume_key.is_none()
+        {
+            return Err(BackendError::Invalid(
+                "spec.volume.encrypted: a volume key is required".into(),
+            ));
+        }
+        if req.volume_key.is_some() && !spec.volume.as_ref().is_some_and(|v| v.encrypted) {
+            return Err(BackendError::Invalid(
+                "a volume key was given but spec.volume is not encrypted".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn run_tool(
+        &self,
+        tool: &Path,
+        args: &[&str],
+        stdin: Option<&[u8]>,
+    ) -> Result<(), BackendError> {
+        let mut child = Command::new(tool)
+            .args(args)
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| BackendError::io(format!("running {}", tool.display()), e))?;
+        if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
+            let _ = pipe.write_all(data);
+        }
+        let out = child
+            .wait_with_output()
+            .map_err(|e| BackendError::io(format!("running {}", tool.display()), e))?;
+        if !out.status.success() {
+            return Err(BackendError::Engine(format!(
+                "{} {}: {}",
+                tool.display(),
+                args.first().unwrap_or(&""),
+                cellhost_core::probe::one_line_max(&String::from_utf8_lossy(&out.stderr), 400)
+            )));
+        }
+        Ok(())
+    }
+
+    fn create(&self, req: CreateRequest) -> Result<CellHandle, BackendError> {
+        if req.cell.spec.isolation != self.cfg.tier {
+            return Err(BackendError::Invalid(format!(
+                "the {} backend got a {} cell",
+                self.cfg.tier, req.cell.spec.isolation
+            )));
+        }
+        self.check_supported(&req)?;
+        let image = self.image_for(&req.cell)?;
+        let dir = self.cell_dir(&req.id);
+        // A dir left by a crashed create of this id: start clean.
+        self.teardown(&req.id, &mut TeardownReport::new(req.id.as_str()));
+        std::fs::create_dir_all(&self.cfg.state_dir)
+            .map_err(|e| BackendError::io(format!("{}", self.cfg.state_dir.display()), e))?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| BackendError::io(format!("creating {}", dir.display()), e))?;
+        match self.create_in(&req, &image, &dir) {
+            Ok(()) => Ok(handle(&self.cfg, &req.id, &req.cell)),
+            Err(e) => {
+                let log = tail(&dir.join(vmm::QEMU_LOG), 400);
+                let console = tail(&dir.join(vmm::SERIAL_LOG), 400);
+                self.teardown(&req.id, &mut TeardownReport::new(req.id.as_str()));
+                Err(match e {
+                    BackendError::Engine(m) if !log.is_empty() || !console.is_empty() => {
+                        BackendError::Engine(format!("{m}; qemu: {log}; console: {console}"))
+                    }
+                    other => other,
+                })
+            }
+        }
+    }
+
+    fn create_in(
+        &self,
+        req: &CreateRequest,
+        image: &Image,
+        dir: &Path,
+    ) -> Result<(), BackendError> {
+        let spec = &req.cell.spec;
+        // What `start` runs (a microVM's agent gets it then); no secrets.
+        let main = MainCommand {
+            argv: spec.command.clone(),
+            cwd: spec.working_dir.clone(),
+        };
+        write_atomic(
+            &dir.join(MAIN_JSON),
+            &serde_json::to_vec(&main).unwrap_or_default(),
+        )
+        .map_err(|e| BackendError::io("main.json", e))?;
+        let mut seed = None;
+        if !self.microvm() {
+            let base = image.disk().ok_or_else(|| {
+                BackendError::Invalid(format!("spec.image: {} has no disk", image.manifest.name))
+            })?;
+            let fmt = image
+                .manifest
+                .disk_format
+                .clone()
+                .unwrap_or_else(|| "raw".into());
+            let overlay = dir.join(args::OVERLAY);
+            let (b, o) = (base.to_string_lossy(), overlay.to_string_lossy());
+            let size = spec.resources.disk_gib.map(|g| format!("{g}G"));
+            let mut a = vec!["create", "-q", "-f", "qcow2", "-F", &fmt, "-b", &b, &o];
+            if let Some(s) = &size {
+                a.push(s);
+            }
+            self.run_tool(&self.cfg.qemu_img, &a, None)?;
+            seed = Some(crate::seed::build(&self.cfg.genisoimage, req)?);
+        }
+        let mut volume = None;
+        if let Some(v) = &spec.volume {
+            let size = format!("{}G", v.size_gib);
+            if v.encrypted {
+                let file = dir.join(args::VOLUME_LUKS);
+                let f = file.to_string_lossy();
+                let key = req.volume_key.as_ref().expect("checked");
+                self.run_tool(
+                    &self.cfg.qemu_img,
+                    &[
+                        "create",
+                        "-q",
+                        "-f",
+                        "luks",
+                        "--object",
+                        "secret,id=volkey,file=/dev/stdin,format=raw",
+                        "-o",
+                        "key-secret=volkey,iter-time=10",
+                        &f,
+                        &size,
+                    ],
+                    Some(key.passphrase().as_bytes()),
+                )?;
+                volume = Some((file, true));
+            } else {
+                let file = dir.join(args::VOLUME_QCOW2);
+                let f = file.to_string_lossy();
+                self.run_tool(
+                    &self.cfg.qemu_img,
+                    &["create", "-q", "-f", "qcow2", &f, &size],
+                    None,
+                )?;
+                volume = Some((file, false));
+            }
+        }
+        let plan = Plan {
+            microvm: self.microvm(),
+            dir,
+            name: req.id.object_name(),
+            cell: &req.cell,
+            image,
+            accel: self.cfg.accel,
+            publish_address: &self.cfg.publish_address,
+            seed: seed.as_ref().map(crate::seed::proc_path),
+            volume,
+            paused: !self.microvm(),
+        };
+        self.launch(dir, plan.argv(), req.volume_key.as_ref())?;
+        // qemu answers QMP only after opening every drive: the seed memfd
+        // may go now.
+        drop(seed);
+        if self.microvm() {
+            let mut agent = self.agent(dir, self.cfg.boot_timeout)?;
+            let env: BTreeMap<String, String> = spec
+                .env
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            if !env.is_empty() {
+                agent
+                    .set_env(&env)
+                    .map_err(|e| engine("agent set_env", e))?;
+            }
+            for s in &req.secrets {
+                agent
+                    .set_secret(&s.name, &s.value)
+                    .map_err(|e| engine(&format!("agent set_secret {}", s.name), e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Start qemu under the shim and wait until QMP answers.
+    fn launch(
+        &self,
+        dir: &Path,
+        argv: Vec<String>,
+        key: Option<&VolumeKey>,
+    ) -> Result<(), BackendError> {
+        let cmd = QemuCommand {
+            program: self.cfg.qemu.to_string_lossy().into_owned(),
+            args: argv,
+            agent_chardev: self.microvm().then(|| dir.join(args::AGENT_CHARDEV)),
+        };
+        write_atomic(
+            &dir.join(vmm::QEMU_JSON),
+            &serde_json::to_vec_pretty(&cmd).unwrap_or_default(),
+        )
+        .map_err(|e| BackendError::io("writing qemu.json", e))?;
+        let stdin = match key {
+            Some(k) => {
+                let (r, w) =
+                    nix::unistd::pipe().map_err(|e| BackendError::io("key pipe", e.into()))?;
+                let mut w = std::fs::File::from(w);
+                w.write_all(k.passphrase().as_bytes())
+                    .map_err(|e| BackendError::io("key pipe", e))?;
+                drop(w);
+                Stdio::from(std::fs::File::from(r))
+            }
+            None => Stdio::null(),
+        };
+        let shim_log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(SHIM_LOG))
+            .map_err(|e| BackendError::io("shim log", e))?;
+        let mut child = Command::new(&self.cfg.vmm_program)
+            .arg("__vmm")
+            .arg(dir)
+            .arg(self.cfg.log_cap.to_string())
+            .stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(shim_log))
+            .spawn()
+            .map_err(|e| {
+                BackendError::io(format!("starting {}", self.cfg.vmm_program.display()), e)
+            })?;
+        let stdout = child.stdout.take().expect("piped");
+        let _ = child.wait();
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .map_err(|e| BackendError::io("reading the shim's report", e))?;
+        let report: cellhost_core::shim::ShimReport = serde_json::from_str(line.trim())
+            .map_err(|_| BackendError::Engine(format!("the shim reported {:?}", line.trim())))?;
+        if !report.ok {
+            return Err(BackendError::Engine(format!(
+                "starting qemu: {}",
+                report.error.unwrap_or_default()
+            )));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let qmp = dir.join(args::QMP_SOCK);
+        loop {
+            match Qmp::connect(&qmp, Duration::from_secs(5)).and_then(|mut q| q.status()) {
+                Ok(_) => return Ok(()),
+                Err(e) => {
+                    if self.qemu_pid(dir).is_none() {
+                        return Err(BackendError::Engine("qemu exited during start-up".into()));
+                    }
+                    if Instant::now() > deadline {
+                        return Err(engine("QMP never answered", e));
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn agent(&self, dir: &Path, deadline: Duration) -> Result<Client, BackendError> {
+        let opts = ConnectOptions {
+            deadline,
+            ..Default::default()
+        };
+        let ep = Endpoint::VirtioSerial(dir.join(args::AGENT_SOCK));
+        let started = Instant::now();
+        loop {
+            match Client::connect(&ep, &opts) {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    // A qemu that died (kernel panic) ends the wait early.
+                    if self.qemu_pid(dir).is_none() || started.elapsed() >= deadline {
+                        return Err(engine("the guest agent did not answer", e));
+                    }
+                }
+            }
+        }
+    }
+
+    fn qmp(&self, dir: &Path) -> Result<Qmp, BackendError> {
+        Qmp::connect(&dir.join(args::QMP_SOCK), Duration::from_secs(5))
+            .map_err(|e| engine("QMP", e))
+    }
+
+    fn start(&self, h: &CellHandle) -> Result<(), BackendError> {
+        let dir = self.cell_dir(&h.id);
+        let st = self.status(h)?;
+        if st.state != CellState::Created {
+            return Err(BackendError::WrongState {
+                id: h.id.clone(),
+                op: "start",
+                state: st.state,
+                wanted: "created (vm and microvm cells run once)",
+            });
+        }
+        if self.microvm() {
+            let main = read_main(&dir)?;
+            let mut agent = self.agent(&dir, Duration::from_secs(10))?;
+            agent
+                .start(&main.argv, main.cwd.as_deref())
+                .map_err(|e| engine("agent start", e))?;
+        } else {
+            self.qmp(&dir)?
+                .execute("cont", None)
+                .map_err(|e| engine("QMP cont", e))?;
+        }
+        write_atomic(&dir.join(STARTED), b"").map_err(|e| BackendError::io("start marker", e))
+    }
+
+    fn status(&self, h: &CellHandle) -> Result<CellStatus, BackendError> {
+        let dir = self.cell_dir(&h.id);
+        if !dir.exists() {
+            return Ok(CellStatus {
+                state: CellState::Gone,
+                pid: None,
+                exit: None,
+            });
+        }
+        let exited = |exit| CellStatus {
+            state: CellState::Exited,
+            pid: None,
+            exit: Some(exit),
+        };
+        if let Ok(b) = std::fs::read(dir.join(vmm::EXIT_FILE))
+            && let Ok(exit) = serde_json::from_slice::<ExitInfo>(&b)
+        {
+            // The microVM quits after its command ends; make sure.
+            if let Some(pid) = self.qemu_pid(&dir) {
+                self.end_qemu(&dir, pid, Duration::ZERO);
+            }
+            return Ok(exited(exit));
+        }
+        let Some(pid) = self.qemu_pid(&dir) else {
+            if !dir.join(vmm::QEMU_PID).exists() {
+                // Create has not launched it yet (or failed before).
+                return Ok(CellStatus {
+                    state: CellState::Created,
+                    pid: None,
+                    exit: None,
+                });
+            }
+            return Ok(exited(ExitInfo::unknown()));
+        };
+        let running = |state| CellStatus {
+            state,
+            pid: Some(pid as u32),
+            exit: None,
+        };
+        if !dir.join(STARTED).exists() {
+            return Ok(running(CellState::Created));
+        }
+        if self.microvm() {
+            // The command's own end is the cell's end.
+            let main = self
+                .agent(&dir, Duration::from_secs(2))
+                .and_then(|mut a| a.status().map_err(|e| engine("agent status", e)))
+                .map(|s| s.main);
+            let exit = match main {
+                Ok(MainState::Exited { exit_code, signal }) => Some(ExitInfo {
+                    code: exit_code,
+                    signal,
+                    oom_killed: false,
+                }),
+                Ok(MainState::SpawnFailed { .. }) => Some(ExitInfo::exited(127)),
+                _ => None,
+            };
+            if let Some(exit) = exit {
+                write_atomic(
+                    &dir.join(vmm::EXIT_FILE),
+                    &serde_json::to_vec(&exit).unwrap_or_default(),
+                )
+                .map_err(|e| BackendError::io("exit.json", e))?;
+                self.end_qemu(&dir, pid, Duration::from_secs(5));
+                return Ok(exited(exit));
+            }
+        }
+        Ok(running(CellState::Running))
+    }
+
+    /// Graceful where possible: agent shutdown / ACPI powerdown for
+    /// `grace`, then QMP quit, then SIGKILL. Returns once qemu is gone.
+    fn end_qemu(&self, dir: &Path, pid: i32, grace: Duration) {
+        let gone = |within: Duration| {
+            let until = Instant::now() + within;
+            loop {
+                if !owns(pid, dir) {
+                    return true;
+                }
+                if Instant::now() >= until {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(25));
+            }
+        };
+        if !grace.is_zero() {
+            if self.microvm() {
+                if let Ok(mut a) = self.agent(dir, Duration::from_secs(2)) {
+                    let _ = a.shutdown();
+                }
+            } else if let Ok(mut q) = self.qmp(dir) {
+                let _ = q.execute("system_powerdown", None);
+            }
+            if gone(grace) {
+                return;
+            }
+        }
+        if let Ok(mut q) = self.qmp(dir) {
+            let _ = q.execute("quit", None);
+        }
+        if gone(Duration::from_secs(5)) {
+            return;
+        }
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        gone(Duration::from_secs(5));
+    }
+
+    fn stop(&self, h: &CellHandle, grace: Duration) -> Result<(), BackendError> {
+        let dir = self.cell_dir(&h.id);
+        let Some(pid) = self.qemu_pid(&dir) else {
+            return Ok(());
+        };
+        if self.microvm() && !dir.join(vmm::EXIT_FILE).exists() {
+            // Stopped before its command ended: say so, like a signal.
+            let main = self
+                .agent(&dir, Duration::from_secs(2))
+                .and_then(|mut a| a.status().map_err(|e| engine("agent status", e)))
+                .map(|s| s.main);
+            let exit = match main {
+                Ok(MainState::Exited { exit_code, signal }) => ExitInfo {
+                    code: exit_code,
+                    signal,
+                    oom_killed: false,
+                },
+                _ => ExitInfo::signaled(libc::SIGTERM),
+            };
+            let _ = write_atomic(
+                &dir.join(vmm::EXIT_FILE),
+                &serde_json::to_vec(&exit).unwrap_or_default(),
+            );
+        }
+        self.end_qemu(&dir, pid, grace);
+        Ok(())
+    }
+
+    /// Remove everything of a cell, recording what was checked.
+    fn teardown(&self, id: &CellId, report: &mut TeardownReport) {
+        let dir = self.cell_dir(id);
+        let qemu = self.qemu_program();
+        for pid in processes_naming(&dir, &qemu)
+            .into_iter()
+            .chain(read_pid(&dir.join(vmm::QEMU_PID)).filter(|p| owns(*p, &dir)))
+        {
+            self.end_qemu(&dir, pid, Duration::ZERO);
+        }
+        let vmm_name = self.vmm_program();
+        let shims = || {
+            let mut s = processes_naming(&dir, &vmm_name);
+            s.extend(read_pid(&dir.join(vmm::SHIM_PID)).filter(|p| owns(*p, &dir)));
+            s.sort_unstable();
+            s.dedup();
+            s
+        };
+        // The shim ends by itself once qemu is gone (console EOF).
+        let until = Instant::now() + Duration::from_secs(5);
+        while !shims().is_empty() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for pid in shims() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let luks = dir.join(args::VOLUME_LUKS);
+        let keyslots = match cellhost_volume::erase_header(&luks) {
+            Ok(left) => u64::from(left),
+            Err(e) => {
+                report.error(format!("erasing {}: {e}", luks.display()));
+                1
+            }
+        };
+        if dir.exists()
+            && let Err(e) = std::fs::remove_dir_all(&dir)
+        {
+            report.error(format!("removing {}: {e}", dir.display()));
+        }
+        let left = |p: PathBuf| u64::from(p.exists());
+        let procs = processes_naming(&dir, &qemu).len() as u64;
+        report.check(
+            "vm-process",
+            format!("{qemu} naming {}", dir.display()),
+            procs,
+        );
+        report.check("vm-shim", format!("{vmm_name} __vmm"), shims().len() as u64);
+        report.check(
+            "vm-qmp-socket",
+            dir.join(args::QMP_SOCK).display().to_string(),
+            left(dir.join(args::QMP_SOCK)),
+        );
+        report.check(
+            "vm-agent-socket",
+            dir.join(args::AGENT_SOCK).display().to_string(),
+            left(dir.join(args::AGENT_SOCK)) + left(dir.join(args::AGENT_CHARDEV)),
+        );
+        report.check(
+            "vm-overlay",
+            dir.join(args::OVERLAY).display().to_string(),
+            left(dir.join(args::OVERLAY)),
+        );
+        report.check(
+            "vm-volume-keyslots",
+            luks.display().to_string(),
+            keyslots.min(left(luks.clone())),
+        );
+        report.check(
+            "vm-volume",
+            luks.display().to_string(),
+            left(luks) + left(dir.join(args::VOLUME_QCOW2)),
+        );
+        report.check("vm-seed", "memfd (never on disk)", 0);
+        report.check("vm-dir", dir.display().to_string(), left(dir.clone()));
+    }
+
+    fn destroy(&self, h: &CellHandle) -> Result<TeardownReport, BackendError> {
+        let mut report = TeardownReport::new(h.id.as_str());
+        let dir = self.cell_dir(&h.id);
+        report.already_gone = !dir.exists() && self.qemu_pid(&dir).is_none();
+        let ports: Vec<u32> = h
+            .tier
+            .get("ports")
+            .and_then(|p| p.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64().map(|x| x as u32))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.teardown(&h.id, &mut report);
+        let addr = &self.cfg.publish_address;
+        let bound = ports
+            .iter()
+            .filter(|p| std::net::TcpListener::bind((addr.as_str(), **p as u16)).is_err())
+            .count() as u64;
+        report.check("vm-port-forwards", format!("{addr}:{ports:?}"), bound);
+        Ok(report)
+    }
+
+    fn list(&self) -> Result<Vec<ListedCell>, BackendError> {
+        let mut out = Vec::new();
+        let rd = match std::fs::read_dir(&self.cfg.state_dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(BackendError::io("listing cells", e)),
+        };
+        for e in rd.flatten() {
+            let Some(id) = e.file_name().to_str().and_then(|s| CellId::parse(s).ok()) else {
+                continue;
+            };
+            let dir = e.path();
+            let state = if self.qemu_pid(&dir).is_some() {
+                CellState::Running
+            } else {
+                CellState::Exited
+            };
+            out.push(ListedCell {
+                id,
+                isolation: self.cfg.tier,
+                state,
+            });
+        }
+        Ok(out)
+    }
+
+    fn exec(&self, h: &CellHandle, req: ExecRequest) -> Result<ExecOutput, BackendError> {
+        if !self.microvm() {
+            return Err(BackendError::Unsupported {
+                op: "exec",
+                tier: self.cfg.tier,
+            });
+        }
+        let st = self.status(h)?;
+        if st.state != CellState::Running {
+            return Err(BackendError::WrongState {
+                id: h.id.clone(),
+                op: "exec",
+                state: st.state,
+                wanted: "running",
+            });
+        }
+        let dir = self.cell_dir(&h.id);
+        let mut agent = self.agent(&dir, Duration::from_secs(10))?;
+        let reply = agent
+            .exec(cellhost_guest::proto::ExecRequest {
+                argv: req.argv,
+                env: req.env.into_iter().collect(),
+                cwd: req.cwd,
+                stdin_b64: None,
+                timeout_ms: req.timeout.map(|t| t.as_millis() as u64),
+                max_output: None,
+            })
+            .map_err(|e| engine("agent exec", e))?;
+        Ok(ExecOutput {
+            exit: ExitInfo {
+                code: reply.exit_code,
+                signal: reply.signal,
+                oom_killed: false,
+            },
+            stdout: reply.stdout,
+            stderr: reply.stderr,
+        })
+    }
+
+    fn usage(&self, h: &CellHandle) -> Result<ResourceUsage, BackendError> {
+        let dir = self.cell_dir(&h.id);
+        let pid = self
+            .qemu_pid(&dir)
+            .ok_or_else(|| BackendError::WrongState {
+                id: h.id.clone(),
+                op: "usage",
+                state: CellState::Exited,
+                wanted: "running",
+            })?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map_err(|e| BackendError::io("qemu stat", e))?;
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        // utime, stime: fields 14 and 15 of stat(5), 12 and 13 after ')'.
+        let ticks: u64 = fields
+            .get(11..13)
+            .map(|f| f.iter().filter_map(|x| x.parse::<u64>().ok()).sum())
+            .unwrap_or(0);
+        // SAFETY: sysconf only reads a configuration value.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rss_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0);
+        Ok(ResourceUsage {
+            cpu_ns: ticks * 1_000_000_000 / hz,
+            memory_bytes: rss_kib * 1024,
+        })
+    }
+}
+
+const MAIN_JSON: &str = "main.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct MainCommand {
+    argv: Vec<String>,
+    cwd: Option<String>,
+}
+
+fn read_main(dir: &Path) -> Result<MainCommand, BackendError> {
+    let b = std::fs::read(dir.join(MAIN_JSON)).map_err(|e| BackendError::io(MAIN_JSON, e))?;
+    serde_json::from_slice(&b).map_err(|e| engine(MAIN_JSON, e))
+}
+
+/// The handle: the cell dir, the accelerator and the image's digests.
+fn handle(cfg: &QemuConfig, id: &CellId, cell: &Cell) -> CellHandle {
+    let image = cfg.images.get(&cell.spec.image).ok();
+    CellHandle {
+        id: id.clone(),
+        name: id.object_name(),
+        isolation: cfg.tier,
+        state_dir: cfg.state_dir.join(id.as_str()),
+        tier: serde_json::json!({
+            "accel": cfg.accel.to_string(),
+            "image": cell.spec.image,
+            "digests": image.as_ref().map(|i| i.manifest.digests.clone()).unwrap_or_default(),
+            "ports": cell.spec.ports.iter().map(|p| p.host).collect::<Vec<_>>(),
+            "qmp": cfg.state_dir.join(id.as_str()).join(args::QMP_SOCK),
+        }),
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+#[async_trait]
+impl Backend for QemuBackend {
+    fn isolation(&self) -> Isolation {
+        self.inner.cfg.tier
+    }
+
+    fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle {
+        handle(&self.inner.cfg, id, cell)
+    }
+
+    async fn create(&self, req: CreateRequest) -> Result<CellHandle, BackendError> {
+        self.blocking(move |i| i.create(req)).await
+    }
+
+    async fn start(&self, h: &CellHandle) -> Result<(), BackendError> {
+        let h = h.clone();
+        self.blocking(move |i| i.start(&h)).await
+    }
+
+    async fn stop(&self, h: &CellHandle, grace: Duration) -> Result<(), BackendError> {
+        let h = h.clone();
+        self.blocking(move |i| i.stop(&h, grace)).await
+    }
+
+    async fn destroy(&self, h: &CellHandle) -> Result<TeardownReport, BackendError> {
+        let h = h.clone();
+        self.blocking(move |i| i.destroy(&h)).await
+    }
+
+    async fn status(&self, h: &CellHandle) -> Result<CellStatus, BackendError> {
+        let h = h.clone();
+        self.blocking(move |i| i.status(&h)).await
+    }
+
+    async fn list(&self) -> Result<Vec<ListedCell>, BackendError> {
+        self.blocking(|i| i.list()).await
+    }
+
+    async fn logs(&self, h: &CellHandle, offset: u64) -> Result<LogChunk, BackendError> {
+        let path = self.inner.cell_dir(&h.id).join(vmm::SERIAL_LOG);
+        self.blocking(move |_| read_log(&path, offset)).await
+    }
+
+    async fn usage(&self, h: &CellHandle) -> Result<ResourceUsage, BackendError> {
+        let h = h.clone();
+        self.blocking(move |i| i.usage(&h)).await
+    }
+
+    async fn exec(&self, h: &CellHandle, req: ExecRequest) -> Result<ExecOutput, BackendError> {
+        let h = h.clone();
+        self.blocking(move |i| i.exec(&h, req)).await
+    }
+}
+
+/// Up to 64 KiB of the console log from `offset`.
+fn read_log(path: &Path, offset: u64) -> Result<LogChunk, BackendError> {
+    use std::io::{Read, Seek, SeekFrom};
+    const PAGE: u64 = 64 * 1024;
+    let mut f = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(LogChunk {
+                data: Vec::new(),
+                next_offset: offset,
+                more: false,
+            });
+        }
+        Err(e) => return Err(BackendError::io("console log", e)),
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let start = offset.min(len);
+    f.seek(SeekFrom::Start(start))
+        .map_err(|e| BackendError::io("console log", e))?;
+    let mut data = Vec::new();
+    f.take(PAGE)
+        .read_to_end(&mut data)
+        .map_err(|e| BackendError::io("console log", e))?;
+    let next = start + data.len() as u64;
+    Ok(LogChunk {
+        data,
+        next_offset: next,
+        more: next < len,
+    })
+}

@@ -1,0 +1,197 @@
+//! The cloud-init NoCloud seed of a `vm` cell, built in memory.
+//!
+//! NoCloud reads `meta-data` and `user-data` from a filesystem labelled
+//! `cidata`. `user-data` is `#cloud-config` written as JSON (JSON is
+//! YAML): hostname, the workload's env as `/etc/cellhost/env`, secrets as
+//! `/run/secrets/<name>` (0600, base64), `ssh_authorized_keys` and a
+//! password from the secrets of those names, and the command as `runcmd`.
+//!
+//! # Threat model
+//!
+//! The seed carries secrets, so it never touches the host's disk: the
+//! two files are memfds, `genisoimage` (the tool is the interface to
+//! ISO 9660 + Rock Ridge + Joliet) reads them through `/proc/<pid>/fd/<n>`
+//! and writes the image to a pipe, and the image goes into a third memfd
+//! that qemu opens the same way while the backend holds it. When qemu
+//! exits, the memory is gone.
+
+use std::io::{Read, Seek, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use base64::Engine;
+use cellhost_core::{BackendError, CreateRequest};
+use serde_json::{Value, json};
+
+/// Secrets with these names configure access instead of becoming files.
+pub const SSH_KEYS_SECRET: &str = "ssh_authorized_keys";
+pub const PASSWORD_SECRET: &str = "password";
+
+/// `meta-data` for a cell.
+pub fn meta_data(req: &CreateRequest) -> String {
+    format!(
+        "instance-id: {}\nlocal-hostname: {}\n",
+        req.id,
+        hostname(&req.cell.metadata.name)
+    )
+}
+
+/// A DNS label from the cell's name.
+fn hostname(name: &str) -> String {
+    let h: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(63)
+        .collect();
+    let h = h.trim_matches('-').to_string();
+    if h.is_empty() { "cell".into() } else { h }
+}
+
+/// `user-data` for a cell (holds secret values: keep it in memory).
+pub fn user_data(req: &CreateRequest) -> zeroize::Zeroizing<String> {
+    let spec = &req.cell.spec;
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let mut files = Vec::new();
+    let env: String = spec.env.iter().map(|(k, v)| format!("{k}={v}\n")).collect();
+    files.push(json!({
+        "path": "/etc/cellhost/env", "permissions": "0600", "encoding": "b64",
+        "content": b64.encode(env.as_bytes()),
+    }));
+    let mut cfg = json!({ "hostname": hostname(&req.cell.metadata.name) });
+    for s in &req.secrets {
+        match s.name.as_str() {
+            SSH_KEYS_SECRET => {
+                let keys: Vec<String> = String::from_utf8_lossy(&s.value)
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_string)
+                    .collect();
+                cfg["ssh_authorized_keys"] = json!(keys);
+            }
+            PASSWORD_SECRET => {
+                cfg["password"] = json!(String::from_utf8_lossy(&s.value).trim_end().to_string());
+                cfg["chpasswd"] = json!({ "expire": false });
+                cfg["ssh_pwauth"] = Value::Bool(true);
+            }
+            _ => files.push(json!({
+                "path": format!("/run/secrets/{}", s.name), "permissions": "0600",
+                "encoding": "b64", "content": b64.encode(&s.value[..]),
+            })),
+        }
+    }
+    cfg["write_files"] = Value::Array(files);
+    cfg["runcmd"] = json!([spec.command]);
+    zeroize::Zeroizing::new(format!("#cloud-config\n{cfg}\n"))
+}
+
+/// An anonymous memory file holding `data`, rewound.
+pub fn memfd(name: &str, data: &[u8]) -> Result<std::fs::File, BackendError> {
+    let cname = std::ffi::CString::new(name).unwrap_or_default();
+    let fd: OwnedFd =
+        nix::sys::memfd::memfd_create(&cname, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(|e| BackendError::io("memfd_create", e.into()))?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(data)
+        .and_then(|_| f.rewind())
+        .map_err(|e| BackendError::io("writing a memfd", e))?;
+    Ok(f)
+}
+
+/// The path another process opens our descriptor by.
+pub fn proc_path(f: &std::fs::File) -> String {
+    format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd())
+}
+
+/// Build the seed ISO in a memfd.
+pub fn build(genisoimage: &Path, req: &CreateRequest) -> Result<std::fs::File, BackendError> {
+    let user = memfd("user-data", user_data(req).as_bytes())?;
+    let meta = memfd("meta-data", meta_data(req).as_bytes())?;
+    let mut child = Command::new(genisoimage)
+        .args([
+            "-quiet",
+            "-volid",
+            "cidata",
+            "-joliet",
+            "-rock",
+            "-graft-points",
+        ])
+        .arg(format!("user-data={}", proc_path(&user)))
+        .arg(format!("meta-data={}", proc_path(&meta)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| BackendError::io(format!("running {}", genisoimage.display()), e))?;
+    let mut iso = Vec::new();
+    let mut stdout = child.stdout.take().expect("piped stdout");
+    let read = stdout.read_to_end(&mut iso);
+    let out = child
+        .wait_with_output()
+        .map_err(|e| BackendError::io("genisoimage", e))?;
+    read.map_err(|e| BackendError::io("reading the seed image", e))?;
+    if !out.status.success() || iso.len() < 32 * 1024 {
+        return Err(BackendError::Engine(format!(
+            "genisoimage: {} {}",
+            out.status,
+            cellhost_core::probe::one_line_max(&String::from_utf8_lossy(&out.stderr), 300)
+        )));
+    }
+    let f = memfd("cidata.iso", &iso);
+    zeroize::Zeroize::zeroize(&mut iso);
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cellhost_core::SecretValue;
+
+    fn req() -> CreateRequest {
+        let cell = cellhost_spec::parse_and_validate(
+            "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {name: Web_Box}\nspec:\n  isolation: vm\n  image: base\n  command: [/bin/sh, -c, 'echo hi']\n  env: {A: '1'}\n",
+        )
+        .unwrap();
+        let mut r = CreateRequest::new(cellhost_core::ids::CellId::random(), cell);
+        r.secrets = vec![
+            SecretValue {
+                name: "tok".into(),
+                value: b"s3cret".to_vec().into(),
+            },
+            SecretValue {
+                name: SSH_KEYS_SECRET.into(),
+                value: b"ssh-ed25519 AAAA k\n# c\n".to_vec().into(),
+            },
+        ];
+        r
+    }
+
+    #[test]
+    fn user_data_is_cloud_config_json() {
+        let r = req();
+        let ud = user_data(&r);
+        let body = ud.strip_prefix("#cloud-config\n").unwrap();
+        let v: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["hostname"], "web-box");
+        assert_eq!(v["runcmd"][0], json!(["/bin/sh", "-c", "echo hi"]));
+        assert_eq!(v["ssh_authorized_keys"], json!(["ssh-ed25519 AAAA k"]));
+        let files = v["write_files"].as_array().unwrap();
+        let tok = files
+            .iter()
+            .find(|f| f["path"] == "/run/secrets/tok")
+            .unwrap();
+        assert_eq!(tok["permissions"], "0600");
+        assert_eq!(
+            tok["content"],
+            base64::engine::general_purpose::STANDARD.encode("s3cret")
+        );
+        assert!(meta_data(&r).contains(&format!("instance-id: {}", r.id)));
+    }
+}
