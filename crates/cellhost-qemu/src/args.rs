@@ -108,7 +108,14 @@ impl Plan<'_> {
                     overlay.display()
                 ),
             ]);
-            push(&["-device", &format!("{blk},drive=disk0,bootindex=0")]);
+            // Firmware boots the disk; with direct kernel boot the
+            // kernel takes boot index 0.
+            let boot = if self.image.kernel().is_some() {
+                ""
+            } else {
+                ",bootindex=0"
+            };
+            push(&["-device", &format!("{blk},drive=disk0{boot}")]);
             if let Some(seed) = &self.seed {
                 push(&[
                     "-blockdev",

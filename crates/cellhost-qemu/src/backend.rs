@@ -39,6 +39,8 @@ pub struct QemuConfig {
     pub qemu: PathBuf,
     pub qemu_img: PathBuf,
     pub genisoimage: PathBuf,
+    /// Formats encrypted volumes (LUKS1, which qemu opens).
+    pub cryptsetup: PathBuf,
     pub accel: Accel,
     /// Host address published ports bind (default 127.0.0.1).
     pub publish_address: String,
@@ -61,6 +63,7 @@ impl QemuConfig {
             qemu: tool("qemu-system-x86_64"),
             qemu_img: tool("qemu-img"),
             genisoimage: tool("genisoimage"),
+            cryptsetup: tool("cryptsetup"),
             accel: Accel::Tcg,
             publish_address: "127.0.0.1".into(),
             log_cap: 4 << 20,
@@ -356,24 +359,13 @@ impl Inner {
             let size = format!("{}G", v.size_gib);
             if v.encrypted {
                 let file = dir.join(args::VOLUME_LUKS);
-                let f = file.to_string_lossy();
                 let key = req.volume_key.as_ref().expect("checked");
-                self.run_tool(
-                    &self.cfg.qemu_img,
-                    &[
-                        "create",
-                        "-q",
-                        "-f",
-                        "luks",
-                        "--object",
-                        "secret,id=volkey,file=/dev/stdin,format=raw",
-                        "-o",
-                        "key-secret=volkey,iter-time=10",
-                        &f,
-                        &size,
-                    ],
-                    Some(key.passphrase().as_bytes()),
-                )?;
+                let tools = cellhost_volume::Tools {
+                    cryptsetup: self.cfg.cryptsetup.clone(),
+                    ..Default::default()
+                };
+                cellhost_volume::format_luks1(&tools, &req.id, &file, v.size_gib << 30, key)
+                    .map_err(|e| engine("formatting the volume", e))?;
                 volume = Some((file, true));
             } else {
                 let file = dir.join(args::VOLUME_QCOW2);

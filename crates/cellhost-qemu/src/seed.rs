@@ -121,6 +121,8 @@ pub fn build(genisoimage: &Path, req: &CreateRequest) -> Result<std::fs::File, B
             "cidata",
             "-joliet",
             "-rock",
+            // The inputs are /proc/<pid>/fd links: store their content.
+            "-follow-links",
             "-graft-points",
         ])
         .arg(format!("user-data={}", proc_path(&user)))

@@ -187,7 +187,7 @@ pub(crate) fn probe_with(t: &Tools) -> Probe {
 pub(crate) fn format(
     t: &Tools,
     id: &CellId,
-    p: &VolumePaths,
+    disk: &Path,
     fmt: LuksFormat,
     key: &VolumeKey,
 ) -> Result<(), VolumeError> {
@@ -211,7 +211,7 @@ pub(crate) fn format(
         os("--pbkdf-force-iterations"),
         os(PBKDF2_ITERATIONS),
         os("--key-file=-"),
-        p.disk.as_os_str(),
+        disk.as_os_str(),
     ]);
     run(&t.cryptsetup, &args, Some(pass.as_bytes())).map_err(|e| tools::step(id, "format", e))
 }

@@ -92,6 +92,7 @@ mod tools;
 use std::fs;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use cellhost_core::mountinfo::mounts_under;
@@ -100,6 +101,36 @@ use serde::{Deserialize, Serialize};
 
 pub use engine::{EngineChoice, EngineKind, LuksFormat, Probe, probe};
 pub use tools::Tools;
+
+/// Make `disk` a sparse file of `size` bytes formatted as LUKS1 with the
+/// same parameters as every cellhost volume (aes-xts-plain64, 512-bit
+/// key, sha256, PBKDF2 at the minimum count: the passphrase is a random
+/// 256-bit key), passphrase on stdin. LUKS1 is the format qemu's own
+/// `luks` block driver opens: the vm tiers hand such a file to qemu,
+/// which decrypts it for the guest (qemu-img's own LUKS creation
+/// benchmarks PBKDF2 with thread CPU time, which this host does not
+/// measure: "Unable to get accurate CPU usage").
+pub fn format_luks1(
+    tools: &Tools,
+    id: &CellId,
+    disk: &std::path::Path,
+    size: u64,
+    key: &VolumeKey,
+) -> Result<(), VolumeError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(disk)
+        .and_then(|f| f.set_len(size).map(|_| f));
+    if let Err(e) = f {
+        return Err(VolumeError::Io {
+            context: format!("creating {}", disk.display()),
+            source: e,
+        });
+    }
+    engine::format(tools, id, disk, LuksFormat::Luks1, key)
+}
 
 /// Bytes in a GiB.
 const GIB: u64 = 1 << 30;
@@ -328,7 +359,7 @@ impl Volumes {
         f.set_len(bytes)
             .map_err(|e| VolumeError::io(format!("sizing {}", p.disk.display()), e))?;
         drop(f);
-        engine::format(&self.tools, id, p, meta.format, key)?;
+        engine::format(&self.tools, id, &p.disk, meta.format, key)?;
         let dev = engine::open(&self.tools, id, p, meta.engine, key)?;
         self.tools.mkfs(id, &dev)?;
         self.tools.mount(id, &dev, &p.mnt, meta.engine)?;

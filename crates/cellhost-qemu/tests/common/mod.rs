@@ -1,0 +1,212 @@
+//! Test fixtures: a Debian guest kernel (unpacked by scripts/test from
+//! `apt-get download linux-image-*-amd64`), busybox rootfs images built
+//! here, and backends on a temp state dir. Nothing is downloaded from the
+//! internet; tests skip with a printed reason when a piece is missing.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cellhost_qemu::image::{ImageStore, InitramfsRequest, MICROVM_MODULES};
+
+/// `<dir>/boot/vmlinuz-*` and `<dir>/lib/modules/<v>` of the unpacked
+/// kernel package, from CELLHOST_TEST_KERNEL_DIR.
+pub fn kernel() -> Option<(PathBuf, PathBuf)> {
+    let dir = PathBuf::from(std::env::var_os("CELLHOST_TEST_KERNEL_DIR")?);
+    let vmlinuz = std::fs::read_dir(dir.join("boot"))
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })?;
+    let modules = std::fs::read_dir(dir.join("lib/modules"))
+        .ok()?
+        .flatten()
+        .next()?
+        .path();
+    Some((vmlinuz, modules))
+}
+
+pub fn agent() -> Option<PathBuf> {
+    std::env::var_os("CELLHOST_AGENT_STATIC").map(PathBuf::from)
+}
+
+/// The `cellhost` binary (the vmm shim lives in it).
+pub fn cellhost_bin() -> PathBuf {
+    let mut p = std::env::current_exe().unwrap();
+    p.pop();
+    if p.ends_with("deps") {
+        p.pop();
+    }
+    p.join("cellhost")
+}
+
+/// Everything a real boot needs, or why not.
+pub fn boot_ready() -> Result<(PathBuf, PathBuf, PathBuf), String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Err("not root".into());
+    }
+    if cellhost_core::probe::which("qemu-system-x86_64").is_none() {
+        return Err("qemu-system-x86_64 not installed (scripts/test installs it)".into());
+    }
+    let (k, m) = kernel().ok_or("CELLHOST_TEST_KERNEL_DIR unset (scripts/test sets it)")?;
+    let a = agent().ok_or("CELLHOST_AGENT_STATIC unset (scripts/test builds it)")?;
+    if !cellhost_bin().exists() {
+        return Err(format!("{} not built", cellhost_bin().display()));
+    }
+    Ok((k, m, a))
+}
+
+#[macro_export]
+macro_rules! require_boot {
+    () => {
+        match common::boot_ready() {
+            Ok(x) => x,
+            Err(why) => {
+                eprintln!("SKIP: {why}");
+                return;
+            }
+        }
+    };
+}
+
+/// A busybox rootfs: /bin/busybox plus every applet as a symlink.
+pub fn busybox_rootfs(dir: &Path) {
+    std::fs::create_dir_all(dir.join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("bin/busybox")).unwrap();
+    let out = Command::new("/bin/busybox").arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&out.stdout).lines() {
+        let _ = std::os::unix::fs::symlink("busybox", dir.join("bin").join(applet));
+    }
+    for d in [
+        "etc", "tmp", "root", "proc", "sys", "dev", "run", "sbin", "newroot",
+    ] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+}
+
+/// A microvm image `name` in `store`: the kernel + busybox + the agent.
+pub fn microvm_image(store: &ImageStore, name: &str, kernel: &Path, modules: &Path, agent: &Path) {
+    let root = tempfile::tempdir().unwrap();
+    busybox_rootfs(root.path());
+    let req = InitramfsRequest {
+        rootfs: Some(root.path().to_path_buf()),
+        agent: Some(agent.to_path_buf()),
+        modules_dir: Some(modules.to_path_buf()),
+        modules: MICROVM_MODULES.iter().map(|s| s.to_string()).collect(),
+    };
+    store
+        .build_microvm(name, kernel, &req, None, false)
+        .unwrap();
+}
+
+/// The vm test image's init: reads the NoCloud seed (the real files
+/// cloud-init reads; cloud-init itself needs Python, not in busybox),
+/// names the host after it, serves it over HTTP on :8080 and powers off
+/// on the ACPI power button (busybox acpid).
+const VM_INIT: &str = r#"#!/bin/sh
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev 2>/dev/null
+mkdir -p /seed && mount -t iso9660 -o ro /dev/vdb /seed || echo "cellhost-test-vm: no seed on vdb: $(ls /dev/vd* /seed)"
+hn=$(sed -n 's/^local-hostname: //p' /seed/meta-data)
+id=$(sed -n 's/^instance-id: //p' /seed/meta-data)
+hostname "$hn"
+echo "cellhost-test-vm: seed instance-id=$id hostname=$hn"
+ip link set lo up; ip link set eth0 up 2>/dev/null; ip addr add 10.0.2.15/24 dev eth0 2>/dev/null
+mkdir -p /www && echo "hello from $hn" > /www/index.html && httpd -p 8080 -h /www
+mkdir -p /etc/acpi/PWRF && printf '#!/bin/sh\necho cellhost-test-vm: power button\npoweroff -f\n' > /etc/acpi/PWRF/00000080
+chmod +x /etc/acpi/PWRF/00000080
+acpid -f &
+echo "cellhost-test-vm: ready"
+while true; do sleep 3600; done
+"#;
+
+/// The vm test image's initrd init: load modules, switch to /dev/vda.
+const VM_INITRD_INIT: &str = r#"#!/bin/sh
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in $(cat /etc/cellhost/modules); do insmod $m; done
+mount -t ext4 /dev/vda /newroot || { echo "cellhost-test-vm: no root"; poweroff -f; }
+mount --move /dev /newroot/dev
+umount /proc /sys
+exec switch_root /newroot /sbin/init
+"#;
+
+/// A vm image `name`: a busybox ext4 base disk (qcow2) booted directly
+/// with the Debian kernel and a module-loading initrd.
+pub fn vm_image(store: &ImageStore, name: &str, kernel: &Path, modules: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let work = tempfile::tempdir().unwrap();
+    let root = work.path().join("root");
+    busybox_rootfs(&root);
+    std::fs::write(root.join("sbin/init"), VM_INIT).unwrap();
+    std::fs::set_permissions(
+        root.join("sbin/init"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let raw = work.path().join("disk.raw");
+    let ok = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&root)
+        .arg(&raw)
+        .arg("64M")
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mkfs.ext4 -d");
+    let qcow = work.path().join("disk.qcow2");
+    let ok = Command::new("qemu-img")
+        .args(["convert", "-q", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(&qcow)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "qemu-img convert");
+    let iroot = work.path().join("iroot");
+    busybox_rootfs(&iroot);
+    std::fs::write(iroot.join("init"), VM_INITRD_INIT).unwrap();
+    std::fs::set_permissions(iroot.join("init"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let initrd = cellhost_qemu::image::build_initramfs(&InitramfsRequest {
+        rootfs: Some(iroot),
+        agent: None,
+        modules_dir: Some(modules.to_path_buf()),
+        modules: [
+            "virtio_pci",
+            "virtio_blk",
+            "virtio_net",
+            "ext4",
+            "crc32c_generic",
+            "isofs",
+            "button",
+            "evdev",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect(),
+    })
+    .unwrap();
+    let initrd_path = work.path().join("initrd");
+    std::fs::write(&initrd_path, initrd).unwrap();
+    store
+        .import(
+            name,
+            &cellhost_qemu::image::ImportRequest {
+                kernel: Some(kernel.to_path_buf()),
+                initrd: Some(initrd_path),
+                disk: Some(qcow),
+                cmdline: Some("quiet".into()),
+                replace: false,
+            },
+        )
+        .unwrap();
+}
+
+pub fn config(tier: cellhost_spec::Isolation, state: &Path) -> cellhost_qemu::QemuConfig {
+    cellhost_qemu::QemuConfig::new(tier, state, cellhost_bin())
+}
+
+pub fn cell(yaml: &str) -> cellhost_spec::Cell {
+    cellhost_spec::parse_and_validate(yaml).unwrap()
+}
