@@ -38,6 +38,13 @@ pub struct Plan<'a> {
     pub volume: Option<(PathBuf, bool)>,
     /// Boot paused (`-S`): the vm tier's created-not-started state.
     pub paused: bool,
+    /// Under TCG the guest's TSC is the host's, and a guest kernel that
+    /// calibrates it against the emulated PIT while the host is busy gets
+    /// no answer ("Unable to calibrate against PIT") and then hangs before
+    /// userspace (seen here in 2 of 3 boots with both cores loaded). With
+    /// the rate given (`tsc_early_khz=`, direct kernel boot only) it never
+    /// calibrates. Unused under KVM (kvmclock).
+    pub tsc_khz: Option<u64>,
 }
 
 impl Plan<'_> {
@@ -187,7 +194,16 @@ impl Plan<'_> {
     pub fn microvm_cmdline(&self) -> String {
         let extra = self.image.manifest.cmdline.as_deref().unwrap_or("");
         format!(
-            "console=ttyS0 quiet loglevel=1 panic=-1 rdinit={AGENT_PATH} CELLHOST_AGENT_LOG=warn {extra} -- --virtio-port {AGENT_PORT} --secrets-dir /run/secrets"
+            "console=ttyS0 quiet loglevel=1 panic=-1 {}rdinit={AGENT_PATH} CELLHOST_AGENT_LOG=warn {extra} -- --virtio-port {AGENT_PORT} --secrets-dir /run/secrets",
+            self.tsc()
         )
+    }
+
+    /// `tsc_early_khz=N ` under TCG, else nothing.
+    fn tsc(&self) -> String {
+        match (self.accel, self.tsc_khz) {
+            (Accel::Tcg, Some(khz)) => format!("tsc_early_khz={khz} "),
+            _ => String::new(),
+        }
     }
 }

@@ -48,6 +48,23 @@ pub struct QemuConfig {
     pub log_cap: u64,
     /// How long a microVM may take to boot to its agent.
     pub boot_timeout: Duration,
+    /// The host's TSC rate, kHz, handed to TCG guests (see
+    /// [`crate::args::Plan::tsc_khz`]); read from /proc/cpuinfo.
+    pub tsc_khz: Option<u64>,
+}
+
+/// The host's TSC rate in kHz, from /proc/cpuinfo's `cpu MHz`.
+pub fn host_tsc_khz() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    let mhz: f64 = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))?
+        .split(':')
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()?;
+    (mhz > 0.0).then(|| (mhz * 1000.0) as u64)
 }
 
 impl QemuConfig {
@@ -68,6 +85,7 @@ impl QemuConfig {
             publish_address: "127.0.0.1".into(),
             log_cap: 4 << 20,
             boot_timeout: Duration::from_secs(120),
+            tsc_khz: host_tsc_khz(),
         }
     }
 }
@@ -389,6 +407,7 @@ impl Inner {
             seed: seed.as_ref().map(crate::seed::proc_path),
             volume,
             paused: !self.microvm(),
+            tsc_khz: self.cfg.tsc_khz,
         };
         self.launch(dir, plan.argv(), req.volume_key.as_ref())?;
         // qemu answers QMP only after opening every drive: the seed memfd
@@ -566,6 +585,19 @@ impl Inner {
             return Ok(exited(exit));
         }
         let Some(pid) = self.qemu_pid(&dir) else {
+            // qemu just ended: its shim writes how within moments.
+            let until = Instant::now() + Duration::from_secs(3);
+            while !dir.join(vmm::EXIT_FILE).exists()
+                && Instant::now() < until
+                && !processes_naming(&dir, &self.vmm_program()).is_empty()
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if let Ok(b) = std::fs::read(dir.join(vmm::EXIT_FILE))
+                && let Ok(exit) = serde_json::from_slice::<ExitInfo>(&b)
+            {
+                return Ok(exited(exit));
+            }
             if !dir.join(vmm::QEMU_PID).exists() {
                 // Create has not launched it yet (or failed before).
                 return Ok(CellStatus {

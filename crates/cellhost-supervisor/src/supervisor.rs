@@ -197,6 +197,12 @@ pub struct CellView {
     /// Metered totals (inspect only).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageView>,
+    /// What the tier says about its host objects: e.g. the accelerator
+    /// (kvm | tcg) and the image's sha256 digests of a vm or microvm cell,
+    /// the container's name. Never secrets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub tier_details: Option<serde_json::Value>,
 }
 
 /// Metered totals of one cell: what per-second billing reads.
@@ -236,6 +242,11 @@ impl CellView {
             last_error: r.last_error.clone(),
             document: r.document.clone(),
             usage,
+            tier_details: r
+                .handle
+                .as_ref()
+                .map(|h| h.tier.clone())
+                .filter(|t| !t.is_null()),
         }
     }
 }

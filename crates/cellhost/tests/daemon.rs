@@ -1136,3 +1136,95 @@ fn orphan_volume_is_swept() {
         .any(|e| e["subject"] == id.as_str() && e["type"] == "cellhost.orphan.destroyed");
     assert!(swept, "orphan event recorded");
 }
+
+/// The live qemu of a microvm cell, by the pid file its shim wrote.
+fn microvm_qemu(state: &Path, id: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(state.join("microvm").join(id).join("qemu.pid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    String::from_utf8_lossy(&cmdline)
+        .contains(id)
+        .then_some(pid)
+}
+
+#[test]
+fn microvm_cells_through_the_daemon_survive_a_kill9_and_orphans_are_swept() {
+    require_microvm!();
+    let mut d = Daemon::start(&[]);
+    common::microvm_image(&d.state, "deb");
+    let doc = json!({
+        "apiVersion": "cellhost.dev/v1", "kind": "Cell",
+        "metadata": {"name": "mvm"},
+        "spec": {"isolation": "microvm", "image": "deb",
+                 "command": ["/bin/sh", "-c", "echo booted-$MODE; sleep 600"],
+                 "env": {"MODE": "daemon"},
+                 "lifetime": {"ttlSeconds": 600}}
+    });
+    let id = d.create(doc.clone());
+    let cell = d.call("GET", &format!("/v1/cells/{id}"), None).json();
+    assert_eq!(cell["observed"], "running", "{cell}");
+    assert_eq!(cell["tierDetails"]["accel"], "tcg", "{cell}");
+    assert!(
+        cell["tierDetails"]["digests"]["kernel"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:")
+    );
+    let exec = |d: &Daemon| {
+        let r = d.call(
+            "POST",
+            &format!("/v1/cells/{id}/exec"),
+            Some(json!({"argv": ["/bin/sh", "-c", "echo $MODE; exit 4"]})),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()
+    };
+    let out = exec(&d);
+    assert_eq!(out["stdout"], "daemon\n", "{out}");
+    assert_eq!(out["exitCode"], 4, "{out}");
+    wait_until("the console log", Duration::from_secs(10), || {
+        String::from_utf8_lossy(&d.call("GET", &format!("/v1/cells/{id}/logs"), None).body)
+            .contains("booted-daemon")
+    });
+    let qemu = microvm_qemu(&d.state, &id).expect("qemu runs");
+
+    // kill -9 the supervisor: the VM runs on (its shim is in its own
+    // session); a new daemon adopts it, and the agent still answers.
+    let orphan = d.create(doc);
+    d.kill9();
+    assert_eq!(
+        microvm_qemu(&d.state, &id),
+        Some(qemu),
+        "qemu died with the daemon"
+    );
+    {
+        let store = cellhost_store::Store::open(&d.state).unwrap();
+        assert!(store.remove(&CellId::parse(&orphan).unwrap()).unwrap());
+    }
+    d.spawn();
+    assert_eq!(
+        d.call("GET", &format!("/v1/cells/{id}"), None).json()["observed"],
+        "running"
+    );
+    assert_eq!(exec(&d)["stdout"], "daemon\n");
+    wait_until(
+        "the microvm orphan to be destroyed",
+        Duration::from_secs(30),
+        || {
+            !d.state.join("microvm").join(&orphan).exists()
+                && microvm_qemu(&d.state, &orphan).is_none()
+        },
+    );
+    assert!(
+        d.events()
+            .iter()
+            .any(|e| e["subject"] == orphan.as_str() && e["type"] == "cellhost.orphan.destroyed")
+    );
+    let report = d.destroy_clean(&id);
+    assert!(report.to_string().contains("vm-process"), "{report}");
+    assert!(microvm_qemu(&d.state, &id).is_none());
+    assert!(!d.state.join("microvm").join(&id).exists());
+}

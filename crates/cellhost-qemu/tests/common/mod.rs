@@ -117,7 +117,7 @@ ip link set lo up; ip link set eth0 up 2>/dev/null; ip addr add 10.0.2.15/24 dev
 mkdir -p /www && echo "hello from $hn" > /www/index.html && httpd -p 8080 -h /www
 mkdir -p /etc/acpi/PWRF && printf '#!/bin/sh\necho cellhost-test-vm: power button\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod +x /etc/acpi/PWRF/00000080
-acpid -f &
+mkdir -p /var/log; acpid -f &
 echo "cellhost-test-vm: ready"
 while true; do sleep 3600; done
 "#;

@@ -257,3 +257,74 @@ pub fn wait_exe(pid: i32, exe: &str) {
 pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     cellhost_process::hostfs::mounts_under(dir).expect("mountinfo")
 }
+
+/// What a real microVM boot needs here, or why it cannot run: root, qemu,
+/// the unpacked Debian kernel (CELLHOST_TEST_KERNEL_DIR) and the static
+/// agent (CELLHOST_AGENT_STATIC), both set by scripts/test.
+pub fn microvm_missing() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("not root".into());
+    }
+    if cellhost_core::probe::which("qemu-system-x86_64").is_none() {
+        return Some("qemu-system-x86_64 not installed (scripts/test installs it)".into());
+    }
+    for var in ["CELLHOST_TEST_KERNEL_DIR", "CELLHOST_AGENT_STATIC"] {
+        if std::env::var_os(var).is_none() {
+            return Some(format!("{var} unset (scripts/test sets it)"));
+        }
+    }
+    None
+}
+
+#[macro_export]
+macro_rules! require_microvm {
+    () => {
+        if let Some(why) = common::microvm_missing() {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+}
+
+/// Build the microvm image `name` in `state`'s store with `cellhost image
+/// initramfs`: the Debian kernel, busybox and the static agent.
+pub fn microvm_image(state: &Path, name: &str) {
+    let kdir = PathBuf::from(std::env::var_os("CELLHOST_TEST_KERNEL_DIR").unwrap());
+    let kernel = std::fs::read_dir(kdir.join("boot"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("vmlinuz-")
+        })
+        .expect("vmlinuz in the kernel package");
+    let modules = std::fs::read_dir(kdir.join("lib/modules"))
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("bin")).unwrap();
+    std::fs::copy("/bin/busybox", root.path().join("bin/busybox")).unwrap();
+    for applet in ["sh", "echo", "cat", "sleep", "printf", "head", "ls"] {
+        std::os::unix::fs::symlink("busybox", root.path().join("bin").join(applet)).unwrap();
+    }
+    let out = cellhost(state)
+        .args(["image", "initramfs", name, "--kernel"])
+        .arg(&kernel)
+        .arg("--rootfs")
+        .arg(root.path())
+        .arg("--modules-dir")
+        .arg(&modules)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
