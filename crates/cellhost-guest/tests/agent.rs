@@ -706,3 +706,54 @@ fn inherited_descriptors_do_not_reach_execs() {
         "inherited fd reached the exec:\n{listing}"
     );
 }
+
+#[test]
+fn start_runs_the_main_command_once_after_env_and_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    let out = dir.path().join("out");
+    let a = AgentProc::start(&["--secrets-dir", secrets.to_str().unwrap()]);
+    let mut c = a.client();
+    assert_eq!(c.status().unwrap().main, MainState::NotStarted);
+    c.set_env(&common::env(&[("WHO", "cell")])).unwrap();
+    c.set_secret("tok", b"t0ken").unwrap();
+    assert_eq!(common::mode(&secrets), 0o700);
+    assert_eq!(common::mode(&secrets.join("tok")), 0o600);
+    // Field errors name the field, and nothing starts.
+    let e = c.start(&[], None).unwrap_err().to_string();
+    assert!(e.contains("argv"), "{e}");
+    let e = c
+        .start(&["/bin/true".into()], Some("rel"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("cwd"), "{e}");
+    assert_eq!(c.status().unwrap().main, MainState::NotStarted);
+    let script = format!(
+        "echo \"$WHO $(cat {}) $(pwd)\" > {}; exit 6",
+        secrets.join("tok").display(),
+        out.display()
+    );
+    let pid = c
+        .start(&["/bin/sh".into(), "-c".into(), script], Some("/tmp"))
+        .unwrap();
+    assert!(pid > 0);
+    // Once only.
+    let e = c.start(&["/bin/true".into()], None).unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Busy), "{e}");
+    let mut st = c.status().unwrap();
+    for _ in 0..300 {
+        if matches!(st.main, MainState::Exited { .. }) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        st = c.status().unwrap();
+    }
+    assert_eq!(
+        st.main,
+        MainState::Exited {
+            exit_code: Some(6),
+            signal: None
+        }
+    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "cell t0ken /tmp\n");
+}

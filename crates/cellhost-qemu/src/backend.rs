@@ -64,7 +64,7 @@ pub fn host_tsc_khz() -> Option<u64> {
         .trim()
         .parse()
         .ok()?;
-    (mhz > 0.0).then(|| (mhz * 1000.0) as u64)
+    (mhz > 0.0).then_some((mhz * 1000.0) as u64)
 }
 
 impl QemuConfig {

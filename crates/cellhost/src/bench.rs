@@ -170,6 +170,7 @@ pub async fn bench(state_dir: &Path, args: BenchArgs, json_out: bool) -> anyhow:
         BenchTier::Volume => {
             crate::bench_volume::bench_volume(state_dir, args.cells, json_out).await
         }
+        BenchTier::Microvm => crate::bench_microvm::bench_microvm(state_dir, &args, json_out).await,
         BenchTier::Guest => {
             crate::bench_guest::bench_guest(state_dir, args.cells, args.agent.as_deref(), json_out)
                 .await

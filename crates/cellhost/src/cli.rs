@@ -238,6 +238,10 @@ pub struct BenchArgs {
     /// executable.
     #[arg(long, env = "CELLHOST_AGENT", value_name = "PATH")]
     pub agent: Option<std::path::PathBuf>,
+    /// An unpacked Debian kernel package (boot/vmlinuz-*,
+    /// lib/modules/<v>) for bench microvm.
+    #[arg(long, env = "CELLHOST_TEST_KERNEL_DIR", value_name = "DIR")]
+    pub kernel_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -257,6 +261,12 @@ pub enum BenchTier {
     /// over a unix socket against a raw unix-socket echo; `--cells` × 10
     /// pings, `--cells` execs.
     Guest,
+    /// microVM boot to a ready agent (create: launch, boot, hello, env)
+    /// against a bare `qemu -M microvm` boot of the same kernel to an init
+    /// that powers off, interleaved; `--cells` boots each (at most 50).
+    /// Needs --kernel-dir and the static agent (--agent or
+    /// CELLHOST_AGENT_STATIC).
+    Microvm,
 }
 
 #[derive(Subcommand, Debug)]

@@ -13,6 +13,7 @@ mod bench;
 mod bench_api;
 mod bench_container;
 mod bench_guest;
+mod bench_microvm;
 mod bench_volume;
 mod cli;
 mod client;
