@@ -141,3 +141,25 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()
 }
+
+/// A pid from a pid file (`None` when missing or not a number).
+pub fn read_pid_file(path: &Path) -> Option<i32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Is `pid` alive (not a zombie) and does its argv name `dir`? How a
+/// shim, or the engine it runs, is recognised again after a restart
+/// without trusting a pid that may have been reused.
+pub fn alive_naming(pid: i32, dir: &Path) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r.trim_start())
+        && (rest.starts_with('Z') || rest.starts_with('X'))
+    {
+        return false;
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let needle = dir.as_os_str().as_encoded_bytes();
+    !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)
+}

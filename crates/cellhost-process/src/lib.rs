@@ -784,9 +784,7 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), BackendError> {
         .map_err(io_err(format!("writing {}", path.display())))
 }
 
-fn read_pid_file(path: &Path) -> Option<i32> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
-}
+use cellhost_core::shim::read_pid_file;
 
 /// The two fields of libcontainer's `state.json` cellhost reads.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -822,20 +820,9 @@ fn pid_in_cell(pid: i32, cgroup: &str) -> bool {
     }
 }
 
-/// Is `pid` a live shim of the cell at `dir`? A shim that exited may
-/// linger as a zombie until init reaps it; a zombie is not alive.
+/// Is `pid` a live shim of the cell at `dir`? (A zombie is not alive.)
 fn shim_alive(pid: i32, dir: &Path) -> bool {
-    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    if let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r.trim_start())
-        && (rest.starts_with('Z') || rest.starts_with('X'))
-    {
-        return false;
-    }
-    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let needle = dir.as_os_str().as_encoded_bytes();
-    cmdline.windows(needle.len().max(1)).any(|w| w == needle)
+    cellhost_core::shim::alive_naming(pid, dir)
 }
 
 #[async_trait]

@@ -53,8 +53,18 @@ pub struct QemuConfig {
     pub tsc_khz: Option<u64>,
 }
 
-/// The host's TSC rate in kHz, from /proc/cpuinfo's `cpu MHz`.
+/// The host's TSC rate in kHz: the kernel's own figure where it exports
+/// one (`/sys/devices/system/cpu/cpu0/tsc_freq_khz`), else /proc/cpuinfo's
+/// `cpu MHz` (the current clock: right on hosts with a constant TSC and
+/// no frequency scaling, such as VMs).
 pub fn host_tsc_khz() -> Option<u64> {
+    if let Some(khz) = std::fs::read_to_string("/sys/devices/system/cpu/cpu0/tsc_freq_khz")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|k| *k > 0)
+    {
+        return Some(khz);
+    }
     let info = std::fs::read_to_string("/proc/cpuinfo").ok()?;
     let mhz: f64 = info
         .lines()
@@ -127,23 +137,11 @@ fn engine(what: &str, e: impl std::fmt::Display) -> BackendError {
 
 /// Marker files.
 const STARTED: &str = "started";
+/// Written by stop before its grace period.
+const STOPPING: &str = "stopping";
 const SHIM_LOG: &str = "shim.log";
 
-/// Is `pid` a live (not zombie) process whose argv names `dir`?
-fn owns(pid: i32, dir: &Path) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let zombie = stat
-        .rsplit_once(')')
-        .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'));
-    !zombie && contains(&cmdline, dir.as_os_str().as_encoded_bytes())
-}
-
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
-}
+use cellhost_core::shim::{alive_naming as owns, read_pid_file as read_pid};
 
 /// Every live process whose argv names `dir` and whose first argument is
 /// `program`'s file name (qemu, or the shim), found by scanning /proc: the
@@ -167,10 +165,6 @@ fn processes_naming(dir: &Path, program: &str) -> Vec<i32> {
         }
     }
     out
-}
-
-fn read_pid(path: &Path) -> Option<i32> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 fn tail(path: &Path, max: usize) -> String {
@@ -267,38 +261,17 @@ impl Inner {
         Ok(())
     }
 
-    fn run_tool(
-        &self,
-        tool: &Path,
-        args: &[&str],
-        stdin: Option<&[u8]>,
-    ) -> Result<(), BackendError> {
-        let mut child = Command::new(tool)
-            .args(args)
-            .stdin(if stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| BackendError::io(format!("running {}", tool.display()), e))?;
-        if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-            let _ = pipe.write_all(data);
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| BackendError::io(format!("running {}", tool.display()), e))?;
-        if !out.status.success() {
-            return Err(BackendError::Engine(format!(
-                "{} {}: {}",
+    /// qemu-img and friends, through the volume crate's runner (PATH
+    /// lookup, cleared env, timeout, one-line stderr).
+    fn run_tool(&self, tool: &Path, args: &[&str]) -> Result<(), BackendError> {
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+        cellhost_volume::run_tool(tool, &args, None).map_err(|e| {
+            BackendError::Engine(format!(
+                "{} {}: {e}",
                 tool.display(),
-                args.first().unwrap_or(&""),
-                cellhost_core::probe::one_line_max(&String::from_utf8_lossy(&out.stderr), 400)
-            )));
-        }
-        Ok(())
+                args.first().and_then(|a| a.to_str()).unwrap_or("")
+            ))
+        })
     }
 
     fn create(&self, req: CreateRequest) -> Result<CellHandle, BackendError> {
@@ -369,7 +342,7 @@ impl Inner {
             if let Some(s) = &size {
                 a.push(s);
             }
-            self.run_tool(&self.cfg.qemu_img, &a, None)?;
+            self.run_tool(&self.cfg.qemu_img, &a)?;
             seed = Some(crate::seed::build(&self.cfg.genisoimage, req)?);
         }
         let mut volume = None;
@@ -391,7 +364,6 @@ impl Inner {
                 self.run_tool(
                     &self.cfg.qemu_img,
                     &["create", "-q", "-f", "qcow2", &f, &size],
-                    None,
                 )?;
                 volume = Some((file, false));
             }
@@ -526,6 +498,9 @@ impl Inner {
                     if self.qemu_pid(dir).is_none() || started.elapsed() >= deadline {
                         return Err(engine("the guest agent did not answer", e));
                     }
+                    // connect retried what a booting guest produces; an
+                    // error it returns early must not become a busy loop.
+                    std::thread::sleep(Duration::from_millis(250));
                 }
             }
         }
@@ -547,18 +522,25 @@ impl Inner {
                 wanted: "created (vm and microvm cells run once)",
             });
         }
+        // Marked first: a start cut short (a crash, a command that cannot
+        // spawn) must leave a cell whose status asks the agent.
+        write_atomic(&dir.join(STARTED), b"").map_err(|e| BackendError::io("start marker", e))?;
         if self.microvm() {
             let main = read_main(&dir)?;
             let mut agent = self.agent(&dir, Duration::from_secs(10))?;
-            agent
-                .start(&main.argv, main.cwd.as_deref())
-                .map_err(|e| engine("agent start", e))?;
+            match agent.start(&main.argv, main.cwd.as_deref()) {
+                Ok(_) => Ok(()),
+                // Started by an earlier attempt.
+                Err(e) if e.code() == Some(cellhost_guest::proto::ErrorCode::Busy) => Ok(()),
+                // status() reads SpawnFailed from the agent: exit 127.
+                Err(e) => Err(engine("agent start", e)),
+            }
         } else {
             self.qmp(&dir)?
                 .execute("cont", None)
-                .map_err(|e| engine("QMP cont", e))?;
+                .map(drop)
+                .map_err(|e| engine("QMP cont", e))
         }
-        write_atomic(&dir.join(STARTED), b"").map_err(|e| BackendError::io("start marker", e))
     }
 
     fn status(&self, h: &CellHandle) -> Result<CellStatus, BackendError> {
@@ -578,8 +560,11 @@ impl Inner {
         if let Ok(b) = std::fs::read(dir.join(vmm::EXIT_FILE))
             && let Ok(exit) = serde_json::from_slice::<ExitInfo>(&b)
         {
-            // The microVM quits after its command ends; make sure.
-            if let Some(pid) = self.qemu_pid(&dir) {
+            // The microVM quits after its command ends; make sure (unless
+            // a stop is giving it its grace period now).
+            if !dir.join(STOPPING).exists()
+                && let Some(pid) = self.qemu_pid(&dir)
+            {
                 self.end_qemu(&dir, pid, Duration::ZERO);
             }
             return Ok(exited(exit));
@@ -587,7 +572,7 @@ impl Inner {
         let Some(pid) = self.qemu_pid(&dir) else {
             // qemu just ended: its shim writes how within moments.
             let until = Instant::now() + Duration::from_secs(3);
-            while !dir.join(vmm::EXIT_FILE).exists()
+            while !dir.join(vmm::QEMU_EXIT).exists()
                 && Instant::now() < until
                 && !processes_naming(&dir, &self.vmm_program()).is_empty()
             {
@@ -686,6 +671,7 @@ impl Inner {
         let Some(pid) = self.qemu_pid(&dir) else {
             return Ok(());
         };
+        let _ = write_atomic(&dir.join(STOPPING), b"");
         if self.microvm() && !dir.join(vmm::EXIT_FILE).exists() {
             // Stopped before its command ended: say so, like a signal.
             let main = self
@@ -706,6 +692,7 @@ impl Inner {
             );
         }
         self.end_qemu(&dir, pid, grace);
+        let _ = std::fs::remove_file(dir.join(STOPPING));
         Ok(())
     }
 
@@ -832,7 +819,50 @@ impl Inner {
                 state,
             });
         }
+        // qemu processes of this tier whose cell dir is gone (a teardown
+        // that could not kill them): still cells, so reconcile destroys them.
+        for id in self.qemu_ids_without_dir() {
+            if !out.iter().any(|c| c.id == id) {
+                out.push(ListedCell {
+                    id,
+                    isolation: self.cfg.tier,
+                    state: CellState::Running,
+                });
+            }
+        }
         Ok(out)
+    }
+
+    /// Ids of live qemu processes whose argv names `<state_dir>/<id>/` of
+    /// a dir that no longer exists.
+    fn qemu_ids_without_dir(&self) -> Vec<CellId> {
+        let prefix = format!("{}/", self.cfg.state_dir.display());
+        let qemu = self.qemu_program();
+        let mut ids = Vec::new();
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return ids;
+        };
+        for e in rd.flatten() {
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&cmdline);
+            let argv0 = text.split('\0').next().unwrap_or_default();
+            if argv0.rsplit('/').next() != Some(qemu.as_str()) {
+                continue;
+            }
+            let Some(at) = text.find(&prefix) else {
+                continue;
+            };
+            let rest = &text[at + prefix.len()..];
+            let Some(id) = rest.split('/').next().and_then(|s| CellId::parse(s).ok()) else {
+                continue;
+            };
+            if !self.cell_dir(&id).exists() && !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        ids
     }
 
     fn exec(&self, h: &CellHandle, req: ExecRequest) -> Result<ExecOutput, BackendError> {

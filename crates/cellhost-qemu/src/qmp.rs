@@ -8,14 +8,15 @@
 //! ones we wait for — `SHUTDOWN` — are returned by [`Qmp::wait_event`]).
 //!
 //! Blocking std I/O with a timeout on every read: the backend calls it
-//! from `spawn_blocking`. A connection answers one caller at a time; qemu
-//! serves several monitors, so each call site opens its own.
+//! from `spawn_blocking`. qemu's `-qmp` socket serves one client at a
+//! time: call sites connect, ask and disconnect; a second caller waits
+//! for the first (or its timeout).
 //!
 //! Threat model: the socket lives in the cell's private dir (0700); the
 //! guest cannot reach it. Lines are capped ([`MAX_LINE`]) so a confused
 //! peer cannot make us buffer without bound.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read as _, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -180,5 +181,3 @@ impl Qmp {
         }
     }
 }
-
-use std::io::Read as _;

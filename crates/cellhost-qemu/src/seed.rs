@@ -15,7 +15,7 @@
 //! that qemu opens the same way while the backend holds it. When qemu
 //! exits, the memory is gone.
 
-use std::io::{Read, Seek, Write};
+use std::io::{Seek, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -114,7 +114,9 @@ pub fn proc_path(f: &std::fs::File) -> String {
 pub fn build(genisoimage: &Path, req: &CreateRequest) -> Result<std::fs::File, BackendError> {
     let user = memfd("user-data", user_data(req).as_bytes())?;
     let meta = memfd("meta-data", meta_data(req).as_bytes())?;
-    let mut child = Command::new(genisoimage)
+    // output() drains stdout and stderr together: neither pipe can fill
+    // and stall the other.
+    let out = Command::new(genisoimage)
         .args([
             "-quiet",
             "-volid",
@@ -128,17 +130,9 @@ pub fn build(genisoimage: &Path, req: &CreateRequest) -> Result<std::fs::File, B
         .arg(format!("user-data={}", proc_path(&user)))
         .arg(format!("meta-data={}", proc_path(&meta)))
         .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
+        .output()
         .map_err(|e| BackendError::io(format!("running {}", genisoimage.display()), e))?;
-    let mut iso = Vec::new();
-    let mut stdout = child.stdout.take().expect("piped stdout");
-    let read = stdout.read_to_end(&mut iso);
-    let out = child
-        .wait_with_output()
-        .map_err(|e| BackendError::io("genisoimage", e))?;
-    read.map_err(|e| BackendError::io("reading the seed image", e))?;
+    let mut iso = out.stdout;
     if !out.status.success() || iso.len() < 32 * 1024 {
         return Err(BackendError::Engine(format!(
             "genisoimage: {} {}",

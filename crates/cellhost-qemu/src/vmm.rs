@@ -38,7 +38,10 @@ pub const QEMU_PID: &str = "qemu.pid";
 pub const SHIM_PID: &str = "shim.pid";
 pub const QEMU_LOG: &str = "qemu.log";
 pub const SERIAL_LOG: &str = "serial.log";
+/// How the cell ended (the workload's status).
 pub const EXIT_FILE: &str = "exit.json";
+/// How qemu itself ended.
+pub const QEMU_EXIT: &str = "qemu-exit.json";
 
 /// What the shim runs.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,11 +98,17 @@ fn relay_agent(cell_dir: &Path, chardev: &Path) -> std::io::Result<()> {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            let mut slot = cur.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(c) = slot.as_mut()
+            // Not under the lock: a client that stops reading costs at
+            // most the write timeout, and the accept thread is never held.
+            let client = cur
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .and_then(|c| c.try_clone().ok());
+            if let Some(mut c) = client
                 && c.write_all(&buf[..n]).is_err()
             {
-                *slot = None;
+                let _ = c.shutdown(std::net::Shutdown::Both);
             }
         }
     });
@@ -107,6 +116,7 @@ fn relay_agent(cell_dir: &Path, chardev: &Path) -> std::io::Result<()> {
     std::thread::spawn(move || {
         for client in listener.incoming() {
             let Ok(mut client) = client else { continue };
+            let _ = client.set_write_timeout(Some(std::time::Duration::from_secs(5)));
             let Ok(writer) = client.try_clone() else {
                 continue;
             };
@@ -218,9 +228,18 @@ pub fn main(cell_dir: &Path, log_cap: u64) -> i32 {
         cellhost_core::ExitInfo::unknown()
     });
     tracing::info!(?exit, "qemu ended");
+    let record = serde_json::to_vec(&exit).unwrap_or_default();
+    if let Err(e) = write_atomic(&cell_dir.join(QEMU_EXIT), &record) {
+        tracing::error!("writing qemu's exit status: {e}");
+        return 1;
+    }
+    // A VM without an agent ends when qemu does: that is the cell's exit.
+    // With an agent, only the agent knows the command's status (qemu exits
+    // 0 on a guest panic as on a poweroff): the backend records it.
     let path = cell_dir.join(EXIT_FILE);
-    if !path.exists()
-        && let Err(e) = write_atomic(&path, &serde_json::to_vec(&exit).unwrap_or_default())
+    if cmd.agent_chardev.is_none()
+        && !path.exists()
+        && let Err(e) = write_atomic(&path, &record)
     {
         tracing::error!("writing exit status: {e}");
         return 1;

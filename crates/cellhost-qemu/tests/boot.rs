@@ -43,6 +43,7 @@ const PATTERN: &str = "CELLHOST-PLAINTEXT-PATTERN-7f3a";
 fn microvm_boots_agent_runs_command_exec_volume_and_destroys_clean() {
     let (kernel, modules, agent) = require_boot!();
     let state = tempfile::tempdir().unwrap();
+    let _vms = common::KillVmsOnDrop(state.path().to_path_buf());
     let store = ImageStore::new(state.path().join("images"));
     common::microvm_image(&store, "deb", &kernel, &modules, &agent);
     let backend = QemuBackend::new(common::config(Isolation::Microvm, state.path()));
@@ -180,6 +181,7 @@ fn vm_boots_with_seed_serves_hostfwd_powers_down_and_orphans_are_swept() {
         return;
     }
     let state = tempfile::tempdir().unwrap();
+    let _vms = common::KillVmsOnDrop(state.path().to_path_buf());
     let store = ImageStore::new(state.path().join("images"));
     common::vm_image(&store, "busybox-vm", &kernel, &modules);
     let backend = QemuBackend::new(common::config(Isolation::Vm, state.path()));

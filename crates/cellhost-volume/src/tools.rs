@@ -61,7 +61,7 @@ pub(crate) fn find(tool: &Path) -> Option<PathBuf> {
 
 /// How a tool run failed.
 #[derive(Debug)]
-pub(crate) enum RunError {
+pub enum RunError {
     /// Not installed (or not executable).
     Missing(String),
     /// Ran and failed: exit code (None when killed) and its stderr.
@@ -79,7 +79,7 @@ impl std::fmt::Display for RunError {
 }
 
 /// Run `tool args…`, feeding `stdin` (then EOF) when given.
-pub(crate) fn run(tool: &Path, args: &[&OsStr], stdin: Option<&[u8]>) -> Result<(), RunError> {
+pub fn run(tool: &Path, args: &[&OsStr], stdin: Option<&[u8]>) -> Result<(), RunError> {
     let Some(exe) = find(tool) else {
         return Err(RunError::Missing(format!(
             "{} not found (install it: see `cellhost doctor`)",

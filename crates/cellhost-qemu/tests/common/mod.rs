@@ -210,3 +210,31 @@ pub fn config(tier: cellhost_spec::Isolation, state: &Path) -> cellhost_qemu::Qe
 pub fn cell(yaml: &str) -> cellhost_spec::Cell {
     cellhost_spec::parse_and_validate(yaml).unwrap()
 }
+
+/// Kills every process whose argv names `dir` (qemu and its shim) when
+/// dropped, so a failed assertion leaves no VM running in its own session.
+pub struct KillVmsOnDrop(pub PathBuf);
+
+impl Drop for KillVmsOnDrop {
+    fn drop(&mut self) {
+        let needle = self.0.to_string_lossy().into_owned();
+        let Ok(rd) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        for e in rd.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if pid == std::process::id() as i32 {
+                continue;
+            }
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&needle) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
