@@ -1190,6 +1190,12 @@ fn microvm_cells_through_the_daemon_survive_a_kill9_and_orphans_are_swept() {
             .contains("booted-daemon")
     });
     let qemu = microvm_qemu(&d.state, &id).expect("qemu runs");
+    // Metering reads the qemu process (CPU time, RSS).
+    wait_until("a usage interval with cpu", Duration::from_secs(15), || {
+        let u = d.call("GET", &format!("/v1/cells/{id}"), None).json()["usage"].clone();
+        u["cpuSeconds"].as_f64().unwrap_or(0.0) > 0.0
+            && u["memoryByteSeconds"].as_f64().unwrap_or(0.0) > 0.0
+    });
 
     // kill -9 the supervisor: the VM runs on (its shim is in its own
     // session); a new daemon adopts it, and the agent still answers.
