@@ -185,7 +185,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run(args) => runtime()?.block_on(run::run(&state_dir, args, cli.json)),
         Command::Validate { file } => run::validate(&file, cli.json),
-        Command::Doctor { kvm_boot } => doctor(kvm_boot, cli.json),
+        Command::Doctor { kvm_boot } => doctor(&state_dir, kvm_boot, cli.json),
         Command::Bench(b) => runtime()?.block_on(bench::bench(&state_dir, b, cli.json)),
         Command::Serve(args) => runtime()?.block_on(serve::serve(&state_dir, args)),
         Command::Image(cmd) => image::image(&state_dir, cmd, cli.json),
@@ -196,12 +196,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     }
 }
 
-fn doctor(kvm_boot: bool, json: bool) -> anyhow::Result<u8> {
-    let opts = cellhost_core::probe::ProbeOptions {
+fn doctor(state_dir: &std::path::Path, kvm_boot: bool, json: bool) -> anyhow::Result<u8> {
+    // With --kvm-boot: the probe boots a kernel of the image store when
+    // there is one (what the VM tiers do at start), else its own search.
+    let report = cellhost_core::probe::probe(&cellhost_core::probe::ProbeOptions {
         kvm_boot,
+        probe_kernel: run::store_kernel(state_dir),
         ..Default::default()
-    };
-    let report = cellhost_core::probe::probe(&opts);
+    });
     let volumes = cellhost_volume::probe();
     let chosen = volumes.choose(cellhost_volume::EngineChoice::Auto);
     if json {

@@ -123,7 +123,7 @@ pub fn backend_for(
             Ok(Arc::new(cellhost_docker::DockerBackend::new(cfg)))
         }
         tier @ (Isolation::Vm | Isolation::Microvm) => {
-            let status = cellhost_core::probe::probe(&Default::default()).tier(tier);
+            let status = vm_probe(state_dir).tier(tier);
             if !status.ok {
                 return Err(exit_err(
                     EXIT_CAPABILITY,
@@ -133,6 +133,69 @@ pub fn backend_for(
             Ok(Arc::new(qemu_backend(tier, state_dir, status.accel)?))
         }
     }
+}
+
+/// The host probe for the VM tiers: with a probe boot under KVM of a
+/// kernel from the image store (when /dev/kvm exists), so the tiers get
+/// KVM only where a guest kernel really boots on it, TCG otherwise. The
+/// verdict is cached per kernel digest in `<state>/images/kvm-probe.json`:
+/// a failing boot can take the whole deadline (8 s; the guest hangs at
+/// once under KVM here), and only the first start should pay it.
+pub fn vm_probe(state_dir: &Path) -> cellhost_core::probe::HostReport {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Cached {
+        digest: String,
+        ok: bool,
+        detail: String,
+    }
+    let kernel = store_kernel(state_dir);
+    let digest = kernel
+        .as_deref()
+        .and_then(|k| cellhost_qemu::image::digest_file(k).ok());
+    let cache = crate::image::store(state_dir).root().join("kvm-probe.json");
+    let cached: Option<Cached> = std::fs::read(&cache)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .filter(|c: &Cached| Some(&c.digest) == digest.as_ref());
+    let kvm_dev = Path::new("/dev/kvm").exists();
+    let mut report = cellhost_core::probe::probe(&cellhost_core::probe::ProbeOptions {
+        kvm_boot: kvm_dev && kernel.is_some() && cached.is_none(),
+        probe_kernel: kernel,
+        // A kernel that boots under KVM reaches its root mount in about a
+        // second; a slower answer means TCG, the safe side.
+        kvm_boot_deadline: std::time::Duration::from_secs(8),
+        ..Default::default()
+    });
+    let Some(kvm) = report.capabilities.iter_mut().find(|c| c.name == "kvm") else {
+        return report;
+    };
+    match (cached, digest) {
+        (Some(c), _) if kvm_dev => {
+            kvm.ok = c.ok;
+            kvm.detail = format!("{} (cached probe boot)", c.detail);
+        }
+        (None, Some(digest)) if kvm_dev => {
+            let c = Cached {
+                digest,
+                ok: kvm.ok,
+                detail: kvm.detail.clone(),
+            };
+            if let Ok(b) = serde_json::to_vec(&c) {
+                let _ = std::fs::write(&cache, b);
+            }
+        }
+        _ => {}
+    }
+    report
+}
+
+/// A kernel of the image store (the first image that has one).
+pub fn store_kernel(state_dir: &Path) -> Option<std::path::PathBuf> {
+    let store = crate::image::store(state_dir);
+    store.list().ok()?.into_iter().find_map(|m| {
+        let k = m.kernel.as_ref()?;
+        Some(store.root().join(&m.name).join(k))
+    })
 }
 
 /// A vm or microvm backend for a state dir, with the probe's accelerator.

@@ -98,8 +98,9 @@ pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dy
     } else {
         tracing::warn!("container tier unavailable: {}", tier.detail);
     }
+    let vm_report = crate::run::vm_probe(state_dir);
     for t in [Isolation::Vm, Isolation::Microvm] {
-        let tier = report.tier(t);
+        let tier = vm_report.tier(t);
         if tier.ok {
             let mut cfg = crate::run::qemu_backend(t, state_dir, tier.accel)?
                 .config()
