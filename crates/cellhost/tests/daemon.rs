@@ -265,6 +265,15 @@ impl Daemon {
         report
     }
 
+    /// Wait until the cell has a metered interval with CPU and memory.
+    fn wait_metered(&self, id: &str) {
+        wait_until("a usage interval with cpu", Duration::from_secs(15), || {
+            let u = self.call("GET", &format!("/v1/cells/{id}"), None).json()["usage"].clone();
+            u["cpuSeconds"].as_f64().unwrap_or(0.0) > 0.0
+                && u["memoryByteSeconds"].as_f64().unwrap_or(0.0) > 0.0
+        });
+    }
+
     /// Destroy every cell through the API and check the reports.
     fn destroy_all(&self) {
         for c in self.cells() {
@@ -937,11 +946,7 @@ fn container_cells_through_the_daemon() {
             .contains("started")
     });
     // Metering from the engine's stats.
-    wait_until("a usage interval with cpu", Duration::from_secs(15), || {
-        let u = d.call("GET", &format!("/v1/cells/{id}"), None).json()["usage"].clone();
-        u["cpuSeconds"].as_f64().unwrap_or(0.0) > 0.0
-            && u["memoryByteSeconds"].as_f64().unwrap_or(0.0) > 0.0
-    });
+    d.wait_metered(&id);
 
     // An orphan: the record vanishes while the daemon is down.
     let orphan = d.create(doc);
@@ -1191,11 +1196,7 @@ fn microvm_cells_through_the_daemon_survive_a_kill9_and_orphans_are_swept() {
     });
     let qemu = microvm_qemu(&d.state, &id).expect("qemu runs");
     // Metering reads the qemu process (CPU time, RSS).
-    wait_until("a usage interval with cpu", Duration::from_secs(15), || {
-        let u = d.call("GET", &format!("/v1/cells/{id}"), None).json()["usage"].clone();
-        u["cpuSeconds"].as_f64().unwrap_or(0.0) > 0.0
-            && u["memoryByteSeconds"].as_f64().unwrap_or(0.0) > 0.0
-    });
+    d.wait_metered(&id);
 
     // kill -9 the supervisor: the VM runs on (its shim is in its own
     // session); a new daemon adopts it, and the agent still answers.
