@@ -245,6 +245,19 @@ impl Inner {
         if self.microvm() && !spec.ports.is_empty() {
             return Err(unsupported("spec.ports"));
         }
+        // Limits a guest kernel sets for itself: refused, not ignored.
+        if spec.resources.pids.is_some() {
+            return Err(BackendError::Invalid(format!(
+                "spec.resources.pids: not applicable to {} cells (the guest kernel has its own limits)",
+                self.cfg.tier
+            )));
+        }
+        if !spec.resources.ulimits.is_empty() {
+            return Err(BackendError::Invalid(format!(
+                "spec.resources.ulimits: not applicable to {} cells (set them inside the guest)",
+                self.cfg.tier
+            )));
+        }
         if let Some(v) = &spec.volume
             && v.encrypted
             && req.volume_key.is_none()

@@ -280,3 +280,38 @@ fn vm_boots_with_seed_serves_hostfwd_powers_down_and_orphans_are_swept() {
     );
     assert!(rt.block_on(backend.list()).unwrap().is_empty());
 }
+
+#[test]
+fn what_a_vm_cannot_honour_is_refused_before_anything_is_made() {
+    // No boot needed: these fail before any host object exists.
+    let state = tempfile::tempdir().unwrap();
+    let backend = QemuBackend::new(common::config(Isolation::Microvm, state.path()));
+    let rt = rt();
+    let cases = [
+        ("  resources: {pids: 10}\n", "spec.resources.pids"),
+        ("  ports: [{container: 80, host: 18080}]\n", "spec.ports"),
+        ("  network: {mode: bridged}\n", "network.mode"),
+        (
+            "  volume: {path: /data, sizeGiB: 1, encrypted: true}\n",
+            "volume key",
+        ),
+        ("", "spec.image"),
+    ];
+    for (extra, field) in cases {
+        let cell = common::cell(&format!(
+            "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {{name: x}}\nspec:\n  isolation: microvm\n  image: nope\n  command: [/bin/true]\n{extra}"
+        ));
+        let e = rt
+            .block_on(backend.create(CreateRequest::new(CellId::random(), cell)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field), "{field}: {e}");
+    }
+    assert!(
+        !state.path().join("microvm").exists()
+            || std::fs::read_dir(state.path().join("microvm"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+}
