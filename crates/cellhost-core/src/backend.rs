@@ -190,6 +190,31 @@ pub struct LogChunk {
     pub more: bool,
 }
 
+impl LogChunk {
+    /// Up to `page` bytes of the log file at `path` from `offset`; `None`
+    /// when there is no such file. `more` when the page was filled.
+    pub fn read_file(
+        path: &std::path::Path,
+        offset: u64,
+        page: u64,
+    ) -> std::io::Result<Option<LogChunk>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        f.seek(SeekFrom::Start(offset))?;
+        let mut data = Vec::new();
+        f.take(page).read_to_end(&mut data)?;
+        Ok(Some(LogChunk {
+            more: data.len() as u64 == page,
+            next_offset: offset + data.len() as u64,
+            data,
+        }))
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ExecRequest {
     pub argv: Vec<String>,

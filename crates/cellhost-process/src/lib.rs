@@ -56,7 +56,7 @@ pub mod shim;
 
 use std::ffi::OsString;
 use std::fs;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -955,25 +955,9 @@ impl Backend for ProcessBackend {
 
     async fn logs(&self, handle: &CellHandle, offset: u64) -> Result<LogChunk, BackendError> {
         let path = self.paths(&handle.id).log();
-        let mut f = match fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(BackendError::NotFound(handle.id.clone()));
-            }
-            Err(e) => return Err(BackendError::io(format!("opening {}", path.display()), e)),
-        };
-        f.seek(SeekFrom::Start(offset))
-            .map_err(io_err("seeking cell log"))?;
-        let mut data = Vec::new();
-        f.take(LOG_PAGE)
-            .read_to_end(&mut data)
-            .map_err(io_err("reading cell log"))?;
-        let next_offset = offset + data.len() as u64;
-        Ok(LogChunk {
-            more: data.len() as u64 == LOG_PAGE,
-            data,
-            next_offset,
-        })
+        LogChunk::read_file(&path, offset, LOG_PAGE)
+            .map_err(|e| BackendError::io(format!("reading {}", path.display()), e))?
+            .ok_or_else(|| BackendError::NotFound(handle.id.clone()))
     }
 
     /// A few small cgroupfs reads; cheap enough to run inline.

@@ -116,10 +116,6 @@ impl QemuBackend {
         }
     }
 
-    pub fn config(&self) -> &QemuConfig {
-        &self.inner.cfg
-    }
-
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Inner) -> Result<T, BackendError> + Send + 'static,
@@ -143,28 +139,43 @@ const SHIM_LOG: &str = "shim.log";
 
 use cellhost_core::shim::{alive_naming as owns, read_pid_file as read_pid};
 
-/// Every live process whose argv names `dir` and whose first argument is
-/// `program`'s file name (qemu, or the shim), found by scanning /proc: the
-/// pid files may be gone or stale.
-fn processes_naming(dir: &Path, program: &str) -> Vec<i32> {
-    let mut out = Vec::new();
+/// Every process's pid and argv (NUL-separated), read from /proc.
+fn cmdlines() -> Vec<(i32, Vec<u8>)> {
     let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
+        return Vec::new();
     };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
-        let name = argv0.rsplit(|b| *b == b'/').next().unwrap_or_default();
-        if name == program.as_bytes() && owns(pid, dir) {
-            out.push(pid);
-        }
-    }
-    out
+    rd.flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
+            Some((pid, std::fs::read(e.path().join("cmdline")).ok()?))
+        })
+        .collect()
+}
+
+/// The file name of a cmdline's argv[0].
+fn program_of(cmdline: &[u8]) -> String {
+    let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+    let name = argv0.rsplit(|b| *b == b'/').next().unwrap_or_default();
+    String::from_utf8_lossy(name).into_owned()
+}
+
+/// Every live process whose argv names `dir` (qemu and the shim), with
+/// its program name, found by scanning /proc: pid files may be gone.
+fn processes_naming(dir: &Path) -> Vec<(i32, String)> {
+    cmdlines()
+        .into_iter()
+        .filter(|(pid, _)| owns(*pid, dir))
+        .map(|(pid, cmdline)| (pid, program_of(&cmdline)))
+        .collect()
+}
+
+/// The pids in `found` running `program`.
+fn running(found: &[(i32, String)], program: &str) -> Vec<i32> {
+    found
+        .iter()
+        .filter(|(_, n)| n == program)
+        .map(|(p, _)| *p)
+        .collect()
 }
 
 fn tail(path: &Path, max: usize) -> String {
@@ -199,15 +210,35 @@ impl Inner {
     }
 
     /// The cell's live qemu, if any.
+    /// The shim writes qemu.pid before it reports, and qemu never
+    /// re-executes: a pid file is the answer, and /proc is scanned only
+    /// when there is none (a create cut short), not on every status poll.
     fn qemu_pid(&self, dir: &Path) -> Option<i32> {
-        if let Some(pid) = read_pid(&dir.join(vmm::QEMU_PID))
-            && owns(pid, dir)
-        {
-            return Some(pid);
+        match read_pid(&dir.join(vmm::QEMU_PID)) {
+            Some(pid) => owns(pid, dir).then_some(pid),
+            None => running(&processes_naming(dir), &self.qemu_program())
+                .into_iter()
+                .next(),
         }
-        processes_naming(dir, &self.qemu_program())
-            .into_iter()
-            .next()
+    }
+
+    /// How the microVM's command ended, by its agent: `None` while it
+    /// runs (or when the agent cannot say).
+    fn main_exit(&self, dir: &Path) -> Option<ExitInfo> {
+        let main = self
+            .agent(dir, Duration::from_secs(2))
+            .and_then(|mut a| a.status().map_err(|e| engine("agent status", e)))
+            .ok()?
+            .main;
+        match main {
+            MainState::Exited { exit_code, signal } => Some(ExitInfo {
+                code: exit_code,
+                signal,
+                oom_killed: false,
+            }),
+            MainState::SpawnFailed { .. } => Some(ExitInfo::exited(127)),
+            MainState::NotStarted | MainState::Running { .. } => None,
+        }
     }
 
     fn image_for(&self, cell: &Cell) -> Result<Image, BackendError> {
@@ -298,7 +329,9 @@ impl Inner {
         let image = self.image_for(&req.cell)?;
         let dir = self.cell_dir(&req.id);
         // A dir left by a crashed create of this id: start clean.
-        self.teardown(&req.id, &mut TeardownReport::new(req.id.as_str()));
+        if dir.exists() {
+            self.teardown(&req.id, &mut TeardownReport::new(req.id.as_str()));
+        }
         std::fs::create_dir_all(&self.cfg.state_dir)
             .map_err(|e| BackendError::io(format!("{}", self.cfg.state_dir.display()), e))?;
         std::fs::DirBuilder::new()
@@ -570,9 +603,7 @@ impl Inner {
             pid: None,
             exit: Some(exit),
         };
-        if let Ok(b) = std::fs::read(dir.join(vmm::EXIT_FILE))
-            && let Ok(exit) = serde_json::from_slice::<ExitInfo>(&b)
-        {
+        if let Some(exit) = read_exit(&dir) {
             // The microVM quits after its command ends; make sure (unless
             // a stop is giving it its grace period now).
             if !dir.join(STOPPING).exists()
@@ -587,13 +618,11 @@ impl Inner {
             let until = Instant::now() + Duration::from_secs(3);
             while !dir.join(vmm::QEMU_EXIT).exists()
                 && Instant::now() < until
-                && !processes_naming(&dir, &self.vmm_program()).is_empty()
+                && read_pid(&dir.join(vmm::SHIM_PID)).is_some_and(|p| owns(p, &dir))
             {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            if let Ok(b) = std::fs::read(dir.join(vmm::EXIT_FILE))
-                && let Ok(exit) = serde_json::from_slice::<ExitInfo>(&b)
-            {
+            if let Some(exit) = read_exit(&dir) {
                 return Ok(exited(exit));
             }
             if !dir.join(vmm::QEMU_PID).exists() {
@@ -614,30 +643,13 @@ impl Inner {
         if !dir.join(STARTED).exists() {
             return Ok(running(CellState::Created));
         }
-        if self.microvm() {
-            // The command's own end is the cell's end.
-            let main = self
-                .agent(&dir, Duration::from_secs(2))
-                .and_then(|mut a| a.status().map_err(|e| engine("agent status", e)))
-                .map(|s| s.main);
-            let exit = match main {
-                Ok(MainState::Exited { exit_code, signal }) => Some(ExitInfo {
-                    code: exit_code,
-                    signal,
-                    oom_killed: false,
-                }),
-                Ok(MainState::SpawnFailed { .. }) => Some(ExitInfo::exited(127)),
-                _ => None,
-            };
-            if let Some(exit) = exit {
-                write_atomic(
-                    &dir.join(vmm::EXIT_FILE),
-                    &serde_json::to_vec(&exit).unwrap_or_default(),
-                )
-                .map_err(|e| BackendError::io("exit.json", e))?;
-                self.end_qemu(&dir, pid, Duration::from_secs(5));
-                return Ok(exited(exit));
-            }
+        // A microVM's command's own end is the cell's end.
+        if self.microvm()
+            && let Some(exit) = self.main_exit(&dir)
+        {
+            record_exit(&dir, &exit)?;
+            self.end_qemu(&dir, pid, Duration::from_secs(5));
+            return Ok(exited(exit));
         }
         Ok(running(CellState::Running))
     }
@@ -687,22 +699,10 @@ impl Inner {
         let _ = write_atomic(&dir.join(STOPPING), b"");
         if self.microvm() && !dir.join(vmm::EXIT_FILE).exists() {
             // Stopped before its command ended: say so, like a signal.
-            let main = self
-                .agent(&dir, Duration::from_secs(2))
-                .and_then(|mut a| a.status().map_err(|e| engine("agent status", e)))
-                .map(|s| s.main);
-            let exit = match main {
-                Ok(MainState::Exited { exit_code, signal }) => ExitInfo {
-                    code: exit_code,
-                    signal,
-                    oom_killed: false,
-                },
-                _ => ExitInfo::signaled(libc::SIGTERM),
-            };
-            let _ = write_atomic(
-                &dir.join(vmm::EXIT_FILE),
-                &serde_json::to_vec(&exit).unwrap_or_default(),
-            );
+            let exit = self
+                .main_exit(&dir)
+                .unwrap_or(ExitInfo::signaled(libc::SIGTERM));
+            let _ = record_exit(&dir, &exit);
         }
         self.end_qemu(&dir, pid, grace);
         let _ = std::fs::remove_file(dir.join(STOPPING));
@@ -713,27 +713,20 @@ impl Inner {
     fn teardown(&self, id: &CellId, report: &mut TeardownReport) {
         let dir = self.cell_dir(id);
         let qemu = self.qemu_program();
-        for pid in processes_naming(&dir, &qemu)
-            .into_iter()
-            .chain(read_pid(&dir.join(vmm::QEMU_PID)).filter(|p| owns(*p, &dir)))
-        {
+        let vmm_name = self.vmm_program();
+        // One scan finds both; afterwards each pid is checked on its own.
+        let found = processes_naming(&dir);
+        for pid in running(&found, &qemu) {
             self.end_qemu(&dir, pid, Duration::ZERO);
         }
-        let vmm_name = self.vmm_program();
-        let shims = || {
-            let mut s = processes_naming(&dir, &vmm_name);
-            s.extend(read_pid(&dir.join(vmm::SHIM_PID)).filter(|p| owns(*p, &dir)));
-            s.sort_unstable();
-            s.dedup();
-            s
-        };
+        let shims = running(&found, &vmm_name);
         // The shim ends by itself once qemu is gone (console EOF).
         let until = Instant::now() + Duration::from_secs(5);
-        while !shims().is_empty() && Instant::now() < until {
+        while shims.iter().any(|p| owns(*p, &dir)) && Instant::now() < until {
             std::thread::sleep(Duration::from_millis(20));
         }
-        for pid in shims() {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        for pid in shims.iter().filter(|p| owns(**p, &dir)) {
+            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
         }
         let luks = dir.join(args::VOLUME_LUKS);
         let keyslots = match cellhost_volume::erase_header(&luks) {
@@ -749,13 +742,17 @@ impl Inner {
             report.error(format!("removing {}: {e}", dir.display()));
         }
         let left = |p: PathBuf| u64::from(p.exists());
-        let procs = processes_naming(&dir, &qemu).len() as u64;
+        let left_procs = processes_naming(&dir);
         report.check(
             "vm-process",
             format!("{qemu} naming {}", dir.display()),
-            procs,
+            running(&left_procs, &qemu).len() as u64,
         );
-        report.check("vm-shim", format!("{vmm_name} __vmm"), shims().len() as u64);
+        report.check(
+            "vm-shim",
+            format!("{vmm_name} __vmm"),
+            running(&left_procs, &vmm_name).len() as u64,
+        );
         report.check(
             "vm-qmp-socket",
             dir.join(args::QMP_SOCK).display().to_string(),
@@ -852,18 +849,11 @@ impl Inner {
         let prefix = format!("{}/", self.cfg.state_dir.display());
         let qemu = self.qemu_program();
         let mut ids = Vec::new();
-        let Ok(rd) = std::fs::read_dir("/proc") else {
-            return ids;
-        };
-        for e in rd.flatten() {
-            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
-                continue;
-            };
-            let text = String::from_utf8_lossy(&cmdline);
-            let argv0 = text.split('\0').next().unwrap_or_default();
-            if argv0.rsplit('/').next() != Some(qemu.as_str()) {
+        for (_, cmdline) in cmdlines() {
+            if program_of(&cmdline) != qemu {
                 continue;
             }
+            let text = String::from_utf8_lossy(&cmdline);
             let Some(at) = text.find(&prefix) else {
                 continue;
             };
@@ -953,6 +943,19 @@ impl Inner {
     }
 }
 
+/// The cell's recorded exit (exit.json), if any.
+fn read_exit(dir: &Path) -> Option<ExitInfo> {
+    serde_json::from_slice(&std::fs::read(dir.join(vmm::EXIT_FILE)).ok()?).ok()
+}
+
+fn record_exit(dir: &Path, exit: &ExitInfo) -> Result<(), BackendError> {
+    write_atomic(
+        &dir.join(vmm::EXIT_FILE),
+        &serde_json::to_vec(exit).unwrap_or_default(),
+    )
+    .map_err(|e| BackendError::io("exit.json", e))
+}
+
 const MAIN_JSON: &str = "main.json";
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -1040,33 +1043,14 @@ impl Backend for QemuBackend {
     }
 }
 
-/// Up to 64 KiB of the console log from `offset`.
+/// Up to 64 KiB of the console log from `offset` (empty before the shim
+/// made it).
 fn read_log(path: &Path, offset: u64) -> Result<LogChunk, BackendError> {
-    use std::io::{Read, Seek, SeekFrom};
-    const PAGE: u64 = 64 * 1024;
-    let mut f = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(LogChunk {
-                data: Vec::new(),
-                next_offset: offset,
-                more: false,
-            });
-        }
-        Err(e) => return Err(BackendError::io("console log", e)),
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let start = offset.min(len);
-    f.seek(SeekFrom::Start(start))
-        .map_err(|e| BackendError::io("console log", e))?;
-    let mut data = Vec::new();
-    f.take(PAGE)
-        .read_to_end(&mut data)
-        .map_err(|e| BackendError::io("console log", e))?;
-    let next = start + data.len() as u64;
-    Ok(LogChunk {
-        data,
-        next_offset: next,
-        more: next < len,
-    })
+    Ok(LogChunk::read_file(path, offset, 64 * 1024)
+        .map_err(|e| BackendError::io("console log", e))?
+        .unwrap_or(LogChunk {
+            data: Vec::new(),
+            next_offset: offset,
+            more: false,
+        }))
 }

@@ -130,7 +130,11 @@ pub fn backend_for(
                     format!("the {tier} tier cannot run here: {}", status.detail),
                 ));
             }
-            Ok(Arc::new(qemu_backend(tier, state_dir, status.accel)?))
+            Ok(Arc::new(cellhost_qemu::QemuBackend::new(qemu_config(
+                tier,
+                state_dir,
+                status.accel,
+            )?)))
         }
     }
 }
@@ -148,10 +152,8 @@ pub fn vm_probe(state_dir: &Path) -> cellhost_core::probe::HostReport {
         ok: bool,
         detail: String,
     }
-    let kernel = store_kernel(state_dir);
-    let digest = kernel
-        .as_deref()
-        .and_then(|k| cellhost_qemu::image::digest_file(k).ok());
+    // The manifest already holds the kernel's digest: no rehashing.
+    let (kernel, digest) = store_kernel(state_dir).unzip();
     let cache = crate::image::store(state_dir).root().join("kvm-probe.json");
     let cached: Option<Cached> = std::fs::read(&cache)
         .ok()
@@ -189,25 +191,28 @@ pub fn vm_probe(state_dir: &Path) -> cellhost_core::probe::HostReport {
     report
 }
 
-/// A kernel of the image store (the first image that has one).
-pub fn store_kernel(state_dir: &Path) -> Option<std::path::PathBuf> {
+/// A kernel of the image store (the first image that has one), with its
+/// digest from the manifest.
+pub fn store_kernel(state_dir: &Path) -> Option<(std::path::PathBuf, String)> {
     let store = crate::image::store(state_dir);
     store.list().ok()?.into_iter().find_map(|m| {
         let k = m.kernel.as_ref()?;
-        Some(store.root().join(&m.name).join(k))
+        let digest = m.digests.get(k)?.clone();
+        Some((store.root().join(&m.name).join(k), digest))
     })
 }
 
-/// A vm or microvm backend for a state dir, with the probe's accelerator.
-pub fn qemu_backend(
+/// The vm or microvm tier's config for a state dir, with the probe's
+/// accelerator.
+pub fn qemu_config(
     tier: Isolation,
     state_dir: &Path,
     accel: Option<cellhost_core::probe::Accel>,
-) -> anyhow::Result<cellhost_qemu::QemuBackend> {
+) -> anyhow::Result<cellhost_qemu::QemuConfig> {
     let exe = std::env::current_exe().context("locating the cellhost binary for the vmm shim")?;
     let mut cfg = cellhost_qemu::QemuConfig::new(tier, state_dir, exe);
     cfg.accel = accel.unwrap_or(cellhost_core::probe::Accel::Tcg);
-    Ok(cellhost_qemu::QemuBackend::new(cfg))
+    Ok(cfg)
 }
 
 /// The container tier's config for a state dir (its own subdir), with the

@@ -77,7 +77,8 @@ pub fn lock_state_dir(state_dir: &Path, exclusive: bool) -> anyhow::Result<Flock
 /// The backends this host can run now.
 pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dyn Backend>>> {
     let mut out: Vec<Arc<dyn Backend>> = Vec::new();
-    let report = cellhost_core::probe::probe(&Default::default());
+    // One probe for every tier (with the VM tiers' KVM verdict).
+    let report = crate::run::vm_probe(state_dir);
     let tier = report.tier(Isolation::Process);
     if tier.ok {
         out.push(crate::run::backend_for(
@@ -98,13 +99,10 @@ pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dy
     } else {
         tracing::warn!("container tier unavailable: {}", tier.detail);
     }
-    let vm_report = crate::run::vm_probe(state_dir);
     for t in [Isolation::Vm, Isolation::Microvm] {
-        let tier = vm_report.tier(t);
+        let tier = report.tier(t);
         if tier.ok {
-            let mut cfg = crate::run::qemu_backend(t, state_dir, tier.accel)?
-                .config()
-                .clone();
+            let mut cfg = crate::run::qemu_config(t, state_dir, tier.accel)?;
             cfg.publish_address = args.publish_address.to_string();
             out.push(Arc::new(cellhost_qemu::QemuBackend::new(cfg)));
         } else {

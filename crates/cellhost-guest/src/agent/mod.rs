@@ -208,18 +208,8 @@ impl Agent {
             }
             Op::Exec(req) => self.exec(req),
             Op::Start(req) => {
-                if req.argv.is_empty() || req.argv[0].is_empty() {
-                    return Err(Failure::invalid("argv: must name a program"));
-                }
-                if let Some(i) = req.argv.iter().position(|a| a.contains('\0')) {
-                    return Err(Failure::invalid(format!("argv[{i}]: contains NUL")));
-                }
-                let cwd = req.cwd.unwrap_or_else(|| "/".into());
-                if !cwd.starts_with('/') || cwd.contains('\0') {
-                    return Err(Failure::invalid(format!(
-                        "cwd: {cwd:?} is not an absolute path"
-                    )));
-                }
+                check_argv(&req.argv)?;
+                let cwd = check_cwd(req.cwd)?;
                 match self.start_main_in(&req.argv, &cwd) {
                     Some(MainState::SpawnFailed { error }) => {
                         Err(Failure::new(ErrorCode::SpawnFailed, error))
@@ -316,24 +306,14 @@ impl Agent {
     }
 
     fn exec_spec(&self, req: ExecRequest) -> Result<ExecSpec, Failure> {
-        if req.argv.is_empty() || req.argv[0].is_empty() {
-            return Err(Failure::invalid("argv: must name a program"));
-        }
-        if let Some(i) = req.argv.iter().position(|a| a.contains('\0')) {
-            return Err(Failure::invalid(format!("argv[{i}]: contains NUL")));
-        }
+        check_argv(&req.argv)?;
         for (k, v) in &req.env {
             proto::check_env_name(k)?;
             if v.contains('\0') {
                 return Err(Failure::invalid(format!("env.{k}: value contains NUL")));
             }
         }
-        let cwd = req.cwd.unwrap_or_else(|| "/".into());
-        if !cwd.starts_with('/') || cwd.contains('\0') {
-            return Err(Failure::invalid(format!(
-                "cwd: {cwd:?} is not an absolute path"
-            )));
-        }
+        let cwd = check_cwd(req.cwd)?;
         let timeout_ms = req.timeout_ms.unwrap_or(proto::DEFAULT_EXEC_TIMEOUT_MS);
         if timeout_ms == 0 || timeout_ms > proto::MAX_EXEC_TIMEOUT_MS {
             return Err(Failure::invalid(format!(
@@ -467,6 +447,28 @@ impl Agent {
             self.reaper.kill_group(pid);
         }
     }
+}
+
+/// `argv` of an exec or the main command: a program, no NUL anywhere.
+fn check_argv(argv: &[String]) -> Result<(), Failure> {
+    if argv.is_empty() || argv[0].is_empty() {
+        return Err(Failure::invalid("argv: must name a program"));
+    }
+    if let Some(i) = argv.iter().position(|a| a.contains('\0')) {
+        return Err(Failure::invalid(format!("argv[{i}]: contains NUL")));
+    }
+    Ok(())
+}
+
+/// `cwd`, absolute; `/` when absent.
+fn check_cwd(cwd: Option<String>) -> Result<String, Failure> {
+    let cwd = cwd.unwrap_or_else(|| "/".into());
+    if !cwd.starts_with('/') || cwd.contains('\0') {
+        return Err(Failure::invalid(format!(
+            "cwd: {cwd:?} is not an absolute path"
+        )));
+    }
+    Ok(cwd)
 }
 
 /// A taken slot of a counter (connections, execs), given back on drop.
