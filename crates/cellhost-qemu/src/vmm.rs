@@ -229,19 +229,21 @@ pub fn main(cell_dir: &Path, log_cap: u64) -> i32 {
     });
     tracing::info!(?exit, "qemu ended");
     let record = serde_json::to_vec(&exit).unwrap_or_default();
-    if let Err(e) = write_atomic(&cell_dir.join(QEMU_EXIT), &record) {
-        tracing::error!("writing qemu's exit status: {e}");
-        return 1;
-    }
     // A VM without an agent ends when qemu does: that is the cell's exit.
     // With an agent, only the agent knows the command's status (qemu exits
     // 0 on a guest panic as on a poweroff): the backend records it.
+    // exit.json goes first: qemu-exit.json is the "shim is done" mark a
+    // status poll waits for, so the cell's exit must already be there.
     let path = cell_dir.join(EXIT_FILE);
     if cmd.agent_chardev.is_none()
         && !path.exists()
         && let Err(e) = write_atomic(&path, &record)
     {
         tracing::error!("writing exit status: {e}");
+        return 1;
+    }
+    if let Err(e) = write_atomic(&cell_dir.join(QEMU_EXIT), &record) {
+        tracing::error!("writing qemu's exit status: {e}");
         return 1;
     }
     0
