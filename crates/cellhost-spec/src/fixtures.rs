@@ -21,5 +21,7 @@ spec:
   network:
     mode: bridged
     egress: [ { cidr: 10.0.0.0/8, port: 443, protocol: tcp } ]
+    dns: [ 10.0.0.53 ]
+    egressBytesPerSecond: 1048576
   lifetime: { ttlSeconds: 3600 }
 "#;

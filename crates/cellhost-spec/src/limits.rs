@@ -51,6 +51,11 @@ pub const MAX_DISK_GIB: u64 = 65_536;
 pub const MAX_PORTS: usize = 256;
 /// Most entries in `spec.network.egress`.
 pub const MAX_EGRESS_RULES: usize = 256;
+/// Most entries in `spec.network.dns` (glibc's resolver reads three).
+pub const MAX_DNS: usize = 3;
+/// Least / most `spec.network.egressBytesPerSecond`: 1 KiB/s .. 10 GB/s.
+pub const MIN_EGRESS_BYTES_PER_SECOND: u64 = 1024;
+pub const MAX_EGRESS_BYTES_PER_SECOND: u64 = 10_000_000_000;
 
 /// Longest lease, seconds (`spec.lifetime.ttlSeconds`): 30 days.
 pub const MAX_TTL_SECONDS: u64 = 30 * 24 * 60 * 60;

@@ -248,6 +248,13 @@ pub struct Network {
     /// Egress allow-list; empty = deny all egress.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub egress: Vec<EgressRule>,
+    /// IPv4 resolvers for the cell's /etc/resolv.conf: DNS (udp/tcp 53) to
+    /// these is allowed, to any other address only if `egress` says so.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+    /// Cap on the bytes per second the cell may send; `None` = no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_bytes_per_second: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

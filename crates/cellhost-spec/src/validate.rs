@@ -465,6 +465,55 @@ fn check_network(n: &Network, errs: &mut ValidationErrors) {
             check_port_number(errs, &join(&base, "port"), port);
         }
     }
+    if n.dns.len() > MAX_DNS {
+        errs.push(
+            "spec.network.dns",
+            format!("at most {MAX_DNS} resolvers, got {}", n.dns.len()),
+        );
+    }
+    for (i, addr) in n.dns.iter().enumerate() {
+        let mut path = String::from("spec.network.dns");
+        push_index(&mut path, i);
+        match addr.parse::<Ipv4Addr>() {
+            Ok(a) if a.is_unspecified() || a.is_broadcast() || a.is_multicast() => errs.push(
+                path,
+                format!("must be a unicast IPv4 address, got {}", quote(addr)),
+            ),
+            Ok(_) => {}
+            Err(_) => errs.push(
+                path,
+                format!(
+                    "must be an IPv4 address like 10.0.0.53 (cells have no IPv6), got {}",
+                    quote(addr)
+                ),
+            ),
+        }
+    }
+    check_range(
+        errs,
+        "spec.network.egressBytesPerSecond",
+        n.egress_bytes_per_second,
+        MIN_EGRESS_BYTES_PER_SECOND,
+        MAX_EGRESS_BYTES_PER_SECOND,
+    );
+    if n.mode == NetworkMode::None {
+        let bridged_only = [
+            ("spec.network.egress", !n.egress.is_empty()),
+            ("spec.network.dns", !n.dns.is_empty()),
+            (
+                "spec.network.egressBytesPerSecond",
+                n.egress_bytes_per_second.is_some(),
+            ),
+        ];
+        for (path, set) in bridged_only {
+            if set {
+                errs.push(
+                    path,
+                    "needs spec.network.mode: bridged (mode none is loopback only)",
+                );
+            }
+        }
+    }
 }
 
 /// A parsed CIDR block: address and prefix length.
@@ -1118,6 +1167,7 @@ mod tests {
 
     fn egress(cidr: &str, port: Option<u32>) -> Cell {
         with(|c| {
+            c.spec.network.mode = NetworkMode::Bridged;
             c.spec.network.egress.push(EgressRule {
                 cidr: cidr.into(),
                 port,
@@ -1186,8 +1236,56 @@ mod tests {
     }
 
     #[test]
+    fn dns_and_rate() {
+        let net = |f: &dyn Fn(&mut Network)| {
+            with(|c| {
+                c.spec.network.mode = NetworkMode::Bridged;
+                f(&mut c.spec.network)
+            })
+        };
+        assert_ok(&net(&|n| n.dns = vec!["10.0.0.53".into(), "1.1.1.1".into()]));
+        assert_one(
+            &net(&|n| n.dns = vec!["10.0.0.53".into(), "2001:db8::53".into()]),
+            "spec.network.dns.1",
+            "must be an IPv4 address",
+        );
+        assert_one(
+            &net(&|n| n.dns = vec!["0.0.0.0".into()]),
+            "spec.network.dns.0",
+            "must be a unicast IPv4 address",
+        );
+        assert_one(
+            &net(&|n| n.dns = vec!["10.0.0.1".into(); MAX_DNS + 1]),
+            "spec.network.dns",
+            "at most 3 resolvers",
+        );
+        assert_ok(&net(&|n| n.egress_bytes_per_second = Some(1 << 20)));
+        assert_one(
+            &net(&|n| n.egress_bytes_per_second = Some(10)),
+            "spec.network.egressBytesPerSecond",
+            "must be >= 1024",
+        );
+    }
+
+    #[test]
+    fn network_settings_need_bridged_mode() {
+        let c = with(|c| {
+            c.spec.network.dns = vec!["10.0.0.53".into()];
+            c.spec.network.egress_bytes_per_second = Some(4096);
+        });
+        let e = errors(&c);
+        let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["spec.network.dns", "spec.network.egressBytesPerSecond"]
+        );
+        assert!(e.to_string().contains("needs spec.network.mode: bridged"));
+    }
+
+    #[test]
     fn egress_count() {
         let c = with(|c| {
+            c.spec.network.mode = NetworkMode::Bridged;
             for _ in 0..=MAX_EGRESS_RULES {
                 c.spec.network.egress.push(EgressRule {
                     cidr: "10.0.0.0/8".into(),
@@ -1267,6 +1365,7 @@ mod tests {
                 "spec.volume.sizeGiB",
                 "spec.network.egress.0.cidr",
                 "spec.network.egress.0.port",
+                "spec.network.egress",
                 "spec.lifetime.ttlSeconds",
             ]
         );
