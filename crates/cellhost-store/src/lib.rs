@@ -44,6 +44,19 @@
 //! `usage` has no foreign key either: billing reads intervals of cells
 //! that are long gone.
 //!
+//! Migration 3 (bridged networking, see [`Store::lease_address`]):
+//!
+//! ```text
+//! net_leases  cell_id TEXT PK, pool (a bridge's name), address (IPv4 as
+//!             INTEGER), leased_at (unix ms); UNIQUE (pool, address)
+//! net_ports   protocol, port, cell_id -> net_leases ON DELETE CASCADE;
+//!             PK (protocol, port): a host port belongs to one cell
+//! ```
+//!
+//! Leases have no foreign key to `cells`: the process tier takes one
+//! before the supervisor has a handle, and reconcile releases leases of
+//! cells whose row is gone.
+//!
 //! Both tables are `STRICT` (SQLite checks column types). `events` has no
 //! foreign key to `cells` on purpose: the log outlives the row
 //! (`cellhost.cell.destroyed` is appended after the row is removed).
@@ -126,6 +139,7 @@
 //! cannot smuggle a path like `../..` into a host-object name.
 
 mod error;
+mod leases;
 mod state;
 
 use std::fs::{DirBuilder, OpenOptions, Permissions};
@@ -141,6 +155,7 @@ use rusqlite::types::{FromSql, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, TransactionBehavior, params};
 
 pub use error::StoreError;
+pub use leases::{Lease, LeaseOutcome};
 pub use state::{Desired, Observed, ParseStateError};
 
 /// File name of the database inside the state dir.
@@ -201,6 +216,21 @@ const MIGRATIONS: &[&str] = &[
         wall_seconds        REAL    NOT NULL
     ) STRICT;
     CREATE INDEX usage_cell_id ON usage (cell_id, id);",
+    // 3: bridged networking: one address per cell from a pool (a bridge's
+    // subnet), and the host ports its cells publish (see `leases`).
+    "CREATE TABLE net_leases (
+        cell_id   TEXT    NOT NULL PRIMARY KEY,
+        pool      TEXT    NOT NULL,
+        address   INTEGER NOT NULL,
+        leased_at INTEGER NOT NULL,
+        UNIQUE (pool, address)
+    ) STRICT;
+    CREATE TABLE net_ports (
+        protocol TEXT    NOT NULL,
+        port     INTEGER NOT NULL,
+        cell_id  TEXT    NOT NULL REFERENCES net_leases (cell_id) ON DELETE CASCADE,
+        PRIMARY KEY (protocol, port)
+    ) STRICT;",
 ];
 
 /// The schema version this build writes and understands.

@@ -1,0 +1,285 @@
+//! Address and port leases for bridged cells (migration 3).
+//!
+//! A lease is taken in one `BEGIN IMMEDIATE` transaction: the cell's
+//! address (the lowest free one in the pool's range) and every host port it
+//! publishes, or nothing. Taking a lease for a cell that has one returns
+//! the same address (create retried after a crash); releasing is
+//! idempotent. Several processes may share the file: SQLite's write lock
+//! serialises them, so two cells never get one address or one port.
+
+use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
+
+use cellhost_core::ids::CellId;
+use rusqlite::{OptionalExtension, TransactionBehavior, params};
+
+use crate::{Store, StoreError};
+
+/// One cell's lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub cell: CellId,
+    pub pool: String,
+    pub address: Ipv4Addr,
+    /// `(protocol, host port)` pairs the cell publishes.
+    pub ports: Vec<(String, u16)>,
+}
+
+/// What [`Store::lease_address`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    Leased(Ipv4Addr),
+    /// Every address of the range is leased.
+    PoolExhausted,
+    /// A host port is another cell's.
+    PortTaken {
+        protocol: String,
+        port: u16,
+        by: String,
+    },
+}
+
+impl Store {
+    /// Lease `cell` the lowest free address of `range` in `pool`, and the
+    /// host `ports` it publishes; all or nothing. A cell that already holds
+    /// a lease in `pool` gets the same address back (its ports are then
+    /// replaced by `ports`).
+    pub fn lease_address(
+        &self,
+        cell: &CellId,
+        pool: &str,
+        range: RangeInclusive<Ipv4Addr>,
+        ports: &[(&str, u16)],
+    ) -> Result<LeaseOutcome, StoreError> {
+        let now = (self.clock)();
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let held: Option<(String, i64)> = tx
+            .query_row(
+                "SELECT pool, address FROM net_leases WHERE cell_id = ?1",
+                params![cell.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let address = match held {
+            Some((p, a)) if p == pool => a,
+            Some((p, _)) => {
+                return Err(StoreError::Invalid(format!(
+                    "cell {cell} already holds an address in pool {p:?}, not {pool:?}"
+                )));
+            }
+            None => {
+                let (first, last) = (
+                    i64::from(u32::from(*range.start())),
+                    i64::from(u32::from(*range.end())),
+                );
+                let mut stmt = tx.prepare(
+                    "SELECT address FROM net_leases
+                     WHERE pool = ?1 AND address BETWEEN ?2 AND ?3 ORDER BY address",
+                )?;
+                let taken = stmt
+                    .query_map(params![pool, first, last], |r| r.get::<_, i64>(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                drop(stmt);
+                // The first gap in the sorted list of taken addresses.
+                let mut next = first;
+                for a in taken {
+                    if a != next {
+                        break;
+                    }
+                    next += 1;
+                }
+                if next > last {
+                    return Ok(LeaseOutcome::PoolExhausted);
+                }
+                tx.execute(
+                    "INSERT INTO net_leases (cell_id, pool, address, leased_at)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![cell.as_str(), pool, next, now],
+                )?;
+                next
+            }
+        };
+        tx.execute(
+            "DELETE FROM net_ports WHERE cell_id = ?1",
+            params![cell.as_str()],
+        )?;
+        for (protocol, port) in ports {
+            let by: Option<String> = tx
+                .query_row(
+                    "SELECT cell_id FROM net_ports WHERE protocol = ?1 AND port = ?2",
+                    params![protocol, port],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(by) = by {
+                // Dropping the transaction rolls the address back too.
+                return Ok(LeaseOutcome::PortTaken {
+                    protocol: protocol.to_string(),
+                    port: *port,
+                    by,
+                });
+            }
+            tx.execute(
+                "INSERT INTO net_ports (protocol, port, cell_id) VALUES (?1, ?2, ?3)",
+                params![protocol, port, cell.as_str()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(LeaseOutcome::Leased(to_addr(address)?))
+    }
+
+    /// Give back `cell`'s address and ports. `Ok(false)` if it held none.
+    pub fn release_lease(&self, cell: &CellId) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "DELETE FROM net_leases WHERE cell_id = ?1",
+            params![cell.as_str()],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Every lease in `pool`, by address.
+    pub fn leases(&self, pool: &str) -> Result<Vec<Lease>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT l.cell_id, l.address, p.protocol, p.port
+             FROM net_leases l LEFT JOIN net_ports p ON p.cell_id = l.cell_id
+             WHERE l.pool = ?1 ORDER BY l.address, p.protocol, p.port",
+        )?;
+        let rows = stmt
+            .query_map(params![pool], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut out: Vec<Lease> = Vec::new();
+        for (id, address, protocol, port) in rows {
+            let cell = CellId::parse(&id).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            if out.last().is_none_or(|l| l.cell != cell) {
+                out.push(Lease {
+                    cell,
+                    pool: pool.to_string(),
+                    address: to_addr(address)?,
+                    ports: Vec::new(),
+                });
+            }
+            if let (Some(protocol), Some(port), Some(last)) = (protocol, port, out.last_mut()) {
+                let port = u16::try_from(port)
+                    .map_err(|_| StoreError::Invalid(format!("net_ports: port {port}")))?;
+                last.ports.push((protocol, port));
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn to_addr(a: i64) -> Result<Ipv4Addr, StoreError> {
+    u32::try_from(a)
+        .map(Ipv4Addr::from)
+        .map_err(|_| StoreError::Invalid(format!("net_leases: address {a} is not IPv4")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        (dir, s)
+    }
+
+    fn range(a: [u8; 4], b: [u8; 4]) -> RangeInclusive<Ipv4Addr> {
+        Ipv4Addr::from(a)..=Ipv4Addr::from(b)
+    }
+
+    #[test]
+    fn lowest_free_address_reused_after_release_and_same_for_a_retry() {
+        let (_d, s) = store();
+        let r = || range([10, 0, 0, 2], [10, 0, 0, 4]);
+        let ids: Vec<CellId> = (0..4).map(|_| CellId::random()).collect();
+        let lease = |i: usize| s.lease_address(&ids[i], "br0", r(), &[]).unwrap();
+        assert_eq!(lease(0), LeaseOutcome::Leased([10, 0, 0, 2].into()));
+        assert_eq!(lease(1), LeaseOutcome::Leased([10, 0, 0, 3].into()));
+        assert_eq!(lease(1), LeaseOutcome::Leased([10, 0, 0, 3].into()));
+        assert_eq!(lease(2), LeaseOutcome::Leased([10, 0, 0, 4].into()));
+        assert_eq!(lease(3), LeaseOutcome::PoolExhausted);
+        assert!(s.release_lease(&ids[0]).unwrap());
+        assert!(!s.release_lease(&ids[0]).unwrap());
+        assert_eq!(lease(3), LeaseOutcome::Leased([10, 0, 0, 2].into()));
+        // Another pool is another address space.
+        let other = CellId::random();
+        assert_eq!(
+            s.lease_address(&other, "br1", r(), &[]).unwrap(),
+            LeaseOutcome::Leased([10, 0, 0, 2].into())
+        );
+        assert!(matches!(
+            s.lease_address(&other, "br0", r(), &[]),
+            Err(StoreError::Invalid(m)) if m.contains("br1")
+        ));
+    }
+
+    #[test]
+    fn a_taken_port_refuses_the_whole_lease_and_release_frees_ports() {
+        let (_d, s) = store();
+        let r = || range([10, 0, 0, 2], [10, 0, 0, 200]);
+        let (a, b) = (CellId::random(), CellId::random());
+        assert!(matches!(
+            s.lease_address(&a, "br0", r(), &[("tcp", 8080), ("udp", 8080)])
+                .unwrap(),
+            LeaseOutcome::Leased(_)
+        ));
+        match s
+            .lease_address(&b, "br0", r(), &[("tcp", 9090), ("tcp", 8080)])
+            .unwrap()
+        {
+            LeaseOutcome::PortTaken { protocol, port, by } => {
+                assert_eq!((protocol.as_str(), port, by), ("tcp", 8080, a.to_string()));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Nothing of b's was kept: not its address, not 9090.
+        let leases = s.leases("br0").unwrap();
+        assert_eq!(leases.len(), 1);
+        assert_eq!(
+            leases[0].ports,
+            [("tcp".to_string(), 8080), ("udp".to_string(), 8080)]
+        );
+        s.release_lease(&a).unwrap();
+        assert!(matches!(
+            s.lease_address(&b, "br0", r(), &[("tcp", 8080)]).unwrap(),
+            LeaseOutcome::Leased(addr) if addr == Ipv4Addr::new(10, 0, 0, 2)
+        ));
+        assert_eq!(s.leases("br0").unwrap()[0].ports, [("tcp".into(), 8080)]);
+    }
+
+    #[test]
+    fn two_handles_never_hand_out_one_address() {
+        let (d, s) = store();
+        let s2 = Store::open(d.path()).unwrap();
+        let r = || range([10, 0, 0, 2], [10, 0, 0, 250]);
+        let got = std::thread::scope(|sc| {
+            let t = move |s: &Store| {
+                (0..40)
+                    .map(|_| match s.lease_address(&CellId::random(), "p", r(), &[]) {
+                        Ok(LeaseOutcome::Leased(a)) => a,
+                        other => panic!("{other:?}"),
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let h1 = sc.spawn(move || t(&s));
+            let h2 = sc.spawn(move || t(&s2));
+            let mut all = h1.join().unwrap();
+            all.extend(h2.join().unwrap());
+            all
+        });
+        let mut uniq = got.clone();
+        uniq.sort();
+        uniq.dedup();
+        assert_eq!(uniq.len(), got.len());
+    }
+}
