@@ -235,6 +235,11 @@ pub struct SpecInputs<'a> {
     pub volume: Option<(&'a str, &'a Path)>,
     /// Relative cgroup path (`/cellhost/cellhost-<id>`).
     pub cgroup_path: &'a str,
+    /// Bridged cells: the netns cellhost-net made (joined, not created),
+    /// and the cell's resolv.conf (bound over /etc/resolv.conf where the
+    /// root has one).
+    pub netns: Option<&'a Path>,
+    pub resolv_conf: Option<&'a Path>,
 }
 
 fn mount(dest: &str, typ: &str, source: &str, opts: &[&str]) -> Result<Mount, BundleError> {
@@ -328,6 +333,15 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
         mounts.push(bind_ro("/etc", &h.etc)?);
         if h.etc.join("alternatives").is_dir() {
             mounts.push(bind_ro(ALTERNATIVES, Path::new(ALTERNATIVES))?);
+        }
+    }
+    if let Some(conf) = inp.resolv_conf {
+        let has_target = match inp.root {
+            RootSource::Host(_) => true,
+            RootSource::Dir(d) => d.join("etc/resolv.conf").is_file(),
+        };
+        if has_target {
+            mounts.push(bind_ro("/etc/resolv.conf", conf)?);
         }
     }
     if let Some(dir) = inp.secrets_dir {
@@ -425,10 +439,11 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
     ]
     .into_iter()
     .map(|t| {
-        LinuxNamespaceBuilder::default()
-            .typ(t)
-            .build()
-            .map_err(spec_err)
+        let mut ns = LinuxNamespaceBuilder::default().typ(t);
+        if let (LinuxNamespaceType::Network, Some(path)) = (t, inp.netns) {
+            ns = ns.path(path.to_path_buf());
+        }
+        ns.build().map_err(spec_err)
     })
     .collect::<Result<Vec<_>, _>>()?;
 

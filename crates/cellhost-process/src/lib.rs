@@ -138,6 +138,9 @@ pub struct ProcessConfig {
     pub log_cap_bytes: u64,
     /// Which encrypted-volume engine (`<state>/volumes`).
     pub volume_engine: cellhost_volume::EngineChoice,
+    /// Bridged networking (`network.mode: bridged`, `spec.ports`); `None`
+    /// refuses such cells.
+    pub network: Option<cellhost_net::NetConfig>,
 }
 
 /// Default cap on a cell's log: 64 MiB.
@@ -151,6 +154,7 @@ impl ProcessConfig {
             shim,
             log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
             volume_engine: cellhost_volume::EngineChoice::Auto,
+            network: None,
         }
     }
 }
@@ -167,6 +171,8 @@ pub struct ProcessBackend {
     instance: String,
     /// Encrypted volumes of this tier's cells (`<state>/volumes/<id>`).
     volumes: cellhost_volume::Volumes,
+    /// Bridged networking, when configured.
+    net: Option<Arc<cellhost_net::Network>>,
 }
 
 /// Paths of one cell on the host, derived from its id.
@@ -196,6 +202,28 @@ impl CellPaths {
     }
 }
 
+/// The cell's resolv.conf in its dir (bridged cells).
+const RESOLV_CONF: &str = "resolv.conf";
+
+/// A network error as the backend reports it: a document the host cannot
+/// carry out is invalid (naming the field), a missing tool is a missing
+/// capability, the rest is the engine's.
+fn net_err(e: cellhost_net::NetError) -> BackendError {
+    use cellhost_net::NetError as N;
+    match e {
+        N::Rule(_) | N::PortTaken { .. } => BackendError::Invalid(e.to_string()),
+        N::MissingTool { tool, detail } => BackendError::MissingCapability {
+            capability: tool.into(),
+            detail,
+        },
+        N::PoolExhausted { .. } => BackendError::MissingCapability {
+            capability: "network.address".into(),
+            detail: e.to_string(),
+        },
+        other => BackendError::Engine(format!("bridged network: {other}")),
+    }
+}
+
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BackendError {
     let context = context.into();
     move |e| BackendError::io(context, e)
@@ -213,6 +241,10 @@ impl ProcessBackend {
         vcfg.engine = cfg.volume_engine;
         ProcessBackend {
             volumes: cellhost_volume::Volumes::new(vcfg),
+            net: cfg
+                .network
+                .clone()
+                .map(|n| Arc::new(cellhost_net::Network::new(n))),
             cfg,
             hierarchies: Arc::default(),
             instance,
@@ -335,12 +367,14 @@ impl ProcessBackend {
         need("memory", r.memory_mib.is_none() || cg.memory.is_some())?;
         need("cpu", r.cpus.is_none() || cg.cpu.is_some())?;
         need("pids", r.pids.is_none() || cg.procs.is_some())?;
-        if cell.spec.network.mode != cellhost_spec::NetworkMode::None {
-            return Err(BackendError::MissingCapability {
-                capability: "network.bridged".into(),
-                detail: "the process tier supports network.mode: none (loopback only) so far"
-                    .into(),
-            });
+        if cell.spec.network.mode == cellhost_spec::NetworkMode::Bridged {
+            let Some(net) = &self.net else {
+                return Err(BackendError::MissingCapability {
+                    capability: "network.bridged".into(),
+                    detail: "bridged networking is not configured for this process tier".into(),
+                });
+            };
+            net.admit(cell).map_err(net_err)?;
         }
         if cell.spec.volume.as_ref().is_some_and(|v| !v.encrypted) {
             return Err(BackendError::MissingCapability {
@@ -350,16 +384,21 @@ impl ProcessBackend {
             });
         }
         self.volumes.admit(cell, key)?;
-        if !cell.spec.ports.is_empty() {
-            return Err(BackendError::MissingCapability {
-                capability: "ports".into(),
-                detail: "spec.ports needs network.mode: bridged, not supported yet".into(),
-            });
+        if !cell.spec.ports.is_empty()
+            && cell.spec.network.mode != cellhost_spec::NetworkMode::Bridged
+        {
+            return Err(BackendError::Invalid(
+                "spec.ports: publishing ports needs spec.network.mode: bridged (mode none is loopback only)".into(),
+            ));
         }
         Ok(())
     }
 
-    async fn create_inner(&self, req: &CreateRequest, p: &CellPaths) -> Result<(), BackendError> {
+    async fn create_inner(
+        &self,
+        req: &CreateRequest,
+        p: &CellPaths,
+    ) -> Result<Option<cellhost_net::Attachment>, BackendError> {
         let root = bundle::RootSource::resolve(&req.cell, &self.cfg.state_dir)
             .map_err(|e| BackendError::Invalid(e.to_string()))?;
         fs::DirBuilder::new()
@@ -373,6 +412,21 @@ impl ProcessBackend {
             cellhost_core::secrets::write_tmpfs(&p.secrets(), &req.secrets)?;
             Some(p.secrets())
         };
+        let attached = match (&self.net, req.cell.spec.network.mode) {
+            (Some(net), cellhost_spec::NetworkMode::Bridged) => {
+                let (net, id, cell) = (net.clone(), req.id.clone(), req.cell.clone());
+                let a = tokio::task::spawn_blocking(move || net.attach(&id, &cell))
+                    .await
+                    .map_err(|e| BackendError::Engine(format!("network attach task: {e}")))?
+                    .map_err(net_err)?;
+                write_private(
+                    &p.dir.join(RESOLV_CONF),
+                    cellhost_net::resolv_conf(&req.cell).as_bytes(),
+                )?;
+                Some(a)
+            }
+            _ => None,
+        };
         let volume = self.volumes.create_for(req).await?;
         let volume = match (&volume, &req.cell.spec.volume) {
             (Some(open), Some(v)) => Some((v.path.as_str(), open.data_dir.as_path())),
@@ -385,6 +439,11 @@ impl ProcessBackend {
             secrets_dir: secrets_dir.as_deref(),
             volume,
             cgroup_path: &cgroup_path,
+            netns: attached.as_ref().map(|a| a.netns.as_path()),
+            resolv_conf: attached
+                .as_ref()
+                .map(|_| p.dir.join(RESOLV_CONF))
+                .as_deref(),
         })
         .map_err(|e| BackendError::Engine(e.to_string()))?;
         let json = serde_json::to_vec(&spec).map_err(|e| BackendError::Engine(e.to_string()))?;
@@ -396,7 +455,8 @@ impl ProcessBackend {
             .mode(0o600)
             .open(p.log())
             .map_err(io_err("creating cell log"))?;
-        self.run_shim(p).await
+        self.run_shim(p).await?;
+        Ok(attached)
     }
 
     async fn run_shim(&self, p: &CellPaths) -> Result<(), BackendError> {
@@ -554,10 +614,15 @@ impl ProcessBackend {
             }
         }
 
-        // 4. the encrypted volume (its own dir; checks of its own).
+        // 4. the network (its own objects; checks of its own).
+        if let Some(net) = &self.net {
+            net.detach_if_any(id, &mut report);
+        }
+
+        // 5. the encrypted volume (its own dir; checks of its own).
         self.volumes.destroy_if_any(id, &mut report);
 
-        // 5. the cell dir.
+        // 6. the cell dir.
         if let Err(e) = fs::remove_dir_all(&p.dir)
             && e.kind() != io::ErrorKind::NotFound
         {
@@ -640,6 +705,18 @@ impl ProcessBackend {
         for id in self.volumes.list() {
             if !ids.contains(&id) {
                 ids.push(id);
+            }
+        }
+        if let Some(net) = &self.net {
+            match net.cells() {
+                Ok(net_ids) => {
+                    for id in net_ids {
+                        if !ids.contains(&id) {
+                            ids.push(id);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!("listing bridged cells: {e}"),
             }
         }
         if let Ok(hs) = self.cached_hierarchies() {
@@ -860,7 +937,12 @@ impl Backend for ProcessBackend {
             let _ = self.destroy(&handle).await?;
         }
         match self.create_inner(&req, &p).await {
-            Ok(()) => Ok(handle),
+            Ok(None) => Ok(handle),
+            Ok(Some(net)) => {
+                let mut handle = handle;
+                handle.tier["network"] = serde_json::to_value(&net).unwrap_or_default();
+                Ok(handle)
+            }
             Err(e) => {
                 let report = self.destroy(&handle).await?;
                 if report.is_clean() {

@@ -1243,7 +1243,9 @@ mod tests {
                 f(&mut c.spec.network)
             })
         };
-        assert_ok(&net(&|n| n.dns = vec!["10.0.0.53".into(), "1.1.1.1".into()]));
+        assert_ok(&net(&|n| {
+            n.dns = vec!["10.0.0.53".into(), "1.1.1.1".into()]
+        }));
         assert_one(
             &net(&|n| n.dns = vec!["10.0.0.53".into(), "2001:db8::53".into()]),
             "spec.network.dns.1",

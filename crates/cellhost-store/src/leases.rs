@@ -265,10 +265,12 @@ mod tests {
         let got = std::thread::scope(|sc| {
             let t = move |s: &Store| {
                 (0..40)
-                    .map(|_| match s.lease_address(&CellId::random(), "p", r(), &[]) {
-                        Ok(LeaseOutcome::Leased(a)) => a,
-                        other => panic!("{other:?}"),
-                    })
+                    .map(
+                        |_| match s.lease_address(&CellId::random(), "p", r(), &[]) {
+                            Ok(LeaseOutcome::Leased(a)) => a,
+                            other => panic!("{other:?}"),
+                        },
+                    )
                     .collect::<Vec<_>>()
             };
             let h1 = sc.spawn(move || t(&s));

@@ -183,6 +183,7 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
         cellhost_spec::Isolation::Process,
         state_dir,
         Default::default(),
+        &Default::default(),
     )?;
     let docker = docker_ready();
     let exe = std::env::current_exe()?;

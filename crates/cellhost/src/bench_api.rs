@@ -132,6 +132,7 @@ pub async fn bench_api(
         cellhost_spec::Isolation::Process,
         &root.join("backend"),
         Default::default(),
+        &Default::default(),
     )?;
     let lib_dir = root.join("supervisor");
     let store = Arc::new(Store::open(&lib_dir)?);
@@ -144,6 +145,7 @@ pub async fn bench_api(
             cellhost_spec::Isolation::Process,
             &lib_dir,
             Default::default(),
+            &Default::default(),
         )?],
         cfg,
     )?;

@@ -179,6 +179,42 @@ pub struct ServeArgs {
     pub publish_address: std::net::IpAddr,
     #[command(flatten)]
     pub volume: VolumeEngineOpt,
+    #[command(flatten)]
+    pub net: NetOpt,
+}
+
+/// Where bridged process cells attach, shared by `run` and `serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NetOpt {
+    /// Bridge for `network.mode: bridged` cells (created when missing).
+    #[arg(long, env = "CELLHOST_BRIDGE", default_value = cellhost_net::DEFAULT_BRIDGE)]
+    pub bridge: String,
+    /// The bridge's IPv4 subnet: its first address is the bridge's (the
+    /// cells' gateway); cells lease the rest.
+    #[arg(long, env = "CELLHOST_BRIDGE_SUBNET", default_value = cellhost_net::DEFAULT_SUBNET)]
+    pub bridge_subnet: cellhost_net::Subnet,
+}
+
+impl Default for NetOpt {
+    fn default() -> NetOpt {
+        NetOpt {
+            bridge: cellhost_net::DEFAULT_BRIDGE.into(),
+            bridge_subnet: cellhost_net::DEFAULT_SUBNET
+                .parse()
+                .expect("default subnet parses"),
+        }
+    }
+}
+
+impl NetOpt {
+    /// The network config with leases in `state_dir`'s store.
+    pub fn config(&self, state_dir: &std::path::Path) -> cellhost_net::NetConfig {
+        cellhost_net::NetConfig {
+            bridge: self.bridge.clone(),
+            subnet: self.bridge_subnet,
+            store_dir: state_dir.to_path_buf(),
+        }
+    }
 }
 
 /// `--volume-engine`, shared by `run` and `serve`.
@@ -218,6 +254,8 @@ pub struct RunArgs {
     pub volume_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub volume: VolumeEngineOpt,
+    #[command(flatten)]
+    pub net: NetOpt,
     /// Owner recorded for the cell.
     #[arg(long, default_value = "local")]
     pub owner: String,

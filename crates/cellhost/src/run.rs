@@ -106,6 +106,7 @@ pub fn backend_for(
     isolation: Isolation,
     state_dir: &Path,
     volume_engine: EngineChoice,
+    net: &crate::cli::NetOpt,
 ) -> anyhow::Result<Arc<dyn Backend>> {
     match isolation {
         Isolation::Process => {
@@ -113,6 +114,7 @@ pub fn backend_for(
                 .context("locating the cellhost binary for the shim")?;
             let mut cfg = cellhost_process::ProcessConfig::new(state_dir.join("process"), shim);
             cfg.volume_engine = volume_engine;
+            cfg.network = Some(net.config(state_dir));
             Ok(Arc::new(cellhost_process::ProcessBackend::new(cfg)))
         }
         Isolation::Container => {
@@ -293,7 +295,12 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         .as_deref()
         .map(read_volume_key)
         .transpose()?;
-    let backend = backend_for(cell.spec.isolation, state_dir, args.volume.volume_engine.0)?;
+    let backend = backend_for(
+        cell.spec.isolation,
+        state_dir,
+        args.volume.volume_engine.0,
+        &args.net,
+    )?;
     // A daemon on this state dir would reconcile our in-flight cell away.
     let _lock = crate::serve::lock_state_dir(state_dir, false)?;
     let secrets =

@@ -85,6 +85,7 @@ pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dy
             Isolation::Process,
             state_dir,
             args.volume.volume_engine.0,
+            &args.net,
         )?);
     } else {
         tracing::warn!("process tier unavailable: {}", tier.detail);

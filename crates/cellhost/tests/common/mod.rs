@@ -158,6 +158,11 @@ impl Drop for Tier {
 }
 
 pub fn tier() -> Tier {
+    tier_with_network(|_| None)
+}
+
+/// A tier whose bridged networking is `net(state dir)`.
+pub fn tier_with_network(net: impl FnOnce(&Path) -> Option<cellhost_net::NetConfig>) -> Tier {
     let dir = tempfile::Builder::new()
         .prefix("cellhost-test-")
         .tempdir()
@@ -170,6 +175,7 @@ pub fn tier() -> Tier {
         },
         log_cap_bytes: LOG_CAP,
         volume_engine: Default::default(),
+        network: net(dir.path()),
     });
     Tier {
         backend,

@@ -1,0 +1,678 @@
+//! Bridged networking for cells: a veth pair from the cell's network
+//! namespace to a cellhost bridge, an address leased in the state store,
+//! and one nftables table per cell that denies egress by default.
+//!
+//! # Layout on the host
+//!
+//! ```text
+//! <bridge> (default cellhost-br0)   Linux bridge, <gateway>/<prefix> (the
+//!                                   subnet's first address), route_localnet=1
+//! /run/netns/cellhost-<id>          the cell's netns (iproute2's naming, so
+//!                                   `ip netns` shows it); inside: lo, eth0
+//!                                   <address>/<prefix>, default via gateway
+//! chv<id>                           host end of the veth, a bridge port with
+//!                                   `isolated on` (cells never talk L2 to
+//!                                   each other, only to the host)
+//! neighbour <address> → <mac>       permanent on the bridge: a cell cannot
+//!                                   take another's address by ARP
+//! table inet cellhost_<id>          the cell's rules (see `rules`), with a
+//!                                   comment naming the cell and the bridge
+//! <state>/cellhost.db net_leases    address and host ports (see
+//!                                   cellhost-store `leases`)
+//! iptables FORWARD / DOCKER-USER    `-i/-o <bridge> -j ACCEPT`, only where
+//!                                   another tool (Docker) set the FORWARD
+//!                                   policy to DROP: an nftables drop in any
+//!                                   base chain is final, so without these
+//!                                   no forwarded packet would pass; the
+//!                                   cell's own table does the filtering
+//! sysctl net.ipv4.ip_forward = 1    host-wide, as every router-mode runtime
+//! ```
+//!
+//! # Lifecycle
+//!
+//! `attach` (before the workload starts): bridge ensured, lease taken (the
+//! address and the published host ports, all or nothing), netns, veth,
+//! neighbour entry, nft table (one `nft -f -` transaction), addresses and
+//! routes inside the netns. `detach`: table, veth, neighbour, netns, and
+//! the lease last; then each is *checked* into the TeardownReport.
+//!
+//! # Idempotency
+//!
+//! Every object is named from the cell id alone, so `detach` works from a
+//! fresh process after a crash, and twice. `attach` replaces what an
+//! earlier attempt left (the table load is create-or-replace, a stale veth
+//! is deleted first, the lease is the same address). The lease is taken
+//! first and released last, so every object of a cell is found through
+//! [`Network::cells`] (leases, tables carrying this bridge's comment, and
+//! the bridge's ports) until it is gone: reconcile sweeps orphans by it.
+//!
+//! # Threat model
+//!
+//! The workload is untrusted and root in its netns with CAP_NET_RAW (it may
+//! forge packets). Everything that limits it lives on the host side, out
+//! of its reach: the ingress hook on the veth drops any packet whose
+//! source IPv4 or MAC is not the cell's, and all IPv6; forwarded and
+//! host-bound packets from the cell pass only replies and the declared
+//! allow-list (`spec.network.egress`, DNS to `spec.network.dns`); nothing
+//! reaches the cell but replies and its published ports. The host's own
+//! processes (the provider) may connect to cells directly.
+//!
+//! # Why shell out
+//!
+//! `nft -f -` is the interface to nftables' atomic transactions (the issue
+//! names it), and `ip` is the interface to iproute2's named netns under
+//! /run/netns, which operators inspect with the same tool. Both get fixed
+//! argv of names and addresses we generated; no document text reaches them
+//! except validated addresses and port numbers.
+
+pub mod rules;
+pub mod subnet;
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use cellhost_core::TeardownReport;
+use cellhost_core::ids::CellId;
+use cellhost_spec::{Cell, Protocol};
+use cellhost_store::{LeaseOutcome, Store, StoreError};
+
+pub use rules::{CellRules, Count, Counters, RuleError};
+pub use subnet::{Subnet, mac_for, netns_name, table_name, veth_name};
+
+/// The default bridge name.
+pub const DEFAULT_BRIDGE: &str = "cellhost-br0";
+/// The default bridge subnet (65 533 cells).
+pub const DEFAULT_SUBNET: &str = "10.47.0.0/16";
+
+/// Where a host's cells attach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Bridge interface name (at most 15 bytes).
+    pub bridge: String,
+    pub subnet: Subnet,
+    /// The state dir holding the store (`cellhost.db`) for leases.
+    pub store_dir: PathBuf,
+}
+
+impl NetConfig {
+    /// The default bridge and subnet, leases in `store_dir`'s store.
+    pub fn new(store_dir: PathBuf) -> NetConfig {
+        NetConfig {
+            bridge: DEFAULT_BRIDGE.into(),
+            subnet: DEFAULT_SUBNET.parse().expect("default subnet parses"),
+            store_dir,
+        }
+    }
+
+    /// Check the bridge name can be an interface name.
+    pub fn check(&self) -> Result<(), NetError> {
+        let ok = !self.bridge.is_empty()
+            && self.bridge.len() <= 15
+            && self
+                .bridge
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if ok {
+            Ok(())
+        } else {
+            Err(NetError::Config(format!(
+                "bridge name {:?}: 1 to 15 of [A-Za-z0-9_-]",
+                self.bridge
+            )))
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("host lacks {tool}: {detail}")]
+    MissingTool { tool: &'static str, detail: String },
+    #[error("network config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Rule(#[from] RuleError),
+    #[error("{command} failed: {detail}")]
+    Command { command: String, detail: String },
+    #[error("state store: {0}")]
+    Store(#[from] StoreError),
+    #[error("no free address left on {bridge} ({subnet})")]
+    PoolExhausted { bridge: String, subnet: Subnet },
+    #[error("{field}: host port {port}/{protocol} is {why}")]
+    PortTaken {
+        field: String,
+        port: u16,
+        protocol: &'static str,
+        why: String,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A cell's network as attached.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Attachment {
+    /// The netns to run the workload in.
+    pub netns: PathBuf,
+    pub address: Ipv4Addr,
+    pub gateway: Ipv4Addr,
+    pub prefix: u8,
+    pub bridge: String,
+    pub veth: String,
+    pub table: String,
+    pub mac: String,
+}
+
+/// The cell's /etc/resolv.conf: its declared resolvers, or none.
+pub fn resolv_conf(cell: &Cell) -> String {
+    if cell.spec.network.dns.is_empty() {
+        return "# no resolvers declared (spec.network.dns): DNS is denied\n".into();
+    }
+    let mut s = String::from("# spec.network.dns\n");
+    for r in &cell.spec.network.dns {
+        s.push_str(&format!("nameserver {r}\n"));
+    }
+    s
+}
+
+/// One host's bridged networking. Cheap to share; every method takes
+/// `&self` and may run concurrently for different cells.
+pub struct Network {
+    cfg: NetConfig,
+    store: Mutex<Option<Arc<Store>>>,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl Network {
+    pub fn new(cfg: NetConfig) -> Network {
+        Network {
+            cfg,
+            store: Mutex::new(None),
+        }
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    fn store(&self) -> Result<Arc<Store>, NetError> {
+        let mut s = self.store.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = &*s {
+            return Ok(s.clone());
+        }
+        let opened = Arc::new(Store::open(&self.cfg.store_dir)?);
+        *s = Some(opened.clone());
+        Ok(opened)
+    }
+
+    /// Check, before any side effect, that this host can attach `cell`:
+    /// the tools exist, the document's network section can be expressed,
+    /// and its host ports are free on the host.
+    pub fn admit(&self, cell: &Cell) -> Result<(), NetError> {
+        self.cfg.check()?;
+        for tool in ["ip", "nft"] {
+            if cellhost_core::probe::which(tool).is_none() {
+                return Err(NetError::MissingTool {
+                    tool: if tool == "ip" { "ip" } else { "nft" },
+                    detail: format!(
+                        "bridged networking runs `{tool}` (packages iproute2, nftables)"
+                    ),
+                });
+            }
+        }
+        let probe = CellId::parse("000000000000").expect("valid id");
+        CellRules::for_cell(&probe, &self.cfg.bridge, self.cfg.subnet.gateway(), cell)?;
+        for (i, p) in cell.spec.ports.iter().enumerate() {
+            let port = u16::try_from(p.host).unwrap_or(0);
+            let bound = match p.protocol {
+                Protocol::Tcp => std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).err(),
+                Protocol::Udp => std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).err(),
+            };
+            if let Some(e) = bound {
+                return Err(NetError::PortTaken {
+                    field: format!("spec.ports.{i}.host"),
+                    port,
+                    protocol: p.protocol.as_str(),
+                    why: format!("not free on the host ({e})"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Give `id` its network: see the module docs for the order. On error
+    /// the caller detaches (everything made so far is found by name).
+    pub fn attach(&self, id: &CellId, cell: &Cell) -> Result<Attachment, NetError> {
+        self.ensure_bridge()?;
+        let store = self.store()?;
+        let ports: Vec<(&str, u16)> = cell
+            .spec
+            .ports
+            .iter()
+            .map(|p| (p.protocol.as_str(), u16::try_from(p.host).unwrap_or(0)))
+            .collect();
+        let address = match store.lease_address(
+            id,
+            &self.cfg.bridge,
+            self.cfg.subnet.cell_range(),
+            &ports,
+        )? {
+            LeaseOutcome::Leased(a) => a,
+            LeaseOutcome::PoolExhausted => {
+                return Err(NetError::PoolExhausted {
+                    bridge: self.cfg.bridge.clone(),
+                    subnet: self.cfg.subnet,
+                });
+            }
+            LeaseOutcome::PortTaken { protocol, port, by } => {
+                let i = cell
+                    .spec
+                    .ports
+                    .iter()
+                    .position(|p| p.protocol.as_str() == protocol && p.host == u32::from(port))
+                    .unwrap_or(0);
+                return Err(NetError::PortTaken {
+                    field: format!("spec.ports.{i}.host"),
+                    port,
+                    protocol: if protocol == "udp" { "udp" } else { "tcp" },
+                    why: format!("published by cell {by}"),
+                });
+            }
+        };
+        let rules = CellRules::for_cell(id, &self.cfg.bridge, address, cell)?;
+        let a = Attachment {
+            netns: Path::new("/run/netns").join(netns_name(id)),
+            address,
+            gateway: self.cfg.subnet.gateway(),
+            prefix: self.cfg.subnet.prefix(),
+            bridge: self.cfg.bridge.clone(),
+            veth: veth_name(id),
+            table: table_name(id),
+            mac: mac_for(id),
+        };
+        if !a.netns.exists() {
+            run("ip", &["netns", "add", &netns_name(id)], None)?;
+        }
+        // Cells have IPv4 only; without this the kernel's IPv6 autoconf
+        // chatter would fill the `spoofed` counter.
+        disable_ipv6_in(&a.netns)?;
+        if link_exists(&a.veth) {
+            run("ip", &["link", "del", &a.veth], None)?;
+        }
+        let ns = netns_name(id);
+        let host = format!(
+            "link add {veth} type veth peer name eth0 address {mac} netns {ns}\n\
+             link set {veth} master {br}\n\
+             link set dev {veth} type bridge_slave isolated on learning off\n\
+             link set {veth} up\n\
+             neigh replace {ip} lladdr {mac} dev {br} nud permanent\n",
+            veth = a.veth,
+            mac = a.mac,
+            br = a.bridge,
+            ip = a.address,
+        );
+        run("ip", &["-batch", "-"], Some(host.as_bytes()))?;
+        run("nft", &["-f", "-"], Some(rules.render().as_bytes()))?;
+        let inside = format!(
+            "link set lo up\naddr add {ip}/{prefix} dev eth0\nlink set eth0 up\nroute add default via {gw} dev eth0\n",
+            ip = a.address,
+            prefix = a.prefix,
+            gw = a.gateway,
+        );
+        run("ip", &["-n", &ns, "-batch", "-"], Some(inside.as_bytes()))?;
+        Ok(a)
+    }
+
+    /// Remove `id`'s network and record each check in `report`: the
+    /// table, the veth, the neighbour entry, the netns, the lease.
+    pub fn detach(&self, id: &CellId, report: &mut TeardownReport) {
+        let table = table_name(id);
+        let veth = veth_name(id);
+        let ns = netns_name(id);
+        let mac = mac_for(id);
+        let br = &self.cfg.bridge;
+        let mut step = |r: Result<Vec<u8>, NetError>| {
+            if let Err(e) = r {
+                report.error(e.to_string());
+            }
+        };
+        if table_exists(&table) {
+            step(run("nft", &["delete", "table", "inet", &table], None));
+        }
+        if link_exists(&veth) {
+            step(run("ip", &["link", "del", &veth], None));
+        }
+        for ip in neighbours_with(br, &mac) {
+            step(run("ip", &["neigh", "del", &ip, "dev", br], None));
+        }
+        if Path::new("/run/netns").join(&ns).exists() {
+            step(run("ip", &["netns", "del", &ns], None));
+        }
+        let released = self.store().and_then(|s| Ok(s.release_lease(id)?));
+        if let Err(e) = &released {
+            report.error(format!("releasing the address lease: {e}"));
+        }
+
+        report.check(
+            "net-table",
+            format!("nft table inet {table}"),
+            u64::from(table_exists(&table)),
+        );
+        report.check("net-veth", veth.clone(), u64::from(link_exists(&veth)));
+        report.check(
+            "net-neighbour",
+            format!("{mac} on {br}"),
+            neighbours_with(br, &mac).len() as u64,
+        );
+        report.check(
+            "net-netns",
+            format!("/run/netns/{ns}"),
+            u64::from(Path::new("/run/netns").join(&ns).exists()),
+        );
+        let leased = self
+            .store()
+            .and_then(|s| Ok(s.leases(br)?))
+            .map(|l| l.iter().filter(|l| &l.cell == id).count() as u64)
+            .unwrap_or(1);
+        report.check("net-lease", format!("{br} lease of {id}"), leased);
+    }
+
+    /// [`Network::detach`] if `id` has any network object, else nothing
+    /// (a cell with `network.mode: none`). The lease is taken first and
+    /// released last, so no lease, no veth and no netns means no table.
+    pub fn detach_if_any(&self, id: &CellId, report: &mut TeardownReport) {
+        let leased = self
+            .store()
+            .and_then(|s| Ok(s.leases(&self.cfg.bridge)?))
+            .map(|l| l.iter().any(|l| &l.cell == id))
+            .unwrap_or(true);
+        if leased
+            || link_exists(&veth_name(id))
+            || Path::new("/run/netns").join(netns_name(id)).exists()
+        {
+            self.detach(id, report);
+        }
+    }
+
+    /// Every cell with a network object on this bridge: leases, tables
+    /// carrying this bridge's comment, bridge ports. Reconcile destroys
+    /// those without a record.
+    pub fn cells(&self) -> Result<Vec<CellId>, NetError> {
+        let mut ids: Vec<CellId> = self
+            .store()?
+            .leases(&self.cfg.bridge)?
+            .into_iter()
+            .map(|l| l.cell)
+            .collect();
+        for name in cellhost_tables() {
+            if let Some(id) = subnet::id_in(&name, "cellhost_")
+                && table_comment(&name)
+                    .is_some_and(|c| c == CellRules::comment(&id, &self.cfg.bridge))
+            {
+                ids.push(id);
+            }
+        }
+        let brif = Path::new("/sys/class/net")
+            .join(&self.cfg.bridge)
+            .join("brif");
+        if let Ok(rd) = std::fs::read_dir(brif) {
+            for e in rd.flatten() {
+                if let Some(id) = subnet::id_in(&e.file_name().to_string_lossy(), "chv") {
+                    ids.push(id);
+                }
+            }
+        }
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// The cell's counters, or `None` when it has no table.
+    pub fn counters(&self, id: &CellId) -> Result<Option<Counters>, NetError> {
+        let table = table_name(id);
+        if !table_exists(&table) {
+            return Ok(None);
+        }
+        let out = run(
+            "nft",
+            &["-j", "list", "counters", "table", "inet", &table],
+            None,
+        )?;
+        rules::parse_counters(&out)
+            .map(Some)
+            .map_err(|detail| NetError::Command {
+                command: format!("nft -j list counters table inet {table}"),
+                detail,
+            })
+    }
+
+    /// Create the bridge if missing, give it the gateway address, and set
+    /// what forwarding needs. Cheap when all is in place; runs before every
+    /// attach, so a Docker started later (FORWARD policy DROP) is met.
+    pub fn ensure_bridge(&self) -> Result<(), NetError> {
+        self.cfg.check()?;
+        let br = &self.cfg.bridge;
+        let gw = format!("{}/{}", self.cfg.subnet.gateway(), self.cfg.subnet.prefix());
+        if !link_exists(br) {
+            // Two creates racing: the loser's "File exists" is fine.
+            if let Err(e) = run("ip", &["link", "add", br, "type", "bridge"], None)
+                && !link_exists(br)
+            {
+                return Err(e);
+            }
+        }
+        let addrs = ipv4_addrs(br)?;
+        if let Some(other) = addrs.iter().find(|a| **a != gw) {
+            return Err(NetError::Config(format!(
+                "bridge {br} has address {other}, not {gw}: another subnet was configured for it"
+            )));
+        }
+        if addrs.is_empty() {
+            run("ip", &["addr", "add", &gw, "dev", br], None)?;
+        }
+        run("ip", &["link", "set", br, "up"], None)?;
+        write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+        write_sysctl(&format!("/proc/sys/net/ipv4/conf/{br}/route_localnet"), "1")?;
+        self.forward_accepts(true)
+    }
+
+    /// Remove the bridge and its iptables accepts (tests, `cellhost net
+    /// down`). Cells still attached lose their network.
+    pub fn remove_bridge(&self) -> Result<(), NetError> {
+        self.forward_accepts(false)?;
+        if link_exists(&self.cfg.bridge) {
+            run("ip", &["link", "del", &self.cfg.bridge], None)?;
+        }
+        Ok(())
+    }
+
+    /// `-i/-o <bridge> -j ACCEPT` in DOCKER-USER (or FORWARD) where the
+    /// FORWARD policy is DROP; removed with `add == false`.
+    fn forward_accepts(&self, add: bool) -> Result<(), NetError> {
+        if cellhost_core::probe::which("iptables").is_none() {
+            return Ok(());
+        }
+        let br = self.cfg.bridge.as_str();
+        let chains: Vec<&str> = if add {
+            let docker = run("iptables", &["-S", "DOCKER-USER"], None).is_ok();
+            let drop = run("iptables", &["-S", "FORWARD"], None)
+                .map(|o| String::from_utf8_lossy(&o).contains("-P FORWARD DROP"))
+                .unwrap_or(false);
+            match (docker, drop) {
+                (true, _) => vec!["DOCKER-USER"],
+                (false, true) => vec!["FORWARD"],
+                (false, false) => vec![],
+            }
+        } else {
+            vec!["DOCKER-USER", "FORWARD"]
+        };
+        for chain in chains {
+            for dir in ["-i", "-o"] {
+                let rule = [dir, br, "-j", "ACCEPT"];
+                let has =
+                    |c: &str| run("iptables", &[&["-C", c][..], &rule[..]].concat(), None).is_ok();
+                if add && !has(chain) {
+                    run(
+                        "iptables",
+                        &[&["-I", chain, "1"][..], &rule[..]].concat(),
+                        None,
+                    )?;
+                }
+                while !add && has(chain) {
+                    run("iptables", &[&["-D", chain][..], &rule[..]].concat(), None)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Run `program args`, feeding `stdin`; its stdout, or an error with its
+/// stderr.
+fn run(program: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>, NetError> {
+    let command = format!("{program} {}", args.join(" "));
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| NetError::Command {
+            command: command.clone(),
+            detail: e.to_string(),
+        })?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        // A tool that exits early closes its stdin: its stderr says why.
+        let _ = pipe.write_all(input);
+    }
+    let out = child.wait_with_output().map_err(|e| NetError::Command {
+        command: command.clone(),
+        detail: e.to_string(),
+    })?;
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(NetError::Command {
+            command,
+            detail: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
+    }
+}
+
+fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
+fn table_exists(table: &str) -> bool {
+    run("nft", &["list", "table", "inet", table], None).is_ok()
+}
+
+/// Names of inet tables that look like ours.
+fn cellhost_tables() -> Vec<String> {
+    let Ok(out) = run("nft", &["-j", "list", "tables", "inet"], None) else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+    v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["table"]["name"].as_str())
+        .filter(|n| n.starts_with("cellhost_"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The table's comment (nft 1.0's JSON omits it; its text has it).
+fn table_comment(table: &str) -> Option<String> {
+    let out = run("nft", &["list", "table", "inet", table], None).ok()?;
+    let text = String::from_utf8_lossy(&out);
+    let line = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("comment \""))?;
+    Some(line.strip_suffix('"')?.to_string())
+}
+
+/// IPv4 addresses of `dev` as `a.b.c.d/p`.
+fn ipv4_addrs(dev: &str) -> Result<Vec<String>, NetError> {
+    let out = run("ip", &["-j", "-4", "addr", "show", "dev", dev], None)?;
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+    Ok(v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| {
+            Some(format!(
+                "{}/{}",
+                a["local"].as_str()?,
+                a["prefixlen"].as_u64()?
+            ))
+        })
+        .collect())
+}
+
+/// Addresses the bridge's neighbour table maps to `mac`.
+fn neighbours_with(bridge: &str, mac: &str) -> Vec<String> {
+    let Ok(out) = run("ip", &["-j", "neigh", "show", "dev", bridge], None) else {
+        return Vec::new();
+    };
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["lladdr"].as_str() == Some(mac))
+        .filter_map(|n| n["dst"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// Turn IPv6 off inside the netns at `path`: a short-lived thread joins it
+/// (setns affects only the calling thread) and writes the sysctls, which
+/// /proc/sys/net resolves in the writer's netns.
+fn disable_ipv6_in(path: &Path) -> Result<(), NetError> {
+    let path = path.to_path_buf();
+    std::thread::spawn(move || -> Result<(), NetError> {
+        let ns = std::fs::File::open(&path).map_err(|source| NetError::Io {
+            context: format!("opening {}", path.display()),
+            source,
+        })?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| NetError::Io {
+            context: format!("joining {}", path.display()),
+            source: e.into(),
+        })?;
+        for conf in ["all", "default"] {
+            write_sysctl(&format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1")?;
+        }
+        Ok(())
+    })
+    .join()
+    .map_err(|_| NetError::Config("the netns thread panicked".into()))?
+}
+
+fn write_sysctl(path: &str, value: &str) -> Result<(), NetError> {
+    if std::fs::read_to_string(path).is_ok_and(|v| v.trim() == value) {
+        return Ok(());
+    }
+    std::fs::write(path, value).map_err(|source| NetError::Io {
+        context: format!("writing {path}"),
+        source,
+    })
+}
