@@ -323,6 +323,17 @@ pub trait Backend: Send + Sync {
     /// The cell's combined stdout+stderr log from `offset`.
     async fn logs(&self, handle: &CellHandle, offset: u64) -> Result<LogChunk, BackendError>;
 
+    /// Live facts about the cell's host objects for `inspect`, merged into
+    /// the handle's tier details (e.g. a bridged cell's packet counters
+    /// under `network.counters`). Never secrets. `None` when there are none.
+    async fn live_details(
+        &self,
+        handle: &CellHandle,
+    ) -> Result<Option<serde_json::Value>, BackendError> {
+        let _ = handle;
+        Ok(None)
+    }
+
     /// What the cell uses now (cgroup, engine or VM stats). Tiers that
     /// cannot measure say so.
     async fn usage(&self, handle: &CellHandle) -> Result<ResourceUsage, BackendError> {

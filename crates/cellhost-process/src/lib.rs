@@ -1042,6 +1042,25 @@ impl Backend for ProcessBackend {
             .ok_or_else(|| BackendError::NotFound(handle.id.clone()))
     }
 
+    /// A bridged cell's nftables counters, as `network.counters`.
+    async fn live_details(
+        &self,
+        handle: &CellHandle,
+    ) -> Result<Option<serde_json::Value>, BackendError> {
+        let Some(net) = self.net.clone() else {
+            return Ok(None);
+        };
+        if handle.tier.get("network").is_none() {
+            return Ok(None);
+        }
+        let id = handle.id.clone();
+        let counters = tokio::task::spawn_blocking(move || net.counters(&id))
+            .await
+            .map_err(|e| BackendError::Engine(format!("counters task: {e}")))?
+            .map_err(net_err)?;
+        Ok(counters.map(|c| serde_json::json!({ "network": { "counters": c } })))
+    }
+
     /// A few small cgroupfs reads; cheap enough to run inline.
     async fn usage(&self, handle: &CellHandle) -> Result<ResourceUsage, BackendError> {
         self.usage_now(&handle.id)

@@ -251,6 +251,24 @@ impl CellView {
     }
 }
 
+/// Merge `live` into `into`, one level deep: objects under the same key
+/// are merged key by key, anything else is replaced.
+fn merge_details(into: &mut serde_json::Value, live: serde_json::Value) {
+    let (Some(into), serde_json::Value::Object(live)) = (into.as_object_mut(), live) else {
+        return;
+    };
+    for (k, v) in live {
+        match (into.get_mut(&k), v) {
+            (Some(serde_json::Value::Object(old)), serde_json::Value::Object(new)) => {
+                old.extend(new);
+            }
+            (_, v) => {
+                into.insert(k, v);
+            }
+        }
+    }
+}
+
 /// What one reconcile pass did (also logged and exported as metrics).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -640,6 +658,16 @@ impl Supervisor {
                 volume_key: confidential.volume_key,
             })
             .await;
+        // A tier may learn more at create than handle_for could say (a
+        // bridged cell's leased address): keep what create returned.
+        let handle = match &made {
+            Ok(h) if *h != handle => {
+                let (idc, hc) = (id.clone(), h.clone());
+                self.db(move |s| s.set_handle(&idc, &hc)).await?;
+                h.clone()
+            }
+            _ => handle,
+        };
         let started = match made {
             Ok(_) if start => backend.start(&handle).await,
             Ok(_) => Ok(()),
@@ -895,7 +923,13 @@ impl Supervisor {
         let rec = self.visible(caller, id).await?;
         let idc = rec.id.clone();
         let usage = self.db(move |s| s.usage_totals(&idc)).await?;
-        Ok(CellView::from_record(&rec, now_ms(), Some(usage.into())))
+        let mut view = CellView::from_record(&rec, now_ms(), Some(usage.into()));
+        if let (Some(h), Some(b)) = (&rec.handle, self.backends.get(&rec.isolation))
+            && let Ok(Some(live)) = b.live_details(h).await
+        {
+            merge_details(view.tier_details.get_or_insert(serde_json::json!({})), live);
+        }
+        Ok(view)
     }
 
     pub async fn list(&self, caller: &Caller) -> Result<Vec<CellView>> {

@@ -1235,3 +1235,122 @@ fn microvm_cells_through_the_daemon_survive_a_kill9_and_orphans_are_swept() {
     assert!(microvm_qemu(&d.state, &id).is_none());
     assert!(!d.state.join("microvm").join(&id).exists());
 }
+
+/// A bridged process cell through the API: its address and packet
+/// counters in inspect, its published port on 127.0.0.1, and its network
+/// objects swept by reconcile when its record is lost in a daemon kill.
+#[test]
+fn bridged_cells_through_the_daemon_show_counters_and_orphans_are_swept() {
+    require_process_tier!();
+    if cellhost_core::probe::which("nft").is_none() {
+        eprintln!("SKIP: nft not installed (scripts/test installs it)");
+        return;
+    }
+    let tag = CellId::random().as_str()[..6].to_string();
+    let n = 16 + u8::from_str_radix(&tag[..2], 16).unwrap() % 235;
+    let bridge = format!("chbt{tag}");
+    let subnet = format!("10.253.{n}.0/24");
+    let mut d = Daemon::start(&["--bridge", &bridge, "--bridge-subnet", &subnet]);
+    struct RemoveBridge(cellhost_net::NetConfig);
+    impl Drop for RemoveBridge {
+        fn drop(&mut self) {
+            let _ = cellhost_net::Network::new(self.0.clone()).remove_bridge();
+        }
+    }
+    let _bridge = RemoveBridge(cellhost_net::NetConfig {
+        bridge: bridge.clone(),
+        subnet: subnet.parse().unwrap(),
+        store_dir: d.state.clone(),
+    });
+    let port = free_port();
+    let mut web = doc(
+        "web",
+        &[
+            "/usr/bin/python3",
+            "-m",
+            "http.server",
+            "8000",
+            "--directory",
+            "/etc",
+        ],
+        600,
+    );
+    web["spec"]["network"] = json!({"mode": "bridged"});
+    web["spec"]["ports"] = json!([{"container": 8000, "host": port}]);
+    let id = d.create(web);
+    wait_until("the published port", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let view = d.call("GET", &format!("/v1/cells/{id}"), None).json();
+    let net = &view["tierDetails"]["network"];
+    assert_eq!(net["address"], format!("10.253.{n}.2"), "{view}");
+    assert_eq!(net["bridge"], bridge.as_str());
+    for c in [
+        "egressAllowed",
+        "egressDenied",
+        "ingressPublished",
+        "spoofed",
+    ] {
+        assert!(net["counters"][c]["packets"].is_u64(), "{c} in {view}");
+    }
+    // A denied connection shows in the counters at the next inspect.
+    let r = d.call(
+        "POST",
+        &format!("/v1/cells/{id}/exec"),
+        Some(json!({"argv": ["/bin/bash", "-c", format!("exec 3<>/dev/tcp/10.253.{n}.1/{}", free_port())]})),
+    );
+    assert_eq!(r.status, 200);
+    assert_ne!(r.json()["exitCode"], 0, "{}", r.json());
+    let view = d.call("GET", &format!("/v1/cells/{id}"), None).json();
+    let denied = &view["tierDetails"]["network"]["counters"]["egressDenied"]["packets"];
+    assert!(denied.as_u64().unwrap() >= 1, "{view}");
+
+    // An orphan: its record vanishes while the daemon is down.
+    let mut other = doc("orphan", &["/bin/sleep", "600"], 600);
+    other["spec"]["network"] = json!({"mode": "bridged"});
+    let orphan = d.create(other);
+    let orphan_id = CellId::parse(&orphan).unwrap();
+    assert!(nft_table(&orphan_id));
+    d.kill9();
+    {
+        let store = cellhost_store::Store::open(&d.state).unwrap();
+        assert!(store.remove(&orphan_id).unwrap());
+    }
+    d.spawn();
+    wait_until(
+        "the orphan's network to be swept",
+        Duration::from_secs(20),
+        || !nft_table(&orphan_id),
+    );
+    wait_until("the orphan event", Duration::from_secs(10), || {
+        d.events()
+            .iter()
+            .any(|e| e["subject"] == orphan.as_str() && e["type"] == "cellhost.orphan.destroyed")
+    });
+    assert!(
+        !Path::new("/run/netns")
+            .join(cellhost_net::netns_name(&orphan_id))
+            .exists()
+    );
+
+    let report = d.destroy_clean(&id);
+    let names: Vec<&str> = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    for want in ["net-table", "net-veth", "net-netns", "net-lease"] {
+        assert!(names.contains(&want), "{want} not in {names:?}");
+    }
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+fn nft_table(id: &CellId) -> bool {
+    Command::new("nft")
+        .args(["list", "table", "inet", &cellhost_net::table_name(id)])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}

@@ -122,6 +122,25 @@ impl TestHosts {
         count
     }
 
+    /// A TCP server in the netns that reads everything; counts bytes.
+    fn tcp_sink(&self, at: SocketAddr) -> Arc<AtomicUsize> {
+        let count = Arc::new(AtomicUsize::new(0));
+        let c = count.clone();
+        let l = self.in_ns(move || TcpListener::bind(at).unwrap());
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let mut buf = [0u8; 4096];
+                while let Ok(k) = s.read(&mut buf) {
+                    if k == 0 {
+                        break;
+                    }
+                    c.fetch_add(k, Ordering::SeqCst);
+                }
+            }
+        });
+        count
+    }
+
     /// A UDP socket in the netns counting datagrams.
     fn udp_server(&self, at: SocketAddr) -> Arc<AtomicUsize> {
         let count = Arc::new(AtomicUsize::new(0));
@@ -446,4 +465,94 @@ fn orphaned_network_objects_are_swept_and_conflicts_are_refused_first() {
     let report = rt.block_on(tier.backend.destroy(&first)).unwrap();
     assert!(report.is_clean(), "{report:?}");
     assert!(net.cells().unwrap().is_empty());
+}
+
+/// A raw IPv4/UDP datagram from `src` to `dst`:53, sent with IP_HDRINCL
+/// (the cell has CAP_NET_RAW, as the OCI default set gives it).
+fn raw_udp_script(src: &str, dst: &str) -> String {
+    format!(
+        "import socket, struct\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)\n\
+         ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 29, 0, 0, 64, 17, 0, socket.inet_aton('{src}'), socket.inet_aton('{dst}'))\n\
+         udp = struct.pack('!HHHH', 40000, 53, 9, 0) + b'q'\n\
+         s.sendto(ip + udp, ('{dst}', 0))\n"
+    )
+}
+
+#[test]
+fn forged_sources_are_dropped_and_the_egress_rate_is_capped() {
+    require_process_tier!();
+    if let Some(why) = network_missing() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let n = octet();
+    let hosts = TestHosts::new(n);
+    let resolver = hosts.udp_server(SocketAddr::from((hosts.addr(4), 53)));
+    let sink = hosts.tcp_sink(SocketAddr::from((hosts.addr(2), 8080)));
+    let mut cfg = None;
+    let tier = common::tier_with_network(|dir| {
+        cfg = Some(net_config(dir, n));
+        cfg.clone()
+    });
+    let cfg = cfg.unwrap();
+    let _bridge = BridgeGuard(cfg.clone());
+    let cell = common::cell(
+        "spoof",
+        &format!(
+            "  command: [/bin/sleep, '60']\n  network:\n    mode: bridged\n    egress: [{{cidr: 10.251.{n}.2/32, port: 8080, protocol: tcp}}]\n    dns: [10.251.{n}.4]\n    egressBytesPerSecond: 4096\n"
+        ),
+    );
+    let rt = common::rt();
+    let (id, h) = rt.block_on(tier.create(cell, vec![]));
+    rt.block_on(tier.backend.start(&h)).unwrap();
+    let b: &dyn Backend = &tier.backend;
+    let own = h.tier["network"]["address"].as_str().unwrap().to_string();
+    let net = Network::new(cfg.clone());
+    let wait_count = |c: &AtomicUsize, want: usize| {
+        let until = Instant::now() + Duration::from_secs(5);
+        while c.load(Ordering::SeqCst) < want && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        c.load(Ordering::SeqCst)
+    };
+
+    // Control: a raw datagram with the cell's own source arrives.
+    let send = |src: &str| {
+        let script = raw_udp_script(src, &format!("10.251.{n}.4"));
+        rt.block_on(exec(b, &h, &format!("/usr/bin/python3 -c \"{script}\"")))
+    };
+    let (code, _, err) = send(&own);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(wait_count(&resolver, 1), 1);
+    // Forged: another cell's address on the bridge, and an address of the
+    // test network itself. Neither arrives; both are counted.
+    for forged in [format!("10.252.{n}.3"), format!("10.251.{n}.9")] {
+        let (code, _, err) = send(&forged);
+        assert_eq!(code, 0, "{err}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        resolver.load(Ordering::SeqCst),
+        1,
+        "a forged datagram arrived"
+    );
+    let c = net.counters(&id).unwrap().unwrap();
+    assert_eq!(c.spoofed.packets, 2, "{c:?}");
+
+    // The rate: 256 KiB to an allowed server at 4 KiB/s cannot go through
+    // in 3 s; the excess is dropped and counted.
+    let (code, _, _) = rt.block_on(exec(
+        b,
+        &h,
+        &format!("timeout 3 bash -c 'head -c 262144 /dev/zero >/dev/tcp/10.251.{n}.2/8080'"),
+    ));
+    assert_eq!(code, 124, "256 KiB went out within 3 s at 4 KiB/s");
+    let got = wait_count(&sink, 1);
+    assert!(got > 0 && got < 128 * 1024, "{got} bytes arrived");
+    let c = net.counters(&id).unwrap().unwrap();
+    assert!(c.rate_limited.packets > 0, "{c:?}");
+
+    let report = rt.block_on(tier.backend.destroy(&h)).unwrap();
+    assert!(report.is_clean(), "{report:?}");
 }
