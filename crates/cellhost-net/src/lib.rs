@@ -186,7 +186,14 @@ pub fn resolv_conf(cell: &Cell) -> String {
 pub struct Network {
     cfg: NetConfig,
     store: Mutex<Option<Arc<Store>>>,
+    /// When [`Network::ensure_bridge`] last found everything in place.
+    ensured: Mutex<Option<std::time::Instant>>,
 }
+
+/// How long a successful [`Network::ensure_bridge`] is trusted before it
+/// looks again (for a bridge deleted by hand, or a Docker started since,
+/// which sets the FORWARD policy to DROP).
+pub const ENSURE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl std::fmt::Debug for Network {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -199,6 +206,7 @@ impl Network {
         Network {
             cfg,
             store: Mutex::new(None),
+            ensured: Mutex::new(None),
         }
     }
 
@@ -301,17 +309,17 @@ impl Network {
             table: table_name(id),
             mac: mac_for(id),
         };
-        if !a.netns.exists() {
-            run("ip", &["netns", "add", &netns_name(id)], None)?;
-        }
-        // Cells have IPv4 only; without this the kernel's IPv6 autoconf
-        // chatter would fill the `spoofed` counter.
-        disable_ipv6_in(&a.netns)?;
-        if link_exists(&a.veth) {
-            run("ip", &["link", "del", &a.veth], None)?;
-        }
         let ns = netns_name(id);
-        let host = format!(
+        // One `ip` for the host side (each spawn costs ~5 ms here).
+        let mut host = String::new();
+        if !a.netns.exists() {
+            host.push_str(&format!("netns add {ns}\n"));
+        }
+        if link_exists(&a.veth) {
+            // A retried attach: the old pair goes, the new one is made.
+            host.push_str(&format!("link del {}\n", a.veth));
+        }
+        host.push_str(&format!(
             "link add {veth} type veth peer name eth0 address {mac} netns {ns}\n\
              link set {veth} master {br}\n\
              link set dev {veth} type bridge_slave isolated on learning off\n\
@@ -321,8 +329,11 @@ impl Network {
             mac = a.mac,
             br = a.bridge,
             ip = a.address,
-        );
+        ));
         run("ip", &["-batch", "-"], Some(host.as_bytes()))?;
+        // Cells have IPv4 only; without this the kernel's IPv6 autoconf
+        // chatter would fill the `spoofed` counter. (eth0 is still down.)
+        disable_ipv6_in(&a.netns)?;
         run("nft", &["-f", "-"], Some(rules.render().as_bytes()))?;
         let inside = format!(
             "link set lo up\naddr add {ip}/{prefix} dev eth0\nlink set eth0 up\nroute add default via {gw} dev eth0\n",
@@ -342,25 +353,32 @@ impl Network {
         let ns = netns_name(id);
         let mac = mac_for(id);
         let br = &self.cfg.bridge;
-        let mut step = |r: Result<Vec<u8>, NetError>| {
-            if let Err(e) = r {
-                report.error(e.to_string());
-            }
-        };
-        if table_exists(&table) {
-            step(run("nft", &["delete", "table", "inet", &table], None));
+        let netns = Path::new("/run/netns").join(&ns);
+        // The table: deleting a missing one is not an error here.
+        if let Err(e) = run("nft", &["delete", "table", "inet", &table], None)
+            && !e.to_string().contains("No such file")
+        {
+            report.error(e.to_string());
         }
+        // Links and neighbours in one `ip -force -batch` (the checks below
+        // say what is left if a line fails).
+        let mut batch = String::new();
         if link_exists(&veth) {
-            step(run("ip", &["link", "del", &veth], None));
+            batch.push_str(&format!("link del {veth}\n"));
         }
         for ip in neighbours_with(br, &mac) {
-            step(run("ip", &["neigh", "del", &ip, "dev", br], None));
+            batch.push_str(&format!("neigh del {ip} dev {br}\n"));
         }
-        if Path::new("/run/netns").join(&ns).exists() {
-            step(run("ip", &["netns", "del", &ns], None));
+        if !batch.is_empty()
+            && let Err(e) = run("ip", &["-force", "-batch", "-"], Some(batch.as_bytes()))
+        {
+            report.error(e.to_string());
         }
-        let released = self.store().and_then(|s| Ok(s.release_lease(id)?));
-        if let Err(e) = &released {
+        if let Err(e) = remove_netns(&netns) {
+            report.error(e.to_string());
+        }
+        let store = self.store();
+        if let Err(e) = store.as_ref().map(|s| s.release_lease(id)) {
             report.error(format!("releasing the address lease: {e}"));
         }
 
@@ -377,14 +395,13 @@ impl Network {
         );
         report.check(
             "net-netns",
-            format!("/run/netns/{ns}"),
-            u64::from(Path::new("/run/netns").join(&ns).exists()),
+            netns.display().to_string(),
+            u64::from(netns.exists()),
         );
-        let leased = self
-            .store()
-            .and_then(|s| Ok(s.leases(br)?))
-            .map(|l| l.iter().filter(|l| &l.cell == id).count() as u64)
-            .unwrap_or(1);
+        let leased = match &store {
+            Ok(s) => s.lease_of(id).map(|l| u64::from(l.is_some())).unwrap_or(1),
+            Err(_) => 1,
+        };
         report.check("net-lease", format!("{br} lease of {id}"), leased);
     }
 
@@ -394,8 +411,8 @@ impl Network {
     pub fn detach_if_any(&self, id: &CellId, report: &mut TeardownReport) {
         let leased = self
             .store()
-            .and_then(|s| Ok(s.leases(&self.cfg.bridge)?))
-            .map(|l| l.iter().any(|l| &l.cell == id))
+            .and_then(|s| Ok(s.lease_of(id)?))
+            .map(|l| l.is_some())
             .unwrap_or(true);
         if leased
             || link_exists(&veth_name(id))
@@ -458,9 +475,21 @@ impl Network {
     }
 
     /// Create the bridge if missing, give it the gateway address, and set
-    /// what forwarding needs. Cheap when all is in place; runs before every
-    /// attach, so a Docker started later (FORWARD policy DROP) is met.
+    /// what forwarding needs. Runs before every attach; a success is
+    /// trusted for [`ENSURE_INTERVAL`], so a Docker started later (FORWARD
+    /// policy DROP) is met within that.
     pub fn ensure_bridge(&self) -> Result<(), NetError> {
+        let mut ensured = self.ensured.lock().unwrap_or_else(PoisonError::into_inner);
+        if ensured.is_some_and(|at| at.elapsed() < ENSURE_INTERVAL) && link_exists(&self.cfg.bridge)
+        {
+            return Ok(());
+        }
+        self.ensure_bridge_now()?;
+        *ensured = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    fn ensure_bridge_now(&self) -> Result<(), NetError> {
         self.cfg.check()?;
         let br = &self.cfg.bridge;
         let gw = format!("{}/{}", self.cfg.subnet.gateway(), self.cfg.subnet.prefix());
@@ -490,6 +519,7 @@ impl Network {
     /// Remove the bridge and its iptables accepts (tests, `cellhost net
     /// down`). Cells still attached lose their network.
     pub fn remove_bridge(&self) -> Result<(), NetError> {
+        *self.ensured.lock().unwrap_or_else(PoisonError::into_inner) = None;
         self.forward_accepts(false)?;
         if link_exists(&self.cfg.bridge) {
             run("ip", &["link", "del", &self.cfg.bridge], None)?;
@@ -630,18 +660,43 @@ fn ipv4_addrs(dev: &str) -> Result<Vec<String>, NetError> {
         .collect())
 }
 
-/// Addresses the bridge's neighbour table maps to `mac`.
+/// Addresses the bridge's neighbour table maps to `mac` (from
+/// /proc/net/arp: no process to spawn).
 fn neighbours_with(bridge: &str, mac: &str) -> Vec<String> {
-    let Ok(out) = run("ip", &["-j", "neigh", "show", "dev", bridge], None) else {
-        return Vec::new();
-    };
-    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter(|n| n["lladdr"].as_str() == Some(mac))
-        .filter_map(|n| n["dst"].as_str().map(str::to_string))
+    let arp = std::fs::read_to_string("/proc/net/arp").unwrap_or_default();
+    arp.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 6 && f[3].eq_ignore_ascii_case(mac) && f[5] == bridge)
+                .then(|| f[0].to_string())
+        })
         .collect()
+}
+
+/// What `ip netns del` does, without a process: detach the bind mount
+/// that keeps the netns alive by name, then remove the file. The netns
+/// itself ends with its last process.
+fn remove_netns(path: &Path) -> Result<(), NetError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) => {} // not a mount point
+        Err(e) => {
+            return Err(NetError::Io {
+                context: format!("unmounting {}", path.display()),
+                source: e.into(),
+            });
+        }
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(NetError::Io {
+            context: format!("removing {}", path.display()),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// Turn IPv6 off inside the netns at `path`: a short-lived thread joins it

@@ -138,6 +138,22 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// `cell`'s lease, if it holds one (in any pool).
+    pub fn lease_of(&self, cell: &CellId) -> Result<Option<Lease>, StoreError> {
+        let pool: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT pool FROM net_leases WHERE cell_id = ?1",
+                params![cell.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(pool) = pool else {
+            return Ok(None);
+        };
+        Ok(self.leases(&pool)?.into_iter().find(|l| &l.cell == cell))
+    }
+
     /// Every lease in `pool`, by address.
     pub fn leases(&self, pool: &str) -> Result<Vec<Lease>, StoreError> {
         let conn = self.conn();
@@ -208,8 +224,13 @@ mod tests {
         assert_eq!(lease(1), LeaseOutcome::Leased([10, 0, 0, 3].into()));
         assert_eq!(lease(2), LeaseOutcome::Leased([10, 0, 0, 4].into()));
         assert_eq!(lease(3), LeaseOutcome::PoolExhausted);
+        assert_eq!(
+            s.lease_of(&ids[0]).unwrap().map(|l| l.address),
+            Some([10, 0, 0, 2].into())
+        );
         assert!(s.release_lease(&ids[0]).unwrap());
         assert!(!s.release_lease(&ids[0]).unwrap());
+        assert_eq!(s.lease_of(&ids[0]).unwrap(), None);
         assert_eq!(lease(3), LeaseOutcome::Leased([10, 0, 0, 2].into()));
         // Another pool is another address space.
         let other = CellId::random();

@@ -171,6 +171,9 @@ pub async fn bench(state_dir: &Path, args: BenchArgs, json_out: bool) -> anyhow:
             crate::bench_volume::bench_volume(state_dir, args.cells, json_out).await
         }
         BenchTier::Microvm => crate::bench_microvm::bench_microvm(state_dir, &args, json_out).await,
+        BenchTier::Network => {
+            crate::bench_network::bench_network(state_dir, args.cells, json_out).await
+        }
         BenchTier::Guest => {
             crate::bench_guest::bench_guest(state_dir, args.cells, args.agent.as_deref(), json_out)
                 .await
@@ -352,7 +355,10 @@ async fn one_cell(
     Ok(h)
 }
 
-async fn wait_exited(backend: &dyn Backend, h: &cellhost_core::CellHandle) -> anyhow::Result<()> {
+pub(crate) async fn wait_exited(
+    backend: &dyn Backend,
+    h: &cellhost_core::CellHandle,
+) -> anyhow::Result<()> {
     let until = Instant::now() + Duration::from_secs(30);
     loop {
         let st = backend.status(h).await?;

@@ -305,6 +305,10 @@ pub enum BenchTier {
     /// Needs --kernel-dir and the static agent (--agent or
     /// CELLHOST_AGENT_STATIC).
     Microvm,
+    /// A bridged process cell from create to its first packet on the host
+    /// against a `network.mode: none` cell to its first output, interleaved
+    /// (at most 100 each); its own bridge and subnet, removed at the end.
+    Network,
 }
 
 #[derive(Subcommand, Debug)]

@@ -14,6 +14,7 @@ mod bench_api;
 mod bench_container;
 mod bench_guest;
 mod bench_microvm;
+mod bench_network;
 mod bench_volume;
 mod cli;
 mod client;
