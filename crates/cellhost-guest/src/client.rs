@@ -723,6 +723,11 @@ impl Client {
         Ok(fields.get("pid").and_then(|p| p.as_i64()).unwrap_or(0) as i32)
     }
 
+    /// Give the guest's interface its address, route and resolvers.
+    pub fn configure_net(&mut self, req: proto::NetRequest) -> Result<(), ClientError> {
+        self.call(Op::ConfigureNet(req)).map(drop)
+    }
+
     pub fn status(&mut self) -> Result<StatusReply, ClientError> {
         let fields = self.call(Op::Status)?;
         decode(&self.name, "status", fields)

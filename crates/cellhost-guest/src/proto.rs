@@ -89,6 +89,10 @@ pub enum Op {
     /// `set_secret`, so it starts with both in place. Its output goes to
     /// the agent's console.
     Start(StartRequest),
+    /// Give the guest's interface its address, default route and
+    /// resolvers (a microVM on a cellhost bridge). Only a PID 1 agent, or
+    /// one started with `--configure-net`, accepts it.
+    ConfigureNet(NetRequest),
     /// The agent's own state and the main command's.
     Status,
     /// Answer, then stop: a PID 1 agent powers the machine off, any other
@@ -108,6 +112,7 @@ impl Op {
             Op::WriteFile(_) => "write_file",
             Op::ReadFile(_) => "read_file",
             Op::Start(_) => "start",
+            Op::ConfigureNet(_) => "configure_net",
             Op::Status => "status",
             Op::Shutdown => "shutdown",
         }
@@ -147,6 +152,24 @@ pub struct StartRequest {
     pub cwd: Option<String>,
 }
 
+/// `configure_net`: IPv4 only (cells have no IPv6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetRequest {
+    /// The interface; default `eth0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
+    /// `a.b.c.d/prefix`.
+    pub address: String,
+    /// The default route's gateway, on the address's subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
+    /// Resolvers for /etc/resolv.conf (at most 3); none writes a
+    /// resolv.conf that names none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns: Vec<String>,
+}
+
 /// Every op name, as `hello` lists them.
 pub const OPS: &[&str] = &[
     "hello",
@@ -157,6 +180,7 @@ pub const OPS: &[&str] = &[
     "write_file",
     "read_file",
     "start",
+    "configure_net",
     "status",
     "shutdown",
 ];

@@ -30,6 +30,8 @@ fn hello_ping_status() {
         "exec",
         "write_file",
         "read_file",
+        "start",
+        "configure_net",
         "status",
         "shutdown",
     ] {
@@ -756,4 +758,116 @@ fn start_runs_the_main_command_once_after_env_and_secrets() {
         }
     );
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "cell t0ken /tmp\n");
+}
+
+/// `configure_net` in a network namespace this test makes, with a veth
+/// peer as eth0: address, netmask, up, default route and resolv.conf land; an
+/// agent that is neither PID 1 nor started with --configure-net refuses.
+#[test]
+fn configure_net_sets_address_route_and_resolvers_only_when_allowed() {
+    use cellhost_guest::proto::NetRequest;
+    let a = AgentProc::start(&[]);
+    let e = a
+        .client()
+        .configure_net(NetRequest {
+            interface: None,
+            address: "10.9.8.7/24".into(),
+            gateway: None,
+            dns: vec![],
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("disabled"), "{e}");
+    if !nix::unistd::Uid::effective().is_root()
+        || !std::path::Path::new("/usr/sbin/ip").exists()
+            && !std::path::Path::new("/sbin/ip").exists()
+    {
+        eprintln!("SKIP the netns half: needs root and ip");
+        return;
+    }
+    let ns = format!("chagent-{}", std::process::id());
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    struct DelNs(String);
+    impl Drop for DelNs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &self.0])
+                .status();
+        }
+    }
+    ip(&["netns", "add", &ns]);
+    let _del = DelNs(ns.clone());
+    // (This kernel has no dummy driver: a veth whose peer is the netns's
+    // eth0; the pair goes with the netns.)
+    let host_end = format!("chag{}", std::process::id() % 100_000_000);
+    ip(&[
+        "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+    ]);
+    ip(&["link", "set", &host_end, "up"]);
+    let resolv = tempfile::tempdir().unwrap();
+    let resolv_dir = resolv.path().join("etc");
+    let a = AgentProc::start_wrapped(
+        &["ip", "netns", "exec", &ns],
+        &[
+            "--configure-net",
+            "--resolv-dir",
+            resolv_dir.to_str().unwrap(),
+        ],
+        &[],
+        &[],
+    );
+    let mut c = a.client();
+    let bad = c
+        .configure_net(NetRequest {
+            interface: None,
+            address: "10.9.8.7/24".into(),
+            gateway: Some("10.9.9.1".into()),
+            dns: vec![],
+        })
+        .unwrap_err();
+    assert!(
+        bad.to_string().contains("gateway: 10.9.9.1 is not on"),
+        "{bad}"
+    );
+    for _ in 0..2 {
+        // Twice: the second is a no-op that succeeds (route exists).
+        c.configure_net(NetRequest {
+            interface: None,
+            address: "10.9.8.7/24".into(),
+            gateway: Some("10.9.8.1".into()),
+            dns: vec!["10.9.8.53".into()],
+        })
+        .unwrap();
+    }
+    let addrs = ip(&["-n", &ns, "-4", "-o", "addr", "show", "dev", "eth0"]);
+    assert!(addrs.contains("inet 10.9.8.7/24"), "{addrs}");
+    let link = ip(&["-n", &ns, "-o", "link", "show", "dev", "eth0"]);
+    assert!(link.contains(",UP"), "{link}");
+    let lo = ip(&["-n", &ns, "-o", "link", "show", "dev", "lo"]);
+    assert!(lo.contains(",UP"), "{lo}");
+    let routes = ip(&["-n", &ns, "-4", "route"]);
+    assert!(routes.contains("default via 10.9.8.1 dev eth0"), "{routes}");
+    assert_eq!(
+        std::fs::read_to_string(resolv_dir.join("resolv.conf")).unwrap(),
+        "# spec.network.dns\nnameserver 10.9.8.53\n"
+    );
+    let missing = c
+        .configure_net(NetRequest {
+            interface: Some("eth9".into()),
+            address: "10.9.8.7/24".into(),
+            gateway: None,
+            dns: vec![],
+        })
+        .unwrap_err();
+    assert!(missing.to_string().contains("eth9"), "{missing}");
 }

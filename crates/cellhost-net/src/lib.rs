@@ -10,7 +10,8 @@
 //! /run/netns/cellhost-<id>          the cell's netns (iproute2's naming, so
 //!                                   `ip netns` shows it); inside: lo, eth0
 //!                                   <address>/<prefix>, default via gateway
-//! chv<id>                           host end of the veth, a bridge port with
+//! chv<id>                           host end of the veth (process cells) or
+//!                                   a tap qemu opens (VM cells), a bridge port with
 //!                                   `isolated on` (cells never talk L2 to
 //!                                   each other, only to the host)
 //! neighbour <address> → <mac>       permanent on the bridge: a cell cannot
@@ -155,16 +156,46 @@ pub enum NetError {
     },
 }
 
+/// The host side of a cell's link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// A veth pair, its peer `eth0` in the cell's netns (process cells).
+    Veth,
+    /// A tap device qemu opens (VM cells).
+    Tap,
+}
+
+/// A network error as a backend reports it: a document the host cannot
+/// carry out is invalid (naming the field), a missing tool or a full pool
+/// is a missing capability, the rest is the engine's.
+pub fn backend_error(e: NetError) -> cellhost_core::BackendError {
+    use cellhost_core::BackendError as B;
+    match e {
+        NetError::Rule(_) | NetError::PortTaken { .. } => B::Invalid(e.to_string()),
+        NetError::MissingTool { tool, detail } => B::MissingCapability {
+            capability: tool.into(),
+            detail,
+        },
+        NetError::PoolExhausted { .. } => B::MissingCapability {
+            capability: "network.address".into(),
+            detail: e.to_string(),
+        },
+        other => B::Engine(format!("bridged network: {other}")),
+    }
+}
+
 /// A cell's network as attached.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Attachment {
-    /// The netns to run the workload in.
-    pub netns: PathBuf,
+    /// The netns to run the workload in (process cells; VMs have none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
     pub address: Ipv4Addr,
     pub gateway: Ipv4Addr,
     pub prefix: u8,
     pub bridge: String,
-    pub veth: String,
+    /// The host end: the veth (process cells) or the tap (VMs), `chv<id>`.
+    pub link: String,
     pub table: String,
     pub mac: String,
 }
@@ -185,6 +216,10 @@ pub fn resolv_conf(cell: &Cell) -> String {
 /// `&self` and may run concurrently for different cells.
 pub struct Network {
     cfg: NetConfig,
+    /// The tier using this handle (`process`, `vm`, `microvm`): leases
+    /// and tables carry it, and [`Network::cells`] lists only its own, so
+    /// tiers sharing a bridge never sweep each other's cells.
+    owner: String,
     store: Mutex<Option<Arc<Store>>>,
     /// When [`Network::ensure_bridge`] last found everything in place.
     ensured: Mutex<Option<std::time::Instant>>,
@@ -202,9 +237,10 @@ impl std::fmt::Debug for Network {
 }
 
 impl Network {
-    pub fn new(cfg: NetConfig) -> Network {
+    pub fn new(cfg: NetConfig, owner: &str) -> Network {
         Network {
             cfg,
+            owner: owner.to_string(),
             store: Mutex::new(None),
             ensured: Mutex::new(None),
         }
@@ -240,7 +276,13 @@ impl Network {
             }
         }
         let probe = CellId::parse("000000000000").expect("valid id");
-        CellRules::for_cell(&probe, &self.cfg.bridge, self.cfg.subnet.gateway(), cell)?;
+        CellRules::for_cell(
+            &probe,
+            &self.cfg.bridge,
+            &self.owner,
+            self.cfg.subnet.gateway(),
+            cell,
+        )?;
         for (i, p) in cell.spec.ports.iter().enumerate() {
             let port = u16::try_from(p.host).unwrap_or(0);
             let bound = match p.protocol {
@@ -259,9 +301,21 @@ impl Network {
         Ok(())
     }
 
-    /// Give `id` its network: see the module docs for the order. On error
-    /// the caller detaches (everything made so far is found by name).
+    /// Give process cell `id` its network: a veth from its own netns. See
+    /// the module docs for the order. On error the caller detaches
+    /// (everything made so far is found by name).
     pub fn attach(&self, id: &CellId, cell: &Cell) -> Result<Attachment, NetError> {
+        self.attach_link(id, cell, Link::Veth)
+    }
+
+    /// Give VM cell `id` its network: a tap device on the bridge for qemu
+    /// to open by name (`chv<id>`, the same name, rules and checks as a
+    /// veth); the guest configures [`Attachment::address`] itself.
+    pub fn attach_tap(&self, id: &CellId, cell: &Cell) -> Result<Attachment, NetError> {
+        self.attach_link(id, cell, Link::Tap)
+    }
+
+    fn attach_link(&self, id: &CellId, cell: &Cell, link: Link) -> Result<Attachment, NetError> {
         self.ensure_bridge()?;
         let store = self.store()?;
         let ports: Vec<(&str, u16)> = cell
@@ -273,6 +327,7 @@ impl Network {
         let address = match store.lease_address(
             id,
             &self.cfg.bridge,
+            &self.owner,
             self.cfg.subnet.cell_range(),
             &ports,
         )? {
@@ -298,43 +353,54 @@ impl Network {
                 });
             }
         };
-        let rules = CellRules::for_cell(id, &self.cfg.bridge, address, cell)?;
+        let rules = CellRules::for_cell(id, &self.cfg.bridge, &self.owner, address, cell)?;
         let a = Attachment {
-            netns: Path::new("/run/netns").join(netns_name(id)),
+            netns: (link == Link::Veth).then(|| Path::new("/run/netns").join(netns_name(id))),
             address,
             gateway: self.cfg.subnet.gateway(),
             prefix: self.cfg.subnet.prefix(),
             bridge: self.cfg.bridge.clone(),
-            veth: veth_name(id),
+            link: veth_name(id),
             table: table_name(id),
             mac: mac_for(id),
         };
         let ns = netns_name(id);
         // One `ip` for the host side (each spawn costs ~5 ms here).
         let mut host = String::new();
-        if !a.netns.exists() {
+        if let Some(netns) = &a.netns
+            && !netns.exists()
+        {
             host.push_str(&format!("netns add {ns}\n"));
         }
-        if link_exists(&a.veth) {
-            // A retried attach: the old pair goes, the new one is made.
-            host.push_str(&format!("link del {}\n", a.veth));
+        if link_exists(&a.link) {
+            // A retried attach: the old link goes, the new one is made.
+            host.push_str(&format!("link del {}\n", a.link));
         }
+        host.push_str(&match link {
+            Link::Veth => format!(
+                "link add {} type veth peer name eth0 address {} netns {ns}\n",
+                a.link, a.mac
+            ),
+            Link::Tap => format!("tuntap add dev {} mode tap\n", a.link),
+        });
         host.push_str(&format!(
-            "link add {veth} type veth peer name eth0 address {mac} netns {ns}\n\
-             link set {veth} master {br}\n\
+            "link set {veth} master {br}\n\
              link set dev {veth} type bridge_slave isolated on learning off\n\
              link set {veth} up\n\
              neigh replace {ip} lladdr {mac} dev {br} nud permanent\n",
-            veth = a.veth,
+            veth = a.link,
             mac = a.mac,
             br = a.bridge,
             ip = a.address,
         ));
         run("ip", &["-batch", "-"], Some(host.as_bytes()))?;
+        run("nft", &["-f", "-"], Some(rules.render().as_bytes()))?;
+        let Some(netns) = &a.netns else {
+            return Ok(a);
+        };
         // Cells have IPv4 only; without this the kernel's IPv6 autoconf
         // chatter would fill the `spoofed` counter. (eth0 is still down.)
-        disable_ipv6_in(&a.netns)?;
-        run("nft", &["-f", "-"], Some(rules.render().as_bytes()))?;
+        disable_ipv6_in(netns)?;
         let inside = format!(
             "link set lo up\naddr add {ip}/{prefix} dev eth0\nlink set eth0 up\nroute add default via {gw} dev eth0\n",
             ip = a.address,
@@ -422,32 +488,24 @@ impl Network {
         }
     }
 
-    /// Every cell with a network object on this bridge: leases, tables
-    /// carrying this bridge's comment, bridge ports. Reconcile destroys
-    /// those without a record.
+    /// Every cell of this owner with a network object on this bridge: its
+    /// leases and the tables carrying its comment. (A link exists only
+    /// while its lease does: taken first, released last.) Reconcile
+    /// destroys those without a record.
     pub fn cells(&self) -> Result<Vec<CellId>, NetError> {
         let mut ids: Vec<CellId> = self
             .store()?
             .leases(&self.cfg.bridge)?
             .into_iter()
+            .filter(|l| l.owner == self.owner)
             .map(|l| l.cell)
             .collect();
         for name in cellhost_tables() {
             if let Some(id) = subnet::id_in(&name, "cellhost_")
                 && table_comment(&name)
-                    .is_some_and(|c| c == CellRules::comment(&id, &self.cfg.bridge))
+                    .is_some_and(|c| c == CellRules::comment(&id, &self.cfg.bridge, &self.owner))
             {
                 ids.push(id);
-            }
-        }
-        let brif = Path::new("/sys/class/net")
-            .join(&self.cfg.bridge)
-            .join("brif");
-        if let Ok(rd) = std::fs::read_dir(brif) {
-            for e in rd.flatten() {
-                if let Some(id) = subnet::id_in(&e.file_name().to_string_lossy(), "chv") {
-                    ids.push(id);
-                }
             }
         }
         ids.sort();
@@ -472,6 +530,14 @@ impl Network {
                 command: format!("nft -j list counters table inet {table}"),
                 detail,
             })
+    }
+
+    /// The cell's counters as live tier details: `{"network": {"counters":
+    /// …}}`, or `None` when it has no table.
+    pub fn live_details(&self, id: &CellId) -> Result<Option<serde_json::Value>, NetError> {
+        Ok(self
+            .counters(id)?
+            .map(|c| serde_json::json!({ "network": { "counters": c } })))
     }
 
     /// Create the bridge if missing, give it the gateway address, and set

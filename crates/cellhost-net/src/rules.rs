@@ -3,8 +3,8 @@
 //!
 //! ```text
 //! table inet cellhost_<id>
-//!   ingress     hook ingress on the veth's host end: anything not from
-//!               the cell's own IPv4 and MAC (spoofing, IPv6) is dropped;
+//!   ingress     hook ingress on the link's host end: anything not from
+//!               the cell's own IPv4 and MAC (spoofing), and IPv6, is dropped;
 //!               the optional egress byte rate is enforced here
 //!   forward     from the cell: replies, then each egress rule, then DNS to
 //!               the declared resolvers, then reject (admin-prohibited);
@@ -42,6 +42,8 @@ pub struct Allow {
 pub struct CellRules {
     pub id: CellId,
     pub bridge: String,
+    /// The tier whose cell this is (in the table's comment).
+    pub owner: String,
     pub address: Ipv4Addr,
     pub egress: Vec<Allow>,
     pub dns: Vec<Ipv4Addr>,
@@ -62,6 +64,7 @@ impl CellRules {
     pub fn for_cell(
         id: &CellId,
         bridge: &str,
+        owner: &str,
         address: Ipv4Addr,
         cell: &Cell,
     ) -> Result<CellRules, RuleError> {
@@ -125,6 +128,7 @@ impl CellRules {
         Ok(CellRules {
             id: id.clone(),
             bridge: bridge.to_string(),
+            owner: owner.to_string(),
             address,
             egress,
             dns,
@@ -133,10 +137,10 @@ impl CellRules {
         })
     }
 
-    /// The comment that marks the table as this bridge's (reconcile finds
-    /// its own tables by it).
-    pub fn comment(id: &CellId, bridge: &str) -> String {
-        format!("cellhost cell {id} on {bridge}")
+    /// The comment that marks the table as this owner's on this bridge
+    /// (reconcile finds its own tables by it).
+    pub fn comment(id: &CellId, bridge: &str, owner: &str) -> String {
+        format!("cellhost {owner} cell {id} on {bridge}")
     }
 
     /// The whole transaction: create-or-replace the table.
@@ -150,7 +154,11 @@ impl CellRules {
             s,
             "table inet {t}\ndelete table inet {t}\ntable inet {t} {{"
         );
-        let _ = writeln!(s, "\tcomment \"{}\"", Self::comment(&self.id, &self.bridge));
+        let _ = writeln!(
+            s,
+            "\tcomment \"{}\"",
+            Self::comment(&self.id, &self.bridge, &self.owner)
+        );
         for c in COUNTERS {
             let _ = writeln!(s, "\tcounter {c} {{ }}");
         }
@@ -160,7 +168,7 @@ impl CellRules {
             "\tchain ingress {{\n\t\ttype filter hook ingress device \"{}\" priority -450; policy accept;",
             veth_name(&self.id)
         );
-        let _ = writeln!(s, "\t\tmeta protocol ip6 counter name spoofed drop");
+        let _ = writeln!(s, "\t\tmeta protocol ip6 counter name ipv6 drop");
         let _ = writeln!(s, "\t\tip saddr != {ip} counter name spoofed drop");
         let _ = writeln!(
             s,
@@ -276,11 +284,12 @@ impl CellRules {
 }
 
 /// The table's named counters.
-pub const COUNTERS: [&str; 5] = [
+pub const COUNTERS: [&str; 6] = [
     "egress_allowed",
     "egress_denied",
     "ingress_published",
     "spoofed",
+    "ipv6",
     "rate_limited",
 ];
 
@@ -301,8 +310,11 @@ pub struct Counters {
     pub egress_denied: Count,
     /// New connections to published ports.
     pub ingress_published: Count,
-    /// Packets not from the cell's own address/MAC (and IPv6), dropped.
+    /// IPv4 packets not from the cell's own address or MAC, dropped.
     pub spoofed: Count,
+    /// IPv6 packets, dropped (cells have IPv4 only; a VM guest's kernel
+    /// sends router solicitations and the like).
+    pub ipv6: Count,
     /// Packets over the egress byte rate, dropped.
     pub rate_limited: Count,
 }
@@ -325,6 +337,7 @@ pub fn parse_counters(json: &[u8]) -> Result<Counters, String> {
             Some("egress_denied") => out.egress_denied = count,
             Some("ingress_published") => out.ingress_published = count,
             Some("spoofed") => out.spoofed = count,
+            Some("ipv6") => out.ipv6 = count,
             Some("rate_limited") => out.rate_limited = count,
             _ => {}
         }
@@ -347,6 +360,7 @@ mod tests {
         CellRules::for_cell(
             &CellId::parse("0123456789ab").unwrap(),
             "chbr0",
+            "process",
             Ipv4Addr::new(10, 47, 0, 2),
             &cell(network, ports),
         )
@@ -364,7 +378,7 @@ mod tests {
         assert!(t.contains("ip daddr 10.47.0.2 drop"));
         assert!(t.contains("device \"chv0123456789ab\""));
         assert!(t.contains("ether saddr != 02:01:23:45:67:89"));
-        assert!(t.contains("comment \"cellhost cell 0123456789ab on chbr0\""));
+        assert!(t.contains("comment \"cellhost process cell 0123456789ab on chbr0\""));
         assert!(!t.contains("dnat ip to"));
         assert!(!t.contains("limit rate"));
         // Balanced braces: one table, six chains, five counters.

@@ -205,25 +205,6 @@ impl CellPaths {
 /// The cell's resolv.conf in its dir (bridged cells).
 const RESOLV_CONF: &str = "resolv.conf";
 
-/// A network error as the backend reports it: a document the host cannot
-/// carry out is invalid (naming the field), a missing tool is a missing
-/// capability, the rest is the engine's.
-fn net_err(e: cellhost_net::NetError) -> BackendError {
-    use cellhost_net::NetError as N;
-    match e {
-        N::Rule(_) | N::PortTaken { .. } => BackendError::Invalid(e.to_string()),
-        N::MissingTool { tool, detail } => BackendError::MissingCapability {
-            capability: tool.into(),
-            detail,
-        },
-        N::PoolExhausted { .. } => BackendError::MissingCapability {
-            capability: "network.address".into(),
-            detail: e.to_string(),
-        },
-        other => BackendError::Engine(format!("bridged network: {other}")),
-    }
-}
-
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BackendError {
     let context = context.into();
     move |e| BackendError::io(context, e)
@@ -244,7 +225,7 @@ impl ProcessBackend {
             net: cfg
                 .network
                 .clone()
-                .map(|n| Arc::new(cellhost_net::Network::new(n))),
+                .map(|n| Arc::new(cellhost_net::Network::new(n, "process"))),
             cfg,
             hierarchies: Arc::default(),
             instance,
@@ -374,7 +355,7 @@ impl ProcessBackend {
                     detail: "bridged networking is not configured for this process tier".into(),
                 });
             };
-            net.admit(cell).map_err(net_err)?;
+            net.admit(cell).map_err(cellhost_net::backend_error)?;
         }
         if cell.spec.volume.as_ref().is_some_and(|v| !v.encrypted) {
             return Err(BackendError::MissingCapability {
@@ -418,7 +399,7 @@ impl ProcessBackend {
                 let a = tokio::task::spawn_blocking(move || net.attach(&id, &cell))
                     .await
                     .map_err(|e| BackendError::Engine(format!("network attach task: {e}")))?
-                    .map_err(net_err)?;
+                    .map_err(cellhost_net::backend_error)?;
                 write_private(
                     &p.dir.join(RESOLV_CONF),
                     cellhost_net::resolv_conf(&req.cell).as_bytes(),
@@ -439,7 +420,7 @@ impl ProcessBackend {
             secrets_dir: secrets_dir.as_deref(),
             volume,
             cgroup_path: &cgroup_path,
-            netns: attached.as_ref().map(|a| a.netns.as_path()),
+            netns: attached.as_ref().and_then(|a| a.netns.as_deref()),
             resolv_conf: attached
                 .as_ref()
                 .map(|_| p.dir.join(RESOLV_CONF))
@@ -1047,18 +1028,14 @@ impl Backend for ProcessBackend {
         &self,
         handle: &CellHandle,
     ) -> Result<Option<serde_json::Value>, BackendError> {
-        let Some(net) = self.net.clone() else {
+        let (Some(net), Some(_)) = (self.net.clone(), handle.tier.get("network")) else {
             return Ok(None);
         };
-        if handle.tier.get("network").is_none() {
-            return Ok(None);
-        }
         let id = handle.id.clone();
-        let counters = tokio::task::spawn_blocking(move || net.counters(&id))
-            .await
-            .map_err(|e| BackendError::Engine(format!("counters task: {e}")))?
-            .map_err(net_err)?;
-        Ok(counters.map(|c| serde_json::json!({ "network": { "counters": c } })))
+        self.blocking("counters", move |_| {
+            net.live_details(&id).map_err(cellhost_net::backend_error)
+        })
+        .await?
     }
 
     /// A few small cgroupfs reads; cheap enough to run inline.

@@ -45,6 +45,10 @@ pub struct Plan<'a> {
     /// the rate given (`tsc_early_khz=`, direct kernel boot only) it never
     /// calibrates. Unused under KVM (kvmclock).
     pub tsc_khz: Option<u64>,
+    /// Bridged: the tap on the cellhost bridge (`chv<id>`) and the guest
+    /// NIC's MAC (the one the host's rules accept). Replaces user-mode
+    /// networking: published ports are the bridge's DNAT, not hostfwd.
+    pub tap: Option<(String, String)>,
 }
 
 impl Plan<'_> {
@@ -90,6 +94,19 @@ impl Plan<'_> {
         } else {
             ("virtio-blk-pci", "virtio-serial-pci")
         };
+        if let Some((tap, mac)) = &self.tap {
+            let nic = if self.microvm {
+                "virtio-net-device"
+            } else {
+                "virtio-net-pci"
+            };
+            // script=no: cellhost-net made and attached the tap already.
+            push(&[
+                "-netdev",
+                &format!("tap,id=net0,ifname={tap},script=no,downscript=no"),
+            ]);
+            push(&["-device", &format!("{nic},netdev=net0,mac={mac}")]);
+        }
         if self.microvm {
             let kernel = self.image.kernel().unwrap_or_default();
             let initrd = self.image.initrd().unwrap_or_default();
@@ -143,7 +160,7 @@ impl Plan<'_> {
                     &format!("console=ttyS0 root=/dev/vda rw panic=-1 {extra}"),
                 ]);
             }
-            if !spec.ports.is_empty() {
+            if !spec.ports.is_empty() && self.tap.is_none() {
                 // restrict=on: no traffic from the guest reaches the host or
                 // beyond (deny-by-default egress); forwards still work.
                 let mut net = "user,id=net0,restrict=on".to_string();

@@ -51,6 +51,9 @@ pub struct QemuConfig {
     /// The host's TSC rate, kHz, handed to TCG guests (see
     /// [`crate::args::Plan::tsc_khz`]); read from /proc/cpuinfo.
     pub tsc_khz: Option<u64>,
+    /// Bridged networking (`network.mode: bridged`): VMs get a tap on the
+    /// bridge; `None` refuses such cells.
+    pub network: Option<cellhost_net::NetConfig>,
 }
 
 /// The host's TSC rate in kHz: the kernel's own figure where it exports
@@ -96,6 +99,7 @@ impl QemuConfig {
             log_cap: 4 << 20,
             boot_timeout: Duration::from_secs(120),
             tsc_khz: host_tsc_khz(),
+            network: None,
         }
     }
 }
@@ -107,12 +111,17 @@ pub struct QemuBackend {
 
 struct Inner {
     cfg: QemuConfig,
+    net: Option<Arc<cellhost_net::Network>>,
 }
 
 impl QemuBackend {
     pub fn new(cfg: QemuConfig) -> QemuBackend {
+        let net = cfg
+            .network
+            .clone()
+            .map(|n| Arc::new(cellhost_net::Network::new(n, cfg.tier.as_str())));
         QemuBackend {
-            inner: Arc::new(Inner { cfg }),
+            inner: Arc::new(Inner { cfg, net }),
         }
     }
 
@@ -268,13 +277,14 @@ impl Inner {
             detail: format!("{what} is not available on the {} tier yet", self.cfg.tier),
         };
         if spec.network.mode == NetworkMode::Bridged {
-            return Err(unsupported("network.mode: bridged"));
-        }
-        if !spec.network.egress.is_empty() {
-            return Err(unsupported("network.egress"));
-        }
-        if self.microvm() && !spec.ports.is_empty() {
-            return Err(unsupported("spec.ports"));
+            let Some(net) = &self.net else {
+                return Err(unsupported("network.mode: bridged (no bridge configured)"));
+            };
+            net.admit(&req.cell).map_err(cellhost_net::backend_error)?;
+        } else if self.microvm() && !spec.ports.is_empty() {
+            return Err(BackendError::Invalid(
+                "spec.ports: a microVM publishes ports only with spec.network.mode: bridged".into(),
+            ));
         }
         // Limits a guest kernel sets for itself: refused, not ignored.
         if spec.resources.pids.is_some() {
@@ -339,7 +349,13 @@ impl Inner {
             .create(&dir)
             .map_err(|e| BackendError::io(format!("creating {}", dir.display()), e))?;
         match self.create_in(&req, &image, &dir) {
-            Ok(()) => Ok(handle(&self.cfg, &req.id, &req.cell)),
+            Ok(net) => {
+                let mut h = handle(&self.cfg, &req.id, &req.cell);
+                if let Some(a) = net {
+                    h.tier["network"] = serde_json::to_value(&a).unwrap_or_default();
+                }
+                Ok(h)
+            }
             Err(e) => {
                 let log = tail(&dir.join(vmm::QEMU_LOG), 400);
                 let console = tail(&dir.join(vmm::SERIAL_LOG), 400);
@@ -359,7 +375,7 @@ impl Inner {
         req: &CreateRequest,
         image: &Image,
         dir: &Path,
-    ) -> Result<(), BackendError> {
+    ) -> Result<Option<cellhost_net::Attachment>, BackendError> {
         let spec = &req.cell.spec;
         // What `start` runs (a microVM's agent gets it then); no secrets.
         let main = MainCommand {
@@ -389,7 +405,22 @@ impl Inner {
                 a.push(s);
             }
             self.run_tool(&self.cfg.qemu_img, &a)?;
-            seed = Some(crate::seed::build(&self.cfg.genisoimage, req)?);
+        }
+        // The tap before the seed (the vm's network-config names its
+        // address) and before qemu (which opens the tap by name).
+        let attached = match (&self.net, spec.network.mode) {
+            (Some(net), NetworkMode::Bridged) => Some(
+                net.attach_tap(&req.id, &req.cell)
+                    .map_err(cellhost_net::backend_error)?,
+            ),
+            _ => None,
+        };
+        if !self.microvm() {
+            seed = Some(crate::seed::build(
+                &self.cfg.genisoimage,
+                req,
+                attached.as_ref(),
+            )?);
         }
         let mut volume = None;
         if let Some(v) = &spec.volume {
@@ -426,6 +457,7 @@ impl Inner {
             volume,
             paused: !self.microvm(),
             tsc_khz: self.cfg.tsc_khz,
+            tap: attached.as_ref().map(|a| (a.link.clone(), a.mac.clone())),
         };
         self.launch(dir, plan.argv(), req.volume_key.as_ref())?;
         // qemu answers QMP only after opening every drive: the seed memfd
@@ -448,8 +480,23 @@ impl Inner {
                     .set_secret(&s.name, &s.value)
                     .map_err(|e| engine(&format!("agent set_secret {}", s.name), e))?;
             }
+            if let Some(a) = &attached {
+                agent
+                    .configure_net(cellhost_guest::proto::NetRequest {
+                        interface: None,
+                        address: format!("{}/{}", a.address, a.prefix),
+                        gateway: Some(a.gateway.to_string()),
+                        dns: spec.network.dns.clone(),
+                    })
+                    .map_err(|e| {
+                        engine(
+                            "agent configure_net (does the image load virtio_net? rebuild it with `cellhost image initramfs`)",
+                            e,
+                        )
+                    })?;
+            }
         }
-        Ok(())
+        Ok(attached)
     }
 
     /// Start qemu under the shim and wait until QMP answers.
@@ -728,6 +775,11 @@ impl Inner {
         for pid in shims.iter().filter(|p| owns(**p, &dir)) {
             let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
         }
+        // The tap, table, neighbour and lease, with checks of their own
+        // (qemu, which held the tap open, is gone by now).
+        if let Some(net) = &self.net {
+            net.detach_if_any(id, report);
+        }
         let luks = dir.join(args::VOLUME_LUKS);
         let keyslots = match cellhost_volume::erase_header(&luks) {
             Ok(left) => u64::from(left),
@@ -828,6 +880,21 @@ impl Inner {
                 isolation: self.cfg.tier,
                 state,
             });
+        }
+        // Network objects of this tier whose cell dir is gone.
+        if let Some(net) = &self.net {
+            for id in net
+                .cells()
+                .map_err(|e| engine("listing bridged cells", e))?
+            {
+                if !out.iter().any(|c| c.id == id) {
+                    out.push(ListedCell {
+                        id,
+                        isolation: self.cfg.tier,
+                        state: CellState::Exited,
+                    });
+                }
+            }
         }
         // qemu processes of this tier whose cell dir is gone (a teardown
         // that could not kill them): still cells, so reconcile destroys them.
@@ -1030,6 +1097,19 @@ impl Backend for QemuBackend {
     async fn logs(&self, h: &CellHandle, offset: u64) -> Result<LogChunk, BackendError> {
         let path = self.inner.cell_dir(&h.id).join(vmm::SERIAL_LOG);
         self.blocking(move |_| read_log(&path, offset)).await
+    }
+
+    /// A bridged VM's nftables counters, as `network.counters`.
+    async fn live_details(
+        &self,
+        h: &CellHandle,
+    ) -> Result<Option<serde_json::Value>, BackendError> {
+        let (Some(net), Some(_)) = (self.inner.net.clone(), h.tier.get("network")) else {
+            return Ok(None);
+        };
+        let id = h.id.clone();
+        self.blocking(move |_| net.live_details(&id).map_err(cellhost_net::backend_error))
+            .await
     }
 
     async fn usage(&self, h: &CellHandle) -> Result<ResourceUsage, BackendError> {

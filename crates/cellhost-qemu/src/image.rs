@@ -142,8 +142,9 @@ pub struct InitramfsRequest {
 }
 
 /// Modules a stock distribution kernel needs for a microVM's devices:
-/// virtio-mmio transport, the guest channel, block devices.
-pub const MICROVM_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_blk"];
+/// virtio-mmio transport, the guest channel, block devices, the NIC of a
+/// bridged cell.
+pub const MICROVM_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_blk", "virtio_net"];
 
 /// The store's own path of the agent inside an initramfs.
 pub const AGENT_PATH: &str = "/sbin/cellhost-agent";

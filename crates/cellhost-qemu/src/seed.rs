@@ -5,6 +5,10 @@
 //! YAML): hostname, the workload's env as `/etc/cellhost/env`, secrets as
 //! `/run/secrets/<name>` (0600, base64), `ssh_authorized_keys` and a
 //! password from the secrets of those names, and the command as `runcmd`.
+//! A bridged cell's seed adds `network-config` (version 2): the NIC by its
+//! MAC, named eth0, with the leased address, the default route and the
+//! declared resolvers; cloud-init applies it before the first boot's
+//! networking.
 //!
 //! # Threat model
 //!
@@ -35,6 +39,24 @@ pub fn meta_data(req: &CreateRequest) -> String {
         req.id,
         hostname(&req.cell.metadata.name)
     )
+}
+
+/// `network-config` (version 2, YAML) for a bridged cell's tap NIC.
+pub fn network_config(a: &cellhost_net::Attachment, dns: &[String]) -> String {
+    let mut s = format!(
+        "version: 2\nethernets:\n  eth0:\n    match:\n      macaddress: \"{mac}\"\n    set-name: eth0\n    addresses:\n      - {ip}/{prefix}\n    routes:\n      - to: default\n        via: {gw}\n",
+        mac = a.mac,
+        ip = a.address,
+        prefix = a.prefix,
+        gw = a.gateway,
+    );
+    if !dns.is_empty() {
+        s.push_str(&format!(
+            "    nameservers:\n      addresses: [{}]\n",
+            dns.join(", ")
+        ));
+    }
+    s
 }
 
 /// A DNS label from the cell's name.
@@ -110,10 +132,23 @@ pub fn proc_path(f: &std::fs::File) -> String {
     format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd())
 }
 
-/// Build the seed ISO in a memfd.
-pub fn build(genisoimage: &Path, req: &CreateRequest) -> Result<std::fs::File, BackendError> {
+/// Build the seed ISO in a memfd (with `network-config` for a bridged
+/// cell's attachment).
+pub fn build(
+    genisoimage: &Path,
+    req: &CreateRequest,
+    net: Option<&cellhost_net::Attachment>,
+) -> Result<std::fs::File, BackendError> {
     let user = memfd("user-data", user_data(req).as_bytes())?;
     let meta = memfd("meta-data", meta_data(req).as_bytes())?;
+    let network = net
+        .map(|a| {
+            memfd(
+                "network-config",
+                network_config(a, &req.cell.spec.network.dns).as_bytes(),
+            )
+        })
+        .transpose()?;
     // output() drains stdout and stderr together: neither pipe can fill
     // and stall the other.
     let out = Command::new(genisoimage)
@@ -129,6 +164,11 @@ pub fn build(genisoimage: &Path, req: &CreateRequest) -> Result<std::fs::File, B
         ])
         .arg(format!("user-data={}", proc_path(&user)))
         .arg(format!("meta-data={}", proc_path(&meta)))
+        .args(
+            network
+                .as_ref()
+                .map(|n| format!("network-config={}", proc_path(n))),
+        )
         .stdin(Stdio::null())
         .output()
         .map_err(|e| BackendError::io(format!("running {}", genisoimage.display()), e))?;
@@ -189,5 +229,30 @@ mod tests {
             base64::engine::general_purpose::STANDARD.encode("s3cret")
         );
         assert!(meta_data(&r).contains(&format!("instance-id: {}", r.id)));
+    }
+
+    #[test]
+    fn network_config_names_the_mac_address_route_and_resolvers() {
+        let a = cellhost_net::Attachment {
+            netns: None,
+            address: "10.47.0.9".parse().unwrap(),
+            gateway: "10.47.0.1".parse().unwrap(),
+            prefix: 16,
+            bridge: "cellhost-br0".into(),
+            link: "chv0123456789ab".into(),
+            table: "cellhost_0123456789ab".into(),
+            mac: "02:01:23:45:67:89".into(),
+        };
+        let c = network_config(&a, &["10.0.0.53".into()]);
+        assert!(c.starts_with("version: 2\nethernets:\n  eth0:\n"), "{c}");
+        for want in [
+            "      macaddress: \"02:01:23:45:67:89\"\n",
+            "      - 10.47.0.9/16\n",
+            "      - to: default\n        via: 10.47.0.1\n",
+            "      addresses: [10.0.0.53]\n",
+        ] {
+            assert!(c.contains(want), "{want:?} in {c}");
+        }
+        assert!(!network_config(&a, &[]).contains("nameservers"));
     }
 }

@@ -20,6 +20,8 @@ use crate::{Store, StoreError};
 pub struct Lease {
     pub cell: CellId,
     pub pool: String,
+    /// The tier that took it (each lists only its own cells).
+    pub owner: String,
     pub address: Ipv4Addr,
     /// `(protocol, host port)` pairs the cell publishes.
     pub ports: Vec<(String, u16)>,
@@ -48,6 +50,7 @@ impl Store {
         &self,
         cell: &CellId,
         pool: &str,
+        owner: &str,
         range: RangeInclusive<Ipv4Addr>,
         ports: &[(&str, u16)],
     ) -> Result<LeaseOutcome, StoreError> {
@@ -93,9 +96,9 @@ impl Store {
                     return Ok(LeaseOutcome::PoolExhausted);
                 }
                 tx.execute(
-                    "INSERT INTO net_leases (cell_id, pool, address, leased_at)
-                     VALUES (?1, ?2, ?3, ?4)",
-                    params![cell.as_str(), pool, next, now],
+                    "INSERT INTO net_leases (cell_id, pool, owner, address, leased_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![cell.as_str(), pool, owner, next, now],
                 )?;
                 next
             }
@@ -158,7 +161,7 @@ impl Store {
     pub fn leases(&self, pool: &str) -> Result<Vec<Lease>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT l.cell_id, l.address, p.protocol, p.port
+            "SELECT l.cell_id, l.address, p.protocol, p.port, l.owner
              FROM net_leases l LEFT JOIN net_ports p ON p.cell_id = l.cell_id
              WHERE l.pool = ?1 ORDER BY l.address, p.protocol, p.port",
         )?;
@@ -169,16 +172,18 @@ impl Store {
                     r.get::<_, i64>(1)?,
                     r.get::<_, Option<String>>(2)?,
                     r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, String>(4)?,
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
         let mut out: Vec<Lease> = Vec::new();
-        for (id, address, protocol, port) in rows {
+        for (id, address, protocol, port, owner) in rows {
             let cell = CellId::parse(&id).map_err(|e| StoreError::Invalid(e.to_string()))?;
             if out.last().is_none_or(|l| l.cell != cell) {
                 out.push(Lease {
                     cell,
                     pool: pool.to_string(),
+                    owner,
                     address: to_addr(address)?,
                     ports: Vec::new(),
                 });
@@ -218,7 +223,10 @@ mod tests {
         let (_d, s) = store();
         let r = || range([10, 0, 0, 2], [10, 0, 0, 4]);
         let ids: Vec<CellId> = (0..4).map(|_| CellId::random()).collect();
-        let lease = |i: usize| s.lease_address(&ids[i], "br0", r(), &[]).unwrap();
+        let lease = |i: usize| {
+            s.lease_address(&ids[i], "br0", "process", r(), &[])
+                .unwrap()
+        };
         assert_eq!(lease(0), LeaseOutcome::Leased([10, 0, 0, 2].into()));
         assert_eq!(lease(1), LeaseOutcome::Leased([10, 0, 0, 3].into()));
         assert_eq!(lease(1), LeaseOutcome::Leased([10, 0, 0, 3].into()));
@@ -235,11 +243,11 @@ mod tests {
         // Another pool is another address space.
         let other = CellId::random();
         assert_eq!(
-            s.lease_address(&other, "br1", r(), &[]).unwrap(),
+            s.lease_address(&other, "br1", "process", r(), &[]).unwrap(),
             LeaseOutcome::Leased([10, 0, 0, 2].into())
         );
         assert!(matches!(
-            s.lease_address(&other, "br0", r(), &[]),
+            s.lease_address(&other, "br0", "process", r(), &[]),
             Err(StoreError::Invalid(m)) if m.contains("br1")
         ));
     }
@@ -250,12 +258,12 @@ mod tests {
         let r = || range([10, 0, 0, 2], [10, 0, 0, 200]);
         let (a, b) = (CellId::random(), CellId::random());
         assert!(matches!(
-            s.lease_address(&a, "br0", r(), &[("tcp", 8080), ("udp", 8080)])
+            s.lease_address(&a, "br0", "process", r(), &[("tcp", 8080), ("udp", 8080)])
                 .unwrap(),
             LeaseOutcome::Leased(_)
         ));
         match s
-            .lease_address(&b, "br0", r(), &[("tcp", 9090), ("tcp", 8080)])
+            .lease_address(&b, "br0", "process", r(), &[("tcp", 9090), ("tcp", 8080)])
             .unwrap()
         {
             LeaseOutcome::PortTaken { protocol, port, by } => {
@@ -272,7 +280,7 @@ mod tests {
         );
         s.release_lease(&a).unwrap();
         assert!(matches!(
-            s.lease_address(&b, "br0", r(), &[("tcp", 8080)]).unwrap(),
+            s.lease_address(&b, "br0", "process", r(), &[("tcp", 8080)]).unwrap(),
             LeaseOutcome::Leased(addr) if addr == Ipv4Addr::new(10, 0, 0, 2)
         ));
         assert_eq!(s.leases("br0").unwrap()[0].ports, [("tcp".into(), 8080)]);
@@ -287,7 +295,7 @@ mod tests {
             let t = move |s: &Store| {
                 (0..40)
                     .map(
-                        |_| match s.lease_address(&CellId::random(), "p", r(), &[]) {
+                        |_| match s.lease_address(&CellId::random(), "p", "process", r(), &[]) {
                             Ok(LeaseOutcome::Leased(a)) => a,
                             other => panic!("{other:?}"),
                         },

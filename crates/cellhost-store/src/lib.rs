@@ -47,8 +47,9 @@
 //! Migration 3 (bridged networking, see [`Store::lease_address`]):
 //!
 //! ```text
-//! net_leases  cell_id TEXT PK, pool (a bridge's name), address (IPv4 as
-//!             INTEGER), leased_at (unix ms); UNIQUE (pool, address)
+//! net_leases  cell_id TEXT PK, pool (a bridge's name), owner (the tier
+//!             that took it), address (IPv4 as INTEGER), leased_at (unix
+//!             ms); UNIQUE (pool, address)
 //! net_ports   protocol, port, cell_id -> net_leases ON DELETE CASCADE;
 //!             PK (protocol, port): a host port belongs to one cell
 //! ```
@@ -221,6 +222,7 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE net_leases (
         cell_id   TEXT    NOT NULL PRIMARY KEY,
         pool      TEXT    NOT NULL,
+        owner     TEXT    NOT NULL,
         address   INTEGER NOT NULL,
         leased_at INTEGER NOT NULL,
         UNIQUE (pool, address)

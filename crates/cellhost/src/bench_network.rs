@@ -49,7 +49,7 @@ struct BridgeDown(cellhost_net::NetConfig);
 
 impl Drop for BridgeDown {
     fn drop(&mut self) {
-        if let Err(e) = cellhost_net::Network::new(self.0.clone()).remove_bridge() {
+        if let Err(e) = cellhost_net::Network::new(self.0.clone(), "process").remove_bridge() {
             eprintln!("cellhost: removing the bench bridge {}: {e}", self.0.bridge);
         }
     }

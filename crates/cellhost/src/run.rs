@@ -132,11 +132,9 @@ pub fn backend_for(
                     format!("the {tier} tier cannot run here: {}", status.detail),
                 ));
             }
-            Ok(Arc::new(cellhost_qemu::QemuBackend::new(qemu_config(
-                tier,
-                state_dir,
-                status.accel,
-            )?)))
+            let mut cfg = qemu_config(tier, state_dir, status.accel)?;
+            cfg.network = Some(net.config(state_dir));
+            Ok(Arc::new(cellhost_qemu::QemuBackend::new(cfg)))
         }
     }
 }

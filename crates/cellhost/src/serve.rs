@@ -105,6 +105,7 @@ pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dy
         if tier.ok {
             let mut cfg = crate::run::qemu_config(t, state_dir, tier.accel)?;
             cfg.publish_address = args.publish_address.to_string();
+            cfg.network = Some(args.net.config(state_dir));
             out.push(Arc::new(cellhost_qemu::QemuBackend::new(cfg)));
         } else {
             tracing::warn!("{t} tier unavailable: {}", tier.detail);

@@ -104,7 +104,8 @@ fn unavailable_tier_exits_4() {
             err.contains("spec.image") && err.contains("cellhost image ls"),
             "{err}"
         );
-        // What the microvm tier cannot give yet is a missing capability.
+        // Ports on a microVM need bridged networking: the document is
+        // refused naming the field.
         let doc = write(
             dir.path(),
             "mvports.yaml",
@@ -112,14 +113,14 @@ fn unavailable_tier_exits_4() {
         );
         let out = cellhost(dir.path()).arg("run").arg(&doc).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(4), "{err}");
+        assert_eq!(out.status.code(), Some(3), "{err}");
         assert!(
-            err.contains("spec.ports") && err.contains("microvm"),
+            err.contains("spec.ports") && err.contains("network.mode: bridged"),
             "{err}"
         );
     }
 
-    // A process cell asking for what the tier cannot give yet.
+    // A process cell publishing ports without a network to publish from.
     let doc = write(
         dir.path(),
         "ports.yaml",
@@ -129,9 +130,12 @@ fn unavailable_tier_exits_4() {
     );
     let out = cellhost(dir.path()).arg("run").arg(&doc).output().unwrap();
     if common::process_tier_missing().is_none() {
-        assert_eq!(out.status.code(), Some(4));
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(err.contains("host lacks ports"), "{err}");
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert!(
+            err.contains("spec.ports") && err.contains("network.mode: bridged"),
+            "{err}"
+        );
     }
 }
 

@@ -1254,7 +1254,7 @@ fn bridged_cells_through_the_daemon_show_counters_and_orphans_are_swept() {
     struct RemoveBridge(cellhost_net::NetConfig);
     impl Drop for RemoveBridge {
         fn drop(&mut self) {
-            let _ = cellhost_net::Network::new(self.0.clone()).remove_bridge();
+            let _ = cellhost_net::Network::new(self.0.clone(), "process").remove_bridge();
         }
     }
     let _bridge = RemoveBridge(cellhost_net::NetConfig {

@@ -170,7 +170,7 @@ struct BridgeGuard(NetConfig);
 
 impl Drop for BridgeGuard {
     fn drop(&mut self) {
-        let _ = Network::new(self.0.clone()).remove_bridge();
+        let _ = Network::new(self.0.clone(), "process").remove_bridge();
     }
 }
 
@@ -211,9 +211,13 @@ fn free_port() -> u16 {
 }
 
 fn http_get(addr: SocketAddr) -> std::io::Result<String> {
+    http_get_path(addr, "/")
+}
+
+fn http_get_path(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
     let mut body = String::new();
     s.read_to_string(&mut body)?;
     Ok(body)
@@ -345,7 +349,7 @@ fn bridged_cell_reaches_only_its_allow_list_publishes_ports_and_leaves_nothing()
     assert!(body.starts_with("HTTP/1.0 200"), "{body}");
 
     // Counters for inspect.
-    let net = Network::new(cfg.clone());
+    let net = Network::new(cfg.clone(), "process");
     let c = net.counters(&id).unwrap().unwrap();
     assert!(c.egress_allowed.packets >= 3, "{c:?}"); // tcp + 2 dns
     assert!(c.egress_denied.packets >= 5, "{c:?}");
@@ -400,11 +404,12 @@ fn orphaned_network_objects_are_swept_and_conflicts_are_refused_first() {
     let cfg = cfg.unwrap();
     let _bridge = BridgeGuard(cfg.clone());
     let rt = common::rt();
-    let net = Network::new(cfg.clone());
+    let net = Network::new(cfg.clone(), "process");
 
     // An orphan: network objects of a cell with no dir and no record (a
     // crash after attach). list() reports it; destroy removes it all.
     let orphan = CellId::random();
+    let _detach = DetachOnDrop(cfg.clone(), "process", orphan.clone());
     let doc = common::cell(
         "orphan",
         "  command: [/bin/true]\n  network: {mode: bridged}\n",
@@ -424,7 +429,7 @@ fn orphaned_network_objects_are_swept_and_conflicts_are_refused_first() {
     assert!(report.is_clean(), "{report:?}");
     assert!(report.checks.iter().any(|c| c.name == "net-table"));
     assert!(!nft_table_exists(&orphan));
-    assert!(!a.netns.exists());
+    assert!(!a.netns.unwrap().exists());
     assert!(net.cells().unwrap().is_empty());
 
     // A host port another cell publishes, or one in use on the host, is
@@ -508,7 +513,7 @@ fn forged_sources_are_dropped_and_the_egress_rate_is_capped() {
     rt.block_on(tier.backend.start(&h)).unwrap();
     let b: &dyn Backend = &tier.backend;
     let own = h.tier["network"]["address"].as_str().unwrap().to_string();
-    let net = Network::new(cfg.clone());
+    let net = Network::new(cfg.clone(), "process");
     let wait_count = |c: &AtomicUsize, want: usize| {
         let until = Instant::now() + Duration::from_secs(5);
         while c.load(Ordering::SeqCst) < want && Instant::now() < until {
@@ -555,4 +560,143 @@ fn forged_sources_are_dropped_and_the_egress_rate_is_capped() {
 
     let report = rt.block_on(tier.backend.destroy(&h)).unwrap();
     assert!(report.is_clean(), "{report:?}");
+}
+
+/// A bridged microVM: qemu on a tap on the cellhost bridge, the agent
+/// configuring eth0 from the lease, the same per-cell table as a process
+/// cell. Boots the Debian kernel under TCG (scripts/test fetches it).
+#[test]
+fn bridged_microvm_reaches_only_its_allow_list_and_publishes_ports() {
+    require_microvm!();
+    if let Some(why) = network_missing() {
+        eprintln!("SKIP: {why}");
+        return;
+    }
+    let n = octet();
+    let hosts = TestHosts::new(n);
+    let allowed = hosts.tcp_server(SocketAddr::from((hosts.addr(2), 8080)), "allowed\n");
+    let denied = hosts.tcp_server(SocketAddr::from((hosts.addr(3), 8080)), "denied\n");
+    let state = tempfile::tempdir().unwrap();
+    common::microvm_image(state.path(), "mv-net");
+    let net = net_config(state.path(), n);
+    let _bridge = BridgeGuard(net.clone());
+    let mut cfg = cellhost_qemu::QemuConfig::new(
+        cellhost_spec::Isolation::Microvm,
+        state.path(),
+        common::cellhost_bin(),
+    );
+    cfg.network = Some(net.clone());
+    let backend = cellhost_qemu::QemuBackend::new(cfg);
+    let published = free_port();
+    let cell = cellhost_spec::parse_and_validate(&format!(
+        "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {{name: mvnet}}\nspec:\n  isolation: microvm\n  image: mv-net\n  command: [/bin/httpd, -f, -p, '8000', -h, /etc]\n  network:\n    mode: bridged\n    egress: [{{cidr: 10.251.{n}.2/32, port: 8080, protocol: tcp}}]\n    dns: [10.251.{n}.4]\n  ports: [{{container: 8000, host: {published}}}]\n"
+    ))
+    .unwrap();
+    let rt = common::rt();
+    let id = CellId::random();
+    // Dropped in reverse order: qemu is killed before its tap goes.
+    let _detach = DetachOnDrop(net.clone(), "microvm", id.clone());
+    let _kill = KillQemuOnDrop(state.path().join("microvm"));
+    let h = rt
+        .block_on(backend.create(cellhost_core::CreateRequest::new(id.clone(), cell)))
+        .unwrap();
+    assert_eq!(
+        h.tier["network"]["address"],
+        format!("10.252.{n}.2"),
+        "{}",
+        h.tier
+    );
+    assert!(h.tier["network"].get("netns").is_none());
+    rt.block_on(backend.start(&h)).unwrap();
+    let b: &dyn Backend = &backend;
+    let sh = |script: &str| {
+        let out = rt
+            .block_on(b.exec(
+                &h,
+                ExecRequest {
+                    argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                    env: vec![],
+                    cwd: None,
+                    timeout: Some(Duration::from_secs(30)),
+                },
+            ))
+            .expect("exec");
+        (
+            out.exit.shell_code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = sh(&format!("nc 10.251.{n}.2 8080 </dev/null"));
+    assert_eq!((code, out.as_str()), (0, "allowed\n"), "{err}");
+    assert_eq!(allowed.load(Ordering::SeqCst), 1);
+    let (code, _, _) = sh(&format!("nc -w 5 10.251.{n}.3 8080 </dev/null"));
+    assert_ne!(code, 0, "the denied server was reachable");
+    assert_eq!(denied.load(Ordering::SeqCst), 0);
+    let (_, resolv, _) = sh("cat /etc/resolv.conf");
+    assert!(
+        resolv.contains(&format!("nameserver 10.251.{n}.4")),
+        "{resolv}"
+    );
+
+    // The published port, by DNAT to the guest, on the host and from the
+    // test network.
+    // (busybox httpd serves the guest's /etc: its resolv.conf.)
+    let get = |a| http_get_path(a, "/resolv.conf");
+    let body = eventually(|| get(SocketAddr::from(([127, 0, 0, 1], published))));
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("nameserver"), "{body}");
+    let host_side = SocketAddr::from((hosts.addr(1), published));
+    let body = hosts.in_ns(move || get(host_side)).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    let live = rt.block_on(b.live_details(&h)).unwrap().unwrap();
+    let c = &live["network"]["counters"];
+    assert!(
+        c["egressAllowed"]["packets"].as_u64().unwrap() >= 1,
+        "{live}"
+    );
+    assert!(
+        c["egressDenied"]["packets"].as_u64().unwrap() >= 1,
+        "{live}"
+    );
+    assert_eq!(c["spoofed"]["packets"], 0, "{live}");
+
+    let report = rt.block_on(backend.destroy(&h)).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    for check in ["net-table", "net-veth", "net-lease", "vm-process"] {
+        assert!(
+            report.checks.iter().any(|c| c.name == check),
+            "{check}: {report:?}"
+        );
+    }
+    assert!(!nft_table_exists(&id));
+    assert!(
+        !std::path::Path::new("/sys/class/net")
+            .join(cellhost_net::veth_name(&id))
+            .exists()
+    );
+    assert!(http_get(SocketAddr::from(([127, 0, 0, 1], published))).is_err());
+}
+
+/// Removes a cell's network objects on drop (a failed assertion must not
+/// leave a tap, a table or a netns behind).
+struct DetachOnDrop(NetConfig, &'static str, CellId);
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        let mut report = cellhost_core::TeardownReport::new(self.2.as_str());
+        Network::new(self.0.clone(), self.1).detach(&self.2, &mut report);
+    }
+}
+
+/// Kills every qemu whose argv names `dir`, so a failed assertion leaves
+/// no VM running.
+struct KillQemuOnDrop(std::path::PathBuf);
+
+impl Drop for KillQemuOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args(["-9", "-f", &self.0.to_string_lossy()])
+            .status();
+    }
 }

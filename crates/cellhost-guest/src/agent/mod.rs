@@ -11,10 +11,13 @@
 pub mod exec;
 pub mod files;
 pub mod init;
+pub mod net;
 pub mod serve;
 
 use std::collections::BTreeMap;
+use std::fs;
 use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -50,6 +53,11 @@ pub struct Config {
     /// Where secrets go; `None` is `<state_dir>/secrets`. A microVM's agent
     /// uses `/run/secrets`, where the other tiers put them.
     pub secrets_dir: Option<PathBuf>,
+    /// Accept `configure_net` although not PID 1 (tests in a netns of
+    /// their own); a PID 1 agent always accepts it.
+    pub configure_net: bool,
+    /// Where `configure_net` writes the resolvers (`/etc`).
+    pub resolv_dir: PathBuf,
 }
 
 impl Config {
@@ -60,6 +68,8 @@ impl Config {
             exec: true,
             max_execs: 16,
             secrets_dir: None,
+            configure_net: false,
+            resolv_dir: PathBuf::from("/etc"),
         }
     }
 }
@@ -227,6 +237,37 @@ impl Agent {
             }
             Op::WriteFile(req) => self.write_file(req),
             Op::ReadFile(req) => self.read_file(req),
+            Op::ConfigureNet(req) => {
+                if !(self.pid1 || self.config.configure_net) {
+                    return Err(Failure::new(
+                        ErrorCode::Disabled,
+                        "configure_net: only a PID 1 agent (or one run with --configure-net) changes the network",
+                    ));
+                }
+                let plan = net::plan(&req)?;
+                net::apply(&plan).map_err(|e| {
+                    Failure::new(
+                        ErrorCode::Io,
+                        format!("configure_net: {}: {e}", plan.interface),
+                    )
+                })?;
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(&self.config.resolv_dir)
+                    .and_then(|()| {
+                        files::write_atomic(
+                            &self.config.resolv_dir,
+                            "resolv.conf",
+                            net::resolv_conf(&plan.dns).as_bytes(),
+                            0o644,
+                        )
+                    })
+                    .map_err(|e| io_failure("resolv.conf", e))?;
+                let mut m = Map::new();
+                m.insert("interface".into(), Value::from(plan.interface));
+                Ok(m)
+            }
             Op::Status => fields(&StatusReply {
                 version: proto::PROTOCOL_VERSION,
                 agent: proto::agent_name(),

@@ -50,6 +50,13 @@ struct Args {
     /// Refuse exec requests.
     #[arg(long)]
     no_exec: bool,
+    /// Accept configure_net although not PID 1 (a PID 1 agent, in a
+    /// microVM, always does): only in a network namespace of its own.
+    #[arg(long)]
+    configure_net: bool,
+    /// Where configure_net writes resolv.conf.
+    #[arg(long, default_value = "/etc", value_name = "DIR")]
+    resolv_dir: PathBuf,
     /// The cell's main command, started once the agent listens.
     #[arg(last = true, value_name = "COMMAND")]
     command: Vec<String>,
@@ -91,6 +98,8 @@ fn main() -> ExitCode {
     config.secrets_dir = args.secrets_dir.clone();
     config.file_roots = args.file_roots.clone();
     config.exec = !args.no_exec;
+    config.configure_net = args.configure_net;
+    config.resolv_dir = args.resolv_dir.clone();
     let agent = match Agent::new(config) {
         Ok(a) => Arc::new(a),
         Err(e) => {

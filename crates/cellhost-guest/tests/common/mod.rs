@@ -29,10 +29,27 @@ impl AgentProc {
     }
 
     pub fn start_env(extra: &[&str], command: &[&str], env: &[(&str, &str)]) -> AgentProc {
+        Self::start_wrapped(&[], extra, command, env)
+    }
+
+    /// [`AgentProc::start_env`] run by `wrapper` (e.g. `ip netns exec NS`).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        extra: &[&str],
+        command: &[&str],
+        env: &[(&str, &str)],
+    ) -> AgentProc {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("files")).unwrap();
         let sock = dir.path().join("agent.sock");
-        let mut cmd = Command::new(AGENT);
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(AGENT),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(AGENT);
+                c
+            }
+        };
         cmd.arg("--unix")
             .arg(&sock)
             .arg("--state-dir")

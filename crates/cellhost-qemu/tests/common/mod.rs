@@ -104,8 +104,9 @@ pub fn microvm_image(store: &ImageStore, name: &str, kernel: &Path, modules: &Pa
 
 /// The vm test image's init: reads the NoCloud seed (the real files
 /// cloud-init reads; cloud-init itself needs Python, not in busybox),
-/// names the host after it, serves it over HTTP on :8080 and powers off
-/// on the ACPI power button (busybox acpid).
+/// names the host after it, applies its network-config when there is one
+/// (bridged), serves it over HTTP on :8080 and powers off on the ACPI power
+/// button (busybox acpid).
 const VM_INIT: &str = r#"#!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev 2>/dev/null
 mkdir -p /seed && mount -t iso9660 -o ro /dev/vdb /seed || echo "cellhost-test-vm: no seed on vdb: $(ls /dev/vd* /seed)"
@@ -113,7 +114,16 @@ hn=$(sed -n 's/^local-hostname: //p' /seed/meta-data)
 id=$(sed -n 's/^instance-id: //p' /seed/meta-data)
 hostname "$hn"
 echo "cellhost-test-vm: seed instance-id=$id hostname=$hn"
-ip link set lo up; ip link set eth0 up 2>/dev/null; ip addr add 10.0.2.15/24 dev eth0 2>/dev/null
+ip link set lo up; ip link set eth0 up 2>/dev/null
+if [ -f /seed/network-config ]; then
+  # bridged: the seed's network-config (version 2) names address and route
+  addr=$(sed -n 's/^      - \([0-9.]*\/[0-9]*\)$/\1/p' /seed/network-config)
+  gw=$(sed -n 's/^        via: //p' /seed/network-config)
+  ip addr add "$addr" dev eth0; ip route add default via "$gw"
+  echo "cellhost-test-vm: network-config $addr via $gw"
+else
+  ip addr add 10.0.2.15/24 dev eth0 2>/dev/null
+fi
 mkdir -p /www && echo "hello from $hn" > /www/index.html && httpd -p 8080 -h /www
 mkdir -p /etc/acpi/PWRF && printf '#!/bin/sh\necho cellhost-test-vm: power button\npoweroff -f\n' > /etc/acpi/PWRF/00000080
 chmod +x /etc/acpi/PWRF/00000080

@@ -316,7 +316,9 @@ pub fn microvm_image(state: &Path, name: &str) {
     let root = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(root.path().join("bin")).unwrap();
     std::fs::copy("/bin/busybox", root.path().join("bin/busybox")).unwrap();
-    for applet in ["sh", "echo", "cat", "sleep", "printf", "head", "ls"] {
+    for applet in [
+        "sh", "echo", "cat", "sleep", "printf", "head", "ls", "nc", "httpd",
+    ] {
         std::os::unix::fs::symlink("busybox", root.path().join("bin").join(applet)).unwrap();
     }
     let out = cellhost(state)
