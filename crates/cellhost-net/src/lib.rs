@@ -582,8 +582,9 @@ impl Network {
         self.forward_accepts(true)
     }
 
-    /// Remove the bridge and its iptables accepts (tests, `cellhost net
-    /// down`). Cells still attached lose their network.
+    /// Remove the bridge and its iptables accepts (tests and benchmarks
+    /// that made their own bridge). Cells still attached lose their
+    /// network.
     pub fn remove_bridge(&self) -> Result<(), NetError> {
         *self.ensured.lock().unwrap_or_else(PoisonError::into_inner) = None;
         self.forward_accepts(false)?;

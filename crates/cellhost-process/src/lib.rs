@@ -13,6 +13,7 @@
 //!                                bind-mounted read-only at /run/secrets
 //!   shim.pid shim.log exit.json  the shim's (see shim)
 //!   exec.lock                    serialises exec set-up against destroy (see exec)
+//!   resolv.conf                  bridged: the declared resolvers, bound at /etc/resolv.conf
 //!   lc/cellhost-<id>/            libcontainer state (state.json, notify socket)
 //! <cgroup hierarchy>/cellhost/cellhost-<id>   per controller (v1) or unified (v2)
 //! ```
@@ -43,7 +44,9 @@
 //! The workload is untrusted. It gets exactly its declared environment,
 //! fds 0-2 only (stdin /dev/null, stdout/stderr the cell log), no view of
 //! the host's /etc or other cells, resource limits from cgroups, and
-//! loopback-only networking. Secret values never appear in argv (the shim's
+//! loopback-only networking, or bridged: a netns cellhost-net made, whose
+//! only way out is a veth confined by the cell's nftables table (see
+//! cellhost-net). Secret values never appear in argv (the shim's
 //! argv is paths and ids), in config.json, in logs or in the store; they
 //! exist only in the cell's tmpfs and in memory during create.
 

@@ -14,6 +14,7 @@
 //!   disk.qcow2                      vm: overlay on the image's read-only base
 //!   volume.luks | volume.qcow2      spec.volume: qemu LUKS (encrypted) or qcow2
 //!   started exit.json               lifecycle markers
+//! tap chv<id>, table inet cellhost_<id>, a lease    bridged cells (cellhost-net)
 //! ```
 //!
 //! # Lifecycle
@@ -27,9 +28,12 @@
 //! `system_powerdown` (vm) with the grace period, then QMP `quit`, then
 //! SIGKILL. `status` reads QMP and, for a microVM, the agent: when the
 //! command has ended its exit status is recorded and the VM quits.
-//! `destroy` quits/kills qemu, erases the LUKS header, removes the dir
-//! and reports residue: qemu process, shim, sockets, dir, overlay,
-//! volume, published ports.
+//! A bridged cell's tap and table are made before qemu starts (qemu opens
+//! the tap by name); a microVM's agent then configures eth0, a vm applies
+//! the seed's `network-config`.
+//! `destroy` quits/kills qemu, detaches the network, erases the LUKS
+//! header, removes the dir and reports residue: qemu process, shim,
+//! sockets, dir, overlay, volume, published ports, the network's objects.
 //!
 //! # Idempotency
 //!
@@ -42,10 +46,12 @@
 //! # Threat model
 //!
 //! The guest is hostile: it sees virtio devices only; QMP and the agent
-//! socket live in the 0700 cell dir. Published ports bind
-//! [`QemuConfig::publish_address`], and user-mode networking runs with
-//! `restrict=on`, so the guest reaches nothing (egress allow-lists come
-//! with the network tier). Secrets never touch the host's disk or argv:
+//! socket live in the 0700 cell dir. With `network.mode: none` published
+//! ports bind [`QemuConfig::publish_address`], and user-mode networking
+//! runs with `restrict=on`, so the guest reaches nothing; bridged, it is
+//! confined by its host-side nftables table (cellhost-net: its own
+//! address and MAC only, the egress allow-list, deny by default).
+//! Secrets never touch the host's disk or argv:
 //! the volume key goes to qemu over a pipe (its `secret` object), the
 //! seed ISO lives in a memfd, and microVM env/secrets go over the agent
 //! channel. Why shell out: qemu and qemu-img are the interface; QMP is
