@@ -164,6 +164,23 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The test vm's page on 127.0.0.1:`port`, within 120 s of booting
+/// (TCG), or a panic showing the console.
+fn wait_hello(port: u16, dir: &std::path::Path) -> String {
+    let until = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(b) = http_get(port).filter(|b| b.contains("hello from")) {
+            return b;
+        }
+        assert!(
+            Instant::now() < until,
+            "no answer on 127.0.0.1:{port}; console: {}",
+            String::from_utf8_lossy(&std::fs::read(dir.join("serial.log")).unwrap_or_default())
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 fn http_get(port: u16) -> Option<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
@@ -201,18 +218,7 @@ fn vm_boots_with_seed_serves_hostfwd_powers_down_and_orphans_are_swept() {
         CellState::Created
     );
     rt.block_on(backend.start(&h)).expect("start");
-    let until = Instant::now() + Duration::from_secs(120);
-    let body = loop {
-        if let Some(b) = http_get(port).filter(|b| b.contains("hello from")) {
-            break b;
-        }
-        assert!(
-            Instant::now() < until,
-            "no answer on 127.0.0.1:{port}; console: {}",
-            String::from_utf8_lossy(&std::fs::read(dir.join("serial.log")).unwrap_or_default())
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let body = wait_hello(port, &dir);
     let console =
         String::from_utf8_lossy(&std::fs::read(dir.join("serial.log")).unwrap()).into_owned();
     assert!(
@@ -380,18 +386,7 @@ fn bridged_vm_gets_its_lease_and_publishes_by_dnat() {
         "{argv}"
     );
     rt.block_on(backend.start(&h)).expect("start");
-    let until = Instant::now() + Duration::from_secs(120);
-    let body = loop {
-        if let Some(b) = http_get(port).filter(|b| b.contains("hello from")) {
-            break b;
-        }
-        assert!(
-            Instant::now() < until,
-            "no answer on 127.0.0.1:{port}; console: {}",
-            String::from_utf8_lossy(&std::fs::read(dir.join("serial.log")).unwrap_or_default())
-        );
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let body = wait_hello(port, &dir);
     assert!(body.contains("hello from bridged-vm"), "{body}");
     let console =
         String::from_utf8_lossy(&std::fs::read(dir.join("serial.log")).unwrap()).into_owned();

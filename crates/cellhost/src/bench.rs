@@ -76,6 +76,16 @@ impl Series {
             _ => None,
         }
     }
+    /// `name  p50  p99  (n=…)` in a column `width` wide, or dashes.
+    pub(crate) fn print_row(&self, name: &str, width: usize) {
+        match (self.ms(50.0), self.ms(99.0)) {
+            (Some(a), Some(b)) => {
+                println!("{name:<width$} {a:>9.2} {b:>9.2}  (n={})", self.0.len())
+            }
+            _ => println!("{name:<width$} {:>9} {:>9}", "-", "-"),
+        }
+    }
+
     pub(crate) fn json(&self) -> serde_json::Value {
         json!({"n": self.0.len(), "p50_ms": self.ms(50.0), "p99_ms": self.ms(99.0)})
     }
@@ -303,10 +313,7 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
         );
         return Ok(0);
     }
-    let row = |name: &str, s: &Series| match (s.ms(50.0), s.ms(99.0)) {
-        (Some(a), Some(b)) => println!("{name:<40} {a:>9.2} {b:>9.2}  (n={})", s.0.len()),
-        _ => println!("{name:<40} {:>9} {:>9}", "-", "-"),
-    };
+    let row = |name: &str, s: &Series| s.print_row(name, 40);
     println!("cellhost bench process: {n} cells, baselines interleaved in the same run");
     println!("{:<40} {:>9} {:>9}", "", "p50 ms", "p99 ms");
     row("cellhost create -> first instruction", &first);

@@ -390,10 +390,7 @@ fn report(
         );
         return Ok(0);
     }
-    let row = |name: &str, s: &Series| match (s.ms(50.0), s.ms(99.0)) {
-        (Some(a), Some(b)) => println!("{name:<44} {a:>9.2} {b:>9.2}  (n={})", s.0.len()),
-        _ => println!("{name:<44} {:>9} {:>9}", "-", "-"),
-    };
+    let row = |name: &str, s: &Series| s.print_row(name, 44);
     println!(
         "cellhost bench container: {n} rounds ({WARMUP} warm-up not counted), image {image}, the docker CLI interleaved in the same run"
     );

@@ -18,8 +18,8 @@ use std::net::UdpSocket;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cellhost_core::CreateRequest;
 use cellhost_core::ids::CellId;
+use cellhost_core::{Backend, CreateRequest};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 use serde_json::json;
 
@@ -79,88 +79,20 @@ pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow
         "egress": [{"cidr": format!("{gateway}/32"), "port": port, "protocol": "udp"}]});
     let bridged_script = format!("printf x >/dev/udp/{gateway}/{port}");
 
-    let mut bridged = Series::default();
-    let mut bridged_create = Series::default();
-    let mut bridged_destroy = Series::default();
-    let mut none = Series::default();
-    let mut none_create = Series::default();
-    let mut none_destroy = Series::default();
-
-    // One of each first: page cache, host root, bridge.
+    let (mut bridged, mut bridged_create, mut bridged_destroy) = Default::default();
+    let (mut none, mut none_create, mut none_destroy) = Default::default();
+    // One of each first, not counted: page cache, host root, bridge.
     for round in 0..n + 1 {
         let warm = round == 0;
-        // bridged: create → first packet on the host
         let cell = doc("bench-bridged", &bridged_script, bridged_net.clone())?;
-        let t0 = Instant::now();
-        let h = backend
-            .create(CreateRequest::new(CellId::random(), cell))
-            .await
-            .map_err(|e| crate::run::backend_err(e, "bench create"))?;
-        let created = t0.elapsed();
-        let want: std::net::Ipv4Addr = h.tier["network"]["address"]
-            .as_str()
-            .unwrap_or_default()
-            .parse()?;
-        backend
-            .start(&h)
-            .await
-            .map_err(|e| crate::run::backend_err(e, "bench start"))?;
-        let mut buf = [0u8; 16];
-        loop {
-            let (_, from) = sock.recv_from(&mut buf)?;
-            if from.ip() == std::net::IpAddr::V4(want) {
-                break;
-            }
-        }
-        let first = t0.elapsed();
-        wait_exited(&*backend, &h).await?;
-        let td = Instant::now();
-        let report = backend.destroy(&h).await?;
-        let destroyed = td.elapsed();
-        anyhow::ensure!(
-            report.is_clean(),
-            "bench cell left residue: {}",
-            report.summary()
-        );
+        let t = one_cell(&*backend, cell, First::Packet(&sock)).await?;
         if !warm {
-            bridged.push(first);
-            bridged_create.push(created);
-            bridged_destroy.push(destroyed);
+            push3([&mut bridged_create, &mut bridged, &mut bridged_destroy], t);
         }
-
-        // none: create → first output in the log
         let cell = doc("bench-none", "printf x", json!({"mode": "none"}))?;
-        let t0 = Instant::now();
-        let h = backend
-            .create(CreateRequest::new(CellId::random(), cell))
-            .await
-            .map_err(|e| crate::run::backend_err(e, "bench create"))?;
-        let created = t0.elapsed();
-        let log = h.state_dir.join("log");
-        let ino = Inotify::init(InitFlags::IN_CLOEXEC)?;
-        ino.add_watch(&log, AddWatchFlags::IN_MODIFY)?;
-        backend
-            .start(&h)
-            .await
-            .map_err(|e| crate::run::backend_err(e, "bench start"))?;
-        if std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) == 0 {
-            ino.read_events()?;
-        }
-        let first = t0.elapsed();
-        drop(ino);
-        wait_exited(&*backend, &h).await?;
-        let td = Instant::now();
-        let report = backend.destroy(&h).await?;
-        let destroyed = td.elapsed();
-        anyhow::ensure!(
-            report.is_clean(),
-            "bench cell left residue: {}",
-            report.summary()
-        );
+        let t = one_cell(&*backend, cell, First::Output).await?;
         if !warm {
-            none.push(first);
-            none_create.push(created);
-            none_destroy.push(destroyed);
+            push3([&mut none_create, &mut none, &mut none_destroy], t);
         }
     }
 
@@ -186,10 +118,7 @@ pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow
         );
         return Ok(0);
     }
-    let row = |name: &str, s: &Series| match (s.ms(50.0), s.ms(99.0)) {
-        (Some(a), Some(b)) => println!("{name:<44} {a:>9.2} {b:>9.2}  (n={})", s.0.len()),
-        _ => println!("{name:<44} {:>9} {:>9}", "-", "-"),
-    };
+    let row = |name: &str, s: &Series| s.print_row(name, 44);
     println!(
         "cellhost bench network: {n} cells per mode, interleaved, bridge {} ({})",
         net.bridge, net.bridge_subnet
@@ -213,6 +142,75 @@ pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow
             .unwrap_or_else(|| "n/a".into())
     );
     Ok(0)
+}
+
+/// What marks a cell's first sign of life.
+enum First<'a> {
+    /// Its datagram on this socket, from its leased address.
+    Packet(&'a UdpSocket),
+    /// Its first output in its log.
+    Output,
+}
+
+/// Create, start, wait for `first`, wait for the exit, destroy (clean or
+/// an error): [create, create → first, destroy].
+async fn one_cell(
+    backend: &dyn Backend,
+    cell: cellhost_spec::Cell,
+    first: First<'_>,
+) -> anyhow::Result<[Duration; 3]> {
+    let t0 = Instant::now();
+    let h = backend
+        .create(CreateRequest::new(CellId::random(), cell))
+        .await
+        .map_err(|e| crate::run::backend_err(e, "bench create"))?;
+    let created = t0.elapsed();
+    let log = h.state_dir.join("log");
+    let ino = match first {
+        First::Output => {
+            let ino = Inotify::init(InitFlags::IN_CLOEXEC)?;
+            ino.add_watch(&log, AddWatchFlags::IN_MODIFY)?;
+            Some(ino)
+        }
+        First::Packet(_) => None,
+    };
+    backend
+        .start(&h)
+        .await
+        .map_err(|e| crate::run::backend_err(e, "bench start"))?;
+    match (first, ino) {
+        (First::Packet(sock), _) => {
+            let want: std::net::Ipv4Addr = h.tier["network"]["address"]
+                .as_str()
+                .unwrap_or_default()
+                .parse()?;
+            let mut buf = [0u8; 16];
+            while sock.recv_from(&mut buf)?.1.ip() != std::net::IpAddr::V4(want) {}
+        }
+        (First::Output, Some(ino)) => {
+            if std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) == 0 {
+                ino.read_events()?;
+            }
+        }
+        (First::Output, None) => unreachable!("armed above"),
+    }
+    let first_at = t0.elapsed();
+    wait_exited(backend, &h).await?;
+    let td = Instant::now();
+    let report = backend.destroy(&h).await?;
+    let destroyed = td.elapsed();
+    anyhow::ensure!(
+        report.is_clean(),
+        "bench cell left residue: {}",
+        report.summary()
+    );
+    Ok([created, first_at, destroyed])
+}
+
+fn push3(series: [&mut Series; 3], t: [Duration; 3]) {
+    for (s, d) in series.into_iter().zip(t) {
+        s.push(d);
+    }
 }
 
 /// Removes the bench's cgroup group on drop.

@@ -1310,7 +1310,7 @@ fn bridged_cells_through_the_daemon_show_counters_and_orphans_are_swept() {
     other["spec"]["network"] = json!({"mode": "bridged"});
     let orphan = d.create(other);
     let orphan_id = CellId::parse(&orphan).unwrap();
-    assert!(nft_table(&orphan_id));
+    assert!(common::nft_table_exists(&orphan_id));
     d.kill9();
     {
         let store = cellhost_store::Store::open(&d.state).unwrap();
@@ -1320,7 +1320,7 @@ fn bridged_cells_through_the_daemon_show_counters_and_orphans_are_swept() {
     wait_until(
         "the orphan's network to be swept",
         Duration::from_secs(20),
-        || !nft_table(&orphan_id),
+        || !common::nft_table_exists(&orphan_id),
     );
     wait_until("the orphan event", Duration::from_secs(10), || {
         d.events()
@@ -1344,13 +1344,4 @@ fn bridged_cells_through_the_daemon_show_counters_and_orphans_are_swept() {
         assert!(names.contains(&want), "{want} not in {names:?}");
     }
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
-}
-
-fn nft_table(id: &CellId) -> bool {
-    Command::new("nft")
-        .args(["list", "table", "inet", &cellhost_net::table_name(id)])
-        .output()
-        .unwrap()
-        .status
-        .success()
 }

@@ -39,6 +39,27 @@ fn network_missing() -> Option<String> {
     None
 }
 
+macro_rules! require_network {
+    () => {
+        if let Some(why) = network_missing() {
+            eprintln!("SKIP: {why}");
+            return;
+        }
+    };
+}
+
+/// A process tier with bridged networking on a bridge of its own; the
+/// bridge goes after the tier's cells (drop order: tier, config, bridge).
+fn bridged_tier(n: u8) -> (BridgeGuard, NetConfig, common::Tier) {
+    let mut cfg = None;
+    let tier = common::tier_with_network(|dir| {
+        cfg = Some(net_config(dir, n));
+        cfg.clone()
+    });
+    let cfg = cfg.expect("set by tier_with_network");
+    (BridgeGuard(cfg.clone()), cfg, tier)
+}
+
 /// A random byte in 16..=250, so concurrent runs pick different subnets.
 fn octet() -> u8 {
     let id = CellId::random();
@@ -235,22 +256,10 @@ fn eventually<T>(mut f: impl FnMut() -> std::io::Result<T>) -> T {
     }
 }
 
-fn nft_table_exists(id: &CellId) -> bool {
-    Command::new("nft")
-        .args(["list", "table", "inet", &cellhost_net::table_name(id)])
-        .output()
-        .unwrap()
-        .status
-        .success()
-}
-
 #[test]
 fn bridged_cell_reaches_only_its_allow_list_publishes_ports_and_leaves_nothing() {
     require_process_tier!();
-    if let Some(why) = network_missing() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
+    require_network!();
     let n = octet();
     let hosts = TestHosts::new(n);
     let allowed = hosts.tcp_server(SocketAddr::from((hosts.addr(2), 8080)), "allowed\n");
@@ -263,13 +272,7 @@ fn bridged_cell_reaches_only_its_allow_list_publishes_ports_and_leaves_nothing()
     let host_listener = TcpListener::bind("0.0.0.0:0").unwrap();
     let host_port = host_listener.local_addr().unwrap().port();
 
-    let mut cfg = None;
-    let tier = common::tier_with_network(|dir| {
-        cfg = Some(net_config(dir, n));
-        cfg.clone()
-    });
-    let cfg = cfg.unwrap();
-    let _bridge = BridgeGuard(cfg.clone());
+    let (_bridge, cfg, tier) = bridged_tier(n);
     let published = free_port();
     let cell = common::cell(
         "net",
@@ -373,7 +376,7 @@ fn bridged_cell_reaches_only_its_allow_list_publishes_ports_and_leaves_nothing()
             "{check} missing from {report:?}"
         );
     }
-    assert!(!nft_table_exists(&id));
+    assert!(!common::nft_table_exists(&id));
     assert!(
         !std::path::Path::new("/sys/class/net")
             .join(cellhost_net::veth_name(&id))
@@ -391,18 +394,9 @@ fn bridged_cell_reaches_only_its_allow_list_publishes_ports_and_leaves_nothing()
 #[test]
 fn orphaned_network_objects_are_swept_and_conflicts_are_refused_first() {
     require_process_tier!();
-    if let Some(why) = network_missing() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
+    require_network!();
     let n = octet();
-    let mut cfg = None;
-    let tier = common::tier_with_network(|dir| {
-        cfg = Some(net_config(dir, n));
-        cfg.clone()
-    });
-    let cfg = cfg.unwrap();
-    let _bridge = BridgeGuard(cfg.clone());
+    let (_bridge, cfg, tier) = bridged_tier(n);
     let rt = common::rt();
     let net = Network::new(cfg.clone(), "process");
 
@@ -415,7 +409,7 @@ fn orphaned_network_objects_are_swept_and_conflicts_are_refused_first() {
         "  command: [/bin/true]\n  network: {mode: bridged}\n",
     );
     let a = net.attach(&orphan, &doc).unwrap();
-    assert!(nft_table_exists(&orphan));
+    assert!(common::nft_table_exists(&orphan));
     let listed = rt.block_on(tier.backend.list()).unwrap();
     assert!(listed.iter().any(|c| c.id == orphan), "{listed:?}");
     let handle = CellHandle {
@@ -428,7 +422,7 @@ fn orphaned_network_objects_are_swept_and_conflicts_are_refused_first() {
     let report = rt.block_on(tier.backend.destroy(&handle)).unwrap();
     assert!(report.is_clean(), "{report:?}");
     assert!(report.checks.iter().any(|c| c.name == "net-table"));
-    assert!(!nft_table_exists(&orphan));
+    assert!(!common::nft_table_exists(&orphan));
     assert!(!a.netns.unwrap().exists());
     assert!(net.cells().unwrap().is_empty());
 
@@ -487,21 +481,12 @@ fn raw_udp_script(src: &str, dst: &str) -> String {
 #[test]
 fn forged_sources_are_dropped_and_the_egress_rate_is_capped() {
     require_process_tier!();
-    if let Some(why) = network_missing() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
+    require_network!();
     let n = octet();
     let hosts = TestHosts::new(n);
     let resolver = hosts.udp_server(SocketAddr::from((hosts.addr(4), 53)));
     let sink = hosts.tcp_sink(SocketAddr::from((hosts.addr(2), 8080)));
-    let mut cfg = None;
-    let tier = common::tier_with_network(|dir| {
-        cfg = Some(net_config(dir, n));
-        cfg.clone()
-    });
-    let cfg = cfg.unwrap();
-    let _bridge = BridgeGuard(cfg.clone());
+    let (_bridge, cfg, tier) = bridged_tier(n);
     let cell = common::cell(
         "spoof",
         &format!(
@@ -568,10 +553,7 @@ fn forged_sources_are_dropped_and_the_egress_rate_is_capped() {
 #[test]
 fn bridged_microvm_reaches_only_its_allow_list_and_publishes_ports() {
     require_microvm!();
-    if let Some(why) = network_missing() {
-        eprintln!("SKIP: {why}");
-        return;
-    }
+    require_network!();
     let n = octet();
     let hosts = TestHosts::new(n);
     let allowed = hosts.tcp_server(SocketAddr::from((hosts.addr(2), 8080)), "allowed\n");
@@ -669,7 +651,7 @@ fn bridged_microvm_reaches_only_its_allow_list_and_publishes_ports() {
             "{check}: {report:?}"
         );
     }
-    assert!(!nft_table_exists(&id));
+    assert!(!common::nft_table_exists(&id));
     assert!(
         !std::path::Path::new("/sys/class/net")
             .join(cellhost_net::veth_name(&id))

@@ -336,3 +336,14 @@ pub fn microvm_image(state: &Path, name: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Does the cell's nftables table exist? (Asked of `nft` itself, not of
+/// cellhost-net.)
+pub fn nft_table_exists(id: &CellId) -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "table", "inet", &cellhost_net::table_name(id)])
+        .output()
+        .unwrap()
+        .status
+        .success()
+}
