@@ -489,9 +489,11 @@ impl Network {
     }
 
     /// Every cell of this owner with a network object on this bridge: its
-    /// leases and the tables carrying its comment. (A link exists only
-    /// while its lease does: taken first, released last.) Reconcile
-    /// destroys those without a record.
+    /// leases, the tables carrying its comment, and (process cells) veth
+    /// ports named `chv<id>`. (A link exists only while its lease does:
+    /// taken first, released last; the port scan covers a store that lost
+    /// its rows. A tap cannot tell a vm from a microVM, so VM tiers skip
+    /// it.) Reconcile destroys those without a record.
     pub fn cells(&self) -> Result<Vec<CellId>, NetError> {
         let mut ids: Vec<CellId> = self
             .store()?
@@ -506,6 +508,23 @@ impl Network {
                     .is_some_and(|c| c == CellRules::comment(&id, &self.cfg.bridge, &self.owner))
             {
                 ids.push(id);
+            }
+        }
+        if self.owner == "process" {
+            let brif = Path::new("/sys/class/net")
+                .join(&self.cfg.bridge)
+                .join("brif");
+            for e in std::fs::read_dir(brif).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let is_tap = Path::new("/sys/class/net")
+                    .join(&name)
+                    .join("tun_flags")
+                    .exists();
+                if let Some(id) = subnet::id_in(&name, "chv")
+                    && !is_tap
+                {
+                    ids.push(id);
+                }
             }
         }
         ids.sort();

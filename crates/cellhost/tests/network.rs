@@ -426,6 +426,37 @@ fn orphaned_network_objects_are_swept_and_conflicts_are_refused_first() {
     assert!(!a.netns.unwrap().exists());
     assert!(net.cells().unwrap().is_empty());
 
+    // Worse: only the veth is left (the lease row and the table are gone,
+    // say a restored store). It is still found by its name on the bridge.
+    let bare = CellId::random();
+    let _detach_bare = DetachOnDrop(cfg.clone(), "process", bare.clone());
+    net.attach(&bare, &doc).unwrap();
+    cellhost_store::Store::open(&cfg.store_dir)
+        .unwrap()
+        .release_lease(&bare)
+        .unwrap();
+    let t = cellhost_net::table_name(&bare);
+    assert!(
+        Command::new("nft")
+            .args(["delete", "table", "inet", &t])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(net.cells().unwrap(), vec![bare.clone()]);
+    let handle = CellHandle {
+        id: bare.clone(),
+        ..handle
+    };
+    let report = rt.block_on(tier.backend.destroy(&handle)).unwrap();
+    assert!(report.is_clean(), "{report:?}");
+    assert!(
+        !std::path::Path::new("/sys/class/net")
+            .join(cellhost_net::veth_name(&bare))
+            .exists()
+    );
+    assert!(net.cells().unwrap().is_empty());
+
     // A host port another cell publishes, or one in use on the host, is
     // refused before anything is made, naming the field.
     let port = free_port();
