@@ -96,6 +96,9 @@ pub struct NetConfig {
     pub subnet: Subnet,
     /// The state dir holding the store (`cellhost.db`) for leases.
     pub store_dir: PathBuf,
+    /// The host address published ports are reached on from outside;
+    /// `None`: every host address. 127.0.0.1 works on the host either way.
+    pub publish: Option<Ipv4Addr>,
 }
 
 impl NetConfig {
@@ -105,6 +108,7 @@ impl NetConfig {
             bridge: DEFAULT_BRIDGE.into(),
             subnet: DEFAULT_SUBNET.parse().expect("default subnet parses"),
             store_dir,
+            publish: None,
         }
     }
 
@@ -265,10 +269,14 @@ impl Network {
     /// and its host ports are free on the host.
     pub fn admit(&self, cell: &Cell) -> Result<(), NetError> {
         self.cfg.check()?;
-        for tool in ["ip", "nft"] {
+        for tool in ["ip", "bridge", "nft"] {
             if cellhost_core::probe::which(tool).is_none() {
                 return Err(NetError::MissingTool {
-                    tool: if tool == "ip" { "ip" } else { "nft" },
+                    tool: match tool {
+                        "ip" => "ip",
+                        "bridge" => "bridge",
+                        _ => "nft",
+                    },
                     detail: format!(
                         "bridged networking runs `{tool}` (packages iproute2, nftables)"
                     ),
@@ -353,7 +361,8 @@ impl Network {
                 });
             }
         };
-        let rules = CellRules::for_cell(id, &self.cfg.bridge, &self.owner, address, cell)?;
+        let mut rules = CellRules::for_cell(id, &self.cfg.bridge, &self.owner, address, cell)?;
+        rules.publish = self.cfg.publish;
         let a = Attachment {
             netns: (link == Link::Veth).then(|| Path::new("/run/netns").join(netns_name(id))),
             address,
@@ -385,7 +394,7 @@ impl Network {
         });
         host.push_str(&format!(
             "link set {veth} master {br}\n\
-             link set dev {veth} type bridge_slave isolated on learning off\n\
+             link set dev {veth} type bridge_slave isolated on learning off flood off mcast_flood off\n\
              link set {veth} up\n\
              neigh replace {ip} lladdr {mac} dev {br} nud permanent\n",
             veth = a.link,
@@ -394,6 +403,13 @@ impl Network {
             ip = a.address,
         ));
         run("ip", &["-batch", "-"], Some(host.as_bytes()))?;
+        // The port neither learns nor floods: frames for this cell's MAC go
+        // to its port alone, and no cell sees another's traffic.
+        run(
+            "bridge",
+            &["fdb", "replace", &a.mac, "dev", &a.link, "master", "static"],
+            None,
+        )?;
         run("nft", &["-f", "-"], Some(rules.render().as_bytes()))?;
         let Some(netns) = &a.netns else {
             return Ok(a);
@@ -420,12 +436,8 @@ impl Network {
         let mac = mac_for(id);
         let br = &self.cfg.bridge;
         let netns = Path::new("/run/netns").join(&ns);
-        // The table: deleting a missing one is not an error here.
-        if let Err(e) = run("nft", &["delete", "table", "inet", &table], None)
-            && !e.to_string().contains("No such file")
-        {
-            report.error(e.to_string());
-        }
+        // The link first: without it the cell has no network at all, so a
+        // failure further on never leaves it connected and unconfined.
         // Links and neighbours in one `ip -force -batch` (the checks below
         // say what is left if a line fails).
         let mut batch = String::new();
@@ -440,30 +452,38 @@ impl Network {
         {
             report.error(e.to_string());
         }
+        // Both tables in one transaction (create-then-delete: no error
+        // for one that is already gone).
+        let mut del = String::new();
+        for family in FAMILIES {
+            del.push_str(&format!(
+                "table {family} {table}\ndelete table {family} {table}\n"
+            ));
+        }
+        if let Err(e) = run("nft", &["-f", "-"], Some(del.as_bytes())) {
+            report.error(e.to_string());
+        }
         if let Err(e) = remove_netns(&netns) {
             report.error(e.to_string());
         }
+
+        let tables = tables_of(&table).len() as u64;
+        let links = u64::from(link_exists(&veth));
+        let neighbours = neighbours_with(br, &mac).len() as u64;
+        let namespaces = u64::from(netns.exists());
+        report.check("net-table", format!("nft tables {table}"), tables);
+        report.check("net-veth", veth.clone(), links);
+        report.check("net-neighbour", format!("{mac} on {br}"), neighbours);
+        report.check("net-netns", netns.display().to_string(), namespaces);
+        // The address and ports go back only when nothing of the cell is
+        // left: a table still DNATing to the address must not meet a new
+        // holder of it.
         let store = self.store();
-        if let Err(e) = store.as_ref().map(|s| s.release_lease(id)) {
+        if tables + links + neighbours + namespaces == 0
+            && let Err(e) = store.as_ref().map(|s| s.release_lease(id))
+        {
             report.error(format!("releasing the address lease: {e}"));
         }
-
-        report.check(
-            "net-table",
-            format!("nft table inet {table}"),
-            u64::from(table_exists(&table)),
-        );
-        report.check("net-veth", veth.clone(), u64::from(link_exists(&veth)));
-        report.check(
-            "net-neighbour",
-            format!("{mac} on {br}"),
-            neighbours_with(br, &mac).len() as u64,
-        );
-        report.check(
-            "net-netns",
-            netns.display().to_string(),
-            u64::from(netns.exists()),
-        );
         let leased = match &store {
             Ok(s) => s.lease_of(id).map(|l| u64::from(l.is_some())).unwrap_or(1),
             Err(_) => 1,
@@ -535,18 +555,15 @@ impl Network {
     /// The cell's counters, or `None` when it has no table.
     pub fn counters(&self, id: &CellId) -> Result<Option<Counters>, NetError> {
         let table = table_name(id);
-        if !table_exists(&table) {
+        let out = run("nft", &["-j", "list", "counters"], None)?;
+        let has_table = String::from_utf8_lossy(&out).contains(&format!("\"{table}\""));
+        if !has_table {
             return Ok(None);
         }
-        let out = run(
-            "nft",
-            &["-j", "list", "counters", "table", "inet", &table],
-            None,
-        )?;
-        rules::parse_counters(&out)
+        rules::parse_counters(&out, &table)
             .map(Some)
             .map_err(|detail| NetError::Command {
-                command: format!("nft -j list counters table inet {table}"),
+                command: "nft -j list counters".into(),
                 detail,
             })
     }
@@ -586,6 +603,28 @@ impl Network {
                 return Err(e);
             }
         }
+        let sys = Path::new("/sys/class/net").join(br);
+        if !sys.join("bridge").exists() {
+            return Err(NetError::Config(format!(
+                "{br} exists and is not a bridge: choose another --bridge"
+            )));
+        }
+        // One bridge, one store: leases live in the store, so two state
+        // dirs sharing a bridge would hand out one address twice and sweep
+        // each other's cells. The bridge's alias names its store.
+        let mine = self.bridge_alias();
+        let alias = std::fs::read_to_string(sys.join("ifalias")).unwrap_or_default();
+        match alias.trim() {
+            "" => {
+                run("ip", &["link", "set", br, "alias", &mine], None)?;
+            }
+            a if a == mine => {}
+            other => {
+                return Err(NetError::Config(format!(
+                    "bridge {br} belongs to another cellhost state dir ({other}, this one is {mine}): give this one its own --bridge and --bridge-subnet"
+                )));
+            }
+        }
         let addrs = ipv4_addrs(br)?;
         if let Some(other) = addrs.iter().find(|a| **a != gw) {
             return Err(NetError::Config(format!(
@@ -593,12 +632,26 @@ impl Network {
             )));
         }
         if addrs.is_empty() {
-            run("ip", &["addr", "add", &gw, "dev", br], None)?;
+            // `replace`: a tier racing us to it is no error.
+            run("ip", &["addr", "replace", &gw, "dev", br], None)?;
         }
         run("ip", &["link", "set", br, "up"], None)?;
         write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
         write_sysctl(&format!("/proc/sys/net/ipv4/conf/{br}/route_localnet"), "1")?;
         self.forward_accepts(true)
+    }
+
+    /// `cellhost:<hash of the store dir>`: whose bridge this is.
+    fn bridge_alias(&self) -> String {
+        let dir =
+            std::path::absolute(&self.cfg.store_dir).unwrap_or_else(|_| self.cfg.store_dir.clone());
+        // FNV-1a: stable across builds (std's hasher is not).
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in dir.as_os_str().as_encoded_bytes() {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("cellhost:{h:016x}")
     }
 
     /// Remove the bridge and its iptables accepts (tests and benchmarks
@@ -698,13 +751,12 @@ fn link_exists(name: &str) -> bool {
     Path::new("/sys/class/net").join(name).exists()
 }
 
-fn table_exists(table: &str) -> bool {
-    run("nft", &["list", "table", "inet", table], None).is_ok()
-}
+/// The families a cell's tables have (both, or none).
+const FAMILIES: [&str; 2] = ["netdev", "inet"];
 
-/// Names of inet tables that look like ours.
-fn cellhost_tables() -> Vec<String> {
-    let Ok(out) = run("nft", &["-j", "list", "tables", "inet"], None) else {
+/// `(family, name)` of every nftables table on the host.
+fn all_tables() -> Vec<(String, String)> {
+    let Ok(out) = run("nft", &["-j", "list", "tables"], None) else {
         return Vec::new();
     };
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
@@ -712,15 +764,42 @@ fn cellhost_tables() -> Vec<String> {
         .as_array()
         .into_iter()
         .flatten()
-        .filter_map(|i| i["table"]["name"].as_str())
-        .filter(|n| n.starts_with("cellhost_"))
-        .map(str::to_string)
+        .filter_map(|i| {
+            let t = &i["table"];
+            Some((
+                t["family"].as_str()?.to_string(),
+                t["name"].as_str()?.to_string(),
+            ))
+        })
         .collect()
 }
 
-/// The table's comment (nft 1.0's JSON omits it; its text has it).
+/// Families in which `table` exists.
+fn tables_of(table: &str) -> Vec<String> {
+    all_tables()
+        .into_iter()
+        .filter(|(f, n)| n == table && FAMILIES.contains(&f.as_str()))
+        .map(|(f, _)| f)
+        .collect()
+}
+
+/// Names of inet tables that look like ours.
+fn cellhost_tables() -> Vec<String> {
+    let mut names: Vec<String> = all_tables()
+        .into_iter()
+        .filter(|(f, n)| FAMILIES.contains(&f.as_str()) && n.starts_with("cellhost_"))
+        .map(|(_, n)| n)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// The table's comment (nft 1.0's JSON omits it; its text has it), from
+/// whichever family it is left in.
 fn table_comment(table: &str) -> Option<String> {
-    let out = run("nft", &["list", "table", "inet", table], None).ok()?;
+    let family = tables_of(table).into_iter().next()?;
+    let out = run("nft", &["list", "table", &family, table], None).ok()?;
     let text = String::from_utf8_lossy(&out);
     let line = text
         .lines()

@@ -1,16 +1,22 @@
-//! One cell's nftables table, as text for `nft -f -` (one transaction:
-//! the table appears whole or not at all), and its counters.
+//! One cell's nftables tables, as text for `nft -f -` (one transaction:
+//! both appear whole or not at all), and their counters. Two families,
+//! one name:
 //!
 //! ```text
-//! table inet cellhost_<id>
-//!   ingress     hook ingress on the link's host end: anything not from
-//!               the cell's own IPv4 and MAC (spoofing), and IPv6, is dropped;
-//!               the optional egress byte rate is enforced here
-//!   forward     from the cell: replies, then each egress rule, then DNS to
-//!               the declared resolvers, then reject (admin-prohibited);
-//!               to the cell: replies and published ports (DNAT), else drop
-//!   input       from the cell to the host itself: the same allow-list
-//!   prerouting  published ports: host-local address:host port → cell
+//! table netdev cellhost_<id>     the link
+//!   ingress     hook ingress on `chv<id>` (every ethertype): only IPv4 and
+//!               ARP from the cell's own MAC and address pass; IPv6 and
+//!               packets for the host's loopback are dropped; the optional
+//!               egress byte rate is enforced here
+//! table inet cellhost_<id>       routing, by the cell's address
+//!   forward     from the cell: its own flows, then each egress rule and DNS
+//!               to the declared resolvers (marking the flow as its own),
+//!               then reject (admin-prohibited); to the cell: its own flows
+//!               and published ports (DNAT), else drop
+//!   input       from the cell to the host itself: its own flows, replies to
+//!               the host's, rules naming a single address (/32) and the
+//!               resolvers; else reject
+//!   prerouting  published ports: host address:host port → cell (marked)
 //!   output      the same for connections made on the host (127.0.0.1 too)
 //!   postrouting masquerade the cell's allowed egress, and loopback-sourced
 //!               connections to its published ports
@@ -18,7 +24,9 @@
 //!
 //! Every base chain has `policy accept` and matches only the cell's own
 //! address or device: a drop here is final for the packet, and packets of
-//! other cells or of the host must pass untouched.
+//! other cells or of the host must pass untouched. A flow is the cell's
+//! own when its conntrack mark is the cell's ([`CellRules::ct_mark`]), so
+//! flows a previous holder of the address left behind are not.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -49,6 +57,9 @@ pub struct CellRules {
     pub dns: Vec<Ipv4Addr>,
     pub ports: Vec<Port>,
     pub rate_bytes_per_second: Option<u64>,
+    /// The host address published ports are reached on; `None`: every
+    /// host address. 127.0.0.1 works from the host itself either way.
+    pub publish: Option<Ipv4Addr>,
 }
 
 /// A document setting this host cannot express, naming its field.
@@ -87,6 +98,12 @@ impl CellRules {
                     });
                 }
             };
+            if addr.is_loopback() {
+                return Err(RuleError {
+                    field: field("cidr"),
+                    message: format!("{} is loopback: the host's own, never a cell's", rule.cidr),
+                });
+            }
             let port = match rule.port {
                 None => None,
                 Some(p) => {
@@ -110,10 +127,18 @@ impl CellRules {
         }
         let mut dns = Vec::with_capacity(net.dns.len());
         for (i, r) in net.dns.iter().enumerate() {
-            dns.push(r.parse().map_err(|_| RuleError {
-                field: format!("spec.network.dns.{i}"),
+            let field = format!("spec.network.dns.{i}");
+            let a: Ipv4Addr = r.parse().map_err(|_| RuleError {
+                field: field.clone(),
                 message: format!("{r:?} is not an IPv4 address"),
-            })?);
+            })?;
+            if a.is_loopback() {
+                return Err(RuleError {
+                    field,
+                    message: format!("{a} is loopback: the host's own, never a cell's"),
+                });
+            }
+            dns.push(a);
         }
         for (i, p) in cell.spec.ports.iter().enumerate() {
             for (f, v) in [("container", p.container), ("host", p.host)] {
@@ -134,6 +159,7 @@ impl CellRules {
             dns,
             ports: cell.spec.ports.clone(),
             rate_bytes_per_second: net.egress_bytes_per_second,
+            publish: None,
         })
     }
 
@@ -143,84 +169,109 @@ impl CellRules {
         format!("cellhost {owner} cell {id} on {bridge}")
     }
 
-    /// The whole transaction: create-or-replace the table.
+    /// The conntrack mark of the cell's flows: every connection it makes
+    /// (allowed) or receives (published) is marked, and only flows with
+    /// its mark count as its own. A later cell that gets the same address
+    /// cannot ride a flow its predecessor left in the conntrack table.
+    pub fn ct_mark(&self) -> u32 {
+        let hex = &self.id.as_str()[..8];
+        u32::from_str_radix(hex, 16).unwrap_or(0) | 1
+    }
+
+    /// The whole transaction: create-or-replace both tables.
     pub fn render(&self) -> String {
         let t = table_name(&self.id);
         let ip = self.address;
+        let mac = mac_for(&self.id);
+        let mark = format!("{:#010x}", self.ct_mark());
+        let comment = Self::comment(&self.id, &self.bridge, &self.owner);
         let mut s = String::new();
         // `table` then `delete table` makes the load idempotent: a retried
         // create replaces what an earlier attempt left, atomically.
-        let _ = writeln!(
-            s,
-            "table inet {t}\ndelete table inet {t}\ntable inet {t} {{"
-        );
-        let _ = writeln!(
-            s,
-            "\tcomment \"{}\"",
-            Self::comment(&self.id, &self.bridge, &self.owner)
-        );
-        for c in COUNTERS {
-            let _ = writeln!(s, "\tcounter {c} {{ }}");
+        for family in ["netdev", "inet"] {
+            let _ = writeln!(s, "table {family} {t}\ndelete table {family} {t}");
         }
 
+        // The link: only the cell's own IPv4 and ARP, from its own MAC.
+        let _ = writeln!(s, "table netdev {t} {{\n\tcomment \"{comment}\"");
+        for c in LINK_COUNTERS {
+            let _ = writeln!(s, "\tcounter {c} {{ }}");
+        }
         let _ = writeln!(
             s,
-            "\tchain ingress {{\n\t\ttype filter hook ingress device \"{}\" priority -450; policy accept;",
+            "\tchain ingress {{\n\t\ttype filter hook ingress device \"{}\" priority -500; policy accept;",
             veth_name(&self.id)
         );
-        let _ = writeln!(s, "\t\tmeta protocol ip6 counter name ipv6 drop");
-        let _ = writeln!(s, "\t\tip saddr != {ip} counter name spoofed drop");
-        let _ = writeln!(
-            s,
-            "\t\tether saddr != {} counter name spoofed drop",
-            mac_for(&self.id)
-        );
+        for rule in [
+            format!("ether saddr != {mac} counter name spoofed drop"),
+            "meta protocol ip6 counter name ipv6 drop".to_string(),
+            "meta protocol != { ip, arp } counter name spoofed drop".to_string(),
+            format!("arp saddr ether != {mac} counter name spoofed drop"),
+            format!("arp saddr ip != {ip} counter name spoofed drop"),
+            format!("ip saddr != {ip} counter name spoofed drop"),
+            // The host's loopback through the gateway (route_localnet is
+            // on for the local-connect path): never from a cell.
+            "ip daddr 127.0.0.0/8 counter name spoofed drop".to_string(),
+        ] {
+            let _ = writeln!(s, "\t\t{rule}");
+        }
         if let Some(rate) = self.rate_bytes_per_second {
             let _ = writeln!(
                 s,
                 "\t\tlimit rate over {rate} bytes/second counter name rate_limited drop"
             );
         }
-        s.push_str("\t}\n");
+        s.push_str("\t}\n}\n");
 
-        let allows = self.allow_rules();
+        // Routing, filtering and NAT by the cell's address.
+        let _ = writeln!(s, "table inet {t} {{\n\tcomment \"{comment}\"");
+        for c in ROUTE_COUNTERS {
+            let _ = writeln!(s, "\tcounter {c} {{ }}");
+        }
+        let own = format!("ct state established,related ct mark {mark} accept");
+        let reject =
+            format!("ip saddr {ip} counter name egress_denied reject with icmpx admin-prohibited");
         let _ = writeln!(
             s,
             "\tchain forward {{\n\t\ttype filter hook forward priority filter - 5; policy accept;"
         );
-        let _ = writeln!(s, "\t\tip saddr {ip} ct state established,related accept");
-        s.push_str(&allows);
+        let _ = writeln!(s, "\t\tip saddr {ip} {own}");
+        s.push_str(&self.allow_rules(&mark, false));
+        let _ = writeln!(s, "\t\t{reject}");
+        let _ = writeln!(s, "\t\tip daddr {ip} {own}");
         let _ = writeln!(
             s,
-            "\t\tip saddr {ip} counter name egress_denied reject with icmpx admin-prohibited"
-        );
-        let _ = writeln!(s, "\t\tip daddr {ip} ct state established,related accept");
-        let _ = writeln!(
-            s,
-            "\t\tip daddr {ip} ct status dnat counter name ingress_published accept"
+            "\t\tip daddr {ip} ct status dnat ct mark {mark} counter name ingress_published accept"
         );
         let _ = writeln!(s, "\t\tip daddr {ip} drop\n\t}}");
 
+        // The host itself: replies, then only rules that name one address
+        // (a /32) and the declared resolvers. A broad rule such as
+        // 0.0.0.0/0 opens the world, not the provider's own services.
         let _ = writeln!(
             s,
             "\tchain input {{\n\t\ttype filter hook input priority filter - 5; policy accept;"
         );
-        let _ = writeln!(s, "\t\tip saddr {ip} ct state established,related accept");
-        s.push_str(&allows);
+        let _ = writeln!(s, "\t\tip saddr {ip} {own}");
+        // Replies to connections the host itself opened to the cell.
         let _ = writeln!(
             s,
-            "\t\tip saddr {ip} counter name egress_denied reject with icmpx admin-prohibited\n\t}}"
+            "\t\tip saddr {ip} ct state established,related ct direction reply ct mark 0 accept"
         );
+        s.push_str(&self.allow_rules(&mark, true));
+        let _ = writeln!(s, "\t\t{reject}\n\t}}");
 
-        let dnat = self.dnat_rules();
+        let dnat = self.dnat_rules(&mark);
         let _ = writeln!(
             s,
-            "\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat - 5; policy accept;\n{dnat}\t}}"
+            "\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat - 5; policy accept;\n{}\t}}",
+            dnat.external
         );
         // The output hook takes a number here, not `dstnat - 5` (nft 1.0).
         let _ = writeln!(
             s,
-            "\tchain output {{\n\t\ttype nat hook output priority -105; policy accept;\n{dnat}\t}}"
+            "\tchain output {{\n\t\ttype nat hook output priority -105; policy accept;\n{}\t}}",
+            dnat.local
         );
         let _ = writeln!(
             s,
@@ -236,10 +287,12 @@ impl CellRules {
         s
     }
 
-    fn allow_rules(&self) -> String {
+    /// Accepts for the egress list and the resolvers, marking the flow as
+    /// the cell's; `host_only`: only those naming single addresses.
+    fn allow_rules(&self, mark: &str, host_only: bool) -> String {
         let ip = self.address;
         let mut s = String::new();
-        for a in &self.egress {
+        for a in self.egress.iter().filter(|a| !host_only || a.prefix == 32) {
             let dest = format!("ip daddr {}/{}", a.net, a.prefix);
             let l4 = match (a.protocol, a.port) {
                 (Some(p), Some(port)) => format!(" {} dport {port}", p.as_str()),
@@ -249,7 +302,7 @@ impl CellRules {
             };
             let _ = writeln!(
                 s,
-                "\t\tip saddr {ip} {dest}{l4} counter name egress_allowed accept"
+                "\t\tip saddr {ip} {dest}{l4} counter name egress_allowed ct mark set {mark} accept"
             );
         }
         if !self.dns.is_empty() {
@@ -261,37 +314,52 @@ impl CellRules {
                 .join(", ");
             let _ = writeln!(
                 s,
-                "\t\tip saddr {ip} ip daddr {{ {set} }} meta l4proto {{ tcp, udp }} th dport 53 counter name egress_allowed accept"
+                "\t\tip saddr {ip} ip daddr {{ {set} }} meta l4proto {{ tcp, udp }} th dport 53 counter name egress_allowed ct mark set {mark} accept"
             );
         }
         s
     }
 
-    fn dnat_rules(&self) -> String {
-        let mut s = String::new();
+    /// DNAT of published ports: `external` for packets arriving at the
+    /// host (on `publish`, or any host address), `local` for connections
+    /// made on the host (the same, plus 127.0.0.1).
+    fn dnat_rules(&self, mark: &str) -> Dnat {
+        let mut d = Dnat::default();
         for p in &self.ports {
-            let _ = writeln!(
-                s,
-                "\t\tfib daddr type local {} dport {} dnat ip to {}:{}",
+            let to = format!(
+                "{} dport {} ct mark set {mark} dnat ip to {}:{}",
                 p.protocol.as_str(),
                 p.host,
                 self.address,
                 p.container
             );
+            let (ext, local) = match self.publish {
+                None => (
+                    "fib daddr type local".to_string(),
+                    "fib daddr type local".to_string(),
+                ),
+                Some(a) => (
+                    format!("ip daddr {a}"),
+                    format!("ip daddr {{ {a}, 127.0.0.1 }}"),
+                ),
+            };
+            let _ = writeln!(d.external, "\t\t{ext} {to}");
+            let _ = writeln!(d.local, "\t\t{local} {to}");
         }
-        s
+        d
     }
 }
 
-/// The table's named counters.
-pub const COUNTERS: [&str; 6] = [
-    "egress_allowed",
-    "egress_denied",
-    "ingress_published",
-    "spoofed",
-    "ipv6",
-    "rate_limited",
-];
+#[derive(Default)]
+struct Dnat {
+    external: String,
+    local: String,
+}
+
+/// The link table's named counters (family netdev).
+pub const LINK_COUNTERS: [&str; 3] = ["spoofed", "ipv6", "rate_limited"];
+/// The routing table's named counters (family inet).
+pub const ROUTE_COUNTERS: [&str; 3] = ["egress_allowed", "egress_denied", "ingress_published"];
 
 /// Packets and bytes of one counter.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -319,15 +387,19 @@ pub struct Counters {
     pub rate_limited: Count,
 }
 
-/// Parse `nft -j list counters table inet <t>`.
-pub fn parse_counters(json: &[u8]) -> Result<Counters, String> {
+/// The counters of `table` (both families) in `nft -j list counters`.
+pub fn parse_counters(json: &[u8], table: &str) -> Result<Counters, String> {
     let v: serde_json::Value =
         serde_json::from_slice(json).map_err(|e| format!("nft's JSON: {e}"))?;
     let items = v["nftables"]
         .as_array()
         .ok_or("nft's JSON has no \"nftables\" array")?;
     let mut out = Counters::default();
-    for c in items.iter().filter_map(|i| i.get("counter")) {
+    for c in items
+        .iter()
+        .filter_map(|i| i.get("counter"))
+        .filter(|c| c["table"].as_str() == Some(table))
+    {
         let count = Count {
             packets: c["packets"].as_u64().unwrap_or(0),
             bytes: c["bytes"].as_u64().unwrap_or(0),
@@ -366,54 +438,92 @@ mod tests {
         )
     }
 
+    /// The text between `start` and the next line that is just `}`.
+    fn section<'a>(t: &'a str, start: &str) -> &'a str {
+        let from = t.find(start).unwrap_or_else(|| panic!("{start:?} in\n{t}"));
+        let rest = &t[from..];
+        &rest[..rest.find("\n\t}").unwrap()]
+    }
+
     #[test]
     fn default_is_deny_everything_but_replies() {
         let r = rules("{mode: bridged}", "[]").unwrap();
         let t = r.render();
         assert!(t.starts_with(
-            "table inet cellhost_0123456789ab\ndelete table inet cellhost_0123456789ab\n"
+            "table netdev cellhost_0123456789ab\ndelete table netdev cellhost_0123456789ab\n\
+             table inet cellhost_0123456789ab\ndelete table inet cellhost_0123456789ab\n"
         ));
-        assert!(!t.contains("egress_allowed accept"), "{t}");
-        assert!(t.contains("ip saddr 10.47.0.2 counter name egress_denied reject"));
-        assert!(t.contains("ip daddr 10.47.0.2 drop"));
-        assert!(t.contains("device \"chv0123456789ab\""));
-        assert!(t.contains("ether saddr != 02:01:23:45:67:89"));
+        assert!(!t.contains("counter name egress_allowed"), "{t}");
+        let mark = "ct mark 0x01234567";
+        let fwd = section(&t, "chain forward");
+        assert!(fwd.contains(&format!(
+            "ip saddr 10.47.0.2 ct state established,related {mark} accept"
+        )));
+        assert!(fwd.contains("ip saddr 10.47.0.2 counter name egress_denied reject"));
+        assert!(fwd.contains(&format!("ip daddr 10.47.0.2 ct status dnat {mark} counter")));
+        assert!(fwd.ends_with("ip daddr 10.47.0.2 drop"), "{fwd}");
+        let link = section(&t, "chain ingress");
+        for want in [
+            "device \"chv0123456789ab\"",
+            "ether saddr != 02:01:23:45:67:89 counter name spoofed drop",
+            "meta protocol ip6 counter name ipv6 drop",
+            "meta protocol != { ip, arp } counter name spoofed drop",
+            "arp saddr ether != 02:01:23:45:67:89",
+            "arp saddr ip != 10.47.0.2",
+            "ip saddr != 10.47.0.2 counter name spoofed drop",
+            "ip daddr 127.0.0.0/8 counter name spoofed drop",
+        ] {
+            assert!(link.contains(want), "{want:?} in {link}");
+        }
         assert!(t.contains("comment \"cellhost process cell 0123456789ab on chbr0\""));
         assert!(!t.contains("dnat ip to"));
         assert!(!t.contains("limit rate"));
-        // Balanced braces: one table, six chains, five counters.
         assert_eq!(t.matches('{').count(), t.matches('}').count());
     }
 
     #[test]
     fn egress_rules_dns_ports_and_rate() {
-        let r = rules(
+        let mut r = rules(
             "{mode: bridged, egress: [{cidr: 10.1.0.0/16, port: 443, protocol: tcp}, {cidr: 192.0.2.7/32, protocol: udp}, {cidr: 198.51.100.0/24, port: 123}, {cidr: 203.0.113.0/24}], dns: [10.0.0.53, 10.0.0.54], egressBytesPerSecond: 65536}",
             "[{container: 80, host: 18080}, {container: 53, host: 15353, protocol: udp}]",
         )
         .unwrap();
         let t = r.render();
+        let mark = "ct mark set 0x01234567 accept";
         for want in [
-            "ip saddr 10.47.0.2 ip daddr 10.1.0.0/16 tcp dport 443 counter name egress_allowed accept",
-            "ip saddr 10.47.0.2 ip daddr 192.0.2.7/32 meta l4proto udp counter",
-            "ip saddr 10.47.0.2 ip daddr 198.51.100.0/24 meta l4proto { tcp, udp } th dport 123 counter",
-            "ip saddr 10.47.0.2 ip daddr 203.0.113.0/24 counter name egress_allowed accept",
-            "ip daddr { 10.0.0.53, 10.0.0.54 } meta l4proto { tcp, udp } th dport 53",
-            "limit rate over 65536 bytes/second counter name rate_limited drop",
-            "fib daddr type local tcp dport 18080 dnat ip to 10.47.0.2:80",
-            "fib daddr type local udp dport 15353 dnat ip to 10.47.0.2:53",
+            format!("ip saddr 10.47.0.2 ip daddr 10.1.0.0/16 tcp dport 443 counter name egress_allowed {mark}"),
+            format!("ip saddr 10.47.0.2 ip daddr 192.0.2.7/32 meta l4proto udp counter name egress_allowed {mark}"),
+            "ip saddr 10.47.0.2 ip daddr 198.51.100.0/24 meta l4proto { tcp, udp } th dport 123 counter".into(),
+            format!("ip saddr 10.47.0.2 ip daddr 203.0.113.0/24 counter name egress_allowed {mark}"),
+            "ip daddr { 10.0.0.53, 10.0.0.54 } meta l4proto { tcp, udp } th dport 53".into(),
+            "limit rate over 65536 bytes/second counter name rate_limited drop".into(),
+            "fib daddr type local tcp dport 18080 ct mark set 0x01234567 dnat ip to 10.47.0.2:80".into(),
+            "fib daddr type local udp dport 15353 ct mark set 0x01234567 dnat ip to 10.47.0.2:53".into(),
         ] {
-            assert!(t.contains(want), "missing {want:?} in\n{t}");
+            assert!(t.contains(&want), "missing {want:?} in\n{t}");
         }
-        // The allow-list guards the host itself (input) as well as the
-        // world (forward), before the reject in each.
-        assert_eq!(t.matches("tcp dport 443 counter").count(), 2);
-        let fwd = &t[t.find("chain forward").unwrap()..t.find("chain input").unwrap()];
+        // The world (forward) gets every rule before the reject; the host
+        // itself (input) only the /32 and the resolvers.
+        let fwd = section(&t, "chain forward");
         assert!(fwd.find("dport 443").unwrap() < fwd.find("reject").unwrap());
+        let input = section(&t, "chain input");
+        assert!(input.contains("192.0.2.7/32"), "{input}");
+        assert!(input.contains("th dport 53"), "{input}");
+        for broad in ["10.1.0.0/16", "198.51.100.0/24", "203.0.113.0/24"] {
+            assert!(!input.contains(broad), "{broad} opens the host: {input}");
+        }
+        // A publish address narrows the DNAT; 127.0.0.1 stays for the host.
+        r.publish = Some(Ipv4Addr::new(192, 0, 2, 1));
+        let t = r.render();
+        assert!(section(&t, "chain prerouting").contains("ip daddr 192.0.2.1 tcp dport 18080"));
+        assert!(
+            section(&t, "chain output")
+                .contains("ip daddr { 192.0.2.1, 127.0.0.1 } tcp dport 18080")
+        );
     }
 
     #[test]
-    fn ipv6_egress_is_refused_naming_the_rule() {
+    fn ipv6_and_loopback_are_refused_naming_the_field() {
         let e = rules(
             "{mode: bridged, egress: [{cidr: 10.0.0.0/8}, {cidr: '2001:db8::/32'}]}",
             "[]",
@@ -421,15 +531,20 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.field, "spec.network.egress.1.cidr");
         assert!(e.message.contains("IPv4 only"));
+        let e = rules("{mode: bridged, egress: [{cidr: 127.0.0.0/8}]}", "[]").unwrap_err();
+        assert_eq!(e.field, "spec.network.egress.0.cidr");
+        assert!(e.message.contains("loopback"));
+        let e = rules("{mode: bridged, dns: [10.0.0.53, 127.0.0.53]}", "[]").unwrap_err();
+        assert_eq!(e.field, "spec.network.dns.1");
     }
 
     #[test]
-    fn counters_parse_from_nft_json() {
+    fn counters_parse_from_nft_json_for_one_table() {
         let json = br#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
             {"counter": {"family": "inet", "name": "egress_allowed", "table": "t", "handle": 6, "packets": 3, "bytes": 180}},
-            {"counter": {"family": "inet", "name": "egress_denied", "table": "t", "handle": 7, "packets": 2, "bytes": 120}},
-            {"counter": {"family": "inet", "name": "other", "packets": 9, "bytes": 9}}]}"#;
-        let c = parse_counters(json).unwrap();
+            {"counter": {"family": "netdev", "name": "spoofed", "table": "t", "handle": 7, "packets": 2, "bytes": 120}},
+            {"counter": {"family": "inet", "name": "egress_allowed", "table": "other", "packets": 9, "bytes": 9}}]}"#;
+        let c = parse_counters(json, "t").unwrap();
         assert_eq!(
             c.egress_allowed,
             Count {
@@ -438,14 +553,14 @@ mod tests {
             }
         );
         assert_eq!(
-            c.egress_denied,
+            c.spoofed,
             Count {
                 packets: 2,
                 bytes: 120
             }
         );
-        assert_eq!(c.spoofed, Count::default());
-        assert!(parse_counters(b"{}").unwrap_err().contains("nftables"));
-        assert!(parse_counters(b"not json").is_err());
+        assert_eq!(c.egress_denied, Count::default());
+        assert!(parse_counters(b"{}", "t").unwrap_err().contains("nftables"));
+        assert!(parse_counters(b"not json", "t").is_err());
     }
 }

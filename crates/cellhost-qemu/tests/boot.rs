@@ -345,6 +345,7 @@ fn bridged_vm_gets_its_lease_and_publishes_by_dnat() {
         bridge: format!("chbv{tag}"),
         subnet: format!("10.249.{n}.0/24").parse().unwrap(),
         store_dir: state.path().to_path_buf(),
+        publish: None,
     };
     struct Cleanup(cellhost_net::NetConfig, CellId);
     impl Drop for Cleanup {

@@ -62,6 +62,7 @@ pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow
     let net = crate::cli::NetOpt {
         bridge: format!("chbench{}", std::process::id() % 100_000),
         bridge_subnet: "10.254.0.0/24".parse().map_err(anyhow::Error::msg)?,
+        publish: None,
     };
     let _bridge = BridgeDown(net.config(&root));
     let backend = crate::run::backend_for(

@@ -193,6 +193,10 @@ pub struct NetOpt {
     /// cells' gateway); cells lease the rest.
     #[arg(long, env = "CELLHOST_BRIDGE_SUBNET", default_value = cellhost_net::DEFAULT_SUBNET)]
     pub bridge_subnet: cellhost_net::Subnet,
+    /// Where bridged cells' ports are published from outside (`serve`'s
+    /// `--publish-address`); `None`: every host address.
+    #[arg(skip)]
+    pub publish: Option<std::net::Ipv4Addr>,
 }
 
 impl Default for NetOpt {
@@ -202,6 +206,7 @@ impl Default for NetOpt {
             bridge_subnet: cellhost_net::DEFAULT_SUBNET
                 .parse()
                 .expect("default subnet parses"),
+            publish: None,
         }
     }
 }
@@ -213,6 +218,7 @@ impl NetOpt {
             bridge: self.bridge.clone(),
             subnet: self.bridge_subnet,
             store_dir: state_dir.to_path_buf(),
+            publish: self.publish,
         }
     }
 }

@@ -77,6 +77,13 @@ pub fn lock_state_dir(state_dir: &Path, exclusive: bool) -> anyhow::Result<Flock
 /// The backends this host can run now.
 pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dyn Backend>>> {
     let mut out: Vec<Arc<dyn Backend>> = Vec::new();
+    // Bridged cells publish where containers do (every address for
+    // 0.0.0.0, the default).
+    let mut net = args.net.clone();
+    net.publish = match args.publish_address {
+        std::net::IpAddr::V4(a) if !a.is_unspecified() => Some(a),
+        _ => None,
+    };
     // One probe for every tier (with the VM tiers' KVM verdict).
     let report = crate::run::vm_probe(state_dir);
     let tier = report.tier(Isolation::Process);
@@ -85,7 +92,7 @@ pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dy
             Isolation::Process,
             state_dir,
             args.volume.volume_engine.0,
-            &args.net,
+            &net,
         )?);
     } else {
         tracing::warn!("process tier unavailable: {}", tier.detail);
@@ -105,7 +112,7 @@ pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dy
         if tier.ok {
             let mut cfg = crate::run::qemu_config(t, state_dir, tier.accel)?;
             cfg.publish_address = args.publish_address.to_string();
-            cfg.network = Some(args.net.config(state_dir));
+            cfg.network = Some(net.config(state_dir));
             out.push(Arc::new(cellhost_qemu::QemuBackend::new(cfg)));
         } else {
             tracing::warn!("{t} tier unavailable: {}", tier.detail);

@@ -1261,6 +1261,7 @@ fn bridged_cells_through_the_daemon_show_counters_and_orphans_are_swept() {
         bridge: bridge.clone(),
         subnet: subnet.parse().unwrap(),
         store_dir: d.state.clone(),
+        publish: None,
     });
     let port = free_port();
     let mut web = doc(

@@ -200,6 +200,7 @@ fn net_config(dir: &std::path::Path, n: u8) -> NetConfig {
         bridge: format!("chbt{}", &CellId::random().as_str()[..6]),
         subnet: format!("10.252.{n}.0/24").parse().unwrap(),
         store_dir: dir.to_path_buf(),
+        publish: None,
     }
 }
 
@@ -712,4 +713,111 @@ impl Drop for KillQemuOnDrop {
             .args(["-9", "-f", &self.0.to_string_lossy()])
             .status();
     }
+}
+
+/// Two cells on one bridge: neither sees frames meant for the other (the
+/// ports neither learn nor flood; each MAC is pinned to its port), and a
+/// cell cannot reach the host's loopback by sending to 127.0.0.1 through
+/// its gateway's MAC (the bridge has route_localnet on for the
+/// local-connect path).
+#[test]
+fn cells_on_one_bridge_see_nothing_of_each_other_nor_the_hosts_loopback() {
+    require_process_tier!();
+    require_network!();
+    let n = octet();
+    let (_bridge, cfg, tier) = bridged_tier(n);
+    let doc = |name: &str| {
+        common::cell(
+            name,
+            "  command: [/bin/sleep, '60']\n  network: {mode: bridged}\n",
+        )
+    };
+    let rt = common::rt();
+    let (_, a) = rt.block_on(tier.create(doc("a"), vec![]));
+    let (_, b) = rt.block_on(tier.create(doc("b"), vec![]));
+    for h in [&a, &b] {
+        rt.block_on(tier.backend.start(h)).unwrap();
+    }
+    let addr = |h: &CellHandle| h.tier["network"]["address"].as_str().unwrap().to_string();
+    let mac = |h: &CellHandle| h.tier["network"]["mac"].as_str().unwrap().to_string();
+    let (a_ip, b_ip, a_mac, b_mac) = (addr(&a), addr(&b), mac(&a), mac(&b));
+
+    // The host knocks on both cells while b listens to its link.
+    let knock = {
+        let (a_ip, b_ip) = (a_ip.clone(), b_ip.clone());
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            for _ in 0..30 {
+                for ip in [&a_ip, &b_ip] {
+                    let to = SocketAddr::new(ip.parse().unwrap(), 9);
+                    let _ = TcpStream::connect_timeout(&to, Duration::from_millis(30));
+                }
+            }
+        })
+    };
+    let sniff = format!(
+        "import socket, time\n\
+         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))\n\
+         s.settimeout(0.2)\n\
+         mine = theirs = 0\n\
+         end = time.time() + 3\n\
+         while time.time() < end:\n\
+         \x20   try:\n\
+         \x20       f = s.recv(2048)\n\
+         \x20   except socket.timeout:\n\
+         \x20       continue\n\
+         \x20   dst = f[:6].hex(':')\n\
+         \x20   mine += dst == '{b_mac}'\n\
+         \x20   theirs += dst == '{a_mac}'\n\
+         print(mine, theirs)\n"
+    );
+    let b_dyn: &dyn Backend = &tier.backend;
+    let (code, out, err) =
+        rt.block_on(exec(b_dyn, &b, &format!("/usr/bin/python3 -c \"{sniff}\"")));
+    knock.join().unwrap();
+    assert_eq!(code, 0, "{err}");
+    let counts: Vec<u64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
+    assert!(
+        counts[0] > 0,
+        "b saw none of its own frames: the sniffer is blind ({out})"
+    );
+    assert_eq!(counts[1], 0, "b saw frames meant for a ({out})");
+
+    // 127.0.0.1 through the gateway: dropped on the link, counted.
+    let lo = UdpSocket::bind("127.0.0.1:0").unwrap();
+    lo.set_read_timeout(Some(Duration::from_millis(800)))
+        .unwrap();
+    let lo_port = lo.local_addr().unwrap().port();
+    let gw_mac = std::fs::read_to_string(format!("/sys/class/net/{}/address", cfg.bridge))
+        .unwrap()
+        .trim()
+        .to_string();
+    let frame = format!(
+        "import socket, struct\n\
+         def csum(b):\n\
+         \x20   t = sum(struct.unpack('!10H', b))\n\
+         \x20   t = (t & 0xffff) + (t >> 16)\n\
+         \x20   return ~((t & 0xffff) + (t >> 16)) & 0xffff\n\
+         ip = struct.pack('!BBHHHBBH4s4s', 0x45, 0, 29, 0, 0, 64, 17, 0, socket.inet_aton('{a_ip}'), socket.inet_aton('127.0.0.1'))\n\
+         ip = ip[:10] + struct.pack('!H', csum(ip)) + ip[12:]\n\
+         udp = struct.pack('!HHHH', 40000, {lo_port}, 9, 0) + b'q'\n\
+         eth = bytes.fromhex('{gw}') + bytes.fromhex('{src}') + b'\\x08\\x00'\n\
+         s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)\n\
+         s.bind(('eth0', 0))\n\
+         s.send(eth + ip + udp)\n",
+        gw = gw_mac.replace(':', ""),
+        src = a_mac.replace(':', ""),
+    );
+    let a_dyn: &dyn Backend = &tier.backend;
+    let net = Network::new(cfg.clone(), "process");
+    let before = net.counters(&a.id).unwrap().unwrap().spoofed.packets;
+    let (code, _, err) = rt.block_on(exec(a_dyn, &a, &format!("/usr/bin/python3 -c \"{frame}\"")));
+    assert_eq!(code, 0, "{err}");
+    let mut buf = [0u8; 64];
+    assert!(
+        lo.recv(&mut buf).is_err(),
+        "a cell reached the host's 127.0.0.1"
+    );
+    let after = net.counters(&a.id).unwrap().unwrap().spoofed.packets;
+    assert_eq!(after, before + 1);
 }
