@@ -1,23 +1,29 @@
-//! Bridged networking for cells: a veth pair from the cell's network
-//! namespace to a cellhost bridge, an address leased in the state store,
-//! and one nftables table per cell that denies egress by default.
+//! Bridged networking for cells: a veth pair from a process cell's
+//! network namespace (or a tap for a VM) to a cellhost bridge, an address
+//! leased in the state store, and one nftables table per cell and family
+//! that denies egress by default.
 //!
 //! # Layout on the host
 //!
 //! ```text
 //! <bridge> (default cellhost-br0)   Linux bridge, <gateway>/<prefix> (the
-//!                                   subnet's first address), route_localnet=1
-//! /run/netns/cellhost-<id>          the cell's netns (iproute2's naming, so
-//!                                   `ip netns` shows it); inside: lo, eth0
-//!                                   <address>/<prefix>, default via gateway
+//!                                   subnet's first address), route_localnet=1,
+//!                                   alias `cellhost:<hash of the store dir>`
+//!                                   (one bridge serves one store)
+//! /run/netns/cellhost-<id>          a process cell's netns (iproute2's
+//!                                   naming, so `ip netns` shows it); inside:
+//!                                   lo, eth0 <address>/<prefix>, default via
+//!                                   the gateway, IPv6 off
 //! chv<id>                           host end of the veth (process cells) or
-//!                                   a tap qemu opens (VM cells), a bridge port with
-//!                                   `isolated on` (cells never talk L2 to
-//!                                   each other, only to the host)
-//! neighbour <address> → <mac>       permanent on the bridge: a cell cannot
-//!                                   take another's address by ARP
-//! table inet cellhost_<id>          the cell's rules (see `rules`), with a
-//!                                   comment naming the cell and the bridge
+//!                                   a tap qemu opens (VM cells); a bridge
+//!                                   port that is isolated (no cell talks L2
+//!                                   to another), neither learns nor floods
+//! fdb <mac> → chv<id>, static       frames for a cell reach its port alone
+//! neighbour <address> → <mac>       permanent on the bridge
+//! table netdev cellhost_<id>        the link: own MAC, IPv4 and ARP only
+//! table inet cellhost_<id>          routing, egress list, DNAT (see `rules`);
+//!                                   both carry a comment naming tier, cell
+//!                                   and bridge
 //! <state>/cellhost.db net_leases    address and host ports (see
 //!                                   cellhost-store `leases`)
 //! iptables FORWARD / DOCKER-USER    `-i/-o <bridge> -j ACCEPT`, only where
@@ -25,46 +31,50 @@
 //!                                   policy to DROP: an nftables drop in any
 //!                                   base chain is final, so without these
 //!                                   no forwarded packet would pass; the
-//!                                   cell's own table does the filtering
+//!                                   cell's own tables do the filtering
 //! sysctl net.ipv4.ip_forward = 1    host-wide, as every router-mode runtime
 //! ```
 //!
 //! # Lifecycle
 //!
 //! `attach` (before the workload starts): bridge ensured, lease taken (the
-//! address and the published host ports, all or nothing), netns, veth,
-//! neighbour entry, nft table (one `nft -f -` transaction), addresses and
-//! routes inside the netns. `detach`: table, veth, neighbour, netns, and
-//! the lease last; then each is *checked* into the TeardownReport.
+//! address and the published host ports, all or nothing), netns, link,
+//! neighbour entry, fdb entry, both tables (one `nft -f -` transaction),
+//! addresses and routes inside the netns. `detach`: the link first (so a
+//! cell is never connected without its tables), neighbours, both tables,
+//! the netns; each is *checked* into the TeardownReport, and the lease is
+//! released only when none is left.
 //!
 //! # Idempotency
 //!
 //! Every object is named from the cell id alone, so `detach` works from a
 //! fresh process after a crash, and twice. `attach` replaces what an
-//! earlier attempt left (the table load is create-or-replace, a stale veth
+//! earlier attempt left (the table load is create-or-replace, a stale link
 //! is deleted first, the lease is the same address). The lease is taken
 //! first and released last, so every object of a cell is found through
-//! [`Network::cells`] (leases, tables carrying this bridge's comment, and
-//! the bridge's ports) until it is gone: reconcile sweeps orphans by it.
+//! [`Network::cells`] (leases and tables of this tier, veths on the
+//! bridge) until it is gone: reconcile sweeps orphans by it.
 //!
 //! # Threat model
 //!
 //! The workload is untrusted and root in its netns with CAP_NET_RAW (it may
-//! forge packets). Everything that limits it lives on the host side, out
-//! of its reach: the ingress hook on the veth drops any packet whose
-//! source IPv4 or MAC is not the cell's, and all IPv6; forwarded and
-//! host-bound packets from the cell pass only replies and the declared
-//! allow-list (`spec.network.egress`, DNS to `spec.network.dns`); nothing
-//! reaches the cell but replies and its published ports. The host's own
+//! forge packets; a VM guest may send anything). Everything that limits it
+//! lives on the host side, out of its reach: the link's ingress hook drops
+//! every frame not from the cell's MAC, IPv4 not from its address, ARP not
+//! naming both, IPv6, other ethertypes, and packets for the host's
+//! loopback; forwarded and host-bound packets from the cell pass only its
+//! own flows (conntrack-marked) and the declared allow-list (for the host
+//! itself only single addresses and the resolvers); nothing reaches the
+//! cell but its own flows and its published ports. The host's own
 //! processes (the provider) may connect to cells directly.
 //!
 //! # Why shell out
 //!
 //! `nft -f -` is the interface to nftables' atomic transactions (the issue
-//! names it), and `ip` is the interface to iproute2's named netns under
-//! /run/netns, which operators inspect with the same tool. Both get fixed
-//! argv of names and addresses we generated; no document text reaches them
-//! except validated addresses and port numbers.
+//! names it), and `ip`/`bridge` are the interface to iproute2's named netns
+//! under /run/netns and the bridge's fdb, which operators inspect with the
+//! same tools. They get fixed argv of names and addresses we generated; no
+//! document text reaches them except validated addresses and port numbers.
 
 pub mod rules;
 pub mod subnet;

@@ -338,7 +338,11 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
     if let Some(conf) = inp.resolv_conf {
         let has_target = match inp.root {
             RootSource::Host(_) => true,
-            RootSource::Dir(d) => d.join("etc/resolv.conf").is_file(),
+            // Not followed: a symlink in the image names a path of the
+            // cell's root, not the host's.
+            RootSource::Dir(d) => {
+                std::fs::symlink_metadata(d.join("etc/resolv.conf")).is_ok_and(|m| m.is_file())
+            }
         };
         if has_target {
             mounts.push(bind_ro("/etc/resolv.conf", conf)?);

@@ -663,7 +663,11 @@ impl Supervisor {
         let handle = match &made {
             Ok(h) if *h != handle => {
                 let (idc, hc) = (id.clone(), h.clone());
-                self.db(move |s| s.set_handle(&idc, &hc)).await?;
+                // Not fatal: the stored handle still finds every host
+                // object by the id; only inspect shows less.
+                if let Err(e) = self.db(move |s| s.set_handle(&idc, &hc)).await {
+                    tracing::warn!(cell = %id, "keeping the handle create returned: {e}");
+                }
                 h.clone()
             }
             _ => handle,

@@ -163,10 +163,12 @@ fn ifreq(name: &str) -> libc::ifreq {
     {
         *dst = b as libc::c_char;
     }
-    libc::ifreq {
-        ifr_name: name_buf,
-        ifr_ifru: libc::__c_anonymous_ifr_ifru { ifru_ifindex: 0 },
-    }
+    // SAFETY: ifreq is plain data (a name array and a union of integers
+    // and sockaddrs); all-zero is a valid value of it, and zeroing the
+    // whole union means no uninitialised byte reaches the kernel.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    ifr.ifr_name = name_buf;
+    ifr
 }
 
 /// `a.b.c.d` as the generic `sockaddr` the interface ioctls take: family,
