@@ -12,6 +12,7 @@
 
 mod backend;
 pub mod ids;
+pub mod ifconfig;
 pub mod mountinfo;
 pub mod probe;
 mod report;

@@ -40,7 +40,8 @@
 //! `attach` (before the workload starts): bridge ensured, lease taken (the
 //! address and the published host ports, all or nothing), netns, link,
 //! neighbour entry, fdb entry, both tables (one `nft -f -` transaction),
-//! addresses and routes inside the netns. `detach`: the link first (so a
+//! address and route inside the netns (ioctls from a thread that joined
+//! it: `cellhost_core::ifconfig`). `detach`: the link first (so a
 //! cell is never connected without its tables), neighbours, both tables,
 //! the netns; each is *checked* into the TeardownReport, and the lease is
 //! released only when none is left.
@@ -342,14 +343,14 @@ impl Network {
             .iter()
             .map(|p| (p.protocol.as_str(), u16::try_from(p.host).unwrap_or(0)))
             .collect();
-        let address = match store.lease_address(
+        let (address, fresh) = match store.lease_address(
             id,
             &self.cfg.bridge,
             &self.owner,
             self.cfg.subnet.cell_range(),
             &ports,
         )? {
-            LeaseOutcome::Leased(a) => a,
+            LeaseOutcome::Leased { address, fresh } => (address, fresh),
             LeaseOutcome::PoolExhausted => {
                 return Err(NetError::PoolExhausted {
                     bridge: self.cfg.bridge.clone(),
@@ -420,20 +421,23 @@ impl Network {
             &["fdb", "replace", &a.mac, "dev", &a.link, "master", "static"],
             None,
         )?;
-        run("nft", &["-f", "-"], Some(rules.render().as_bytes()))?;
+        // A fresh lease means no earlier attempt left tables: load them
+        // as new (replacing costs the kernel a table delete, ~10 ms).
+        run("nft", &["-f", "-"], Some(rules.render(!fresh).as_bytes()))?;
         let Some(netns) = &a.netns else {
             return Ok(a);
         };
-        // Cells have IPv4 only; without this the kernel's IPv6 autoconf
-        // chatter would fill the `spoofed` counter. (eth0 is still down.)
-        disable_ipv6_in(netns)?;
-        let inside = format!(
-            "link set lo up\naddr add {ip}/{prefix} dev eth0\nlink set eth0 up\nroute add default via {gw} dev eth0\n",
-            ip = a.address,
-            prefix = a.prefix,
-            gw = a.gateway,
-        );
-        run("ip", &["-n", &ns, "-batch", "-"], Some(inside.as_bytes()))?;
+        // Inside: IPv6 off, then lo, eth0's address and the route, by a
+        // thread that joins the netns (no process to spawn).
+        configure_in(
+            netns,
+            &cellhost_core::ifconfig::Ipv4Config {
+                interface: "eth0".into(),
+                address: a.address,
+                prefix: a.prefix,
+                gateway: Some(a.gateway),
+            },
+        )?;
         Ok(a)
     }
 
@@ -874,16 +878,16 @@ fn remove_netns(path: &Path) -> Result<(), NetError> {
     }
 }
 
-/// Turn IPv6 off inside the netns at `path`: a short-lived thread joins it
-/// (setns affects only the calling thread) and writes the sysctls, which
-/// /proc/sys/net resolves in the writer's netns.
-fn disable_ipv6_in(path: &Path) -> Result<(), NetError> {
-    let path = path.to_path_buf();
+/// Configure the netns at `path`: IPv6 off (cells have IPv4 only; its
+/// autoconf chatter would fill the `ipv6` counter), then `c`. A
+/// short-lived thread joins the netns (setns affects only the calling
+/// thread); /proc/sys/net resolves in the writer's netns.
+fn configure_in(path: &Path, c: &cellhost_core::ifconfig::Ipv4Config) -> Result<(), NetError> {
+    let (path, c) = (path.to_path_buf(), c.clone());
     std::thread::spawn(move || -> Result<(), NetError> {
-        let ns = std::fs::File::open(&path).map_err(|source| NetError::Io {
-            context: format!("opening {}", path.display()),
-            source,
-        })?;
+        let io_err = |context: String| move |source| NetError::Io { context, source };
+        let ns =
+            std::fs::File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
         nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| NetError::Io {
             context: format!("joining {}", path.display()),
             source: e.into(),
@@ -891,7 +895,11 @@ fn disable_ipv6_in(path: &Path) -> Result<(), NetError> {
         for conf in ["all", "default"] {
             write_sysctl(&format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1")?;
         }
-        Ok(())
+        cellhost_core::ifconfig::apply(&c).map_err(io_err(format!(
+            "configuring {} in {}",
+            c.interface,
+            path.display()
+        )))
     })
     .join()
     .map_err(|_| NetError::Config("the netns thread panicked".into()))?

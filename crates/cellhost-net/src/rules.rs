@@ -178,8 +178,9 @@ impl CellRules {
         u32::from_str_radix(hex, 16).unwrap_or(0) | 1
     }
 
-    /// The whole transaction: create-or-replace both tables.
-    pub fn render(&self) -> String {
+    /// The whole transaction: both tables, replacing earlier ones when
+    /// `replace` (an attach retried after a crash).
+    pub fn render(&self, replace: bool) -> String {
         let t = table_name(&self.id);
         let ip = self.address;
         let mac = mac_for(&self.id);
@@ -188,7 +189,7 @@ impl CellRules {
         let mut s = String::new();
         // `table` then `delete table` makes the load idempotent: a retried
         // create replaces what an earlier attempt left, atomically.
-        for family in ["netdev", "inet"] {
+        for family in ["netdev", "inet"].into_iter().filter(|_| replace) {
             let _ = writeln!(s, "table {family} {t}\ndelete table {family} {t}");
         }
 
@@ -448,11 +449,15 @@ mod tests {
     #[test]
     fn default_is_deny_everything_but_replies() {
         let r = rules("{mode: bridged}", "[]").unwrap();
-        let t = r.render();
+        let t = r.render(true);
         assert!(t.starts_with(
             "table netdev cellhost_0123456789ab\ndelete table netdev cellhost_0123456789ab\n\
              table inet cellhost_0123456789ab\ndelete table inet cellhost_0123456789ab\n"
         ));
+        assert!(
+            r.render(false)
+                .starts_with("table netdev cellhost_0123456789ab {\n")
+        );
         assert!(!t.contains("counter name egress_allowed"), "{t}");
         let mark = "ct mark 0x01234567";
         let fwd = section(&t, "chain forward");
@@ -488,7 +493,7 @@ mod tests {
             "[{container: 80, host: 18080}, {container: 53, host: 15353, protocol: udp}]",
         )
         .unwrap();
-        let t = r.render();
+        let t = r.render(true);
         let mark = "ct mark set 0x01234567 accept";
         for want in [
             format!("ip saddr 10.47.0.2 ip daddr 10.1.0.0/16 tcp dport 443 counter name egress_allowed {mark}"),
@@ -514,7 +519,7 @@ mod tests {
         }
         // A publish address narrows the DNAT; 127.0.0.1 stays for the host.
         r.publish = Some(Ipv4Addr::new(192, 0, 2, 1));
-        let t = r.render();
+        let t = r.render(true);
         assert!(section(&t, "chain prerouting").contains("ip daddr 192.0.2.1 tcp dport 18080"));
         assert!(
             section(&t, "chain output")

@@ -30,7 +30,9 @@ pub struct Lease {
 /// What [`Store::lease_address`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseOutcome {
-    Leased(Ipv4Addr),
+    /// `fresh`: leased just now (the cell held none, so none of its
+    /// objects can exist yet); otherwise the address it already held.
+    Leased { address: Ipv4Addr, fresh: bool },
     /// Every address of the range is leased.
     PoolExhausted,
     /// A host port is another cell's.
@@ -64,6 +66,7 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
+        let fresh = held.is_none();
         let address = match held {
             Some((p, a)) if p == pool => a,
             Some((p, _)) => {
@@ -129,7 +132,10 @@ impl Store {
             )?;
         }
         tx.commit()?;
-        Ok(LeaseOutcome::Leased(to_addr(address)?))
+        Ok(LeaseOutcome::Leased {
+            address: to_addr(address)?,
+            fresh,
+        })
     }
 
     /// Give back `cell`'s address and ports. `Ok(false)` if it held none.
@@ -223,15 +229,32 @@ mod tests {
         let (_d, s) = store();
         let r = || range([10, 0, 0, 2], [10, 0, 0, 4]);
         let ids: Vec<CellId> = (0..4).map(|_| CellId::random()).collect();
-        let lease = |i: usize| {
-            s.lease_address(&ids[i], "br0", "process", r(), &[])
-                .unwrap()
+        let lease = |i: usize| match s
+            .lease_address(&ids[i], "br0", "process", r(), &[])
+            .unwrap()
+        {
+            LeaseOutcome::Leased { address, .. } => Some(address),
+            _ => None,
         };
-        assert_eq!(lease(0), LeaseOutcome::Leased([10, 0, 0, 2].into()));
-        assert_eq!(lease(1), LeaseOutcome::Leased([10, 0, 0, 3].into()));
-        assert_eq!(lease(1), LeaseOutcome::Leased([10, 0, 0, 3].into()));
-        assert_eq!(lease(2), LeaseOutcome::Leased([10, 0, 0, 4].into()));
-        assert_eq!(lease(3), LeaseOutcome::PoolExhausted);
+        assert_eq!(lease(0), Some([10, 0, 0, 2].into()));
+        assert_eq!(lease(1), Some([10, 0, 0, 3].into()));
+        assert_eq!(lease(1), Some([10, 0, 0, 3].into()));
+        assert_eq!(lease(2), Some([10, 0, 0, 4].into()));
+        assert_eq!(lease(3), None);
+        assert_eq!(
+            s.lease_address(&ids[3], "br0", "process", r(), &[])
+                .unwrap(),
+            LeaseOutcome::PoolExhausted
+        );
+        // A retry is the same address, and not fresh.
+        assert_eq!(
+            s.lease_address(&ids[1], "br0", "process", r(), &[])
+                .unwrap(),
+            LeaseOutcome::Leased {
+                address: [10, 0, 0, 3].into(),
+                fresh: false
+            }
+        );
         assert_eq!(
             s.lease_of(&ids[0]).unwrap().map(|l| l.address),
             Some([10, 0, 0, 2].into())
@@ -239,12 +262,15 @@ mod tests {
         assert!(s.release_lease(&ids[0]).unwrap());
         assert!(!s.release_lease(&ids[0]).unwrap());
         assert_eq!(s.lease_of(&ids[0]).unwrap(), None);
-        assert_eq!(lease(3), LeaseOutcome::Leased([10, 0, 0, 2].into()));
+        assert_eq!(lease(3), Some([10, 0, 0, 2].into()));
         // Another pool is another address space.
         let other = CellId::random();
         assert_eq!(
             s.lease_address(&other, "br1", "process", r(), &[]).unwrap(),
-            LeaseOutcome::Leased([10, 0, 0, 2].into())
+            LeaseOutcome::Leased {
+                address: [10, 0, 0, 2].into(),
+                fresh: true
+            }
         );
         assert!(matches!(
             s.lease_address(&other, "br0", "process", r(), &[]),
@@ -260,7 +286,7 @@ mod tests {
         assert!(matches!(
             s.lease_address(&a, "br0", "process", r(), &[("tcp", 8080), ("udp", 8080)])
                 .unwrap(),
-            LeaseOutcome::Leased(_)
+            LeaseOutcome::Leased { .. }
         ));
         match s
             .lease_address(&b, "br0", "process", r(), &[("tcp", 9090), ("tcp", 8080)])
@@ -281,7 +307,7 @@ mod tests {
         s.release_lease(&a).unwrap();
         assert!(matches!(
             s.lease_address(&b, "br0", "process", r(), &[("tcp", 8080)]).unwrap(),
-            LeaseOutcome::Leased(addr) if addr == Ipv4Addr::new(10, 0, 0, 2)
+            LeaseOutcome::Leased { address, fresh: true } if address == Ipv4Addr::new(10, 0, 0, 2)
         ));
         assert_eq!(s.leases("br0").unwrap()[0].ports, [("tcp".into(), 8080)]);
     }
@@ -296,7 +322,7 @@ mod tests {
                 (0..40)
                     .map(
                         |_| match s.lease_address(&CellId::random(), "p", "process", r(), &[]) {
-                            Ok(LeaseOutcome::Leased(a)) => a,
+                            Ok(LeaseOutcome::Leased { address, .. }) => address,
                             other => panic!("{other:?}"),
                         },
                     )

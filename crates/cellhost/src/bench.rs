@@ -123,7 +123,8 @@ pub(crate) fn docker_ready() -> Result<(), String> {
     }
 }
 
-/// Spawn `unshare ... argv`; time to the first stdout byte and to reap.
+/// Spawn `unshare ... argv`; time to the first stdout byte (or to EOF, for
+/// a command that prints nothing) and to reap.
 fn unshare_run(argv: &[&str]) -> anyhow::Result<(Duration, Duration)> {
     let t0 = Instant::now();
     let mut child = Command::new("unshare")
@@ -137,7 +138,8 @@ fn unshare_run(argv: &[&str]) -> anyhow::Result<(Duration, Duration)> {
         .context("spawning unshare")?;
     let mut out = child.stdout.take().context("unshare stdout")?;
     let mut b = [0u8; 1];
-    out.read_exact(&mut b)?;
+    // 0 bytes is EOF: the command ended without output (`true`).
+    let _first_bytes: usize = out.read(&mut b)?;
     let first = t0.elapsed();
     let st = child.wait()?;
     anyhow::ensure!(st.success(), "unshare baseline failed: {st}");

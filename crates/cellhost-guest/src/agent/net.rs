@@ -23,16 +23,11 @@
 //! agent is PID 1 or runs with `--configure-net`, so an agent run as a
 //! plain process on a host can never be told to reconfigure it.
 //!
-//! # Why ioctls
-//!
-//! SIOCSIFADDR / SIOCSIFNETMASK / SIOCSIFFLAGS / SIOCADDRT are the whole
-//! interface needed for one IPv4 address and one route, with no netlink
-//! library in a static agent that has no async runtime. Each call is a
-//! small function with its SAFETY note.
+//! The interface itself is set by `cellhost_core::ifconfig` (ioctls), which
+//! the host side uses too for a process cell's netns.
 
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, OwnedFd};
 
 use crate::proto::{Failure, NetRequest};
 
@@ -77,7 +72,7 @@ pub fn plan(req: &NetRequest) -> Result<NetPlan, Failure> {
             let g: Ipv4Addr = g
                 .parse()
                 .map_err(|_| Failure::invalid(format!("gateway: {g:?} is not an IPv4 address")))?;
-            let mask = mask(prefix);
+            let mask = cellhost_core::ifconfig::mask(prefix);
             if u32::from(g) & mask != u32::from(address) & mask {
                 return Err(Failure::invalid(format!(
                     "gateway: {g} is not on {address}/{prefix}"
@@ -107,14 +102,6 @@ pub fn plan(req: &NetRequest) -> Result<NetPlan, Failure> {
     })
 }
 
-fn mask(prefix: u8) -> u32 {
-    if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix))
-    }
-}
-
 /// The resolv.conf for `dns`.
 pub fn resolv_conf(dns: &[Ipv4Addr]) -> String {
     if dns.is_empty() {
@@ -129,101 +116,12 @@ pub fn resolv_conf(dns: &[Ipv4Addr]) -> String {
 
 /// Carry out `p` on this machine's network stack.
 pub fn apply(p: &NetPlan) -> io::Result<()> {
-    let sock: OwnedFd = nix::sys::socket::socket(
-        nix::sys::socket::AddressFamily::Inet,
-        nix::sys::socket::SockType::Datagram,
-        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    let fd = sock.as_raw_fd();
-    set_up(fd, "lo")?;
-    let mut ifr = ifreq(&p.interface);
-    ifr.ifr_ifru.ifru_addr = sockaddr_in(p.address);
-    ioctl_ifreq(fd, libc::SIOCSIFADDR, &mut ifr)?;
-    let mut ifr = ifreq(&p.interface);
-    ifr.ifr_ifru.ifru_netmask = sockaddr_in(Ipv4Addr::from(mask(p.prefix)));
-    ioctl_ifreq(fd, libc::SIOCSIFNETMASK, &mut ifr)?;
-    set_up(fd, &p.interface)?;
-    if let Some(gw) = p.gateway {
-        match add_default_route(fd, &p.interface, gw) {
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
-            other => other?,
-        }
-    }
-    Ok(())
-}
-
-/// An `ifreq` naming `name` (checked shorter than IFNAMSIZ by `plan`;
-/// "lo" is).
-fn ifreq(name: &str) -> libc::ifreq {
-    let mut name_buf = [0 as libc::c_char; libc::IFNAMSIZ];
-    for (dst, b) in name_buf
-        .iter_mut()
-        .zip(name.bytes().take(libc::IFNAMSIZ - 1))
-    {
-        *dst = b as libc::c_char;
-    }
-    // SAFETY: ifreq is plain data (a name array and a union of integers
-    // and sockaddrs); all-zero is a valid value of it, and zeroing the
-    // whole union means no uninitialised byte reaches the kernel.
-    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
-    ifr.ifr_name = name_buf;
-    ifr
-}
-
-/// `a.b.c.d` as the generic `sockaddr` the interface ioctls take: family,
-/// port 0, the address, zeros.
-fn sockaddr_in(a: Ipv4Addr) -> libc::sockaddr {
-    let mut data = [0 as libc::c_char; 14];
-    for (i, b) in a.octets().into_iter().enumerate() {
-        data[2 + i] = b as libc::c_char;
-    }
-    libc::sockaddr {
-        sa_family: libc::AF_INET as libc::sa_family_t,
-        sa_data: data,
-    }
-}
-
-fn set_up(fd: i32, name: &str) -> io::Result<()> {
-    let mut ifr = ifreq(name);
-    ioctl_ifreq(fd, libc::SIOCGIFFLAGS, &mut ifr)?;
-    // SAFETY: SIOCGIFFLAGS just filled the flags member of the union.
-    let flags = unsafe { ifr.ifr_ifru.ifru_flags };
-    ifr.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-    ioctl_ifreq(fd, libc::SIOCSIFFLAGS, &mut ifr)
-}
-
-fn ioctl_ifreq(fd: i32, request: libc::Ioctl, ifr: &mut libc::ifreq) -> io::Result<()> {
-    // SAFETY: `fd` is an open socket; `ifr` is a valid, exclusively
-    // borrowed ifreq that outlives the call, which is what every SIOC*IF*
-    // request used here reads or writes.
-    let rc = unsafe { libc::ioctl(fd, request, ifr as *mut libc::ifreq) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn add_default_route(fd: i32, dev: &str, gw: Ipv4Addr) -> io::Result<()> {
-    let mut dev_name: Vec<libc::c_char> = dev.bytes().map(|b| b as libc::c_char).collect();
-    dev_name.push(0);
-    // SAFETY: rtentry is plain data (integers, sockaddrs, one pointer);
-    // all-zero is its documented "unset" value.
-    let mut rt: libc::rtentry = unsafe { std::mem::zeroed() };
-    rt.rt_dst = sockaddr_in(Ipv4Addr::UNSPECIFIED);
-    rt.rt_genmask = sockaddr_in(Ipv4Addr::UNSPECIFIED);
-    rt.rt_gateway = sockaddr_in(gw);
-    rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
-    rt.rt_dev = dev_name.as_mut_ptr();
-    // SAFETY: `fd` is an open socket; `rt` and the NUL-terminated
-    // `dev_name` it points to live until the call returns.
-    let rc = unsafe { libc::ioctl(fd, libc::SIOCADDRT, &mut rt as *mut libc::rtentry) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    cellhost_core::ifconfig::apply(&cellhost_core::ifconfig::Ipv4Config {
+        interface: p.interface.clone(),
+        address: p.address,
+        prefix: p.prefix,
+        gateway: p.gateway,
+    })
 }
 
 #[cfg(test)]
