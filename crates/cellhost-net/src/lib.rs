@@ -280,16 +280,17 @@ impl Network {
     /// and its host ports are free on the host.
     pub fn admit(&self, cell: &Cell) -> Result<(), NetError> {
         self.cfg.check()?;
-        for tool in ["ip", "bridge", "nft"] {
+        for tool in ["ip", "bridge", "nft", "conntrack"] {
             if cellhost_core::probe::which(tool).is_none() {
                 return Err(NetError::MissingTool {
                     tool: match tool {
                         "ip" => "ip",
                         "bridge" => "bridge",
-                        _ => "nft",
+                        "nft" => "nft",
+                        _ => "conntrack",
                     },
                     detail: format!(
-                        "bridged networking runs `{tool}` (packages iproute2, nftables)"
+                        "bridged networking runs `{tool}` (packages iproute2, nftables, conntrack)"
                     ),
                 });
             }
@@ -374,6 +375,7 @@ impl Network {
         };
         let mut rules = CellRules::for_cell(id, &self.cfg.bridge, &self.owner, address, cell)?;
         rules.publish = self.cfg.publish;
+        rules.store = self.bridge_alias();
         let a = Attachment {
             netns: (link == Link::Veth).then(|| Path::new("/run/netns").join(netns_name(id))),
             address,
@@ -421,9 +423,19 @@ impl Network {
             &["fdb", "replace", &a.mac, "dev", &a.link, "master", "static"],
             None,
         )?;
-        // A fresh lease means no earlier attempt left tables: load them
-        // as new (replacing costs the kernel a table delete, ~10 ms).
-        run("nft", &["-f", "-"], Some(rules.render(!fresh).as_bytes()))?;
+        // A fresh lease means no earlier attempt of ours left tables: load
+        // them as new (replacing costs the kernel a table delete, ~10 ms);
+        // if some are left all the same (a store that lost rows), the
+        // `create` fails the transaction and they are replaced.
+        if !fresh || run("nft", &["-f", "-"], Some(rules.render(false).as_bytes())).is_err() {
+            run("nft", &["-f", "-"], Some(rules.render(true).as_bytes()))?;
+        }
+        if fresh {
+            // Flows the host still tracks for this address (a previous
+            // holder's, or the host's own to it) must not count as the new
+            // cell's "established" ones.
+            flush_conntrack(address, &["--reply-src"])?;
+        }
         let Some(netns) = &a.netns else {
             return Ok(a);
         };
@@ -450,50 +462,85 @@ impl Network {
         let mac = mac_for(id);
         let br = &self.cfg.bridge;
         let netns = Path::new("/run/netns").join(&ns);
-        // The link first: without it the cell has no network at all, so a
-        // failure further on never leaves it connected and unconfined.
+        let store = self.store();
+        let address = store
+            .as_ref()
+            .ok()
+            .and_then(|s| s.lease_of(id).ok().flatten())
+            .map(|l| l.address);
+        // The link first: without it the cell has no network at all.
         // Links and neighbours in one `ip -force -batch` (the checks below
         // say what is left if a line fails).
         let mut batch = String::new();
-        if link_exists(&veth) {
-            batch.push_str(&format!("link del {veth}\n"));
-        }
         for ip in neighbours_with(br, &mac) {
             batch.push_str(&format!("neigh del {ip} dev {br}\n"));
         }
+        if link_exists(&veth) {
+            batch.push_str(&format!("link del {veth}\n"));
+        }
+        // "No such file": gone already (a neighbour flushed with the link);
+        // the checks below are the truth either way.
         if !batch.is_empty()
             && let Err(e) = run("ip", &["-force", "-batch", "-"], Some(batch.as_bytes()))
+            && !e.to_string().contains("No such file or directory")
         {
             report.error(e.to_string());
         }
-        // Both tables in one transaction (create-then-delete: no error
-        // for one that is already gone).
-        let mut del = String::new();
-        for family in FAMILIES {
-            del.push_str(&format!(
-                "table {family} {table}\ndelete table {family} {table}\n"
-            ));
-        }
-        if let Err(e) = run("nft", &["-f", "-"], Some(del.as_bytes())) {
-            report.error(e.to_string());
+        let link_left = link_exists(&veth);
+        if link_left {
+            // Still connected: its tables stay, so it is never connected
+            // and unconfined. Reconcile retries.
+            report.error(format!("{veth} is still there: its tables are kept"));
+        } else {
+            // Both tables in one transaction (create-then-delete: no error
+            // for one that is already gone).
+            let mut del = String::new();
+            for family in FAMILIES {
+                del.push_str(&format!(
+                    "table {family} {table}\ndelete table {family} {table}\n"
+                ));
+            }
+            if let Err(e) = run("nft", &["-f", "-"], Some(del.as_bytes())) {
+                report.error(e.to_string());
+            }
         }
         if let Err(e) = remove_netns(&netns) {
             report.error(e.to_string());
         }
+        // Nothing of the cell can make new flows now: forget the ones the
+        // host tracks for its address.
+        let flows = match address {
+            Some(a) if !link_left => match flush_conntrack(a, &["--orig-src", "--reply-src"]) {
+                Ok(()) => 0,
+                Err(e) => {
+                    report.error(e.to_string());
+                    1
+                }
+            },
+            Some(_) => 1,
+            None => 0,
+        };
 
-        let tables = tables_of(&table).len() as u64;
-        let links = u64::from(link_exists(&veth));
+        let tables = match tables_of(&table) {
+            Ok(t) => t.len() as u64,
+            Err(e) => {
+                report.error(e.to_string());
+                1
+            }
+        };
+        let links = u64::from(link_left);
         let neighbours = neighbours_with(br, &mac).len() as u64;
         let namespaces = u64::from(netns.exists());
-        report.check("net-table", format!("nft tables {table}"), tables);
         report.check("net-veth", veth.clone(), links);
         report.check("net-neighbour", format!("{mac} on {br}"), neighbours);
+        report.check("net-table", format!("nft tables {table}"), tables);
         report.check("net-netns", netns.display().to_string(), namespaces);
+        let target = address.map_or_else(|| "no lease".into(), |a| format!("flows of {a}"));
+        report.check("net-conntrack", target, flows);
         // The address and ports go back only when nothing of the cell is
         // left: a table still DNATing to the address must not meet a new
         // holder of it.
-        let store = self.store();
-        if tables + links + neighbours + namespaces == 0
+        if tables + links + neighbours + namespaces + flows == 0
             && let Err(e) = store.as_ref().map(|s| s.release_lease(id))
         {
             report.error(format!("releasing the address lease: {e}"));
@@ -529,6 +576,7 @@ impl Network {
     /// its rows. A tap cannot tell a vm from a microVM, so VM tiers skip
     /// it.) Reconcile destroys those without a record.
     pub fn cells(&self) -> Result<Vec<CellId>, NetError> {
+        let store = self.bridge_alias();
         let mut ids: Vec<CellId> = self
             .store()?
             .leases(&self.cfg.bridge)?
@@ -538,13 +586,16 @@ impl Network {
             .collect();
         for name in cellhost_tables() {
             if let Some(id) = subnet::id_in(&name, "cellhost_")
-                && table_comment(&name)
-                    .is_some_and(|c| c == CellRules::comment(&id, &self.cfg.bridge, &self.owner))
+                && table_comment(&name).is_some_and(|c| {
+                    c == CellRules::comment(&id, &self.cfg.bridge, &self.owner, &store)
+                })
             {
                 ids.push(id);
             }
         }
-        if self.owner == "process" {
+        // Ports only on a bridge this store owns (another's cells are not
+        // ours to sweep).
+        if self.owner == "process" && self.bridge_is_ours() {
             let brif = Path::new("/sys/class/net")
                 .join(&self.cfg.bridge)
                 .join("brif");
@@ -596,8 +647,9 @@ impl Network {
     /// policy DROP) is met within that.
     pub fn ensure_bridge(&self) -> Result<(), NetError> {
         let mut ensured = self.ensured.lock().unwrap_or_else(PoisonError::into_inner);
-        if ensured.is_some_and(|at| at.elapsed() < ENSURE_INTERVAL) && link_exists(&self.cfg.bridge)
-        {
+        // The alias is checked every time (one sysfs read): a bridge taken
+        // over by another store since is refused at once.
+        if ensured.is_some_and(|at| at.elapsed() < ENSURE_INTERVAL) && self.bridge_is_ours() {
             return Ok(());
         }
         self.ensure_bridge_now()?;
@@ -627,6 +679,9 @@ impl Network {
         // dirs sharing a bridge would hand out one address twice and sweep
         // each other's cells. The bridge's alias names its store.
         let mine = self.bridge_alias();
+        // Read and claim under a host-wide lock on the bridge's name: two
+        // stores starting at once cannot both find it unclaimed.
+        let _claim = claim_lock(br)?;
         let alias = std::fs::read_to_string(sys.join("ifalias")).unwrap_or_default();
         match alias.trim() {
             "" => {
@@ -655,10 +710,21 @@ impl Network {
         self.forward_accepts(true)
     }
 
+    /// Does the bridge exist with this store's alias?
+    fn bridge_is_ours(&self) -> bool {
+        std::fs::read_to_string(
+            Path::new("/sys/class/net")
+                .join(&self.cfg.bridge)
+                .join("ifalias"),
+        )
+        .is_ok_and(|a| a.trim() == self.bridge_alias())
+    }
+
     /// `cellhost:<hash of the store dir>`: whose bridge this is.
     fn bridge_alias(&self) -> String {
-        let dir =
-            std::path::absolute(&self.cfg.store_dir).unwrap_or_else(|_| self.cfg.store_dir.clone());
+        let dir = std::fs::canonicalize(&self.cfg.store_dir)
+            .or_else(|_| std::path::absolute(&self.cfg.store_dir))
+            .unwrap_or_else(|_| self.cfg.store_dir.clone());
         // FNV-1a: stable across builds (std's hasher is not).
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
         for b in dir.as_os_str().as_encoded_bytes() {
@@ -769,15 +835,19 @@ fn link_exists(name: &str) -> bool {
 const FAMILIES: [&str; 2] = ["netdev", "inet"];
 
 /// `(family, name)` of every nftables table on the host.
-fn all_tables() -> Vec<(String, String)> {
-    let Ok(out) = run("nft", &["-j", "list", "tables"], None) else {
-        return Vec::new();
+fn all_tables() -> Result<Vec<(String, String)>, NetError> {
+    let out = run("nft", &["-j", "list", "tables"], None)?;
+    let unreadable = |detail: String| NetError::Command {
+        command: "nft -j list tables".into(),
+        detail,
     };
-    let v: serde_json::Value = serde_json::from_slice(&out).unwrap_or_default();
-    v["nftables"]
+    let v: serde_json::Value =
+        serde_json::from_slice(&out).map_err(|e| unreadable(format!("unreadable JSON: {e}")))?;
+    let items = v["nftables"]
         .as_array()
-        .into_iter()
-        .flatten()
+        .ok_or_else(|| unreadable("no \"nftables\" array".into()))?;
+    Ok(items
+        .iter()
         .filter_map(|i| {
             let t = &i["table"];
             Some((
@@ -785,21 +855,23 @@ fn all_tables() -> Vec<(String, String)> {
                 t["name"].as_str()?.to_string(),
             ))
         })
-        .collect()
+        .collect())
 }
 
 /// Families in which `table` exists.
-fn tables_of(table: &str) -> Vec<String> {
-    all_tables()
+fn tables_of(table: &str) -> Result<Vec<String>, NetError> {
+    Ok(all_tables()?
         .into_iter()
         .filter(|(f, n)| n == table && FAMILIES.contains(&f.as_str()))
         .map(|(f, _)| f)
-        .collect()
+        .collect())
 }
 
-/// Names of inet tables that look like ours.
+/// Names of tables that look like ours (none when nft cannot say: then
+/// nothing is swept, the safe side).
 fn cellhost_tables() -> Vec<String> {
     let mut names: Vec<String> = all_tables()
+        .unwrap_or_default()
         .into_iter()
         .filter(|(f, n)| FAMILIES.contains(&f.as_str()) && n.starts_with("cellhost_"))
         .map(|(_, n)| n)
@@ -812,7 +884,7 @@ fn cellhost_tables() -> Vec<String> {
 /// The table's comment (nft 1.0's JSON omits it; its text has it), from
 /// whichever family it is left in.
 fn table_comment(table: &str) -> Option<String> {
-    let family = tables_of(table).into_iter().next()?;
+    let family = tables_of(table).ok()?.into_iter().next()?;
     let out = run("nft", &["list", "table", &family, table], None).ok()?;
     let text = String::from_utf8_lossy(&out);
     let line = text
@@ -851,6 +923,40 @@ fn neighbours_with(bridge: &str, mac: &str) -> Vec<String> {
                 .then(|| f[0].to_string())
         })
         .collect()
+}
+
+/// Forget the host's tracked flows of `address` (`conntrack -D`, one run
+/// per direction flag: `--orig-src`, `--reply-src`). "0 flow entries" is
+/// success (conntrack exits 1 for it).
+fn flush_conntrack(address: Ipv4Addr, flags: &[&str]) -> Result<(), NetError> {
+    let a = address.to_string();
+    for flag in flags {
+        match run("conntrack", &["-D", "-f", "ipv4", flag, &a], None) {
+            Ok(_) => {}
+            Err(NetError::Command { detail, .. }) if detail.contains("0 flow entries") => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// An exclusive lock on `/run/cellhost/bridge-<name>.lock`, held while a
+/// store claims the bridge.
+fn claim_lock(bridge: &str) -> Result<nix::fcntl::Flock<std::fs::File>, NetError> {
+    let dir = Path::new("/run/cellhost");
+    let io = |context: String| move |source| NetError::Io { context, source };
+    std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+    let path = dir.join(format!("bridge-{bridge}.lock"));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(format!("opening {}", path.display())))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| NetError::Io {
+        context: format!("locking {}", path.display()),
+        source: e.into(),
+    })
 }
 
 /// What `ip netns del` does, without a process: detach the bind mount

@@ -9,14 +9,13 @@
 //!               packets for the host's loopback are dropped; the optional
 //!               egress byte rate is enforced here
 //! table inet cellhost_<id>       routing, by the cell's address
-//!   forward     from the cell: its own flows, then each egress rule and DNS
-//!               to the declared resolvers (marking the flow as its own),
-//!               then reject (admin-prohibited); to the cell: its own flows
-//!               and published ports (DNAT), else drop
-//!   input       from the cell to the host itself: its own flows, replies to
-//!               the host's, rules naming a single address (/32) and the
-//!               resolvers; else reject
-//!   prerouting  published ports: host address:host port → cell (marked)
+//!   forward     from the cell: established flows, then each egress rule
+//!               and DNS to the declared resolvers, then reject
+//!               (admin-prohibited); to the cell: established flows and
+//!               published ports (DNAT), else drop
+//!   input       from the cell to the host itself: established flows, rules
+//!               naming a single address (/32) and the resolvers; else reject
+//!   prerouting  published ports: host address:host port → cell
 //!   output      the same for connections made on the host (127.0.0.1 too)
 //!   postrouting masquerade the cell's allowed egress, and loopback-sourced
 //!               connections to its published ports
@@ -24,9 +23,9 @@
 //!
 //! Every base chain has `policy accept` and matches only the cell's own
 //! address or device: a drop here is final for the packet, and packets of
-//! other cells or of the host must pass untouched. A flow is the cell's
-//! own when its conntrack mark is the cell's ([`CellRules::ct_mark`]), so
-//! flows a previous holder of the address left behind are not.
+//! other cells or of the host must pass untouched. "Established" trusts
+//! the conntrack table, so the flows of an address are flushed when its
+//! lease is taken and when it is released (see the crate's `detach`).
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
@@ -60,6 +59,10 @@ pub struct CellRules {
     /// The host address published ports are reached on; `None`: every
     /// host address. 127.0.0.1 works from the host itself either way.
     pub publish: Option<Ipv4Addr>,
+    /// Whose store the cell's lease is in (the bridge's alias), named in
+    /// the comment so a daemon of another store never takes the tables
+    /// for its own.
+    pub store: String,
 }
 
 /// A document setting this host cannot express, naming its field.
@@ -160,22 +163,14 @@ impl CellRules {
             ports: cell.spec.ports.clone(),
             rate_bytes_per_second: net.egress_bytes_per_second,
             publish: None,
+            store: String::new(),
         })
     }
 
     /// The comment that marks the table as this owner's on this bridge
     /// (reconcile finds its own tables by it).
-    pub fn comment(id: &CellId, bridge: &str, owner: &str) -> String {
-        format!("cellhost {owner} cell {id} on {bridge}")
-    }
-
-    /// The conntrack mark of the cell's flows: every connection it makes
-    /// (allowed) or receives (published) is marked, and only flows with
-    /// its mark count as its own. A later cell that gets the same address
-    /// cannot ride a flow its predecessor left in the conntrack table.
-    pub fn ct_mark(&self) -> u32 {
-        let hex = &self.id.as_str()[..8];
-        u32::from_str_radix(hex, 16).unwrap_or(0) | 1
+    pub fn comment(id: &CellId, bridge: &str, owner: &str, store: &str) -> String {
+        format!("cellhost {owner} cell {id} on {bridge} for {store}")
     }
 
     /// The whole transaction: both tables, replacing earlier ones when
@@ -184,13 +179,18 @@ impl CellRules {
         let t = table_name(&self.id);
         let ip = self.address;
         let mac = mac_for(&self.id);
-        let mark = format!("{:#010x}", self.ct_mark());
-        let comment = Self::comment(&self.id, &self.bridge, &self.owner);
+        let comment = Self::comment(&self.id, &self.bridge, &self.owner, &self.store);
         let mut s = String::new();
-        // `table` then `delete table` makes the load idempotent: a retried
-        // create replaces what an earlier attempt left, atomically.
-        for family in ["netdev", "inet"].into_iter().filter(|_| replace) {
-            let _ = writeln!(s, "table {family} {t}\ndelete table {family} {t}");
+        // replace: `table` then `delete table` makes the load idempotent (a
+        // retried create replaces what an earlier attempt left, atomically).
+        // Otherwise `create table` fails the whole transaction if one is
+        // left, rather than merging new rules into old ones.
+        for family in ["netdev", "inet"] {
+            if replace {
+                let _ = writeln!(s, "table {family} {t}\ndelete table {family} {t}");
+            } else {
+                let _ = writeln!(s, "create table {family} {t}");
+            }
         }
 
         // The link: only the cell's own IPv4 and ARP, from its own MAC.
@@ -229,7 +229,7 @@ impl CellRules {
         for c in ROUTE_COUNTERS {
             let _ = writeln!(s, "\tcounter {c} {{ }}");
         }
-        let own = format!("ct state established,related ct mark {mark} accept");
+        let own = "ct state established,related accept";
         let reject =
             format!("ip saddr {ip} counter name egress_denied reject with icmpx admin-prohibited");
         let _ = writeln!(
@@ -237,12 +237,12 @@ impl CellRules {
             "\tchain forward {{\n\t\ttype filter hook forward priority filter - 5; policy accept;"
         );
         let _ = writeln!(s, "\t\tip saddr {ip} {own}");
-        s.push_str(&self.allow_rules(&mark, false));
+        s.push_str(&self.allow_rules(false));
         let _ = writeln!(s, "\t\t{reject}");
         let _ = writeln!(s, "\t\tip daddr {ip} {own}");
         let _ = writeln!(
             s,
-            "\t\tip daddr {ip} ct status dnat ct mark {mark} counter name ingress_published accept"
+            "\t\tip daddr {ip} ct status dnat counter name ingress_published accept"
         );
         let _ = writeln!(s, "\t\tip daddr {ip} drop\n\t}}");
 
@@ -254,15 +254,10 @@ impl CellRules {
             "\tchain input {{\n\t\ttype filter hook input priority filter - 5; policy accept;"
         );
         let _ = writeln!(s, "\t\tip saddr {ip} {own}");
-        // Replies to connections the host itself opened to the cell.
-        let _ = writeln!(
-            s,
-            "\t\tip saddr {ip} ct state established,related ct direction reply ct mark 0 accept"
-        );
-        s.push_str(&self.allow_rules(&mark, true));
+        s.push_str(&self.allow_rules(true));
         let _ = writeln!(s, "\t\t{reject}\n\t}}");
 
-        let dnat = self.dnat_rules(&mark);
+        let dnat = self.dnat_rules();
         let _ = writeln!(
             s,
             "\tchain prerouting {{\n\t\ttype nat hook prerouting priority dstnat - 5; policy accept;\n{}\t}}",
@@ -288,9 +283,9 @@ impl CellRules {
         s
     }
 
-    /// Accepts for the egress list and the resolvers, marking the flow as
-    /// the cell's; `host_only`: only those naming single addresses.
-    fn allow_rules(&self, mark: &str, host_only: bool) -> String {
+    /// Accepts for the egress list and the resolvers; `host_only`: only
+    /// those naming single addresses.
+    fn allow_rules(&self, host_only: bool) -> String {
         let ip = self.address;
         let mut s = String::new();
         for a in self.egress.iter().filter(|a| !host_only || a.prefix == 32) {
@@ -303,7 +298,7 @@ impl CellRules {
             };
             let _ = writeln!(
                 s,
-                "\t\tip saddr {ip} {dest}{l4} counter name egress_allowed ct mark set {mark} accept"
+                "\t\tip saddr {ip} {dest}{l4} counter name egress_allowed accept"
             );
         }
         if !self.dns.is_empty() {
@@ -315,7 +310,7 @@ impl CellRules {
                 .join(", ");
             let _ = writeln!(
                 s,
-                "\t\tip saddr {ip} ip daddr {{ {set} }} meta l4proto {{ tcp, udp }} th dport 53 counter name egress_allowed ct mark set {mark} accept"
+                "\t\tip saddr {ip} ip daddr {{ {set} }} meta l4proto {{ tcp, udp }} th dport 53 counter name egress_allowed accept"
             );
         }
         s
@@ -324,11 +319,11 @@ impl CellRules {
     /// DNAT of published ports: `external` for packets arriving at the
     /// host (on `publish`, or any host address), `local` for connections
     /// made on the host (the same, plus 127.0.0.1).
-    fn dnat_rules(&self, mark: &str) -> Dnat {
+    fn dnat_rules(&self) -> Dnat {
         let mut d = Dnat::default();
         for p in &self.ports {
             let to = format!(
-                "{} dport {} ct mark set {mark} dnat ip to {}:{}",
+                "{} dport {} dnat ip to {}:{}",
                 p.protocol.as_str(),
                 p.host,
                 self.address,
@@ -339,6 +334,7 @@ impl CellRules {
                     "fib daddr type local".to_string(),
                     "fib daddr type local".to_string(),
                 ),
+                Some(a) if a.is_loopback() => (format!("ip daddr {a}"), format!("ip daddr {a}")),
                 Some(a) => (
                     format!("ip daddr {a}"),
                     format!("ip daddr {{ {a}, 127.0.0.1 }}"),
@@ -454,18 +450,14 @@ mod tests {
             "table netdev cellhost_0123456789ab\ndelete table netdev cellhost_0123456789ab\n\
              table inet cellhost_0123456789ab\ndelete table inet cellhost_0123456789ab\n"
         ));
-        assert!(
-            r.render(false)
-                .starts_with("table netdev cellhost_0123456789ab {\n")
-        );
+        assert!(r.render(false).starts_with(
+            "create table netdev cellhost_0123456789ab\ncreate table inet cellhost_0123456789ab\n"
+        ));
         assert!(!t.contains("counter name egress_allowed"), "{t}");
-        let mark = "ct mark 0x01234567";
         let fwd = section(&t, "chain forward");
-        assert!(fwd.contains(&format!(
-            "ip saddr 10.47.0.2 ct state established,related {mark} accept"
-        )));
+        assert!(fwd.contains("ip saddr 10.47.0.2 ct state established,related accept"));
         assert!(fwd.contains("ip saddr 10.47.0.2 counter name egress_denied reject"));
-        assert!(fwd.contains(&format!("ip daddr 10.47.0.2 ct status dnat {mark} counter")));
+        assert!(fwd.contains("ip daddr 10.47.0.2 ct status dnat counter"));
         assert!(fwd.ends_with("ip daddr 10.47.0.2 drop"), "{fwd}");
         let link = section(&t, "chain ingress");
         for want in [
@@ -480,7 +472,7 @@ mod tests {
         ] {
             assert!(link.contains(want), "{want:?} in {link}");
         }
-        assert!(t.contains("comment \"cellhost process cell 0123456789ab on chbr0\""));
+        assert!(t.contains("comment \"cellhost process cell 0123456789ab on chbr0 for \""));
         assert!(!t.contains("dnat ip to"));
         assert!(!t.contains("limit rate"));
         assert_eq!(t.matches('{').count(), t.matches('}').count());
@@ -494,7 +486,7 @@ mod tests {
         )
         .unwrap();
         let t = r.render(true);
-        let mark = "ct mark set 0x01234567 accept";
+        let mark = "accept";
         for want in [
             format!("ip saddr 10.47.0.2 ip daddr 10.1.0.0/16 tcp dport 443 counter name egress_allowed {mark}"),
             format!("ip saddr 10.47.0.2 ip daddr 192.0.2.7/32 meta l4proto udp counter name egress_allowed {mark}"),
@@ -502,8 +494,8 @@ mod tests {
             format!("ip saddr 10.47.0.2 ip daddr 203.0.113.0/24 counter name egress_allowed {mark}"),
             "ip daddr { 10.0.0.53, 10.0.0.54 } meta l4proto { tcp, udp } th dport 53".into(),
             "limit rate over 65536 bytes/second counter name rate_limited drop".into(),
-            "fib daddr type local tcp dport 18080 ct mark set 0x01234567 dnat ip to 10.47.0.2:80".into(),
-            "fib daddr type local udp dport 15353 ct mark set 0x01234567 dnat ip to 10.47.0.2:53".into(),
+            "fib daddr type local tcp dport 18080 dnat ip to 10.47.0.2:80".into(),
+            "fib daddr type local udp dport 15353 dnat ip to 10.47.0.2:53".into(),
         ] {
             assert!(t.contains(&want), "missing {want:?} in\n{t}");
         }
@@ -525,6 +517,9 @@ mod tests {
             section(&t, "chain output")
                 .contains("ip daddr { 192.0.2.1, 127.0.0.1 } tcp dport 18080")
         );
+        r.publish = Some(Ipv4Addr::LOCALHOST);
+        let t = r.render(false);
+        assert!(section(&t, "chain output").contains("ip daddr 127.0.0.1 tcp dport 18080"));
     }
 
     #[test]

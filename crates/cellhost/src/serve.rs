@@ -81,8 +81,16 @@ pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dy
     // 0.0.0.0, the default).
     let mut net = args.net.clone();
     net.publish = match args.publish_address {
-        std::net::IpAddr::V4(a) if !a.is_unspecified() => Some(a),
-        _ => None,
+        std::net::IpAddr::V4(a) if a.is_unspecified() => None,
+        std::net::IpAddr::V4(a) => Some(a),
+        std::net::IpAddr::V6(a) if a.is_unspecified() => None,
+        std::net::IpAddr::V6(a) => {
+            // Bridged cells are IPv4 only: the narrowest IPv4 reading.
+            tracing::warn!(
+                "--publish-address {a} is IPv6; bridged cells publish on 127.0.0.1 only"
+            );
+            Some(std::net::Ipv4Addr::LOCALHOST)
+        }
     };
     // One probe for every tier (with the VM tiers' KVM verdict).
     let report = crate::run::vm_probe(state_dir);

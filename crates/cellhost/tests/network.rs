@@ -31,7 +31,7 @@ fn network_missing() -> Option<String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Some("not root".into());
     }
-    for tool in ["ip", "nft"] {
+    for tool in ["ip", "bridge", "nft", "conntrack"] {
         if cellhost_core::probe::which(tool).is_none() {
             return Some(format!("{tool} not installed (scripts/test installs it)"));
         }
@@ -370,12 +370,24 @@ fn bridged_cell_reaches_only_its_allow_list_publishes_ports_and_leaves_nothing()
         "net-veth",
         "net-neighbour",
         "net-netns",
+        "net-conntrack",
         "net-lease",
     ] {
         assert!(
             report.checks.iter().any(|c| c.name == check),
             "{check} missing from {report:?}"
         );
+    }
+    // The host tracks no flow of the address any more (it had several:
+    // the allowed connection, DNS, the published port), so the next holder
+    // of the address rides none of them.
+    for flag in ["--orig-src", "--reply-src"] {
+        let out = Command::new("conntrack")
+            .args(["-L", "-f", "ipv4", flag, &addr])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("0 flow entries"), "{flag} {addr}: {err}");
     }
     assert!(!common::nft_table_exists(&id));
     assert!(
