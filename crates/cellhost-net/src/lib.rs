@@ -430,12 +430,7 @@ impl Network {
         if !fresh || run("nft", &["-f", "-"], Some(rules.render(false).as_bytes())).is_err() {
             run("nft", &["-f", "-"], Some(rules.render(true).as_bytes()))?;
         }
-        if fresh {
-            // Flows the host still tracks for this address (a previous
-            // holder's, or the host's own to it) must not count as the new
-            // cell's "established" ones.
-            flush_conntrack(address, &["--reply-src"])?;
-        }
+
         let Some(netns) = &a.netns else {
             return Ok(a);
         };

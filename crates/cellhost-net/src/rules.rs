@@ -24,8 +24,8 @@
 //! Every base chain has `policy accept` and matches only the cell's own
 //! address or device: a drop here is final for the packet, and packets of
 //! other cells or of the host must pass untouched. "Established" trusts
-//! the conntrack table, so the flows of an address are flushed when its
-//! lease is taken and when it is released (see the crate's `detach`).
+//! the conntrack table, so the flows of an address are flushed before its
+//! lease is released (see the crate's `detach`).
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
