@@ -25,6 +25,20 @@ pub struct Ipv4Config {
     pub gateway: Option<Ipv4Addr>,
 }
 
+/// A cell's /etc/resolv.conf: its declared resolvers (`spec.network.dns`),
+/// or a comment saying it has none. Written on the host for a process cell
+/// and by the agent inside a microVM.
+pub fn resolv_conf<T: std::fmt::Display>(dns: &[T]) -> String {
+    if dns.is_empty() {
+        return "# no resolvers declared (spec.network.dns): DNS is denied\n".into();
+    }
+    let mut s = String::from("# spec.network.dns\n");
+    for d in dns {
+        s.push_str(&format!("nameserver {d}\n"));
+    }
+    s
+}
+
 /// The netmask of a prefix length.
 pub fn mask(prefix: u8) -> u32 {
     if prefix == 0 {
@@ -143,6 +157,15 @@ fn add_default_route(fd: i32, dev: &str, gw: Ipv4Addr) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolv_conf_names_resolvers_or_none() {
+        assert_eq!(
+            resolv_conf(&[Ipv4Addr::new(10, 0, 0, 53)]),
+            "# spec.network.dns\nnameserver 10.0.0.53\n"
+        );
+        assert!(resolv_conf::<Ipv4Addr>(&[]).contains("DNS is denied"));
+    }
 
     #[test]
     fn masks() {

@@ -21,5 +21,6 @@ pub use backend::*;
 pub use report::*;
 pub mod secrets;
 pub mod shim;
+pub mod tool;
 mod volume_key;
 pub use volume_key::*;

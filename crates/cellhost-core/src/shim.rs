@@ -121,6 +121,23 @@ pub fn reap(pid: Pid) -> nix::Result<ExitInfo> {
     }
 }
 
+/// The file in a cell dir that records how the cell's workload ended
+/// (written by the tier's shim, or by the backend when only it knows).
+pub const EXIT_FILE: &str = "exit.json";
+
+/// The cell's recorded exit, if any (`<dir>/exit.json`).
+pub fn read_exit(dir: &Path) -> Option<crate::ExitInfo> {
+    serde_json::from_slice(&fs::read(dir.join(EXIT_FILE)).ok()?).ok()
+}
+
+/// Record how the cell ended, atomically (`<dir>/exit.json`).
+pub fn write_exit(dir: &Path, exit: &crate::ExitInfo) -> io::Result<()> {
+    write_atomic(
+        &dir.join(EXIT_FILE),
+        &serde_json::to_vec(exit).unwrap_or_default(),
+    )
+}
+
 /// Write `data` to `path` via a temp file, fsync, rename, dir fsync.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("/"));

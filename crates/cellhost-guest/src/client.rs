@@ -261,7 +261,7 @@ pub struct Client {
 }
 
 /// `now + d`, saturating far in the future instead of overflowing.
-fn after(now: Instant, d: Duration) -> Instant {
+pub(crate) fn after(now: Instant, d: Duration) -> Instant {
     now.checked_add(d)
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }

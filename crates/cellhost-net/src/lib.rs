@@ -80,10 +80,8 @@
 pub mod rules;
 pub mod subnet;
 
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use cellhost_core::TeardownReport;
@@ -213,18 +211,6 @@ pub struct Attachment {
     pub link: String,
     pub table: String,
     pub mac: String,
-}
-
-/// The cell's /etc/resolv.conf: its declared resolvers, or none.
-pub fn resolv_conf(cell: &Cell) -> String {
-    if cell.spec.network.dns.is_empty() {
-        return "# no resolvers declared (spec.network.dns): DNS is denied\n".into();
-    }
-    let mut s = String::from("# spec.network.dns\n");
-    for r in &cell.spec.network.dns {
-        s.push_str(&format!("nameserver {r}\n"));
-    }
-    s
 }
 
 /// One host's bridged networking. Cheap to share; every method takes
@@ -451,6 +437,17 @@ impl Network {
     /// Remove `id`'s network and record each check in `report`: the
     /// table, the veth, the neighbour entry, the netns, the lease.
     pub fn detach(&self, id: &CellId, report: &mut TeardownReport) {
+        let address = self.lease_of(id).ok().flatten().map(|l| l.address);
+        self.detach_with(id, address, report);
+    }
+
+    /// The lease of `id`, if any.
+    fn lease_of(&self, id: &CellId) -> Result<Option<cellhost_store::Lease>, NetError> {
+        Ok(self.store()?.lease_of(id)?)
+    }
+
+    /// [`Network::detach`] with the lease's address already read.
+    fn detach_with(&self, id: &CellId, address: Option<Ipv4Addr>, report: &mut TeardownReport) {
         let table = table_name(id);
         let veth = veth_name(id);
         let ns = netns_name(id);
@@ -458,11 +455,6 @@ impl Network {
         let br = &self.cfg.bridge;
         let netns = Path::new("/run/netns").join(&ns);
         let store = self.store();
-        let address = store
-            .as_ref()
-            .ok()
-            .and_then(|s| s.lease_of(id).ok().flatten())
-            .map(|l| l.address);
         // The link first: without it the cell has no network at all.
         // Links and neighbours in one `ip -force -batch` (the checks below
         // say what is left if a line fails).
@@ -551,16 +543,15 @@ impl Network {
     /// (a cell with `network.mode: none`). The lease is taken first and
     /// released last, so no lease, no veth and no netns means no table.
     pub fn detach_if_any(&self, id: &CellId, report: &mut TeardownReport) {
-        let leased = self
-            .store()
-            .and_then(|s| Ok(s.lease_of(id)?))
-            .map(|l| l.is_some())
-            .unwrap_or(true);
+        // An unreadable store counts as a lease: detach and let it say.
+        let lease = self.lease_of(id);
+        let leased = lease.as_ref().map_or(true, Option::is_some);
         if leased
             || link_exists(&veth_name(id))
             || Path::new("/run/netns").join(netns_name(id)).exists()
         {
-            self.detach(id, report);
+            let address = lease.ok().flatten().map(|l| l.address);
+            self.detach_with(id, address, report);
         }
     }
 
@@ -579,11 +570,9 @@ impl Network {
             .filter(|l| l.owner == self.owner)
             .map(|l| l.cell)
             .collect();
-        for name in cellhost_tables() {
+        for (name, comment) in cellhost_table_comments() {
             if let Some(id) = subnet::id_in(&name, "cellhost_")
-                && table_comment(&name).is_some_and(|c| {
-                    c == CellRules::comment(&id, &self.cfg.bridge, &self.owner, &store)
-                })
+                && comment == CellRules::comment(&id, &self.cfg.bridge, &self.owner, &store)
             {
                 ids.push(id);
             }
@@ -782,44 +771,28 @@ impl Network {
     }
 }
 
-/// Run `program args`, feeding `stdin`; its stdout, or an error with its
-/// stderr.
+/// Removes a bridge (and its iptables accepts) when dropped: for tests and
+/// benchmarks that make a bridge of their own.
+pub struct RemoveBridgeOnDrop(pub NetConfig);
+
+impl Drop for RemoveBridgeOnDrop {
+    fn drop(&mut self) {
+        // remove_bridge does not look at the owner.
+        if let Err(e) = Network::new(self.0.clone(), "").remove_bridge() {
+            tracing::warn!("removing bridge {}: {e}", self.0.bridge);
+        }
+    }
+}
+
+/// Run `program args` through the shared tool runner (cleared env,
+/// deadline, capped stderr), feeding `stdin`; its stdout, or an error
+/// naming the command with its stderr.
 fn run(program: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>, NetError> {
-    let command = format!("{program} {}", args.join(" "));
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| NetError::Command {
-            command: command.clone(),
-            detail: e.to_string(),
-        })?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // A tool that exits early closes its stdin: its stderr says why.
-        let _ = pipe.write_all(input);
-    }
-    let out = child.wait_with_output().map_err(|e| NetError::Command {
-        command: command.clone(),
+    let argv: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    cellhost_core::tool::output(Path::new(program), &argv, stdin).map_err(|e| NetError::Command {
+        command: format!("{program} {}", args.join(" ")),
         detail: e.to_string(),
-    })?;
-    if out.status.success() {
-        Ok(out.stdout)
-    } else {
-        Err(NetError::Command {
-            command,
-            detail: format!(
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
-        })
-    }
+    })
 }
 
 fn link_exists(name: &str) -> bool {
@@ -862,30 +835,35 @@ fn tables_of(table: &str) -> Result<Vec<String>, NetError> {
         .collect())
 }
 
-/// Names of tables that look like ours (none when nft cannot say: then
-/// nothing is swept, the safe side).
-fn cellhost_tables() -> Vec<String> {
-    let mut names: Vec<String> = all_tables()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(f, n)| FAMILIES.contains(&f.as_str()) && n.starts_with("cellhost_"))
-        .map(|(_, n)| n)
-        .collect();
-    names.sort();
-    names.dedup();
-    names
-}
-
-/// The table's comment (nft 1.0's JSON omits it; its text has it), from
-/// whichever family it is left in.
-fn table_comment(table: &str) -> Option<String> {
-    let family = tables_of(table).ok()?.into_iter().next()?;
-    let out = run("nft", &["list", "table", &family, table], None).ok()?;
+/// `(name, comment)` of every table that looks like ours, from one `nft
+/// list ruleset` (nft 1.0's JSON omits table comments; its text has them,
+/// first inside the table). Empty when nft cannot say: then nothing is
+/// swept, the safe side. Reconcile calls this every pass, so one process
+/// for all tables.
+fn cellhost_table_comments() -> Vec<(String, String)> {
+    let Ok(out) = run("nft", &["list", "ruleset"], None) else {
+        return Vec::new();
+    };
     let text = String::from_utf8_lossy(&out);
-    let line = text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("comment \""))?;
-    Some(line.strip_suffix('"')?.to_string())
+    let mut found = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        let mut words = line.strip_prefix("table ").unwrap_or("").split_whitespace();
+        let (Some(family), Some(name)) = (words.next(), words.next()) else {
+            continue;
+        };
+        if !FAMILIES.contains(&family) || !name.starts_with("cellhost_") {
+            continue;
+        }
+        if let Some(comment) = lines
+            .next()
+            .and_then(|l| l.trim().strip_prefix("comment \""))
+            .and_then(|c| c.strip_suffix('"'))
+        {
+            found.push((name.to_string(), comment.to_string()));
+        }
+    }
+    found
 }
 
 /// IPv4 addresses of `dev` as `a.b.c.d/p`.

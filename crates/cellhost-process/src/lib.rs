@@ -405,7 +405,7 @@ impl ProcessBackend {
                     .map_err(cellhost_net::backend_error)?;
                 write_private(
                     &p.dir.join(RESOLV_CONF),
-                    cellhost_net::resolv_conf(&req.cell).as_bytes(),
+                    cellhost_core::ifconfig::resolv_conf(&req.cell.spec.network.dns).as_bytes(),
                 )?;
                 Some(a)
             }
@@ -497,11 +497,6 @@ impl ProcessBackend {
                 rep.error.unwrap_or_else(|| "shim failed".into()),
             ))
         }
-    }
-
-    fn read_exit(&self, p: &CellPaths) -> Option<ExitInfo> {
-        let data = fs::read(p.exit()).ok()?;
-        serde_json::from_slice(&data).ok()
     }
 
     /// SIGKILL the namespace init (`init`, from libcontainer's state) and
@@ -720,7 +715,7 @@ impl ProcessBackend {
 
     fn status_blocking(&self, id: &CellId) -> CellStatus {
         let p = self.paths(id);
-        if let Some(exit) = self.read_exit(&p) {
+        if let Some(exit) = cellhost_core::shim::read_exit(&p.dir) {
             return CellStatus {
                 state: CellState::Exited,
                 pid: None,
@@ -775,7 +770,8 @@ impl ProcessBackend {
                 } else {
                     // The shim may have written exit.json and exited since
                     // we looked: read it again before calling it unknown.
-                    let exit = self.read_exit(&p).unwrap_or_else(ExitInfo::unknown);
+                    let exit =
+                        cellhost_core::shim::read_exit(&p.dir).unwrap_or_else(ExitInfo::unknown);
                     CellStatus {
                         state: CellState::Exited,
                         pid: None,

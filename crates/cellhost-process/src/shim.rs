@@ -50,7 +50,7 @@ use crate::hostfs::CellCgroups;
 
 /// File names inside a cell dir.
 pub const LOG_FILE: &str = "log";
-pub const EXIT_FILE: &str = "exit.json";
+pub use cellhost_core::shim::EXIT_FILE;
 pub const SHIM_PID_FILE: &str = "shim.pid";
 pub const SHIM_LOG_FILE: &str = "shim.log";
 pub const LC_ROOT: &str = "lc";
@@ -106,10 +106,7 @@ pub fn main(cell_dir: &Path, container_id: &str, log_cap: u64) -> i32 {
     {
         exit.oom_killed = cg.oom_kills().unwrap_or(0) > 0;
     }
-    if let Err(e) = write_atomic(
-        &cell_dir.join(EXIT_FILE),
-        &serde_json::to_vec(&exit).unwrap_or_default(),
-    ) {
+    if let Err(e) = cellhost_core::shim::write_exit(cell_dir, &exit) {
         tracing::error!("writing exit status: {e}");
         return 1;
     }

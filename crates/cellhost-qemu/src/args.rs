@@ -36,8 +36,6 @@ pub struct Plan<'a> {
     pub seed: Option<String>,
     /// The data volume's file and whether it is qemu LUKS.
     pub volume: Option<(PathBuf, bool)>,
-    /// Boot paused (`-S`): the vm tier's created-not-started state.
-    pub paused: bool,
     /// Under TCG the guest's TSC is the host's, and a guest kernel that
     /// calibrates it against the emulated PIT while the host is busy gets
     /// no answer ("Unable to calibrate against PIT") and then hangs before
@@ -70,11 +68,7 @@ impl Plan<'_> {
             "none",
             "-no-reboot",
         ]);
-        let machine = if self.microvm {
-            "microvm,x-option-roms=off,rtc=on"
-        } else {
-            "q35"
-        };
+        let machine = if self.microvm { MICROVM_MACHINE } else { "q35" };
         push(&["-machine", machine]);
         match self.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
@@ -200,7 +194,8 @@ impl Plan<'_> {
                 &format!("{blk},drive=vol,serial={VOLUME_SERIAL}"),
             ]);
         }
-        if self.paused {
+        // A vm boots paused (`-S`): its created-not-started state.
+        if !self.microvm {
             push(&["-S"]);
         }
         a
@@ -211,16 +206,23 @@ impl Plan<'_> {
     pub fn microvm_cmdline(&self) -> String {
         let extra = self.image.manifest.cmdline.as_deref().unwrap_or("");
         format!(
-            "console=ttyS0 quiet loglevel=1 panic=-1 {}rdinit={AGENT_PATH} CELLHOST_AGENT_LOG=warn {extra} -- --virtio-port {AGENT_PORT} --secrets-dir /run/secrets",
-            self.tsc()
+            "{MICROVM_CMDLINE_BASE} {}rdinit={AGENT_PATH} CELLHOST_AGENT_LOG=warn {extra} -- --virtio-port {AGENT_PORT} --secrets-dir /run/secrets",
+            tsc_arg(self.accel, self.tsc_khz)
         )
     }
+}
 
-    /// `tsc_early_khz=N ` under TCG, else nothing.
-    fn tsc(&self) -> String {
-        match (self.accel, self.tsc_khz) {
-            (Accel::Tcg, Some(khz)) => format!("tsc_early_khz={khz} "),
-            _ => String::new(),
-        }
+/// The microVM machine type and options (also the bench's bare baseline).
+pub const MICROVM_MACHINE: &str = "microvm,x-option-roms=off,rtc=on";
+/// The start of a microVM's kernel command line: serial console, quiet,
+/// exit on panic.
+pub const MICROVM_CMDLINE_BASE: &str = "console=ttyS0 quiet loglevel=1 panic=-1";
+
+/// `tsc_early_khz=N ` under TCG with a known rate, else nothing (see
+/// [`Plan::tsc_khz`]).
+pub fn tsc_arg(accel: Accel, tsc_khz: Option<u64>) -> String {
+    match (accel, tsc_khz) {
+        (Accel::Tcg, Some(khz)) => format!("tsc_early_khz={khz} "),
+        _ => String::new(),
     }
 }

@@ -146,7 +146,7 @@ const STARTED: &str = "started";
 const STOPPING: &str = "stopping";
 const SHIM_LOG: &str = "shim.log";
 
-use cellhost_core::shim::{alive_naming as owns, read_pid_file as read_pid};
+use cellhost_core::shim::{alive_naming as owns, read_exit, read_pid_file as read_pid};
 
 /// Every process's pid and argv (NUL-separated), read from /proc.
 fn cmdlines() -> Vec<(i32, Vec<u8>)> {
@@ -171,8 +171,12 @@ fn program_of(cmdline: &[u8]) -> String {
 /// Every live process whose argv names `dir` (qemu and the shim), with
 /// its program name, found by scanning /proc: pid files may be gone.
 fn processes_naming(dir: &Path) -> Vec<(i32, String)> {
+    let needle = dir.as_os_str().as_encoded_bytes();
     cmdlines()
         .into_iter()
+        // The argv already read; `owns` reads again only for the few that
+        // name the dir, to drop zombies.
+        .filter(|(_, cmdline)| cmdline.windows(needle.len()).any(|w| w == needle))
         .filter(|(pid, _)| owns(*pid, dir))
         .map(|(pid, cmdline)| (pid, program_of(&cmdline)))
         .collect()
@@ -315,11 +319,11 @@ impl Inner {
         Ok(())
     }
 
-    /// qemu-img and friends, through the volume crate's runner (PATH
+    /// qemu-img and friends, through the shared tool runner (PATH
     /// lookup, cleared env, timeout, one-line stderr).
     fn run_tool(&self, tool: &Path, args: &[&str]) -> Result<(), BackendError> {
         let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-        cellhost_volume::run_tool(tool, &args, None).map_err(|e| {
+        cellhost_core::tool::run(tool, &args, None).map_err(|e| {
             BackendError::Engine(format!(
                 "{} {}: {e}",
                 tool.display(),
@@ -455,7 +459,6 @@ impl Inner {
             publish_address: &self.cfg.publish_address,
             seed: seed.as_ref().map(crate::seed::proc_path),
             volume,
-            paused: !self.microvm(),
             tsc_khz: self.cfg.tsc_khz,
             tap: attached.as_ref().map(|a| (a.link.clone(), a.mac.clone())),
         };
@@ -1011,16 +1014,8 @@ impl Inner {
 }
 
 /// The cell's recorded exit (exit.json), if any.
-fn read_exit(dir: &Path) -> Option<ExitInfo> {
-    serde_json::from_slice(&std::fs::read(dir.join(vmm::EXIT_FILE)).ok()?).ok()
-}
-
 fn record_exit(dir: &Path, exit: &ExitInfo) -> Result<(), BackendError> {
-    write_atomic(
-        &dir.join(vmm::EXIT_FILE),
-        &serde_json::to_vec(exit).unwrap_or_default(),
-    )
-    .map_err(|e| BackendError::io("exit.json", e))
+    cellhost_core::shim::write_exit(dir, exit).map_err(|e| BackendError::io("exit.json", e))
 }
 
 const MAIN_JSON: &str = "main.json";

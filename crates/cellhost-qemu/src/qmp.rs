@@ -4,8 +4,7 @@
 //! QMP is line-oriented JSON: the server greets with `{"QMP": ...}`, the
 //! client sends `qmp_capabilities`, then each `{"execute": ...}` gets one
 //! `{"return": ...}` or `{"error": {"class", "desc"}}`. Asynchronous
-//! `{"event": ...}` lines may arrive between them and are skipped (the
-//! ones we wait for — `SHUTDOWN` — are returned by [`Qmp::wait_event`]).
+//! `{"event": ...}` lines may arrive between them and are skipped.
 //!
 //! Blocking std I/O with a timeout on every read: the backend calls it
 //! from `spawn_blocking`. qemu's `-qmp` socket serves one client at a
@@ -19,7 +18,7 @@
 use std::io::{BufRead, BufReader, Read as _, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -124,24 +123,6 @@ impl Qmp {
             .and_then(Value::as_str)
             .map(str::to_string)
             .ok_or_else(|| self.protocol(format!("query-status returned {r}")))
-    }
-
-    /// Wait up to `timeout` for an event named `name`.
-    pub fn wait_event(&mut self, name: &str, timeout: Duration) -> Result<Value, QmpError> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(QmpError::Timeout {
-                    path: self.path.clone(),
-                    timeout,
-                });
-            }
-            let v = self.read_value(left)?;
-            if v.get("event").and_then(Value::as_str) == Some(name) {
-                return Ok(v);
-            }
-        }
     }
 
     fn read_value(&mut self, timeout: Duration) -> Result<Value, QmpError> {

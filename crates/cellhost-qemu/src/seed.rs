@@ -19,10 +19,10 @@
 //! that qemu opens the same way while the backend holds it. When qemu
 //! exits, the memory is gone.
 
+use std::ffi::OsStr;
 use std::io::{Seek, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use base64::Engine;
 use cellhost_core::{BackendError, CreateRequest};
@@ -149,35 +149,36 @@ pub fn build(
             )
         })
         .transpose()?;
-    // output() drains stdout and stderr together: neither pipe can fill
-    // and stall the other.
-    let out = Command::new(genisoimage)
-        .args([
-            "-quiet",
-            "-volid",
-            "cidata",
-            "-joliet",
-            "-rock",
-            // The inputs are /proc/<pid>/fd links: store their content.
-            "-follow-links",
-            "-graft-points",
-        ])
-        .arg(format!("user-data={}", proc_path(&user)))
-        .arg(format!("meta-data={}", proc_path(&meta)))
-        .args(
-            network
-                .as_ref()
-                .map(|n| format!("network-config={}", proc_path(n))),
-        )
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| BackendError::io(format!("running {}", genisoimage.display()), e))?;
-    let mut iso = out.stdout;
-    if !out.status.success() || iso.len() < 32 * 1024 {
+    let user_arg = format!("user-data={}", proc_path(&user));
+    let meta_arg = format!("meta-data={}", proc_path(&meta));
+    let network_arg = network
+        .as_ref()
+        .map(|n| format!("network-config={}", proc_path(n)));
+    let mut args: Vec<&OsStr> = [
+        "-quiet",
+        "-volid",
+        "cidata",
+        "-joliet",
+        "-rock",
+        // The inputs are /proc/<pid>/fd links: store their content.
+        "-follow-links",
+        "-graft-points",
+        &user_arg,
+        &meta_arg,
+    ]
+    .into_iter()
+    .map(OsStr::new)
+    .collect();
+    args.extend(network_arg.as_deref().map(OsStr::new));
+    // The shared runner drains stdout (the image) and stderr on threads of
+    // their own: neither pipe can fill and stall the other.
+    let mut iso = cellhost_core::tool::output(genisoimage, &args, None)
+        .map_err(|e| BackendError::Engine(format!("genisoimage: {e}")))?;
+    if iso.len() < 32 * 1024 {
+        zeroize::Zeroize::zeroize(&mut iso);
         return Err(BackendError::Engine(format!(
-            "genisoimage: {} {}",
-            out.status,
-            cellhost_core::probe::one_line_max(&String::from_utf8_lossy(&out.stderr), 300)
+            "genisoimage: wrote {} bytes, not an image",
+            iso.len()
         )));
     }
     let f = memfd("cidata.iso", &iso);

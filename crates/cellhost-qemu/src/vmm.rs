@@ -39,7 +39,7 @@ pub const SHIM_PID: &str = "shim.pid";
 pub const QEMU_LOG: &str = "qemu.log";
 pub const SERIAL_LOG: &str = "serial.log";
 /// How the cell ended (the workload's status).
-pub const EXIT_FILE: &str = "exit.json";
+pub use cellhost_core::shim::EXIT_FILE;
 /// How qemu itself ended.
 pub const QEMU_EXIT: &str = "qemu-exit.json";
 

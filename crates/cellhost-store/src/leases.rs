@@ -149,18 +149,39 @@ impl Store {
 
     /// `cell`'s lease, if it holds one (in any pool).
     pub fn lease_of(&self, cell: &CellId) -> Result<Option<Lease>, StoreError> {
-        let pool: Option<String> = self
-            .conn()
+        let conn = self.conn();
+        let row: Option<(String, String, i64)> = conn
             .query_row(
-                "SELECT pool FROM net_leases WHERE cell_id = ?1",
+                "SELECT pool, owner, address FROM net_leases WHERE cell_id = ?1",
                 params![cell.as_str()],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        let Some(pool) = pool else {
+        let Some((pool, owner, address)) = row else {
             return Ok(None);
         };
-        Ok(self.leases(&pool)?.into_iter().find(|l| &l.cell == cell))
+        let mut stmt = conn.prepare(
+            "SELECT protocol, port FROM net_ports WHERE cell_id = ?1 ORDER BY protocol, port",
+        )?;
+        let ports = stmt
+            .query_map(params![cell.as_str()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .map(|(p, n)| {
+                u16::try_from(n)
+                    .map(|n| (p, n))
+                    .map_err(|_| StoreError::Invalid(format!("net_ports: port {n}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(Lease {
+            cell: cell.clone(),
+            pool,
+            owner,
+            address: to_addr(address)?,
+            ports,
+        }))
     }
 
     /// Every lease in `pool`, by address.

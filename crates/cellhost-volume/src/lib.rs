@@ -100,7 +100,7 @@ use cellhost_core::{TeardownReport, VolumeKey, ids::CellId};
 use serde::{Deserialize, Serialize};
 
 pub use engine::{EngineChoice, EngineKind, LuksFormat, Probe, probe};
-pub use tools::{RunError, Tools, run as run_tool};
+pub use tools::Tools;
 
 /// Make `disk` a sparse file of `size` bytes formatted as LUKS1 with the
 /// same parameters as every cellhost volume (aes-xts-plain64, 512-bit

@@ -1,29 +1,17 @@
-//! Running cryptsetup, qemu-storage-daemon, mkfs.ext4 and mount; unmounting
-//! and loop-device checks by syscall.
-//!
-//! Every child gets an empty environment plus `PATH` and `LC_ALL=C` (stable
-//! messages to match on), stdout discarded, stderr captured (capped), and
-//! a deadline after which it is killed. A secret goes to the child's stdin
-//! through a pipe that is closed as soon as it is written; argv holds only
-//! fixed flags and paths.
+//! Running cryptsetup, qemu-storage-daemon, mkfs.ext4 and mount (through
+//! `cellhost_core::tool`: cleared env, deadline, captured stderr, secrets
+//! on stdin only); unmounting and loop-device checks by syscall.
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
 use cellhost_core::ids::CellId;
 
 use crate::{EngineKind, VolumeError};
 
-/// Deadline for one tool run (formatting and mkfs of a big sparse file are
-/// the slow ones; they take milliseconds to seconds).
-const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
-/// Most stderr kept from one tool.
-const MAX_STDERR: usize = 16 * 1024;
+pub(crate) use cellhost_core::tool::find;
+pub use cellhost_core::tool::{RunError, run};
 
 /// Where the tools are. A bare name is looked up on `PATH` when run; a path
 /// is used as is. Operators with tools in odd places set these; tests use
@@ -44,100 +32,6 @@ impl Default for Tools {
             mkfs_ext4: "mkfs.ext4".into(),
             mount: "mount".into(),
         }
-    }
-}
-
-/// The executable `tool` names, if there is one: a path as is, a bare
-/// name as the host probe finds it.
-pub(crate) fn find(tool: &Path) -> Option<PathBuf> {
-    if tool.components().count() > 1 {
-        use std::os::unix::fs::PermissionsExt;
-        let exec =
-            fs::metadata(tool).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0);
-        return exec.then(|| tool.to_path_buf());
-    }
-    cellhost_core::probe::which(tool.to_str()?)
-}
-
-/// How a tool run failed.
-#[derive(Debug)]
-pub enum RunError {
-    /// Not installed (or not executable).
-    Missing(String),
-    /// Ran and failed: exit code (None when killed) and its stderr.
-    Failed(Option<i32>, String),
-}
-
-impl std::fmt::Display for RunError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RunError::Missing(m) => f.write_str(m),
-            RunError::Failed(Some(c), e) => write!(f, "exit {c}: {e}"),
-            RunError::Failed(None, e) => write!(f, "killed: {e}"),
-        }
-    }
-}
-
-/// Run `tool args…`, feeding `stdin` (then EOF) when given.
-pub fn run(tool: &Path, args: &[&OsStr], stdin: Option<&[u8]>) -> Result<(), RunError> {
-    let Some(exe) = find(tool) else {
-        return Err(RunError::Missing(format!(
-            "{} not found (install it: see `cellhost doctor`)",
-            tool.display()
-        )));
-    };
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
-    let mut child = Command::new(&exe)
-        .args(args)
-        .env_clear()
-        .env("PATH", path)
-        .env("LC_ALL", "C")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| RunError::Missing(format!("{}: {e}", exe.display())))?;
-    if let (Some(data), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        // A child that exits early closes the pipe (EPIPE): its exit status
-        // and stderr say why, so the write error itself is not the story.
-        let _ = pipe.write_all(data);
-        drop(pipe);
-    }
-    let (tx, rx) = mpsc::channel();
-    if let Some(mut err) = child.stderr.take() {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            let _ = (&mut err).take(MAX_STDERR as u64).read_to_end(&mut buf);
-            let _ = tx.send(buf);
-        });
-    }
-    let deadline = Instant::now() + TOOL_TIMEOUT;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-        }
-    };
-    // A daemonizing child may hold stderr a moment longer; do not wait on
-    // it forever.
-    let stderr = rx.recv_timeout(Duration::from_secs(2)).unwrap_or_default();
-    let msg = cellhost_core::probe::one_line_max(&String::from_utf8_lossy(&stderr), 400);
-    match status {
-        Some(s) if s.success() => Ok(()),
-        Some(s) => Err(RunError::Failed(s.code(), msg)),
-        None => Err(RunError::Failed(
-            None,
-            format!("no answer within {TOOL_TIMEOUT:?}; {msg}"),
-        )),
     }
 }
 

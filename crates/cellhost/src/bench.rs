@@ -157,6 +157,19 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// Removes, on drop, the (by then empty) cgroup group of the process tier
+/// whose state dir this is, unless CELLHOST_BENCH_KEEP is set.
+pub(crate) struct RemoveInstanceGroup(pub(crate) PathBuf);
+
+impl Drop for RemoveInstanceGroup {
+    fn drop(&mut self) {
+        if std::env::var_os("CELLHOST_BENCH_KEEP").is_none() {
+            let tag = cellhost_process::hostfs::instance_tag(&self.0);
+            cellhost_process::hostfs::remove_instance_group(&tag);
+        }
+    }
+}
+
 /// Run `cmd` with null stdio to its exit; how long it took.
 pub(crate) fn timed_command(cmd: &mut Command) -> anyhow::Result<Duration> {
     let t0 = Instant::now();

@@ -126,7 +126,8 @@ pub async fn bench_api(
     json_out: bool,
 ) -> anyhow::Result<u8> {
     let root = state_dir.join(format!("bench-api-{}", std::process::id()));
-    let _groups = RemoveInstanceGroups(root.clone());
+    let _groups = ["backend", "supervisor", "daemon"]
+        .map(|sub| crate::bench::RemoveInstanceGroup(root.join(sub).join("process")));
     let _cleanup = crate::bench::RemoveOnDrop(root.clone());
     let backend = crate::run::backend_for(
         cellhost_spec::Isolation::Process,
@@ -226,21 +227,6 @@ pub async fn bench_api(
         "API overhead vs backend direct: {api_vs_backend:+.1}% (store commits + admission + API)"
     );
     Ok(0)
-}
-
-/// The three instances' (empty) cgroup groups, removed on drop (after
-/// the state dir: declare it first).
-struct RemoveInstanceGroups(PathBuf);
-
-impl Drop for RemoveInstanceGroups {
-    fn drop(&mut self) {
-        if std::env::var_os("CELLHOST_BENCH_KEEP").is_none() {
-            for sub in ["backend", "supervisor", "daemon"] {
-                let tag = cellhost_process::hostfs::instance_tag(&self.0.join(sub).join("process"));
-                cellhost_process::hostfs::remove_instance_group(&tag);
-            }
-        }
-    }
 }
 
 /// Create `k` running cells in mode `m`, `conc` at a time; latencies and the

@@ -119,10 +119,7 @@ pub async fn bench_microvm(
     let exe = std::env::current_exe()?;
     let mut cfg = cellhost_qemu::QemuConfig::new(Isolation::Microvm, &root, exe);
     cfg.accel = Accel::Tcg;
-    let tsc = cfg
-        .tsc_khz
-        .map(|k| format!("tsc_early_khz={k} "))
-        .unwrap_or_default();
+    let tsc = cellhost_qemu::args::tsc_arg(cfg.accel, cfg.tsc_khz);
     let backend = cellhost_qemu::QemuBackend::new(cfg.clone());
     let cell = cellhost_spec::parse_and_validate(
         "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {name: bench}\nspec:\n  isolation: microvm\n  image: bench\n  command: [/bin/true]\n  env: {A: b}\n",
@@ -138,7 +135,7 @@ pub async fn bench_microvm(
         ])
         .args([
             "-machine",
-            "microvm,x-option-roms=off,rtc=on",
+            cellhost_qemu::args::MICROVM_MACHINE,
             "-accel",
             "tcg",
             "-cpu",
@@ -150,7 +147,8 @@ pub async fn bench_microvm(
         .arg(initrd)
         .arg("-append")
         .arg(format!(
-            "console=ttyS0 quiet loglevel=1 panic=-1 {tsc}rdinit=/init"
+            "{} {tsc}rdinit=/init",
+            cellhost_qemu::args::MICROVM_CMDLINE_BASE
         ));
         c
     };

@@ -52,17 +52,6 @@ fn doc(
     Ok(cellhost_spec::parse_and_validate(&doc.to_string())?)
 }
 
-/// Removes the bench bridge on drop.
-struct BridgeDown(cellhost_net::NetConfig);
-
-impl Drop for BridgeDown {
-    fn drop(&mut self) {
-        if let Err(e) = cellhost_net::Network::new(self.0.clone(), "process").remove_bridge() {
-            eprintln!("cellhost: removing the bench bridge {}: {e}", self.0.bridge);
-        }
-    }
-}
-
 pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Result<u8> {
     let n = n.clamp(1, MAX_CELLS);
     let root = state_dir.join(format!("bench-network-{}", std::process::id()));
@@ -72,14 +61,14 @@ pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow
         bridge_subnet: "10.254.0.0/24".parse().map_err(anyhow::Error::msg)?,
         publish: None,
     };
-    let _bridge = BridgeDown(net.config(&root));
+    let _bridge = cellhost_net::RemoveBridgeOnDrop(net.config(&root));
     let backend = crate::run::backend_for(
         cellhost_spec::Isolation::Process,
         &root,
         Default::default(),
         &net,
     )?;
-    let _groups = RemoveGroup(root.join("process"));
+    let _group = crate::bench::RemoveInstanceGroup(root.join("process"));
     let gateway = net.bridge_subnet.gateway();
     let sock = UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
     sock.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -240,14 +229,4 @@ async fn one_cell(
         output,
         destroy,
     })
-}
-
-/// Removes the bench's cgroup group on drop.
-struct RemoveGroup(std::path::PathBuf);
-
-impl Drop for RemoveGroup {
-    fn drop(&mut self) {
-        let tag = cellhost_process::hostfs::instance_tag(&self.0);
-        cellhost_process::hostfs::remove_instance_group(&tag);
-    }
 }

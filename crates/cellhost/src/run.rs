@@ -496,9 +496,6 @@ async fn roll_back(
     backend_err(e, what)
 }
 
-/// Remove the record only after a clean report (one commit with its
-/// event); keep it (with the error) otherwise, so a later reconcile
-/// finishes the job.
 async fn pump_logs(
     backend: &dyn Backend,
     handle: &cellhost_core::CellHandle,

@@ -744,14 +744,6 @@ fn five_hundred_cycles_keep_fds_and_rss_flat() {
     assert!(d.cell_mounts().is_empty());
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 const ALICE: &str = "alice-token-0123456789abcdef";
 const BOB: &str = "bob-token-0123456789abcdef";
 
@@ -760,7 +752,7 @@ fn tenant_daemon() -> (Daemon, Addr, tempfile::TempDir) {
     let tokens = tok_dir.path().join("tokens");
     std::fs::write(&tokens, format!("alice {ALICE}\nbob {BOB}\n")).unwrap();
     std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let port = free_port();
+    let port = common::free_port();
     let listen = format!("tcp:127.0.0.1:{port}");
     let d = Daemon::start(&["--listen", &listen, "--tokens", tokens.to_str().unwrap()]);
     (d, Addr::Tcp(format!("127.0.0.1:{port}")), tok_dir)
@@ -1251,19 +1243,13 @@ fn bridged_cells_through_the_daemon_show_counters_and_orphans_are_swept() {
     let bridge = format!("chbt{tag}");
     let subnet = format!("10.253.{n}.0/24");
     let mut d = Daemon::start(&["--bridge", &bridge, "--bridge-subnet", &subnet]);
-    struct RemoveBridge(cellhost_net::NetConfig);
-    impl Drop for RemoveBridge {
-        fn drop(&mut self) {
-            let _ = cellhost_net::Network::new(self.0.clone(), "process").remove_bridge();
-        }
-    }
-    let _bridge = RemoveBridge(cellhost_net::NetConfig {
+    let _bridge = cellhost_net::RemoveBridgeOnDrop(cellhost_net::NetConfig {
         bridge: bridge.clone(),
         subnet: subnet.parse().unwrap(),
         store_dir: d.state.clone(),
         publish: None,
     });
-    let port = free_port();
+    let port = common::free_port();
     let mut web = doc(
         "web",
         &[
@@ -1298,7 +1284,7 @@ fn bridged_cells_through_the_daemon_show_counters_and_orphans_are_swept() {
     let r = d.call(
         "POST",
         &format!("/v1/cells/{id}/exec"),
-        Some(json!({"argv": ["/bin/bash", "-c", format!("exec 3<>/dev/tcp/10.253.{n}.1/{}", free_port())]})),
+        Some(json!({"argv": ["/bin/bash", "-c", format!("exec 3<>/dev/tcp/10.253.{n}.1/{}", common::free_port())]})),
     );
     assert_eq!(r.status, 200);
     assert_ne!(r.json()["exitCode"], 0, "{}", r.json());

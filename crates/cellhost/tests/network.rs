@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use cellhost_core::ids::CellId;
 use cellhost_core::{Backend, CellHandle, ExecRequest};
-use cellhost_net::{NetConfig, Network};
+use cellhost_net::{NetConfig, Network, RemoveBridgeOnDrop};
 
 fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
@@ -50,14 +50,14 @@ macro_rules! require_network {
 
 /// A process tier with bridged networking on a bridge of its own; the
 /// bridge goes after the tier's cells (drop order: tier, config, bridge).
-fn bridged_tier(n: u8) -> (BridgeGuard, NetConfig, common::Tier) {
+fn bridged_tier(n: u8) -> (RemoveBridgeOnDrop, NetConfig, common::Tier) {
     let mut cfg = None;
     let tier = common::tier_with_network(|dir| {
         cfg = Some(net_config(dir, n));
         cfg.clone()
     });
     let cfg = cfg.expect("set by tier_with_network");
-    (BridgeGuard(cfg.clone()), cfg, tier)
+    (RemoveBridgeOnDrop(cfg.clone()), cfg, tier)
 }
 
 /// A random byte in 16..=250, so concurrent runs pick different subnets.
@@ -186,15 +186,6 @@ impl Drop for TestHosts {
     }
 }
 
-/// Removes the test bridge (and its iptables accepts) on drop.
-struct BridgeGuard(NetConfig);
-
-impl Drop for BridgeGuard {
-    fn drop(&mut self) {
-        let _ = Network::new(self.0.clone(), "process").remove_bridge();
-    }
-}
-
 fn net_config(dir: &std::path::Path, n: u8) -> NetConfig {
     NetConfig {
         bridge: format!("chbt{}", &CellId::random().as_str()[..6]),
@@ -222,14 +213,6 @@ async fn exec(backend: &dyn Backend, h: &CellHandle, script: &str) -> (i32, Stri
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn http_get(addr: SocketAddr) -> std::io::Result<String> {
@@ -274,7 +257,7 @@ fn bridged_cell_reaches_only_its_allow_list_publishes_ports_and_leaves_nothing()
     let host_port = host_listener.local_addr().unwrap().port();
 
     let (_bridge, cfg, tier) = bridged_tier(n);
-    let published = free_port();
+    let published = common::free_port();
     let cell = common::cell(
         "net",
         &format!(
@@ -472,7 +455,7 @@ fn orphaned_network_objects_are_swept_and_conflicts_are_refused_first() {
 
     // A host port another cell publishes, or one in use on the host, is
     // refused before anything is made, naming the field.
-    let port = free_port();
+    let port = common::free_port();
     let with_port = |p: u16| {
         common::cell(
             "p",
@@ -605,7 +588,7 @@ fn bridged_microvm_reaches_only_its_allow_list_and_publishes_ports() {
     let state = tempfile::tempdir().unwrap();
     common::microvm_image(state.path(), "mv-net");
     let net = net_config(state.path(), n);
-    let _bridge = BridgeGuard(net.clone());
+    let _bridge = RemoveBridgeOnDrop(net.clone());
     let mut cfg = cellhost_qemu::QemuConfig::new(
         cellhost_spec::Isolation::Microvm,
         state.path(),
@@ -613,7 +596,7 @@ fn bridged_microvm_reaches_only_its_allow_list_and_publishes_ports() {
     );
     cfg.network = Some(net.clone());
     let backend = cellhost_qemu::QemuBackend::new(cfg);
-    let published = free_port();
+    let published = common::free_port();
     let cell = cellhost_spec::parse_and_validate(&format!(
         "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {{name: mvnet}}\nspec:\n  isolation: microvm\n  image: mv-net\n  command: [/bin/httpd, -f, -p, '8000', -h, /etc]\n  network:\n    mode: bridged\n    egress: [{{cidr: 10.251.{n}.2/32, port: 8080, protocol: tcp}}]\n    dns: [10.251.{n}.4]\n  ports: [{{container: 8000, host: {published}}}]\n"
     ))

@@ -233,9 +233,7 @@ pub struct ExecSpec {
 /// Run one exec to completion (or its timeout).
 pub fn run(reaper: &Reaper, spec: ExecSpec) -> std::io::Result<ExecReply> {
     let started = Instant::now();
-    let deadline = started
-        .checked_add(spec.timeout)
-        .unwrap_or(started + Duration::from_secs(86_400 * 365));
+    let deadline = crate::client::after(started, spec.timeout);
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
         .env_clear()

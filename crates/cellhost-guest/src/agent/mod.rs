@@ -101,14 +101,14 @@ pub struct Agent {
 
 impl Agent {
     /// Make the state dirs (0700) and start the reaper.
-    pub fn new(config: Config) -> io::Result<Agent> {
+    pub fn new(mut config: Config) -> io::Result<Agent> {
         files::private_dir(&config.state_dir)?;
-        files::private_dir(
-            &config
-                .secrets_dir
-                .clone()
-                .unwrap_or_else(|| config.state_dir.join("secrets")),
-        )?;
+        // Worked out once: `None` means `<state_dir>/secrets`.
+        let secrets = config
+            .secrets_dir
+            .get_or_insert_with(|| config.state_dir.join("secrets"))
+            .clone();
+        files::private_dir(&secrets)?;
         let roots = Roots::new(&config.file_roots)?;
         Ok(Agent {
             config,
@@ -132,10 +132,8 @@ impl Agent {
     }
 
     pub fn secrets_dir(&self) -> PathBuf {
-        self.config
-            .secrets_dir
-            .clone()
-            .unwrap_or_else(|| self.config.state_dir.join("secrets"))
+        // Set by `new`.
+        self.config.secrets_dir.clone().unwrap_or_default()
     }
 
     pub fn is_pid1(&self) -> bool {
@@ -259,7 +257,7 @@ impl Agent {
                         files::write_atomic(
                             &self.config.resolv_dir,
                             "resolv.conf",
-                            net::resolv_conf(&plan.dns).as_bytes(),
+                            cellhost_core::ifconfig::resolv_conf(&plan.dns).as_bytes(),
                             0o644,
                         )
                     })

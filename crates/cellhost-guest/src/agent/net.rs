@@ -102,18 +102,6 @@ pub fn plan(req: &NetRequest) -> Result<NetPlan, Failure> {
     })
 }
 
-/// The resolv.conf for `dns`.
-pub fn resolv_conf(dns: &[Ipv4Addr]) -> String {
-    if dns.is_empty() {
-        return "# no resolvers declared (spec.network.dns): DNS is denied\n".into();
-    }
-    let mut s = String::from("# spec.network.dns\n");
-    for d in dns {
-        s.push_str(&format!("nameserver {d}\n"));
-    }
-    s
-}
-
 /// Carry out `p` on this machine's network stack.
 pub fn apply(p: &NetPlan) -> io::Result<()> {
     cellhost_core::ifconfig::apply(&cellhost_core::ifconfig::Ipv4Config {
@@ -160,14 +148,5 @@ mod tests {
         let mut bad = req("10.0.0.2/24", None, &[]);
         bad.interface = Some("eth0; reboot".into());
         assert!(plan(&bad).unwrap_err().message.starts_with("interface:"));
-    }
-
-    #[test]
-    fn resolv_conf_names_resolvers_or_none() {
-        assert_eq!(
-            resolv_conf(&[Ipv4Addr::new(10, 0, 0, 53)]),
-            "# spec.network.dns\nnameserver 10.0.0.53\n"
-        );
-        assert!(resolv_conf(&[]).contains("DNS is denied"));
     }
 }

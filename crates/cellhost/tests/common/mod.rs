@@ -347,3 +347,12 @@ pub fn nft_table_exists(id: &CellId) -> bool {
         .status
         .success()
 }
+
+/// A TCP port free on 127.0.0.1 just now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
