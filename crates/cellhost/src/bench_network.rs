@@ -128,10 +128,10 @@ pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow
     );
     row("bridged: create -> first output", &bridged.output);
     row(
-        "  of which create (+ lease, netns, veth, nft)",
+        "  of which create (+ lease, netns, veth, fdb, nft)",
         &bridged.create,
     );
-    row("bridged: destroy (+ 5 network checks)", &bridged.destroy);
+    row("bridged: destroy (+ 6 network checks)", &bridged.destroy);
     row("none: create -> first output", &none.output);
     row("  of which create", &none.create);
     row("none: destroy", &none.destroy);
