@@ -11,7 +11,7 @@
 //!
 //! The ratio compares first output with first output (one method for
 //! both); first packet is the figure. Also create and destroy of
-//! each (bridged: + lease, netns, veth, tables / + 5 network checks).
+//! each (bridged: + lease, netns, veth, tables / + 6 network checks).
 //!
 //! After each destroy the bench pauses 100 ms, uncounted, so the kernel's
 //! deferred netns cleanup of one cell does not land in the next one's
