@@ -32,7 +32,9 @@ fn cpu_limit_throttles_a_busy_loop() {
         let limited = (l1 - l0) as f64 / wall;
         let unlimited = (u1 - u0) as f64 / wall;
         eprintln!("cpu share: limited {limited:.3} cores, unlimited {unlimited:.3} cores");
-        // Generous: the quota is 0.25 of a core per 100 ms period.
+        // Generous: the quota is 0.25 of a core per 100 ms period. Not
+        // compared with the unlimited cell's share: that one depends on
+        // what else the host runs (0.39 cores seen under a parallel build).
         assert!(limited < 0.35, "limited cell used {limited:.3} cores");
         // The kernel's own evidence: the limited cgroup was throttled, the
         // unlimited one never.
@@ -55,10 +57,6 @@ fn cpu_limit_throttles_a_busy_loop() {
             "limited cell never throttled"
         );
         assert_eq!(throttled(&quota_dir(&ucg)), 0, "unlimited cell throttled");
-        assert!(
-            limited < unlimited * 0.6,
-            "limited {limited:.3} vs unlimited {unlimited:.3}"
-        );
         assert!(t.backend.destroy(&lh).await.unwrap().is_clean());
         assert!(t.backend.destroy(&uh).await.unwrap().is_clean());
     });
