@@ -72,7 +72,8 @@ impl From<CellId> for String {
     }
 }
 
-pub(crate) fn fill_random(buf: &mut [u8]) {
+/// Fill `buf` from the kernel's CSPRNG (getrandom(2)); panics only if the kernel refuses.
+pub fn fill_random(buf: &mut [u8]) {
     let mut filled = 0;
     while filled < buf.len() {
         // SAFETY: the pointer and length describe the unfilled tail of `buf`,

@@ -67,7 +67,7 @@ mod redact;
 mod types;
 mod validate;
 
-pub use parse::{Format, MAX_INPUT_BYTES, ParseError, Position, parse};
+pub use parse::{Format, MAX_INPUT_BYTES, ParseError, Position, parse, parse_as};
 pub use redact::{REDACTED, has_inline_secrets, redacted};
 pub use types::*;
 pub use validate::{Cidr, FieldError, ValidationErrors, is_posix_name, parse_cidr, validate};

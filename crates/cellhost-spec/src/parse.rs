@@ -24,7 +24,6 @@
 
 use std::fmt;
 
-use serde::Deserialize;
 use serde_path_to_error::{Path, Segment, Track};
 use serde_saphyr::MessageFormatter;
 
@@ -134,6 +133,13 @@ fn render_invalid(path: &str, message: &str, position: &Option<Position>) -> Str
 /// the right type and a known name. Call [`crate::validate`] (or use
 /// [`crate::parse_and_validate`]) for the value rules.
 pub fn parse(input: &str) -> Result<Cell, ParseError> {
+    parse_as(input)
+}
+
+/// [`parse`] for any strict serde type: the same size bound, YAML budget,
+/// duplicate-key and path-naming errors. Other cellhost files (the market's
+/// config) read through here, so they fail the way documents do.
+pub fn parse_as<T: serde::de::DeserializeOwned>(input: &str) -> Result<T, ParseError> {
     if input.len() > MAX_INPUT_BYTES {
         return Err(ParseError::TooLarge {
             size: input.len(),
@@ -149,7 +155,7 @@ pub fn parse(input: &str) -> Result<Cell, ParseError> {
     }
 }
 
-fn parse_json(input: &str) -> Result<Cell, ParseError> {
+fn parse_json<T: serde::de::DeserializeOwned>(input: &str) -> Result<T, ParseError> {
     let input = input.trim_start_matches('\u{feff}');
     let mut de = serde_json::Deserializer::from_str(input);
     let cell = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -217,7 +223,7 @@ fn yaml_options() -> serde_saphyr::Options {
     }
 }
 
-fn parse_yaml(input: &str) -> Result<Cell, ParseError> {
+fn parse_yaml<T: serde::de::DeserializeOwned>(input: &str) -> Result<T, ParseError> {
     // The tracked path must outlive the closure, which can only return a
     // saphyr error; stash it here.
     let mut failed_path: Option<Path> = None;
@@ -225,7 +231,7 @@ fn parse_yaml(input: &str) -> Result<Cell, ParseError> {
         serde_saphyr::with_deserializer_from_str_with_options(input, yaml_options(), |de| {
             let mut track = Track::new();
             let tracked = serde_path_to_error::Deserializer::new(de, &mut track);
-            match Cell::deserialize(tracked) {
+            match T::deserialize(tracked) {
                 Ok(cell) => Ok(cell),
                 Err(e) => {
                     failed_path = Some(track.path());

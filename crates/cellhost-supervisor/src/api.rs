@@ -33,12 +33,10 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use cellhost_core::{ExecRequest, SecretValue, VolumeKey};
-use cellhost_spec::SecretSource;
+use cellhost_core::{ExecRequest, VolumeKey};
 use futures_util::stream::{self, Stream};
 use serde::{Deserialize, Serialize};
 use utoipa::{Modify, OpenApi, ToSchema};
-use zeroize::Zeroizing;
 
 use crate::error::SupervisorError;
 use crate::events::CloudEvent;
@@ -381,7 +379,7 @@ async fn create_cell(
         ApiFailure::bad_request(field.as_deref(), message)
     })?;
     let confidential = Confidential {
-        secrets: take_inline_secrets(&mut cell)?,
+        secrets: crate::supervisor::take_inline_secrets(&mut cell)?,
         volume_key,
     };
     let view = st
@@ -402,29 +400,6 @@ fn volume_key(headers: &HeaderMap) -> ApiResult<Option<VolumeKey>> {
     VolumeKey::parse(v.as_bytes())
         .map(Some)
         .map_err(|e| ApiFailure::bad_request(Some("Cellhost-Volume-Key"), e.to_string()))
-}
-
-/// Move every secret's value out of the document (API documents may carry
-/// only inline values).
-fn take_inline_secrets(cell: &mut cellhost_spec::Cell) -> ApiResult<Vec<SecretValue>> {
-    let mut out = Vec::with_capacity(cell.spec.secrets.len());
-    for (i, s) in cell.spec.secrets.iter_mut().enumerate() {
-        match &mut s.from {
-            SecretSource::Value(v) => out.push(SecretValue {
-                name: s.name.clone(),
-                value: Zeroizing::new(std::mem::take(v).into_bytes()),
-            }),
-            _ => {
-                return Err(ApiFailure::bad_request(
-                    Some(&format!("spec.secrets.{i}.from")),
-                    "only inline `value` secrets are accepted over the API \
-                     (`cellhost create` reads `file` and `env` secrets on the client)",
-                ));
-            }
-        }
-    }
-    // The document keeps the entries (names, emptied values).
-    Ok(out)
 }
 
 /// List the caller's cells (every cell for the operator).

@@ -143,6 +143,30 @@ pub struct Caller {
     pub operator: bool,
 }
 
+/// Move every secret's value out of a document that came from a remote
+/// caller (the API, the market): such documents may carry only inline
+/// values, since `file` and `env` would read the daemon's own files and
+/// environment. The document keeps the entries (names, emptied values).
+pub fn take_inline_secrets(cell: &mut Cell) -> Result<Vec<SecretValue>> {
+    let mut out = Vec::with_capacity(cell.spec.secrets.len());
+    for (i, s) in cell.spec.secrets.iter_mut().enumerate() {
+        match &mut s.from {
+            cellhost_spec::SecretSource::Value(v) => out.push(SecretValue {
+                name: s.name.clone(),
+                value: zeroize::Zeroizing::new(std::mem::take(v).into_bytes()),
+            }),
+            _ => {
+                return Err(SupervisorError::invalid(
+                    format!("spec.secrets.{i}.from"),
+                    "only inline `value` secrets are accepted from a remote caller \
+                     (`cellhost create` reads `file` and `env` secrets on the client)",
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// The owner name of the operator.
 pub const OPERATOR: &str = "operator";
 
@@ -463,6 +487,27 @@ impl Supervisor {
 
     pub fn capacity(&self) -> Capacity {
         self.capacity
+    }
+
+    /// Would `spec` be admitted now? The same check `create` makes, without
+    /// reserving anything: a front that must refuse before it takes payment
+    /// asks first (a create in between may still take the room; the create's
+    /// own check is the one that holds).
+    pub fn admits(&self, spec: &cellhost_spec::CellSpec) -> std::result::Result<(), String> {
+        if !self.backends.contains_key(&spec.isolation) {
+            return Err(format!(
+                "the {} tier is not available on this host",
+                spec.isolation
+            ));
+        }
+        let want = Reservation::of(spec, &self.cfg.policy);
+        let reserved: Reservation = lock(&self.reservations).values().sum();
+        self.capacity.admit(reserved, want)
+    }
+
+    /// The node's name (as `GET /v1/node` shows it).
+    pub fn node_name(&self) -> &str {
+        &self.cfg.node_name
     }
 
     /// Tiers this supervisor can run.

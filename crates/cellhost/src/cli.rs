@@ -130,6 +130,93 @@ pub enum Command {
     },
     /// Show this node's resources, capacity and reservations.
     Node,
+    /// Rent cells from providers over Nostr, paying with Cashu tokens.
+    #[command(subcommand)]
+    Market(MarketCommand),
+}
+
+/// Where a consumer talks, and as whom.
+#[derive(Debug, Clone, Args)]
+pub struct MarketOpt {
+    /// Relay to use (repeatable; ws:// or wss://).
+    #[arg(
+        long = "relay",
+        value_name = "URL",
+        env = "CELLHOST_MARKET_RELAYS",
+        value_delimiter = ','
+    )]
+    pub relays: Vec<String>,
+    /// Your Nostr secret key (hex or nsec, file mode 0600); generated there
+    /// on first use. Default: $XDG_CONFIG_HOME/cellhost/nostr.key (or
+    /// ~/.config/...). Cells you rent belong to this key.
+    #[arg(long, value_name = "FILE", env = "CELLHOST_MARKET_IDENTITY")]
+    pub identity: Option<PathBuf>,
+    /// Seconds to wait for relays and for the provider's reply.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MarketCommand {
+    /// List offers (signed by the key they name), live ones first.
+    Offers {
+        #[command(flatten)]
+        opt: MarketOpt,
+        /// Only providers with this tier available.
+        #[arg(long)]
+        tier: Option<String>,
+        /// Only tiers at most this price, msat per second.
+        #[arg(long, value_name = "MSAT")]
+        max_price: Option<u64>,
+    },
+    /// Rent a cell: pay with a token, wait for the access details.
+    Rent {
+        #[command(flatten)]
+        opt: MarketOpt,
+        /// The provider (npub1… or hex), as `market offers` lists it.
+        offer: String,
+        #[arg(long)]
+        tier: String,
+        /// File holding the Cashu token (`-` for stdin); tokens are money,
+        /// so never on the command line.
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
+        /// Cell document to run (default: the provider's template).
+        #[arg(long, value_name = "FILE")]
+        doc: Option<PathBuf>,
+        /// Key of the document's encrypted volume.
+        #[arg(long, value_name = "FILE")]
+        volume_key_file: Option<PathBuf>,
+        /// An SSH public key file, installed as the secret ssh_authorized_keys.
+        #[arg(long, value_name = "FILE")]
+        ssh_key_file: Option<PathBuf>,
+        /// A password file, installed as the secret `password`.
+        #[arg(long, value_name = "FILE")]
+        password_file: Option<PathBuf>,
+    },
+    /// Pay for more time on a cell you rented.
+    Topup {
+        #[command(flatten)]
+        opt: MarketOpt,
+        offer: String,
+        cell: String,
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
+    },
+    /// Show a cell you rented.
+    Status {
+        #[command(flatten)]
+        opt: MarketOpt,
+        offer: String,
+        cell: String,
+    },
+    /// Destroy a cell you rented (unused time is not refunded).
+    Stop {
+        #[command(flatten)]
+        opt: MarketOpt,
+        offer: String,
+        cell: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +268,11 @@ pub struct ServeArgs {
     pub volume: VolumeEngineOpt,
     #[command(flatten)]
     pub net: NetOpt,
+    /// Also sell cells over Nostr for Cashu, as this market config says
+    /// (relays, mints, per-tier size and price). Keys and the wallet live
+    /// in <state>/market/.
+    #[arg(long, value_name = "FILE")]
+    pub market: Option<PathBuf>,
 }
 
 /// Where bridged process cells attach, shared by `run` and `serve`.

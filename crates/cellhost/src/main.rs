@@ -19,6 +19,7 @@ mod bench_volume;
 mod cli;
 mod client;
 mod image;
+mod market;
 mod remote;
 mod run;
 mod serve;
@@ -190,6 +191,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         Command::Bench(b) => runtime()?.block_on(bench::bench(&state_dir, b, cli.json)),
         Command::Serve(args) => runtime()?.block_on(serve::serve(&state_dir, args)),
         Command::Image(cmd) => image::image(&state_dir, cmd, cli.json),
+        Command::Market(cmd) => runtime()?.block_on(market::market(cmd, cli.json)),
         cmd => {
             let client = remote::client(&cli.api, cli.token_file.as_deref())?;
             runtime()?.block_on(remote::dispatch(&client, cmd, cli.json))

@@ -270,24 +270,10 @@ async fn create(
     volume_key_file: Option<&Path>,
     json: bool,
 ) -> anyhow::Result<u8> {
-    let (mut cell, base) = crate::run::load_cell(file, json)?;
     let key = volume_key_file
         .map(crate::run::read_volume_key)
         .transpose()?;
-    let values =
-        cellhost_core::secrets::resolve(&cell.spec, &base, cellhost_core::secrets::process_env)
-            .map_err(|e| exit_err(EXIT_INVALID, e.to_string()))?;
-    for (s, v) in cell.spec.secrets.iter_mut().zip(values) {
-        let text = String::from_utf8(v.value.to_vec()).map_err(|_| {
-            exit_err(
-                EXIT_INVALID,
-                format!("secret {:?}: the API carries UTF-8 secrets only", s.name),
-            )
-        })?;
-        s.from = cellhost_spec::SecretSource::Value(text);
-    }
-    let body = Zeroizing::new(serde_json::to_vec(&cell)?);
-    drop(cell);
+    let body = inline_document(file, json)?;
     let v: Value = c
         .json_with(
             Method::POST,
@@ -302,6 +288,26 @@ async fn create(
         println!("{}", v["id"].as_str().unwrap_or("?"));
     }
     Ok(0)
+}
+
+/// Read a document for a remote daemon or provider: its `file` and `env`
+/// secrets are read here and inlined (a remote side may take only inline
+/// values). The result holds secret values: zeroed on drop.
+pub fn inline_document(file: &Path, json: bool) -> anyhow::Result<Zeroizing<Vec<u8>>> {
+    let (mut cell, base) = crate::run::load_cell(file, json)?;
+    let values =
+        cellhost_core::secrets::resolve(&cell.spec, &base, cellhost_core::secrets::process_env)
+            .map_err(|e| exit_err(EXIT_INVALID, e.to_string()))?;
+    for (s, v) in cell.spec.secrets.iter_mut().zip(values) {
+        let text = String::from_utf8(v.value.to_vec()).map_err(|_| {
+            exit_err(
+                EXIT_INVALID,
+                format!("secret {:?}: only UTF-8 secrets can be sent", s.name),
+            )
+        })?;
+        s.from = cellhost_spec::SecretSource::Value(text);
+    }
+    Ok(Zeroizing::new(serde_json::to_vec(&cell)?))
 }
 
 async fn events(c: &Client, follow: bool) -> anyhow::Result<u8> {

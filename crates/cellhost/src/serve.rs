@@ -8,6 +8,8 @@
 //!                           same store at once
 //! <state>/cellhost.db       the store (cellhost-store)
 //! <state>/process/          process-tier cells (cellhost-process)
+//! <state>/market/           with --market: the provider's Nostr key, wallet
+//!                           and request ledger (cellhost-market)
 //! /run/cellhost/api.sock    0600, the operator's API (dir 0700 if we make it)
 //! ```
 //!
@@ -214,7 +216,24 @@ pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
     };
     cfg.reconcile_interval = Duration::from_secs(args.reconcile_interval);
     cfg.meter_interval = Duration::from_secs(args.meter_interval);
+    // The market config is read before anything starts: a bad one is a
+    // usage error naming its field, not a half-started daemon.
+    let market_cfg = match &args.market {
+        Some(f) => Some(
+            cellhost_market::MarketConfig::load(f)
+                .map_err(|e| exit_err(EXIT_USAGE, e.to_string()))?,
+        ),
+        None => None,
+    };
     let sup = Supervisor::new(store, backends(state_dir, &args)?, cfg)?;
+    let market = match market_cfg {
+        Some(c) => Some(
+            cellhost_market::provider::Provider::open(sup.clone(), c, state_dir)
+                .await
+                .map_err(|e| exit_err(EXIT_USAGE, e.to_string()))?,
+        ),
+        None => None,
+    };
 
     let unix = bind_socket(&args.socket)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -235,6 +254,13 @@ pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
         }
         _ => None,
     };
+    let market_task = market.map(|m| {
+        eprintln!(
+            "cellhost: market provider {}",
+            cellhost_market::keys::npub(&m.public_key())
+        );
+        tokio::spawn(m.run(stop_rx.clone()))
+    });
     eprintln!(
         "cellhost: serving on {} (tiers: {})",
         args.socket.display(),
@@ -257,6 +283,9 @@ pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
     let _ = tokio::time::timeout(Duration::from_secs(2), unix_task).await;
     if let Some(t) = tcp_task {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+    }
+    if let Some(t) = market_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
     let _ = std::fs::remove_file(&args.socket);
     Ok(0)

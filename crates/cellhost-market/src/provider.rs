@@ -1,0 +1,1056 @@
+//! The provider: sells this node's cells over Nostr for Cashu.
+//!
+//! # Layout on the host
+//!
+//! `<state>/market/` (0700): `nostr.key`, `wallet.seed`, `wallet.sqlite`,
+//! `ledger.sqlite` (see `keys`, `cashier`, `ledger`). Cells are the
+//! daemon's: each is owned by the tenant `nostr:<requester hex pubkey>`,
+//! so the supervisor itself keeps one consumer off another's cells.
+//!
+//! # Lifecycle
+//!
+//! Start: load or make the key and seed, connect to the relays, publish the
+//! offer, subscribe to gift wraps addressed to us. Every heartbeat interval:
+//! publish a heartbeat with the node's free capacity, and republish the
+//! offer when what it says changed (a tier filled up or came back).
+//! Each request runs in its own task:
+//!
+//! ```text
+//! unwrap (NIP-59; the seal's signer is the sender) → rumor kind 14 → its
+//! id recomputed → ledger claim (a replay stops here) → parse → per op:
+//! spawn:  tier on offer and running → document (or template) valid, of that
+//!         tier, within the offer's size → secrets, volume key → capacity
+//!         → token parses, mint accepted, unit sat → amount buys
+//!         minSeconds..=maxSeconds → REDEEM → create with that lease
+//!         → on failure: refund token for all of it
+//! topup:  cell exists for this key, lease running → token checks → amount
+//!         → REDEEM → extend → on failure: refund
+//! status: the cell for this key
+//! stop:   destroy the cell for this key
+//! → reply (NIP-17, to the sender only, `e` = the request's rumor id)
+//! → ledger outcome
+//! ```
+//!
+//! # Idempotency
+//!
+//! The ledger claim makes every request run at most once, across restarts.
+//! The lease is the daemon's: the reaper destroys a cell when it ends,
+//! whether or not this front is running.
+//!
+//! # Threat model
+//!
+//! Requests are hostile until checked. Only NIP-17 is read: NIP-04 and
+//! plain events are ignored. Nothing is redeemed before every check that
+//! could refuse has passed, and nothing taken is kept when the cell is not
+//! delivered. A third party's request about a cell looks exactly like one
+//! about a missing cell (`not_found`). Tokens, refund tokens, volume keys,
+//! passwords and documents are never logged or put in the ledger.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cellhost_core::{SecretValue, VolumeKey};
+use cellhost_spec::{Cell, Isolation, SecretRef, SecretSource};
+use cellhost_supervisor::{Caller, CellView, Confidential, Supervisor, SupervisorError};
+use nostr_sdk::nips::nip59::UnwrappedGift;
+use nostr_sdk::prelude::*;
+use zeroize::Zeroizing;
+
+use crate::cashier::{Cashier, Checked};
+use crate::config::{MarketConfig, TierConfig};
+use crate::ledger::{Ledger, Outcome};
+use crate::proto::{
+    self, Access, ErrorCode, Heartbeat, Offer, OfferDetails, PaygressSpec, PortAccess, Refusal,
+    Reply, Request, SpawnRequest, TierOffer,
+};
+use crate::{MarketError, keys};
+
+/// Owner name of cells rented by `pk`.
+pub fn owner_of(pk: &PublicKey) -> String {
+    format!("nostr:{}", pk.to_hex())
+}
+
+/// Files of the provider under `<state>/market/`.
+#[derive(Debug, Clone)]
+pub struct ProviderPaths {
+    pub dir: PathBuf,
+}
+
+impl ProviderPaths {
+    pub fn new(state_dir: &Path) -> ProviderPaths {
+        ProviderPaths {
+            dir: state_dir.join("market"),
+        }
+    }
+    pub fn key(&self) -> PathBuf {
+        self.dir.join("nostr.key")
+    }
+    pub fn seed(&self) -> PathBuf {
+        self.dir.join("wallet.seed")
+    }
+    pub fn wallet(&self) -> PathBuf {
+        self.dir.join("wallet.sqlite")
+    }
+    pub fn ledger(&self) -> PathBuf {
+        self.dir.join("ledger.sqlite")
+    }
+}
+
+pub struct Provider {
+    sup: Arc<Supervisor>,
+    cfg: MarketConfig,
+    keys: Keys,
+    client: Client,
+    ledger: Ledger,
+    cashier: Cashier,
+    /// Template documents by tier, read at start.
+    templates: Vec<(Isolation, String)>,
+    /// The offer content last published.
+    last_offer: Mutex<Option<String>>,
+    /// Host ports handed to spawns still in flight.
+    ports_in_flight: Mutex<HashSet<u32>>,
+}
+
+impl Provider {
+    /// Load keys and config-named templates; open the ledger and wallet.
+    /// Contacts nobody.
+    pub async fn open(
+        sup: Arc<Supervisor>,
+        cfg: MarketConfig,
+        state_dir: &Path,
+    ) -> Result<Arc<Provider>, MarketError> {
+        let paths = ProviderPaths::new(state_dir);
+        keys::private_dir(&paths.dir)?;
+        let keys = keys::nostr_keys(&paths.key())?;
+        let seed = keys::wallet_seed(&paths.seed())?;
+        let cashier = Cashier::open(&paths.wallet(), &seed, &cfg.mints).await?;
+        let ledger = Ledger::open(&paths.ledger())?;
+        let mut templates = Vec::new();
+        for (i, t) in cfg.tiers.iter().enumerate() {
+            if let Some(p) = &t.template {
+                let text = std::fs::read_to_string(p).map_err(|e| MarketError::Io {
+                    what: format!("tiers.{i}.template: reading {}", p.display()),
+                    source: e,
+                })?;
+                let cell =
+                    cellhost_spec::parse_and_validate(&text).map_err(|e| MarketError::Config {
+                        field: format!("tiers.{i}.template"),
+                        message: format!("{}: {e}", p.display()),
+                    })?;
+                if cell.spec.isolation != t.tier {
+                    return Err(MarketError::Config {
+                        field: format!("tiers.{i}.template"),
+                        message: format!(
+                            "{} is a {} document, for the {} tier",
+                            p.display(),
+                            cell.spec.isolation,
+                            t.tier
+                        ),
+                    });
+                }
+                templates.push((t.tier, text));
+            }
+        }
+        let client = Client::new(keys.clone());
+        Ok(Arc::new(Provider {
+            sup,
+            cfg,
+            keys,
+            client,
+            ledger,
+            cashier,
+            templates,
+            last_offer: Mutex::new(None),
+            ports_in_flight: Mutex::new(HashSet::new()),
+        }))
+    }
+
+    pub fn public_key(&self) -> PublicKey {
+        self.keys.public_key()
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Connect, publish, and serve requests until `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        for r in &self.cfg.relays {
+            if let Err(e) = self.client.add_relay(r.as_str()).await {
+                tracing::warn!("market: relay {r}: {e}");
+            }
+        }
+        self.client.connect().await;
+        // The receiver exists before the subscription, so nothing is missed.
+        let mut notes = self.client.notifications();
+        let inbox = Filter::new().kind(Kind::GiftWrap).pubkey(self.public_key());
+        if let Err(e) = self.client.subscribe(inbox, None).await {
+            tracing::error!("market: subscribing to requests: {e}");
+        }
+        tracing::info!(
+            "market: provider {} on {} relay(s)",
+            keys::npub(&self.public_key()),
+            self.cfg.relays.len()
+        );
+        let mut beat = tokio::time::interval(Duration::from_secs(self.cfg.heartbeat_seconds));
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = async { let _ = shutdown.wait_for(|v| *v).await; } => break,
+                _ = beat.tick() => {
+                    self.publish_offer_if_changed().await;
+                    self.publish_heartbeat().await;
+                }
+                n = notes.recv() => match n {
+                    Ok(RelayPoolNotification::Event { event, .. }) if event.kind == Kind::GiftWrap => {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.handle_wrap(*event).await });
+                    }
+                    Ok(RelayPoolNotification::Shutdown) => break,
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!("market: {n} relay notifications dropped (overloaded)");
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                },
+            }
+        }
+        self.client.shutdown().await;
+    }
+
+    // ------------------------------------------------------------ publish
+
+    /// The offer as it stands now.
+    pub async fn offer(&self) -> Offer {
+        let running = self.sup.tiers();
+        let tiers: Vec<TierOffer> = self
+            .cfg
+            .tiers
+            .iter()
+            .map(|t| TierOffer {
+                tier: t.tier.to_string(),
+                isolation: proto::isolation_level(t.tier).to_string(),
+                cpus: t.cpus,
+                memory_mib: t.memory_mib,
+                disk_gib: t.disk_gib,
+                price_msat_per_second: t.price_msat_per_second,
+                min_seconds: t.min_seconds,
+                max_seconds: t.max_seconds,
+                available: running.contains(&t.tier) && self.sup.admits(&offer_spec(t)).is_ok(),
+            })
+            .collect();
+        Offer {
+            provider_npub: keys::npub(&self.public_key()),
+            hostname: self.sup.node_name().to_string(),
+            capabilities: self
+                .cfg
+                .tiers
+                .iter()
+                .filter(|t| running.contains(&t.tier))
+                .map(|t| t.tier.to_string())
+                .collect(),
+            specs: self
+                .cfg
+                .tiers
+                .iter()
+                .map(|t| PaygressSpec {
+                    id: t.tier.to_string(),
+                    name: t.tier.to_string(),
+                    description: format!(
+                        "{} cell ({}): {} CPU, {} MiB",
+                        t.tier,
+                        proto::isolation_level(t.tier),
+                        t.cpus,
+                        t.memory_mib
+                    ),
+                    cpu_millicores: (t.cpus * 1000.0).round() as u64,
+                    memory_mb: t.memory_mib,
+                    rate_msats_per_sec: t.price_msat_per_second,
+                })
+                .collect(),
+            whitelisted_mints: self.cfg.mints.clone(),
+            total_jobs_completed: self.ledger.jobs_completed().unwrap_or(0),
+            cellhost: OfferDetails {
+                version: proto::VERSION,
+                unit: self.cfg.unit.clone(),
+                heartbeat_seconds: self.cfg.heartbeat_seconds,
+                relays: self.cfg.relays.clone(),
+                host: self.cfg.host.clone(),
+                tiers,
+            },
+        }
+    }
+
+    async fn publish_offer_if_changed(&self) {
+        let offer = self.offer().await;
+        // Jobs completed alone does not warrant a new event.
+        let key = serde_json::to_string(&Offer {
+            total_jobs_completed: 0,
+            ..offer.clone()
+        })
+        .unwrap_or_default();
+        if self
+            .last_offer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_deref()
+            == Some(&key)
+        {
+            return;
+        }
+        let content = serde_json::to_string(&offer).unwrap_or_default();
+        let ev = EventBuilder::new(Kind::Custom(proto::OFFER_KIND), content).tags([
+            Tag::identifier(proto::OFFER_D),
+            Tag::hashtag(proto::TOPIC),
+            Tag::hashtag("paygress"),
+            Tag::hashtag("compute"),
+        ]);
+        match self.client.send_event_builder(ev).await {
+            Ok(out) if !out.success.is_empty() => {
+                tracing::info!("market: offer published ({})", out.val);
+                *self.last_offer.lock().unwrap_or_else(|p| p.into_inner()) = Some(key);
+            }
+            Ok(out) => tracing::warn!("market: no relay took the offer: {:?}", out.failed),
+            Err(e) => tracing::warn!("market: publishing the offer: {e}"),
+        }
+    }
+
+    async fn publish_heartbeat(&self) {
+        let (free_cpus, free_memory_mib, running_cells) = match self.sup.node().await {
+            Ok(n) => (
+                n.free.cpus,
+                n.free.memory_bytes >> 20,
+                n.cells.running as u64,
+            ),
+            Err(e) => {
+                tracing::warn!("market: node status: {e}");
+                return;
+            }
+        };
+        let running = self.sup.tiers();
+        let hb = Heartbeat {
+            version: proto::VERSION,
+            at: Timestamp::now().as_secs(),
+            free_cpus,
+            free_memory_mib,
+            running_cells,
+            available_tiers: self
+                .cfg
+                .tiers
+                .iter()
+                .filter(|t| running.contains(&t.tier) && self.sup.admits(&offer_spec(t)).is_ok())
+                .map(|t| t.tier.to_string())
+                .collect(),
+        };
+        let ev = EventBuilder::new(
+            Kind::Custom(proto::HEARTBEAT_KIND),
+            serde_json::to_string(&hb).unwrap_or_default(),
+        )
+        .tags([
+            Tag::identifier(proto::HEARTBEAT_D),
+            Tag::hashtag(proto::TOPIC),
+        ]);
+        if let Err(e) = self.client.send_event_builder(ev).await {
+            tracing::warn!("market: heartbeat: {e}");
+        }
+    }
+
+    // ------------------------------------------------------------ requests
+
+    async fn handle_wrap(&self, wrap: Event) {
+        // Relays check signatures, but we do not trust relays.
+        if wrap.verify().is_err() {
+            tracing::debug!("market: dropping a gift wrap with a bad signature");
+            return;
+        }
+        let UnwrappedGift { sender, mut rumor } =
+            match UnwrappedGift::from_gift_wrap(&self.keys, &wrap).await {
+                Ok(g) => g,
+                Err(e) => {
+                    // Nobody to answer: the sender is inside what failed.
+                    tracing::debug!("market: dropping an unreadable gift wrap {}: {e}", wrap.id);
+                    return;
+                }
+            };
+        if rumor.kind != Kind::PrivateDirectMessage {
+            tracing::debug!("market: ignoring a kind {} rumor", rumor.kind);
+            return;
+        }
+        // The id the sender claims is not checked by unwrap: compute it.
+        rumor.id = None;
+        let rid = rumor.id();
+        let rid_hex = rid.to_hex();
+        let op_hint = serde_json::from_str::<serde_json::Value>(&rumor.content)
+            .ok()
+            .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_string))
+            .filter(|o| ["spawn", "topup", "status", "stop"].contains(&o.as_str()))
+            .unwrap_or_else(|| "unknown".into());
+        match self.ledger.claim(&rid_hex, &sender.to_hex(), &op_hint) {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!("market: request {rid_hex} seen before; ignored");
+                return;
+            }
+            Err(e) => {
+                tracing::error!("market: ledger: {e}; request {rid_hex} not served");
+                return;
+            }
+        }
+        let owner = owner_of(&sender);
+        let (reply, outcome_cell) = match Request::parse(&rumor.content) {
+            Err(why) => (Reply::refused(&rid_hex, &op_hint, why), None),
+            Ok(req) => {
+                let op = req.op();
+                let r = self.serve(&owner, &rid_hex, req).await;
+                let cell = r.cell.as_ref().map(|c| c.id.clone());
+                debug_assert_eq!(r.op, op);
+                (r, cell)
+            }
+        };
+        let code = match &reply.error {
+            None => "ok",
+            Some(e) => e.code.as_str(),
+        };
+        tracing::info!(
+            "market: {} from {} → {code}{}",
+            reply.op,
+            keys::npub(&sender),
+            outcome_cell
+                .as_deref()
+                .map(|c| format!(" (cell {c})"))
+                .unwrap_or_default()
+        );
+        if let Err(e) = self.ledger.finish(
+            &rid_hex,
+            &Outcome {
+                code,
+                cell: outcome_cell.as_deref(),
+                paid_msat: reply.paid_msat,
+                seconds: reply.seconds,
+            },
+        ) {
+            tracing::error!("market: ledger: {e}");
+        }
+        if let Err(e) = self
+            .client
+            .send_private_msg(sender, reply.to_json(), [Tag::event(rid)])
+            .await
+        {
+            // A refund in the lost reply stays spendable by whoever holds it:
+            // the token exists only in that message.
+            tracing::error!(
+                "market: the reply to {rid_hex} was not sent{}: {e}",
+                if reply.refund.is_some() {
+                    " (it carried a refund)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+
+    /// Run one parsed request for `owner`. Never panics on its input.
+    pub async fn serve(&self, owner: &str, rid: &str, req: Request) -> Reply {
+        let op = req.op();
+        let r = match req {
+            Request::Spawn(s) => self.spawn(owner, rid, s).await,
+            Request::Topup { cell, token, .. } => self.topup(owner, rid, &cell, &token).await,
+            Request::Status { cell, .. } => self.status(owner, rid, &cell).await,
+            Request::Stop { cell, .. } => self.stop(owner, rid, &cell).await,
+        };
+        r.unwrap_or_else(|why| Reply::refused(rid, op, why))
+    }
+
+    async fn spawn(&self, owner: &str, rid: &str, req: SpawnRequest) -> Result<Reply, Refusal> {
+        // 1. The tier: on offer and running here.
+        let tier: Isolation = serde_json::from_value(serde_json::Value::String(req.tier.clone()))
+            .map_err(|_| {
+            Refusal::field(
+                ErrorCode::TierUnavailable,
+                "tier",
+                format!("no tier {:?}", req.tier),
+            )
+        })?;
+        let Some(offer) = self.cfg.tier(tier) else {
+            return Err(Refusal::field(
+                ErrorCode::TierUnavailable,
+                "tier",
+                format!("the {tier} tier is not on offer here"),
+            ));
+        };
+        if !self.sup.tiers().contains(&tier) {
+            return Err(Refusal::field(
+                ErrorCode::TierUnavailable,
+                "tier",
+                format!("the {tier} tier is not running on this host now"),
+            ));
+        }
+        // 2. The document.
+        let text = match (
+            &req.document,
+            self.templates.iter().find(|(t, _)| *t == tier),
+        ) {
+            (Some(d), _) => d.as_str(),
+            (None, Some((_, t))) => t.as_str(),
+            (None, None) => {
+                return Err(Refusal::field(
+                    ErrorCode::InvalidDocument,
+                    "document",
+                    format!("this provider has no template for the {tier} tier; send a document"),
+                ));
+            }
+        };
+        let mut cell = cellhost_spec::parse_and_validate(text).map_err(|e| {
+            let fe = e.field_errors();
+            let field = fe
+                .first()
+                .map(|f| format!("document.{}", f.path))
+                .unwrap_or_else(|| "document".into());
+            Refusal::field(ErrorCode::InvalidDocument, field, e.to_string())
+        })?;
+        if cell.spec.isolation != tier {
+            return Err(Refusal::field(
+                ErrorCode::InvalidDocument,
+                "document.spec.isolation",
+                format!(
+                    "is {}, but the request rents the {tier} tier",
+                    cell.spec.isolation
+                ),
+            ));
+        }
+        fit_to_offer(&mut cell, offer)?;
+        // 3. Secrets, credentials, the volume key.
+        let mut secrets = cellhost_supervisor::supervisor::take_inline_secrets(&mut cell)
+            .map_err(|e| invalid_document(&e))?;
+        let mut credentials = Vec::new();
+        for (name, value) in [
+            ("ssh_authorized_keys", req.ssh_key.as_ref()),
+            ("password", req.password.as_ref()),
+        ] {
+            let Some(v) = value else { continue };
+            if cell.spec.secrets.iter().any(|s| s.name == name) {
+                return Err(Refusal::field(
+                    ErrorCode::InvalidDocument,
+                    "document.spec.secrets",
+                    format!("names {name}, which the request's credential fills"),
+                ));
+            }
+            cell.spec.secrets.push(SecretRef {
+                name: name.to_string(),
+                from: SecretSource::Value(String::new()),
+            });
+            secrets.push(SecretValue {
+                name: name.to_string(),
+                value: Zeroizing::new(v.clone().into_bytes()),
+            });
+            credentials.push(name.to_string());
+        }
+        let encrypted = cell.spec.volume.as_ref().is_some_and(|v| v.encrypted);
+        let volume_key =
+            match (&req.volume_key, encrypted) {
+                (Some(k), true) => Some(VolumeKey::parse(k.as_bytes()).map_err(|e| {
+                    Refusal::field(ErrorCode::BadRequest, "volumeKey", e.to_string())
+                })?),
+                (None, true) => {
+                    return Err(Refusal::field(
+                        ErrorCode::BadRequest,
+                        "volumeKey",
+                        "the document's volume is encrypted: send its key",
+                    ));
+                }
+                (Some(_), false) => {
+                    return Err(Refusal::field(
+                        ErrorCode::BadRequest,
+                        "volumeKey",
+                        "the document has no encrypted volume",
+                    ));
+                }
+                (None, false) => None,
+            };
+        // 4. Room on the node (checked again, for real, by create).
+        self.sup
+            .admits(&cell.spec)
+            .map_err(|why| Refusal::new(ErrorCode::NoCapacity, why))?;
+        // 5. The token, offline, and what it buys.
+        let checked = self.cashier.check(&req.token)?;
+        let seconds = seconds_for(checked.amount_msat(), offer)?;
+        // Ports: hand out host ports now (free, not in flight, not taken by
+        // another cell), so the reply can name them.
+        let ports = self.assign_ports(&mut cell).await?;
+        let _release = PortsInFlight {
+            provider: self,
+            ports: ports.clone(),
+        };
+
+        // 6. Redeem. Every refusal above took nothing.
+        let received = self.cashier.redeem(&req.token, &checked).await?;
+        let paid_msat = received.saturating_mul(1000);
+        let seconds = (paid_msat / offer.price_msat_per_second).min(seconds);
+        cell.spec.lifetime.ttl_seconds = seconds.max(1);
+        let confidential = Confidential {
+            secrets,
+            volume_key,
+        };
+        let caller = Caller::tenant(owner);
+        match self.sup.create(&caller, cell, confidential, true).await {
+            Ok(view) => {
+                let mut reply = Reply::ok(rid, "spawn");
+                reply.cell = Some(self.access(&view, credentials));
+                reply.paid_msat = Some(paid_msat);
+                reply.seconds = Some(seconds);
+                Ok(reply)
+            }
+            Err(e) => Ok(self
+                .refund(
+                    rid,
+                    "spawn",
+                    &checked,
+                    received,
+                    format!("the cell could not be made: {e}"),
+                )
+                .await),
+        }
+    }
+
+    async fn topup(&self, owner: &str, rid: &str, id: &str, token: &str) -> Result<Reply, Refusal> {
+        let caller = Caller::tenant(owner);
+        let view = self.visible(&caller, id).await?;
+        if view.expires_in_seconds == 0 || view.desired == "destroyed" {
+            return Err(Refusal::field(
+                ErrorCode::LeaseEnded,
+                "cell",
+                format!("the lease of {} has ended", view.id),
+            ));
+        }
+        let tier: Isolation =
+            serde_json::from_value(serde_json::Value::String(view.isolation.clone()))
+                .map_err(|_| Refusal::new(ErrorCode::Internal, "the cell's tier is unknown"))?;
+        let Some(offer) = self.cfg.tier(tier) else {
+            return Err(Refusal::field(
+                ErrorCode::TierUnavailable,
+                "cell",
+                format!("the {tier} tier is no longer on offer"),
+            ));
+        };
+        let checked = self.cashier.check(token)?;
+        let seconds = checked.amount_msat() / offer.price_msat_per_second;
+        if seconds == 0 {
+            return Err(Refusal::field(
+                ErrorCode::AmountTooSmall,
+                "token",
+                format!(
+                    "{} msat buys less than a second at {} msat/s",
+                    checked.amount_msat(),
+                    offer.price_msat_per_second
+                ),
+            ));
+        }
+        if view.expires_in_seconds.saturating_add(seconds) > offer.max_seconds {
+            return Err(Refusal::field(
+                ErrorCode::AmountTooLarge,
+                "token",
+                format!(
+                    "{seconds} s more would leave {} s on the lease; at most {} s",
+                    view.expires_in_seconds + seconds,
+                    offer.max_seconds
+                ),
+            ));
+        }
+        let received = self.cashier.redeem(token, &checked).await?;
+        let paid_msat = received.saturating_mul(1000);
+        let seconds = (paid_msat / offer.price_msat_per_second).min(seconds);
+        if seconds == 0 {
+            return Ok(self
+                .refund(
+                    rid,
+                    "topup",
+                    &checked,
+                    received,
+                    "the mint's fee left less than a second".into(),
+                )
+                .await);
+        }
+        match self.sup.extend(&caller, &view.id, seconds).await {
+            Ok(v) => {
+                let mut reply = Reply::ok(rid, "topup");
+                reply.cell = Some(self.access(&v, credentials_of(&v)));
+                reply.paid_msat = Some(paid_msat);
+                reply.seconds = Some(seconds);
+                Ok(reply)
+            }
+            Err(e) => Ok(self
+                .refund(
+                    rid,
+                    "topup",
+                    &checked,
+                    received,
+                    format!("the lease could not be extended: {e}"),
+                )
+                .await),
+        }
+    }
+
+    async fn status(&self, owner: &str, rid: &str, id: &str) -> Result<Reply, Refusal> {
+        let view = self.visible(&Caller::tenant(owner), id).await?;
+        let mut reply = Reply::ok(rid, "status");
+        reply.cell = Some(self.access(&view, credentials_of(&view)));
+        Ok(reply)
+    }
+
+    async fn stop(&self, owner: &str, rid: &str, id: &str) -> Result<Reply, Refusal> {
+        let caller = Caller::tenant(owner);
+        let view = self.visible(&caller, id).await?;
+        let report = self
+            .sup
+            .destroy(&caller, &view.id)
+            .await
+            .map_err(|e| match e {
+                SupervisorError::NotFound(_) => not_found(id),
+                other => Refusal::new(ErrorCode::Internal, other.to_string()),
+            })?;
+        let mut reply = Reply::ok(rid, "stop");
+        let mut access = self.access(&view, credentials_of(&view));
+        access.state = if report.is_clean() {
+            "destroyed"
+        } else {
+            "destroying"
+        }
+        .into();
+        access.expires_in_seconds = 0;
+        reply.cell = Some(access);
+        Ok(reply)
+    }
+
+    async fn visible(&self, caller: &Caller, id: &str) -> Result<CellView, Refusal> {
+        self.sup.get(caller, id).await.map_err(|e| match e {
+            SupervisorError::NotFound(_) | SupervisorError::Invalid { .. } => not_found(id),
+            other => Refusal::new(ErrorCode::Internal, other.to_string()),
+        })
+    }
+
+    /// A refund of everything `checked` brought in, as a reply.
+    async fn refund(
+        &self,
+        rid: &str,
+        op: &str,
+        checked: &Checked,
+        received_sat: u64,
+        why: String,
+    ) -> Reply {
+        let mut reply = Reply::refused(rid, op, Refusal::new(ErrorCode::ProvisionFailed, why));
+        match self.cashier.refund(&checked.mint, received_sat).await {
+            Ok(token) => {
+                reply.refund = Some(token);
+                reply.paid_msat = Some(received_sat.saturating_mul(1000));
+            }
+            Err(e) => {
+                tracing::error!("market: refund of {received_sat} sat for {rid} failed: {e}");
+                if let Some(err) = reply.error.as_mut() {
+                    err.message.push_str(&format!(
+                        "; the refund of {received_sat} sat failed ({e}); ask the provider, citing request {rid}"
+                    ));
+                }
+            }
+        }
+        reply
+    }
+
+    fn access(&self, view: &CellView, credentials: Vec<String>) -> Access {
+        Access {
+            id: view.id.clone(),
+            tier: view.isolation.clone(),
+            state: view.observed.clone(),
+            host: self.cfg.host.clone(),
+            ports: view
+                .document
+                .spec
+                .ports
+                .iter()
+                .map(|p| PortAccess {
+                    port: p.container,
+                    host_port: p.host,
+                    protocol: p.protocol.as_str().to_string(),
+                })
+                .collect(),
+            expires_at: view.expires_at.clone(),
+            expires_in_seconds: view.expires_in_seconds,
+            credentials,
+            exit: view
+                .exit
+                .as_ref()
+                .and_then(|e| serde_json::to_value(e).ok()),
+        }
+    }
+
+    /// Give every `spec.ports` entry a host port from the market's range
+    /// that no cell uses, no spawn in flight holds, and that binds now.
+    async fn assign_ports(&self, cell: &mut Cell) -> Result<Vec<u32>, Refusal> {
+        if cell.spec.ports.is_empty() {
+            return Ok(Vec::new());
+        }
+        let used: HashSet<u32> = self
+            .sup
+            .list(&Caller::operator())
+            .await
+            .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?
+            .iter()
+            .flat_map(|v| v.document.spec.ports.iter().map(|p| p.host))
+            .collect();
+        let (lo, hi) = self.cfg.port_range;
+        let mut taken = self
+            .ports_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        let mut next = lo;
+        for p in cell.spec.ports.iter_mut() {
+            let found = (next..=hi).find(|c| {
+                !used.contains(c)
+                    && !taken.contains(c)
+                    && !out.contains(c)
+                    && port_free(*c, p.protocol)
+            });
+            let Some(port) = found else {
+                for q in &out {
+                    taken.remove(q);
+                }
+                return Err(Refusal::new(
+                    ErrorCode::NoCapacity,
+                    format!("no free host port left in {lo}..={hi}"),
+                ));
+            };
+            p.host = port;
+            out.push(port);
+            taken.insert(port);
+            next = port + 1;
+        }
+        Ok(out)
+    }
+}
+
+/// Releases a spawn's in-flight ports when it ends either way (a created
+/// cell's ports are then in its document, which `assign_ports` reads).
+struct PortsInFlight<'a> {
+    provider: &'a Provider,
+    ports: Vec<u32>,
+}
+
+impl Drop for PortsInFlight<'_> {
+    fn drop(&mut self) {
+        let mut t = self
+            .provider
+            .ports_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for p in &self.ports {
+            t.remove(p);
+        }
+    }
+}
+
+fn port_free(port: u32, proto: cellhost_spec::Protocol) -> bool {
+    let Ok(port) = u16::try_from(port) else {
+        return false;
+    };
+    match proto {
+        cellhost_spec::Protocol::Tcp => std::net::TcpListener::bind(("0.0.0.0", port)).is_ok(),
+        cellhost_spec::Protocol::Udp => std::net::UdpSocket::bind(("0.0.0.0", port)).is_ok(),
+    }
+}
+
+fn not_found(id: &str) -> Refusal {
+    Refusal::field(
+        ErrorCode::NotFound,
+        "cell",
+        format!("no cell {id} for this key"),
+    )
+}
+
+fn invalid_document(e: &SupervisorError) -> Refusal {
+    match e {
+        SupervisorError::Invalid { field, message } => Refusal::field(
+            ErrorCode::InvalidDocument,
+            format!("document.{}", field.as_deref().unwrap_or("")),
+            message.clone(),
+        ),
+        other => Refusal::new(ErrorCode::InvalidDocument, other.to_string()),
+    }
+}
+
+/// Names of the credentials a cell was given (its secrets the market adds).
+fn credentials_of(view: &CellView) -> Vec<String> {
+    view.document
+        .spec
+        .secrets
+        .iter()
+        .filter(|s| s.name == "ssh_authorized_keys" || s.name == "password")
+        .map(|s| s.name.clone())
+        .collect()
+}
+
+/// The seconds `amount_msat` buys on `offer`, within its bounds.
+pub fn seconds_for(amount_msat: u64, offer: &TierConfig) -> Result<u64, Refusal> {
+    let seconds = amount_msat / offer.price_msat_per_second;
+    if seconds < offer.min_seconds {
+        return Err(Refusal::field(
+            ErrorCode::AmountTooSmall,
+            "token",
+            format!(
+                "{amount_msat} msat buys {seconds} s at {} msat/s; the {} tier's minimum is {} s ({} msat)",
+                offer.price_msat_per_second,
+                offer.tier,
+                offer.min_seconds,
+                offer
+                    .min_seconds
+                    .saturating_mul(offer.price_msat_per_second)
+            ),
+        ));
+    }
+    if seconds > offer.max_seconds {
+        return Err(Refusal::field(
+            ErrorCode::AmountTooLarge,
+            "token",
+            format!(
+                "{amount_msat} msat buys {seconds} s; the {} tier's longest lease is {} s",
+                offer.tier, offer.max_seconds
+            ),
+        ));
+    }
+    Ok(seconds)
+}
+
+/// Fill unset sizes from the offer and refuse what exceeds it.
+pub fn fit_to_offer(cell: &mut Cell, offer: &TierConfig) -> Result<(), Refusal> {
+    let r = &mut cell.spec.resources;
+    let over = |field: &str, msg: String| {
+        Err(Refusal::field(
+            ErrorCode::ExceedsOffer,
+            format!("document.spec.{field}"),
+            msg,
+        ))
+    };
+    match r.cpus {
+        Some(c) if c > offer.cpus + 1e-9 => {
+            return over(
+                "resources.cpus",
+                format!("{c} > the offer's {}", offer.cpus),
+            );
+        }
+        None => r.cpus = Some(offer.cpus),
+        _ => {}
+    }
+    match r.memory_mib {
+        Some(m) if m > offer.memory_mib => {
+            return over(
+                "resources.memoryMiB",
+                format!("{m} > the offer's {}", offer.memory_mib),
+            );
+        }
+        None => r.memory_mib = Some(offer.memory_mib),
+        _ => {}
+    }
+    match (r.disk_gib, offer.disk_gib) {
+        (Some(d), Some(o)) if d > o => {
+            return over("resources.diskGiB", format!("{d} > the offer's {o}"));
+        }
+        (Some(_), None) => return over("resources.diskGiB", "this tier offers no disk".into()),
+        (None, Some(o)) if cell.spec.isolation != Isolation::Process => r.disk_gib = Some(o),
+        _ => {}
+    }
+    if let Some(v) = &cell.spec.volume {
+        match offer.disk_gib {
+            Some(o) if v.size_gib <= o => {}
+            Some(o) => {
+                return over(
+                    "volume.sizeGiB",
+                    format!("{} > the offer's {o}", v.size_gib),
+                );
+            }
+            None => return over("volume", "this tier offers no disk".into()),
+        }
+    }
+    Ok(())
+}
+
+/// The cell spec an offer describes (for "is there room for one more").
+fn offer_spec(t: &TierConfig) -> cellhost_spec::CellSpec {
+    let mut spec = cellhost_spec::CellSpec {
+        isolation: t.tier,
+        image: "host".into(),
+        command: vec!["true".into()],
+        working_dir: None,
+        env: Default::default(),
+        secrets: Vec::new(),
+        resources: Default::default(),
+        ports: Vec::new(),
+        volume: None,
+        network: Default::default(),
+        lifetime: Default::default(),
+    };
+    spec.resources.cpus = Some(t.cpus);
+    spec.resources.memory_mib = Some(t.memory_mib);
+    spec
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer() -> TierConfig {
+        TierConfig {
+            tier: Isolation::Process,
+            price_msat_per_second: 1000,
+            cpus: 0.5,
+            memory_mib: 128,
+            disk_gib: None,
+            min_seconds: 60,
+            max_seconds: 3600,
+            template: None,
+        }
+    }
+
+    #[test]
+    fn amount_buys_whole_seconds_within_bounds() {
+        let o = offer();
+        assert_eq!(seconds_for(60_000, &o).unwrap(), 60);
+        assert_eq!(seconds_for(60_999, &o).unwrap(), 60);
+        assert_eq!(
+            seconds_for(59_999, &o).unwrap_err().code,
+            ErrorCode::AmountTooSmall
+        );
+        assert_eq!(
+            seconds_for(3_601_000, &o).unwrap_err().code,
+            ErrorCode::AmountTooLarge
+        );
+    }
+
+    #[test]
+    fn documents_get_the_offers_size_and_may_not_exceed_it() {
+        let doc = |extra: &str| {
+            cellhost_spec::parse_and_validate(&format!(
+                "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {{ name: t }}\nspec:\n  isolation: process\n  command: [/bin/true]\n{extra}"
+            ))
+            .unwrap()
+        };
+        let mut c = doc("");
+        fit_to_offer(&mut c, &offer()).unwrap();
+        assert_eq!(c.spec.resources.cpus, Some(0.5));
+        assert_eq!(c.spec.resources.memory_mib, Some(128));
+        let mut c = doc("  resources: { memoryMiB: 256 }\n");
+        let e = fit_to_offer(&mut c, &offer()).unwrap_err();
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            (
+                ErrorCode::ExceedsOffer,
+                Some("document.spec.resources.memoryMiB")
+            )
+        );
+        let mut c = doc("  volume: { path: /data, sizeGiB: 1 }\n");
+        assert_eq!(
+            fit_to_offer(&mut c, &offer()).unwrap_err().field.as_deref(),
+            Some("document.spec.volume")
+        );
+    }
+}

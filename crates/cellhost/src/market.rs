@@ -1,0 +1,285 @@
+//! `cellhost market …`: the consumer's commands.
+//!
+//! Tokens, keys and passwords come from files (or stdin), never argv. The
+//! consumer's Nostr key lives in a 0600 file, generated on first use: the
+//! cells it rents belong to it.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use cellhost_market::consumer::{Consumer, Listing, OfferFilter, parse_pubkey};
+use cellhost_market::proto::{Reply, Request, SpawnRequest, VERSION};
+use zeroize::Zeroizing;
+
+use crate::cli::{MarketCommand, MarketOpt};
+use crate::{EXIT_RUNTIME, EXIT_USAGE, exit_err};
+
+/// Exit code of a request the provider refused.
+pub const EXIT_REFUSED: u8 = 5;
+
+fn identity_path(opt: &MarketOpt) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &opt.identity {
+        return Ok(p.clone());
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+        .ok_or_else(|| exit_err(EXIT_USAGE, "no --identity, XDG_CONFIG_HOME or HOME"))?;
+    Ok(base.join("cellhost").join("nostr.key"))
+}
+
+async fn connect(opt: &MarketOpt) -> anyhow::Result<Consumer> {
+    if opt.relays.is_empty() {
+        return Err(exit_err(
+            EXIT_USAGE,
+            "--relay URL is required (or CELLHOST_MARKET_RELAYS)",
+        ));
+    }
+    let keys = cellhost_market::keys::nostr_keys(&identity_path(opt)?)?;
+    Ok(Consumer::connect(
+        keys,
+        &opt.relays,
+        Duration::from_secs(opt.timeout.clamp(1, 600)),
+    )
+    .await?)
+}
+
+/// A secret file's text (`-`: stdin), trimmed of its final newline.
+fn read_secret(path: &Path, what: &str) -> anyhow::Result<Zeroizing<String>> {
+    let mut text = Zeroizing::new(String::new());
+    if path == Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .with_context(|| format!("reading the {what} from stdin"))?;
+    } else {
+        *text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading the {what} from {}", path.display()))?;
+    }
+    let trimmed = Zeroizing::new(text.trim_end_matches(['\n', '\r']).to_string());
+    if trimmed.is_empty() {
+        return Err(exit_err(
+            EXIT_USAGE,
+            format!("{}: the {what} is empty", path.display()),
+        ));
+    }
+    Ok(trimmed)
+}
+
+pub async fn market(cmd: MarketCommand, json: bool) -> anyhow::Result<u8> {
+    match cmd {
+        MarketCommand::Offers {
+            opt,
+            tier,
+            max_price,
+        } => {
+            let c = connect(&opt).await?;
+            let list = c
+                .offers(&OfferFilter {
+                    tier,
+                    max_price_msat: max_price,
+                    provider: None,
+                })
+                .await?;
+            c.shutdown().await;
+            print_offers(&list, json)?;
+            Ok(0)
+        }
+        MarketCommand::Rent {
+            opt,
+            offer,
+            tier,
+            token_file,
+            doc,
+            volume_key_file,
+            ssh_key_file,
+            password_file,
+        } => {
+            let token = read_secret(&token_file, "token")?;
+            let document = match &doc {
+                Some(f) => {
+                    let bytes = crate::remote::inline_document(f, json)?;
+                    Some(String::from_utf8(bytes.to_vec()).context("the document is not UTF-8")?)
+                }
+                None => None,
+            };
+            let volume_key = match &volume_key_file {
+                Some(f) => Some(crate::run::read_volume_key(f)?.passphrase()),
+                None => None,
+            };
+            let ssh_key = ssh_key_file
+                .as_deref()
+                .map(|f| read_secret(f, "SSH key"))
+                .transpose()?;
+            let password = password_file
+                .as_deref()
+                .map(|f| read_secret(f, "password"))
+                .transpose()?;
+            let req = Request::Spawn(SpawnRequest {
+                cellhost: VERSION,
+                tier,
+                document,
+                token: token.to_string(),
+                volume_key: volume_key.map(|k| k.to_string()),
+                ssh_key: ssh_key.map(|k| k.to_string()),
+                password: password.map(|p| p.to_string()),
+            });
+            send(&opt, &offer, req, json).await
+        }
+        MarketCommand::Topup {
+            opt,
+            offer,
+            cell,
+            token_file,
+        } => {
+            let token = read_secret(&token_file, "token")?;
+            let req = Request::Topup {
+                cellhost: VERSION,
+                cell,
+                token: token.to_string(),
+            };
+            send(&opt, &offer, req, json).await
+        }
+        MarketCommand::Status { opt, offer, cell } => {
+            send(
+                &opt,
+                &offer,
+                Request::Status {
+                    cellhost: VERSION,
+                    cell,
+                },
+                json,
+            )
+            .await
+        }
+        MarketCommand::Stop { opt, offer, cell } => {
+            send(
+                &opt,
+                &offer,
+                Request::Stop {
+                    cellhost: VERSION,
+                    cell,
+                },
+                json,
+            )
+            .await
+        }
+    }
+}
+
+async fn send(opt: &MarketOpt, offer: &str, req: Request, json: bool) -> anyhow::Result<u8> {
+    let provider = parse_pubkey(offer).map_err(|e| exit_err(EXIT_USAGE, e.to_string()))?;
+    let c = connect(opt).await?;
+    let listing = c.offer_of(provider).await?;
+    if let Request::Spawn(s) = &req
+        && !listing
+            .offer
+            .cellhost
+            .tiers
+            .iter()
+            .any(|t| t.tier == s.tier)
+    {
+        c.shutdown().await;
+        return Err(exit_err(
+            EXIT_USAGE,
+            format!(
+                "{} offers no {} tier (it offers: {})",
+                listing.npub,
+                s.tier,
+                listing.offer.capabilities.join(", ")
+            ),
+        ));
+    }
+    let reply = c
+        .request(
+            provider,
+            &listing.offer.cellhost.relays,
+            &req,
+            Duration::from_secs(opt.timeout),
+        )
+        .await;
+    c.shutdown().await;
+    let reply = reply?;
+    print_reply(&reply, json)?;
+    Ok(if reply.ok { 0 } else { EXIT_REFUSED })
+}
+
+fn print_offers(list: &[Listing], json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(list)?);
+        return Ok(());
+    }
+    if list.is_empty() {
+        println!("no offers");
+        return Ok(());
+    }
+    for l in list {
+        let age = l
+            .heartbeat_age_seconds
+            .map(|a| format!("heartbeat {a} s ago"))
+            .unwrap_or_else(|| "no heartbeat".into());
+        println!(
+            "{}  {}  {}  ({age})",
+            l.npub,
+            l.offer.hostname,
+            if l.live { "live" } else { "not live" }
+        );
+        for t in &l.offer.cellhost.tiers {
+            println!(
+                "  {:<9} {:<14} {:>5} CPU {:>6} MiB  {:>6} msat/s  {}..{} s  {}",
+                t.tier,
+                t.isolation,
+                t.cpus,
+                t.memory_mib,
+                t.price_msat_per_second,
+                t.min_seconds,
+                t.max_seconds,
+                if t.available { "available" } else { "full" }
+            );
+        }
+        println!("  mints: {}", l.offer.whitelisted_mints.join(", "));
+    }
+    Ok(())
+}
+
+fn print_reply(r: &Reply, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", r.to_json());
+        return Ok(());
+    }
+    if let Some(e) = &r.error {
+        eprintln!("refused: {e}");
+    }
+    if let Some(c) = &r.cell {
+        println!("cell     {} ({}, {})", c.id, c.tier, c.state);
+        println!("host     {}", c.host);
+        for p in &c.ports {
+            println!(
+                "port     {}:{} → {}/{}",
+                c.host, p.host_port, p.port, p.protocol
+            );
+        }
+        if !c.credentials.is_empty() {
+            println!("login    with your {}", c.credentials.join(", "));
+        }
+        println!(
+            "expires  {} ({} s left)",
+            c.expires_at, c.expires_in_seconds
+        );
+    }
+    if let (Some(m), Some(s)) = (r.paid_msat, r.seconds) {
+        println!("paid     {m} msat for {s} s");
+    }
+    if let Some(t) = &r.refund {
+        eprintln!("refund: the token below is yours; redeem it at the mint");
+        println!("{t}");
+    }
+    if !r.ok && r.error.is_none() {
+        return Err(exit_err(
+            EXIT_RUNTIME,
+            "the provider refused without a reason",
+        ));
+    }
+    Ok(())
+}

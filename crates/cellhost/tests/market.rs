@@ -1,0 +1,877 @@
+//! The market end to end, on real protocols on loopback, no mocks of either
+//! side:
+//!
+//! - a real Nostr relay (rust-nostr's `LocalRelay`) on 127.0.0.1, in this
+//!   process;
+//! - a real Cashu mint (cdk's `Mint` with its fake Lightning backend, which
+//!   marks invoices paid at once; served by cdk-axum) on 127.0.0.1, issuing
+//!   real blind-signed tokens;
+//! - the real `cellhost serve --market` binary with the process tier, and
+//!   the real `cellhost market …` consumer commands (or the consumer
+//!   library, where a test must craft what the CLI would never send).
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use cdk::Amount;
+use cdk::nuts::{CurrencyUnit, PaymentMethod};
+use cdk::wallet::{ReceiveOptions, SendOptions, Wallet};
+use cellhost_market::consumer::{Consumer, OfferFilter};
+use cellhost_market::ledger::Ledger;
+use cellhost_market::proto::{ErrorCode, Reply, Request, SpawnRequest, VERSION};
+use nostr_relay_builder::{LocalRelay, RelayBuilder};
+use nostr_sdk::prelude::*;
+use serde_json::Value;
+
+// ------------------------------------------------------------ the mint
+
+/// A Cashu mint on 127.0.0.1 that counts the HTTP requests it serves.
+struct Mint {
+    url: String,
+    hits: Arc<AtomicUsize>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Mint {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+async fn start_mint() -> Mint {
+    use cdk::mint::{MintBuilder, MintMeltLimits};
+    let db = Arc::new(cdk_sqlite::mint::memory::empty().await.unwrap());
+    let mut builder = MintBuilder::new(db.clone());
+    let fake = cdk_fake_wallet::FakeWallet::new(
+        cdk::types::FeeReserve {
+            min_fee_reserve: 1.into(),
+            percent_fee_reserve: 1.0,
+        },
+        Default::default(),
+        Default::default(),
+        0,
+        CurrencyUnit::Sat,
+    );
+    builder
+        .add_payment_processor(
+            CurrencyUnit::Sat,
+            PaymentMethod::BOLT11,
+            MintMeltLimits::new(1, 1_000_000),
+            Arc::new(fake),
+        )
+        .await
+        .unwrap();
+    let builder = builder
+        .with_name("cellhost test mint".into())
+        .with_description("fake Lightning, loopback only".into())
+        .with_supported_websockets(cdk::nuts::nut17::SupportedMethods::default_bolt11(
+            CurrencyUnit::Sat,
+        ));
+    let mut seed = [0u8; 64];
+    cellhost_core::ids::fill_random(&mut seed);
+    let mint = Arc::new(builder.build_with_seed(db, &seed).await.unwrap());
+    mint.start().await.unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let router = cdk_axum::create_mint_router(mint, vec!["bolt11".into()])
+        .await
+        .unwrap()
+        .layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let counter = counter.clone();
+                async move {
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    next.run(req).await
+                }
+            },
+        ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    Mint { url, hits, server }
+}
+
+/// A wallet at `mint` on an in-memory store.
+async fn wallet(mint: &str) -> Wallet {
+    let store = Arc::new(cdk_sqlite::wallet::memory::empty().await.unwrap());
+    let mut seed = [0u8; 64];
+    cellhost_core::ids::fill_random(&mut seed);
+    Wallet::new(mint, CurrencyUnit::Sat, store, seed, None).unwrap()
+}
+
+/// A fresh token worth `sat`: minted (the fake backend pays the invoice),
+/// then sent out of the wallet.
+async fn token(mint: &str, sat: u64) -> String {
+    let w = wallet(mint).await;
+    let quote = w
+        .mint_quote(PaymentMethod::BOLT11, Some(Amount::from(sat)), None, None)
+        .await
+        .unwrap();
+    w.wait_and_mint_quote(quote, Default::default(), None, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let send = w
+        .prepare_send(Amount::from(sat), SendOptions::default())
+        .await
+        .unwrap();
+    send.confirm(None).await.unwrap().to_string()
+}
+
+/// Redeem `token` into a fresh wallet: the sat it was worth.
+async fn redeem(mint: &str, token: &str) -> Result<u64, cdk::Error> {
+    wallet(mint)
+        .await
+        .receive(token, ReceiveOptions::default())
+        .await
+        .map(u64::from)
+}
+
+// ------------------------------------------------------------ the relay
+
+async fn start_relay() -> (LocalRelay, String) {
+    let relay = LocalRelay::new(RelayBuilder::default().addr(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    relay.run().await.unwrap();
+    let url = relay.url().await.to_string();
+    (relay, url)
+}
+
+// ------------------------------------------------------------ the provider
+
+/// 1 sat a second for a process cell of up to 0.5 CPU and 64 MiB.
+const PRICE_MSAT: u64 = 1000;
+const MIN_SECONDS: u64 = 5;
+const MAX_SECONDS: u64 = 600;
+
+struct Provider {
+    child: Option<Child>,
+    state: common::StateDir,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+impl Provider {
+    fn start(relay: &str, mint: &str) -> Provider {
+        Provider::start_with(relay, mint, &[])
+    }
+
+    fn start_with(relay: &str, mint: &str, extra: &[&str]) -> Provider {
+        let state = common::state_dir();
+        let cfg = state.path().join("market.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "relays: [{relay}]\nmints: [{mint}]\nhost: 127.0.0.1\nheartbeatSeconds: 1\n\
+                 tiers:\n  - tier: process\n    priceMsatPerSecond: {PRICE_MSAT}\n    cpus: 0.5\n    \
+                 memoryMiB: 64\n    minSeconds: {MIN_SECONDS}\n    maxSeconds: {MAX_SECONDS}\n"
+            ),
+        )
+        .unwrap();
+        let socket = state.path().join("api.sock");
+        let log = state.path().join("serve.log");
+        let child = common::cellhost(&state.path().join("state"))
+            .args([
+                "serve",
+                "--reconcile-interval",
+                "1",
+                "--meter-interval",
+                "1",
+                "--socket",
+            ])
+            .arg(&socket)
+            .arg("--market")
+            .arg(&cfg)
+            .args(extra)
+            .env("CELLHOST_LOG", "info,libcontainer=error,libcgroups=error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn cellhost serve --market");
+        Provider {
+            child: Some(child),
+            state,
+            socket,
+            log,
+        }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.state.path().join("state")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `cellhost --api unix:<socket> <args> --json`, parsed.
+    fn operator(&self, args: &[&str]) -> Value {
+        let out = std::process::Command::new(common::cellhost_bin())
+            .arg("--api")
+            .arg(format!("unix:{}", self.socket.display()))
+            .args(args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The event log (one CloudEvent a line).
+    fn events(&self) -> Vec<Value> {
+        let out = std::process::Command::new(common::cellhost_bin())
+            .arg("--api")
+            .arg(format!("unix:{}", self.socket.display()))
+            .arg("events")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    fn cells(&self) -> Vec<Value> {
+        self.operator(&["ls"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn ledger(&self) -> Ledger {
+        Ledger::open(&self.state_dir().join("market/ledger.sqlite")).unwrap()
+    }
+}
+
+impl Drop for Provider {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            for cell in self.cells() {
+                if let Some(id) = cell["id"].as_str() {
+                    let _ = std::process::Command::new(common::cellhost_bin())
+                        .arg("--api")
+                        .arg(format!("unix:{}", self.socket.display()))
+                        .args(["rm", id])
+                        .output();
+                }
+            }
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+// ------------------------------------------------------------ consumers
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn consumer(relay: &str) -> Consumer {
+    Consumer::connect(
+        Keys::generate(),
+        &[relay.to_string()],
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap()
+}
+
+/// Wait until `c` sees a live offer from `provider` (heartbeats every 1 s).
+async fn wait_live_offer(c: &Consumer, p: &Provider) -> PublicKey {
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = c.offers(&OfferFilter::default()).await.unwrap();
+        if let Some(l) = list.iter().find(|l| l.live) {
+            return PublicKey::from_hex(&l.provider).unwrap();
+        }
+        assert!(
+            Instant::now() < until,
+            "no live offer in 30 s; provider log:\n{}",
+            p.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn spawn_req(token: String, document: Option<&str>) -> Request {
+    Request::Spawn(SpawnRequest {
+        cellhost: VERSION,
+        tier: "process".into(),
+        document: document.map(str::to_string),
+        token,
+        volume_key: None,
+        ssh_key: None,
+        password: None,
+    })
+}
+
+const SLEEPER: &str = "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: { name: rented }\n\
+                       spec:\n  isolation: process\n  command: [/bin/sleep, '600']\n  \
+                       resources: { cpus: 0.25, memoryMiB: 32, pids: 16 }\n";
+
+/// `cellhost market <args>` as a consumer with key file `identity`.
+async fn market_cli(relay: &str, identity: &Path, args: &[&str]) -> (i32, Value, String) {
+    let out = tokio::process::Command::new(common::cellhost_bin())
+        .arg("market")
+        .args(args)
+        .arg("--relay")
+        .arg(relay)
+        .arg("--identity")
+        .arg(identity)
+        .args(["--timeout", "60", "--json"])
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    let v = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{args:?}: stdout is not JSON ({e}); stderr: {stderr}"));
+    (out.status.code().unwrap_or(-1), v, stderr)
+}
+
+fn rfc3339_ms(s: &str) -> u128 {
+    humantime::parse_rfc3339(s)
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+}
+
+// ------------------------------------------------------------ tests
+
+/// Offer → discover → mint a token → rent a process cell → it runs →
+/// top-up moves expires_at by exactly what it paid for → the lease ends →
+/// the cell is destroyed. All through the `cellhost market` commands.
+#[test]
+fn rent_top_up_and_lease_end_through_the_cli() {
+    require_process_tier!();
+    let rt = rt();
+    rt.block_on(async {
+        let mint = start_mint().await;
+        let (_relay, relay) = start_relay().await;
+        // The node's capacity is one offered cell (0.5 CPU): renting a
+        // smaller one leaves no room for another of the offered size.
+        let cpus = std::thread::available_parallelism().unwrap().get() as f64;
+        let overcommit = format!("{}", 0.5 / cpus);
+        let p = Provider::start_with(&relay, &mint.url, &["--cpu-overcommit", &overcommit]);
+        let dir = tempfile::tempdir().unwrap();
+        let me = dir.path().join("me.key");
+
+        // Discover: the CLI lists the offer, signed by the key it names,
+        // live by its heartbeat, with the real tier and price.
+        let until = Instant::now() + Duration::from_secs(30);
+        let listing = loop {
+            let (code, v, err) = market_cli(&relay, &me, &["offers", "--tier", "process"]).await;
+            assert_eq!(code, 0, "{err}");
+            if let Some(l) = v
+                .as_array()
+                .and_then(|a| a.iter().find(|l| l["live"] == true))
+            {
+                break l.clone();
+            }
+            assert!(Instant::now() < until, "no live offer; log:\n{}", p.log());
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        let npub = listing["npub"].as_str().unwrap().to_string();
+        let tier = &listing["offer"]["cellhost"]["tiers"][0];
+        assert_eq!(tier["tier"], "process");
+        assert_eq!(tier["isolation"], "shared-kernel");
+        assert_eq!(tier["priceMsatPerSecond"], PRICE_MSAT);
+        assert_eq!(tier["available"], true);
+        assert_eq!(listing["offer"]["whitelisted_mints"][0], mint.url);
+        assert_eq!(
+            listing["offer"]["specs"][0]["rate_msats_per_sec"],
+            PRICE_MSAT
+        );
+        // The key file was made 0600 on first use.
+        let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&me).unwrap());
+        assert_eq!(mode & 0o777, 0o600);
+        // Too expensive a filter finds nothing.
+        let (_, v, _) = market_cli(&relay, &me, &["offers", "--max-price", "999"]).await;
+        assert_eq!(v.as_array().map(Vec::len), Some(0), "{v}");
+
+        // Rent for 20 s (20 sat at 1 sat/s).
+        let doc = dir.path().join("cell.yaml");
+        std::fs::write(&doc, SLEEPER).unwrap();
+        let tok = dir.path().join("t1");
+        std::fs::write(&tok, token(&mint.url, 20).await).unwrap();
+        let (code, reply, err) = market_cli(
+            &relay,
+            &me,
+            &[
+                "rent",
+                &npub,
+                "--tier",
+                "process",
+                "--token-file",
+                tok.to_str().unwrap(),
+                "--doc",
+                doc.to_str().unwrap(),
+            ],
+        )
+        .await;
+        assert_eq!(code, 0, "{reply} {err}\nlog:\n{}", p.log());
+        assert_eq!(reply["ok"], true);
+        assert_eq!(
+            (reply["paidMsat"].as_u64(), reply["seconds"].as_u64()),
+            (Some(20_000), Some(20))
+        );
+        let id = reply["cell"]["id"].as_str().unwrap().to_string();
+        assert_eq!(reply["cell"]["host"], "127.0.0.1");
+        assert_eq!(reply["cell"]["state"], "running");
+        assert!(reply["cell"]["expiresInSeconds"].as_u64().unwrap() <= 20);
+
+        // The offer is republished with the tier full, and the heartbeat
+        // shows the node's real free capacity; a second rent is refused
+        // before redemption.
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, v, _) = market_cli(&relay, &me, &["offers"]).await;
+            let l = &v[0];
+            let full = l["offer"]["cellhost"]["tiers"][0]["available"] == false;
+            let free = l["heartbeat"]["freeCpus"].as_f64().unwrap_or(-1.0);
+            if full && (free - 0.25).abs() < 1e-6 {
+                assert_eq!(l["heartbeat"]["runningCells"], 1);
+                break;
+            }
+            assert!(Instant::now() < until, "offer not republished as full: {l}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let t = token(&mint.url, 10).await;
+        let tok_full = dir.path().join("t-full");
+        std::fs::write(&tok_full, &t).unwrap();
+        let big = dir.path().join("big.yaml");
+        std::fs::write(&big, SLEEPER.replace("cpus: 0.25", "cpus: 0.5")).unwrap();
+        let (code, reply, _) = market_cli(
+            &relay,
+            &me,
+            &[
+                "rent",
+                &npub,
+                "--tier",
+                "process",
+                "--token-file",
+                tok_full.to_str().unwrap(),
+                "--doc",
+                big.to_str().unwrap(),
+            ],
+        )
+        .await;
+        assert_eq!(
+            (code, reply["error"]["code"].as_str()),
+            (5, Some("no_capacity")),
+            "{reply}"
+        );
+        assert_eq!(redeem(&mint.url, &t).await.unwrap(), 10);
+
+        // The daemon runs it, owned by the consumer's key, with the offer's
+        // size filled in and the paid lease.
+        let v = p.operator(&["inspect", &id]);
+        assert_eq!(v["observed"], "running");
+        let me_hex =
+            Keys::new(SecretKey::parse(std::fs::read_to_string(&me).unwrap().trim()).unwrap())
+                .public_key()
+                .to_hex();
+        assert_eq!(v["owner"], format!("nostr:{me_hex}"));
+        assert_eq!(v["document"]["spec"]["lifetime"]["ttlSeconds"], 20);
+        assert_eq!(v["document"]["spec"]["resources"]["memoryMiB"], 32);
+        let before = rfc3339_ms(v["expiresAt"].as_str().unwrap());
+
+        // Top up 6 s: expires_at moves by exactly 6000 ms.
+        let tok2 = dir.path().join("t2");
+        std::fs::write(&tok2, token(&mint.url, 6).await).unwrap();
+        let (code, reply, err) = market_cli(
+            &relay,
+            &me,
+            &["topup", &npub, &id, "--token-file", tok2.to_str().unwrap()],
+        )
+        .await;
+        assert_eq!(code, 0, "{reply} {err}");
+        assert_eq!(
+            (reply["paidMsat"].as_u64(), reply["seconds"].as_u64()),
+            (Some(6_000), Some(6))
+        );
+        let v = p.operator(&["inspect", &id]);
+        let after = rfc3339_ms(v["expiresAt"].as_str().unwrap());
+        assert_eq!(after - before, 6000);
+        assert_eq!(
+            rfc3339_ms(reply["cell"]["expiresAt"].as_str().unwrap()),
+            after
+        );
+
+        // Status answers for the owner.
+        let (code, reply, _) = market_cli(&relay, &me, &["status", &npub, &id]).await;
+        assert_eq!(
+            (code, reply["cell"]["state"].as_str()),
+            (0, Some("running"))
+        );
+
+        // The lease ends on its own: the daemon's reaper destroys the cell.
+        let until = Instant::now() + Duration::from_secs(40);
+        while p.cells().iter().any(|c| c["id"] == id.as_str()) {
+            assert!(Instant::now() < until, "cell outlived its lease");
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let events = p.events();
+        let kinds: Vec<&str> = events
+            .iter()
+            .filter(|e| e["subject"] == id.as_str())
+            .filter_map(|e| e["type"].as_str())
+            .collect();
+        assert!(kinds.contains(&"cellhost.cell.extended"), "{kinds:?}");
+        assert!(kinds.contains(&"cellhost.cell.destroyed"), "{kinds:?}");
+        // A top-up for the ended lease is refused before redemption: the
+        // token stays the consumer's.
+        let late = token(&mint.url, 6).await;
+        std::fs::write(&tok2, &late).unwrap();
+        let (code, reply, _) = market_cli(
+            &relay,
+            &me,
+            &["topup", &npub, &id, "--token-file", tok2.to_str().unwrap()],
+        )
+        .await;
+        assert_eq!(code, 5);
+        assert_eq!(reply["error"]["code"], "not_found");
+        assert_eq!(redeem(&mint.url, &late).await.unwrap(), 6);
+
+        // Room again: the offer says so.
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (_, v, _) = market_cli(&relay, &me, &["offers", "--tier", "process"]).await;
+            if v.as_array().is_some_and(|a| !a.is_empty()) {
+                break;
+            }
+            assert!(Instant::now() < until, "offer not republished as available");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+
+        // The ledger has each request once, with its outcome; no token.
+        let entries = p.ledger().entries().unwrap();
+        let outcomes: Vec<(&str, Option<&str>)> = entries
+            .iter()
+            .map(|e| (e.op.as_str(), e.outcome.as_deref()))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("spawn", Some("ok")),
+                ("spawn", Some("no_capacity")),
+                ("topup", Some("ok")),
+                ("status", Some("ok")),
+                ("topup", Some("not_found"))
+            ]
+        );
+        let db = std::fs::read(p.state_dir().join("market/ledger.sqlite")).unwrap();
+        assert!(
+            !String::from_utf8_lossy(&db).contains("cashu"),
+            "a token reached the ledger"
+        );
+        assert!(!p.log().contains("cashuB"), "a token reached the log");
+    });
+}
+
+/// Every refusal that must take nothing, the refund when provisioning
+/// fails after redemption, replays, third parties and hostile DMs.
+#[test]
+fn refusals_take_nothing_failures_refund_and_replays_do_nothing() {
+    require_process_tier!();
+    let rt = rt();
+    rt.block_on(async {
+        let mint = start_mint().await;
+        let other_mint = start_mint().await;
+        let (_relay, relay) = start_relay().await;
+        let p = Provider::start(&relay, &mint.url);
+        let alice = consumer(&relay).await;
+        let pk = wait_live_offer(&alice, &p).await;
+        let relays = [relay.clone()];
+
+        // A spent token is refused (by the mint, at redemption) and no cell
+        // is made.
+        let spent = token(&mint.url, 10).await;
+        assert_eq!(redeem(&mint.url, &spent).await.unwrap(), 10);
+        let r = alice
+            .request(pk, &relays, &spawn_req(spent, Some(SLEEPER)), TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!(code(&r), Some(ErrorCode::TokenSpent), "{r:?}");
+        assert!(p.cells().is_empty());
+
+        // A token from a mint not on the list is refused without the
+        // provider ever contacting that mint.
+        let foreign = token(&other_mint.url, 10).await;
+        let hits = other_mint.hits.load(Ordering::SeqCst);
+        let r = alice
+            .request(
+                pk,
+                &relays,
+                &spawn_req(foreign.clone(), Some(SLEEPER)),
+                TIMEOUT,
+            )
+            .await
+            .unwrap();
+        assert_eq!(code(&r), Some(ErrorCode::MintNotAccepted), "{r:?}");
+        assert_eq!(
+            other_mint.hits.load(Ordering::SeqCst),
+            hits,
+            "the provider contacted the foreign mint"
+        );
+        assert_eq!(
+            redeem(&other_mint.url, &foreign).await.unwrap(),
+            10,
+            "the foreign token was spent"
+        );
+
+        // Refusals before redemption leave the token spendable: too little
+        // for the minimum, a document too big for the offer, a bad one.
+        for (sat, doc, want) in [
+            (
+                MIN_SECONDS - 1,
+                SLEEPER.to_string(),
+                ErrorCode::AmountTooSmall,
+            ),
+            (
+                MAX_SECONDS + 1,
+                SLEEPER.to_string(),
+                ErrorCode::AmountTooLarge,
+            ),
+            (
+                10,
+                SLEEPER.replace("memoryMiB: 32", "memoryMiB: 128"),
+                ErrorCode::ExceedsOffer,
+            ),
+            (
+                10,
+                SLEEPER.replace("command", "comand"),
+                ErrorCode::InvalidDocument,
+            ),
+            (
+                10,
+                SLEEPER.replace("process", "vm"),
+                ErrorCode::InvalidDocument,
+            ),
+        ] {
+            let t = token(&mint.url, sat).await;
+            let r = alice
+                .request(pk, &relays, &spawn_req(t.clone(), Some(&doc)), TIMEOUT)
+                .await
+                .unwrap();
+            assert_eq!(code(&r), Some(want), "{r:?}");
+            assert!(r.error.as_ref().unwrap().field.is_some(), "{r:?}");
+            assert_eq!(
+                redeem(&mint.url, &t).await.unwrap(),
+                sat,
+                "{want:?} took the token"
+            );
+        }
+        assert!(p.cells().is_empty());
+
+        // Provisioning fails after redemption (a rootfs the provider does
+        // not have: only the backend finds out): the reply refunds it all,
+        // and the refund redeems at the mint for the full amount.
+        let paid = token(&mint.url, 10).await;
+        let missing = SLEEPER.replace(
+            "command:",
+            "image: /var/empty/cellhost-no-rootfs\n  command:",
+        );
+        let r = alice
+            .request(
+                pk,
+                &relays,
+                &spawn_req(paid.clone(), Some(&missing)),
+                TIMEOUT,
+            )
+            .await
+            .unwrap();
+        assert_eq!(code(&r), Some(ErrorCode::ProvisionFailed), "{r:?}");
+        assert!(matches!(
+            redeem(&mint.url, &paid).await,
+            Err(cdk::Error::TokenAlreadySpent)
+        ));
+        let refund = r.refund.clone().expect("a refund token");
+        assert_eq!(redeem(&mint.url, &refund).await.unwrap(), 10);
+        assert!(p.cells().is_empty());
+
+        // A replayed request creates nothing: the same rumor in a new gift
+        // wrap gets no second answer and no second cell.
+        let rumor = EventBuilder::private_msg_rumor(
+            pk,
+            spawn_req(token(&mint.url, 30).await, Some(SLEEPER)).to_json(),
+        )
+        .build(alice.public_key());
+        let rid = rumor.id.unwrap_or_else(|| rumor.clone().id());
+        alice.send_rumor(pk, &relays, rumor.clone()).await.unwrap();
+        let first = alice.wait_reply(pk, rid, TIMEOUT).await.unwrap();
+        assert!(first.ok, "{first:?}");
+        let cell = first.cell.clone().unwrap().id;
+        alice.send_rumor(pk, &relays, rumor.clone()).await.unwrap();
+        // Its one reply is on the relay; a second would be a new event.
+        let n_replies = count_replies(&alice, pk, rid).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(count_replies(&alice, pk, rid).await, n_replies);
+        assert_eq!(n_replies, 1);
+        assert_eq!(p.cells().len(), 1);
+        assert_eq!(
+            p.ledger()
+                .get(&rid.to_hex())
+                .unwrap()
+                .unwrap()
+                .outcome
+                .as_deref(),
+            Some("ok")
+        );
+        assert!(p.log().contains("seen before; ignored"), "{}", p.log());
+
+        // A third party can neither see, stop nor top up alice's cell, and
+        // its top-up token is not taken.
+        let mallory = consumer(&relay).await;
+        for req in [
+            Request::Status {
+                cellhost: VERSION,
+                cell: cell.clone(),
+            },
+            Request::Stop {
+                cellhost: VERSION,
+                cell: cell.clone(),
+            },
+        ] {
+            let r = mallory.request(pk, &relays, &req, TIMEOUT).await.unwrap();
+            assert_eq!(code(&r), Some(ErrorCode::NotFound), "{r:?}");
+        }
+        let t = token(&mint.url, 10).await;
+        let r = mallory
+            .request(
+                pk,
+                &relays,
+                &Request::Topup {
+                    cellhost: VERSION,
+                    cell: cell.clone(),
+                    token: t.clone(),
+                },
+                TIMEOUT,
+            )
+            .await
+            .unwrap();
+        assert_eq!(code(&r), Some(ErrorCode::NotFound), "{r:?}");
+        assert_eq!(redeem(&mint.url, &t).await.unwrap(), 10);
+        let v = p.operator(&["inspect", &cell]);
+        assert_eq!(v["observed"], "running");
+        assert_eq!(v["document"]["spec"]["lifetime"]["ttlSeconds"], 30);
+
+        // Hostile DMs: garbage in well-formed gift wraps (answered with a
+        // code), and garbage gift wraps (dropped); the provider lives on.
+        let fuzz = hostile_contents();
+        let n = fuzz.len();
+        for (i, content) in fuzz.into_iter().enumerate() {
+            let r = mallory
+                .request_raw(
+                    pk,
+                    &relays,
+                    content,
+                    if i < 3 { TIMEOUT } else { Duration::ZERO },
+                )
+                .await;
+            if i < 3 {
+                let r = r.unwrap();
+                assert!(!r.ok && r.error.is_some(), "{r:?}");
+            }
+        }
+        for _ in 0..20 {
+            let junk = EventBuilder::new(Kind::GiftWrap, random_text(200))
+                .tag(Tag::public_key(pk))
+                .sign_with_keys(&Keys::generate())
+                .unwrap();
+            mallory.client().send_event(&junk).await.unwrap();
+        }
+        // Still serving, and still right: alice stops her cell.
+        let r = alice
+            .request(
+                pk,
+                &relays,
+                &Request::Stop {
+                    cellhost: VERSION,
+                    cell: cell.clone(),
+                },
+                TIMEOUT,
+            )
+            .await
+            .unwrap();
+        assert!(r.ok, "{r:?} after {n} hostile DMs; log:\n{}", p.log());
+        assert_eq!(r.cell.unwrap().state, "destroyed");
+        assert!(p.cells().is_empty());
+        assert!(!p.log().contains("panicked"), "{}", p.log());
+    });
+}
+
+fn code(r: &Reply) -> Option<ErrorCode> {
+    r.error.as_ref().map(|e| e.code)
+}
+
+/// Replies to `rid` from `provider` stored on the relay.
+async fn count_replies(c: &Consumer, provider: PublicKey, rid: EventId) -> usize {
+    let evs = c
+        .client()
+        .fetch_events(
+            Filter::new().kind(Kind::GiftWrap).pubkey(c.public_key()),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    let mut n = 0;
+    for ev in evs.iter() {
+        if let Ok(g) = nostr_sdk::nips::nip59::UnwrappedGift::from_gift_wrap(c.keys(), ev).await
+            && g.sender == provider
+            && serde_json::from_str::<Reply>(&g.rumor.content).is_ok_and(|r| r.re == rid.to_hex())
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
+/// Request contents no honest client sends.
+fn hostile_contents() -> Vec<String> {
+    let mut v = vec![
+        "not json at all".to_string(),
+        r#"{"op":"spawn","tier":"process","token":"cashuBnotatoken"}"#.to_string(),
+        r#"{"op":"spawn","tier":"process","token":"x","document":"spec: [unclosed"}"#.to_string(),
+        r#"{"op":"format-c"}"#.to_string(),
+        r#"{"op":"topup","cell":"../../etc","token":"cashuA"}"#.to_string(),
+        r#"{"op":"status","cell":"x","cellhost":99}"#.to_string(),
+        r#"{"op":"spawn","tier":"process","token":"t","volumeKey":"zz","document":"{}"}"#
+            .to_string(),
+        format!(r#"{{"op":"stop","cell":"{}"}}"#, "A".repeat(300_000)),
+        "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[".repeat(100),
+        r#"{"op":"spawn","tier":"process","token":"cashuB"}"#.to_string(),
+        String::new(),
+    ];
+    for i in 0..20 {
+        v.push(random_text(1 + i * 37));
+    }
+    v
+}
+
+fn random_text(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    cellhost_core::ids::fill_random(&mut b);
+    String::from_utf8_lossy(&b).to_string()
+}
