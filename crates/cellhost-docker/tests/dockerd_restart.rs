@@ -19,7 +19,12 @@ use common::{cell, engine, engine_with};
 
 const PIDFILE: &str = "/var/run/docker.pid";
 
-fn dockerd_argv() -> Result<(i32, Vec<String>), String> {
+/// dockerd's pid, argv and environment: it is restarted exactly as it
+/// ran, not with this test's environment (whose TMPDIR, a scratch dir
+/// that scripts/test removes afterwards, would break every later exec).
+type Dockerd = (i32, Vec<String>, Vec<(String, String)>);
+
+fn dockerd_argv() -> Result<Dockerd, String> {
     if Path::new("/run/systemd/system").exists() {
         return Err("systemd manages services here; not restarting its dockerd".into());
     }
@@ -38,7 +43,16 @@ fn dockerd_argv() -> Result<(i32, Vec<String>), String> {
     if argv.first().is_none_or(|a| !a.ends_with("dockerd")) {
         return Err(format!("pid {pid} is not dockerd: {argv:?}"));
     }
-    Ok((pid, argv))
+    let env = std::fs::read(format!("/proc/{pid}/environ"))
+        .map_err(|e| format!("dockerd pid {pid}: {e}"))?
+        .split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    Ok((pid, argv, env))
 }
 
 fn wait_for(what: &str, max: Duration, mut f: impl FnMut() -> bool) {
@@ -58,7 +72,7 @@ async fn status_recovers_after_dockerd_restart() {
         return;
     };
     let Some(plain) = engine().await else { return };
-    let (pid, argv) = match dockerd_argv() {
+    let (pid, argv, env) = match dockerd_argv() {
         Ok(x) => x,
         Err(why) => {
             eprintln!("SKIP: {why}");
@@ -101,6 +115,8 @@ async fn status_recovers_after_dockerd_restart() {
     let started = Command::new("setsid")
         .arg("-f")
         .args(&argv)
+        .env_clear()
+        .envs(env)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)

@@ -53,8 +53,11 @@ impl Checked {
 }
 
 pub struct Cashier {
-    /// One wallet per accepted mint, sharing `store`.
+    /// One wallet per accepted mint, sharing one store.
     wallets: HashMap<MintUrl, Wallet>,
+    /// Per mint: a redemption or refund is the only money movement at its
+    /// mint while it runs, so a balance difference is that operation's.
+    locks: HashMap<MintUrl, tokio::sync::Mutex<()>>,
 }
 
 impl Cashier {
@@ -95,6 +98,7 @@ impl Cashier {
         mints: &[String],
     ) -> Result<Cashier, MarketError> {
         let mut wallets = HashMap::new();
+        let mut locks = HashMap::new();
         for m in mints {
             let url =
                 MintUrl::from_str(m).map_err(|e| MarketError::Wallet(format!("mint {m}: {e}")))?;
@@ -106,9 +110,10 @@ impl Cashier {
                 None,
             )
             .map_err(|e| MarketError::Wallet(format!("mint {m}: {e}")))?;
+            locks.insert(url.clone(), tokio::sync::Mutex::new(()));
             wallets.insert(url, w);
         }
-        Ok(Cashier { wallets })
+        Ok(Cashier { wallets, locks })
     }
 
     /// Every offline check of `token`: it parses, its mint is accepted, its
@@ -141,8 +146,16 @@ impl Cashier {
 
     /// Swap `token` (already [`Cashier::check`]ed) into our wallet. Returns
     /// the sat received (the face value less any mint fee).
+    ///
+    /// A swap can fail after the mint took the token (its answer lost on
+    /// the way back, a local db error); cdk then leaves the operation open.
+    /// So an error is not taken at its word: open operations are resumed
+    /// and the balance compared with before, and money that did arrive
+    /// counts as received (used or refunded like any other).
     pub async fn redeem(&self, token: &str, checked: &Checked) -> Result<u64, Refusal> {
         let w = self.wallet(&checked.mint)?;
+        let _only = self.lock(&checked.mint).await;
+        let before = w.total_balance().await.map(u64::from).ok();
         match w.receive(token.trim(), ReceiveOptions::default()).await {
             Ok(a) => Ok(u64::from(a)),
             Err(cdk::Error::TokenAlreadySpent) => Err(Refusal::field(
@@ -150,11 +163,53 @@ impl Cashier {
                 "token",
                 "the mint says this token is already spent",
             )),
-            Err(e) => Err(Refusal::field(
-                ErrorCode::MintError,
-                "token",
-                format!("the mint did not take the token: {e}"),
-            )),
+            Err(e) => {
+                if let Err(r) = w.recover_incomplete_sagas().await {
+                    tracing::warn!(
+                        "market: resuming wallet operations at {}: {r}",
+                        checked.mint
+                    );
+                }
+                let after = w.total_balance().await.map(u64::from).ok();
+                match (before, after) {
+                    (Some(b), Some(a)) if a > b => {
+                        tracing::warn!("market: the swap failed ({e}) yet {} sat arrived", a - b);
+                        Ok(a - b)
+                    }
+                    _ => Err(Refusal::field(
+                        ErrorCode::MintError,
+                        "token",
+                        format!("the mint did not take the token: {e}"),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Resume wallet operations a crash left open, at every mint that
+    /// answers. Errors are logged: a mint that is down now is tried again
+    /// at the next failed redemption or start.
+    pub async fn recover(&self) {
+        for (url, w) in &self.wallets {
+            let _only = self.lock(url).await;
+            match w.recover_incomplete_sagas().await {
+                Ok(r) if !r.is_empty() => tracing::info!(
+                    "market: wallet at {url}: {} recovered, {} rolled back, {} pending, {} failed",
+                    r.recovered,
+                    r.compensated,
+                    r.skipped,
+                    r.failed
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("market: wallet at {url}: recovery: {e}"),
+            }
+        }
+    }
+
+    async fn lock(&self, mint: &MintUrl) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match self.locks.get(mint) {
+            Some(l) => Some(l.lock().await),
+            None => None,
         }
     }
 
@@ -163,6 +218,7 @@ impl Cashier {
         let w = self
             .wallet(mint)
             .map_err(|r| MarketError::Wallet(r.message))?;
+        let _only = self.lock(mint).await;
         let prepared = w
             .prepare_send(Amount::from(amount_sat), SendOptions::default())
             .await

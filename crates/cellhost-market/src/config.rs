@@ -7,6 +7,7 @@
 //! host: 203.0.113.7          # where consumers reach published ports
 //! heartbeatSeconds: 60
 //! portRange: [20000, 29999]  # host ports for cells' spec.ports
+//! maxRequestAgeSeconds: 600  # older requests are refused unpaid
 //! tiers:
 //!   - tier: process
 //!     priceMsatPerSecond: 10
@@ -43,6 +44,11 @@ pub struct MarketConfig {
     /// values are replaced: a consumer cannot know which are free).
     #[serde(default = "default_port_range")]
     pub port_range: (u32, u32),
+    /// A request signed longer ago than this (or this far in the future)
+    /// is refused unpaid: relays hand stored requests to a provider that
+    /// was down, and a consumer who gave up must not be charged.
+    #[serde(default = "default_max_age")]
+    pub max_request_age_seconds: u64,
     /// The Cashu unit; only `sat` for now.
     #[serde(default = "default_unit")]
     pub unit: String,
@@ -75,6 +81,9 @@ fn default_heartbeat() -> u64 {
 }
 fn default_port_range() -> (u32, u32) {
     (20000, 29999)
+}
+fn default_max_age() -> u64 {
+    600
 }
 fn default_unit() -> String {
     "sat".into()
@@ -159,6 +168,9 @@ impl MarketConfig {
         let (lo, hi) = self.port_range;
         if lo == 0 || hi > 65535 || lo > hi {
             return bad("portRange".into(), "expected [low, high] within 1..=65535");
+        }
+        if !(10..=86_400).contains(&self.max_request_age_seconds) {
+            return bad("maxRequestAgeSeconds".into(), "must be 10..=86400");
         }
         if self.unit != "sat" {
             return bad("unit".into(), "only `sat` is supported");

@@ -169,7 +169,7 @@ impl Consumer {
                 && let Ok(hb) = serde_json::from_str::<Heartbeat>(&e.content)
             {
                 let age = now.saturating_sub(e.created_at.as_secs());
-                l.live = age <= 3 * l.offer.cellhost.heartbeat_seconds.max(1);
+                l.live = age <= l.offer.cellhost.heartbeat_seconds.clamp(1, 3600) * 3;
                 l.heartbeat_age_seconds = Some(age);
                 l.heartbeat = Some(hb);
             }
@@ -228,7 +228,7 @@ impl Consumer {
     }
 
     /// Send any content as a request; a zero `timeout` does not wait (and
-    /// returns [`MarketError::Timeout`]).
+    /// returns [`MarketError::NoReply`]).
     pub async fn request_raw(
         &self,
         provider: PublicKey,
@@ -243,7 +243,10 @@ impl Consumer {
         });
         self.send_rumor(provider, relays, rumor).await?;
         if timeout.is_zero() {
-            return Err(MarketError::Timeout(0));
+            return Err(MarketError::NoReply {
+                seconds: 0,
+                request: rid.to_hex(),
+            });
         }
         self.wait_reply(provider, rid, timeout).await
     }
@@ -327,7 +330,10 @@ impl Consumer {
         };
         tokio::time::timeout(timeout, wait)
             .await
-            .map_err(|_| MarketError::Timeout(timeout.as_secs()))?
+            .map_err(|_| MarketError::NoReply {
+                seconds: timeout.as_secs(),
+                request: rid.to_hex(),
+            })?
     }
 
     async fn reply_in(&self, ev: &Event, provider: PublicKey, rid: EventId) -> Option<Reply> {

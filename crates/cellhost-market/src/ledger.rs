@@ -3,7 +3,8 @@
 //! # Layout on the host
 //!
 //! `<state>/market/ledger.sqlite` (0600, WAL), one table:
-//! `requests(id PK, sender, op, received_at, outcome, cell, paid_msat, seconds)`.
+//! `requests(id PK, sender, op, received_at, outcome, cell, paid_msat, seconds,
+//! reply)`.
 //! `id` is the request's rumor id (the inner, signed-by-nobody kind-14
 //! event's id, recomputed here, never taken from the wire): the gift wrap
 //! around it changes on every send, the rumor does not.
@@ -19,7 +20,11 @@
 //! # Threat model
 //!
 //! Rows hold no token, key, password or document: only who asked for what,
-//! the stable outcome code, the cell id and amounts.
+//! the stable outcome code (`refund_owed` marks money taken and neither
+//! delivered nor refunded), the cell id, amounts, and the answer as sent:
+//! a NIP-59 gift wrap sealed to the requester with a throwaway key, which
+//! this provider cannot open again (so a refund in it stays the
+//! requester's alone).
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -42,6 +47,8 @@ pub struct Entry {
     pub cell: Option<String>,
     pub paid_msat: Option<u64>,
     pub seconds: Option<u64>,
+    /// The answer as sent: a gift wrap only the requester can open.
+    pub reply: Option<String>,
 }
 
 /// What became of one request.
@@ -76,7 +83,8 @@ impl Ledger {
                 outcome TEXT,
                 cell TEXT,
                 paid_msat INTEGER,
-                seconds INTEGER
+                seconds INTEGER,
+                reply TEXT
             );
             CREATE INDEX IF NOT EXISTS requests_cell ON requests(cell);",
         )?;
@@ -116,11 +124,20 @@ impl Ledger {
         Ok(())
     }
 
+    /// Keep the answer to request `id` (its gift wrap, as JSON).
+    pub fn set_reply(&self, id: &str, wrap: &str) -> Result<(), MarketError> {
+        self.conn().execute(
+            "UPDATE requests SET reply = ?2 WHERE id = ?1",
+            params![id, wrap],
+        )?;
+        Ok(())
+    }
+
     pub fn get(&self, id: &str) -> Result<Option<Entry>, MarketError> {
         Ok(self
             .conn()
             .query_row(
-                "SELECT id, sender, op, outcome, cell, paid_msat, seconds FROM requests WHERE id = ?1",
+                "SELECT id, sender, op, outcome, cell, paid_msat, seconds, reply FROM requests WHERE id = ?1",
                 params![id],
                 |r| {
                     Ok(Entry {
@@ -131,10 +148,26 @@ impl Ledger {
                         cell: r.get(4)?,
                         paid_msat: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
                         seconds: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+                        reply: r.get(7)?,
                     })
                 },
             )
             .optional()?)
+    }
+
+    /// Mark requests a crash cut short (claimed, no outcome) as
+    /// `interrupted`; returns them. Their token may have been redeemed.
+    pub fn mark_interrupted(&self) -> Result<Vec<Entry>, MarketError> {
+        let cut: Vec<Entry> = self
+            .entries()?
+            .into_iter()
+            .filter(|e| e.outcome.is_none())
+            .collect();
+        self.conn().execute(
+            "UPDATE requests SET outcome = 'interrupted' WHERE outcome IS NULL",
+            [],
+        )?;
+        Ok(cut)
     }
 
     /// Spawns that gave a consumer a cell.
@@ -151,7 +184,7 @@ impl Ledger {
     pub fn entries(&self) -> Result<Vec<Entry>, MarketError> {
         let conn = self.conn();
         let mut st = conn.prepare(
-            "SELECT id, sender, op, outcome, cell, paid_msat, seconds FROM requests ORDER BY received_at, rowid",
+            "SELECT id, sender, op, outcome, cell, paid_msat, seconds, reply FROM requests ORDER BY received_at, rowid",
         )?;
         let rows = st.query_map([], |r| {
             Ok(Entry {
@@ -162,6 +195,7 @@ impl Ledger {
                 cell: r.get(4)?,
                 paid_msat: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
                 seconds: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+                reply: r.get(7)?,
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)

@@ -14,7 +14,7 @@
 //! The provider's order of work for a paid request is the point of this
 //! crate: every check that can refuse a request runs before the token is
 //! redeemed, and anything that fails after redemption is answered with a
-//! refund token for the full amount taken.
+//! refund token for everything taken (less a mint fee, if any).
 
 pub mod cashier;
 pub mod config;
@@ -48,8 +48,10 @@ pub enum MarketError {
     Wallet(String),
     #[error("{0}")]
     Refused(#[from] proto::Refusal),
-    #[error("no reply from the provider within {0} s")]
-    Timeout(u64),
+    /// The request went out; no answer came in time. The provider may
+    /// still act on it (and keeps its answer for a repeat of the request).
+    #[error("no reply from the provider within {seconds} s to request {request}")]
+    NoReply { seconds: u64, request: String },
 }
 
 impl MarketError {

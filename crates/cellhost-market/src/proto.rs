@@ -37,8 +37,11 @@ pub const HEARTBEAT_D: &str = "cellhost:heartbeat:v1";
 pub const TOPIC: &str = "cellhost";
 /// Protocol version in every request and reply.
 pub const VERSION: u32 = 1;
-/// Largest request content accepted (a document plus a token fit easily).
-pub const MAX_REQUEST_BYTES: usize = 256 * 1024;
+/// Largest request content accepted. NIP-44 encrypts at most 65 535 bytes,
+/// padded up in steps, and the gift wrap encrypts the seal, which holds
+/// the encrypted rumor in base64: a rumor over 40 960 bytes cannot be sent
+/// at all. A document plus a token fit in this easily.
+pub const MAX_REQUEST_BYTES: usize = 32 * 1024;
 
 /// The offer's content.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -132,8 +135,8 @@ pub fn isolation_level(tier: cellhost_spec::Isolation) -> &'static str {
     }
 }
 
-/// A consumer's request (the rumor's content).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A consumer's request (the rumor's content). `Debug` shows no token.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
     /// Rent a cell.
@@ -161,6 +164,20 @@ pub enum Request {
 
 fn version() -> u32 {
     VERSION
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Request::Spawn(s) => s.fmt(f),
+            Request::Topup { cell, .. } => f
+                .debug_struct("Topup")
+                .field("cell", cell)
+                .finish_non_exhaustive(),
+            Request::Status { cell, .. } => f.debug_struct("Status").field("cell", cell).finish(),
+            Request::Stop { cell, .. } => f.debug_struct("Stop").field("cell", cell).finish(),
+        }
+    }
 }
 
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
@@ -298,6 +315,9 @@ pub enum ErrorCode {
     NotFound,
     /// The cell's lease has ended.
     LeaseEnded,
+    /// The request was signed too long ago (or in the future): a consumer
+    /// who has given up on it must not be charged when it turns up.
+    StaleRequest,
     Internal,
 }
 
@@ -319,6 +339,7 @@ impl ErrorCode {
             ErrorCode::ProvisionFailed => "provision_failed",
             ErrorCode::NotFound => "not_found",
             ErrorCode::LeaseEnded => "lease_ended",
+            ErrorCode::StaleRequest => "stale_request",
             ErrorCode::Internal => "internal",
         }
     }
@@ -378,7 +399,7 @@ pub struct Reply {
     pub seconds: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<Refusal>,
-    /// A token for the full amount taken, when a paid request failed.
+    /// A token for everything taken, when a paid request failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refund: Option<String>,
 }
@@ -514,6 +535,8 @@ mod tests {
         .unwrap();
         let d = format!("{r:?}");
         assert!(!d.contains("cashuBsecret") && !d.contains("hunter2"), "{d}");
+        let t = Request::parse(r#"{"op":"topup","cell":"c","token":"cashuBsecret"}"#).unwrap();
+        assert!(!format!("{t:?}").contains("cashuBsecret"));
         let mut reply =
             Reply::refused("re", "spawn", Refusal::new(ErrorCode::ProvisionFailed, "x"));
         reply.refund = Some("cashuBrefund".into());

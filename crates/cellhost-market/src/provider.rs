@@ -17,7 +17,8 @@
 //!
 //! ```text
 //! unwrap (NIP-59; the seal's signer is the sender) → rumor kind 14 → its
-//! id recomputed → ledger claim (a replay stops here) → parse → per op:
+//! id recomputed → ledger claim (a replay stops here; its kept answer is
+//! sent again) → not too old → parse → per op:
 //! spawn:  tier on offer and running → document (or template) valid, of that
 //!         tier, within the offer's size → secrets, volume key → capacity
 //!         → token parses, mint accepted, unit sat → amount buys
@@ -41,10 +42,16 @@
 //!
 //! Requests are hostile until checked. Only NIP-17 is read: NIP-04 and
 //! plain events are ignored. Nothing is redeemed before every check that
-//! could refuse has passed, and nothing taken is kept when the cell is not
-//! delivered. A third party's request about a cell looks exactly like one
-//! about a missing cell (`not_found`). Tokens, refund tokens, volume keys,
-//! passwords and documents are never logged or put in the ledger.
+//! could refuse has passed; what is taken for a cell (or an extension)
+//! that is not delivered is refunded in the reply, and what cannot be
+//! refunded (the mint down at that moment) is recorded as `refund_owed`.
+//! A crash between redemption and reply is the one gap: the request is
+//! marked `interrupted` at the next start, loudly, with the money in the
+//! wallet. Requests older than `maxRequestAgeSeconds` are refused unpaid.
+//! A third party's request about a cell looks exactly like one about a
+//! missing cell (`not_found`). Tokens, refund tokens, volume keys,
+//! passwords and documents are never logged or put in the ledger (which
+//! keeps each answer only as the gift wrap sent, sealed to the requester).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -66,6 +73,9 @@ use crate::proto::{
     Reply, Request, SpawnRequest, TierOffer,
 };
 use crate::{MarketError, keys};
+
+/// How long a shutdown waits for requests under way.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
 
 /// Owner name of cells rented by `pk`.
 pub fn owner_of(pk: &PublicKey) -> String {
@@ -111,6 +121,10 @@ pub struct Provider {
     last_offer: Mutex<Option<String>>,
     /// Host ports handed to spawns still in flight.
     ports_in_flight: Mutex<HashSet<u32>>,
+    /// Held by a spawn from its capacity check through create, and by a
+    /// top-up from its lease check through extend: concurrent requests
+    /// cannot all pass a check only one of them fits (and then all pay).
+    provision: tokio::sync::Mutex<()>,
 }
 
 impl Provider {
@@ -127,6 +141,17 @@ impl Provider {
         let seed = keys::wallet_seed(&paths.seed())?;
         let cashier = Cashier::open(&paths.wallet(), &seed, &cfg.mints).await?;
         let ledger = Ledger::open(&paths.ledger())?;
+        // Only a crash leaves a request without an outcome (a shutdown waits
+        // for them). Say so, loudly: its token may have been redeemed.
+        for e in ledger.mark_interrupted()? {
+            tracing::error!(
+                "market: {} request {} from {} was cut short by a crash; \
+                 if its token was redeemed, the money is in this provider's wallet and owed to the requester",
+                e.op,
+                e.id,
+                e.sender
+            );
+        }
         let mut templates = Vec::new();
         for (i, t) in cfg.tiers.iter().enumerate() {
             if let Some(p) = &t.template {
@@ -164,6 +189,7 @@ impl Provider {
             templates,
             last_offer: Mutex::new(None),
             ports_in_flight: Mutex::new(HashSet::new()),
+            provision: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -194,8 +220,10 @@ impl Provider {
             keys::npub(&self.public_key()),
             self.cfg.relays.len()
         );
+        self.cashier.recover().await;
         let mut beat = tokio::time::interval(Duration::from_secs(self.cfg.heartbeat_seconds));
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut in_flight = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|v| *v).await; } => break,
@@ -206,7 +234,8 @@ impl Provider {
                 n = notes.recv() => match n {
                     Ok(RelayPoolNotification::Event { event, .. }) if event.kind == Kind::GiftWrap => {
                         let me = self.clone();
-                        tokio::spawn(async move { me.handle_wrap(*event).await });
+                        in_flight.spawn(async move { me.handle_wrap(*event).await });
+                        while in_flight.try_join_next().is_some() {}
                     }
                     Ok(RelayPoolNotification::Shutdown) => break,
                     Ok(_) => {}
@@ -215,6 +244,20 @@ impl Provider {
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
                 },
+            }
+        }
+        // Requests under way finish (a redeemed token becomes a cell or a
+        // refund, and its reply goes out) before the relays are let go.
+        if !in_flight.is_empty() {
+            tracing::info!(
+                "market: waiting for {} request(s) under way",
+                in_flight.len()
+            );
+            let drain = async { while in_flight.join_next().await.is_some() {} };
+            if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+                tracing::error!(
+                    "market: requests still under way after {SHUTDOWN_GRACE:?}; cut short"
+                );
             }
         }
         self.client.shutdown().await;
@@ -390,7 +433,21 @@ impl Provider {
         match self.ledger.claim(&rid_hex, &sender.to_hex(), &op_hint) {
             Ok(true) => {}
             Ok(false) => {
-                tracing::info!("market: request {rid_hex} seen before; ignored");
+                // Nothing runs again. The answer, if one was made, is sent
+                // again as the very same event (the consumer may have missed
+                // it); only to the sender who asked.
+                let again = match self.ledger.get(&rid_hex) {
+                    Ok(Some(e)) if e.sender == sender.to_hex() => e.reply,
+                    _ => None,
+                };
+                let resent = match again.as_deref().map(Event::from_json) {
+                    Some(Ok(ev)) => self.client.send_event(&ev).await.is_ok(),
+                    _ => false,
+                };
+                tracing::info!(
+                    "market: request {rid_hex} seen before; not run again{}",
+                    if resent { ", its answer resent" } else { "" }
+                );
                 return;
             }
             Err(e) => {
@@ -399,7 +456,17 @@ impl Provider {
             }
         }
         let owner = owner_of(&sender);
+        let t0 = std::time::Instant::now();
+        let age = Timestamp::now().as_secs() as i64 - rumor.created_at.as_secs() as i64;
+        let max_age = self.cfg.max_request_age_seconds as i64;
         let (reply, outcome_cell) = match Request::parse(&rumor.content) {
+            _ if age > max_age || age < -max_age => {
+                let why = Refusal::new(
+                    ErrorCode::StaleRequest,
+                    format!("signed {age} s from now; requests count for {max_age} s"),
+                );
+                (Reply::refused(&rid_hex, &op_hint, why), None)
+            }
             Err(why) => (Reply::refused(&rid_hex, &op_hint, why), None),
             Ok(req) => {
                 let op = req.op();
@@ -411,16 +478,21 @@ impl Provider {
         };
         let code = match &reply.error {
             None => "ok",
+            // Paid, not delivered, not refunded: the ledger says what is owed.
+            Some(e) if e.code == ErrorCode::ProvisionFailed && reply.refund.is_none() => {
+                "refund_owed"
+            }
             Some(e) => e.code.as_str(),
         };
         tracing::info!(
-            "market: {} from {} → {code}{}",
+            "market: {} from {} → {code}{} in {} ms",
             reply.op,
             keys::npub(&sender),
             outcome_cell
                 .as_deref()
                 .map(|c| format!(" (cell {c})"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            t0.elapsed().as_millis()
         );
         if let Err(e) = self.ledger.finish(
             &rid_hex,
@@ -433,21 +505,40 @@ impl Provider {
         ) {
             tracing::error!("market: ledger: {e}");
         }
-        if let Err(e) = self
-            .client
-            .send_private_msg(sender, reply.to_json(), [Tag::event(rid)])
-            .await
-        {
-            // A refund in the lost reply stays spendable by whoever holds it:
-            // the token exists only in that message.
-            tracing::error!(
-                "market: the reply to {rid_hex} was not sent{}: {e}",
-                if reply.refund.is_some() {
-                    " (it carried a refund)"
-                } else {
-                    ""
-                }
-            );
+        self.answer(sender, rid, &reply).await;
+    }
+
+    /// Gift-wrap `reply` to `to`, keep the wrap (ciphertext only `to` can
+    /// open) in the ledger so a repeated request gets it again, publish it.
+    async fn answer(&self, to: PublicKey, rid: EventId, reply: &Reply) {
+        let rid_hex = rid.to_hex();
+        let carried = if reply.refund.is_some() {
+            " (it carries a refund)"
+        } else {
+            ""
+        };
+        let rumor = EventBuilder::private_msg_rumor(to, reply.to_json())
+            .tag(Tag::event(rid))
+            .build(self.public_key());
+        let wrap = match EventBuilder::gift_wrap(&self.keys, &to, rumor, []).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!("market: wrapping the reply to {rid_hex}{carried}: {e}");
+                return;
+            }
+        };
+        if let Err(e) = self.ledger.set_reply(&rid_hex, &wrap.as_json()) {
+            tracing::error!("market: ledger: {e}");
+        }
+        match self.client.send_event(&wrap).await {
+            Ok(out) if !out.success.is_empty() => {}
+            Ok(out) => tracing::error!(
+                "market: no relay took the reply to {rid_hex}{carried}: {:?}; it is sent again when the request is",
+                out.failed
+            ),
+            Err(e) => tracing::error!(
+                "market: the reply to {rid_hex}{carried} was not sent: {e}; it is sent again when the request is"
+            ),
         }
     }
 
@@ -569,7 +660,9 @@ impl Provider {
                 }
                 (None, false) => None,
             };
-        // 4. Room on the node (checked again, for real, by create).
+        // 4. Room on the node. Held to the create: no other spawn passes
+        //    this check on the same room.
+        let _provision = self.provision.lock().await;
         self.sup
             .admits(&cell.spec)
             .map_err(|why| Refusal::new(ErrorCode::NoCapacity, why))?;
@@ -588,7 +681,22 @@ impl Provider {
         let received = self.cashier.redeem(&req.token, &checked).await?;
         let paid_msat = received.saturating_mul(1000);
         let seconds = (paid_msat / offer.price_msat_per_second).min(seconds);
-        cell.spec.lifetime.ttl_seconds = seconds.max(1);
+        if seconds < offer.min_seconds {
+            // The mint's fee took it under the minimum.
+            return Ok(self
+                .refund(
+                    rid,
+                    "spawn",
+                    &checked,
+                    received,
+                    format!(
+                        "after the mint's fee the token pays {paid_msat} msat, less than the {} s minimum",
+                        offer.min_seconds
+                    ),
+                )
+                .await);
+        }
+        cell.spec.lifetime.ttl_seconds = seconds;
         let confidential = Confidential {
             secrets,
             volume_key,
@@ -616,6 +724,8 @@ impl Provider {
 
     async fn topup(&self, owner: &str, rid: &str, id: &str, token: &str) -> Result<Reply, Refusal> {
         let caller = Caller::tenant(owner);
+        // Held to the extend: two top-ups cannot both fit under maxSeconds.
+        let _provision = self.provision.lock().await;
         let view = self.visible(&caller, id).await?;
         if view.expires_in_seconds == 0 || view.desired == "destroyed" {
             return Err(Refusal::field(
@@ -647,13 +757,13 @@ impl Provider {
                 ),
             ));
         }
-        if view.expires_in_seconds.saturating_add(seconds) > offer.max_seconds {
+        let total = view.expires_in_seconds.saturating_add(seconds);
+        if total > offer.max_seconds {
             return Err(Refusal::field(
                 ErrorCode::AmountTooLarge,
                 "token",
                 format!(
-                    "{seconds} s more would leave {} s on the lease; at most {} s",
-                    view.expires_in_seconds + seconds,
+                    "{seconds} s more would leave {total} s on the lease; at most {} s",
                     offer.max_seconds
                 ),
             ));
@@ -740,10 +850,11 @@ impl Provider {
         why: String,
     ) -> Reply {
         let mut reply = Reply::refused(rid, op, Refusal::new(ErrorCode::ProvisionFailed, why));
+        // What was taken, refunded or owed: the ledger records it either way.
+        reply.paid_msat = Some(received_sat.saturating_mul(1000));
         match self.cashier.refund(&checked.mint, received_sat).await {
             Ok(token) => {
                 reply.refund = Some(token);
-                reply.paid_msat = Some(received_sat.saturating_mul(1000));
             }
             Err(e) => {
                 tracing::error!("market: refund of {received_sat} sat for {rid} failed: {e}");

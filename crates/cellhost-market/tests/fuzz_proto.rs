@@ -52,13 +52,16 @@ proptest! {
     #[test]
     fn mutated_requests_never_panic(
         op in 0usize..6,
-        cell in ".{0,40}",
-        token in ".{0,80}",
-        tier in "[a-z]{0,10}",
-        extra in proptest::option::of(("[a-zA-Z]{1,8}", any::<i64>())),
-        version in proptest::option::of(any::<u32>()),
+        cell in proptest::option::of(".{0,40}"),
+        token in proptest::option::of(".{0,80}"),
+        tier in proptest::option::of("[a-z]{0,10}"),
+        extra in proptest::option::weighted(0.2, ("[a-zA-Z]{1,8}", any::<i64>())),
+        version in proptest::option::weighted(0.2, any::<u32>()),
     ) {
-        let mut v = serde_json::json!({"op": OPS[op], "cell": cell, "token": token, "tier": tier});
+        let mut v = serde_json::json!({"op": OPS[op]});
+        for (k, val) in [("cell", cell), ("token", token), ("tier", tier)] {
+            if let Some(x) = val { v[k] = x.into(); }
+        }
         if let Some((k, n)) = extra { v[k] = n.into(); }
         if let Some(n) = version { v["cellhost"] = n.into(); }
         match Request::parse(&v.to_string()) {
@@ -86,4 +89,27 @@ proptest! {
     fn any_config_text_parses_or_names_a_field(s in ".{0,300}") {
         let _ = MarketConfig::parse(&s);
     }
+}
+
+#[test]
+fn some_mutations_are_valid_requests() {
+    // The mutation property above mostly hits refusals; the success path
+    // of every op is checked here.
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::default();
+    let strat = (0usize..4, ".{1,20}", ".{1,20}");
+    runner
+        .run(&strat, |(op, cell, token)| {
+            let v =
+                serde_json::json!({"op": OPS[op], "cell": cell, "token": token, "tier": "process"});
+            let _ = Request::parse(&v.to_string());
+            let minimal = match OPS[op] {
+                "spawn" => serde_json::json!({"op": "spawn", "tier": "process", "token": token}),
+                "topup" => serde_json::json!({"op": "topup", "cell": cell, "token": token}),
+                o => serde_json::json!({"op": o, "cell": cell}),
+            };
+            prop_assert!(Request::parse(&minimal.to_string()).is_ok());
+            Ok(())
+        })
+        .unwrap();
 }

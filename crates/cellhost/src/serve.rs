@@ -285,7 +285,10 @@ pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
     if let Some(t) = market_task {
-        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        // It finishes requests under way first (a paid one ends in a cell
+        // or a refund), for up to its own grace.
+        let grace = cellhost_market::provider::SHUTDOWN_GRACE + Duration::from_secs(10);
+        let _ = tokio::time::timeout(grace, t).await;
     }
     let _ = std::fs::remove_file(&args.socket);
     Ok(0)

@@ -155,6 +155,8 @@ struct Provider {
     state: common::StateDir,
     socket: PathBuf,
     log: PathBuf,
+    cfg: PathBuf,
+    extra: Vec<String>,
 }
 
 impl Provider {
@@ -174,33 +176,54 @@ impl Provider {
             ),
         )
         .unwrap();
-        let socket = state.path().join("api.sock");
-        let log = state.path().join("serve.log");
-        let child = common::cellhost(&state.path().join("state"))
-            .args([
-                "serve",
-                "--reconcile-interval",
-                "1",
-                "--meter-interval",
-                "1",
-                "--socket",
-            ])
-            .arg(&socket)
-            .arg("--market")
-            .arg(&cfg)
-            .args(extra)
-            .env("CELLHOST_LOG", "info,libcontainer=error,libcgroups=error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn cellhost serve --market");
-        Provider {
-            child: Some(child),
+        let mut p = Provider {
+            child: None,
+            socket: state.path().join("api.sock"),
+            log: state.path().join("serve.log"),
             state,
-            socket,
-            log,
-        }
+            cfg,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        let log = std::fs::File::create(&p.log).unwrap();
+        p.child = Some(
+            p.command(log)
+                .spawn()
+                .expect("spawn cellhost serve --market"),
+        );
+        p
+    }
+
+    fn command(&self, log: std::fs::File) -> std::process::Command {
+        let mut c = common::cellhost(&self.state_dir());
+        c.args([
+            "serve",
+            "--reconcile-interval",
+            "1",
+            "--meter-interval",
+            "1",
+            "--socket",
+        ])
+        .arg(&self.socket)
+        .arg("--market")
+        .arg(&self.cfg)
+        .args(&self.extra)
+        .env("CELLHOST_LOG", "info,libcontainer=error,libcgroups=error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+        c
+    }
+
+    /// SIGTERM the daemon (it finishes requests under way) and start it
+    /// again on the same state dir.
+    fn restart(&mut self) {
+        let c = self.child.take().unwrap();
+        term(c);
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(self.command(log).spawn().unwrap());
     }
 
     fn state_dir(&self) -> PathBuf {
@@ -216,8 +239,8 @@ impl Provider {
         let out = std::process::Command::new(common::cellhost_bin())
             .arg("--api")
             .arg(format!("unix:{}", self.socket.display()))
-            .args(args)
             .arg("--json")
+            .args(args)
             .output()
             .unwrap();
         assert!(
@@ -256,7 +279,7 @@ impl Provider {
 
 impl Drop for Provider {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
+        if let Some(c) = self.child.take() {
             for cell in self.cells() {
                 if let Some(id) = cell["id"].as_str() {
                     let _ = std::process::Command::new(common::cellhost_bin())
@@ -266,13 +289,17 @@ impl Drop for Provider {
                         .output();
                 }
             }
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
+            term(c);
         }
     }
+}
+
+fn term(mut c: Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(c.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = c.wait();
 }
 
 // ------------------------------------------------------------ consumers
@@ -540,8 +567,8 @@ fn rent_top_up_and_lease_end_through_the_cli() {
             .collect();
         assert!(kinds.contains(&"cellhost.cell.extended"), "{kinds:?}");
         assert!(kinds.contains(&"cellhost.cell.destroyed"), "{kinds:?}");
-        // A top-up for the ended lease is refused before redemption: the
-        // token stays the consumer's.
+        // A top-up for a cell whose lease ended (and which is gone) is
+        // refused before redemption: the token stays the consumer's.
         let late = token(&mint.url, 6).await;
         std::fs::write(&tok2, &late).unwrap();
         let (code, reply, _) = market_cli(
@@ -581,11 +608,13 @@ fn rent_top_up_and_lease_end_through_the_cli() {
                 ("topup", Some("not_found"))
             ]
         );
-        let db = std::fs::read(p.state_dir().join("market/ledger.sqlite")).unwrap();
-        assert!(
-            !String::from_utf8_lossy(&db).contains("cashu"),
-            "a token reached the ledger"
-        );
+        for f in ["ledger.sqlite", "ledger.sqlite-wal"] {
+            let db = std::fs::read(p.state_dir().join("market").join(f)).unwrap_or_default();
+            assert!(
+                !String::from_utf8_lossy(&db).contains("cashu"),
+                "a token reached {f}"
+            );
+        }
         assert!(!p.log().contains("cashuB"), "a token reached the log");
     });
 }
@@ -600,7 +629,7 @@ fn refusals_take_nothing_failures_refund_and_replays_do_nothing() {
         let mint = start_mint().await;
         let other_mint = start_mint().await;
         let (_relay, relay) = start_relay().await;
-        let p = Provider::start(&relay, &mint.url);
+        let mut p = Provider::start(&relay, &mint.url);
         let alice = consumer(&relay).await;
         let pk = wait_live_offer(&alice, &p).await;
         let relays = [relay.clone()];
@@ -713,16 +742,34 @@ fn refusals_take_nothing_failures_refund_and_replays_do_nothing() {
 
         // A replayed request creates nothing: the same rumor in a new gift
         // wrap gets no second answer and no second cell.
-        let rumor = EventBuilder::private_msg_rumor(
-            pk,
-            spawn_req(token(&mint.url, 30).await, Some(SLEEPER)).to_json(),
-        )
-        .build(alice.public_key());
+        // It also brings credentials: they reach the cell as secrets, and
+        // neither the daemon's store nor the logs see them.
+        let mut req = spawn_req(token(&mint.url, 30).await, Some(SLEEPER));
+        if let Request::Spawn(s) = &mut req {
+            s.password = Some("correct-horse-battery-staple".into());
+            s.ssh_key = Some("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIcellhosttest alice".into());
+        }
+        let rumor = EventBuilder::private_msg_rumor(pk, req.to_json()).build(alice.public_key());
         let rid = rumor.id.unwrap_or_else(|| rumor.clone().id());
         alice.send_rumor(pk, &relays, rumor.clone()).await.unwrap();
         let first = alice.wait_reply(pk, rid, TIMEOUT).await.unwrap();
         assert!(first.ok, "{first:?}");
         let cell = first.cell.clone().unwrap().id;
+        assert_eq!(
+            first.cell.as_ref().unwrap().credentials,
+            ["ssh_authorized_keys", "password"]
+        );
+        let out = p.operator(&["exec", &cell, "--", "/bin/cat", "/run/secrets/password"]);
+        assert_eq!(out["stdout"], "correct-horse-battery-staple", "{out}");
+        let db = std::fs::read(p.state_dir().join("cellhost.db")).unwrap();
+        let wal = std::fs::read(p.state_dir().join("cellhost.db-wal")).unwrap_or_default();
+        for bytes in [&db, &wal] {
+            let text = String::from_utf8_lossy(bytes);
+            assert!(
+                !text.contains("correct-horse") && !text.contains("cashuB"),
+                "a secret reached the store"
+            );
+        }
         alice.send_rumor(pk, &relays, rumor.clone()).await.unwrap();
         // Its one reply is on the relay; a second would be a new event.
         let n_replies = count_replies(&alice, pk, rid).await;
@@ -739,11 +786,58 @@ fn refusals_take_nothing_failures_refund_and_replays_do_nothing() {
                 .as_deref(),
             Some("ok")
         );
-        assert!(p.log().contains("seen before; ignored"), "{}", p.log());
+        assert!(
+            p.log().contains("seen before; not run again"),
+            "{}",
+            p.log()
+        );
+        // And after a restart of the daemon: the ledger remembers.
+        p.restart();
+        wait_live_offer(&alice, &p).await;
+        alice.send_rumor(pk, &relays, rumor.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(count_replies(&alice, pk, rid).await, 1);
+        assert_eq!(p.cells().len(), 1);
+
+        // A request signed an hour ago (a provider that was down, relays
+        // that kept it) is refused unpaid.
+        let t = token(&mint.url, 10).await;
+        let old =
+            EventBuilder::private_msg_rumor(pk, spawn_req(t.clone(), Some(SLEEPER)).to_json())
+                .custom_created_at(Timestamp::from(Timestamp::now().as_secs() - 3600))
+                .build(alice.public_key());
+        let old_id = old.id.unwrap_or_else(|| old.clone().id());
+        alice.send_rumor(pk, &relays, old).await.unwrap();
+        let r = alice.wait_reply(pk, old_id, TIMEOUT).await.unwrap();
+        assert_eq!(code(&r), Some(ErrorCode::StaleRequest), "{r:?}");
+        assert_eq!(redeem(&mint.url, &t).await.unwrap(), 10);
+
+        // An offer naming the provider but signed by another key is not
+        // listed.
+        let mallory = consumer(&relay).await;
+        let mut forged = alice.offer_of(pk).await.unwrap().offer;
+        forged.cellhost.tiers[0].price_msat_per_second = 1;
+        mallory
+            .client()
+            .send_event_builder(
+                EventBuilder::new(Kind::Custom(38383), serde_json::to_string(&forged).unwrap())
+                    .tags([
+                        Tag::identifier("cellhost:offer:v1"),
+                        Tag::hashtag("cellhost"),
+                    ]),
+            )
+            .await
+            .unwrap();
+        let list = alice.offers(&OfferFilter::default()).await.unwrap();
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert_eq!(list[0].provider, pk.to_hex());
+        assert_eq!(
+            list[0].offer.cellhost.tiers[0].price_msat_per_second,
+            PRICE_MSAT
+        );
 
         // A third party can neither see, stop nor top up alice's cell, and
         // its top-up token is not taken.
-        let mallory = consumer(&relay).await;
         for req in [
             Request::Status {
                 cellhost: VERSION,
@@ -787,10 +881,10 @@ fn refusals_take_nothing_failures_refund_and_replays_do_nothing() {
                     pk,
                     &relays,
                     content,
-                    if i < 3 { TIMEOUT } else { Duration::ZERO },
+                    if i < 4 { TIMEOUT } else { Duration::ZERO },
                 )
                 .await;
-            if i < 3 {
+            if i < 4 {
                 let r = r.unwrap();
                 assert!(!r.ok && r.error.is_some(), "{r:?}");
             }
@@ -854,12 +948,13 @@ fn hostile_contents() -> Vec<String> {
         "not json at all".to_string(),
         r#"{"op":"spawn","tier":"process","token":"cashuBnotatoken"}"#.to_string(),
         r#"{"op":"spawn","tier":"process","token":"x","document":"spec: [unclosed"}"#.to_string(),
+        // Over the provider's cap, under what NIP-44 can carry.
+        format!(r#"{{"op":"stop","cell":"{}"}}"#, "A".repeat(36_000)),
         r#"{"op":"format-c"}"#.to_string(),
         r#"{"op":"topup","cell":"../../etc","token":"cashuA"}"#.to_string(),
         r#"{"op":"status","cell":"x","cellhost":99}"#.to_string(),
         r#"{"op":"spawn","tier":"process","token":"t","volumeKey":"zz","document":"{}"}"#
             .to_string(),
-        format!(r#"{{"op":"stop","cell":"{}"}}"#, "A".repeat(300_000)),
         "[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[".repeat(100),
         r#"{"op":"spawn","tier":"process","token":"cashuB"}"#.to_string(),
         String::new(),
