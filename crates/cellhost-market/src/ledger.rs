@@ -137,20 +137,9 @@ impl Ledger {
         Ok(self
             .conn()
             .query_row(
-                "SELECT id, sender, op, outcome, cell, paid_msat, seconds, reply FROM requests WHERE id = ?1",
+                &format!("SELECT {COLUMNS} FROM requests WHERE id = ?1"),
                 params![id],
-                |r| {
-                    Ok(Entry {
-                        id: r.get(0)?,
-                        sender: r.get(1)?,
-                        op: r.get(2)?,
-                        outcome: r.get(3)?,
-                        cell: r.get(4)?,
-                        paid_msat: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
-                        seconds: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
-                        reply: r.get(7)?,
-                    })
-                },
+                entry,
             )
             .optional()?)
     }
@@ -183,23 +172,27 @@ impl Ledger {
     /// Every request seen, oldest first (for tests and `inspect`).
     pub fn entries(&self) -> Result<Vec<Entry>, MarketError> {
         let conn = self.conn();
-        let mut st = conn.prepare(
-            "SELECT id, sender, op, outcome, cell, paid_msat, seconds, reply FROM requests ORDER BY received_at, rowid",
-        )?;
-        let rows = st.query_map([], |r| {
-            Ok(Entry {
-                id: r.get(0)?,
-                sender: r.get(1)?,
-                op: r.get(2)?,
-                outcome: r.get(3)?,
-                cell: r.get(4)?,
-                paid_msat: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
-                seconds: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
-                reply: r.get(7)?,
-            })
-        })?;
+        let mut st = conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM requests ORDER BY received_at, rowid"
+        ))?;
+        let rows = st.query_map([], entry)?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
+}
+
+const COLUMNS: &str = "id, sender, op, outcome, cell, paid_msat, seconds, reply";
+
+fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
+    Ok(Entry {
+        id: r.get(0)?,
+        sender: r.get(1)?,
+        op: r.get(2)?,
+        outcome: r.get(3)?,
+        cell: r.get(4)?,
+        paid_msat: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+        seconds: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+        reply: r.get(7)?,
+    })
 }
 
 #[cfg(test)]

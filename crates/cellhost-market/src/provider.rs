@@ -703,13 +703,7 @@ impl Provider {
         };
         let caller = Caller::tenant(owner);
         match self.sup.create(&caller, cell, confidential, true).await {
-            Ok(view) => {
-                let mut reply = Reply::ok(rid, "spawn");
-                reply.cell = Some(self.access(&view, credentials));
-                reply.paid_msat = Some(paid_msat);
-                reply.seconds = Some(seconds);
-                Ok(reply)
-            }
+            Ok(view) => Ok(self.paid(rid, "spawn", &view, credentials, paid_msat, seconds)),
             Err(e) => Ok(self
                 .refund(
                     rid,
@@ -783,13 +777,7 @@ impl Provider {
                 .await);
         }
         match self.sup.extend(&caller, &view.id, seconds).await {
-            Ok(v) => {
-                let mut reply = Reply::ok(rid, "topup");
-                reply.cell = Some(self.access(&v, credentials_of(&v)));
-                reply.paid_msat = Some(paid_msat);
-                reply.seconds = Some(seconds);
-                Ok(reply)
-            }
+            Ok(v) => Ok(self.paid(rid, "topup", &v, credentials_of(&v), paid_msat, seconds)),
             Err(e) => Ok(self
                 .refund(
                     rid,
@@ -838,6 +826,23 @@ impl Provider {
             SupervisorError::NotFound(_) | SupervisorError::Invalid { .. } => not_found(id),
             other => Refusal::new(ErrorCode::Internal, other.to_string()),
         })
+    }
+
+    /// The answer to a paid request that was delivered.
+    fn paid(
+        &self,
+        rid: &str,
+        op: &str,
+        view: &CellView,
+        credentials: Vec<String>,
+        paid_msat: u64,
+        seconds: u64,
+    ) -> Reply {
+        let mut reply = Reply::ok(rid, op);
+        reply.cell = Some(self.access(view, credentials));
+        reply.paid_msat = Some(paid_msat);
+        reply.seconds = Some(seconds);
+        reply
     }
 
     /// A refund of everything `checked` brought in, as a reply.

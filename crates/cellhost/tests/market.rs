@@ -376,6 +376,28 @@ async fn market_cli(relay: &str, identity: &Path, args: &[&str]) -> (i32, Value,
     (out.status.code().unwrap_or(-1), v, stderr)
 }
 
+/// `cellhost market rent` of a process cell.
+async fn rent_cli(
+    relay: &str,
+    identity: &Path,
+    npub: &str,
+    token: &Path,
+    doc: &Path,
+) -> (i32, Value, String) {
+    let (token, doc) = (token.to_str().unwrap(), doc.to_str().unwrap());
+    let args = [
+        "rent",
+        npub,
+        "--tier",
+        "process",
+        "--token-file",
+        token,
+        "--doc",
+        doc,
+    ];
+    market_cli(relay, identity, &args).await
+}
+
 fn rfc3339_ms(s: &str) -> u128 {
     humantime::parse_rfc3339(s)
         .unwrap()
@@ -442,21 +464,7 @@ fn rent_top_up_and_lease_end_through_the_cli() {
         std::fs::write(&doc, SLEEPER).unwrap();
         let tok = dir.path().join("t1");
         std::fs::write(&tok, token(&mint.url, 20).await).unwrap();
-        let (code, reply, err) = market_cli(
-            &relay,
-            &me,
-            &[
-                "rent",
-                &npub,
-                "--tier",
-                "process",
-                "--token-file",
-                tok.to_str().unwrap(),
-                "--doc",
-                doc.to_str().unwrap(),
-            ],
-        )
-        .await;
+        let (code, reply, err) = rent_cli(&relay, &me, &npub, &tok, &doc).await;
         assert_eq!(code, 0, "{reply} {err}\nlog:\n{}", p.log());
         assert_eq!(reply["ok"], true);
         assert_eq!(
@@ -489,21 +497,7 @@ fn rent_top_up_and_lease_end_through_the_cli() {
         std::fs::write(&tok_full, &t).unwrap();
         let big = dir.path().join("big.yaml");
         std::fs::write(&big, SLEEPER.replace("cpus: 0.25", "cpus: 0.5")).unwrap();
-        let (code, reply, _) = market_cli(
-            &relay,
-            &me,
-            &[
-                "rent",
-                &npub,
-                "--tier",
-                "process",
-                "--token-file",
-                tok_full.to_str().unwrap(),
-                "--doc",
-                big.to_str().unwrap(),
-            ],
-        )
-        .await;
+        let (code, reply, _) = rent_cli(&relay, &me, &npub, &tok_full, &big).await;
         assert_eq!(
             (code, reply["error"]["code"].as_str()),
             (5, Some("no_capacity")),
@@ -616,6 +610,14 @@ fn rent_top_up_and_lease_end_through_the_cli() {
             );
         }
         assert!(!p.log().contains("cashuB"), "a token reached the log");
+        // What each request cost the provider, for the record.
+        for l in p
+            .log()
+            .lines()
+            .filter(|l| l.contains(" ms") && l.contains("market: "))
+        {
+            eprintln!("{l}");
+        }
     });
 }
 
