@@ -231,17 +231,6 @@ impl Cashier {
         Ok(token.to_string())
     }
 
-    /// Sat held at `mint`.
-    pub async fn balance(&self, mint: &MintUrl) -> Result<u64, MarketError> {
-        let w = self
-            .wallet(mint)
-            .map_err(|r| MarketError::Wallet(r.message))?;
-        w.total_balance()
-            .await
-            .map(u64::from)
-            .map_err(|e| MarketError::Wallet(e.to_string()))
-    }
-
     fn wallet(&self, mint: &MintUrl) -> Result<&Wallet, Refusal> {
         self.wallets.get(mint).ok_or_else(|| {
             Refusal::field(

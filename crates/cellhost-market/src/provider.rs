@@ -197,10 +197,6 @@ impl Provider {
         self.keys.public_key()
     }
 
-    pub fn ledger(&self) -> &Ledger {
-        &self.ledger
-    }
-
     /// Connect, publish, and serve requests until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         for r in &self.cfg.relays {
@@ -228,8 +224,10 @@ impl Provider {
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|v| *v).await; } => break,
                 _ = beat.tick() => {
-                    self.publish_offer_if_changed().await;
-                    self.publish_heartbeat().await;
+                    // One look at tiers and capacity serves both events.
+                    let offer = self.offer();
+                    self.publish_offer_if_changed(&offer).await;
+                    self.publish_heartbeat(&offer).await;
                 }
                 n = notes.recv() => match n {
                     Ok(RelayPoolNotification::Event { event, .. }) if event.kind == Kind::GiftWrap => {
@@ -266,7 +264,7 @@ impl Provider {
     // ------------------------------------------------------------ publish
 
     /// The offer as it stands now.
-    pub async fn offer(&self) -> Offer {
+    pub fn offer(&self) -> Offer {
         let running = self.sup.tiers();
         let tiers: Vec<TierOffer> = self
             .cfg
@@ -326,8 +324,7 @@ impl Provider {
         }
     }
 
-    async fn publish_offer_if_changed(&self) {
-        let offer = self.offer().await;
+    async fn publish_offer_if_changed(&self, offer: &Offer) {
         // Jobs completed alone does not warrant a new event.
         let key = serde_json::to_string(&Offer {
             total_jobs_completed: 0,
@@ -343,7 +340,7 @@ impl Provider {
         {
             return;
         }
-        let content = serde_json::to_string(&offer).unwrap_or_default();
+        let content = serde_json::to_string(offer).unwrap_or_default();
         let ev = EventBuilder::new(Kind::Custom(proto::OFFER_KIND), content).tags([
             Tag::identifier(proto::OFFER_D),
             Tag::hashtag(proto::TOPIC),
@@ -360,7 +357,7 @@ impl Provider {
         }
     }
 
-    async fn publish_heartbeat(&self) {
+    async fn publish_heartbeat(&self, offer: &Offer) {
         let (free_cpus, free_memory_mib, running_cells) = match self.sup.node().await {
             Ok(n) => (
                 n.free.cpus,
@@ -372,19 +369,18 @@ impl Provider {
                 return;
             }
         };
-        let running = self.sup.tiers();
         let hb = Heartbeat {
             version: proto::VERSION,
             at: Timestamp::now().as_secs(),
             free_cpus,
             free_memory_mib,
             running_cells,
-            available_tiers: self
-                .cfg
+            available_tiers: offer
+                .cellhost
                 .tiers
                 .iter()
-                .filter(|t| running.contains(&t.tier) && self.sup.admits(&offer_spec(t)).is_ok())
-                .map(|t| t.tier.to_string())
+                .filter(|t| t.available)
+                .map(|t| t.tier.clone())
                 .collect(),
         };
         let ev = EventBuilder::new(
@@ -556,8 +552,7 @@ impl Provider {
 
     async fn spawn(&self, owner: &str, rid: &str, req: SpawnRequest) -> Result<Reply, Refusal> {
         // 1. The tier: on offer and running here.
-        let tier: Isolation = serde_json::from_value(serde_json::Value::String(req.tier.clone()))
-            .map_err(|_| {
+        let tier = Isolation::parse(&req.tier).ok_or_else(|| {
             Refusal::field(
                 ErrorCode::TierUnavailable,
                 "tier",
@@ -728,9 +723,8 @@ impl Provider {
                 format!("the lease of {} has ended", view.id),
             ));
         }
-        let tier: Isolation =
-            serde_json::from_value(serde_json::Value::String(view.isolation.clone()))
-                .map_err(|_| Refusal::new(ErrorCode::Internal, "the cell's tier is unknown"))?;
+        let tier = Isolation::parse(&view.isolation)
+            .ok_or_else(|| Refusal::new(ErrorCode::Internal, "the cell's tier is unknown"))?;
         let Some(offer) = self.cfg.tier(tier) else {
             return Err(Refusal::field(
                 ErrorCode::TierUnavailable,

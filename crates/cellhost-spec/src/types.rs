@@ -49,6 +49,11 @@ impl Isolation {
         Isolation::Microvm,
     ];
 
+    /// The tier named `s` as [`Isolation::as_str`] spells it.
+    pub fn parse(s: &str) -> Option<Isolation> {
+        Isolation::ALL.into_iter().find(|i| i.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Isolation::Process => "process",

@@ -1028,16 +1028,13 @@ fn decode_cell(row: &Row<'_>) -> Result<CellRecord, StoreError> {
     let raw = raw_id(row);
     let id = CellId::parse(&raw).map_err(|e| StoreError::corrupt(&raw, "cells.id", e))?;
     let isolation: String = column(row, 2, "cells.isolation", &raw)?;
-    let isolation = Isolation::ALL
-        .into_iter()
-        .find(|i| i.as_str() == isolation)
-        .ok_or_else(|| {
-            StoreError::corrupt(
-                &raw,
-                "cells.isolation",
-                format!("unknown tier {isolation:?}"),
-            )
-        })?;
+    let isolation = Isolation::parse(&isolation).ok_or_else(|| {
+        StoreError::corrupt(
+            &raw,
+            "cells.isolation",
+            format!("unknown tier {isolation:?}"),
+        )
+    })?;
     let document: String = column(row, 4, "cells.document", &raw)?;
     let desired: String = column(row, 7, "cells.desired", &raw)?;
     let observed: String = column(row, 8, "cells.observed", &raw)?;

@@ -179,22 +179,8 @@ impl Daemon {
             ),
             None => Stdio::inherit(),
         };
-        let child = Command::new(common::cellhost_bin())
-            .arg("--state-dir")
-            .arg(&self.state)
-            .args([
-                "serve",
-                "--reconcile-interval",
-                "1",
-                "--meter-interval",
-                "1",
-                "--socket",
-            ])
-            .arg(&self.socket)
+        let child = common::serve_command(&self.state, &self.socket)
             .args(&self.extra)
-            .env("CELLHOST_LOG", "info,libcontainer=error,libcgroups=error")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
             .expect("spawn cellhost serve");
@@ -337,12 +323,8 @@ impl Drop for Daemon {
                     let _ = self.call("DELETE", &format!("/v1/cells/{id}"), None);
                 }
             }
-            if let Some(mut c) = self.child.take() {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(c.id() as i32),
-                    nix::sys::signal::Signal::SIGTERM,
-                );
-                let _ = c.wait();
+            if let Some(c) = self.child.take() {
+                common::terminate(c);
             }
         }
         cellhost_process::hostfs::remove_instance_group(self.backend().cgroup_instance());

@@ -14,7 +14,7 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -194,31 +194,26 @@ impl Provider {
     }
 
     fn command(&self, log: std::fs::File) -> std::process::Command {
-        let mut c = common::cellhost(&self.state_dir());
-        c.args([
-            "serve",
-            "--reconcile-interval",
-            "1",
-            "--meter-interval",
-            "1",
-            "--socket",
-        ])
-        .arg(&self.socket)
-        .arg("--market")
-        .arg(&self.cfg)
-        .args(&self.extra)
-        .env("CELLHOST_LOG", "info,libcontainer=error,libcgroups=error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
+        let mut c = common::serve_command(&self.state_dir(), &self.socket);
+        c.arg("--market")
+            .arg(&self.cfg)
+            .args(&self.extra)
+            .stderr(log);
+        c
+    }
+
+    /// `cellhost --api unix:<socket>`, ready for a command.
+    fn api(&self) -> std::process::Command {
+        let mut c = std::process::Command::new(common::cellhost_bin());
+        c.arg("--api")
+            .arg(format!("unix:{}", self.socket.display()));
         c
     }
 
     /// SIGTERM the daemon (it finishes requests under way) and start it
     /// again on the same state dir.
     fn restart(&mut self) {
-        let c = self.child.take().unwrap();
-        term(c);
+        common::terminate(self.child.take().unwrap());
         let log = std::fs::OpenOptions::new()
             .append(true)
             .open(&self.log)
@@ -236,13 +231,7 @@ impl Provider {
 
     /// `cellhost --api unix:<socket> <args> --json`, parsed.
     fn operator(&self, args: &[&str]) -> Value {
-        let out = std::process::Command::new(common::cellhost_bin())
-            .arg("--api")
-            .arg(format!("unix:{}", self.socket.display()))
-            .arg("--json")
-            .args(args)
-            .output()
-            .unwrap();
+        let out = self.api().arg("--json").args(args).output().unwrap();
         assert!(
             out.status.success(),
             "{args:?}: {}",
@@ -253,12 +242,7 @@ impl Provider {
 
     /// The event log (one CloudEvent a line).
     fn events(&self) -> Vec<Value> {
-        let out = std::process::Command::new(common::cellhost_bin())
-            .arg("--api")
-            .arg(format!("unix:{}", self.socket.display()))
-            .arg("events")
-            .output()
-            .unwrap();
+        let out = self.api().arg("events").output().unwrap();
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -282,35 +266,15 @@ impl Drop for Provider {
         if let Some(c) = self.child.take() {
             for cell in self.cells() {
                 if let Some(id) = cell["id"].as_str() {
-                    let _ = std::process::Command::new(common::cellhost_bin())
-                        .arg("--api")
-                        .arg(format!("unix:{}", self.socket.display()))
-                        .args(["rm", id])
-                        .output();
+                    let _ = self.api().args(["rm", id]).output();
                 }
             }
-            term(c);
+            common::terminate(c);
         }
     }
 }
 
-fn term(mut c: Child) {
-    let _ = nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(c.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    );
-    let _ = c.wait();
-}
-
 // ------------------------------------------------------------ consumers
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 async fn consumer(relay: &str) -> Consumer {
     Consumer::connect(
@@ -414,7 +378,7 @@ fn rfc3339_ms(s: &str) -> u128 {
 #[test]
 fn rent_top_up_and_lease_end_through_the_cli() {
     require_process_tier!();
-    let rt = rt();
+    let rt = common::rt_multi();
     rt.block_on(async {
         let mint = start_mint().await;
         let (_relay, relay) = start_relay().await;
@@ -626,7 +590,7 @@ fn rent_top_up_and_lease_end_through_the_cli() {
 #[test]
 fn refusals_take_nothing_failures_refund_and_replays_do_nothing() {
     require_process_tier!();
-    let rt = rt();
+    let rt = common::rt_multi();
     rt.block_on(async {
         let mint = start_mint().await;
         let other_mint = start_mint().await;

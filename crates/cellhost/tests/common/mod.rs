@@ -120,6 +120,45 @@ pub fn cellhost(state: &std::path::Path) -> std::process::Command {
     c
 }
 
+/// `cellhost --state-dir <state> serve` as the daemon tests run it: fast
+/// reconcile and metering ticks, the API on `socket`, quiet libcontainer
+/// logs, stdin and stdout closed. Add flags, stderr, then spawn.
+pub fn serve_command(state: &Path, socket: &Path) -> std::process::Command {
+    let mut c = cellhost(state);
+    c.args([
+        "serve",
+        "--reconcile-interval",
+        "1",
+        "--meter-interval",
+        "1",
+        "--socket",
+    ])
+    .arg(socket)
+    .env("CELLHOST_LOG", "info,libcontainer=error,libcgroups=error")
+    .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::null());
+    c
+}
+
+/// SIGTERM `child` (a daemon's clean shutdown) and reap it.
+pub fn terminate(mut child: std::process::Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = child.wait();
+}
+
+/// A two-worker runtime, for tests whose servers (relay, mint) run in the
+/// test process while it waits on them.
+pub fn rt_multi() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 pub fn cellhost_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_cellhost"))
 }
