@@ -147,11 +147,13 @@ impl Ledger {
     /// Mark requests a crash cut short (claimed, no outcome) as
     /// `interrupted`; returns them. Their token may have been redeemed.
     pub fn mark_interrupted(&self) -> Result<Vec<Entry>, MarketError> {
-        let cut: Vec<Entry> = self
-            .entries()?
-            .into_iter()
-            .filter(|e| e.outcome.is_none())
-            .collect();
+        let cut = {
+            let conn = self.conn();
+            let mut st = conn.prepare(&format!(
+                "SELECT {COLUMNS} FROM requests WHERE outcome IS NULL"
+            ))?;
+            st.query_map([], entry)?.collect::<Result<Vec<_>, _>>()?
+        };
         self.conn().execute(
             "UPDATE requests SET outcome = 'interrupted' WHERE outcome IS NULL",
             [],

@@ -46,8 +46,6 @@ pub enum MarketError {
     Nostr(String),
     #[error("wallet: {0}")]
     Wallet(String),
-    #[error("{0}")]
-    Refused(#[from] proto::Refusal),
     /// The request went out; no answer came in time. The provider may
     /// still act on it (and keeps its answer for a repeat of the request).
     #[error("no reply from the provider within {seconds} s to request {request}")]

@@ -60,6 +60,7 @@ use std::time::Duration;
 
 use cellhost_core::{SecretValue, VolumeKey};
 use cellhost_spec::{Cell, Isolation, SecretRef, SecretSource};
+use cellhost_supervisor::node::Reservation;
 use cellhost_supervisor::{Caller, CellView, Confidential, Supervisor, SupervisorError};
 use nostr_sdk::nips::nip59::UnwrappedGift;
 use nostr_sdk::prelude::*;
@@ -116,11 +117,9 @@ pub struct Provider {
     ledger: Ledger,
     cashier: Cashier,
     /// Template documents by tier, read at start.
-    templates: Vec<(Isolation, String)>,
+    templates: Vec<(Isolation, Cell)>,
     /// The offer content last published.
     last_offer: Mutex<Option<String>>,
-    /// Host ports handed to spawns still in flight.
-    ports_in_flight: Mutex<HashSet<u32>>,
     /// Held by a spawn from its capacity check through create, and by a
     /// top-up from its lease check through extend: concurrent requests
     /// cannot all pass a check only one of them fits (and then all pay).
@@ -175,7 +174,7 @@ impl Provider {
                         ),
                     });
                 }
-                templates.push((t.tier, text));
+                templates.push((t.tier, cell));
             }
         }
         let client = Client::new(keys.clone());
@@ -188,7 +187,6 @@ impl Provider {
             cashier,
             templates,
             last_offer: Mutex::new(None),
-            ports_in_flight: Mutex::new(HashSet::new()),
             provision: tokio::sync::Mutex::new(()),
         }))
     }
@@ -266,6 +264,14 @@ impl Provider {
     /// The offer as it stands now.
     pub fn offer(&self) -> Offer {
         let running = self.sup.tiers();
+        let (capacity, reserved) = (self.sup.capacity(), self.sup.reserved());
+        let room = |t: &TierConfig| {
+            let want = Reservation {
+                cpus: t.cpus,
+                memory_bytes: t.memory_mib << 20,
+            };
+            capacity.admit(reserved, want).is_ok()
+        };
         let tiers: Vec<TierOffer> = self
             .cfg
             .tiers
@@ -279,7 +285,7 @@ impl Provider {
                 price_msat_per_second: t.price_msat_per_second,
                 min_seconds: t.min_seconds,
                 max_seconds: t.max_seconds,
-                available: running.contains(&t.tier) && self.sup.admits(&offer_spec(t)).is_ok(),
+                available: running.contains(&t.tier) && room(t),
             })
             .collect();
         Offer {
@@ -312,7 +318,8 @@ impl Provider {
                 })
                 .collect(),
             whitelisted_mints: self.cfg.mints.clone(),
-            total_jobs_completed: self.ledger.jobs_completed().unwrap_or(0),
+            // Filled in when published: it alone does not warrant a new event.
+            total_jobs_completed: 0,
             cellhost: OfferDetails {
                 version: proto::VERSION,
                 unit: self.cfg.unit.clone(),
@@ -325,12 +332,7 @@ impl Provider {
     }
 
     async fn publish_offer_if_changed(&self, offer: &Offer) {
-        // Jobs completed alone does not warrant a new event.
-        let key = serde_json::to_string(&Offer {
-            total_jobs_completed: 0,
-            ..offer.clone()
-        })
-        .unwrap_or_default();
+        let key = serde_json::to_string(offer).unwrap_or_default();
         if self
             .last_offer
             .lock()
@@ -340,7 +342,11 @@ impl Provider {
         {
             return;
         }
-        let content = serde_json::to_string(offer).unwrap_or_default();
+        let content = serde_json::to_string(&Offer {
+            total_jobs_completed: self.ledger.jobs_completed().unwrap_or(0),
+            ..offer.clone()
+        })
+        .unwrap_or_default();
         let ev = EventBuilder::new(Kind::Custom(proto::OFFER_KIND), content).tags([
             Tag::identifier(proto::OFFER_D),
             Tag::hashtag(proto::TOPIC),
@@ -358,17 +364,17 @@ impl Provider {
     }
 
     async fn publish_heartbeat(&self, offer: &Offer) {
-        let (free_cpus, free_memory_mib, running_cells) = match self.sup.node().await {
-            Ok(n) => (
-                n.free.cpus,
-                n.free.memory_bytes >> 20,
-                n.cells.running as u64,
-            ),
+        // The daemon's own figures (`GET /v1/node` shows the same), without
+        // its host sampling: no sysinfo refresh or disk scan per tick.
+        let running_cells = match self.sup.cell_counts().await {
+            Ok(c) => c.running as u64,
             Err(e) => {
-                tracing::warn!("market: node status: {e}");
+                tracing::warn!("market: cell counts: {e}");
                 return;
             }
         };
+        let free = self.sup.capacity().free(self.sup.reserved());
+        let (free_cpus, free_memory_mib) = (free.cpus, free.memory_bytes >> 20);
         let hb = Heartbeat {
             version: proto::VERSION,
             at: Timestamp::now().as_secs(),
@@ -574,12 +580,20 @@ impl Provider {
             ));
         }
         // 2. The document.
-        let text = match (
+        let mut cell = match (
             &req.document,
             self.templates.iter().find(|(t, _)| *t == tier),
         ) {
-            (Some(d), _) => d.as_str(),
-            (None, Some((_, t))) => t.as_str(),
+            (Some(d), _) => cellhost_spec::parse_and_validate(d).map_err(|e| {
+                let fe = e.field_errors();
+                let field = fe
+                    .first()
+                    .map(|f| format!("document.{}", f.path))
+                    .unwrap_or_else(|| "document".into());
+                Refusal::field(ErrorCode::InvalidDocument, field, e.to_string())
+            })?,
+            // Parsed and validated at start.
+            (None, Some((_, t))) => t.clone(),
             (None, None) => {
                 return Err(Refusal::field(
                     ErrorCode::InvalidDocument,
@@ -588,14 +602,6 @@ impl Provider {
                 ));
             }
         };
-        let mut cell = cellhost_spec::parse_and_validate(text).map_err(|e| {
-            let fe = e.field_errors();
-            let field = fe
-                .first()
-                .map(|f| format!("document.{}", f.path))
-                .unwrap_or_else(|| "document".into());
-            Refusal::field(ErrorCode::InvalidDocument, field, e.to_string())
-        })?;
         if cell.spec.isolation != tier {
             return Err(Refusal::field(
                 ErrorCode::InvalidDocument,
@@ -664,13 +670,10 @@ impl Provider {
         // 5. The token, offline, and what it buys.
         let checked = self.cashier.check(&req.token)?;
         let seconds = seconds_for(checked.amount_msat(), offer)?;
-        // Ports: hand out host ports now (free, not in flight, not taken by
-        // another cell), so the reply can name them.
-        let ports = self.assign_ports(&mut cell).await?;
-        let _release = PortsInFlight {
-            provider: self,
-            ports: ports.clone(),
-        };
+        // Ports: hand out host ports now (free, not taken by another cell;
+        // no other spawn runs while `provision` is held), so the reply can
+        // name them.
+        self.assign_ports(&mut cell).await?;
 
         // 6. Redeem. Every refusal above took nothing.
         let received = self.cashier.redeem(&req.token, &checked).await?;
@@ -895,10 +898,10 @@ impl Provider {
     }
 
     /// Give every `spec.ports` entry a host port from the market's range
-    /// that no cell uses, no spawn in flight holds, and that binds now.
-    async fn assign_ports(&self, cell: &mut Cell) -> Result<Vec<u32>, Refusal> {
+    /// that no cell uses and that binds now. Runs under `provision`.
+    async fn assign_ports(&self, cell: &mut Cell) -> Result<(), Refusal> {
         if cell.spec.ports.is_empty() {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let used: HashSet<u32> = self
             .sup
@@ -909,54 +912,19 @@ impl Provider {
             .flat_map(|v| v.document.spec.ports.iter().map(|p| p.host))
             .collect();
         let (lo, hi) = self.cfg.port_range;
-        let mut taken = self
-            .ports_in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let mut out = Vec::new();
         let mut next = lo;
         for p in cell.spec.ports.iter_mut() {
-            let found = (next..=hi).find(|c| {
-                !used.contains(c)
-                    && !taken.contains(c)
-                    && !out.contains(c)
-                    && port_free(*c, p.protocol)
-            });
-            let Some(port) = found else {
-                for q in &out {
-                    taken.remove(q);
-                }
+            let Some(port) = (next..=hi).find(|c| !used.contains(c) && port_free(*c, p.protocol))
+            else {
                 return Err(Refusal::new(
                     ErrorCode::NoCapacity,
                     format!("no free host port left in {lo}..={hi}"),
                 ));
             };
             p.host = port;
-            out.push(port);
-            taken.insert(port);
             next = port + 1;
         }
-        Ok(out)
-    }
-}
-
-/// Releases a spawn's in-flight ports when it ends either way (a created
-/// cell's ports are then in its document, which `assign_ports` reads).
-struct PortsInFlight<'a> {
-    provider: &'a Provider,
-    ports: Vec<u32>,
-}
-
-impl Drop for PortsInFlight<'_> {
-    fn drop(&mut self) {
-        let mut t = self
-            .provider
-            .ports_in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for p in &self.ports {
-            t.remove(p);
-        }
+        Ok(())
     }
 }
 
@@ -1082,26 +1050,6 @@ pub fn fit_to_offer(cell: &mut Cell, offer: &TierConfig) -> Result<(), Refusal> 
         }
     }
     Ok(())
-}
-
-/// The cell spec an offer describes (for "is there room for one more").
-fn offer_spec(t: &TierConfig) -> cellhost_spec::CellSpec {
-    let mut spec = cellhost_spec::CellSpec {
-        isolation: t.tier,
-        image: "host".into(),
-        command: vec!["true".into()],
-        working_dir: None,
-        env: Default::default(),
-        secrets: Vec::new(),
-        resources: Default::default(),
-        ports: Vec::new(),
-        volume: None,
-        network: Default::default(),
-        lifetime: Default::default(),
-    };
-    spec.resources.cpus = Some(t.cpus);
-    spec.resources.memory_mib = Some(t.memory_mib);
-    spec
 }
 
 #[cfg(test)]

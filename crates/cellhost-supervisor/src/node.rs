@@ -95,6 +95,14 @@ impl Capacity {
         }
     }
 
+    /// What is left beside `reserved`, floored at zero.
+    pub fn free(&self, reserved: Reservation) -> Reservation {
+        Reservation {
+            cpus: (self.cpus - reserved.cpus).max(0.0),
+            memory_bytes: self.memory_bytes.saturating_sub(reserved.memory_bytes),
+        }
+    }
+
     /// `Err(reason)` when `want` does not fit beside `reserved`.
     pub fn admit(&self, reserved: Reservation, want: Reservation) -> Result<(), String> {
         // A small epsilon: 0.1 + 0.2 must fit in 0.3.

@@ -500,9 +500,8 @@ impl Supervisor {
                 spec.isolation
             ));
         }
-        let want = Reservation::of(spec, &self.cfg.policy);
-        let reserved: Reservation = lock(&self.reservations).values().sum();
-        self.capacity.admit(reserved, want)
+        self.capacity
+            .admit(self.reserved(), Reservation::of(spec, &self.cfg.policy))
     }
 
     /// The node's name (as `GET /v1/node` shows it).
@@ -1020,8 +1019,8 @@ impl Supervisor {
         ))
     }
 
-    pub async fn node(&self) -> Result<NodeStatus> {
-        let sample = self.host.sample();
+    /// Cells in the store, and how many run.
+    pub async fn cell_counts(&self) -> Result<CellCounts> {
         let rows = self.db(|s| s.list_lenient()).await?;
         let mut counts = CellCounts::default();
         for r in rows.iter().flatten() {
@@ -1030,6 +1029,12 @@ impl Supervisor {
                 counts.running += 1;
             }
         }
+        Ok(counts)
+    }
+
+    pub async fn node(&self) -> Result<NodeStatus> {
+        let sample = self.host.sample();
+        let counts = self.cell_counts().await?;
         let reserved = self.reserved();
         let state_dir = self.cfg.state_dir.clone();
         let disk = tokio::task::spawn_blocking(move || HostInfo::disk_for(&state_dir))
@@ -1050,13 +1055,7 @@ impl Supervisor {
             disk,
             capacity: self.capacity,
             reserved,
-            free: Reservation {
-                cpus: (self.capacity.cpus - reserved.cpus).max(0.0),
-                memory_bytes: self
-                    .capacity
-                    .memory_bytes
-                    .saturating_sub(reserved.memory_bytes),
-            },
+            free: self.capacity.free(reserved),
             tiers: self.tiers().iter().map(|t| t.to_string()).collect(),
             cells: counts,
         })
