@@ -10,7 +10,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::process::Command;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use cellhost_core::ids::CellId;
@@ -737,16 +737,20 @@ fn cells_on_one_bridge_see_nothing_of_each_other_nor_the_hosts_loopback() {
     let mac = |h: &CellHandle| h.tier["network"]["mac"].as_str().unwrap().to_string();
     let (a_ip, b_ip, a_mac, b_mac) = (addr(&a), addr(&b), mac(&a), mac(&b));
 
-    // The host knocks on both cells while b listens to its link.
+    // The host knocks on both cells for as long as b listens to its link
+    // (a burst at a fixed moment missed a sniffer that started late on a
+    // loaded machine).
+    let listening = Arc::new(AtomicBool::new(true));
     let knock = {
         let (a_ip, b_ip) = (a_ip.clone(), b_ip.clone());
+        let listening = listening.clone();
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(700));
-            for _ in 0..30 {
+            while listening.load(Ordering::SeqCst) {
                 for ip in [&a_ip, &b_ip] {
                     let to = SocketAddr::new(ip.parse().unwrap(), 9);
                     let _ = TcpStream::connect_timeout(&to, Duration::from_millis(30));
                 }
+                std::thread::sleep(Duration::from_millis(50));
             }
         })
     };
@@ -769,6 +773,7 @@ fn cells_on_one_bridge_see_nothing_of_each_other_nor_the_hosts_loopback() {
     let b_dyn: &dyn Backend = &tier.backend;
     let (code, out, err) =
         rt.block_on(exec(b_dyn, &b, &format!("/usr/bin/python3 -c \"{sniff}\"")));
+    listening.store(false, Ordering::SeqCst);
     knock.join().unwrap();
     assert_eq!(code, 0, "{err}");
     let counts: Vec<u64> = out.split_whitespace().map(|x| x.parse().unwrap()).collect();
