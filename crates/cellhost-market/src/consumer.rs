@@ -58,6 +58,12 @@ pub fn parse_pubkey(s: &str) -> Result<PublicKey, MarketError> {
     })
 }
 
+/// Parse a request id (64 hex digits, as a timed-out request prints it).
+pub fn parse_request_id(s: &str) -> Result<EventId, MarketError> {
+    EventId::from_hex(s.trim())
+        .map_err(|_| MarketError::Nostr(format!("{s:?} is not a request id (64 hex digits)")))
+}
+
 impl Consumer {
     /// Connect to `relays` (waits up to `wait` for them).
     pub async fn connect(
@@ -264,14 +270,6 @@ impl Consumer {
             }
         }
         self.client.try_connect(self.wait).await;
-        // Subscribed before sending, so the reply cannot slip past.
-        self.client
-            .subscribe(
-                Filter::new().kind(Kind::GiftWrap).pubkey(self.public_key()),
-                None,
-            )
-            .await
-            .map_err(MarketError::nostr)?;
         let wrap = EventBuilder::gift_wrap(&self.keys, &provider, rumor, [])
             .await
             .map_err(MarketError::nostr)?;
@@ -296,14 +294,22 @@ impl Consumer {
         rid: EventId,
         timeout: Duration,
     ) -> Result<Reply, MarketError> {
+        // Listening first (new events only, one subscription however
+        // often this is called), then asking for what is stored: a reply
+        // published in between is in one or the other.
         let mut notes = self.client.notifications();
-        // Replies that arrived before we listened are on the relay: ask.
+        let inbox = Filter::new().kind(Kind::GiftWrap).pubkey(self.public_key());
+        self.client
+            .subscribe_with_id(
+                SubscriptionId::new("cellhost-replies"),
+                inbox.clone().limit(0),
+                None,
+            )
+            .await
+            .map_err(MarketError::nostr)?;
         let stored = self
             .client
-            .fetch_events(
-                Filter::new().kind(Kind::GiftWrap).pubkey(self.public_key()),
-                self.wait,
-            )
+            .fetch_events(inbox, self.wait)
             .await
             .map_err(MarketError::nostr)?;
         for ev in stored.iter() {

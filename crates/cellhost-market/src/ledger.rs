@@ -4,7 +4,7 @@
 //!
 //! `<state>/market/ledger.sqlite` (0600, WAL), one table:
 //! `requests(id PK, sender, op, received_at, outcome, cell, paid_msat, seconds,
-//! reply)`.
+//! reply, mint, redeemed_msat, expect_expires_ms)`.
 //! `id` is the request's rumor id (the inner, signed-by-nobody kind-14
 //! event's id, recomputed here, never taken from the wire): the gift wrap
 //! around it changes on every send, the rumor does not.
@@ -13,9 +13,17 @@
 //!
 //! A request is *claimed* (row inserted, one statement) before any work on
 //! it; a second delivery of the same rumor finds the row and is ignored,
-//! across restarts too. The outcome is written when the work ends. A row
-//! with no outcome is a request cut short by a crash: it is not re-run
-//! (its token may have been redeemed; see the provider's notes).
+//! across restarts too. The outcome is written when the work ends.
+//!
+//! Money taken is written down the moment the mint's swap returns
+//! ([`Ledger::redeemed`]: the mint, the amount, the seconds it buys, and for
+//! a top-up the lease end the extend will set), before the cell is made or
+//! the lease extended. A row with no outcome is a request cut short by a
+//! crash; it is never re-run. At the next start the provider settles it
+//! ([`Ledger::unfinished`]): with `redeemed_msat` set, the consumer gets
+//! what was paid for (the cell exists, the lease was extended) or a refund;
+//! without, nothing was taken, or the crash came during the swap itself
+//! (the cashier's recovery finds that money; the row says `interrupted`).
 //!
 //! # Threat model
 //!
@@ -49,6 +57,20 @@ pub struct Entry {
     pub seconds: Option<u64>,
     /// The answer as sent: a gift wrap only the requester can open.
     pub reply: Option<String>,
+    /// What was redeemed, from which mint, before the work was done.
+    pub redeemed: Option<Redeemed>,
+}
+
+/// Money a request brought in, written before the work it pays for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redeemed {
+    pub mint: String,
+    pub msat: u64,
+    /// Seconds it buys.
+    pub seconds: u64,
+    /// Top-ups: the cell and the lease end (unix ms) the extend sets.
+    pub cell: Option<String>,
+    pub expect_expires_ms: Option<i64>,
 }
 
 /// What became of one request.
@@ -84,7 +106,10 @@ impl Ledger {
                 cell TEXT,
                 paid_msat INTEGER,
                 seconds INTEGER,
-                reply TEXT
+                reply TEXT,
+                mint TEXT,
+                redeemed_msat INTEGER,
+                expect_expires_ms INTEGER
             );
             CREATE INDEX IF NOT EXISTS requests_cell ON requests(cell);",
         )?;
@@ -124,6 +149,33 @@ impl Ledger {
         Ok(())
     }
 
+    /// Write down the money request `id` brought in, before the work.
+    pub fn redeemed(&self, id: &str, r: &Redeemed) -> Result<(), MarketError> {
+        self.conn().execute(
+            "UPDATE requests SET mint = ?2, redeemed_msat = ?3, seconds = ?4, cell = ?5,
+                 expect_expires_ms = ?6 WHERE id = ?1",
+            params![
+                id,
+                r.mint,
+                r.msat as i64,
+                r.seconds as i64,
+                r.cell,
+                r.expect_expires_ms
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Requests a crash cut short (claimed, no outcome), oldest first.
+    pub fn unfinished(&self) -> Result<Vec<Entry>, MarketError> {
+        let conn = self.conn();
+        let mut st = conn.prepare(&format!(
+            "SELECT {COLUMNS} FROM requests WHERE outcome IS NULL ORDER BY received_at, rowid"
+        ))?;
+        let rows = st.query_map([], entry)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Keep the answer to request `id` (its gift wrap, as JSON).
     pub fn set_reply(&self, id: &str, wrap: &str) -> Result<(), MarketError> {
         self.conn().execute(
@@ -142,23 +194,6 @@ impl Ledger {
                 entry,
             )
             .optional()?)
-    }
-
-    /// Mark requests a crash cut short (claimed, no outcome) as
-    /// `interrupted`; returns them. Their token may have been redeemed.
-    pub fn mark_interrupted(&self) -> Result<Vec<Entry>, MarketError> {
-        let cut = {
-            let conn = self.conn();
-            let mut st = conn.prepare(&format!(
-                "SELECT {COLUMNS} FROM requests WHERE outcome IS NULL"
-            ))?;
-            st.query_map([], entry)?.collect::<Result<Vec<_>, _>>()?
-        };
-        self.conn().execute(
-            "UPDATE requests SET outcome = 'interrupted' WHERE outcome IS NULL",
-            [],
-        )?;
-        Ok(cut)
     }
 
     /// Spawns that gave a consumer a cell.
@@ -182,7 +217,7 @@ impl Ledger {
     }
 }
 
-const COLUMNS: &str = "id, sender, op, outcome, cell, paid_msat, seconds, reply";
+const COLUMNS: &str = "id, sender, op, outcome, cell, paid_msat, seconds, reply, mint, redeemed_msat, expect_expires_ms";
 
 fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
     Ok(Entry {
@@ -194,6 +229,16 @@ fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
         paid_msat: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
         seconds: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
         reply: r.get(7)?,
+        redeemed: match (r.get::<_, Option<String>>(8)?, r.get::<_, Option<i64>>(9)?) {
+            (Some(mint), Some(msat)) => Some(Redeemed {
+                mint,
+                msat: msat as u64,
+                seconds: r.get::<_, Option<i64>>(6)?.unwrap_or(0) as u64,
+                cell: r.get(4)?,
+                expect_expires_ms: r.get(10)?,
+            }),
+            _ => None,
+        },
     })
 }
 
@@ -227,5 +272,51 @@ mod tests {
         assert_eq!(l.jobs_completed().unwrap(), 1);
         let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&p).unwrap());
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn money_taken_is_on_record_until_the_request_ends() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ledger.sqlite");
+        let l = Ledger::open(&p).unwrap();
+        for id in ["a", "b", "c"] {
+            assert!(l.claim(id, "pk", "topup").unwrap());
+        }
+        let taken = Redeemed {
+            mint: "http://127.0.0.1:1".into(),
+            msat: 6000,
+            seconds: 6,
+            cell: Some("c1".into()),
+            expect_expires_ms: Some(1_700_000_006_000),
+        };
+        l.redeemed("b", &taken).unwrap();
+        l.finish(
+            "c",
+            &Outcome {
+                code: "ok",
+                ..Outcome::default()
+            },
+        )
+        .unwrap();
+        drop(l);
+        // After a crash: a and b are unfinished, only b took money.
+        let l = Ledger::open(&p).unwrap();
+        let cut = l.unfinished().unwrap();
+        assert_eq!(
+            cut.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(cut[0].redeemed, None);
+        assert_eq!(cut[1].redeemed.as_ref(), Some(&taken));
+        l.finish(
+            "b",
+            &Outcome {
+                code: "provision_failed",
+                paid_msat: Some(6000),
+                ..Outcome::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(l.unfinished().unwrap().len(), 1);
     }
 }

@@ -48,8 +48,21 @@ pub enum MarketError {
     Wallet(String),
     /// The request went out; no answer came in time. The provider may
     /// still act on it (and keeps its answer for a repeat of the request).
-    #[error("no reply from the provider within {seconds} s to request {request}")]
+    #[error(
+        "no reply from the provider within {seconds} s to request {request}; `cellhost market reply <offer> {request}` waits for it later"
+    )]
     NoReply { seconds: u64, request: String },
+}
+
+/// Arm the failpoints named in the `FAILPOINTS` environment variable (the
+/// `fail` crate's syntax: `market-spawn-created=return`). A no-op unless
+/// built with the `failpoints` feature, which only the cellhost crate's
+/// tests turn on: a release binary carries no failpoints. The provider's
+/// failpoints kill the process as `kill -9` would, to test that requests
+/// cut short are settled at the next start.
+pub fn arm_failpoints() {
+    #[cfg(feature = "failpoints")]
+    std::mem::forget(fail::FailScenario::setup());
 }
 
 impl MarketError {

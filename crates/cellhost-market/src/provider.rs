@@ -22,10 +22,12 @@
 //! spawn:  tier on offer and running → document (or template) valid, of that
 //!         tier, within the offer's size → secrets, volume key → capacity
 //!         → token parses, mint accepted, unit sat → amount buys
-//!         minSeconds..=maxSeconds → REDEEM → create with that lease
-//!         → on failure: refund token for all of it
+//!         minSeconds..=maxSeconds → REDEEM → ledger: taken → create
+//!         with that lease (labelled with the request id) → on failure:
+//!         refund token for all of it
 //! topup:  cell exists for this key, lease running → token checks → amount
-//!         → REDEEM → extend → on failure: refund
+//!         → REDEEM → ledger: taken, and the lease end it buys → extend
+//!         → on failure: refund
 //! status: the cell for this key
 //! stop:   destroy the cell for this key
 //! → reply (NIP-17, to the sender only, `e` = the request's rumor id)
@@ -36,7 +38,11 @@
 //!
 //! The ledger claim makes every request run at most once, across restarts.
 //! The lease is the daemon's: the reaper destroys a cell when it ends,
-//! whether or not this front is running.
+//! whether or not this front is running. A request a crash cut short is
+//! settled at the next start, before new requests are read: if it took
+//! money, the consumer gets what was delivered (the cell carrying its
+//! request id exists and was made; the lease reaches the end the top-up
+//! bought) or a refund of all of it, and the answer it never got.
 //!
 //! # Threat model
 //!
@@ -45,9 +51,10 @@
 //! could refuse has passed; what is taken for a cell (or an extension)
 //! that is not delivered is refunded in the reply, and what cannot be
 //! refunded (the mint down at that moment) is recorded as `refund_owed`.
-//! A crash between redemption and reply is the one gap: the request is
-//! marked `interrupted` at the next start, loudly, with the money in the
-//! wallet. Requests older than `maxRequestAgeSeconds` are refused unpaid.
+//! A crash after redemption is settled at restart (above). The one gap
+//! left is a crash during the swap itself: the wallet's saga recovery
+//! keeps the money, but the ledger has no record that it was this
+//! request's; it is marked `interrupted`, loudly. Requests older than `maxRequestAgeSeconds` are refused unpaid.
 //! A third party's request about a cell looks exactly like one about a
 //! missing cell (`not_found`). Tokens, refund tokens, volume keys,
 //! passwords and documents are never logged or put in the ledger (which
@@ -55,9 +62,11 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use cdk::mint_url::MintUrl;
 use cellhost_core::{SecretValue, VolumeKey};
 use cellhost_spec::{Cell, Isolation, SecretRef, SecretSource};
 use cellhost_supervisor::node::Reservation;
@@ -66,9 +75,9 @@ use nostr_sdk::nips::nip59::UnwrappedGift;
 use nostr_sdk::prelude::*;
 use zeroize::Zeroizing;
 
-use crate::cashier::{Cashier, Checked};
+use crate::cashier::Cashier;
 use crate::config::{MarketConfig, TierConfig};
-use crate::ledger::{Ledger, Outcome};
+use crate::ledger::{Ledger, Outcome, Redeemed};
 use crate::proto::{
     self, Access, ErrorCode, Heartbeat, Offer, OfferDetails, PaygressSpec, PortAccess, Refusal,
     Reply, Request, SpawnRequest, TierOffer,
@@ -139,18 +148,9 @@ impl Provider {
         let keys = keys::nostr_keys(&paths.key())?;
         let seed = keys::wallet_seed(&paths.seed())?;
         let cashier = Cashier::open(&paths.wallet(), &seed, &cfg.mints).await?;
+        // Requests a crash cut short are settled by `run`, once relays can
+        // carry the answers.
         let ledger = Ledger::open(&paths.ledger())?;
-        // Only a crash leaves a request without an outcome (a shutdown waits
-        // for them). Say so, loudly: its token may have been redeemed.
-        for e in ledger.mark_interrupted()? {
-            tracing::error!(
-                "market: {} request {} from {} was cut short by a crash; \
-                 if its token was redeemed, the money is in this provider's wallet and owed to the requester",
-                e.op,
-                e.id,
-                e.sender
-            );
-        }
         let mut templates = Vec::new();
         for (i, t) in cfg.tiers.iter().enumerate() {
             if let Some(p) = &t.template {
@@ -215,6 +215,10 @@ impl Provider {
             self.cfg.relays.len()
         );
         self.cashier.recover().await;
+        self.client
+            .wait_for_connection(Duration::from_secs(5))
+            .await;
+        self.settle_unfinished().await;
         let mut beat = tokio::time::interval(Duration::from_secs(self.cfg.heartbeat_seconds));
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut in_flight = tokio::task::JoinSet::new();
@@ -478,6 +482,19 @@ impl Provider {
                 (r, cell)
             }
         };
+        self.conclude(sender, rid, &reply, outcome_cell.as_deref(), t0)
+            .await;
+    }
+
+    /// Log, record the outcome of request `rid` and answer it.
+    async fn conclude(
+        &self,
+        sender: PublicKey,
+        rid: EventId,
+        reply: &Reply,
+        cell: Option<&str>,
+        t0: std::time::Instant,
+    ) {
         let code = match &reply.error {
             None => "ok",
             // Paid, not delivered, not refunded: the ledger says what is owed.
@@ -490,24 +507,138 @@ impl Provider {
             "market: {} from {} → {code}{} in {} ms",
             reply.op,
             keys::npub(&sender),
-            outcome_cell
-                .as_deref()
-                .map(|c| format!(" (cell {c})"))
-                .unwrap_or_default(),
+            cell.map(|c| format!(" (cell {c})")).unwrap_or_default(),
             t0.elapsed().as_millis()
         );
         if let Err(e) = self.ledger.finish(
-            &rid_hex,
+            &rid.to_hex(),
             &Outcome {
                 code,
-                cell: outcome_cell.as_deref(),
+                cell,
                 paid_msat: reply.paid_msat,
                 seconds: reply.seconds,
             },
         ) {
             tracing::error!("market: ledger: {e}");
         }
-        self.answer(sender, rid, &reply).await;
+        self.answer(sender, rid, reply).await;
+    }
+
+    /// Settle the requests a crash cut short (see the ledger's notes). A
+    /// request that took money gets what it paid for if that was done (the
+    /// cell exists and was made; the lease reaches the end the top-up
+    /// bought), else a refund of all of it; either way the answer it never
+    /// got. One that took nothing is marked `interrupted` and not run: its
+    /// sender may send it anew.
+    async fn settle_unfinished(&self) {
+        let rows = match self.ledger.unfinished() {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("market: ledger: {e}; requests cut short are not settled");
+                return;
+            }
+        };
+        for e in rows {
+            let t0 = std::time::Instant::now();
+            let (Ok(sender), Ok(rid)) = (PublicKey::from_hex(&e.sender), EventId::from_hex(&e.id))
+            else {
+                tracing::error!("market: ledger row {} is garbled; not settled", e.id);
+                continue;
+            };
+            let Some(paid) = &e.redeemed else {
+                tracing::warn!(
+                    "market: {} request {} from {} was cut short by a crash before its token was \
+                     taken (or during the swap, which the wallet's recovery finishes); not run",
+                    e.op,
+                    e.id,
+                    keys::npub(&sender)
+                );
+                let interrupted = Outcome {
+                    code: "interrupted",
+                    ..Outcome::default()
+                };
+                if let Err(err) = self.ledger.finish(&e.id, &interrupted) {
+                    tracing::error!("market: ledger: {err}");
+                }
+                continue;
+            };
+            let caller = Caller::tenant(owner_of(&sender));
+            let delivered = match e.op.as_str() {
+                "spawn" => self.made_for(&caller, &e.id).await,
+                "topup" => match (&paid.cell, paid.expect_expires_ms) {
+                    (Some(id), Some(want)) => self
+                        .sup
+                        .get(&caller, id)
+                        .await
+                        .ok()
+                        .filter(|v| expires_ms(v).is_some_and(|at| at >= want)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let reply = match &delivered {
+                Some(v) => self.paid(&e.id, &e.op, v, credentials_of(v), paid.msat, paid.seconds),
+                None => {
+                    let what = if e.op == "spawn" {
+                        "the cell was made"
+                    } else {
+                        "the lease was extended"
+                    };
+                    match MintUrl::from_str(&paid.mint) {
+                        Ok(mint) => {
+                            self.refund(
+                                &e.id,
+                                &e.op,
+                                &mint,
+                                paid.msat / 1000,
+                                format!("the provider restarted before {what}"),
+                            )
+                            .await
+                        }
+                        Err(err) => {
+                            let why = format!(
+                                "the provider restarted before {what}; its ledger names mint {:?} ({err}): ask the provider, citing request {}",
+                                paid.mint, e.id
+                            );
+                            let mut r = Reply::refused(
+                                &e.id,
+                                &e.op,
+                                Refusal::new(ErrorCode::ProvisionFailed, why),
+                            );
+                            r.paid_msat = Some(paid.msat);
+                            r
+                        }
+                    }
+                }
+            };
+            tracing::warn!(
+                "market: settling {} request {} cut short by a crash after {} msat were taken",
+                e.op,
+                e.id,
+                paid.msat
+            );
+            let cell = delivered.as_ref().map(|v| v.id.clone());
+            self.conclude(sender, rid, &reply, cell.as_deref(), t0)
+                .await;
+        }
+    }
+
+    /// The cell spawn request `rid` made, if its create finished and it is
+    /// not being destroyed (an interrupted create is rolled back by the
+    /// supervisor's reconcile; a lease that ran out while this provider was
+    /// down counts as undelivered: the consumer is refunded).
+    async fn made_for(&self, caller: &Caller, rid: &str) -> Option<CellView> {
+        let cells = self.sup.list(caller).await.ok()?;
+        cells.into_iter().find(|v| {
+            v.document
+                .metadata
+                .labels
+                .get(REQUEST_LABEL)
+                .map(String::as_str)
+                == Some(rid)
+                && v.desired != "destroyed"
+                && matches!(v.observed.as_str(), "created" | "running" | "exited")
+        })
     }
 
     /// Gift-wrap `reply` to `to`, keep the wrap (ciphertext only `to` can
@@ -613,6 +744,22 @@ impl Provider {
             ));
         }
         fit_to_offer(&mut cell, offer)?;
+        // The request that made the cell: how a restart after a crash finds
+        // it (the provider's label replaces one the document may carry).
+        cell.metadata.labels.shift_remove(REQUEST_LABEL);
+        if cell.metadata.labels.len() >= cellhost_spec::limits::MAX_LABELS {
+            return Err(Refusal::field(
+                ErrorCode::InvalidDocument,
+                "document.metadata.labels",
+                format!(
+                    "at most {} labels: the provider adds {REQUEST_LABEL}",
+                    cellhost_spec::limits::MAX_LABELS - 1
+                ),
+            ));
+        }
+        cell.metadata
+            .labels
+            .insert(REQUEST_LABEL.to_string(), rid.to_string());
         // 3. Secrets, credentials, the volume key.
         let mut secrets = cellhost_supervisor::supervisor::take_inline_secrets(&mut cell)
             .map_err(|e| invalid_document(&e))?;
@@ -679,13 +826,24 @@ impl Provider {
         let received = self.cashier.redeem(&req.token, &checked).await?;
         let paid_msat = received.saturating_mul(1000);
         let seconds = (paid_msat / offer.price_msat_per_second).min(seconds);
+        self.taken(
+            rid,
+            Redeemed {
+                mint: checked.mint.to_string(),
+                msat: paid_msat,
+                seconds,
+                cell: None,
+                expect_expires_ms: None,
+            },
+        );
+        fail::fail_point!("market-spawn-redeemed", |_| crash());
         if seconds < offer.min_seconds {
             // The mint's fee took it under the minimum.
             return Ok(self
                 .refund(
                     rid,
                     "spawn",
-                    &checked,
+                    &checked.mint,
                     received,
                     format!(
                         "after the mint's fee the token pays {paid_msat} msat, less than the {} s minimum",
@@ -700,13 +858,15 @@ impl Provider {
             volume_key,
         };
         let caller = Caller::tenant(owner);
-        match self.sup.create(&caller, cell, confidential, true).await {
+        let made = self.sup.create(&caller, cell, confidential, true).await;
+        fail::fail_point!("market-spawn-created", |_| crash());
+        match made {
             Ok(view) => Ok(self.paid(rid, "spawn", &view, credentials, paid_msat, seconds)),
             Err(e) => Ok(self
                 .refund(
                     rid,
                     "spawn",
-                    &checked,
+                    &checked.mint,
                     received,
                     format!("the cell could not be made: {e}"),
                 )
@@ -762,12 +922,24 @@ impl Provider {
         let received = self.cashier.redeem(token, &checked).await?;
         let paid_msat = received.saturating_mul(1000);
         let seconds = (paid_msat / offer.price_msat_per_second).min(seconds);
+        self.taken(
+            rid,
+            Redeemed {
+                mint: checked.mint.to_string(),
+                msat: paid_msat,
+                seconds,
+                cell: Some(view.id.clone()),
+                expect_expires_ms: expires_ms(&view)
+                    .map(|at| at.saturating_add((seconds as i64).saturating_mul(1000))),
+            },
+        );
+        fail::fail_point!("market-topup-redeemed", |_| crash());
         if seconds == 0 {
             return Ok(self
                 .refund(
                     rid,
                     "topup",
-                    &checked,
+                    &checked.mint,
                     received,
                     "the mint's fee left less than a second".into(),
                 )
@@ -779,7 +951,7 @@ impl Provider {
                 .refund(
                     rid,
                     "topup",
-                    &checked,
+                    &checked.mint,
                     received,
                     format!("the lease could not be extended: {e}"),
                 )
@@ -842,19 +1014,31 @@ impl Provider {
         reply
     }
 
-    /// A refund of everything `checked` brought in, as a reply.
+    /// Write down what request `rid` took, before the work it pays for.
+    fn taken(&self, rid: &str, r: Redeemed) {
+        if let Err(e) = self.ledger.redeemed(rid, &r) {
+            // The work goes on and its answer is written as usual; only a
+            // crash before that answer would now go unsettled.
+            tracing::error!(
+                "market: ledger: {e}; {} msat taken for {rid} are not on record until it ends",
+                r.msat
+            );
+        }
+    }
+
+    /// A refund of `received_sat` taken at `mint`, as a reply.
     async fn refund(
         &self,
         rid: &str,
         op: &str,
-        checked: &Checked,
+        mint: &MintUrl,
         received_sat: u64,
         why: String,
     ) -> Reply {
         let mut reply = Reply::refused(rid, op, Refusal::new(ErrorCode::ProvisionFailed, why));
         // What was taken, refunded or owed: the ledger records it either way.
         reply.paid_msat = Some(received_sat.saturating_mul(1000));
-        match self.cashier.refund(&checked.mint, received_sat).await {
+        match self.cashier.refund(mint, received_sat).await {
             Ok(token) => {
                 reply.refund = Some(token);
             }
@@ -936,6 +1120,28 @@ fn port_free(port: u32, proto: cellhost_spec::Protocol) -> bool {
         cellhost_spec::Protocol::Tcp => std::net::TcpListener::bind(("0.0.0.0", port)).is_ok(),
         cellhost_spec::Protocol::Udp => std::net::UdpSocket::bind(("0.0.0.0", port)).is_ok(),
     }
+}
+
+/// The label on a market cell naming the spawn request that made it.
+pub const REQUEST_LABEL: &str = "market.cellhost.dev/request";
+
+/// The end of `view`'s lease, unix ms.
+fn expires_ms(view: &CellView) -> Option<i64> {
+    let at = humantime::parse_rfc3339(&view.expires_at).ok()?;
+    let ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
+    i64::try_from(ms).ok()
+}
+
+/// What a failpoint does to test crash recovery: die as `kill -9` would,
+/// with no destructor, flush or shutdown (builds with the `failpoints`
+/// feature only; see the market tests).
+#[cfg(feature = "failpoints")]
+fn crash() -> Result<Reply, Refusal> {
+    let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    Err(Refusal::new(
+        ErrorCode::Internal,
+        "failpoint: SIGKILL failed",
+    ))
 }
 
 fn not_found(id: &str) -> Refusal {

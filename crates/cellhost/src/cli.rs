@@ -217,6 +217,15 @@ pub enum MarketCommand {
         offer: String,
         cell: String,
     },
+    /// Wait for the answer to a request sent earlier (the id a timed-out
+    /// rent, topup, status or stop printed). A provider that crashed
+    /// mid-request sends it when it is back: the cell, or a refund.
+    Reply {
+        #[command(flatten)]
+        opt: MarketOpt,
+        offer: String,
+        request: String,
+    },
 }
 
 #[derive(Debug, Args)]

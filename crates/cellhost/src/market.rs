@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use cellhost_market::consumer::{Consumer, Listing, OfferFilter, parse_pubkey};
+use cellhost_market::consumer::{Consumer, Listing, OfferFilter, parse_pubkey, parse_request_id};
 use cellhost_market::proto::{Reply, Request, SpawnRequest, VERSION};
 use zeroize::Zeroizing;
 
@@ -165,7 +165,28 @@ pub async fn market(cmd: MarketCommand, json: bool) -> anyhow::Result<u8> {
             )
             .await
         }
+        MarketCommand::Reply {
+            opt,
+            offer,
+            request,
+        } => {
+            let provider = parse_pubkey(&offer).map_err(|e| exit_err(EXIT_USAGE, e.to_string()))?;
+            let rid =
+                parse_request_id(&request).map_err(|e| exit_err(EXIT_USAGE, e.to_string()))?;
+            let c = connect(&opt).await?;
+            let reply = c
+                .wait_reply(provider, rid, Duration::from_secs(opt.timeout))
+                .await;
+            c.shutdown().await;
+            finish(reply?, json)
+        }
     }
+}
+
+/// Print `reply`; the exit code says whether it was a refusal.
+fn finish(reply: Reply, json: bool) -> anyhow::Result<u8> {
+    print_reply(&reply, json)?;
+    Ok(if reply.ok { 0 } else { EXIT_REFUSED })
 }
 
 async fn send(opt: &MarketOpt, offer: &str, req: Request, json: bool) -> anyhow::Result<u8> {
@@ -200,9 +221,7 @@ async fn send(opt: &MarketOpt, offer: &str, req: Request, json: bool) -> anyhow:
         )
         .await;
     c.shutdown().await;
-    let reply = reply?;
-    print_reply(&reply, json)?;
-    Ok(if reply.ok { 0 } else { EXIT_REFUSED })
+    finish(reply?, json)
 }
 
 fn print_offers(list: &[Listing], json: bool) -> anyhow::Result<()> {

@@ -226,6 +226,7 @@ pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
         None => None,
     };
     let sup = Supervisor::new(store, backends(state_dir, &args)?, cfg)?;
+    cellhost_market::arm_failpoints();
     let market = match market_cfg {
         Some(c) => Some(
             cellhost_market::provider::Provider::open(sup.clone(), c, state_dir)

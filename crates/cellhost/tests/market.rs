@@ -157,6 +157,9 @@ struct Provider {
     log: PathBuf,
     cfg: PathBuf,
     extra: Vec<String>,
+    /// `FAILPOINTS` for the daemon (the binary the tests run is built with
+    /// the market's failpoints; each one kills the daemon like `kill -9`).
+    failpoint: Option<String>,
 }
 
 impl Provider {
@@ -165,6 +168,15 @@ impl Provider {
     }
 
     fn start_with(relay: &str, mint: &str, extra: &[&str]) -> Provider {
+        Provider::launch(relay, mint, extra, None)
+    }
+
+    /// Start armed with `failpoint` (see [`Provider::failpoint`]).
+    fn armed(relay: &str, mint: &str, failpoint: &str) -> Provider {
+        Provider::launch(relay, mint, &[], Some(failpoint))
+    }
+
+    fn launch(relay: &str, mint: &str, extra: &[&str], failpoint: Option<&str>) -> Provider {
         let state = common::state_dir();
         let cfg = state.path().join("market.yaml");
         std::fs::write(
@@ -183,6 +195,7 @@ impl Provider {
             state,
             cfg,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            failpoint: failpoint.map(str::to_string),
         };
         let log = std::fs::File::create(&p.log).unwrap();
         p.child = Some(
@@ -199,7 +212,50 @@ impl Provider {
             .arg(&self.cfg)
             .args(&self.extra)
             .stderr(log);
+        if let Some(f) = &self.failpoint {
+            c.env("FAILPOINTS", f);
+        }
         c
+    }
+
+    /// Start the daemon again, armed with `failpoint` (or not), after it
+    /// died; the same state dir, the log appended.
+    fn respawn(&mut self, failpoint: Option<&str>) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.failpoint = failpoint.map(str::to_string);
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        self.child = Some(self.command(log).spawn().unwrap());
+        let until = Instant::now() + Duration::from_secs(30);
+        while !self.api().arg("ls").output().unwrap().status.success() {
+            assert!(Instant::now() < until, "no API in 30 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Wait for the daemon to die at its failpoint: by SIGKILL.
+    fn crashed(&mut self) {
+        let child = self.child.as_mut().unwrap();
+        let until = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                Instant::now() < until,
+                "the daemon did not reach failpoint {:?}; log:\n{}",
+                self.failpoint,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(9), "{status:?}; log:\n{}", self.log());
     }
 
     /// `cellhost --api unix:<socket>`, ready for a command.
@@ -879,6 +935,174 @@ fn refusals_take_nothing_failures_refund_and_replays_do_nothing() {
         assert_eq!(r.cell.unwrap().state, "destroyed");
         assert!(p.cells().is_empty());
         assert!(!p.log().contains("panicked"), "{}", p.log());
+    });
+}
+
+/// A crash mid-request is settled at the next start, never lost: the
+/// daemon is killed (by the failpoints of the test build, as `kill -9`
+/// would) after a spawn's token was redeemed and before the cell was made,
+/// after the cell was made and before the answer, and after a top-up's
+/// token was redeemed and before the lease was extended. Restarted, it
+/// answers each: a refund for what it did not deliver (redeemable for the
+/// full amount), the cell for what it did. The consumer's `rent` waits
+/// through the crash; `market reply` fetches an answer later.
+#[test]
+fn a_crash_mid_request_is_settled_at_the_next_start() {
+    require_process_tier!();
+    let rt = common::rt_multi();
+    rt.block_on(async {
+        let mint = start_mint().await;
+        let (_relay, relay) = start_relay().await;
+        let mut p = Provider::armed(&relay, &mint.url, "market-spawn-redeemed=return");
+        let dir = tempfile::tempdir().unwrap();
+        let identity = dir.path().join("alice.key");
+        let keys = cellhost_market::keys::nostr_keys(&identity).unwrap();
+        let alice = Consumer::connect(keys, std::slice::from_ref(&relay), Duration::from_secs(5))
+            .await
+            .unwrap();
+        let pk = wait_live_offer(&alice, &p).await;
+        let npub = pk.to_bech32().unwrap();
+        let relays = [relay.clone()];
+        let send = |req: Request| {
+            let alice = &alice;
+            let relays = &relays;
+            async move {
+                match alice
+                    .request_raw(pk, relays, req.to_json(), Duration::ZERO)
+                    .await
+                {
+                    Err(cellhost_market::MarketError::NoReply { request, .. }) => request,
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+
+        // 1. Killed after the spawn's token was redeemed, before the cell.
+        let t1 = token(&mint.url, 10).await;
+        let rid = send(spawn_req(t1.clone(), Some(SLEEPER))).await;
+        p.crashed();
+        let e = p.ledger().get(&rid).unwrap().unwrap();
+        assert_eq!(e.outcome, None, "{e:?}");
+        let taken = e.redeemed.clone().expect("the redemption is on record");
+        assert_eq!((taken.msat, taken.seconds), (10_000, 10), "{e:?}");
+        assert!(
+            redeem(&mint.url, &t1).await.is_err(),
+            "the token was not taken"
+        );
+        p.respawn(None);
+        let (code, v, err) = market_cli(&relay, &identity, &["reply", &npub, &rid]).await;
+        assert_eq!(code, 5, "{v} {err}");
+        assert_eq!(v["error"]["code"], "provision_failed", "{v}");
+        assert_eq!(v["paidMsat"], 10_000, "{v}");
+        let refund = v["refund"].as_str().expect("a refund token");
+        assert_eq!(redeem(&mint.url, refund).await.unwrap(), 10);
+        assert!(p.cells().is_empty(), "{:?}", p.cells());
+        let e = p.ledger().get(&rid).unwrap().unwrap();
+        assert_eq!(e.outcome.as_deref(), Some("provision_failed"), "{e:?}");
+
+        // 2. Killed after the cell was made, before the answer: `rent`
+        //    waits through the crash and gets the cell.
+        p.respawn(Some("market-spawn-created=return"));
+        wait_live_offer(&alice, &p).await;
+        let (tf, df) = (dir.path().join("t2"), dir.path().join("doc.yaml"));
+        std::fs::write(&tf, token(&mint.url, 12).await).unwrap();
+        std::fs::write(&df, SLEEPER).unwrap();
+        let rent = {
+            let (relay, identity, npub) = (relay.clone(), identity.clone(), npub.clone());
+            tokio::spawn(async move { rent_cli(&relay, &identity, &npub, &tf, &df).await })
+        };
+        p.crashed();
+        let cut = p
+            .ledger()
+            .entries()
+            .unwrap()
+            .into_iter()
+            .find(|e| e.outcome.is_none())
+            .expect("the spawn is unfinished");
+        let rid = cut.id.clone();
+        p.respawn(None);
+        let (code, v, err) = rent.await.unwrap();
+        assert_eq!(code, 0, "{v} {err}");
+        assert_eq!(
+            (v["paidMsat"].as_u64(), v["seconds"].as_u64()),
+            (Some(12_000), Some(12)),
+            "{v}"
+        );
+        let id = v["cell"]["id"].as_str().unwrap().to_string();
+        let cells = p.cells();
+        assert_eq!(cells.len(), 1, "{cells:?}");
+        assert_eq!(cells[0]["id"], id.as_str());
+        assert_eq!(
+            cells[0]["owner"],
+            format!("nostr:{}", alice.public_key().to_hex())
+        );
+        assert_eq!(
+            cells[0]["document"]["metadata"]["labels"]["market.cellhost.dev/request"],
+            rid.as_str()
+        );
+        let e = p.ledger().get(&rid).unwrap().unwrap();
+        assert_eq!(
+            (e.outcome.as_deref(), e.cell.as_deref()),
+            (Some("ok"), Some(id.as_str()))
+        );
+        // The answer is on the relay for later, too.
+        let (code, again, _) = market_cli(&relay, &identity, &["reply", &npub, &rid]).await;
+        assert_eq!((code, &again["cell"]["id"]), (0, &v["cell"]["id"]));
+
+        // 3. Killed after a top-up's token was redeemed, before the extend.
+        p.respawn(Some("market-topup-redeemed=return"));
+        wait_live_offer(&alice, &p).await;
+        let before = p.operator(&["inspect", &id])["expiresAt"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let t3 = token(&mint.url, 6).await;
+        let rid = send(Request::Topup {
+            cellhost: VERSION,
+            cell: id.clone(),
+            token: t3,
+        })
+        .await;
+        p.crashed();
+        let e = p.ledger().get(&rid).unwrap().unwrap();
+        let taken = e.redeemed.clone().expect("the redemption is on record");
+        assert_eq!(
+            taken.expect_expires_ms.map(|ms| ms as u128),
+            Some(rfc3339_ms(&before) + 6000),
+            "{e:?}"
+        );
+        p.respawn(None);
+        let r = alice
+            .wait_reply(pk, EventId::from_hex(&rid).unwrap(), TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!(
+            r.error.as_ref().map(|e| e.code),
+            Some(ErrorCode::ProvisionFailed),
+            "{r:?}"
+        );
+        assert_eq!(
+            redeem(&mint.url, r.refund.as_deref().unwrap())
+                .await
+                .unwrap(),
+            6
+        );
+        let after = p.operator(&["inspect", &id])["expiresAt"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            after, before,
+            "the lease moved though the top-up was refunded"
+        );
+
+        let log = p.log();
+        assert_eq!(
+            log.matches("cut short by a crash after").count(),
+            3,
+            "{log}"
+        );
+        alice.shutdown().await;
     });
 }
 
