@@ -155,7 +155,7 @@ impl MarketConfig {
             return bad("mints".into(), "at least one mint");
         }
         for (i, m) in self.mints.iter().enumerate() {
-            if cdk::mint_url::MintUrl::from_str_checked(m).is_none() {
+            if mint_url(m).is_none() {
                 return bad(format!("mints.{i}"), "expected an http:// or https:// URL");
             }
         }
@@ -211,32 +211,16 @@ impl MarketConfig {
     pub fn tier(&self, t: Isolation) -> Option<&TierConfig> {
         self.tiers.iter().find(|c| c.tier == t)
     }
-
-    /// Is `url` (a token's mint) on the list? Compared in cdk's normal
-    /// form (no trailing slash, lower-case host).
-    pub fn accepts_mint(&self, url: &str) -> bool {
-        let Some(want) = cdk::mint_url::MintUrl::from_str_checked(url) else {
-            return false;
-        };
-        self.mints
-            .iter()
-            .filter_map(|m| cdk::mint_url::MintUrl::from_str_checked(m))
-            .any(|m| m == want)
-    }
 }
 
-/// Extension: parse a mint URL without panicking on hostile input.
-trait CheckedMintUrl: Sized {
-    fn from_str_checked(s: &str) -> Option<Self>;
-}
-
-impl CheckedMintUrl for cdk::mint_url::MintUrl {
-    fn from_str_checked(s: &str) -> Option<Self> {
-        if !(s.starts_with("http://") || s.starts_with("https://")) {
-            return None;
-        }
-        s.parse().ok()
+/// Parse a mint URL without panicking on hostile input (cdk's normal form:
+/// no trailing slash, lower-case host, which the cashier's per-mint
+/// wallets are keyed by).
+pub fn mint_url(s: &str) -> Option<cdk::mint_url::MintUrl> {
+    if !(s.starts_with("http://") || s.starts_with("https://")) {
+        return None;
     }
+    s.parse().ok()
 }
 
 #[cfg(test)]
@@ -251,9 +235,10 @@ mod tests {
         assert_eq!(c.heartbeat_seconds, 2);
         let t = c.tier(Isolation::Process).unwrap();
         assert_eq!((t.min_seconds, t.max_seconds), (60, 86400));
-        assert!(c.accepts_mint("http://127.0.0.1:3338"));
-        assert!(!c.accepts_mint("http://127.0.0.1:3339"));
-        assert!(!c.accepts_mint("not a url"));
+        let listed = mint_url(&c.mints[0]).unwrap();
+        assert_eq!(mint_url("http://127.0.0.1:3338"), Some(listed.clone()));
+        assert_ne!(mint_url("http://127.0.0.1:3339"), Some(listed));
+        assert_eq!(mint_url("not a url"), None);
     }
 
     #[test]

@@ -88,14 +88,7 @@ impl Ledger {
         if let Some(dir) = path.parent() {
             crate::keys::private_dir(dir)?;
         }
-        let conn = Connection::open(path)?;
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(|e| MarketError::Io {
-                what: format!("chmod 600 {}", path.display()),
-                source: e,
-            })?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let conn = cellhost_store::open_private_db(path)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS requests (
                 id TEXT PRIMARY KEY,

@@ -42,6 +42,8 @@ pub enum MarketError {
     BadKeyFile { path: String, message: String },
     #[error("ledger: {0}")]
     Ledger(#[from] rusqlite::Error),
+    #[error("ledger: {0}")]
+    LedgerFile(#[from] cellhost_store::StoreError),
     #[error("nostr: {0}")]
     Nostr(String),
     #[error("wallet: {0}")]

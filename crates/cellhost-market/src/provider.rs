@@ -62,7 +62,6 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -75,7 +74,7 @@ use nostr_sdk::nips::nip59::UnwrappedGift;
 use nostr_sdk::prelude::*;
 use zeroize::Zeroizing;
 
-use crate::cashier::Cashier;
+use crate::cashier::{Cashier, Checked};
 use crate::config::{MarketConfig, TierConfig};
 use crate::ledger::{Ledger, Outcome, Redeemed};
 use crate::proto::{
@@ -584,7 +583,7 @@ impl Provider {
                     } else {
                         "the lease was extended"
                     };
-                    match MintUrl::from_str(&paid.mint) {
+                    match crate::config::mint_url(&paid.mint).ok_or("not a mint URL") {
                         Ok(mint) => {
                             self.refund(
                                 &e.id,
@@ -823,19 +822,9 @@ impl Provider {
         self.assign_ports(&mut cell).await?;
 
         // 6. Redeem. Every refusal above took nothing.
-        let received = self.cashier.redeem(&req.token, &checked).await?;
-        let paid_msat = received.saturating_mul(1000);
-        let seconds = (paid_msat / offer.price_msat_per_second).min(seconds);
-        self.taken(
-            rid,
-            Redeemed {
-                mint: checked.mint.to_string(),
-                msat: paid_msat,
-                seconds,
-                cell: None,
-                expect_expires_ms: None,
-            },
-        );
+        let (received, paid_msat, seconds) = self
+            .take(rid, &req.token, &checked, offer, seconds, None)
+            .await?;
         fail::fail_point!("market-spawn-redeemed", |_| crash());
         if seconds < offer.min_seconds {
             // The mint's fee took it under the minimum.
@@ -919,20 +908,9 @@ impl Provider {
                 ),
             ));
         }
-        let received = self.cashier.redeem(token, &checked).await?;
-        let paid_msat = received.saturating_mul(1000);
-        let seconds = (paid_msat / offer.price_msat_per_second).min(seconds);
-        self.taken(
-            rid,
-            Redeemed {
-                mint: checked.mint.to_string(),
-                msat: paid_msat,
-                seconds,
-                cell: Some(view.id.clone()),
-                expect_expires_ms: expires_ms(&view)
-                    .map(|at| at.saturating_add((seconds as i64).saturating_mul(1000))),
-            },
-        );
+        let (received, paid_msat, seconds) = self
+            .take(rid, token, &checked, offer, seconds, Some(&view))
+            .await?;
         fail::fail_point!("market-topup-redeemed", |_| crash());
         if seconds == 0 {
             return Ok(self
@@ -1014,16 +992,40 @@ impl Provider {
         reply
     }
 
-    /// Write down what request `rid` took, before the work it pays for.
-    fn taken(&self, rid: &str, r: Redeemed) {
+    /// Redeem `token` for request `rid` and write down what it brought
+    /// before the work it pays for (for a top-up, with the lease end that
+    /// `seconds` more on `topup_of` makes). Returns (sat received, msat
+    /// paid, seconds bought): a mint's fee can make them less than the
+    /// token's face value.
+    async fn take(
+        &self,
+        rid: &str,
+        token: &str,
+        checked: &Checked,
+        offer: &TierConfig,
+        seconds: u64,
+        topup_of: Option<&CellView>,
+    ) -> Result<(u64, u64, u64), Refusal> {
+        let received = self.cashier.redeem(token, checked).await?;
+        let paid_msat = received.saturating_mul(1000);
+        let seconds = (paid_msat / offer.price_msat_per_second).min(seconds);
+        let r = Redeemed {
+            mint: checked.mint.to_string(),
+            msat: paid_msat,
+            seconds,
+            cell: topup_of.map(|v| v.id.clone()),
+            expect_expires_ms: topup_of
+                .and_then(expires_ms)
+                .map(|at| at.saturating_add((seconds as i64).saturating_mul(1000))),
+        };
         if let Err(e) = self.ledger.redeemed(rid, &r) {
             // The work goes on and its answer is written as usual; only a
             // crash before that answer would now go unsettled.
             tracing::error!(
-                "market: ledger: {e}; {} msat taken for {rid} are not on record until it ends",
-                r.msat
+                "market: ledger: {e}; {paid_msat} msat taken for {rid} are not on record until it ends"
             );
         }
+        Ok((received, paid_msat, seconds))
     }
 
     /// A refund of `received_sat` taken at `mint`, as a reply.

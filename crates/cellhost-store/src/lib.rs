@@ -424,16 +424,7 @@ impl Store {
     pub fn open_with_clock(state_dir: &Path, clock: Clock) -> Result<Store, StoreError> {
         prepare_state_dir(state_dir)?;
         let path = state_dir.join(DB_FILE_NAME);
-        prepare_db_file(&path)?;
-
-        let mut conn = Connection::open_with_flags(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX
-                | OpenFlags::SQLITE_OPEN_NOFOLLOW,
-        )?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        enable_wal(&conn)?;
+        let mut conn = open_private_db(&path)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
@@ -902,6 +893,24 @@ fn prepare_state_dir(dir: &Path) -> Result<(), StoreError> {
         .map_err(|e| StoreError::io("cannot create state dir", dir, e))?;
     std::fs::set_permissions(dir, Permissions::from_mode(STATE_DIR_MODE))
         .map_err(|e| StoreError::io("cannot chmod state dir", dir, e))
+}
+
+/// Open (creating if needed) an SQLite file that only this user may read,
+/// the way the store opens its own: created 0600 before SQLite sees it (a
+/// symlink or non-file refused, a wider mode tightened), WAL, and the
+/// store's busy timeout. Other state beside the store (the market's ledger)
+/// opens its files with this.
+pub fn open_private_db(path: &Path) -> Result<Connection, StoreError> {
+    prepare_db_file(path)?;
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
+            | OpenFlags::SQLITE_OPEN_NOFOLLOW,
+    )?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    enable_wal(&conn)?;
+    Ok(conn)
 }
 
 /// Create the db file 0600 before SQLite sees it (SQLite would use 0644),
