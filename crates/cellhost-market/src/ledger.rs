@@ -1,29 +1,38 @@
-//! The provider's ledger of requests: replay protection and outcomes.
+//! The provider's ledger of requests: replay protection, money taken, and
+//! outcomes.
 //!
 //! # Layout on the host
 //!
-//! `<state>/market/ledger.sqlite` (0600, WAL), one table:
-//! `requests(id PK, sender, op, received_at, outcome, cell, paid_msat, seconds,
-//! reply, mint, redeemed_msat, expect_expires_ms)`.
+//! `<state>/market/ledger.sqlite` (0600, WAL; opened as the daemon's store
+//! is), one table `requests`: `id` (PK), `sender`, `op`, `received_at`;
+//! what was taken before the work (`mint`, `taken_msat`, `taken_seconds`,
+//! `taken_cell`, `expect_expires_ms`); the end (`outcome`, `cell`,
+//! `paid_msat`, `seconds`); the answer (`reply`, `reply_sent`).
 //! `id` is the request's rumor id (the inner, signed-by-nobody kind-14
 //! event's id, recomputed here, never taken from the wire): the gift wrap
 //! around it changes on every send, the rumor does not.
 //!
 //! # Lifecycle and idempotency
 //!
-//! A request is *claimed* (row inserted, one statement) before any work on
-//! it; a second delivery of the same rumor finds the row and is ignored,
-//! across restarts too. The outcome is written when the work ends.
+//! 1. A request is *claimed* (row inserted, one statement) before any work
+//!    on it; a second delivery of the same rumor finds the row and is not
+//!    run again, across restarts too.
+//! 2. Money taken is written down the moment the mint's swap returns
+//!    ([`Ledger::redeemed`]: the mint, the amount, the seconds it buys, and
+//!    for a top-up the cell and the lease end the extend will set), before
+//!    the cell is made or the lease extended.
+//! 3. The outcome and the answer are written in one statement
+//!    ([`Ledger::conclude`]), then the answer is published and marked sent
+//!    ([`Ledger::sent`]); answers no relay took are published again
+//!    ([`Ledger::unsent`]).
 //!
-//! Money taken is written down the moment the mint's swap returns
-//! ([`Ledger::redeemed`]: the mint, the amount, the seconds it buys, and for
-//! a top-up the lease end the extend will set), before the cell is made or
-//! the lease extended. A row with no outcome is a request cut short by a
-//! crash; it is never re-run. At the next start the provider settles it
-//! ([`Ledger::unfinished`]): with `redeemed_msat` set, the consumer gets
-//! what was paid for (the cell exists, the lease was extended) or a refund;
-//! without, nothing was taken, or the crash came during the swap itself
-//! (the cashier's recovery finds that money; the row says `interrupted`).
+//! A row with no outcome is a request a crash cut short; it is never re-run.
+//! At the next start the provider settles it ([`Ledger::unfinished`]): with
+//! money taken, the consumer gets what was delivered or a refund; without,
+//! an `interrupted` answer.
+//!
+//! Columns added after the first version are added to an older file at
+//! open (`ALTER TABLE … ADD COLUMN`).
 //!
 //! # Threat model
 //!
@@ -83,6 +92,23 @@ pub struct Outcome<'a> {
     pub seconds: Option<u64>,
 }
 
+/// Every column after `id`, `sender`, `op`, `received_at`, with its type:
+/// the first version's and those added since, so an older file is brought
+/// up to date at open.
+const LATER_COLUMNS: &[(&str, &str)] = &[
+    ("outcome", "TEXT"),
+    ("cell", "TEXT"),
+    ("paid_msat", "INTEGER"),
+    ("seconds", "INTEGER"),
+    ("reply", "TEXT"),
+    ("mint", "TEXT"),
+    ("taken_msat", "INTEGER"),
+    ("taken_seconds", "INTEGER"),
+    ("taken_cell", "TEXT"),
+    ("expect_expires_ms", "INTEGER"),
+    ("reply_sent", "INTEGER NOT NULL DEFAULT 0"),
+];
+
 impl Ledger {
     pub fn open(path: &Path) -> Result<Ledger, MarketError> {
         if let Some(dir) = path.parent() {
@@ -94,18 +120,20 @@ impl Ledger {
                 id TEXT PRIMARY KEY,
                 sender TEXT NOT NULL,
                 op TEXT NOT NULL,
-                received_at INTEGER NOT NULL,
-                outcome TEXT,
-                cell TEXT,
-                paid_msat INTEGER,
-                seconds INTEGER,
-                reply TEXT,
-                mint TEXT,
-                redeemed_msat INTEGER,
-                expect_expires_ms INTEGER
-            );
-            CREATE INDEX IF NOT EXISTS requests_cell ON requests(cell);",
+                received_at INTEGER NOT NULL
+            );",
         )?;
+        let have: Vec<String> = {
+            let mut st = conn.prepare("SELECT name FROM pragma_table_info('requests')")?;
+            st.query_map([], |r| r.get(0))?
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        for (name, ty) in LATER_COLUMNS {
+            if !have.iter().any(|h| h == name) {
+                conn.execute_batch(&format!("ALTER TABLE requests ADD COLUMN {name} {ty}"))?;
+            }
+        }
+        conn.execute_batch("CREATE INDEX IF NOT EXISTS requests_cell ON requests(cell);")?;
         Ok(Ledger {
             conn: Mutex::new(conn),
         })
@@ -128,24 +156,10 @@ impl Ledger {
         Ok(n == 1)
     }
 
-    pub fn finish(&self, id: &str, o: &Outcome<'_>) -> Result<(), MarketError> {
-        self.conn().execute(
-            "UPDATE requests SET outcome = ?2, cell = ?3, paid_msat = ?4, seconds = ?5 WHERE id = ?1",
-            params![
-                id,
-                o.code,
-                o.cell,
-                o.paid_msat.map(|v| v as i64),
-                o.seconds.map(|v| v as i64)
-            ],
-        )?;
-        Ok(())
-    }
-
     /// Write down the money request `id` brought in, before the work.
     pub fn redeemed(&self, id: &str, r: &Redeemed) -> Result<(), MarketError> {
         self.conn().execute(
-            "UPDATE requests SET mint = ?2, redeemed_msat = ?3, seconds = ?4, cell = ?5,
+            "UPDATE requests SET mint = ?2, taken_msat = ?3, taken_seconds = ?4, taken_cell = ?5,
                  expect_expires_ms = ?6 WHERE id = ?1",
             params![
                 id,
@@ -159,23 +173,54 @@ impl Ledger {
         Ok(())
     }
 
-    /// Requests a crash cut short (claimed, no outcome), oldest first.
-    pub fn unfinished(&self) -> Result<Vec<Entry>, MarketError> {
+    /// Request `id` ended with `o`; `reply` is its answer (the gift wrap,
+    /// as JSON), not yet sent. One statement: an answer on record is an
+    /// outcome on record.
+    pub fn conclude(
+        &self,
+        id: &str,
+        o: &Outcome<'_>,
+        reply: Option<&str>,
+    ) -> Result<(), MarketError> {
+        self.conn().execute(
+            "UPDATE requests SET outcome = ?2, cell = ?3, paid_msat = ?4, seconds = ?5,
+                 reply = ?6, reply_sent = 0 WHERE id = ?1",
+            params![
+                id,
+                o.code,
+                o.cell,
+                o.paid_msat.map(|v| v as i64),
+                o.seconds.map(|v| v as i64),
+                reply
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// A relay took the answer to request `id`.
+    pub fn sent(&self, id: &str) -> Result<(), MarketError> {
+        self.conn().execute(
+            "UPDATE requests SET reply_sent = 1 WHERE id = ?1",
+            params![id],
+        )?;
+        Ok(())
+    }
+
+    /// Up to `limit` answers no relay has taken yet, oldest first: (request
+    /// id, gift wrap JSON).
+    pub fn unsent(&self, limit: u32) -> Result<Vec<(String, String)>, MarketError> {
         let conn = self.conn();
-        let mut st = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM requests WHERE outcome IS NULL ORDER BY received_at, rowid"
-        ))?;
-        let rows = st.query_map([], entry)?;
+        let mut st = conn.prepare(
+            "SELECT id, reply FROM requests WHERE reply IS NOT NULL AND reply_sent = 0
+             ORDER BY received_at, rowid LIMIT ?1",
+        )?;
+        let rows = st.query_map(params![limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// Keep the answer to request `id` (its gift wrap, as JSON).
-    pub fn set_reply(&self, id: &str, wrap: &str) -> Result<(), MarketError> {
-        self.conn().execute(
-            "UPDATE requests SET reply = ?2 WHERE id = ?1",
-            params![id, wrap],
-        )?;
-        Ok(())
+    /// Requests a crash cut short (claimed, no outcome), oldest first.
+    pub fn unfinished(&self) -> Result<Vec<Entry>, MarketError> {
+        self.select("WHERE outcome IS NULL ORDER BY received_at, rowid", [])
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Entry>, MarketError> {
@@ -201,34 +246,38 @@ impl Ledger {
 
     /// Every request seen, oldest first (for tests and `inspect`).
     pub fn entries(&self) -> Result<Vec<Entry>, MarketError> {
+        self.select("ORDER BY received_at, rowid", [])
+    }
+
+    fn select(&self, rest: &str, p: impl rusqlite::Params) -> Result<Vec<Entry>, MarketError> {
         let conn = self.conn();
-        let mut st = conn.prepare(&format!(
-            "SELECT {COLUMNS} FROM requests ORDER BY received_at, rowid"
-        ))?;
-        let rows = st.query_map([], entry)?;
+        let mut st = conn.prepare(&format!("SELECT {COLUMNS} FROM requests {rest}"))?;
+        let rows = st.query_map(p, entry)?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 }
 
-const COLUMNS: &str = "id, sender, op, outcome, cell, paid_msat, seconds, reply, mint, redeemed_msat, expect_expires_ms";
+const COLUMNS: &str = "id, sender, op, outcome, cell, paid_msat, seconds, reply, \
+                       mint, taken_msat, taken_seconds, taken_cell, expect_expires_ms";
 
 fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
+    let u64_of = |i: usize| r.get::<_, Option<i64>>(i).map(|v| v.map(|v| v as u64));
     Ok(Entry {
         id: r.get(0)?,
         sender: r.get(1)?,
         op: r.get(2)?,
         outcome: r.get(3)?,
         cell: r.get(4)?,
-        paid_msat: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
-        seconds: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+        paid_msat: u64_of(5)?,
+        seconds: u64_of(6)?,
         reply: r.get(7)?,
-        redeemed: match (r.get::<_, Option<String>>(8)?, r.get::<_, Option<i64>>(9)?) {
+        redeemed: match (r.get::<_, Option<String>>(8)?, u64_of(9)?) {
             (Some(mint), Some(msat)) => Some(Redeemed {
                 mint,
-                msat: msat as u64,
-                seconds: r.get::<_, Option<i64>>(6)?.unwrap_or(0) as u64,
-                cell: r.get(4)?,
-                expect_expires_ms: r.get(10)?,
+                msat,
+                seconds: u64_of(10)?.unwrap_or(0),
+                cell: r.get(11)?,
+                expect_expires_ms: r.get(12)?,
             }),
             _ => None,
         },
@@ -239,6 +288,15 @@ fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
 mod tests {
     use super::*;
 
+    fn ok() -> Outcome<'static> {
+        Outcome {
+            code: "ok",
+            cell: Some("c1"),
+            paid_msat: Some(60_000),
+            seconds: Some(60),
+        }
+    }
+
     #[test]
     fn a_request_is_claimed_once_even_across_reopen() {
         let d = tempfile::tempdir().unwrap();
@@ -246,22 +304,14 @@ mod tests {
         let l = Ledger::open(&p).unwrap();
         assert!(l.claim("aa", "pk", "spawn").unwrap());
         assert!(!l.claim("aa", "pk", "spawn").unwrap());
-        l.finish(
-            "aa",
-            &Outcome {
-                code: "ok",
-                cell: Some("c1"),
-                paid_msat: Some(60_000),
-                seconds: Some(60),
-            },
-        )
-        .unwrap();
+        l.conclude("aa", &ok(), Some("{wrap}")).unwrap();
         drop(l);
         let l = Ledger::open(&p).unwrap();
         assert!(!l.claim("aa", "pk", "spawn").unwrap());
         let e = l.get("aa").unwrap().unwrap();
         assert_eq!(e.outcome.as_deref(), Some("ok"));
         assert_eq!((e.paid_msat, e.seconds), (Some(60_000), Some(60)));
+        assert_eq!(e.reply.as_deref(), Some("{wrap}"));
         assert_eq!(l.jobs_completed().unwrap(), 1);
         let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::metadata(&p).unwrap());
         assert_eq!(mode & 0o777, 0o600);
@@ -283,14 +333,7 @@ mod tests {
             expect_expires_ms: Some(1_700_000_006_000),
         };
         l.redeemed("b", &taken).unwrap();
-        l.finish(
-            "c",
-            &Outcome {
-                code: "ok",
-                ..Outcome::default()
-            },
-        )
-        .unwrap();
+        l.conclude("c", &ok(), None).unwrap();
         drop(l);
         // After a crash: a and b are unfinished, only b took money.
         let l = Ledger::open(&p).unwrap();
@@ -301,15 +344,72 @@ mod tests {
         );
         assert_eq!(cut[0].redeemed, None);
         assert_eq!(cut[1].redeemed.as_ref(), Some(&taken));
-        l.finish(
-            "b",
-            &Outcome {
-                code: "provision_failed",
-                paid_msat: Some(6000),
-                ..Outcome::default()
+        // The outcome does not overwrite what was taken.
+        let refunded = Outcome {
+            code: "provision_failed",
+            paid_msat: Some(6000),
+            ..Outcome::default()
+        };
+        l.conclude("b", &refunded, Some("{refund}")).unwrap();
+        assert_eq!(l.unfinished().unwrap().len(), 1);
+        assert_eq!(l.get("b").unwrap().unwrap().redeemed, Some(taken));
+    }
+
+    #[test]
+    fn answers_no_relay_took_are_listed_until_sent() {
+        let d = tempfile::tempdir().unwrap();
+        let l = Ledger::open(&d.path().join("ledger.sqlite")).unwrap();
+        for id in ["a", "b", "c"] {
+            l.claim(id, "pk", "status").unwrap();
+        }
+        l.conclude("a", &ok(), Some("{a}")).unwrap();
+        l.conclude("b", &ok(), Some("{b}")).unwrap();
+        l.conclude("c", &ok(), None).unwrap();
+        let pending = |l: &Ledger| l.unsent(10).unwrap();
+        assert_eq!(
+            pending(&l),
+            [
+                ("a".to_string(), "{a}".to_string()),
+                ("b".into(), "{b}".into())
+            ]
+        );
+        assert_eq!(l.unsent(1).unwrap().len(), 1);
+        l.sent("a").unwrap();
+        assert_eq!(pending(&l), [("b".to_string(), "{b}".to_string())]);
+    }
+
+    #[test]
+    fn a_first_version_ledger_gets_the_new_columns() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("ledger.sqlite");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(
+                "CREATE TABLE requests (id TEXT PRIMARY KEY, sender TEXT NOT NULL,
+                     op TEXT NOT NULL, received_at INTEGER NOT NULL, outcome TEXT, cell TEXT,
+                     paid_msat INTEGER, seconds INTEGER, reply TEXT);
+                 INSERT INTO requests VALUES ('old', 'pk', 'spawn', 1, 'ok', 'c0', 5000, 5, NULL);",
+            )
+            .unwrap();
+        }
+        let l = Ledger::open(&p).unwrap();
+        let e = l.get("old").unwrap().unwrap();
+        assert_eq!((e.outcome.as_deref(), e.redeemed), (Some("ok"), None));
+        assert!(l.claim("new", "pk", "spawn").unwrap());
+        l.redeemed(
+            "new",
+            &Redeemed {
+                mint: "http://m".into(),
+                msat: 1000,
+                seconds: 1,
+                cell: None,
+                expect_expires_ms: None,
             },
         )
         .unwrap();
-        assert_eq!(l.unfinished().unwrap().len(), 1);
+        assert_eq!(
+            l.unfinished().unwrap()[0].redeemed.as_ref().unwrap().msat,
+            1000
+        );
     }
 }

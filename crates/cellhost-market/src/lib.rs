@@ -58,13 +58,18 @@ pub enum MarketError {
 
 /// Arm the failpoints named in the `FAILPOINTS` environment variable (the
 /// `fail` crate's syntax: `market-spawn-created=return`). A no-op unless
-/// built with the `failpoints` feature, which only the cellhost crate's
-/// tests turn on: a release binary carries no failpoints. The provider's
+/// built with the `failpoints` feature, which the cellhost crate turns on
+/// for builds that include its tests (`cargo test`, `clippy --all-targets`:
+/// the `cellhost` binary those leave in the target dir has them); `cargo
+/// build` and `cargo install` of cellhost leave it off. The provider's
 /// failpoints kill the process as `kill -9` would, to test that requests
-/// cut short are settled at the next start.
+/// cut short are settled at the next start. Armed, it says so on stderr.
 pub fn arm_failpoints() {
     #[cfg(feature = "failpoints")]
-    std::mem::forget(fail::FailScenario::setup());
+    if let Ok(f) = std::env::var("FAILPOINTS") {
+        eprintln!("cellhost: TEST BUILD: failpoints armed: {f}");
+        std::mem::forget(fail::FailScenario::setup());
+    }
 }
 
 impl MarketError {

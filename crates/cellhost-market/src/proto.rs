@@ -318,6 +318,9 @@ pub enum ErrorCode {
     /// The request was signed too long ago (or in the future): a consumer
     /// who has given up on it must not be charged when it turns up.
     StaleRequest,
+    /// The provider restarted while serving the request, before any
+    /// payment was recorded: nothing was delivered; send it again.
+    Interrupted,
     Internal,
 }
 
@@ -340,6 +343,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::LeaseEnded => "lease_ended",
             ErrorCode::StaleRequest => "stale_request",
+            ErrorCode::Interrupted => "interrupted",
             ErrorCode::Internal => "internal",
         }
     }
@@ -552,6 +556,7 @@ mod tests {
             (ErrorCode::MintNotAccepted, "mint_not_accepted"),
             (ErrorCode::ProvisionFailed, "provision_failed"),
             (ErrorCode::NotFound, "not_found"),
+            (ErrorCode::Interrupted, "interrupted"),
         ] {
             assert_eq!(c.as_str(), s);
             assert_eq!(serde_json::to_value(c).unwrap(), s);

@@ -39,10 +39,13 @@
 //! The ledger claim makes every request run at most once, across restarts.
 //! The lease is the daemon's: the reaper destroys a cell when it ends,
 //! whether or not this front is running. A request a crash cut short is
-//! settled at the next start, before new requests are read: if it took
-//! money, the consumer gets what was delivered (the cell carrying its
-//! request id exists and was made; the lease reaches the end the top-up
-//! bought) or a refund of all of it, and the answer it never got.
+//! settled at the next start, after the supervisor's first reconcile and
+//! before new requests are read: if it took money, the consumer gets what
+//! was delivered (the cell carrying its request id exists, was made and
+//! its lease runs; the cell's event log holds the extension the top-up
+//! bought) or a refund of all of it; if not, an `interrupted` answer.
+//! Answers are kept in the ledger as sent; one no relay took is published
+//! again at the next heartbeats.
 //!
 //! # Threat model
 //!
@@ -51,10 +54,15 @@
 //! could refuse has passed; what is taken for a cell (or an extension)
 //! that is not delivered is refunded in the reply, and what cannot be
 //! refunded (the mint down at that moment) is recorded as `refund_owed`.
-//! A crash after redemption is settled at restart (above). The one gap
-//! left is a crash during the swap itself: the wallet's saga recovery
-//! keeps the money, but the ledger has no record that it was this
-//! request's; it is marked `interrupted`, loudly. Requests older than `maxRequestAgeSeconds` are refused unpaid.
+//! A crash after redemption is settled at restart (above); a refund is
+//! made only on evidence that nothing was delivered, and a row the
+//! supervisor cannot judge then waits for the next start. Gaps left, both
+//! in a moment of milliseconds: a crash during the swap itself (the
+//! wallet's saga recovery keeps the money, the ledger has no record it was
+//! this request's: the answer is `interrupted`, telling the consumer to
+//! ask if the mint says the token is spent), and a crash between a refund
+//! being made and its answer being recorded (the refund is made again at
+//! the next start: the provider's loss, never the consumer's). Requests older than `maxRequestAgeSeconds` are refused unpaid.
 //! A third party's request about a cell looks exactly like one about a
 //! missing cell (`not_found`). Tokens, refund tokens, volume keys,
 //! passwords and documents are never logged or put in the ledger (which
@@ -76,7 +84,7 @@ use zeroize::Zeroizing;
 
 use crate::cashier::{Cashier, Checked};
 use crate::config::{MarketConfig, TierConfig};
-use crate::ledger::{Ledger, Outcome, Redeemed};
+use crate::ledger::{Entry, Ledger, Outcome, Redeemed};
 use crate::proto::{
     self, Access, ErrorCode, Heartbeat, Offer, OfferDetails, PaygressSpec, PortAccess, Refusal,
     Reply, Request, SpawnRequest, TierOffer,
@@ -85,6 +93,12 @@ use crate::{MarketError, keys};
 
 /// How long a shutdown waits for requests under way.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
+
+/// How long settling requests cut short waits for the first reconcile.
+const SETTLE_WAIT: Duration = Duration::from_secs(120);
+
+/// Answers no relay took, published again per heartbeat (at most).
+const RESEND_PER_BEAT: u32 = 16;
 
 /// Owner name of cells rented by `pk`.
 pub fn owner_of(pk: &PublicKey) -> String {
@@ -162,6 +176,16 @@ impl Provider {
                         field: format!("tiers.{i}.template"),
                         message: format!("{}: {e}", p.display()),
                     })?;
+                if cell.metadata.labels.len() >= cellhost_spec::limits::MAX_LABELS {
+                    return Err(MarketError::Config {
+                        field: format!("tiers.{i}.template"),
+                        message: format!(
+                            "{}: at most {} labels: the provider adds {REQUEST_LABEL}",
+                            p.display(),
+                            cellhost_spec::limits::MAX_LABELS - 1
+                        ),
+                    });
+                }
                 if cell.spec.isolation != t.tier {
                     return Err(MarketError::Config {
                         field: format!("tiers.{i}.template"),
@@ -204,7 +228,16 @@ impl Provider {
         self.client.connect().await;
         // The receiver exists before the subscription, so nothing is missed.
         let mut notes = self.client.notifications();
-        let inbox = Filter::new().kind(Kind::GiftWrap).pubkey(self.public_key());
+        // Gift wraps are backdated up to two days (NIP-59); anything older
+        // than that plus the request age limit is stale anyway, so a
+        // restart does not read the whole history again.
+        let horizon = 2 * 86_400 + self.cfg.max_request_age_seconds;
+        let inbox = Filter::new()
+            .kind(Kind::GiftWrap)
+            .pubkey(self.public_key())
+            .since(Timestamp::from(
+                Timestamp::now().as_secs().saturating_sub(horizon),
+            ));
         if let Err(e) = self.client.subscribe(inbox, None).await {
             tracing::error!("market: subscribing to requests: {e}");
         }
@@ -229,6 +262,7 @@ impl Provider {
                     let offer = self.offer();
                     self.publish_offer_if_changed(&offer).await;
                     self.publish_heartbeat(&offer).await;
+                    self.resend_unsent().await;
                 }
                 n = notes.recv() => match n {
                     Ok(RelayPoolNotification::Event { event, .. }) if event.kind == Kind::GiftWrap => {
@@ -446,7 +480,7 @@ impl Provider {
                     _ => None,
                 };
                 let resent = match again.as_deref().map(Event::from_json) {
-                    Some(Ok(ev)) => self.client.send_event(&ev).await.is_ok(),
+                    Some(Ok(ev)) => self.publish(&rid_hex, &ev).await,
                     _ => false,
                 };
                 tracing::info!(
@@ -509,26 +543,31 @@ impl Provider {
             cell.map(|c| format!(" (cell {c})")).unwrap_or_default(),
             t0.elapsed().as_millis()
         );
-        if let Err(e) = self.ledger.finish(
-            &rid.to_hex(),
-            &Outcome {
-                code,
-                cell,
-                paid_msat: reply.paid_msat,
-                seconds: reply.seconds,
-            },
-        ) {
+        let rid_hex = rid.to_hex();
+        let wrap = self.wrap(sender, rid, reply).await;
+        let outcome = Outcome {
+            code,
+            cell,
+            paid_msat: reply.paid_msat,
+            seconds: reply.seconds,
+        };
+        let json = wrap.as_ref().map(|w| w.as_json());
+        if let Err(e) = self.ledger.conclude(&rid_hex, &outcome, json.as_deref()) {
             tracing::error!("market: ledger: {e}");
         }
-        self.answer(sender, rid, reply).await;
+        if let Some(w) = &wrap {
+            self.publish(&rid_hex, w).await;
+        }
     }
 
-    /// Settle the requests a crash cut short (see the ledger's notes). A
-    /// request that took money gets what it paid for if that was done (the
-    /// cell exists and was made; the lease reaches the end the top-up
-    /// bought), else a refund of all of it; either way the answer it never
-    /// got. One that took nothing is marked `interrupted` and not run: its
-    /// sender may send it anew.
+    /// Settle the requests a crash cut short (see the ledger's notes), after
+    /// the supervisor's first reconcile (rows then say what the host holds).
+    /// A request that took money gets what it paid for if that was done
+    /// (`delivered`), else a refund of all of it; either way the answer it
+    /// never got. One with no money on record gets an `interrupted` answer.
+    /// A row the supervisor cannot judge now (an error other than "not
+    /// found") stays unfinished for the next start: a refund is only made
+    /// on evidence that nothing was delivered.
     async fn settle_unfinished(&self) {
         let rows = match self.ledger.unfinished() {
             Ok(r) => r,
@@ -537,6 +576,19 @@ impl Provider {
                 return;
             }
         };
+        if rows.is_empty() {
+            return;
+        }
+        if tokio::time::timeout(SETTLE_WAIT, self.sup.reconciled())
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "market: no reconcile pass in {SETTLE_WAIT:?}; {} request(s) cut short are settled at the next start",
+                rows.len()
+            );
+            return;
+        }
         for e in rows {
             let t0 = std::time::Instant::now();
             let (Ok(sender), Ok(rid)) = (PublicKey::from_hex(&e.sender), EventId::from_hex(&e.id))
@@ -546,57 +598,52 @@ impl Provider {
             };
             let Some(paid) = &e.redeemed else {
                 tracing::warn!(
-                    "market: {} request {} from {} was cut short by a crash before its token was \
-                     taken (or during the swap, which the wallet's recovery finishes); not run",
+                    "market: {} request {} from {} was cut short by a crash with no payment on record; answered `interrupted`",
                     e.op,
                     e.id,
                     keys::npub(&sender)
                 );
-                let interrupted = Outcome {
-                    code: "interrupted",
-                    ..Outcome::default()
-                };
-                if let Err(err) = self.ledger.finish(&e.id, &interrupted) {
-                    tracing::error!("market: ledger: {err}");
-                }
+                let why = Refusal::new(
+                    ErrorCode::Interrupted,
+                    format!(
+                        "the provider restarted while serving this request, before any payment was recorded: \
+                         if your token is unspent, send the request again; if the mint says it is spent, \
+                         ask the provider, citing request {}",
+                        e.id
+                    ),
+                );
+                let reply = Reply::refused(&e.id, &e.op, why);
+                self.conclude(sender, rid, &reply, None, t0).await;
                 continue;
             };
             let caller = Caller::tenant(owner_of(&sender));
-            let delivered = match e.op.as_str() {
-                "spawn" => self.made_for(&caller, &e.id).await,
-                "topup" => match (&paid.cell, paid.expect_expires_ms) {
-                    (Some(id), Some(want)) => self
-                        .sup
-                        .get(&caller, id)
-                        .await
-                        .ok()
-                        .filter(|v| expires_ms(v).is_some_and(|at| at >= want)),
-                    _ => None,
-                },
-                _ => None,
-            };
-            let reply = match &delivered {
-                Some(v) => self.paid(&e.id, &e.op, v, credentials_of(v), paid.msat, paid.seconds),
-                None => {
+            let reply = match self.delivered(&caller, &e, paid).await {
+                Err(err) => {
+                    tracing::error!(
+                        "market: {} request {} took {} msat and was cut short; whether it was delivered \
+                         cannot be told now ({err}); settled at the next start",
+                        e.op,
+                        e.id,
+                        paid.msat
+                    );
+                    continue;
+                }
+                Ok(Some(reply)) => reply,
+                Ok(None) => {
                     let what = if e.op == "spawn" {
                         "the cell was made"
                     } else {
                         "the lease was extended"
                     };
-                    match crate::config::mint_url(&paid.mint).ok_or("not a mint URL") {
-                        Ok(mint) => {
-                            self.refund(
-                                &e.id,
-                                &e.op,
-                                &mint,
-                                paid.msat / 1000,
-                                format!("the provider restarted before {what}"),
-                            )
-                            .await
+                    let why = format!("the provider restarted before {what}");
+                    match crate::config::mint_url(&paid.mint) {
+                        Some(mint) => {
+                            self.refund(&e.id, &e.op, &mint, paid.msat / 1000, why)
+                                .await
                         }
-                        Err(err) => {
+                        None => {
                             let why = format!(
-                                "the provider restarted before {what}; its ledger names mint {:?} ({err}): ask the provider, citing request {}",
+                                "{why}; the refund failed: the ledger names mint {:?}; ask the provider, citing request {}",
                                 paid.mint, e.id
                             );
                             let mut r = Reply::refused(
@@ -616,61 +663,132 @@ impl Provider {
                 e.id,
                 paid.msat
             );
-            let cell = delivered.as_ref().map(|v| v.id.clone());
+            let cell = reply.cell.as_ref().map(|c| c.id.clone());
             self.conclude(sender, rid, &reply, cell.as_deref(), t0)
                 .await;
         }
     }
 
-    /// The cell spawn request `rid` made, if its create finished and it is
-    /// not being destroyed (an interrupted create is rolled back by the
-    /// supervisor's reconcile; a lease that ran out while this provider was
-    /// down counts as undelivered: the consumer is refunded).
-    async fn made_for(&self, caller: &Caller, rid: &str) -> Option<CellView> {
-        let cells = self.sup.list(caller).await.ok()?;
-        cells.into_iter().find(|v| {
-            v.document
-                .metadata
-                .labels
-                .get(REQUEST_LABEL)
-                .map(String::as_str)
-                == Some(rid)
-                && v.desired != "destroyed"
-                && matches!(v.observed.as_str(), "created" | "running" | "exited")
-        })
+    /// The paid answer to request `e`, which took `paid`, if what it paid
+    /// for was delivered: for a spawn, the cell carrying its request id
+    /// exists, its create finished and its lease runs (a consumer never
+    /// told where the cell is could not use it: a lease that ran out while
+    /// the provider was down is refunded); for a top-up, the cell's event
+    /// log holds the extension to the lease end it bought. `Ok(None)`:
+    /// not delivered.
+    async fn delivered(
+        &self,
+        caller: &Caller,
+        e: &Entry,
+        paid: &Redeemed,
+    ) -> Result<Option<Reply>, SupervisorError> {
+        let paid_reply =
+            |v: &CellView| self.paid(&e.id, &e.op, v, credentials_of(v), paid.msat, paid.seconds);
+        match e.op.as_str() {
+            "spawn" => {
+                let cells = self.sup.list(caller).await?;
+                Ok(cells
+                    .iter()
+                    .find(|v| {
+                        v.document
+                            .metadata
+                            .labels
+                            .get(REQUEST_LABEL)
+                            .map(String::as_str)
+                            == Some(e.id.as_str())
+                            && v.desired != "destroyed"
+                            && v.expires_in_seconds > 0
+                            && matches!(v.observed.as_str(), "created" | "running" | "exited")
+                    })
+                    .map(paid_reply))
+            }
+            "topup" => {
+                let (Some(id), Some(want)) = (&paid.cell, paid.expect_expires_ms) else {
+                    return Ok(None);
+                };
+                if !self.sup.extended_to(caller, id, want).await? {
+                    return Ok(None);
+                }
+                Ok(Some(match self.sup.get(caller, id).await {
+                    Ok(v) => paid_reply(&v),
+                    // Extended, then reaped at the lease's end: paid for
+                    // and delivered.
+                    Err(SupervisorError::NotFound(_)) => {
+                        let mut r = Reply::ok(&e.id, &e.op);
+                        r.paid_msat = Some(paid.msat);
+                        r.seconds = Some(paid.seconds);
+                        r
+                    }
+                    Err(err) => return Err(err),
+                }))
+            }
+            _ => Ok(None),
+        }
     }
 
-    /// Gift-wrap `reply` to `to`, keep the wrap (ciphertext only `to` can
-    /// open) in the ledger so a repeated request gets it again, publish it.
-    async fn answer(&self, to: PublicKey, rid: EventId, reply: &Reply) {
-        let rid_hex = rid.to_hex();
-        let carried = if reply.refund.is_some() {
-            " (it carries a refund)"
-        } else {
-            ""
-        };
+    /// `reply` gift-wrapped to `to` (tagged `e` = the request), or `None`
+    /// (logged) when it cannot be.
+    async fn wrap(&self, to: PublicKey, rid: EventId, reply: &Reply) -> Option<Event> {
         let rumor = EventBuilder::private_msg_rumor(to, reply.to_json())
             .tag(Tag::event(rid))
             .build(self.public_key());
-        let wrap = match EventBuilder::gift_wrap(&self.keys, &to, rumor, []).await {
-            Ok(w) => w,
+        match EventBuilder::gift_wrap(&self.keys, &to, rumor, []).await {
+            Ok(w) => Some(w),
             Err(e) => {
-                tracing::error!("market: wrapping the reply to {rid_hex}{carried}: {e}");
+                let carried = if reply.refund.is_some() {
+                    " (it carries a refund)"
+                } else {
+                    ""
+                };
+                tracing::error!("market: wrapping the reply to {rid}{carried}: {e}");
+                None
+            }
+        }
+    }
+
+    /// Publish the answer to request `rid` (a gift wrap only its requester
+    /// can open); on a relay's acceptance mark it sent. One no relay took is
+    /// published again at the next heartbeats.
+    async fn publish(&self, rid: &str, wrap: &Event) -> bool {
+        match self.client.send_event(wrap).await {
+            Ok(out) if !out.success.is_empty() => {
+                if let Err(e) = self.ledger.sent(rid) {
+                    tracing::error!("market: ledger: {e}");
+                }
+                true
+            }
+            Ok(out) => {
+                tracing::warn!(
+                    "market: no relay took the reply to {rid}: {:?}; sent again at the next heartbeat",
+                    out.failed
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "market: the reply to {rid} was not sent: {e}; sent again at the next heartbeat"
+                );
+                false
+            }
+        }
+    }
+
+    /// Publish again the answers no relay took (a few per heartbeat).
+    async fn resend_unsent(&self) {
+        let pending = match self.ledger.unsent(RESEND_PER_BEAT) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!("market: ledger: {e}");
                 return;
             }
         };
-        if let Err(e) = self.ledger.set_reply(&rid_hex, &wrap.as_json()) {
-            tracing::error!("market: ledger: {e}");
-        }
-        match self.client.send_event(&wrap).await {
-            Ok(out) if !out.success.is_empty() => {}
-            Ok(out) => tracing::error!(
-                "market: no relay took the reply to {rid_hex}{carried}: {:?}; it is sent again when the request is",
-                out.failed
-            ),
-            Err(e) => tracing::error!(
-                "market: the reply to {rid_hex}{carried} was not sent: {e}; it is sent again when the request is"
-            ),
+        for (rid, json) in pending {
+            match Event::from_json(&json) {
+                Ok(ev) => {
+                    self.publish(&rid, &ev).await;
+                }
+                Err(e) => tracing::error!("market: the kept reply to {rid} is garbled: {e}"),
+            }
         }
     }
 
@@ -923,7 +1041,9 @@ impl Provider {
                 )
                 .await);
         }
-        match self.sup.extend(&caller, &view.id, seconds).await {
+        let extended = self.sup.extend(&caller, &view.id, seconds).await;
+        fail::fail_point!("market-topup-extended", |_| crash());
+        match extended {
             Ok(v) => Ok(self.paid(rid, "topup", &v, credentials_of(&v), paid_msat, seconds)),
             Err(e) => Ok(self
                 .refund(
@@ -1006,6 +1126,7 @@ impl Provider {
         seconds: u64,
         topup_of: Option<&CellView>,
     ) -> Result<(u64, u64, u64), Refusal> {
+        fail::fail_point!("market-before-redeem", |_| crash());
         let received = self.cashier.redeem(token, checked).await?;
         let paid_msat = received.saturating_mul(1000);
         let seconds = (paid_msat / offer.price_msat_per_second).min(seconds);
@@ -1014,7 +1135,9 @@ impl Provider {
             msat: paid_msat,
             seconds,
             cell: topup_of.map(|v| v.id.clone()),
+            // No extension to look for when the fee left no second.
             expect_expires_ms: topup_of
+                .filter(|_| seconds > 0)
                 .and_then(expires_ms)
                 .map(|at| at.saturating_add((seconds as i64).saturating_mul(1000))),
         };
@@ -1138,7 +1261,7 @@ fn expires_ms(view: &CellView) -> Option<i64> {
 /// with no destructor, flush or shutdown (builds with the `failpoints`
 /// feature only; see the market tests).
 #[cfg(feature = "failpoints")]
-fn crash() -> Result<Reply, Refusal> {
+fn crash<T>() -> Result<T, Refusal> {
     let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     Err(Refusal::new(
         ErrorCode::Internal,

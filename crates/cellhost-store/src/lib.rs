@@ -730,6 +730,21 @@ impl Store {
         Ok(out)
     }
 
+    /// Cell `cell_id`'s events of type `kind`, in id order.
+    pub fn cell_events(&self, cell_id: &CellId, kind: &str) -> Result<Vec<Event>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, cell_id, at, type, data, owner FROM events
+             WHERE cell_id = ?1 AND type = ?2 ORDER BY id",
+        )?;
+        let rows = stmt.query_map(params![cell_id.as_str(), kind], |row| Ok(decode_event(row)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row??);
+        }
+        Ok(out)
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a half-applied write:
         // every write is one statement or one transaction, which SQLite

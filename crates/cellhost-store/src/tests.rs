@@ -529,6 +529,35 @@ fn corrupt_rows_give_typed_errors_naming_cell_and_column() {
 }
 
 #[test]
+fn one_cells_events_of_one_type() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Store::open(tmp.path()).unwrap();
+    let (a, b) = (id(1), id(2));
+    for n in 0..4 {
+        let kind = if n == 2 {
+            "cellhost.cell.extended"
+        } else {
+            "cellhost.cell.created"
+        };
+        store.append_event(&a, kind, &json!({ "n": n })).unwrap();
+        store.append_event(&b, kind, &json!({ "n": -n })).unwrap();
+    }
+    let of_a = store.cell_events(&a, "cellhost.cell.created").unwrap();
+    assert_eq!(
+        of_a.iter().map(|e| e.data["n"].clone()).collect::<Vec<_>>(),
+        [json!(0), json!(1), json!(3)]
+    );
+    let ext = store.cell_events(&b, "cellhost.cell.extended").unwrap();
+    assert_eq!((ext.len(), &ext[0].data), (1, &json!({ "n": -2 })));
+    assert!(
+        store
+            .cell_events(&id(3), "cellhost.cell.extended")
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
 fn events_append_and_read_in_order() {
     let tmp = tempfile::tempdir().unwrap();
     let (clock, c) = manual_clock(T0);

@@ -416,6 +416,8 @@ pub struct Supervisor {
     marks: Mutex<HashMap<CellId, Mark>>,
     adopted: Mutex<HashSet<CellId>>,
     events: watch::Sender<()>,
+    /// Reconcile passes finished since start.
+    reconciled: watch::Sender<u64>,
     pub counters: Counters,
     started: Instant,
 }
@@ -480,6 +482,7 @@ impl Supervisor {
             marks: Mutex::default(),
             adopted: Mutex::default(),
             events,
+            reconciled: watch::channel(0).0,
             counters: Counters::default(),
             started: Instant::now(),
         }))
@@ -1312,7 +1315,31 @@ impl Supervisor {
         if sum != ReconcileSummary::default() {
             tracing::info!(?sum, "reconcile");
         }
+        self.reconciled.send_modify(|n| *n += 1);
         sum
+    }
+
+    /// Wait until a reconcile pass has finished since start: rows then say
+    /// what the host holds (interrupted creates rolled back, lost cells
+    /// marked), not what a crash left.
+    pub async fn reconciled(&self) {
+        let mut rx = self.reconciled.subscribe();
+        let _ = rx.wait_for(|n| *n > 0).await;
+    }
+
+    /// Was cell `id` extended to end at `expires_at_ms`? Read from its
+    /// `extended` events, so the answer holds after the cell is gone.
+    pub async fn extended_to(&self, caller: &Caller, id: &str, expires_at_ms: i64) -> Result<bool> {
+        let Ok(id) = CellId::parse(id) else {
+            return Ok(false);
+        };
+        let events = self
+            .db(move |s| s.cell_events(&id, kinds::EXTENDED))
+            .await?;
+        let want = rfc3339_ms(expires_at_ms);
+        Ok(events
+            .iter()
+            .any(|e| caller.may_see(e.owner.as_deref()) && e.data["expiresAt"] == want.as_str()))
     }
 
     /// Bring one row (whose slot the caller holds) to its desired state.

@@ -986,12 +986,15 @@ fn a_crash_mid_request_is_settled_at_the_next_start() {
         let taken = e.redeemed.clone().expect("the redemption is on record");
         assert_eq!((taken.msat, taken.seconds), (10_000, 10), "{e:?}");
         assert!(
-            redeem(&mint.url, &t1).await.is_err(),
+            matches!(
+                redeem(&mint.url, &t1).await,
+                Err(cdk::Error::TokenAlreadySpent)
+            ),
             "the token was not taken"
         );
         p.respawn(None);
-        let (code, v, err) = market_cli(&relay, &identity, &["reply", &npub, &rid]).await;
-        assert_eq!(code, 5, "{v} {err}");
+        let (exit, v, err) = market_cli(&relay, &identity, &["reply", &npub, &rid]).await;
+        assert_eq!(exit, 5, "{v} {err}");
         assert_eq!(v["error"]["code"], "provision_failed", "{v}");
         assert_eq!(v["paidMsat"], 10_000, "{v}");
         let refund = v["refund"].as_str().expect("a refund token");
@@ -1001,11 +1004,11 @@ fn a_crash_mid_request_is_settled_at_the_next_start() {
         assert_eq!(e.outcome.as_deref(), Some("provision_failed"), "{e:?}");
 
         // 2. Killed after the cell was made, before the answer: `rent`
-        //    waits through the crash and gets the cell.
+        //    waits through the crash and gets the cell (a lease long
+        //    enough for the steps below on a loaded machine).
         p.respawn(Some("market-spawn-created=return"));
-        wait_live_offer(&alice, &p).await;
         let (tf, df) = (dir.path().join("t2"), dir.path().join("doc.yaml"));
-        std::fs::write(&tf, token(&mint.url, 12).await).unwrap();
+        std::fs::write(&tf, token(&mint.url, 300).await).unwrap();
         std::fs::write(&df, SLEEPER).unwrap();
         let rent = {
             let (relay, identity, npub) = (relay.clone(), identity.clone(), npub.clone());
@@ -1021,11 +1024,11 @@ fn a_crash_mid_request_is_settled_at_the_next_start() {
             .expect("the spawn is unfinished");
         let rid = cut.id.clone();
         p.respawn(None);
-        let (code, v, err) = rent.await.unwrap();
-        assert_eq!(code, 0, "{v} {err}");
+        let (exit, v, err) = rent.await.unwrap();
+        assert_eq!(exit, 0, "{v} {err}");
         assert_eq!(
             (v["paidMsat"].as_u64(), v["seconds"].as_u64()),
-            (Some(12_000), Some(12)),
+            (Some(300_000), Some(300)),
             "{v}"
         );
         let id = v["cell"]["id"].as_str().unwrap().to_string();
@@ -1046,64 +1049,80 @@ fn a_crash_mid_request_is_settled_at_the_next_start() {
             (Some("ok"), Some(id.as_str()))
         );
         // The answer is on the relay for later, too.
-        let (code, again, _) = market_cli(&relay, &identity, &["reply", &npub, &rid]).await;
-        assert_eq!((code, &again["cell"]["id"]), (0, &v["cell"]["id"]));
+        let (exit, again, _) = market_cli(&relay, &identity, &["reply", &npub, &rid]).await;
+        assert_eq!((exit, &again["cell"]["id"]), (0, &v["cell"]["id"]));
 
         // 3. Killed after a top-up's token was redeemed, before the extend.
         p.respawn(Some("market-topup-redeemed=return"));
-        wait_live_offer(&alice, &p).await;
-        let before = p.operator(&["inspect", &id])["expiresAt"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let t3 = token(&mint.url, 6).await;
-        let rid = send(Request::Topup {
+        let before = lease_end(&p, &id);
+        let topup = |token: String| Request::Topup {
             cellhost: VERSION,
             cell: id.clone(),
-            token: t3,
-        })
-        .await;
+            token,
+        };
+        let rid = send(topup(token(&mint.url, 6).await)).await;
         p.crashed();
         let e = p.ledger().get(&rid).unwrap().unwrap();
         let taken = e.redeemed.clone().expect("the redemption is on record");
         assert_eq!(
             taken.expect_expires_ms.map(|ms| ms as u128),
-            Some(rfc3339_ms(&before) + 6000),
+            Some(before + 6000),
             "{e:?}"
         );
-        p.respawn(None);
-        let r = alice
-            .wait_reply(pk, EventId::from_hex(&rid).unwrap(), TIMEOUT)
-            .await
-            .unwrap();
+        let r = settled(&mut p, &alice, pk, &rid).await;
+        assert_eq!(code(&r), Some(ErrorCode::ProvisionFailed), "{r:?}");
+        let refund = r.refund.as_deref().expect("a refund token");
+        assert_eq!(redeem(&mint.url, refund).await.unwrap(), 6);
         assert_eq!(
-            r.error.as_ref().map(|e| e.code),
-            Some(ErrorCode::ProvisionFailed),
-            "{r:?}"
-        );
-        assert_eq!(
-            redeem(&mint.url, r.refund.as_deref().unwrap())
-                .await
-                .unwrap(),
-            6
-        );
-        let after = p.operator(&["inspect", &id])["expiresAt"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        assert_eq!(
-            after, before,
+            lease_end(&p, &id),
+            before,
             "the lease moved though the top-up was refunded"
         );
+
+        // 4. Killed after the extend, before the answer: delivered (the
+        //    cell's event log holds the extension), not refunded.
+        p.respawn(Some("market-topup-extended=return"));
+        let rid = send(topup(token(&mint.url, 7).await)).await;
+        let r = settled(&mut p, &alice, pk, &rid).await;
+        assert!(r.ok, "{r:?}");
+        assert_eq!((r.refund.as_deref(), r.seconds), (None, Some(7)), "{r:?}");
+        assert_eq!(lease_end(&p, &id), before + 7000);
+        assert_eq!(rfc3339_ms(&r.cell.unwrap().expires_at), before + 7000);
+
+        // 5. Killed before the token was redeemed: answered `interrupted`,
+        //    the token still the consumer's.
+        p.respawn(Some("market-before-redeem=return"));
+        let t5 = token(&mint.url, 10).await;
+        let rid = send(spawn_req(t5.clone(), Some(SLEEPER))).await;
+        let r = settled(&mut p, &alice, pk, &rid).await;
+        assert_eq!(code(&r), Some(ErrorCode::Interrupted), "{r:?}");
+        assert_eq!(redeem(&mint.url, &t5).await.unwrap(), 10);
+        assert_eq!(p.cells().len(), 1, "{:?}", p.cells());
 
         let log = p.log();
         assert_eq!(
             log.matches("cut short by a crash after").count(),
-            3,
+            4,
             "{log}"
         );
+        assert_eq!(log.matches("with no payment on record").count(), 1, "{log}");
         alice.shutdown().await;
     });
+}
+
+/// The daemon died at its failpoint: start it unarmed and wait for the
+/// answer to `rid` the restart settles.
+async fn settled(p: &mut Provider, c: &Consumer, provider: PublicKey, rid: &str) -> Reply {
+    p.crashed();
+    p.respawn(None);
+    c.wait_reply(provider, EventId::from_hex(rid).unwrap(), TIMEOUT)
+        .await
+        .unwrap()
+}
+
+/// The end of cell `id`'s lease as the operator sees it, unix ms.
+fn lease_end(p: &Provider, id: &str) -> u128 {
+    rfc3339_ms(p.operator(&["inspect", id])["expiresAt"].as_str().unwrap())
 }
 
 fn code(r: &Reply) -> Option<ErrorCode> {
