@@ -6,8 +6,8 @@
 //! `<state>/market/ledger.sqlite` (0600, WAL; opened as the daemon's store
 //! is), one table `requests`: `id` (PK), `sender`, `op`, `received_at`;
 //! what was taken before the work (`mint`, `taken_msat`, `taken_seconds`,
-//! `taken_cell`, `expect_expires_ms`); the end (`outcome`, `cell`,
-//! `paid_msat`, `seconds`); the answer (`reply`, `reply_sent`).
+//! `taken_cell`); the end (`outcome`, `cell`, `paid_msat`, `seconds`); the
+//! answer (`reply`, `reply_sent`, `reply_tries`).
 //! `id` is the request's rumor id (the inner, signed-by-nobody kind-14
 //! event's id, recomputed here, never taken from the wire): the gift wrap
 //! around it changes on every send, the rumor does not.
@@ -19,12 +19,13 @@
 //!    run again, across restarts too.
 //! 2. Money taken is written down the moment the mint's swap returns
 //!    ([`Ledger::redeemed`]: the mint, the amount, the seconds it buys, and
-//!    for a top-up the cell and the lease end the extend will set), before
-//!    the cell is made or the lease extended.
+//!    for a top-up the cell), before the cell is made or the lease
+//!    extended.
 //! 3. The outcome and the answer are written in one statement
 //!    ([`Ledger::conclude`]), then the answer is published and marked sent
 //!    ([`Ledger::sent`]); answers no relay took are published again
-//!    ([`Ledger::unsent`]).
+//!    ([`Ledger::unsent`], [`Ledger::tried`]), up to [`MAX_REPLY_TRIES`]
+//!    times.
 //!
 //! A row with no outcome is a request a crash cut short; it is never re-run.
 //! At the next start the provider settles it ([`Ledger::unfinished`]): with
@@ -32,7 +33,7 @@
 //! an `interrupted` answer.
 //!
 //! Columns added after the first version are added to an older file at
-//! open (`ALTER TABLE … ADD COLUMN`).
+//! open (`ALTER TABLE … ADD COLUMN`); its answers count as sent.
 //!
 //! # Threat model
 //!
@@ -77,10 +78,13 @@ pub struct Redeemed {
     pub msat: u64,
     /// Seconds it buys.
     pub seconds: u64,
-    /// Top-ups: the cell and the lease end (unix ms) the extend sets.
+    /// Top-ups: the cell.
     pub cell: Option<String>,
-    pub expect_expires_ms: Option<i64>,
 }
+
+/// Times an answer no relay took is published again before it is left in
+/// the ledger (where a repeat of the request still finds it).
+pub const MAX_REPLY_TRIES: u32 = 10;
 
 /// What became of one request.
 #[derive(Debug, Clone, Default)]
@@ -105,8 +109,8 @@ const LATER_COLUMNS: &[(&str, &str)] = &[
     ("taken_msat", "INTEGER"),
     ("taken_seconds", "INTEGER"),
     ("taken_cell", "TEXT"),
-    ("expect_expires_ms", "INTEGER"),
     ("reply_sent", "INTEGER NOT NULL DEFAULT 0"),
+    ("reply_tries", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 impl Ledger {
@@ -131,9 +135,17 @@ impl Ledger {
         for (name, ty) in LATER_COLUMNS {
             if !have.iter().any(|h| h == name) {
                 conn.execute_batch(&format!("ALTER TABLE requests ADD COLUMN {name} {ty}"))?;
+                if *name == "reply_sent" {
+                    // What an older version answered is not sent again.
+                    conn.execute_batch("UPDATE requests SET reply_sent = 1")?;
+                }
             }
         }
-        conn.execute_batch("CREATE INDEX IF NOT EXISTS requests_cell ON requests(cell);")?;
+        conn.execute_batch(
+            "CREATE INDEX IF NOT EXISTS requests_cell ON requests(cell);
+             CREATE INDEX IF NOT EXISTS requests_unsent ON requests(reply_tries, received_at)
+                 WHERE reply IS NOT NULL AND reply_sent = 0;",
+        )?;
         Ok(Ledger {
             conn: Mutex::new(conn),
         })
@@ -159,16 +171,9 @@ impl Ledger {
     /// Write down the money request `id` brought in, before the work.
     pub fn redeemed(&self, id: &str, r: &Redeemed) -> Result<(), MarketError> {
         self.conn().execute(
-            "UPDATE requests SET mint = ?2, taken_msat = ?3, taken_seconds = ?4, taken_cell = ?5,
-                 expect_expires_ms = ?6 WHERE id = ?1",
-            params![
-                id,
-                r.mint,
-                r.msat as i64,
-                r.seconds as i64,
-                r.cell,
-                r.expect_expires_ms
-            ],
+            "UPDATE requests SET mint = ?2, taken_msat = ?3, taken_seconds = ?4, taken_cell = ?5
+                 WHERE id = ?1",
+            params![id, r.mint, r.msat as i64, r.seconds as i64, r.cell],
         )?;
         Ok(())
     }
@@ -206,15 +211,28 @@ impl Ledger {
         Ok(())
     }
 
-    /// Up to `limit` answers no relay has taken yet, oldest first: (request
-    /// id, gift wrap JSON).
+    /// Publishing the answer to request `id` failed once more.
+    pub fn tried(&self, id: &str) -> Result<(), MarketError> {
+        self.conn().execute(
+            "UPDATE requests SET reply_tries = reply_tries + 1 WHERE id = ?1",
+            params![id],
+        )?;
+        Ok(())
+    }
+
+    /// Up to `limit` answers no relay has taken yet and tried fewer than
+    /// [`MAX_REPLY_TRIES`] times, least tried and oldest first: (request id,
+    /// gift wrap JSON).
     pub fn unsent(&self, limit: u32) -> Result<Vec<(String, String)>, MarketError> {
         let conn = self.conn();
         let mut st = conn.prepare(
-            "SELECT id, reply FROM requests WHERE reply IS NOT NULL AND reply_sent = 0
-             ORDER BY received_at, rowid LIMIT ?1",
+            "SELECT id, reply FROM requests
+             WHERE reply IS NOT NULL AND reply_sent = 0 AND reply_tries < ?2
+             ORDER BY reply_tries, received_at LIMIT ?1",
         )?;
-        let rows = st.query_map(params![limit], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let rows = st.query_map(params![limit, MAX_REPLY_TRIES], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
@@ -258,7 +276,7 @@ impl Ledger {
 }
 
 const COLUMNS: &str = "id, sender, op, outcome, cell, paid_msat, seconds, reply, \
-                       mint, taken_msat, taken_seconds, taken_cell, expect_expires_ms";
+                       mint, taken_msat, taken_seconds, taken_cell";
 
 fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
     let u64_of = |i: usize| r.get::<_, Option<i64>>(i).map(|v| v.map(|v| v as u64));
@@ -277,7 +295,6 @@ fn entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<Entry> {
                 msat,
                 seconds: u64_of(10)?.unwrap_or(0),
                 cell: r.get(11)?,
-                expect_expires_ms: r.get(12)?,
             }),
             _ => None,
         },
@@ -330,7 +347,6 @@ mod tests {
             msat: 6000,
             seconds: 6,
             cell: Some("c1".into()),
-            expect_expires_ms: Some(1_700_000_006_000),
         };
         l.redeemed("b", &taken).unwrap();
         l.conclude("c", &ok(), None).unwrap();
@@ -376,6 +392,15 @@ mod tests {
         assert_eq!(l.unsent(1).unwrap().len(), 1);
         l.sent("a").unwrap();
         assert_eq!(pending(&l), [("b".to_string(), "{b}".to_string())]);
+        // Tried the most often goes last, and is given up on at the cap.
+        l.claim("d", "pk", "status").unwrap();
+        l.conclude("d", &ok(), Some("{d}")).unwrap();
+        l.tried("b").unwrap();
+        assert_eq!(pending(&l)[0].0, "d");
+        for _ in 1..MAX_REPLY_TRIES {
+            l.tried("b").unwrap();
+        }
+        assert_eq!(pending(&l), [("d".to_string(), "{d}".to_string())]);
     }
 
     #[test]
@@ -388,13 +413,18 @@ mod tests {
                 "CREATE TABLE requests (id TEXT PRIMARY KEY, sender TEXT NOT NULL,
                      op TEXT NOT NULL, received_at INTEGER NOT NULL, outcome TEXT, cell TEXT,
                      paid_msat INTEGER, seconds INTEGER, reply TEXT);
-                 INSERT INTO requests VALUES ('old', 'pk', 'spawn', 1, 'ok', 'c0', 5000, 5, NULL);",
+                 INSERT INTO requests VALUES ('old', 'pk', 'spawn', 1, 'ok', 'c0', 5000, 5, '{old}');",
             )
             .unwrap();
         }
         let l = Ledger::open(&p).unwrap();
         let e = l.get("old").unwrap().unwrap();
         assert_eq!((e.outcome.as_deref(), e.redeemed), (Some("ok"), None));
+        // Its answer counts as sent, and stays so across a reopen.
+        assert!(l.unsent(10).unwrap().is_empty());
+        drop(l);
+        let l = Ledger::open(&p).unwrap();
+        assert!(l.unsent(10).unwrap().is_empty());
         assert!(l.claim("new", "pk", "spawn").unwrap());
         l.redeemed(
             "new",
@@ -403,7 +433,6 @@ mod tests {
                 msat: 1000,
                 seconds: 1,
                 cell: None,
-                expect_expires_ms: None,
             },
         )
         .unwrap();

@@ -322,6 +322,10 @@ pub enum ErrorCode {
     /// payment was recorded: nothing was delivered; send it again.
     Interrupted,
     Internal,
+    /// A code this build does not know (from a newer provider): the
+    /// message still says what happened.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorCode {
@@ -345,6 +349,7 @@ impl ErrorCode {
             ErrorCode::StaleRequest => "stale_request",
             ErrorCode::Interrupted => "interrupted",
             ErrorCode::Internal => "internal",
+            ErrorCode::Unknown => "unknown",
         }
     }
 }
@@ -561,5 +566,9 @@ mod tests {
             assert_eq!(c.as_str(), s);
             assert_eq!(serde_json::to_value(c).unwrap(), s);
         }
+        // A newer provider's code still parses, as Unknown.
+        let r: Refusal =
+            serde_json::from_str(r#"{"code":"from_the_future","message":"m"}"#).unwrap();
+        assert_eq!((r.code, r.message.as_str()), (ErrorCode::Unknown, "m"));
     }
 }

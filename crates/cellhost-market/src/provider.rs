@@ -26,8 +26,8 @@
 //!         with that lease (labelled with the request id) → on failure:
 //!         refund token for all of it
 //! topup:  cell exists for this key, lease running → token checks → amount
-//!         → REDEEM → ledger: taken, and the lease end it buys → extend
-//!         → on failure: refund
+//!         → REDEEM → ledger: taken → extend (its event names the
+//!         request) → on failure: refund
 //! status: the cell for this key
 //! stop:   destroy the cell for this key
 //! → reply (NIP-17, to the sender only, `e` = the request's rumor id)
@@ -39,11 +39,12 @@
 //! The ledger claim makes every request run at most once, across restarts.
 //! The lease is the daemon's: the reaper destroys a cell when it ends,
 //! whether or not this front is running. A request a crash cut short is
-//! settled at the next start, after the supervisor's first reconcile and
-//! before new requests are read: if it took money, the consumer gets what
-//! was delivered (the cell carrying its request id exists, was made and
-//! its lease runs; the cell's event log holds the extension the top-up
-//! bought) or a refund of all of it; if not, an `interrupted` answer.
+//! settled at the next start, after the supervisor's first reconcile,
+//! beside new requests: if it took money, the consumer gets what was
+//! delivered (the cell carrying its request id exists, was made and its
+//! lease runs; the cell's event log holds the extension made for the
+//! top-up's request) or a refund of all of it; if not, an `interrupted`
+//! answer.
 //! Answers are kept in the ledger as sent; one no relay took is published
 //! again at the next heartbeats.
 //!
@@ -55,8 +56,8 @@
 //! that is not delivered is refunded in the reply, and what cannot be
 //! refunded (the mint down at that moment) is recorded as `refund_owed`.
 //! A crash after redemption is settled at restart (above); a refund is
-//! made only on evidence that nothing was delivered, and a row the
-//! supervisor cannot judge then waits for the next start. Gaps left, both
+//! made only on evidence that nothing was delivered, and a row that cannot
+//! be judged yet is tried again every heartbeat interval. Gaps left, both
 //! in a moment of milliseconds: a crash during the swap itself (the
 //! wallet's saga recovery keeps the money, the ledger has no record it was
 //! this request's: the answer is `interrupted`, telling the consumer to
@@ -93,9 +94,6 @@ use crate::{MarketError, keys};
 
 /// How long a shutdown waits for requests under way.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(60);
-
-/// How long settling requests cut short waits for the first reconcile.
-const SETTLE_WAIT: Duration = Duration::from_secs(120);
 
 /// Answers no relay took, published again per heartbeat (at most).
 const RESEND_PER_BEAT: u32 = 16;
@@ -146,6 +144,9 @@ pub struct Provider {
     /// top-up from its lease check through extend: concurrent requests
     /// cannot all pass a check only one of them fits (and then all pay).
     provision: tokio::sync::Mutex<()>,
+    /// Held while answers no relay took are published again (one pass at
+    /// a time).
+    resending: tokio::sync::Mutex<()>,
 }
 
 impl Provider {
@@ -211,6 +212,7 @@ impl Provider {
             templates,
             last_offer: Mutex::new(None),
             provision: tokio::sync::Mutex::new(()),
+            resending: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -250,10 +252,21 @@ impl Provider {
         self.client
             .wait_for_connection(Duration::from_secs(5))
             .await;
-        self.settle_unfinished().await;
+        let mut in_flight = tokio::task::JoinSet::new();
+        // Requests a crash cut short, read before any new one is claimed;
+        // settled beside the new ones (their ids differ, and a repeat of
+        // one finds its claim and runs nothing).
+        match self.ledger.unfinished() {
+            Ok(cut) if !cut.is_empty() => {
+                let me = self.clone();
+                let stop = shutdown.clone();
+                in_flight.spawn(async move { me.settle(cut, stop).await });
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!("market: ledger: {e}; requests cut short are not settled"),
+        }
         let mut beat = tokio::time::interval(Duration::from_secs(self.cfg.heartbeat_seconds));
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut in_flight = tokio::task::JoinSet::new();
         loop {
             tokio::select! {
                 _ = async { let _ = shutdown.wait_for(|v| *v).await; } => break,
@@ -262,7 +275,8 @@ impl Provider {
                     let offer = self.offer();
                     self.publish_offer_if_changed(&offer).await;
                     self.publish_heartbeat(&offer).await;
-                    self.resend_unsent().await;
+                    let me = self.clone();
+                    in_flight.spawn(async move { me.resend_unsent().await });
                 }
                 n = notes.recv() => match n {
                     Ok(RelayPoolNotification::Event { event, .. }) if event.kind == Kind::GiftWrap => {
@@ -562,167 +576,176 @@ impl Provider {
 
     /// Settle the requests a crash cut short (see the ledger's notes), after
     /// the supervisor's first reconcile (rows then say what the host holds).
-    /// A request that took money gets what it paid for if that was done
-    /// (`delivered`), else a refund of all of it; either way the answer it
-    /// never got. One with no money on record gets an `interrupted` answer.
-    /// A row the supervisor cannot judge now (an error other than "not
-    /// found") stays unfinished for the next start: a refund is only made
-    /// on evidence that nothing was delivered.
-    async fn settle_unfinished(&self) {
-        let rows = match self.ledger.unfinished() {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("market: ledger: {e}; requests cut short are not settled");
+    /// A request that took money gets what it paid for if that was done,
+    /// else a refund of all of it; either way the answer it never got. One
+    /// with no payment on record gets an `interrupted` answer. A refund is
+    /// made only on evidence that nothing was delivered: a row that cannot
+    /// be judged yet (a supervisor error, a cell still between states) is
+    /// tried again every heartbeat interval until it can, or until shutdown
+    /// (then at the next start).
+    async fn settle(&self, mut rows: Vec<Entry>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+        tokio::select! {
+            _ = self.sup.reconciled() => {}
+            _ = shutdown.wait_for(|v| *v) => return,
+        }
+        loop {
+            let mut later = Vec::new();
+            for e in rows {
+                if *shutdown.borrow() {
+                    return;
+                }
+                if let Some(e) = self.settle_one(e).await {
+                    later.push(e);
+                }
+            }
+            if later.is_empty() {
                 return;
             }
-        };
-        if rows.is_empty() {
-            return;
-        }
-        if tokio::time::timeout(SETTLE_WAIT, self.sup.reconciled())
-            .await
-            .is_err()
-        {
-            tracing::error!(
-                "market: no reconcile pass in {SETTLE_WAIT:?}; {} request(s) cut short are settled at the next start",
-                rows.len()
-            );
-            return;
-        }
-        for e in rows {
-            let t0 = std::time::Instant::now();
-            let (Ok(sender), Ok(rid)) = (PublicKey::from_hex(&e.sender), EventId::from_hex(&e.id))
-            else {
-                tracing::error!("market: ledger row {} is garbled; not settled", e.id);
-                continue;
-            };
-            let Some(paid) = &e.redeemed else {
-                tracing::warn!(
-                    "market: {} request {} from {} was cut short by a crash with no payment on record; answered `interrupted`",
-                    e.op,
-                    e.id,
-                    keys::npub(&sender)
-                );
-                let why = Refusal::new(
-                    ErrorCode::Interrupted,
-                    format!(
-                        "the provider restarted while serving this request, before any payment was recorded: \
-                         if your token is unspent, send the request again; if the mint says it is spent, \
-                         ask the provider, citing request {}",
-                        e.id
-                    ),
-                );
-                let reply = Reply::refused(&e.id, &e.op, why);
-                self.conclude(sender, rid, &reply, None, t0).await;
-                continue;
-            };
-            let caller = Caller::tenant(owner_of(&sender));
-            let reply = match self.delivered(&caller, &e, paid).await {
-                Err(err) => {
-                    tracing::error!(
-                        "market: {} request {} took {} msat and was cut short; whether it was delivered \
-                         cannot be told now ({err}); settled at the next start",
-                        e.op,
-                        e.id,
-                        paid.msat
-                    );
-                    continue;
-                }
-                Ok(Some(reply)) => reply,
-                Ok(None) => {
-                    let what = if e.op == "spawn" {
-                        "the cell was made"
-                    } else {
-                        "the lease was extended"
-                    };
-                    let why = format!("the provider restarted before {what}");
-                    match crate::config::mint_url(&paid.mint) {
-                        Some(mint) => {
-                            self.refund(&e.id, &e.op, &mint, paid.msat / 1000, why)
-                                .await
-                        }
-                        None => {
-                            let why = format!(
-                                "{why}; the refund failed: the ledger names mint {:?}; ask the provider, citing request {}",
-                                paid.mint, e.id
-                            );
-                            let mut r = Reply::refused(
-                                &e.id,
-                                &e.op,
-                                Refusal::new(ErrorCode::ProvisionFailed, why),
-                            );
-                            r.paid_msat = Some(paid.msat);
-                            r
-                        }
-                    }
-                }
-            };
-            tracing::warn!(
-                "market: settling {} request {} cut short by a crash after {} msat were taken",
-                e.op,
-                e.id,
-                paid.msat
-            );
-            let cell = reply.cell.as_ref().map(|c| c.id.clone());
-            self.conclude(sender, rid, &reply, cell.as_deref(), t0)
-                .await;
+            rows = later;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(self.cfg.heartbeat_seconds)) => {}
+                _ = shutdown.wait_for(|v| *v) => return,
+            }
         }
     }
 
-    /// The paid answer to request `e`, which took `paid`, if what it paid
-    /// for was delivered: for a spawn, the cell carrying its request id
-    /// exists, its create finished and its lease runs (a consumer never
-    /// told where the cell is could not use it: a lease that ran out while
-    /// the provider was down is refunded); for a top-up, the cell's event
-    /// log holds the extension to the lease end it bought. `Ok(None)`:
-    /// not delivered.
-    async fn delivered(
-        &self,
-        caller: &Caller,
-        e: &Entry,
-        paid: &Redeemed,
-    ) -> Result<Option<Reply>, SupervisorError> {
+    /// Settle one request; gives it back when it cannot be judged yet.
+    async fn settle_one(&self, e: Entry) -> Option<Entry> {
+        let t0 = std::time::Instant::now();
+        let (Ok(sender), Ok(rid)) = (PublicKey::from_hex(&e.sender), EventId::from_hex(&e.id))
+        else {
+            tracing::error!("market: ledger row {} is garbled; not settled", e.id);
+            return None;
+        };
+        let Some(paid) = &e.redeemed else {
+            tracing::warn!(
+                "market: {} request {} from {} was cut short by a crash with no payment on record; answered `interrupted`",
+                e.op,
+                e.id,
+                keys::npub(&sender)
+            );
+            let why = if matches!(e.op.as_str(), "spawn" | "topup") {
+                format!(
+                    "the provider restarted while serving this request, before any payment was recorded: \
+                     if your token is unspent, send the request again; if the mint says it is spent, \
+                     ask the provider, citing request {}",
+                    e.id
+                )
+            } else {
+                "the provider restarted while serving this request; send it again".to_string()
+            };
+            let reply = Reply::refused(&e.id, &e.op, Refusal::new(ErrorCode::Interrupted, why));
+            self.conclude(sender, rid, &reply, None, t0).await;
+            return None;
+        };
+        let caller = Caller::tenant(owner_of(&sender));
+        let reply = match self.delivered(&caller, &e, paid).await {
+            Verdict::Undecided(why) => {
+                tracing::warn!(
+                    "market: {} request {} took {} msat and was cut short; not settled yet: {why}",
+                    e.op,
+                    e.id,
+                    paid.msat
+                );
+                return Some(e);
+            }
+            Verdict::Delivered(reply) => *reply,
+            Verdict::NotDelivered => {
+                let what = if e.op == "spawn" {
+                    "the cell was made"
+                } else {
+                    "the lease was extended"
+                };
+                let why = format!("the provider restarted before {what}");
+                match crate::config::mint_url(&paid.mint) {
+                    Some(mint) => {
+                        self.refund(&e.id, &e.op, &mint, paid.msat / 1000, why)
+                            .await
+                    }
+                    None => {
+                        let why = format!(
+                            "{why}; the refund failed: the ledger names mint {:?}; ask the provider, citing request {}",
+                            paid.mint, e.id
+                        );
+                        let mut r = Reply::refused(
+                            &e.id,
+                            &e.op,
+                            Refusal::new(ErrorCode::ProvisionFailed, why),
+                        );
+                        r.paid_msat = Some(paid.msat);
+                        r
+                    }
+                }
+            }
+        };
+        tracing::warn!(
+            "market: settling {} request {} cut short by a crash after {} msat were taken",
+            e.op,
+            e.id,
+            paid.msat
+        );
+        let cell = reply.cell.as_ref().map(|c| c.id.clone());
+        self.conclude(sender, rid, &reply, cell.as_deref(), t0)
+            .await;
+        None
+    }
+
+    /// Was what request `e` paid for (`paid`) delivered? A spawn: the cell
+    /// carrying its request id exists, its create finished and its lease
+    /// runs (a consumer never told where the cell is could not use it: a
+    /// cell gone or whose lease ran out while the provider was down counts
+    /// as not delivered). A top-up: the cell's event log holds the
+    /// extension made for this request.
+    async fn delivered(&self, caller: &Caller, e: &Entry, paid: &Redeemed) -> Verdict {
         let paid_reply =
             |v: &CellView| self.paid(&e.id, &e.op, v, credentials_of(v), paid.msat, paid.seconds);
         match e.op.as_str() {
             "spawn" => {
-                let cells = self.sup.list(caller).await?;
-                Ok(cells
-                    .iter()
-                    .find(|v| {
-                        v.document
-                            .metadata
-                            .labels
-                            .get(REQUEST_LABEL)
-                            .map(String::as_str)
-                            == Some(e.id.as_str())
-                            && v.desired != "destroyed"
-                            && v.expires_in_seconds > 0
-                            && matches!(v.observed.as_str(), "created" | "running" | "exited")
-                    })
-                    .map(paid_reply))
+                let cells = match self.sup.list(caller).await {
+                    Ok(c) => c,
+                    Err(err) => return Verdict::Undecided(err.to_string()),
+                };
+                let label = |v: &&CellView| {
+                    v.document
+                        .metadata
+                        .labels
+                        .get(REQUEST_LABEL)
+                        .map(String::as_str)
+                        == Some(e.id.as_str())
+                };
+                let Some(v) = cells.iter().find(label) else {
+                    return Verdict::NotDelivered;
+                };
+                if v.desired == "destroyed" || v.expires_in_seconds == 0 {
+                    Verdict::NotDelivered
+                } else if matches!(v.observed.as_str(), "created" | "running" | "exited") {
+                    Verdict::Delivered(Box::new(paid_reply(v)))
+                } else {
+                    Verdict::Undecided(format!("its cell {} is {}", v.id, v.observed))
+                }
             }
             "topup" => {
-                let (Some(id), Some(want)) = (&paid.cell, paid.expect_expires_ms) else {
-                    return Ok(None);
+                let Some(id) = &paid.cell else {
+                    return Verdict::NotDelivered;
                 };
-                if !self.sup.extended_to(caller, id, want).await? {
-                    return Ok(None);
+                match self.sup.extended_for(caller, id, &e.id).await {
+                    Err(err) => return Verdict::Undecided(err.to_string()),
+                    Ok(false) => return Verdict::NotDelivered,
+                    Ok(true) => {}
                 }
-                Ok(Some(match self.sup.get(caller, id).await {
-                    Ok(v) => paid_reply(&v),
-                    // Extended, then reaped at the lease's end: paid for
-                    // and delivered.
+                match self.sup.get(caller, id).await {
+                    Ok(v) => Verdict::Delivered(Box::new(paid_reply(&v))),
+                    // Extended, then reaped at the lease's end: delivered.
                     Err(SupervisorError::NotFound(_)) => {
                         let mut r = Reply::ok(&e.id, &e.op);
                         r.paid_msat = Some(paid.msat);
                         r.seconds = Some(paid.seconds);
-                        r
+                        Verdict::Delivered(Box::new(r))
                     }
-                    Err(err) => return Err(err),
-                }))
+                    Err(err) => Verdict::Undecided(err.to_string()),
+                }
             }
-            _ => Ok(None),
+            _ => Verdict::NotDelivered,
         }
     }
 
@@ -773,8 +796,12 @@ impl Provider {
         }
     }
 
-    /// Publish again the answers no relay took (a few per heartbeat).
+    /// Publish again the answers no relay took (a few per heartbeat; one
+    /// pass at a time).
     async fn resend_unsent(&self) {
+        let Ok(_one) = self.resending.try_lock() else {
+            return;
+        };
         let pending = match self.ledger.unsent(RESEND_PER_BEAT) {
             Ok(p) => p,
             Err(e) => {
@@ -783,11 +810,15 @@ impl Provider {
             }
         };
         for (rid, json) in pending {
-            match Event::from_json(&json) {
-                Ok(ev) => {
-                    self.publish(&rid, &ev).await;
+            let sent = match Event::from_json(&json) {
+                Ok(ev) => self.publish(&rid, &ev).await,
+                Err(e) => {
+                    tracing::error!("market: the kept reply to {rid} is garbled: {e}");
+                    false
                 }
-                Err(e) => tracing::error!("market: the kept reply to {rid} is garbled: {e}"),
+            };
+            if !sent && let Err(e) = self.ledger.tried(&rid) {
+                tracing::error!("market: ledger: {e}");
             }
         }
     }
@@ -1041,7 +1072,10 @@ impl Provider {
                 )
                 .await);
         }
-        let extended = self.sup.extend(&caller, &view.id, seconds).await;
+        let extended = self
+            .sup
+            .extend_for(&caller, &view.id, seconds, Some(rid))
+            .await;
         fail::fail_point!("market-topup-extended", |_| crash());
         match extended {
             Ok(v) => Ok(self.paid(rid, "topup", &v, credentials_of(&v), paid_msat, seconds)),
@@ -1135,11 +1169,6 @@ impl Provider {
             msat: paid_msat,
             seconds,
             cell: topup_of.map(|v| v.id.clone()),
-            // No extension to look for when the fee left no second.
-            expect_expires_ms: topup_of
-                .filter(|_| seconds > 0)
-                .and_then(expires_ms)
-                .map(|at| at.saturating_add((seconds as i64).saturating_mul(1000))),
         };
         if let Err(e) = self.ledger.redeemed(rid, &r) {
             // The work goes on and its answer is written as usual; only a
@@ -1247,15 +1276,17 @@ fn port_free(port: u32, proto: cellhost_spec::Protocol) -> bool {
     }
 }
 
+/// What settling finds of a paid request a crash cut short.
+enum Verdict {
+    /// Done: the answer it should have had.
+    Delivered(Box<Reply>),
+    NotDelivered,
+    /// Cannot be told now (why); tried again later.
+    Undecided(String),
+}
+
 /// The label on a market cell naming the spawn request that made it.
 pub const REQUEST_LABEL: &str = "market.cellhost.dev/request";
-
-/// The end of `view`'s lease, unix ms.
-fn expires_ms(view: &CellView) -> Option<i64> {
-    let at = humantime::parse_rfc3339(&view.expires_at).ok()?;
-    let ms = at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis();
-    i64::try_from(ms).ok()
-}
 
 /// What a failpoint does to test crash recovery: die as `kill -9` would,
 /// with no destructor, flush or shutdown (builds with the `failpoints`

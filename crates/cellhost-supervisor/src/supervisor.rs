@@ -892,6 +892,19 @@ impl Supervisor {
     /// Move the lease end by `seconds`. An ended lease cannot be extended
     /// (the reaper owns it).
     pub async fn extend(&self, caller: &Caller, id: &str, seconds: u64) -> Result<CellView> {
+        self.extend_for(caller, id, seconds, None).await
+    }
+
+    /// [`Supervisor::extend`], naming in the `extended` event what the
+    /// extension was for (`request`: the market's request id), so
+    /// [`Supervisor::extended_for`] can find it later.
+    pub async fn extend_for(
+        &self,
+        caller: &Caller,
+        id: &str,
+        seconds: u64,
+        request: Option<&str>,
+    ) -> Result<CellView> {
         if seconds == 0 || seconds > MAX_EXTEND_SECONDS {
             return Err(SupervisorError::invalid(
                 "seconds",
@@ -911,7 +924,12 @@ impl Supervisor {
             &rec.id,
             Change::event(
                 kinds::EXTENDED,
-                json!({ "seconds": seconds, "expiresAt": rfc3339_ms(at) }),
+                match request {
+                    None => json!({ "seconds": seconds, "expiresAt": rfc3339_ms(at) }),
+                    Some(r) => {
+                        json!({ "seconds": seconds, "expiresAt": rfc3339_ms(at), "request": r })
+                    }
+                },
             )
             .expires_at(at),
         )
@@ -1327,19 +1345,19 @@ impl Supervisor {
         let _ = rx.wait_for(|n| *n > 0).await;
     }
 
-    /// Was cell `id` extended to end at `expires_at_ms`? Read from its
-    /// `extended` events, so the answer holds after the cell is gone.
-    pub async fn extended_to(&self, caller: &Caller, id: &str, expires_at_ms: i64) -> Result<bool> {
+    /// Was cell `id` extended for `request` ([`Supervisor::extend_for`])?
+    /// Read from its `extended` events, so the answer holds after the
+    /// cell is gone.
+    pub async fn extended_for(&self, caller: &Caller, id: &str, request: &str) -> Result<bool> {
         let Ok(id) = CellId::parse(id) else {
             return Ok(false);
         };
         let events = self
             .db(move |s| s.cell_events(&id, kinds::EXTENDED))
             .await?;
-        let want = rfc3339_ms(expires_at_ms);
         Ok(events
             .iter()
-            .any(|e| caller.may_see(e.owner.as_deref()) && e.data["expiresAt"] == want.as_str()))
+            .any(|e| caller.may_see(e.owner.as_deref()) && e.data["request"] == request))
     }
 
     /// Bring one row (whose slot the caller holds) to its desired state.
