@@ -505,8 +505,10 @@ fn rent_top_up_and_lease_end_through_the_cli() {
             let l = &v[0];
             let full = l["offer"]["cellhost"]["tiers"][0]["available"] == false;
             let free = l["heartbeat"]["freeCpus"].as_f64().unwrap_or(-1.0);
-            if full && (free - 0.25).abs() < 1e-6 {
-                assert_eq!(l["heartbeat"]["runningCells"], 1);
+            // A heartbeat sent while the create ran already shows the
+            // room taken but no cell running yet: wait for a later one.
+            let running = l["heartbeat"]["runningCells"] == 1;
+            if full && (free - 0.25).abs() < 1e-6 && running {
                 break;
             }
             assert!(Instant::now() < until, "offer not republished as full: {l}");
