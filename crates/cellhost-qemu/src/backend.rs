@@ -191,6 +191,30 @@ fn running(found: &[(i32, String)], program: &str) -> Vec<i32> {
         .collect()
 }
 
+/// Why qemu is gone during start-up, as far as the cell dir tells: how it
+/// ended (the shim reaps it and records the status; a signal with nothing
+/// in qemu.log means it was killed, not that it refused its arguments) and
+/// the shim's own log. The caller adds qemu.log and the console.
+fn died_starting(dir: &Path) -> String {
+    // The shim writes the record right after reaping: give it a moment.
+    let record = dir.join(vmm::QEMU_EXIT);
+    let until = Instant::now() + Duration::from_secs(2);
+    while !record.exists() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let how = tail(&record, 200);
+    let shim = tail(&dir.join(SHIM_LOG), 300);
+    format!(
+        "qemu exited during start-up (exit: {}{})",
+        if how.is_empty() { "not recorded" } else { &how },
+        if shim.is_empty() {
+            String::new()
+        } else {
+            format!("; shim: {shim}")
+        }
+    )
+}
+
 fn tail(path: &Path, max: usize) -> String {
     let b = std::fs::read(path).unwrap_or_default();
     let s = String::from_utf8_lossy(&b[b.len().saturating_sub(max)..]).into_owned();
@@ -568,7 +592,7 @@ impl Inner {
                 Ok(_) => return Ok(()),
                 Err(e) => {
                     if self.qemu_pid(dir).is_none() {
-                        return Err(BackendError::Engine("qemu exited during start-up".into()));
+                        return Err(BackendError::Engine(died_starting(dir)));
                     }
                     if Instant::now() > deadline {
                         return Err(engine("QMP never answered", e));
@@ -1128,4 +1152,21 @@ fn read_log(path: &Path, offset: u64) -> Result<LogChunk, BackendError> {
             next_offset: offset,
             more: false,
         }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_death_at_start_up_says_how_qemu_ended() {
+        let d = tempfile::tempdir().unwrap();
+        let m = died_starting(d.path());
+        assert!(m.contains("exit: not recorded"), "{m}");
+        std::fs::write(d.path().join(vmm::QEMU_EXIT), r#"{"signal":13}"#).unwrap();
+        std::fs::write(d.path().join(SHIM_LOG), "qemu ended\n").unwrap();
+        let m = died_starting(d.path());
+        assert!(m.contains(r#"exit: {"signal":13}"#), "{m}");
+        assert!(m.ends_with("; shim: qemu ended)"), "{m}");
+    }
 }
