@@ -47,7 +47,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, params};
 
 use crate::MarketError;
 
@@ -242,14 +242,7 @@ impl Ledger {
     }
 
     pub fn get(&self, id: &str) -> Result<Option<Entry>, MarketError> {
-        Ok(self
-            .conn()
-            .query_row(
-                &format!("SELECT {COLUMNS} FROM requests WHERE id = ?1"),
-                params![id],
-                entry,
-            )
-            .optional()?)
+        Ok(self.select("WHERE id = ?1", params![id])?.pop())
     }
 
     /// Spawns that gave a consumer a cell.

@@ -493,9 +493,9 @@ impl Provider {
                     Ok(Some(e)) if e.sender == sender.to_hex() => e.reply,
                     _ => None,
                 };
-                let resent = match again.as_deref().map(Event::from_json) {
-                    Some(Ok(ev)) => self.publish(&rid_hex, &ev).await,
-                    _ => false,
+                let resent = match again {
+                    Some(json) => self.republish(&rid_hex, &json).await,
+                    None => false,
                 };
                 tracing::info!(
                     "market: request {rid_hex} seen before; not run again{}",
@@ -810,15 +810,21 @@ impl Provider {
             }
         };
         for (rid, json) in pending {
-            let sent = match Event::from_json(&json) {
-                Ok(ev) => self.publish(&rid, &ev).await,
-                Err(e) => {
-                    tracing::error!("market: the kept reply to {rid} is garbled: {e}");
-                    false
-                }
-            };
-            if !sent && let Err(e) = self.ledger.tried(&rid) {
+            if !self.republish(&rid, &json).await
+                && let Err(e) = self.ledger.tried(&rid)
+            {
                 tracing::error!("market: ledger: {e}");
+            }
+        }
+    }
+
+    /// [`Provider::publish`] of an answer kept in the ledger (JSON).
+    async fn republish(&self, rid: &str, json: &str) -> bool {
+        match Event::from_json(json) {
+            Ok(ev) => self.publish(rid, &ev).await,
+            Err(e) => {
+                tracing::error!("market: the kept reply to {rid} is garbled: {e}");
+                false
             }
         }
     }

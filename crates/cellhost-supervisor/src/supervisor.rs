@@ -922,15 +922,13 @@ impl Supervisor {
         let at = rec.expires_at.saturating_add((seconds * 1000) as i64);
         self.record_view(
             &rec.id,
-            Change::event(
-                kinds::EXTENDED,
-                match request {
-                    None => json!({ "seconds": seconds, "expiresAt": rfc3339_ms(at) }),
-                    Some(r) => {
-                        json!({ "seconds": seconds, "expiresAt": rfc3339_ms(at), "request": r })
-                    }
-                },
-            )
+            Change::event(kinds::EXTENDED, {
+                let mut data = json!({ "seconds": seconds, "expiresAt": rfc3339_ms(at) });
+                if let Some(r) = request {
+                    data["request"] = r.into();
+                }
+                data
+            })
             .expires_at(at),
         )
         .await

@@ -270,11 +270,8 @@ impl Provider {
     /// again on the same state dir.
     fn restart(&mut self) {
         common::terminate(self.child.take().unwrap());
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&self.log)
-            .unwrap();
-        self.child = Some(self.command(log).spawn().unwrap());
+        let failpoint = self.failpoint.take();
+        self.respawn(failpoint.as_deref());
     }
 
     fn state_dir(&self) -> PathBuf {
