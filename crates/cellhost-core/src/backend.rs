@@ -43,6 +43,9 @@ pub struct CreateRequest {
     /// The consumer's key for `spec.volume` with `encrypted: true`; held in
     /// memory only, zeroed when the request is dropped.
     pub volume_key: Option<crate::VolumeKey>,
+    /// The host ids leased to this cell (tiers whose
+    /// [`Backend::wants_uids`] is true get one from the supervisor).
+    pub uids: Option<crate::UidRange>,
 }
 
 impl CreateRequest {
@@ -55,6 +58,7 @@ impl CreateRequest {
             secrets: Vec::new(),
             owner: None,
             volume_key: None,
+            uids: None,
         }
     }
 }
@@ -72,6 +76,10 @@ pub struct CellHandle {
     /// Tier-specific details (cgroup paths, container ids, pid files).
     #[serde(default)]
     pub tier: serde_json::Value,
+    /// The host ids leased to the cell, when its tier uses them: teardown
+    /// checks that no process runs as any of them before the lease goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uids: Option<crate::UidRange>,
 }
 
 /// How a workload ended.
@@ -300,6 +308,14 @@ pub trait Backend: Send + Sync {
     /// The handle `create` will return for this id, computed without side
     /// effects so the store can record it before anything is made.
     fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle;
+
+    /// Does this tier run cells under host ids leased per cell (a user
+    /// namespace, an unprivileged VMM)? The supervisor then leases a
+    /// [`crate::UidRange`] before create, puts it in the handle and the
+    /// request, and gives it back only after a clean teardown.
+    fn wants_uids(&self) -> bool {
+        false
+    }
 
     /// Make every host object of the cell, workload ready but not running.
     /// On error, everything made so far has been removed again.

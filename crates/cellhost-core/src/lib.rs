@@ -22,5 +22,7 @@ pub use report::*;
 pub mod secrets;
 pub mod shim;
 pub mod tool;
+pub mod uids;
+pub use uids::UidRange;
 mod volume_key;
 pub use volume_key::*;

@@ -513,6 +513,7 @@ impl Backend for DockerBackend {
                 "image": cell.spec.image,
                 "instance": self.instance,
             }),
+            uids: None,
         }
     }
 

@@ -899,6 +899,7 @@ impl Backend for ProcessBackend {
                 "containerId": p.container_id,
                 "cgroup": format!("/{}/{}", hostfs::CGROUP_PARENT, p.cgroup),
             }),
+            uids: None,
         }
     }
 

@@ -1070,6 +1070,7 @@ fn handle(cfg: &QemuConfig, id: &CellId, cell: &Cell) -> CellHandle {
             "ports": cell.spec.ports.iter().map(|p| p.host).collect::<Vec<_>>(),
             "qmp": cfg.state_dir.join(id.as_str()).join(args::QMP_SOCK),
         }),
+        uids: None,
     }
 }
 

@@ -142,6 +142,7 @@
 mod error;
 mod leases;
 mod state;
+mod uid_leases;
 
 use std::fs::{DirBuilder, OpenOptions, Permissions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -158,6 +159,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, Transaction
 pub use error::StoreError;
 pub use leases::{Lease, LeaseOutcome};
 pub use state::{Desired, Observed, ParseStateError};
+pub use uid_leases::{UidLease, UidPool};
 
 /// File name of the database inside the state dir.
 pub const DB_FILE_NAME: &str = "cellhost.db";
@@ -232,6 +234,14 @@ const MIGRATIONS: &[&str] = &[
         port     INTEGER NOT NULL,
         cell_id  TEXT    NOT NULL REFERENCES net_leases (cell_id) ON DELETE CASCADE,
         PRIMARY KEY (protocol, port)
+    ) STRICT;",
+    // 4: host uid ranges, one per live cell of a tier that runs under
+    // leased ids (see `uid_leases`).
+    "CREATE TABLE uid_leases (
+        cell_id   TEXT    NOT NULL PRIMARY KEY,
+        base      INTEGER NOT NULL UNIQUE,
+        size      INTEGER NOT NULL,
+        leased_at INTEGER NOT NULL
     ) STRICT;",
 ];
 
@@ -549,6 +559,9 @@ impl Store {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         insert_event(&tx, id, at, kind, &data)?;
         let n = tx.execute("DELETE FROM cells WHERE id = ?1", [id.as_str()])?;
+        // The cell's host ids go with its row: a clean teardown checked
+        // that nothing runs as them any more.
+        tx.execute("DELETE FROM uid_leases WHERE cell_id = ?1", [id.as_str()])?;
         tx.commit()?;
         Ok(n > 0)
     }

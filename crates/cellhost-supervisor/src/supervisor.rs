@@ -703,6 +703,7 @@ impl Supervisor {
                 secrets: confidential.secrets,
                 owner: Some(caller.owner.clone()),
                 volume_key: confidential.volume_key,
+                uids: None,
             })
             .await;
         // A tier may learn more at create than handle_for could say (a

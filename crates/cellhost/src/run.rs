@@ -335,6 +335,7 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
             secrets,
             owner: None,
             volume_key,
+            uids: None,
         })
         .await;
     if let Err(e) = created {

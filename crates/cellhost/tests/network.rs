@@ -414,6 +414,7 @@ fn orphaned_network_objects_are_swept_and_conflicts_are_refused_first() {
         isolation: cellhost_spec::Isolation::Process,
         state_dir: tier.backend.paths(&orphan).dir,
         tier: serde_json::Value::Null,
+        uids: None,
     };
     let report = rt.block_on(tier.backend.destroy(&handle)).unwrap();
     assert!(report.is_clean(), "{report:?}");

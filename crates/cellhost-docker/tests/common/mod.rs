@@ -80,6 +80,7 @@ impl Engine {
                 secrets,
                 owner: Some("tester".into()),
                 volume_key: None,
+                uids: None,
             })
             .await
             .expect("create")
