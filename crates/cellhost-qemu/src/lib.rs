@@ -3,7 +3,7 @@
 //! # Layout on the host
 //!
 //! ```text
-//! <state>/images/<name>/            the image store (image.rs)
+//! <state>/images/<name>/            the image store (cellhost-image)
 //! <state>/<tier>/<cell-id>/         one dir per cell (0700), tier = vm | microvm
 //!   qemu.json                       the argv the shim runs (paths and ids only)
 //!   qemu.pid shim.pid               written by the shim (vmm.rs)
@@ -58,9 +58,8 @@
 //! spoken directly (qmp.rs).
 
 pub mod args;
-pub mod cpio;
-pub mod image;
-pub mod modules;
+/// The image store moved to its own crate; re-exported for callers.
+pub use cellhost_image as image;
 pub mod qmp;
 pub mod seed;
 pub mod vmm;

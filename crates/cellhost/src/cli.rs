@@ -420,9 +420,14 @@ pub enum BenchTier {
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {
-    /// Copy a kernel/initrd (microvm) or a base disk (vm) into the store.
+    /// Copy a rootfs (process), a kernel/initrd (microvm) or a base disk
+    /// (vm) into the store.
     Import {
         name: String,
+        /// A root filesystem for process cells: a directory or a tarball
+        /// (plain or gzip), copied into a read-only ext4 image.
+        #[arg(long, value_name = "DIR|TARBALL", conflicts_with_all = ["kernel", "initrd", "disk", "append"])]
+        rootfs: Option<PathBuf>,
         #[arg(long, value_name = "FILE")]
         kernel: Option<PathBuf>,
         #[arg(long, value_name = "FILE")]

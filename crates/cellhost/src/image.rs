@@ -1,11 +1,10 @@
-//! `cellhost image …`: the vm/microvm image store (cellhost_qemu::image).
+//! `cellhost image …`: the image store (cellhost-image): rootfs images for
+//! process cells, kernels, initramfs and disks for the VM tiers.
 
 use std::path::Path;
 
 use anyhow::Context;
-use cellhost_qemu::image::{
-    ImageStore, ImportRequest, InitramfsRequest, MICROVM_MODULES, Manifest,
-};
+use cellhost_image::{ImageStore, ImportRequest, InitramfsRequest, MICROVM_MODULES, Manifest};
 
 use crate::cli::ImageCommand;
 
@@ -18,7 +17,7 @@ fn show(m: &Manifest, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(m)?);
     } else {
-        println!("{} ({:?})", m.name, m.kind);
+        println!("{} ({})", m.name, m.kind.as_str());
         for (file, digest) in &m.digests {
             println!("  {file:<7} {digest}");
         }
@@ -34,6 +33,7 @@ pub fn image(state_dir: &Path, cmd: ImageCommand, json: bool) -> anyhow::Result<
     match cmd {
         ImageCommand::Import {
             name,
+            rootfs,
             kernel,
             initrd,
             disk,
@@ -46,6 +46,7 @@ pub fn image(state_dir: &Path, cmd: ImageCommand, json: bool) -> anyhow::Result<
                     kernel,
                     initrd,
                     disk,
+                    rootfs,
                     cmdline: append,
                     replace,
                 },
@@ -86,13 +87,10 @@ pub fn image(state_dir: &Path, cmd: ImageCommand, json: bool) -> anyhow::Result<
                         .digests
                         .get("disk")
                         .or_else(|| m.digests.get("initrd"))
+                        .or_else(|| m.digests.get("rootfs"))
                         .map(|d| &d[..d.len().min(19)])
                         .unwrap_or("");
-                    println!(
-                        "{:<24} {:<8} {main}",
-                        m.name,
-                        format!("{:?}", m.kind).to_lowercase()
-                    );
+                    println!("{:<24} {:<8} {main}", m.name, m.kind.as_str());
                 }
             }
         }

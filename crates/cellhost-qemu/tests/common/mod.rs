@@ -207,7 +207,7 @@ pub fn vm_image(store: &ImageStore, name: &str, kernel: &Path, modules: &Path) {
                 initrd: Some(initrd_path),
                 disk: Some(qcow),
                 cmdline: Some("quiet".into()),
-                replace: false,
+                ..Default::default()
             },
         )
         .unwrap();

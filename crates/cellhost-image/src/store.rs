@@ -1,10 +1,13 @@
-//! The local image store: kernels, initramfs and base disks that vm and
-//! microvm cells boot from, each with a sha256 digest.
+//! The local image store: rootfs images process cells run from; kernels,
+//! initramfs and base disks that vm and microvm cells boot from; each
+//! file with a sha256 digest.
 //!
 //! # Layout on the host
 //!
 //! ```text
+//! <state>/images/                       0755 (cells' qemu uids read images)
 //! <state>/images/<name>/manifest.json   kind, files, digests, cmdline
+//! <state>/images/<name>/rootfs          (0444) rootfs: a read-only ext4 image
 //! <state>/images/<name>/kernel          (0444)
 //! <state>/images/<name>/initrd          (0444)
 //! <state>/images/<name>/disk            (0444) qcow2 or raw base disk
@@ -75,6 +78,19 @@ pub enum ImageKind {
     Vm,
     /// A kernel and an initramfs carrying cellhost-agent as PID 1.
     Microvm,
+    /// A root filesystem for process cells (an ext4 image, see
+    /// [`crate::build_rootfs_image`]).
+    Rootfs,
+}
+
+impl ImageKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageKind::Vm => "vm",
+            ImageKind::Microvm => "microvm",
+            ImageKind::Rootfs => "rootfs",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +104,8 @@ pub struct Manifest {
     pub initrd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rootfs: Option<String>,
     /// `qcow2` or `raw`, when there is a disk.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disk_format: Option<String>,
@@ -116,6 +134,9 @@ impl Image {
     pub fn disk(&self) -> Option<PathBuf> {
         self.manifest.disk.as_ref().map(|f| self.dir.join(f))
     }
+    pub fn rootfs(&self) -> Option<PathBuf> {
+        self.manifest.rootfs.as_ref().map(|f| self.dir.join(f))
+    }
 }
 
 /// What `import` copies in.
@@ -124,6 +145,8 @@ pub struct ImportRequest {
     pub kernel: Option<PathBuf>,
     pub initrd: Option<PathBuf>,
     pub disk: Option<PathBuf>,
+    /// A directory or a tarball (plain or gzip): a `rootfs` image.
+    pub rootfs: Option<PathBuf>,
     pub cmdline: Option<String>,
     pub replace: bool,
 }
@@ -258,13 +281,33 @@ impl ImageStore {
     /// and initrd without a disk make a `microvm` image.
     pub fn import(&self, name: &str, req: &ImportRequest) -> Result<Manifest, ImageError> {
         check_name(name)?;
+        if let Some(src) = &req.rootfs {
+            if req.disk.is_some() || req.kernel.is_some() || req.initrd.is_some() {
+                return Err(ImageError::Invalid {
+                    name: name.into(),
+                    what: "--rootfs makes a process image: give it alone".into(),
+                });
+            }
+            return self.install(name, req.replace, ImageKind::Rootfs, None, |tmp| {
+                let scratch = tmp.join(".scratch");
+                std::fs::create_dir(&scratch).map_err(io_err("scratch dir"))?;
+                let built = crate::build_rootfs_image(src, &tmp.join("rootfs"), &scratch);
+                let _ = std::fs::remove_dir_all(&scratch);
+                built.map_err(|e| ImageError::Invalid {
+                    name: name.into(),
+                    what: e.to_string(),
+                })?;
+                Ok((vec!["rootfs"], None))
+            });
+        }
         let kind = match (&req.disk, &req.kernel, &req.initrd) {
             (Some(_), _, _) => ImageKind::Vm,
             (None, Some(_), Some(_)) => ImageKind::Microvm,
             _ => {
                 return Err(ImageError::Invalid {
                     name: name.into(),
-                    what: "give --disk (a vm image) or --kernel and --initrd (a microvm image)"
+                    what: "give --rootfs (a process image), --disk (a vm image) or --kernel and \
+                           --initrd (a microvm image)"
                         .into(),
                 });
             }
@@ -330,11 +373,15 @@ impl ImageStore {
         }
         std::fs::create_dir_all(&self.root)
             .map_err(io_err(format!("image store {}", self.root.display())))?;
+        // Readable by the unprivileged uids VM cells' qemu runs as: images
+        // are not secret, and every file in them is 0444.
+        set_mode(&self.root, 0o755)?;
         let tmp = self
             .root
             .join(format!(".{name}.tmp-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp).map_err(io_err(format!("image store {}", tmp.display())))?;
+        set_mode(&tmp, 0o755)?;
         let result = (|| {
             let (files, disk_format) = fill(&tmp)?;
             let mut digests = BTreeMap::new();
@@ -350,6 +397,7 @@ impl ImageStore {
                 kernel: has("kernel"),
                 initrd: has("initrd"),
                 disk: has("disk"),
+                rootfs: has("rootfs"),
                 disk_format,
                 cmdline,
                 digests,
