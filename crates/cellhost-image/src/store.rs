@@ -172,14 +172,9 @@ pub const MICROVM_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_
 /// The store's own path of the agent inside an initramfs.
 pub const AGENT_PATH: &str = "/sbin/cellhost-agent";
 
+/// A store name, as documents must write it ([`cellhost_spec::is_image_name`]).
 pub fn check_name(name: &str) -> Result<(), ImageError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
-    if ok {
+    if cellhost_spec::is_image_name(name) {
         Ok(())
     } else {
         Err(ImageError::BadName(name.to_string()))

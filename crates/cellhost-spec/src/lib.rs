@@ -70,7 +70,9 @@ mod validate;
 pub use parse::{Format, MAX_INPUT_BYTES, ParseError, Position, parse, parse_as};
 pub use redact::{REDACTED, has_inline_secrets, redacted};
 pub use types::*;
-pub use validate::{Cidr, FieldError, ValidationErrors, is_posix_name, parse_cidr, validate};
+pub use validate::{
+    Cidr, FieldError, ValidationErrors, is_image_name, is_posix_name, parse_cidr, validate,
+};
 
 /// Either kind of failure from [`parse_and_validate`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -408,14 +408,14 @@ mod tests {
         assert!(cell.spec.volume.as_ref().unwrap().encrypted);
         assert_eq!(cell.spec.network.mode, NetworkMode::Bridged);
         assert_eq!(cell.spec.network.egress[0].port, Some(443));
-        assert_eq!(cell.spec.lifetime.ttl_seconds, 3600);
+        assert_eq!(cell.spec.lifetime.ttl_seconds, Some(3600));
     }
 
     #[test]
     fn defaults_apply() {
         let cell = parse(&with_spec_line("")).unwrap();
         assert_eq!(cell.spec.image, "host");
-        assert_eq!(cell.spec.lifetime.ttl_seconds, DEFAULT_TTL_SECONDS);
+        assert_eq!(cell.spec.lifetime.ttl(), DEFAULT_TTL_SECONDS);
         assert_eq!(cell.spec.network.mode, NetworkMode::None);
         assert_eq!(cell.spec.resources, Resources::default());
         assert!(cell.spec.volume.is_none());

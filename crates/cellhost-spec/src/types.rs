@@ -74,9 +74,10 @@ impl std::fmt::Display for Isolation {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CellSpec {
     pub isolation: Isolation,
-    /// Tier-specific image reference. Process tier: `host` (read-only view
-    /// of the host's /usr, /bin, /lib*, /sbin) or an absolute path to a
-    /// rootfs directory.
+    /// What the cell runs from. Process tier: `host` (a read-only view of
+    /// the host's programs) or the name of a rootfs image in the operator's
+    /// image store; vm and microvm: an image in that store; container: an
+    /// engine image reference. Never a host path.
     #[serde(default = "default_image")]
     pub image: String,
     /// argv of the workload. Required and non-empty.
@@ -272,27 +273,25 @@ pub struct EgressRule {
     pub protocol: Option<Protocol>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Lifetime {
-    #[serde(default = "default_ttl")]
-    pub ttl_seconds: u64,
+    /// The lease, seconds. Unset: the operator's policy default (the
+    /// supervisor writes it in before the cell is recorded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u64>,
 }
 
-impl Default for Lifetime {
-    fn default() -> Self {
-        Lifetime {
-            ttl_seconds: default_ttl(),
-        }
+impl Lifetime {
+    /// The lease this document asks for: its own, or [`DEFAULT_TTL_SECONDS`].
+    pub fn ttl(&self) -> u64 {
+        self.ttl_seconds.unwrap_or(DEFAULT_TTL_SECONDS)
     }
 }
 
-/// One hour, the default lease.
+/// One hour: the lease of a document that sets none, where no operator
+/// policy says otherwise.
 pub const DEFAULT_TTL_SECONDS: u64 = 3600;
-
-fn default_ttl() -> u64 {
-    DEFAULT_TTL_SECONDS
-}
 
 /// Deserialize a string map, rejecting a key given twice.
 ///

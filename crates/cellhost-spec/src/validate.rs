@@ -185,9 +185,9 @@ fn check_spec(s: &CellSpec, errs: &mut ValidationErrors) {
     }
     check_network(&s.network, errs);
     let ttl = s.lifetime.ttl_seconds;
-    if ttl == 0 {
+    if ttl == Some(0) {
         errs.push("spec.lifetime.ttlSeconds", "must be > 0");
-    } else if ttl > MAX_TTL_SECONDS {
+    } else if ttl.is_some_and(|t| t > MAX_TTL_SECONDS) {
         errs.push(
             "spec.lifetime.ttlSeconds",
             format!("must be <= {MAX_TTL_SECONDS} (30 days)"),
@@ -199,16 +199,86 @@ fn check_image(s: &CellSpec, errs: &mut ValidationErrors) {
     let image = &s.image;
     if image.is_empty() {
         errs.push("spec.image", "must not be empty");
-    } else if image.contains('\0') {
+        return;
+    }
+    if image.contains('\0') {
         errs.push("spec.image", "must not contain NUL");
-    } else if s.isolation == Isolation::Process
-        && image != "host"
-        && let Err(msg) = check_abs_path(image)
-    {
-        errs.push(
-            "spec.image",
-            format!("for isolation process, must be \"host\" or a rootfs directory: {msg}"),
-        );
+        return;
+    }
+    match s.isolation {
+        Isolation::Process if image == "host" => {}
+        Isolation::Process => {
+            if !is_image_name(image) {
+                errs.push(
+                    "spec.image",
+                    format!(
+                        "for isolation process, must be \"host\" or the name of an image in the \
+                         store ([a-z0-9][a-z0-9._-]{{0,63}}; import a rootfs with `cellhost image \
+                         import NAME --rootfs DIR`), never a host path; got {}",
+                        quote(image)
+                    ),
+                );
+            }
+        }
+        Isolation::Vm | Isolation::Microvm => {
+            if !is_image_name(image) {
+                errs.push(
+                    "spec.image",
+                    format!(
+                        "for isolation {}, must name an image in the store \
+                         ([a-z0-9][a-z0-9._-]{{0,63}}), never a host path; got {}",
+                        s.isolation,
+                        quote(image)
+                    ),
+                );
+            }
+        }
+        Isolation::Container => {
+            if let Err(msg) = check_image_reference(image) {
+                errs.push("spec.image", msg);
+            }
+        }
+    }
+}
+
+/// The name of an image in the local store: `[a-z0-9][a-z0-9._-]{0,63}`.
+/// No `/`, so never a path; `.` and `..` cannot be names (they start
+/// with `.`).
+pub fn is_image_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|&c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+        })
+}
+
+/// A container engine image reference, `[host[:port]/]path[:tag][@digest]`,
+/// checked for form only: the engine resolves it. Never path-like.
+fn check_image_reference(r: &str) -> Result<(), String> {
+    const MAX: usize = 255;
+    let ok_byte =
+        |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-' | b'/' | b':' | b'@');
+    if r.len() > MAX {
+        Err(format!("must be at most {MAX} bytes"))
+    } else if !r.bytes().all(ok_byte) {
+        Err(format!(
+            "must be an image reference like registry.example/app:1.2 ([A-Za-z0-9._/:@-]), got {}",
+            quote(r)
+        ))
+    } else if r.starts_with(['/', '.', '-', ':', '@']) {
+        Err(format!(
+            "must start with a letter or digit (an image reference, never a host path), got {}",
+            quote(r)
+        ))
+    } else if r.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        Err(format!(
+            "must not contain empty, . or .. components, got {}",
+            quote(r)
+        ))
+    } else {
+        Ok(())
     }
 }
 
@@ -848,10 +918,31 @@ mod tests {
             "spec.image",
             "\"host\"",
         );
-        assert_one(&set("/srv/../etc", Isolation::Process), "spec.image", "..");
-        assert_ok(&set("/srv/rootfs", Isolation::Process));
+        // Host paths are refused in every tier, `..` included.
+        for (p, tier) in [
+            ("/srv/../etc", Isolation::Process),
+            ("/srv/rootfs", Isolation::Process),
+            ("/var/lib/cellhost", Isolation::Process),
+            ("..", Isolation::Process),
+            ("../etc", Isolation::Process),
+            ("/var/lib/docker", Isolation::Container),
+            ("./x", Isolation::Container),
+            ("a/../b", Isolation::Container),
+            ("a//b", Isolation::Container),
+            ("/images/k", Isolation::Vm),
+            ("../k", Isolation::Microvm),
+            ("Debian", Isolation::Microvm),
+        ] {
+            let errs = errors(&set(p, tier));
+            assert!(errs.has_path("spec.image"), "{p} {tier}: {errs}");
+        }
         assert_ok(&set("host", Isolation::Process));
+        assert_ok(&set("busybox-1.36", Isolation::Process));
         assert_ok(&set("alpine:3", Isolation::Container));
+        assert_ok(&set(
+            "registry.example:5000/team/app:1.2@sha256:ab",
+            Isolation::Container,
+        ));
         assert_ok(&set("debian.qcow2", Isolation::Microvm));
     }
 
@@ -1301,7 +1392,7 @@ mod tests {
 
     #[test]
     fn lifetime() {
-        let set = |t: u64| with(|c| c.spec.lifetime.ttl_seconds = t);
+        let set = |t: u64| with(|c| c.spec.lifetime.ttl_seconds = Some(t));
         assert_one(&set(0), "spec.lifetime.ttlSeconds", "must be > 0");
         assert_one(
             &set(MAX_TTL_SECONDS + 1),
@@ -1347,7 +1438,7 @@ mod tests {
             port: Some(0),
             protocol: None,
         });
-        c.spec.lifetime.ttl_seconds = 0;
+        c.spec.lifetime.ttl_seconds = Some(0);
         let e = errors(&c);
         let paths: Vec<&str> = e.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
