@@ -297,6 +297,11 @@ pub enum ErrorCode {
     ExceedsOffer,
     /// The node has no room now.
     NoCapacity,
+    /// The operator's policy does not allow what the document asks (the
+    /// field is named).
+    PolicyRefused,
+    /// This key holds the most cells one tenant may.
+    TooManyCells,
     /// The token's mint is not on the offer's list (it was not contacted).
     MintNotAccepted,
     /// The token does not parse, is empty, or is in another unit.
@@ -337,6 +342,8 @@ impl ErrorCode {
             ErrorCode::InvalidDocument => "invalid_document",
             ErrorCode::ExceedsOffer => "exceeds_offer",
             ErrorCode::NoCapacity => "no_capacity",
+            ErrorCode::PolicyRefused => "policy_refused",
+            ErrorCode::TooManyCells => "too_many_cells",
             ErrorCode::MintNotAccepted => "mint_not_accepted",
             ErrorCode::TokenInvalid => "token_invalid",
             ErrorCode::AmountTooSmall => "amount_too_small",

@@ -157,6 +157,7 @@ impl Provider {
         cfg: MarketConfig,
         state_dir: &Path,
     ) -> Result<Arc<Provider>, MarketError> {
+        check_against_policy(&cfg, sup.policy())?;
         let paths = ProviderPaths::new(state_dir);
         keys::private_dir(&paths.dir)?;
         let keys = keys::nostr_keys(&paths.key())?;
@@ -965,9 +966,10 @@ impl Provider {
         // 4. Room on the node. Held to the create: no other spawn passes
         //    this check on the same room.
         let _provision = self.provision.lock().await;
+        let caller = Caller::tenant(owner);
         self.sup
-            .admits(&cell.spec)
-            .map_err(|why| Refusal::new(ErrorCode::NoCapacity, why))?;
+            .admits(&caller, &cell)
+            .map_err(refusal_of_admission)?;
         // 5. The token, offline, and what it buys.
         let checked = self.cashier.check(&req.token)?;
         let seconds = seconds_for(checked.amount_msat(), offer)?;
@@ -996,12 +998,11 @@ impl Provider {
                 )
                 .await);
         }
-        cell.spec.lifetime.ttl_seconds = seconds;
+        cell.spec.lifetime.ttl_seconds = Some(seconds);
         let confidential = Confidential {
             secrets,
             volume_key,
         };
-        let caller = Caller::tenant(owner);
         let made = self.sup.create(&caller, cell, confidential, true).await;
         fail::fail_point!("market-spawn-created", |_| crash());
         match made {
@@ -1418,6 +1419,94 @@ pub fn fit_to_offer(cell: &mut Cell, offer: &TierConfig) -> Result<(), Refusal> 
         }
     }
     Ok(())
+}
+
+/// The market sells within the operator's policy: no tier larger than
+/// its maximums, no lease longer than it allows, ports inside its range.
+/// A config that would sell more fails at start, naming the field, rather
+/// than refuse a consumer after payment.
+fn check_against_policy(
+    cfg: &MarketConfig,
+    policy: &cellhost_policy::Policy,
+) -> Result<(), MarketError> {
+    let bad = |field: String, message: String| Err(MarketError::Config { field, message });
+    let m = &policy.resources.maximums;
+    for (i, t) in cfg.tiers.iter().enumerate() {
+        if !policy.offers(t.tier) {
+            return bad(
+                format!("tiers.{i}.tier"),
+                format!(
+                    "the policy does not offer the {} tier (policy: tiers)",
+                    t.tier
+                ),
+            );
+        }
+        if t.cpus > m.cpus + 1e-9 {
+            return bad(
+                format!("tiers.{i}.cpus"),
+                format!(
+                    "{} > the policy's maximum {} (policy: resources.maximums.cpus)",
+                    t.cpus, m.cpus
+                ),
+            );
+        }
+        if t.memory_mib > m.memory_mib {
+            return bad(
+                format!("tiers.{i}.memoryMiB"),
+                format!(
+                    "{} > the policy's maximum {} (policy: resources.maximums.memoryMiB)",
+                    t.memory_mib, m.memory_mib
+                ),
+            );
+        }
+        if t.disk_gib.is_some_and(|d| d > m.disk_gib) {
+            return bad(
+                format!("tiers.{i}.diskGiB"),
+                format!(
+                    "> the policy's maximum {} (policy: resources.maximums.diskGiB)",
+                    m.disk_gib
+                ),
+            );
+        }
+        if t.max_seconds > policy.lease.max_seconds {
+            return bad(
+                format!("tiers.{i}.maxSeconds"),
+                format!(
+                    "{} > the policy's longest lease {} (policy: lease.maxSeconds)",
+                    t.max_seconds, policy.lease.max_seconds
+                ),
+            );
+        }
+    }
+    let (lo, hi) = cfg.port_range;
+    if lo < u32::from(policy.ports.min) || hi > u32::from(policy.ports.max) {
+        return bad(
+            "portRange".into(),
+            format!(
+                "[{lo}, {hi}] is not inside the policy's ports {}-{} (policy: ports)",
+                policy.ports.min, policy.ports.max
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// What the supervisor's pre-check refused, as the market's codes: every
+/// one before the token is redeemed.
+fn refusal_of_admission(e: SupervisorError) -> Refusal {
+    match &e {
+        SupervisorError::Policy(p) => match p.first() {
+            Some(r) => Refusal::field(
+                ErrorCode::PolicyRefused,
+                r.field.trim_start_matches("spec."),
+                format!("{} (policy: {})", r.message, r.rule),
+            ),
+            None => Refusal::new(ErrorCode::PolicyRefused, e.to_string()),
+        },
+        SupervisorError::TooMany { .. } => Refusal::new(ErrorCode::TooManyCells, e.to_string()),
+        SupervisorError::Unavailable(_) => Refusal::new(ErrorCode::TierUnavailable, e.to_string()),
+        _ => Refusal::new(ErrorCode::NoCapacity, e.to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -144,6 +144,8 @@ pub struct ProcessConfig {
     /// Bridged networking (`network.mode: bridged`, `spec.ports`); `None`
     /// refuses such cells.
     pub network: Option<cellhost_net::NetConfig>,
+    /// Cells keep CAP_NET_RAW (the operator's policy `netRaw`).
+    pub net_raw: bool,
 }
 
 /// Default cap on a cell's log: 64 MiB.
@@ -158,6 +160,7 @@ impl ProcessConfig {
             log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
             volume_engine: cellhost_volume::EngineChoice::Auto,
             network: None,
+            net_raw: false,
         }
     }
 }

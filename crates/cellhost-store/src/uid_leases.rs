@@ -32,7 +32,8 @@ impl UidPool {
         }
         let base = u64::from(self.start) + u64::from(i) * u64::from(self.size);
         let end = base + u64::from(self.size);
-        (end <= u64::from(u32::MAX)).then(|| UidRange {
+        // u32::MAX itself is not an id (it means "no id" to setresuid).
+        (end <= u64::from(u32::MAX)).then_some(UidRange {
             base: base as u32,
             size: self.size,
         })
@@ -47,9 +48,15 @@ pub struct UidLease {
 }
 
 impl Store {
-    /// Lease `cell` the lowest free slot of `pool`; the same range again if
-    /// it holds one. `Ok(None)` when every slot is taken.
-    pub fn lease_uids(&self, cell: &CellId, pool: UidPool) -> Result<Option<UidRange>, StoreError> {
+    /// Lease `cell` the lowest free slot of `pool` whose base is not in
+    /// `skip` (ranges someone outside this store holds); the same range
+    /// again if it holds one. `Ok(None)` when every slot is taken.
+    pub fn lease_uids(
+        &self,
+        cell: &CellId,
+        pool: UidPool,
+        skip: &[u32],
+    ) -> Result<Option<UidRange>, StoreError> {
         let now = (self.clock)();
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -75,7 +82,7 @@ impl Store {
         while let Some(range) = pool.slot(slot) {
             // Skip leases below this slot (a pool of another slot size).
             while taken.next_if(|b| *b < i64::from(range.base)).is_some() {}
-            if taken.peek() != Some(&i64::from(range.base)) {
+            if taken.peek() != Some(&i64::from(range.base)) && !skip.contains(&range.base) {
                 chosen = Some(range);
                 break;
             }
@@ -170,7 +177,7 @@ mod tests {
     fn lowest_free_slot_same_for_a_retry_and_exhaustion() {
         let (_d, s) = store();
         let ids: Vec<CellId> = (0..4).map(|_| CellId::random()).collect();
-        let base = |i: usize| s.lease_uids(&ids[i], POOL).unwrap().map(|r| r.base);
+        let base = |i: usize| s.lease_uids(&ids[i], POOL, &[]).unwrap().map(|r| r.base);
         assert_eq!(base(0), Some(1_000_000));
         assert_eq!(base(1), Some(1_065_536));
         assert_eq!(base(1), Some(1_065_536), "a retry gets the same range");
@@ -187,6 +194,14 @@ mod tests {
             })
         );
         assert_eq!(s.uid_leases().unwrap().len(), 3);
+        // A range held outside the store is passed over.
+        let other = CellId::random();
+        assert!(s.release_uids(&ids[0]).unwrap());
+        assert_eq!(
+            s.lease_uids(&other, POOL, &[1_000_000]).unwrap(),
+            None,
+            "slot 0 is skipped and the others are taken"
+        );
     }
 
     #[test]
@@ -208,7 +223,12 @@ mod tests {
         let got = std::thread::scope(|sc| {
             let t = move |s: &Store| {
                 (0..40)
-                    .map(|_| s.lease_uids(&CellId::random(), pool).unwrap().unwrap().base)
+                    .map(|_| {
+                        s.lease_uids(&CellId::random(), pool, &[])
+                            .unwrap()
+                            .unwrap()
+                            .base
+                    })
                     .collect::<Vec<_>>()
             };
             let h1 = sc.spawn(move || t(&s));

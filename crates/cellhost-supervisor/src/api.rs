@@ -40,7 +40,8 @@ use utoipa::{Modify, OpenApi, ToSchema};
 
 use crate::error::SupervisorError;
 use crate::events::CloudEvent;
-use crate::node::NodeStatus;
+use crate::limits::{StreamGuard, TenantLimits};
+use crate::node::{NodeStatus, NodeView, TenantNodeStatus};
 use crate::supervisor::{Caller, CellView, Confidential, Supervisor};
 use crate::tokens::Tokens;
 
@@ -155,10 +156,31 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
 #[derive(Clone)]
 struct AppState {
     sup: Arc<Supervisor>,
+    /// Per-tenant caps (the tenants' router); `None` for the operator.
+    limits: Option<Arc<TenantLimits>>,
+}
+
+impl AppState {
+    /// Open a stream for `caller`, or 429 when it has the most it may.
+    fn stream(&self, caller: &Caller) -> ApiResult<Option<StreamGuard>> {
+        let Some(l) = &self.limits else {
+            return Ok(None);
+        };
+        if caller.operator {
+            return Ok(None);
+        }
+        l.stream(&caller.owner).map(Some).ok_or_else(|| {
+            ApiFailure::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                "this tenant has the most streams open it may (policy: tenants.maxStreams); close one",
+            )
+        })
+    }
 }
 
 /// The router with every route; `caller` decides who the requests are.
-fn routes(sup: Arc<Supervisor>) -> Router<()> {
+fn routes(sup: Arc<Supervisor>, limits: Option<Arc<TenantLimits>>) -> Router<()> {
     Router::new()
         .route("/v1/cells", post(create_cell).get(list_cells))
         .route("/v1/cells/{id}", get(get_cell).delete(delete_cell))
@@ -174,17 +196,48 @@ fn routes(sup: Arc<Supervisor>) -> Router<()> {
         .route("/openapi.json", get(openapi_json))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(AppState { sup })
+        .with_state(AppState { sup, limits })
 }
 
 /// The operator's router (unix socket): every request is the operator.
 pub fn operator_router(sup: Arc<Supervisor>) -> Router<()> {
-    routes(sup).layer(Extension(Caller::operator()))
+    routes(sup, None).layer(Extension(Caller::operator()))
 }
 
-/// The tenants' router (TCP): bearer tokens decide the caller.
+/// The tenants' router (TCP): bearer tokens decide the caller, and the
+/// policy's per-tenant caps apply (see `limits`).
 pub fn tenant_router(sup: Arc<Supervisor>, tokens: Arc<Tokens>) -> Router<()> {
-    routes(sup).layer(middleware::from_fn_with_state(tokens, authenticate))
+    let limits = TenantLimits::new(sup.policy().tenants);
+    routes(sup, Some(limits.clone()))
+        .layer(middleware::from_fn_with_state(limits, rate_limit))
+        .layer(middleware::from_fn_with_state(tokens, authenticate))
+}
+
+/// Take one request from the caller's bucket, or answer 429 with
+/// `Retry-After`.
+async fn rate_limit(State(limits): State<Arc<TenantLimits>>, req: Request, next: Next) -> Response {
+    let Some(caller) = req.extensions().get::<Caller>() else {
+        return next.run(req).await; // public routes
+    };
+    if caller.operator {
+        return next.run(req).await;
+    }
+    match limits.request(&caller.owner) {
+        Ok(()) => next.run(req).await,
+        Err(wait) => {
+            let mut r = ApiFailure::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "too many requests from this tenant (policy: tenants.requestsPerSecond)",
+            )
+            .into_response();
+            let secs = wait.as_secs().max(1).to_string();
+            if let Ok(v) = HeaderValue::from_str(&secs) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            r
+        }
+    }
 }
 
 async fn authenticate(State(tokens): State<Arc<Tokens>>, mut req: Request, next: Next) -> Response {
@@ -569,6 +622,7 @@ async fn exec_cell(
         cwd: body.cwd,
         timeout: Some(Duration::from_millis(timeout)),
     };
+    let _stream = st.stream(&caller)?;
     let out = st.sup.exec(&caller, &id, req).await?;
     let cap = |b: &[u8]| String::from_utf8_lossy(&b[..b.len().min(EXEC_OUTPUT_LIMIT)]).into_owned();
     Ok(Json(ExecResponse {
@@ -619,8 +673,12 @@ async fn cell_logs(
         offset: u64,
         pending: Option<Vec<u8>>,
         idle_checks: u32,
+        /// Held for as long as the stream is open.
+        _guard: Option<StreamGuard>,
     }
+    let guard = st.stream(&caller)?;
     let init = Follow {
+        _guard: guard,
         st,
         caller,
         id,
@@ -689,7 +747,8 @@ async fn events(
         let (events, next) = st.sup.events(&caller, after, limit).await?;
         return Ok(Json(EventPage { events, next }).into_response());
     }
-    Ok(Sse::new(event_stream(st.sup, caller, after))
+    let guard = st.stream(&caller)?;
+    Ok(Sse::new(event_stream(st.sup, caller, after, guard))
         .keep_alive(KeepAlive::default())
         .into_response())
 }
@@ -698,6 +757,7 @@ fn event_stream(
     sup: Arc<Supervisor>,
     caller: Caller,
     after: i64,
+    guard: Option<StreamGuard>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let rx = sup.subscribe();
     let init = (
@@ -706,10 +766,11 @@ fn event_stream(
         after,
         rx,
         std::collections::VecDeque::<CloudEvent>::new(),
+        guard,
     );
     stream::unfold(
         init,
-        |(sup, caller, mut cursor, mut rx, mut buf)| async move {
+        |(sup, caller, mut cursor, mut rx, mut buf, guard)| async move {
             loop {
                 if let Some(ev) = buf.pop_front() {
                     let sse = SseEvent::default()
@@ -717,7 +778,7 @@ fn event_stream(
                         .event(ev.kind.clone())
                         .json_data(&ev)
                         .unwrap_or_else(|_| SseEvent::default().comment("unencodable event"));
-                    return Some((Ok(sse), (sup, caller, cursor, rx, buf)));
+                    return Some((Ok(sse), (sup, caller, cursor, rx, buf, guard)));
                 }
                 rx.mark_unchanged();
                 match sup.events(&caller, cursor, 256).await {
@@ -741,11 +802,25 @@ fn event_stream(
     )
 }
 
-/// Real CPU, memory and disk figures, capacity and reservations.
+/// The operator gets the node's real CPU, memory and disk figures,
+/// capacity and reservations; a tenant only what the market publishes
+/// (tiers, free room, running cells).
 #[utoipa::path(get, path = "/v1/node", tag = "node",
-    responses((status = 200, body = NodeStatus), (status = 401, body = ApiError)))]
-async fn node(State(st): State<AppState>) -> ApiResult<Json<NodeStatus>> {
-    Ok(Json(st.sup.node().await?))
+    responses((status = 200, body = NodeView), (status = 401, body = ApiError)))]
+async fn node(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<NodeView>> {
+    if caller.operator {
+        return Ok(Json(NodeView::Operator(Box::new(st.sup.node().await?))));
+    }
+    let counts = st.sup.cell_counts().await?;
+    Ok(Json(NodeView::Tenant(TenantNodeStatus {
+        name: st.sup.node_name().to_string(),
+        tiers: st.sup.tiers().iter().map(|t| t.to_string()).collect(),
+        free: st.sup.capacity().free(st.sup.reserved()),
+        running_cells: counts.running,
+    })))
 }
 
 /// Prometheus text exposition.
@@ -818,6 +893,7 @@ impl Modify for BearerAuth {
     paths(create_cell, list_cells, get_cell, delete_cell, start_cell, stop_cell, extend_cell,
           exec_cell, cell_logs, events, node, metrics, healthz, openapi_json),
     components(schemas(ApiError, CellView, CellDocument, EventPage, CloudEvent, NodeStatus,
+                        TenantNodeStatus, NodeView,
                         ExtendRequest, ExecBody, ExecResponse, TeardownReportSchema, Health)),
     modifiers(&BearerAuth),
     security(("bearer" = [])),

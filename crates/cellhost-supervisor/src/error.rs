@@ -25,6 +25,12 @@ pub enum SupervisorError {
     /// The host cannot run this tier (see `cellhost doctor`).
     #[error("{0}")]
     Unavailable(String),
+    /// The operator's policy does not allow what the document asks.
+    #[error("{0}")]
+    Policy(#[source] cellhost_policy::PolicyError),
+    /// A per-tenant cap of the policy is reached (cells, streams, rate).
+    #[error("{message}")]
+    TooMany { code: &'static str, message: String },
     #[error("{0}")]
     Backend(#[source] BackendError),
     #[error("state store: {0}")]
@@ -49,6 +55,8 @@ impl SupervisorError {
             SupervisorError::Conflict(_) => (409, "conflict"),
             SupervisorError::Capacity(_) => (409, "capacity"),
             SupervisorError::Unavailable(_) => (422, "tier_unavailable"),
+            SupervisorError::Policy(_) => (403, "policy"),
+            SupervisorError::TooMany { code, .. } => (429, code),
             SupervisorError::Backend(b) => match b {
                 BackendError::Invalid(_) => (400, "invalid"),
                 BackendError::NotFound(_) => (404, "not_found"),
@@ -76,6 +84,7 @@ impl SupervisorError {
     pub fn field(&self) -> Option<&str> {
         match self {
             SupervisorError::Invalid { field, .. } => field.as_deref(),
+            SupervisorError::Policy(p) => p.first().map(|r| r.field.as_str()),
             _ => None,
         }
     }

@@ -11,10 +11,12 @@
 pub mod api;
 pub mod error;
 pub mod events;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod supervisor;
 pub mod tokens;
+pub mod uid_claims;
 
 pub use error::SupervisorError;
 pub use supervisor::{

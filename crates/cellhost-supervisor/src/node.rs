@@ -13,9 +13,9 @@
 //!                                                     overcommit means OOM)
 //! ```
 //!
-//! A cell reserves its `resources.cpus` / `resources.memoryMiB`, or the
-//! operator's defaults when the document sets none (a cell without limits
-//! still occupies the node).
+//! A cell reserves its `resources.cpus` / `resources.memoryMiB`: the
+//! operator's policy writes its defaults into every document that sets
+//! none, so a cell reserves exactly what its cgroup (or VM) enforces.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -23,17 +23,13 @@ use std::sync::Mutex;
 use serde::Serialize;
 use sysinfo::{CpuRefreshKind, Disks, MemoryRefreshKind, RefreshKind, System};
 
-/// Admission policy, from `cellhost serve` flags.
+/// How much of the node cells may reserve, from `cellhost serve` flags.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdmissionPolicy {
     pub cpu_overcommit: f64,
     pub memory_overcommit: f64,
     /// Memory kept for the host, never reserved by cells.
     pub host_reserve_bytes: u64,
-    /// Reservation of a cell whose document sets no `resources.cpus`.
-    pub default_cpus: f64,
-    /// Reservation of a cell whose document sets no `resources.memoryMiB`.
-    pub default_memory_bytes: u64,
 }
 
 impl Default for AdmissionPolicy {
@@ -42,8 +38,6 @@ impl Default for AdmissionPolicy {
             cpu_overcommit: 4.0,
             memory_overcommit: 1.0,
             host_reserve_bytes: 256 << 20,
-            default_cpus: 0.1,
-            default_memory_bytes: 64 << 20,
         }
     }
 }
@@ -57,13 +51,17 @@ pub struct Reservation {
 }
 
 impl Reservation {
-    pub fn of(spec: &cellhost_spec::CellSpec, policy: &AdmissionPolicy) -> Reservation {
+    /// What `spec` holds: its own figures, which the policy filled in (a
+    /// row stored before policies existed gets the policy's defaults).
+    pub fn of(spec: &cellhost_spec::CellSpec, policy: &cellhost_policy::Policy) -> Reservation {
+        let d = &policy.resources.defaults;
         Reservation {
-            cpus: spec.resources.cpus.unwrap_or(policy.default_cpus),
+            cpus: spec.resources.cpus.unwrap_or(d.cpus),
             memory_bytes: spec
                 .resources
                 .memory_mib
-                .map_or(policy.default_memory_bytes, |m| m.saturating_mul(1 << 20)),
+                .unwrap_or(d.memory_mib)
+                .saturating_mul(1 << 20),
         }
     }
 }
@@ -146,6 +144,28 @@ pub struct NodeStatus {
     /// Tiers this daemon can run now.
     pub tiers: Vec<String>,
     pub cells: CellCounts,
+}
+
+/// `GET /v1/node` as a tenant sees it: what the market publishes anyway,
+/// nothing of the host's hardware, load or other tenants' reservations.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantNodeStatus {
+    pub name: String,
+    /// Tiers this daemon can run now.
+    pub tiers: Vec<String>,
+    /// Room left for new cells.
+    pub free: Reservation,
+    pub running_cells: usize,
+}
+
+/// `GET /v1/node`: the whole status for the operator, the tenant view for
+/// a tenant.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum NodeView {
+    Operator(Box<NodeStatus>),
+    Tenant(TenantNodeStatus),
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -260,7 +280,6 @@ mod tests {
             cpu_overcommit: 2.0,
             memory_overcommit: 1.0,
             host_reserve_bytes: 1 << 30,
-            ..AdmissionPolicy::default()
         };
         let c = Capacity::from_host(2, 5 << 30, &p);
         assert_eq!(c.cpus, 4.0);

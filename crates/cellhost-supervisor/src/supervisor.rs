@@ -88,11 +88,15 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::watch;
 
+use cellhost_core::UidRange;
+use cellhost_policy::{HostFacts, Net, Policy};
+
 use crate::error::SupervisorError;
 use crate::events::{CloudEvent, kinds, rfc3339_ms};
 use crate::node::{
     AdmissionPolicy, Capacity, CellCounts, CpuStatus, HostInfo, NodeStatus, Reservation,
 };
+use crate::uid_claims::UidClaims;
 
 type Result<T, E = SupervisorError> = std::result::Result<T, E>;
 
@@ -109,7 +113,16 @@ pub struct SupervisorConfig {
     pub node_name: String,
     /// Where the store lives (for the disk figures of `/v1/node`).
     pub state_dir: PathBuf,
-    pub policy: AdmissionPolicy,
+    /// Overcommit and the host's reserve: how much cells may reserve.
+    pub admission: AdmissionPolicy,
+    /// What a tenant may ask for (see cellhost-policy): applied to every
+    /// document before anything is recorded or made.
+    pub policy: Arc<Policy>,
+    /// The bridge's subnet, when bridged cells exist here (the policy
+    /// denies it to cells' egress rules).
+    pub bridge_subnet: Option<Net>,
+    /// Host-wide uid claims (see `uid_claims`).
+    pub uid_claims_dir: PathBuf,
     /// How often reconcile runs after the first pass.
     pub reconcile_interval: Duration,
     /// How often the reaper looks for ended leases. Leases are reaped
@@ -126,7 +139,10 @@ impl SupervisorConfig {
         SupervisorConfig {
             node_name: node_name.into(),
             state_dir,
-            policy: AdmissionPolicy::default(),
+            admission: AdmissionPolicy::default(),
+            policy: Arc::new(Policy::default()),
+            bridge_subnet: None,
+            uid_claims_dir: PathBuf::from(crate::uid_claims::CLAIMS_DIR),
             reconcile_interval: Duration::from_secs(3),
             reap_interval: Duration::from_millis(200),
             meter_interval: Duration::from_secs(5),
@@ -412,7 +428,9 @@ pub struct Supervisor {
     capacity: Capacity,
     host: HostInfo,
     busy: Arc<Mutex<HashSet<CellId>>>,
-    reservations: Mutex<HashMap<CellId, Reservation>>,
+    /// What each live cell holds against capacity, and whose it is.
+    reservations: Mutex<HashMap<CellId, Held>>,
+    claims: UidClaims,
     marks: Mutex<HashMap<CellId, Mark>>,
     adopted: Mutex<HashSet<CellId>>,
     events: watch::Sender<()>,
@@ -450,6 +468,13 @@ pub fn record_teardown(
     }
 }
 
+/// One live cell's reservation and owner.
+#[derive(Debug, Clone)]
+struct Held {
+    res: Reservation,
+    owner: String,
+}
+
 impl Supervisor {
     /// A supervisor over `store` with the given backends (one per tier this
     /// host can run). Reservations of existing rows are loaded now.
@@ -460,16 +485,23 @@ impl Supervisor {
     ) -> Result<Arc<Supervisor>> {
         let host = HostInfo::new();
         let sample = host.sample();
-        let capacity = Capacity::from_host(sample.cpus, sample.memory.total_bytes, &cfg.policy);
+        let capacity = Capacity::from_host(sample.cpus, sample.memory.total_bytes, &cfg.admission);
         let mut reservations = HashMap::new();
         for rec in store.list_lenient()?.into_iter().flatten() {
             if rec.desired != Desired::Destroyed {
                 reservations.insert(
                     rec.id.clone(),
-                    Reservation::of(&rec.document.spec, &cfg.policy),
+                    Held {
+                        res: Reservation::of(&rec.document.spec, &cfg.policy),
+                        owner: rec.owner.clone(),
+                    },
                 );
             }
         }
+        let claims = UidClaims::new(
+            cfg.uid_claims_dir.clone(),
+            cellhost_core::ids::instance_tag(store.path()),
+        );
         let (events, _) = watch::channel(());
         Ok(Arc::new(Supervisor {
             store,
@@ -479,6 +511,7 @@ impl Supervisor {
             host,
             busy: Arc::default(),
             reservations: Mutex::new(reservations),
+            claims,
             marks: Mutex::default(),
             adopted: Mutex::default(),
             events,
@@ -492,19 +525,80 @@ impl Supervisor {
         self.capacity
     }
 
-    /// Would `spec` be admitted now? The same check `create` makes, without
-    /// reserving anything: a front that must refuse before it takes payment
-    /// asks first (a create in between may still take the room; the create's
-    /// own check is the one that holds).
-    pub fn admits(&self, spec: &cellhost_spec::CellSpec) -> std::result::Result<(), String> {
-        if !self.backends.contains_key(&spec.isolation) {
-            return Err(format!(
-                "the {} tier is not available on this host",
-                spec.isolation
-            ));
+    /// The operator's policy.
+    pub fn policy(&self) -> &Policy {
+        &self.cfg.policy
+    }
+
+    /// What the policy needs of the host now: its IPv4 addresses (they
+    /// change) and the bridge's subnet.
+    pub fn host_facts(&self) -> HostFacts {
+        let addresses = nix::ifaddrs::getifaddrs()
+            .map(|ifs| {
+                ifs.filter_map(|i| {
+                    i.address
+                        .as_ref()
+                        .and_then(|a| a.as_sockaddr_in().map(|v4| v4.ip()))
+                })
+                .collect()
+            })
+            .unwrap_or_default();
+        HostFacts {
+            addresses,
+            bridge: self.cfg.bridge_subnet,
         }
+    }
+
+    /// The policy's check of a document (tier offered here, images,
+    /// resources, lease, ports, egress), writing its defaults in. The one
+    /// place every entry's documents pass.
+    pub fn admit_document(&self, cell: &mut Cell) -> Result<()> {
+        if !self.backends.contains_key(&cell.spec.isolation) {
+            return Err(SupervisorError::Unavailable(format!(
+                "the {} tier is not available on this host (see `cellhost doctor`)",
+                cell.spec.isolation
+            )));
+        }
+        self.cfg
+            .policy
+            .admit(cell, &self.host_facts())
+            .map_err(SupervisorError::Policy)
+    }
+
+    /// Would `cell` be admitted now for `caller`? The same checks `create`
+    /// makes (policy, the tenant's cell cap, capacity), without reserving
+    /// anything: a front that must refuse before it takes payment asks
+    /// first (a create in between may still take the room; the create's
+    /// own check is the one that holds). Returns the document as the
+    /// policy completed it.
+    pub fn admits(&self, caller: &Caller, cell: &Cell) -> Result<Cell> {
+        let mut cell = cell.clone();
+        self.admit_document(&mut cell)?;
+        let held = lock(&self.reservations);
+        self.tenant_room(caller, &held)?;
+        let reserved: Reservation = held.values().map(|h| &h.res).sum();
         self.capacity
-            .admit(self.reserved(), Reservation::of(spec, &self.cfg.policy))
+            .admit(reserved, Reservation::of(&cell.spec, &self.cfg.policy))
+            .map_err(SupervisorError::Capacity)?;
+        Ok(cell)
+    }
+
+    /// A tenant holds at most the policy's `tenants.maxCells`.
+    fn tenant_room(&self, caller: &Caller, held: &HashMap<CellId, Held>) -> Result<()> {
+        if caller.operator {
+            return Ok(());
+        }
+        let max = self.cfg.policy.tenants.max_cells as usize;
+        let mine = held.values().filter(|h| h.owner == caller.owner).count();
+        if mine >= max {
+            return Err(SupervisorError::TooMany {
+                code: "too_many_cells",
+                message: format!(
+                    "this tenant holds {mine} cells, the most one tenant may (policy: tenants.maxCells)"
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// The node's name (as `GET /v1/node` shows it).
@@ -617,20 +711,29 @@ impl Supervisor {
         confidential: Confidential,
         start: bool,
     ) -> Result<CellView> {
+        let mut cell = cell;
+        self.admit_document(&mut cell)?;
         let backend = self.backend(cell.spec.isolation)?.clone();
         let want = Reservation::of(&cell.spec, &self.cfg.policy);
         let id = CellId::random();
         let guard = self.lock_for_request(&id).await?;
         {
             let mut res = lock(&self.reservations);
-            let reserved: Reservation = res.values().sum();
+            self.tenant_room(caller, &res)?;
+            let reserved: Reservation = res.values().map(|h| &h.res).sum();
             if let Err(why) = self.capacity.admit(reserved, want) {
                 self.counters
                     .admission_refusals
                     .fetch_add(1, Ordering::Relaxed);
                 return Err(SupervisorError::Capacity(why));
             }
-            res.insert(id.clone(), want);
+            res.insert(
+                id.clone(),
+                Held {
+                    res: want,
+                    owner: caller.owner.clone(),
+                },
+            );
         }
         let t0 = Instant::now();
         let out = self
@@ -665,9 +768,18 @@ impl Supervisor {
     ) -> Result<CellView> {
         let now = now_ms();
         let ttl_ms =
-            i64::try_from(cell.spec.lifetime.ttl_seconds.saturating_mul(1000)).unwrap_or(i64::MAX);
+            i64::try_from(cell.spec.lifetime.ttl().saturating_mul(1000)).unwrap_or(i64::MAX);
         let redacted = cellhost_spec::redacted(&cell);
-        let handle = backend.handle_for(id, &cell);
+        let mut handle = backend.handle_for(id, &cell);
+        if backend.wants_uids() {
+            match self.lease_uids(id).await {
+                Ok(r) => handle.uids = Some(r),
+                Err(e) => {
+                    self.forget(id);
+                    return Err(e);
+                }
+            }
+        }
         {
             let (idc, owner, h) = (id.clone(), caller.owner.clone(), handle.clone());
             let data = json!({ "name": cell.metadata.name, "isolation": cell.spec.isolation });
@@ -690,6 +802,7 @@ impl Supervisor {
                 })
                 .await;
             if let Err(e) = inserted {
+                self.release_uids(id, handle.uids).await;
                 self.forget(id);
                 return Err(e);
             }
@@ -703,7 +816,7 @@ impl Supervisor {
                 secrets: confidential.secrets,
                 owner: Some(caller.owner.clone()),
                 volume_key: confidential.volume_key,
-                uids: None,
+                uids: handle.uids,
             })
             .await;
         // A tier may learn more at create than handle_for could say (a
@@ -736,7 +849,7 @@ impl Supervisor {
             )
             .await?;
             let report = backend.destroy(&handle).await?;
-            self.finish_teardown(id, &report).await?;
+            self.finish_teardown(id, &report, handle.uids).await?;
             return Err(e.into());
         }
         let observed = if start {
@@ -752,6 +865,60 @@ impl Supervisor {
             Change::event(kinds::CREATED, json!({ "state": observed.as_str() })).observed(observed),
         )
         .await
+    }
+
+    /// Lease `id` a uid range: the lowest slot of the policy's range that
+    /// neither this store nor another one on the host holds (see
+    /// `uid_claims`).
+    async fn lease_uids(&self, id: &CellId) -> Result<UidRange> {
+        let pool = cellhost_store::UidPool {
+            start: self.cfg.policy.uids.start,
+            size: UidRange::CELL_SIZE,
+            count: self.cfg.policy.uids.count,
+        };
+        let (store, claims, idc) = (self.store.clone(), self.claims.clone(), id.clone());
+        tokio::task::spawn_blocking(move || {
+            // Each retry learns of one more foreign claim; bounded anyway.
+            for _ in 0..64 {
+                let skip = claims.foreign();
+                let Some(r) = store.lease_uids(&idc, pool, &skip)? else {
+                    return Err(SupervisorError::Capacity(format!(
+                        "every one of the {} uid ranges of this host is leased (policy: uids.count)",
+                        pool.count
+                    )));
+                };
+                match claims.claim(&idc, r) {
+                    Ok(true) => return Ok(r),
+                    Ok(false) => {
+                        // Claimed by another store since we looked.
+                        store.release_uids(&idc)?;
+                    }
+                    Err(e) => {
+                        store.release_uids(&idc)?;
+                        return Err(SupervisorError::Internal(format!(
+                            "claiming uids {r} in {}: {e}",
+                            claims.dir().display()
+                        )));
+                    }
+                }
+            }
+            Err(SupervisorError::Internal(
+                "no uid range could be claimed: other stores took each one first".into(),
+            ))
+        })
+        .await
+        .map_err(|e| SupervisorError::Internal(format!("uid lease task: {e}")))?
+    }
+
+    /// Give back a range whose cell never got (or no longer has) a row.
+    async fn release_uids(&self, id: &CellId, uids: Option<UidRange>) {
+        let Some(r) = uids else { return };
+        let idc = id.clone();
+        if let Err(e) = self.db(move |s| s.release_uids(&idc)).await {
+            tracing::warn!(cell = %id, "releasing uids {r}: {e}");
+            return;
+        }
+        self.claims.release(id, r);
     }
 
     /// The workload (re)starts now with a fresh CPU counter.
@@ -773,12 +940,21 @@ impl Supervisor {
     }
 
     /// After backend.destroy: remove the row on a clean report (one commit
-    /// with the `destroyed` event), or mark it failed for reconcile.
-    async fn finish_teardown(&self, id: &CellId, report: &TeardownReport) -> Result<()> {
+    /// with the `destroyed` event, which takes the uid lease with it), or
+    /// mark it failed for reconcile. The host-wide uid claim goes last.
+    async fn finish_teardown(
+        &self,
+        id: &CellId,
+        report: &TeardownReport,
+        uids: Option<UidRange>,
+    ) -> Result<()> {
         let (idc, rep) = (id.clone(), report.clone());
         self.db(move |s| record_teardown(s, &idc, &rep)).await?;
         self.notify();
         if report.is_clean() {
+            if let Some(r) = uids {
+                self.claims.release(id, r);
+            }
             self.forget(id);
             self.counters.destroys.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -805,7 +981,7 @@ impl Supervisor {
         )
         .await?;
         let report = backend.destroy(&handle).await?;
-        self.finish_teardown(&rec.id, &report).await?;
+        self.finish_teardown(&rec.id, &report, handle.uids).await?;
         Ok(report)
     }
 
@@ -814,6 +990,47 @@ impl Supervisor {
     pub async fn destroy(&self, caller: &Caller, id: &str) -> Result<TeardownReport> {
         let (rec, _slot) = self.visible_locked(caller, id).await?;
         self.teardown(&rec, "requested").await
+    }
+
+    /// End a cell its driver watched in the foreground (`cellhost run`):
+    /// record how it ended (`kind`: exited, expired or interrupted, with
+    /// the exit when known), then destroy it.
+    pub async fn end(
+        &self,
+        caller: &Caller,
+        id: &CellId,
+        kind: &'static str,
+        exit: Option<ExitInfo>,
+    ) -> Result<TeardownReport> {
+        let (rec, _slot) = self.visible_locked(caller, id.as_str()).await?;
+        let data = serde_json::to_value(exit).unwrap_or_default();
+        let mut change = Change::event(kind, data)
+            .desired(Desired::Destroyed)
+            .observed(Observed::Destroying);
+        if let Some(x) = exit {
+            change = change.exit(x);
+        }
+        self.record(&rec.id, change).await?;
+        let rec = CellRecord {
+            observed: Observed::Destroying,
+            ..rec
+        };
+        let reason = match kind {
+            kinds::EXPIRED => "lease expired",
+            kinds::INTERRUPTED => "interrupted",
+            _ => "exited",
+        };
+        self.teardown(&rec, reason).await
+    }
+
+    /// The stored handle of a cell (the backend's, with its uid lease).
+    pub async fn handle(&self, id: &CellId) -> Result<CellHandle> {
+        let idc = id.clone();
+        let rec = self
+            .db(move |s| s.get(&idc))
+            .await?
+            .ok_or_else(|| SupervisorError::NotFound(id.to_string()))?;
+        self.handle_of(&rec)
     }
 
     /// Start a created or exited cell. `volume_key` reopens its encrypted
@@ -1082,7 +1299,7 @@ impl Supervisor {
     }
 
     pub fn reserved(&self) -> Reservation {
-        lock(&self.reservations).values().sum()
+        lock(&self.reservations).values().map(|h| &h.res).sum()
     }
 
     pub fn uptime(&self) -> Duration {
@@ -1283,6 +1500,7 @@ impl Supervisor {
             }
             drop(guard);
         }
+        self.sweep_uids(&recorded, &mut sum).await;
         for (backend, obj) in objects {
             if recorded.contains(&obj.id) {
                 continue;
@@ -1334,6 +1552,59 @@ impl Supervisor {
         }
         self.reconciled.send_modify(|n| *n += 1);
         sum
+    }
+
+    /// Give back uid leases and claims of this store whose cell has no row
+    /// (a create that crashed between leasing and recording), once no
+    /// process runs as any id of the range.
+    async fn sweep_uids(&self, recorded: &HashSet<CellId>, sum: &mut ReconcileSummary) {
+        let leases = match self.db(|s| s.uid_leases()).await {
+            Ok(l) => l,
+            Err(e) => {
+                sum.errors += 1;
+                tracing::warn!("reconcile: reading uid leases: {e}");
+                return;
+            }
+        };
+        for l in &leases {
+            if recorded.contains(&l.cell) {
+                continue;
+            }
+            let Some(_guard) = self.try_lock(&l.cell) else {
+                continue;
+            };
+            let idc = l.cell.clone();
+            if !matches!(self.db(move |s| s.get(&idc)).await, Ok(None)) {
+                continue;
+            }
+            let left = cellhost_core::uids::processes_in(l.range);
+            if !left.is_empty() {
+                sum.errors += 1;
+                tracing::warn!(
+                    "uids {} of gone cell {} still run {} process(es); kept",
+                    l.range,
+                    l.cell,
+                    left.len()
+                );
+                continue;
+            }
+            self.release_uids(&l.cell, Some(l.range)).await;
+        }
+        let leased: HashSet<&CellId> = leases.iter().map(|l| &l.cell).collect();
+        for (base, cell) in self.claims.ours() {
+            if leased.contains(&cell) || recorded.contains(&cell) {
+                continue;
+            }
+            if let Some(_guard) = self.try_lock(&cell) {
+                let range = UidRange {
+                    base,
+                    size: UidRange::CELL_SIZE,
+                };
+                if cellhost_core::uids::processes_in(range).is_empty() {
+                    self.claims.release(&cell, range);
+                }
+            }
+        }
     }
 
     /// Wait until a reconcile pass has finished since start: rows then say
@@ -1438,6 +1709,9 @@ impl Supervisor {
                     )
                 })
                 .await?;
+                if let Some(r) = handle.uids {
+                    self.claims.release(&rec.id, r);
+                }
                 self.forget(&rec.id);
                 self.notify();
                 sum.lost += 1;

@@ -212,6 +212,7 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
         state_dir,
         Default::default(),
         &Default::default(),
+        &Default::default(),
     )?;
     let docker = docker_ready();
     let exe = std::env::current_exe()?;

@@ -134,18 +134,20 @@ pub async fn bench_api(
         &root.join("backend"),
         Default::default(),
         &Default::default(),
+        &Default::default(),
     )?;
     let lib_dir = root.join("supervisor");
     let store = Arc::new(Store::open(&lib_dir)?);
     let mut cfg = SupervisorConfig::new("bench", lib_dir.clone());
-    cfg.policy.cpu_overcommit = 1024.0;
-    cfg.policy.host_reserve_bytes = 0;
+    cfg.admission.cpu_overcommit = 1024.0;
+    cfg.admission.host_reserve_bytes = 0;
     let sup = Supervisor::new(
         store,
         vec![crate::run::backend_for(
             cellhost_spec::Isolation::Process,
             &lib_dir,
             Default::default(),
+            &Default::default(),
             &Default::default(),
         )?],
         cfg,

@@ -67,6 +67,7 @@ pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow
         &root,
         Default::default(),
         &net,
+        &Default::default(),
     )?;
     let _group = crate::bench::RemoveInstanceGroup(root.join("process"));
     let gateway = net.bridge_subnet.gateway();

@@ -253,12 +253,12 @@ pub struct ServeArgs {
     /// Memory kept for the host, MiB.
     #[arg(long, default_value_t = 256)]
     pub reserve_memory_mib: u64,
-    /// CPUs reserved by a cell whose document sets none.
-    #[arg(long, default_value_t = 0.1)]
-    pub default_cpus: f64,
-    /// Memory reserved by a cell whose document sets none, MiB.
-    #[arg(long, default_value_t = 64)]
-    pub default_memory_mib: u64,
+    /// The operator's policy: what a tenant may ask for (tiers, images,
+    /// default and maximum resources, lease, ports, egress, per-tenant
+    /// caps); default /etc/cellhost/policy.yaml when it exists, else
+    /// built-in defaults (see README, "Operator policy").
+    #[arg(long, value_name = "FILE", env = "CELLHOST_POLICY")]
+    pub policy: Option<PathBuf>,
     /// Seconds between reconcile passes.
     #[arg(long, default_value_t = 3)]
     pub reconcile_interval: u64,
@@ -366,6 +366,10 @@ pub struct RunArgs {
     /// Owner recorded for the cell.
     #[arg(long, default_value = "local")]
     pub owner: String,
+    /// The operator's policy (what a document may ask for); default
+    /// /etc/cellhost/policy.yaml when it exists, else built-in defaults.
+    #[arg(long, value_name = "FILE", env = "CELLHOST_POLICY")]
+    pub policy: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cellhost_core::ids::CellId;
-use cellhost_core::{Backend, BackendError, CellState, CreateRequest, ExitInfo, VolumeKey};
+use cellhost_core::{Backend, BackendError, CellState, ExitInfo, VolumeKey};
 use cellhost_spec::{Cell, Isolation};
-use cellhost_store::{CellUpdate, Desired, NewCell, Observed, Store, now_ms};
+use cellhost_store::Store;
 use cellhost_supervisor::events::kinds;
+use cellhost_supervisor::{Caller, Confidential, Supervisor, SupervisorError};
 use cellhost_volume::EngineChoice;
 use serde_json::json;
 
@@ -107,6 +108,7 @@ pub fn backend_for(
     state_dir: &Path,
     volume_engine: EngineChoice,
     net: &crate::cli::NetOpt,
+    policy: &cellhost_policy::Policy,
 ) -> anyhow::Result<Arc<dyn Backend>> {
     match isolation {
         Isolation::Process => {
@@ -115,10 +117,12 @@ pub fn backend_for(
             let mut cfg = cellhost_process::ProcessConfig::new(state_dir.join("process"), shim);
             cfg.volume_engine = volume_engine;
             cfg.network = Some(net.config(state_dir));
+            cfg.log_cap_bytes = policy.log_bytes;
+            cfg.net_raw = policy.net_raw;
             Ok(Arc::new(cellhost_process::ProcessBackend::new(cfg)))
         }
         Isolation::Container => {
-            let mut cfg = docker_config(state_dir, volume_engine);
+            let mut cfg = docker_config(state_dir, volume_engine, policy);
             cfg.progress = Some(std::sync::Arc::new(|line: &str| {
                 eprintln!("cellhost: {line}")
             }));
@@ -215,14 +219,16 @@ pub fn qemu_config(
     Ok(cfg)
 }
 
-/// The container tier's config for a state dir (its own subdir), with the
-/// default operator policy.
+/// The container tier's config for a state dir (its own subdir), under the
+/// operator's policy.
 pub fn docker_config(
     state_dir: &Path,
     volume_engine: EngineChoice,
+    policy: &cellhost_policy::Policy,
 ) -> cellhost_docker::DockerConfig {
     let mut cfg = cellhost_docker::DockerConfig::new(state_dir.join("docker"));
     cfg.volume_engine = volume_engine;
+    cfg.policy.log_max_bytes = policy.log_bytes;
     cfg
 }
 
@@ -286,8 +292,64 @@ enum Outcome {
     Interrupted,
 }
 
+/// The operator's policy: `--policy FILE`, else [`DEFAULT_POLICY`] when it
+/// exists, else the built-in defaults (see cellhost-policy). `serve` and
+/// `run` read it the same way. A bad file is a usage error naming the
+/// line.
+pub fn load_policy(path: Option<&Path>) -> anyhow::Result<cellhost_policy::Policy> {
+    let default = Path::new(DEFAULT_POLICY);
+    let path = match path {
+        Some(p) => p,
+        None if default.exists() => default,
+        None => return Ok(cellhost_policy::Policy::default()),
+    };
+    cellhost_policy::Policy::load(path).map_err(|e| exit_err(crate::EXIT_USAGE, e.to_string()))
+}
+
+/// Where the operator's policy lives when `--policy` is not given.
+pub const DEFAULT_POLICY: &str = "/etc/cellhost/policy.yaml";
+
+/// A supervisor config for a state dir under `policy` (shared by `run`
+/// and `serve`).
+pub fn supervisor_config(
+    state_dir: &Path,
+    policy: cellhost_policy::Policy,
+    net: &crate::cli::NetOpt,
+) -> cellhost_supervisor::SupervisorConfig {
+    let node = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "cellhost".into());
+    let mut cfg = cellhost_supervisor::SupervisorConfig::new(node, state_dir.to_path_buf());
+    cfg.bridge_subnet = Some(cellhost_policy::Net::new(
+        net.bridge_subnet.network(),
+        net.bridge_subnet.prefix(),
+    ));
+    cfg.policy = Arc::new(policy);
+    cfg
+}
+
+/// Map a supervisor error to an exit code: 3 for a document the tier
+/// refuses, 4 for what this host or its policy will not give, 1 otherwise.
+pub fn supervisor_err(e: SupervisorError, what: &str) -> anyhow::Error {
+    match e {
+        SupervisorError::Backend(b) => backend_err(b, what),
+        SupervisorError::Invalid { .. } => exit_err(EXIT_INVALID, format!("{what}: {e}")),
+        SupervisorError::Policy(_)
+        | SupervisorError::Capacity(_)
+        | SupervisorError::Unavailable(_)
+        | SupervisorError::TooMany { .. } => exit_err(EXIT_CAPABILITY, format!("{what}: {e}")),
+        _ => exit_err(EXIT_RUNTIME, format!("{what}: {e}")),
+    }
+}
+
+/// `cellhost run`: the same lifecycle as the daemon's (an in-process
+/// supervisor over the state dir's store: the policy, admission, uid
+/// leases, events), in the foreground: stream the output, end with the
+/// workload or the lease, destroy, exit with the workload's code.
 pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Result<u8> {
     let (cell, base) = load_cell(&args.file, json_out)?;
+    let policy = load_policy(args.policy.as_deref())?;
     let volume_key = args
         .volume_key_file
         .as_deref()
@@ -298,6 +360,7 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         state_dir,
         args.volume.volume_engine.0,
         &args.net,
+        &policy,
     )?;
     // A daemon on this state dir would reconcile our in-flight cell away.
     let _lock = crate::serve::lock_state_dir(state_dir, false)?;
@@ -305,63 +368,38 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         cellhost_core::secrets::resolve(&cell.spec, &base, cellhost_core::secrets::process_env)
             .map_err(|e| exit_err(EXIT_INVALID, e.to_string()))?;
 
-    let store = Store::open(state_dir)
-        .with_context(|| format!("opening the store in {}", state_dir.display()))?;
-    let id = CellId::random();
-    let ttl = Duration::from_secs(cell.spec.lifetime.ttl_seconds);
-    let now = now_ms();
-    let redacted = cellhost_spec::redacted(&cell);
-    // Desired state first, then side effects; each step one commit.
-    let handle = backend.handle_for(&id, &cell);
-    store.insert_cell_with(
-        &NewCell {
-            id: &id,
-            name: &cell.metadata.name,
-            isolation: cell.spec.isolation,
-            owner: &args.owner,
-            document: &redacted,
-            created_at: now,
-            expires_at: now.saturating_add(ttl.as_millis() as i64),
-        },
-        &CellUpdate::default()
-            .handle(&handle)
-            .event(kinds::CREATING, &json!({"name": cell.metadata.name})),
+    let store = Arc::new(
+        Store::open(state_dir)
+            .with_context(|| format!("opening the store in {}", state_dir.display()))?,
+    );
+    let sup = Supervisor::new(
+        store,
+        vec![backend.clone()],
+        supervisor_config(state_dir, policy, &args.net),
     )?;
-
-    let created = backend
-        .create(CreateRequest {
-            id: id.clone(),
-            cell: cell.clone(),
-            secrets,
-            owner: None,
-            volume_key,
-            uids: None,
-        })
-        .await;
-    if let Err(e) = created {
-        let what = format!("creating cell {:?}", cell.metadata.name);
-        return Err(roll_back(&*backend, &store, &handle, e, &what).await);
-    }
-    store.apply(
-        &id,
-        &CellUpdate::default()
-            .observed(Observed::Created)
-            .event(kinds::CREATED, &json!({})),
-    )?;
-
-    if let Err(e) = backend.start(&handle).await {
-        return Err(roll_back(&*backend, &store, &handle, e, "starting cell").await);
-    }
-    store.apply(
-        &id,
-        &CellUpdate::default()
-            .observed(Observed::Running)
-            .event(kinds::STARTED, &json!({})),
-    )?;
+    let caller = Caller::tenant(args.owner.clone());
+    let name = cell.metadata.name.clone();
+    let view = sup
+        .create(
+            &caller,
+            cell,
+            Confidential {
+                secrets,
+                volume_key,
+            },
+            true,
+        )
+        .await
+        .map_err(|e| supervisor_err(e, &format!("creating cell {name:?}")))?;
+    let id = CellId::parse(&view.id).map_err(|e| anyhow::anyhow!("cell id: {e}"))?;
+    let handle = sup
+        .handle(&id)
+        .await
+        .map_err(|e| supervisor_err(e, "reading the cell"))?;
+    let ttl = Duration::from_secs(view.expires_in_seconds);
     if !json_out {
         eprintln!(
-            "cellhost: cell {id} ({}) running, lease {}s",
-            cell.metadata.name,
+            "cellhost: cell {id} ({name}) running, lease {}s",
             ttl.as_secs()
         );
     }
@@ -374,7 +412,7 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
     tokio::pin!(ctrl_c);
     // Each container poll is two engine API calls (the whole log, an
     // inspect): poll less often.
-    let poll = if cell.spec.isolation == Isolation::Container {
+    let poll = if handle.isolation == Isolation::Container {
         CONTAINER_POLL
     } else {
         POLL
@@ -412,26 +450,15 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         }
         Outcome::Exited => {}
     }
-    let exit_json = serde_json::to_value(exit)?;
-    let mut update = CellUpdate::default()
-        .desired(Desired::Destroyed)
-        .observed(Observed::Destroying)
-        .event(
-            match outcome {
-                Outcome::Exited => kinds::EXITED,
-                Outcome::Expired => kinds::EXPIRED,
-                Outcome::Interrupted => kinds::INTERRUPTED,
-            },
-            &exit_json,
-        );
-    if let Some(x) = &exit {
-        update = update.exit(x);
-    }
-    store.apply(&id, &update)?;
-    let report = backend
-        .destroy(&handle)
+    let kind = match outcome {
+        Outcome::Exited => kinds::EXITED,
+        Outcome::Expired => kinds::EXPIRED,
+        Outcome::Interrupted => kinds::INTERRUPTED,
+    };
+    let report = sup
+        .end(&caller, &id, kind, exit)
         .await
-        .map_err(|e| backend_err(e, "destroying cell"))?;
+        .map_err(|e| supervisor_err(e, "destroying cell"))?;
     if outcome != Outcome::Exited {
         // Killed by us: SIGKILL, or SIGINT-style for an interrupt.
         exit = Some(ExitInfo::signaled(if outcome == Outcome::Interrupted {
@@ -440,14 +467,13 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
             libc::SIGKILL
         }));
     }
-    cellhost_supervisor::record_teardown(&store, &id, &report)?;
 
     let exit = exit.unwrap_or_else(ExitInfo::unknown);
     if json_out {
         println!(
             "{}",
             json!({
-                "id": id, "name": cell.metadata.name, "outcome": outcome, "exit": exit,
+                "id": id, "name": name, "outcome": outcome, "exit": exit,
                 "exitCode": exit.shell_code(), "teardown": report,
                 "output": String::from_utf8_lossy(&captured),
             })
@@ -467,34 +493,6 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         ));
     }
     Ok(exit.shell_code().clamp(0, 255) as u8)
-}
-
-/// A failed create or start: record the error and that the cell is to go,
-/// destroy what the backend made, and return the error to exit with.
-async fn roll_back(
-    backend: &dyn Backend,
-    store: &Store,
-    handle: &cellhost_core::CellHandle,
-    e: BackendError,
-    what: &str,
-) -> anyhow::Error {
-    let recorded = store.apply(
-        &handle.id,
-        &CellUpdate::default()
-            .error(&e.to_string())
-            .desired(Desired::Destroyed),
-    );
-    if let Err(r) = recorded {
-        return r.into();
-    }
-    let report = match backend.destroy(handle).await {
-        Ok(r) => r,
-        Err(d) => return backend_err(d, "rollback"),
-    };
-    if let Err(f) = cellhost_supervisor::record_teardown(store, &handle.id, &report) {
-        return f.into();
-    }
-    backend_err(e, what)
 }
 
 async fn pump_logs(

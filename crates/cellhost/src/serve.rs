@@ -33,7 +33,7 @@ use cellhost_spec::Isolation;
 use cellhost_store::Store;
 use cellhost_supervisor::node::AdmissionPolicy;
 use cellhost_supervisor::tokens::Tokens;
-use cellhost_supervisor::{Supervisor, SupervisorConfig, api};
+use cellhost_supervisor::{Supervisor, api};
 use nix::fcntl::{Flock, FlockArg};
 
 use crate::cli::{ContainerRestart, ServeArgs};
@@ -76,8 +76,12 @@ pub fn lock_state_dir(state_dir: &Path, exclusive: bool) -> anyhow::Result<Flock
     })
 }
 
-/// The backends this host can run now.
-pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dyn Backend>>> {
+/// The backends this host can run now, under the operator's policy.
+pub fn backends(
+    state_dir: &Path,
+    args: &ServeArgs,
+    policy: &cellhost_policy::Policy,
+) -> anyhow::Result<Vec<Arc<dyn Backend>>> {
     let mut out: Vec<Arc<dyn Backend>> = Vec::new();
     // Bridged cells publish where containers do (every address for
     // 0.0.0.0, the default).
@@ -103,13 +107,14 @@ pub fn backends(state_dir: &Path, args: &ServeArgs) -> anyhow::Result<Vec<Arc<dy
             state_dir,
             args.volume.volume_engine.0,
             &net,
+            policy,
         )?);
     } else {
         tracing::warn!("process tier unavailable: {}", tier.detail);
     }
     let tier = report.tier(Isolation::Container);
     if tier.ok {
-        let mut cfg = crate::run::docker_config(state_dir, args.volume.volume_engine.0);
+        let mut cfg = crate::run::docker_config(state_dir, args.volume.volume_engine.0, policy);
         cfg.policy.restart_unless_stopped =
             args.container_restart == ContainerRestart::UnlessStopped;
         cfg.policy.publish_address = args.publish_address.to_string();
@@ -180,10 +185,10 @@ pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
         }
         None => None,
     };
+    let policy = crate::run::load_policy(args.policy.as_deref())?;
     for (flag, v) in [
         ("--cpu-overcommit", args.cpu_overcommit),
         ("--memory-overcommit", args.memory_overcommit),
-        ("--default-cpus", args.default_cpus),
     ] {
         if !(v.is_finite() && v > 0.0 && v <= 1024.0) {
             return Err(exit_err(
@@ -200,19 +205,15 @@ pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
         Store::open(state_dir)
             .with_context(|| format!("opening the store in {}", state_dir.display()))?,
     );
-    let node_name = args.node_name.clone().unwrap_or_else(|| {
-        nix::unistd::gethostname()
-            .ok()
-            .and_then(|h| h.into_string().ok())
-            .unwrap_or_else(|| "cellhost".into())
-    });
-    let mut cfg = SupervisorConfig::new(node_name, state_dir.to_path_buf());
-    cfg.policy = AdmissionPolicy {
+    let backends = backends(state_dir, &args, &policy)?;
+    let mut cfg = crate::run::supervisor_config(state_dir, policy, &args.net);
+    if let Some(n) = &args.node_name {
+        cfg.node_name = n.clone();
+    }
+    cfg.admission = AdmissionPolicy {
         cpu_overcommit: args.cpu_overcommit,
         memory_overcommit: args.memory_overcommit,
         host_reserve_bytes: args.reserve_memory_mib << 20,
-        default_cpus: args.default_cpus,
-        default_memory_bytes: args.default_memory_mib << 20,
     };
     cfg.reconcile_interval = Duration::from_secs(args.reconcile_interval);
     cfg.meter_interval = Duration::from_secs(args.meter_interval);
@@ -225,7 +226,7 @@ pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
         ),
         None => None,
     };
-    let sup = Supervisor::new(store, backends(state_dir, &args)?, cfg)?;
+    let sup = Supervisor::new(store, backends, cfg)?;
     cellhost_market::arm_failpoints();
     let market = match market_cfg {
         Some(c) => Some(

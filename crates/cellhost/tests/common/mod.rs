@@ -215,6 +215,7 @@ pub fn tier_with_network(net: impl FnOnce(&Path) -> Option<cellhost_net::NetConf
         log_cap_bytes: LOG_CAP,
         volume_engine: Default::default(),
         network: net(dir.path()),
+        net_raw: false,
     });
     Tier {
         backend,

@@ -1,0 +1,157 @@
+//! Host-wide claims on uid ranges, beside each store's leases.
+//!
+//! A store's `uid_leases` keep two cells *of that store* apart. Several
+//! stores may live on one host (a `cellhost run` with another state dir,
+//! tests side by side), and the kernel has one uid space: so a range is
+//! also claimed host-wide, by creating `<dir>/<base>` with `O_EXCL`
+//! (default dir `/run/cellhost/uids`, 0700). The claim names its store and
+//! cell. It is made before the store's lease is kept and removed after
+//! the lease is gone; a claim another store holds makes the lease skip
+//! that range.
+//!
+//! Idempotency: claiming a range this store and cell already hold
+//! succeeds; releasing a missing or foreign claim does nothing.
+//!
+//! Threat model: only root writes the dir. Claims live on a tmpfs (/run)
+//! and go with a reboot, as every cell does.
+
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use cellhost_core::UidRange;
+use cellhost_core::ids::CellId;
+
+/// Default claims dir.
+pub const CLAIMS_DIR: &str = "/run/cellhost/uids";
+
+#[derive(Debug, Clone)]
+pub struct UidClaims {
+    dir: PathBuf,
+    /// Names this store in claims (its state dir's instance tag).
+    store: String,
+}
+
+/// What a claim file says.
+fn content(store: &str, cell: &CellId, range: UidRange) -> String {
+    format!("{store} {cell} {}\n", range.size)
+}
+
+impl UidClaims {
+    pub fn new(dir: impl Into<PathBuf>, store: impl Into<String>) -> UidClaims {
+        UidClaims {
+            dir: dir.into(),
+            store: store.into(),
+        }
+    }
+
+    fn path(&self, base: u32) -> PathBuf {
+        self.dir.join(base.to_string())
+    }
+
+    /// Claim `range` for `cell`: `Ok(true)` when it is ours now (made, or
+    /// already ours), `Ok(false)` when someone else holds it.
+    pub fn claim(&self, cell: &CellId, range: UidRange) -> io::Result<bool> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.dir)?;
+        let want = content(&self.store, cell, range);
+        let path = self.path(range.base);
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(mut f) => {
+                f.write_all(want.as_bytes())?;
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                Ok(std::fs::read_to_string(&path).is_ok_and(|have| have == want))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Bases of ranges claimed by anyone but this store.
+    pub fn foreign(&self) -> Vec<u32> {
+        self.all()
+            .into_iter()
+            .filter(|(_, store, _)| *store != self.store)
+            .map(|(base, _, _)| base)
+            .collect()
+    }
+
+    /// This store's claims: `(base, cell)`.
+    pub fn ours(&self) -> Vec<(u32, CellId)> {
+        self.all()
+            .into_iter()
+            .filter(|(_, store, _)| *store == self.store)
+            .filter_map(|(base, _, cell)| Some((base, CellId::parse(&cell).ok()?)))
+            .collect()
+    }
+
+    fn all(&self) -> Vec<(u32, String, String)> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in rd.flatten() {
+            let Some(base) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+                continue;
+            };
+            // A claim being written is empty for a moment: foreign to all.
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            let mut words = text.split_whitespace();
+            let store = words.next().unwrap_or("").to_string();
+            let cell = words.next().unwrap_or("").to_string();
+            out.push((base, store, cell));
+        }
+        out
+    }
+
+    /// Give back `cell`'s claim on `range` (only if it is ours).
+    pub fn release(&self, cell: &CellId, range: UidRange) {
+        let path = self.path(range.base);
+        if std::fs::read_to_string(&path)
+            .is_ok_and(|have| have == content(&self.store, cell, range))
+        {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn two_stores_never_hold_one_range() {
+        let d = tempfile::tempdir().unwrap();
+        let a = UidClaims::new(d.path().join("uids"), "store-a");
+        let b = UidClaims::new(d.path().join("uids"), "store-b");
+        let r = UidRange {
+            base: 1 << 30,
+            size: 65_536,
+        };
+        let (x, y) = (CellId::random(), CellId::random());
+        assert!(a.claim(&x, r).unwrap());
+        assert!(a.claim(&x, r).unwrap(), "idempotent for its holder");
+        assert!(!a.claim(&y, r).unwrap(), "not for another cell");
+        assert!(!b.claim(&y, r).unwrap(), "not for another store");
+        assert_eq!(b.foreign(), vec![r.base]);
+        assert!(a.foreign().is_empty());
+        assert_eq!(a.ours(), vec![(r.base, x.clone())]);
+        b.release(&y, r);
+        assert_eq!(a.ours().len(), 1, "b cannot release a's claim");
+        a.release(&x, r);
+        assert!(a.ours().is_empty());
+        assert!(b.claim(&y, r).unwrap());
+    }
+}
