@@ -1,7 +1,8 @@
 //! A hostile tenant against the container tier, on a real dockerd (see
 //! common for the skip rule): it tries to write past `diskGiB` in both
-//! disk modes. Every attempt must fail in the kernel, and each cell must
-//! tear down clean.
+//! disk modes, to open a block device it made, to open a raw socket, and
+//! to write the kernel's control files. Every attempt must fail in the
+//! kernel, and each cell must tear down clean.
 
 mod common;
 
@@ -221,6 +222,90 @@ async fn disk_limit_holds_with_a_scratch_disk() {
         "a loop device is still backed by a cell file"
     );
     host_still_fine(&e).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_block_device_made_in_the_cell_does_not_open() {
+    let Some(e) = engine().await else { return };
+    let h = e
+        .run(cell("  command: [\"/bin/sleep\", \"3600\"]\n"), vec![])
+        .await;
+    // /dev is the engine's tmpfs without nodev, so only the device cgroup
+    // stands between the cell and the host's loop0 (on this kind of host,
+    // the engine's own data root). CAP_MKNOD may let mknod itself succeed.
+    let (_, out) = sh(
+        &e,
+        &h,
+        "mknod /dev/blk b 7 0 && echo MADE; if dd if=/dev/blk of=/dev/null bs=512 count=1; then echo OPENED; else echo REFUSED; fi",
+    )
+    .await;
+    assert!(!out.contains("OPENED"), "{out}");
+    assert!(out.contains("REFUSED"), "{out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    e.destroy(&h).await;
+}
+
+/// CAP_NET_RAW is bit 13 of the capability sets.
+const CAP_NET_RAW: u32 = 13;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_raw_sockets() {
+    let Some(e) = engine().await else { return };
+    let h = e
+        .run(cell("  command: [\"/bin/sleep\", \"3600\"]\n"), vec![])
+        .await;
+    let (_, status) = sh(&e, &h, "cat /proc/self/status").await;
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        let hex = status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{set}:")))
+            .unwrap_or_else(|| panic!("no {set}:\n{status}"))
+            .trim();
+        let bits = u64::from_str_radix(hex, 16).unwrap();
+        assert_eq!(bits & (1 << CAP_NET_RAW), 0, "{set} {hex} has NET_RAW");
+    }
+    // And the kernel says no: traceroute needs a raw ICMP socket, arping a
+    // packet socket (with NET_RAW, traceroute to loopback succeeds).
+    let (_, out) = sh(
+        &e,
+        &h,
+        "traceroute -n -m 1 -w 1 127.0.0.1 2>&1; arping -c 1 -w 1 127.0.0.1 2>&1",
+    )
+    .await;
+    assert_eq!(
+        out.matches("socket: Operation not permitted").count(),
+        2,
+        "{out}"
+    );
+    e.destroy(&h).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kernel_control_files_are_not_writable() {
+    let Some(e) = engine().await else { return };
+    let h = e
+        .run(cell("  command: [\"/bin/sleep\", \"3600\"]\n"), vec![])
+        .await;
+    // Each write puts back what is there ('h' to sysrq only prints help),
+    // so a hole here would do the host no harm.
+    let (_, out) = sh(
+        &e,
+        &h,
+        r#"
+if echo h > /proc/sysrq-trigger; then echo WROTE sysrq-trigger; fi
+for f in /sys/kernel/mm/transparent_hugepage/enabled /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/pids.max; do
+  [ -e "$f" ] || continue
+  v=$(sed -n 's/.*\[\(.*\)\].*/\1/p' "$f"); [ -n "$v" ] || v=$(cat "$f")
+  echo "TRY $f"
+  if echo "$v" > "$f"; then echo "WROTE $f"; fi
+done
+if touch /sys/cellhost-probe; then echo WROTE /sys/cellhost-probe; fi
+"#,
+    )
+    .await;
+    assert!(!out.contains("WROTE"), "{out}");
+    assert!(out.contains("TRY "), "no /sys file was tried:\n{out}");
+    e.destroy(&h).await;
 }
 
 /// Run the docker CLI for a test fixture; panics with its stderr.
