@@ -230,8 +230,13 @@ async fn secret_is_a_0600_file_and_absent_from_inspect() {
     assert!(cli.status.success());
     assert!(!String::from_utf8_lossy(&cli.stdout).contains(&value));
     let cid = info.id.unwrap();
-    let engine_dir = std::path::Path::new("/var/lib/docker/containers").join(&cid);
-    if let Ok(rd) = std::fs::read_dir(&engine_dir) {
+    // The engine's data root is wherever dockerd was told (scripts/test
+    // gives it a quota-enforcing one).
+    let root = e.docker.info().await.unwrap().docker_root_dir.unwrap();
+    let engine_dir = std::path::Path::new(&root).join("containers").join(&cid);
+    let rd = std::fs::read_dir(&engine_dir)
+        .unwrap_or_else(|err| panic!("{}: {err}", engine_dir.display()));
+    {
         for f in rd.flatten() {
             if f.path().is_file() {
                 let data = std::fs::read(f.path()).unwrap_or_default();
