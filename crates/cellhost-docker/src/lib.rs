@@ -157,6 +157,9 @@ pub struct DockerBackend {
     negotiated: OnceCell<Docker>,
     /// Encrypted volumes of this tier's cells.
     volumes: cellhost_volume::Volumes,
+    /// The host uid and gid of a container's root when the engine runs
+    /// with `--userns-remap` (`None`: it does not). Asked once.
+    remap: OnceCell<Option<(u32, u32)>>,
     /// Does the engine enforce `storage_opt size`? Asked once (see
     /// [`disk`]); `None` until a cell with `diskGiB` asked.
     verdict: std::sync::Mutex<Option<Verdict>>,
@@ -217,6 +220,7 @@ impl DockerBackend {
             instance,
             local,
             negotiated: OnceCell::new(),
+            remap: OnceCell::new(),
             verdict: std::sync::Mutex::new(None),
         }
     }
@@ -288,6 +292,27 @@ impl DockerBackend {
             (false, true) => Err(Self::no_storage_opt(&verdict.why)),
             (false, false) => Ok(DiskPlan::Scratch),
         }
+    }
+
+    /// A container's root on the host when the engine remaps users.
+    async fn remap(&self, docker: &Docker) -> Result<Option<(u32, u32)>, BackendError> {
+        self.remap
+            .get_or_try_init(|| async {
+                let info = docker
+                    .info()
+                    .await
+                    .map_err(|e| engine_err("asking the engine about --userns-remap", e))?;
+                remapped_root(
+                    &info.security_options.unwrap_or_default(),
+                    info.docker_root_dir.as_deref().unwrap_or(""),
+                )
+                .map_err(|detail| BackendError::MissingCapability {
+                    capability: "docker.userns".into(),
+                    detail,
+                })
+            })
+            .await
+            .copied()
     }
 
     /// The `VOLUME`s the image declares.
@@ -418,14 +443,27 @@ impl DockerBackend {
                 Some((gib, image_volumes, plan))
             }
         };
+        // Under --userns-remap the container's root is a host uid of the
+        // engine's range: what the cell must read or write is its own.
+        let remap = if req.secrets.is_empty() && cell.spec.volume.is_none() {
+            None
+        } else {
+            self.remap(docker).await?
+        };
         let secrets_dir = if req.secrets.is_empty() {
             None
         } else {
             let s = dir.join("secrets");
             cellhost_core::secrets::write_tmpfs(&s, &req.secrets)?;
+            if let Some(ids) = remap {
+                chown_tree(&s, ids)?;
+            }
             Some(s)
         };
         let encrypted = self.volumes.create_for(req).await?;
+        if let (Some(open), Some(ids)) = (&encrypted, remap) {
+            chown_tree(&open.data_dir, ids)?;
+        }
         let volume = if let Some(open) = &encrypted {
             Some(mapping::VolumeSource::Bind(open.data_dir.as_path()))
         } else if cell.spec.volume.is_some() {
@@ -1136,6 +1174,48 @@ impl Backend for DockerBackend {
     }
 }
 
+/// The host uid and gid of a container's root under `--userns-remap`
+/// (`SecurityOptions` has `name=userns`): dockerd keeps that engine's data
+/// in `<data root>/<uid>.<gid>`. `None` without remapping.
+fn remapped_root(
+    security_options: &[String],
+    root_dir: &str,
+) -> Result<Option<(u32, u32)>, String> {
+    let on = security_options
+        .iter()
+        .any(|o| o.split(',').any(|kv| kv == "name=userns"));
+    if !on {
+        return Ok(None);
+    }
+    let last = std::path::Path::new(root_dir)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    last.split_once('.')
+        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+        .map(Some)
+        .ok_or_else(|| {
+            format!("dockerd runs with --userns-remap but its data root {root_dir:?} does not name the remapped uid.gid")
+        })
+}
+
+/// Give `path` and what is directly in it to the remapped root.
+fn chown_tree(path: &std::path::Path, (uid, gid): (u32, u32)) -> Result<(), BackendError> {
+    let own = |p: &std::path::Path| {
+        std::os::unix::fs::lchown(p, Some(uid), Some(gid))
+            .map_err(|e| BackendError::io(format!("chown {uid}:{gid} {}", p.display()), e))
+    };
+    own(path)?;
+    for entry in fs::read_dir(path)
+        .map_err(|e| BackendError::io(format!("reading {}", path.display()), e))?
+    {
+        let entry =
+            entry.map_err(|e| BackendError::io(format!("reading {}", path.display()), e))?;
+        own(&entry.path())?;
+    }
+    Ok(())
+}
+
 /// Run blocking host work (mkfs, mount, files) off the async workers.
 async fn blocking<T: Send + 'static, E: Into<BackendError> + Send + 'static>(
     f: impl FnOnce() -> Result<T, E> + Send + 'static,
@@ -1178,6 +1258,24 @@ mod tests {
         running.pid = Some(4242);
         let r = to_status(Some(&running));
         assert_eq!((r.state, r.pid), (CellState::Running, Some(4242)));
+    }
+
+    #[test]
+    fn the_remapped_root_is_read_from_info() {
+        let opts = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let seccomp = opts(&["name=seccomp,profile=default"]);
+        assert_eq!(remapped_root(&seccomp, "/var/lib/docker"), Ok(None));
+        let remap = opts(&["name=seccomp,profile=default", "name=userns"]);
+        assert_eq!(
+            remapped_root(&remap, "/var/lib/docker/100000.100000"),
+            Ok(Some((100000, 100000)))
+        );
+        assert_eq!(
+            remapped_root(&remap, "/d/231072.231073/"),
+            Ok(Some((231072, 231073)))
+        );
+        let err = remapped_root(&remap, "/var/lib/docker").unwrap_err();
+        assert!(err.contains("--userns-remap"), "{err}");
     }
 
     #[test]
