@@ -23,8 +23,8 @@
 //! - Opens `/dev/kvm` and issues `KVM_GET_API_VERSION` and `KVM_CREATE_VM`
 //!   (an empty VM: no memory, no vCPU; closed at once). Opens and closes
 //!   `/dev/fuse`; creates and closes one `AF_VSOCK` socket.
-//! - Connects to the Docker socket and sends `GET /_ping` and
-//!   `GET /version` (read-only API calls).
+//! - Connects to the Docker socket and sends `GET /_ping`, `GET /version`
+//!   and `GET /info` (read-only API calls).
 //! - Runs `--version` of cryptsetup and the qemu binaries,
 //!   `qemu-system-x86_64 -machine help` and `nft list tables` (read-only).
 //!   Every subprocess gets an empty environment plus `PATH`, stdin from
@@ -91,6 +91,8 @@ pub const KEYS: &[&str] = &[
     "kvm",
     "qemu",
     "docker",
+    "docker.userns",
+    "docker.storage-opt",
     "cryptsetup",
     "device-mapper",
     "fuse",
@@ -418,7 +420,12 @@ pub fn probe(opts: &ProbeOptions) -> HostReport {
         let cgroup = check_cgroups();
         (
             qemu.join().unwrap_or_else(|_| QemuFacts::failed()),
-            join_cap(docker, "docker"),
+            docker.join().unwrap_or_else(|_| {
+                DOCKER_KEYS
+                    .iter()
+                    .map(|k| Capability::new(k, false, "the check panicked"))
+                    .collect()
+            }),
             join_cap(cryptsetup, "cryptsetup"),
             join_cap(nftables, "nftables"),
             join_cap(namespaces, "namespaces"),
@@ -432,8 +439,8 @@ pub fn probe(opts: &ProbeOptions) -> HostReport {
     capabilities.extend(cgroup.caps);
     capabilities.push(kvm);
     capabilities.push(qemu_facts.cap.clone());
+    capabilities.extend(docker);
     capabilities.extend([
-        docker,
         cryptsetup,
         check_device_mapper(),
         check_fuse(),
@@ -1439,11 +1446,153 @@ fn docker_socket(opts: &ProbeOptions) -> Result<PathBuf, String> {
     }
 }
 
-fn check_docker(opts: &ProbeOptions) -> Capability {
-    match docker_socket(opts) {
-        Ok(path) => probe_docker(&path),
-        Err(why) => Capability::new("docker", false, why),
+/// The rows the docker check gives, in [`KEYS`] order.
+const DOCKER_KEYS: [&str; 3] = ["docker", "docker.userns", "docker.storage-opt"];
+
+/// `docker`, then what `GET /info` says: `docker.userns` (is the engine
+/// run with `--userns-remap`?) and `docker.storage-opt` (does it enforce a
+/// container's `storage_opt size`, the container tier's first way to
+/// enforce `diskGiB`?).
+fn check_docker(opts: &ProbeOptions) -> Vec<Capability> {
+    let path = match docker_socket(opts) {
+        Ok(p) => p,
+        Err(why) => return docker_unchecked(Capability::new("docker", false, why)),
+    };
+    let engine = probe_docker(&path);
+    if !engine.ok {
+        return docker_unchecked(engine);
     }
+    let info = http_get(&path, "GET /info HTTP/1.0\r\n\r\n").and_then(|(status, body)| {
+        if !status_ok(&status) {
+            return Err(DockerError::Status {
+                path: path.display().to_string(),
+                what: "/info",
+                status,
+            });
+        }
+        serde_json::from_str::<serde_json::Value>(&body).map_err(|e| DockerError::Body {
+            path: path.display().to_string(),
+            why: format!("GET /info: not JSON: {e}"),
+        })
+    });
+    match info {
+        Ok(info) => {
+            let mounts = crate::mountinfo::read_self().unwrap_or_default();
+            vec![
+                engine,
+                docker_userns(&info),
+                docker_storage_opt(&info, &mounts),
+            ]
+        }
+        Err(e) => vec![
+            engine,
+            Capability::new("docker.userns", false, e.to_string()),
+            Capability::new("docker.storage-opt", false, e.to_string()),
+        ],
+    }
+}
+
+/// The engine row and the two `/info` rows as not checked.
+fn docker_unchecked(engine: Capability) -> Vec<Capability> {
+    let why = format!("not checked: {}", engine.detail);
+    vec![
+        engine,
+        Capability::new("docker.userns", false, why.clone()),
+        Capability::new("docker.storage-opt", false, why),
+    ]
+}
+
+/// `SecurityOptions` holds `name=userns` when dockerd runs with
+/// `--userns-remap`.
+fn docker_userns(info: &serde_json::Value) -> Capability {
+    let on = info["SecurityOptions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|o| o.as_str())
+        .any(|o| o.split(',').any(|kv| kv == "name=userns"));
+    if on {
+        Capability::new(
+            "docker.userns",
+            true,
+            "dockerd runs with --userns-remap: a container's root is an unprivileged host uid",
+        )
+    } else {
+        Capability::new(
+            "docker.userns",
+            false,
+            "dockerd runs without --userns-remap: a container's root is the host's uid 0 (confined by namespaces, capabilities, seccomp)",
+        )
+    }
+}
+
+/// Whether the engine's storage driver enforces `storage_opt size`:
+/// btrfs, zfs and devicemapper do; overlay2 only on xfs mounted with
+/// `prjquota` (looked up in this process's mount table for the engine's
+/// data root, so a local engine). Otherwise the container tier enforces
+/// `diskGiB` with a read-only root and a per-cell ext4 (scratch).
+fn docker_storage_opt(info: &serde_json::Value, mounts: &[MountEntry]) -> Capability {
+    let scratch = "diskGiB is a read-only root plus a per-cell ext4 (scratch)";
+    let driver = info["Driver"].as_str().unwrap_or("");
+    let status = |key: &str| {
+        info["DriverStatus"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|pair| pair.as_array())
+            .find(|pair| pair.first().and_then(|k| k.as_str()) == Some(key))
+            .and_then(|pair| pair.get(1)?.as_str())
+            .map(str::to_string)
+    };
+    let (ok, detail) = match driver {
+        "btrfs" | "zfs" | "devicemapper" => (
+            true,
+            format!(
+                "storage driver {driver} enforces storage_opt size: diskGiB caps the writable layer"
+            ),
+        ),
+        "overlay2" => {
+            let backing = status("Backing Filesystem").unwrap_or_else(|| "?".into());
+            let root = info["DockerRootDir"].as_str().unwrap_or("/var/lib/docker");
+            let mount = mounts
+                .iter()
+                .filter(|m| Path::new(root).starts_with(&m.mount_point))
+                .max_by_key(|m| m.mount_point.as_os_str().len());
+            let prjquota = mount.is_some_and(|m| {
+                m.fs_type == "xfs"
+                    && m.super_options
+                        .split(',')
+                        .any(|o| o == "prjquota" || o == "pquota")
+            });
+            if backing == "xfs" && prjquota {
+                (
+                    true,
+                    format!(
+                        "overlay2 on xfs with prjquota ({root}): diskGiB caps the writable layer"
+                    ),
+                )
+            } else if backing == "xfs" {
+                (
+                    false,
+                    format!("overlay2 on xfs without prjquota ({root}): {scratch}"),
+                )
+            } else {
+                (
+                    false,
+                    format!("overlay2 on {backing}, not xfs with prjquota: {scratch}"),
+                )
+            }
+        }
+        "" => (
+            false,
+            format!("the engine names no storage driver: {scratch}"),
+        ),
+        other => (
+            false,
+            format!("storage driver {other} does not enforce storage_opt size: {scratch}"),
+        ),
+    };
+    Capability::new("docker.storage-opt", ok, detail)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -2106,15 +2255,20 @@ mod tests {
             vec![
                 "HTTP/1.0 200 OK\r\nApi-Version: 1.48\r\nContent-Type: text/plain\r\n\r\nOK",
                 "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"Version\":\"28.0.4\",\"ApiVersion\":\"1.48\",\"Os\":\"linux\"}\n",
+                "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"Driver\":\"btrfs\",\"SecurityOptions\":[\"name=seccomp,profile=default\",\"name=userns\"]}\n",
             ],
         );
         let opts = ProbeOptions {
             docker_socket: Some(sock.clone()),
             ..Default::default()
         };
-        let c = check_docker(&opts);
+        let rows = check_docker(&opts);
         let seen = server.join().unwrap();
-        assert!(c.ok, "{}", c.detail);
+        let names: Vec<&str> = rows.iter().map(|c| c.name).collect();
+        assert_eq!(names, DOCKER_KEYS);
+        assert!(rows.iter().all(|c| c.ok), "{rows:?}");
+        assert!(seen[2].starts_with("GET /info HTTP/1.0\r\n"), "{seen:?}");
+        let c = &rows[0];
         assert_eq!(
             c.detail,
             format!("dockerd 28.0.4 (API 1.48) answers at {}", sock.display())
@@ -2177,7 +2331,70 @@ mod tests {
             docker_socket: Some(PathBuf::from(format!("/{}", "x".repeat(200)))),
             ..Default::default()
         };
-        assert!(!check_docker(&opts).ok);
+        let rows = check_docker(&opts);
+        assert!(rows.iter().all(|c| !c.ok), "{rows:?}");
+        assert!(rows[1].detail.starts_with("not checked: "), "{rows:?}");
+    }
+
+    /// `docker info` as dockerd 20.10 sends it (the fields read).
+    fn info(driver: &str, backing: &str, root: &str, security: &[&str]) -> serde_json::Value {
+        serde_json::json!({
+            "Driver": driver,
+            "DriverStatus": [["Backing Filesystem", backing], ["Supports d_type", "true"]],
+            "DockerRootDir": root,
+            "SecurityOptions": security,
+        })
+    }
+
+    fn mount(mp: &str, fs_type: &str, opts: &str) -> MountEntry {
+        MountEntry {
+            root: "/".into(),
+            mount_point: PathBuf::from(mp),
+            fs_type: fs_type.into(),
+            source: "/dev/x".into(),
+            super_options: opts.into(),
+        }
+    }
+
+    #[test]
+    fn docker_userns_is_read_from_security_options() {
+        let on = info(
+            "overlay2",
+            "extfs",
+            "/d",
+            &["name=seccomp,profile=default", "name=userns"],
+        );
+        let c = docker_userns(&on);
+        assert!(c.ok && c.detail.contains("unprivileged host uid"), "{c:?}");
+        let off = info("overlay2", "extfs", "/d", &["name=seccomp,profile=default"]);
+        let c = docker_userns(&off);
+        assert!(!c.ok && c.detail.contains("uid 0"), "{c:?}");
+        // Not fooled by a look-alike option, nor by a missing field.
+        assert!(!docker_userns(&info("x", "y", "/d", &["name=usernsx"])).ok);
+        assert!(!docker_userns(&serde_json::json!({})).ok);
+    }
+
+    #[test]
+    fn docker_storage_opt_follows_the_driver_and_the_mount() {
+        let mounts = [
+            mount("/", "ext4", "rw"),
+            mount("/var/lib/q", "xfs", "rw,attr2,inode64,prjquota"),
+            mount("/var/lib/n", "xfs", "rw,attr2,inode64,pqnoenforce"),
+        ];
+        let row = |d, b, r| docker_storage_opt(&info(d, b, r, &[]), &mounts);
+        let c = row("btrfs", "btrfs", "/var/lib/b");
+        assert!(c.ok && c.detail.contains("btrfs"), "{c:?}");
+        let c = row("overlay2", "xfs", "/var/lib/q/docker");
+        assert!(c.ok && c.detail.contains("prjquota"), "{c:?}");
+        // Accounting without enforcement is not a limit.
+        let c = row("overlay2", "xfs", "/var/lib/n");
+        assert!(!c.ok && c.detail.contains("without prjquota"), "{c:?}");
+        let c = row("overlay2", "extfs", "/var/lib/docker");
+        assert!(!c.ok && c.detail.contains("overlay2 on extfs"), "{c:?}");
+        assert!(c.detail.contains("scratch"), "{c:?}");
+        let c = row("vfs", "extfs", "/var/lib/docker");
+        assert!(!c.ok && c.detail.contains("storage driver vfs"), "{c:?}");
+        assert!(!docker_storage_opt(&serde_json::json!({}), &mounts).ok);
     }
 
     #[test]
@@ -2319,8 +2536,13 @@ mod tests {
         assert!(!vm.ok);
         assert_eq!(vm.missing, Some("qemu"));
         let text = report.to_string();
-        assert!(text.contains("no   cgroup.memory  x"), "{text}");
-        assert!(text.contains("yes  root           x"), "{text}");
+        // Names are padded to the longest key.
+        let w = KEYS.iter().map(|k| k.len()).max().unwrap();
+        assert!(
+            text.contains(&format!("no   {:<w$}  x", "cgroup.memory")),
+            "{text}"
+        );
+        assert!(text.contains(&format!("yes  {:<w$}  x", "root")), "{text}");
         assert!(text.contains("no   process    cgroup.memory: x"), "{text}");
     }
 

@@ -10,6 +10,10 @@
 //! <state>/docker/cells/<id>/              0700
 //!   secrets/                              tmpfs 0700, one 0600 file per secret,
 //!                                         bind-mounted read-only at /run/secrets
+//!   disk.img, disk/                       diskGiB in scratch mode (see disk)
+//!   net/                                  diskGiB in storage-opt mode: the
+//!                                         read-only /etc/hosts, hostname,
+//!                                         resolv.conf (see disk)
 //! ```
 //!
 //! # Lifecycle
@@ -17,13 +21,15 @@
 //! create: pre-clean anything left at this id, pull the image when the
 //! engine lacks it (progress to the configured sink; a failed pull makes
 //! nothing), secrets tmpfs, named volume, network guard for bridged cells,
-//! then the container (created, not started). Any failure removes what was
+//! the disk limit's objects (see [`disk`]), then the container (created,
+//! not started). Any failure removes what was
 //! made. start/stop: the engine's (stop = stop signal, SIGKILL after the
 //! grace period; docker-init is PID 1 so the signal reaches the workload).
 //! destroy: force-remove the container with its anonymous volumes, remove
-//! the named volume, unmount the secrets tmpfs, remove the cell dir, then
-//! *check* each (container, named volume, anonymous volumes, network
-//! endpoints, secrets mount, cell dir) and report what is left. status,
+//! the named volume, unmount the secrets tmpfs, remove the scratch disk,
+//! remove the cell dir, then *check* each (container, named volume,
+//! anonymous volumes, network endpoints, secrets mount, disk mount, loop
+//! and file, cell dir) and report what is left. status,
 //! logs, usage (stats), exec: the engine's. The engine keeps the workload's
 //! log (json-file, capped); `logs` reads it through the API.
 //!
@@ -44,8 +50,11 @@
 //! daemon's. Secret values never appear in the create body, `docker
 //! inspect`, argv, logs or the store: only in the host tmpfs. Containers
 //! get no-new-privileges, no NET_RAW, memory+swap = memory, a pids limit
-//! when asked, and a bridged cell's egress is denied (see [`egress`]).
+//! when asked, a kernel-enforced cap on what they write when
+//! `resources.diskGiB` is set (see [`disk`]; without it the writable layer
+//! is not limited), and a bridged cell's egress is denied (see [`egress`]).
 
+pub mod disk;
 mod egress;
 mod mapping;
 
@@ -76,6 +85,7 @@ use cellhost_spec::{Cell, Isolation, NetworkMode};
 use futures_util::StreamExt;
 use tokio::sync::OnceCell;
 
+pub use disk::{DiskChoice, DiskMode, Verdict};
 use mapping::{LABEL_CELL, LABEL_INSTANCE};
 pub use mapping::{Names, Policy};
 
@@ -101,6 +111,8 @@ pub struct DockerConfig {
     /// Engine of encrypted volumes (`<state>/volumes`, bind-mounted into
     /// the container).
     pub volume_engine: cellhost_volume::EngineChoice,
+    /// How `resources.diskGiB` is enforced (tests force each mode).
+    pub disk: DiskChoice,
 }
 
 impl DockerConfig {
@@ -118,6 +130,7 @@ impl DockerConfig {
             },
             progress: None,
             volume_engine: cellhost_volume::EngineChoice::Auto,
+            disk: DiskChoice::Auto,
         }
     }
 }
@@ -127,6 +140,7 @@ impl std::fmt::Debug for DockerConfig {
         f.debug_struct("DockerConfig")
             .field("state_dir", &self.state_dir)
             .field("policy", &self.policy)
+            .field("disk", &self.disk)
             .finish_non_exhaustive()
     }
 }
@@ -143,6 +157,21 @@ pub struct DockerBackend {
     negotiated: OnceCell<Docker>,
     /// Encrypted volumes of this tier's cells.
     volumes: cellhost_volume::Volumes,
+    /// The host uid and gid of a container's root when the engine runs
+    /// with `--userns-remap` (`None`: it does not). Asked once.
+    remap: OnceCell<Option<(u32, u32)>>,
+    /// Does the engine enforce `storage_opt size`? Asked once (see
+    /// [`disk`]); `None` until a cell with `diskGiB` asked.
+    verdict: std::sync::Mutex<Option<Verdict>>,
+}
+
+/// What a create with `diskGiB` does.
+enum DiskPlan {
+    /// `storage_opt size`; `probe`: the engine's answer is the verdict.
+    StorageOpt {
+        probe: bool,
+    },
+    Scratch,
 }
 
 /// Is this an engine answer with `status`?
@@ -191,7 +220,114 @@ impl DockerBackend {
             instance,
             local,
             negotiated: OnceCell::new(),
+            remap: OnceCell::new(),
+            verdict: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Whether the engine enforces `storage_opt size`, once a cell with
+    /// `diskGiB` has asked it (`None` before).
+    pub fn disk_verdict(&self) -> Option<Verdict> {
+        self.verdict
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_verdict(&self, v: Verdict) {
+        *self.verdict.lock().unwrap_or_else(|p| p.into_inner()) = Some(v);
+    }
+
+    /// The refusal of a cell whose disk the engine cannot limit, when the
+    /// operator allows storage-opt only.
+    fn no_storage_opt(why: &str) -> BackendError {
+        BackendError::MissingCapability {
+            capability: "docker.storage-opt".into(),
+            detail: format!(
+                "spec.resources.diskGiB: the engine cannot limit a container's writable layer ({why}), and this backend allows only storage_opt"
+            ),
+        }
+    }
+
+    /// How this cell's `diskGiB` is enforced (before anything is made).
+    async fn disk_plan(
+        &self,
+        docker: &Docker,
+        image_volumes: &[String],
+    ) -> Result<DiskPlan, BackendError> {
+        let forced = self.cfg.disk == DiskChoice::StorageOpt;
+        match self.cfg.disk {
+            DiskChoice::Scratch => return Ok(DiskPlan::Scratch),
+            DiskChoice::Auto | DiskChoice::StorageOpt => {}
+        }
+        if !image_volumes.is_empty() {
+            if forced {
+                return Err(BackendError::Invalid(format!(
+                    "spec.resources.diskGiB: the image declares VOLUME {}, which storage_opt size does not cover",
+                    image_volumes.join(", ")
+                )));
+            }
+            return Ok(DiskPlan::Scratch);
+        }
+        let verdict = match self.disk_verdict() {
+            Some(v) => v,
+            None => {
+                let info = docker
+                    .info()
+                    .await
+                    .map_err(|e| engine_err("asking the engine for its storage driver", e))?;
+                let driver = info.driver.unwrap_or_default();
+                match disk::driver_verdict(&driver) {
+                    Some(v) => {
+                        self.set_verdict(v.clone());
+                        v
+                    }
+                    // The create itself asks the engine.
+                    None => return Ok(DiskPlan::StorageOpt { probe: true }),
+                }
+            }
+        };
+        match (verdict.storage_opt, forced) {
+            (true, _) => Ok(DiskPlan::StorageOpt { probe: false }),
+            (false, true) => Err(Self::no_storage_opt(&verdict.why)),
+            (false, false) => Ok(DiskPlan::Scratch),
+        }
+    }
+
+    /// A container's root on the host when the engine remaps users.
+    async fn remap(&self, docker: &Docker) -> Result<Option<(u32, u32)>, BackendError> {
+        self.remap
+            .get_or_try_init(|| async {
+                let info = docker
+                    .info()
+                    .await
+                    .map_err(|e| engine_err("asking the engine about --userns-remap", e))?;
+                remapped_root(
+                    &info.security_options.unwrap_or_default(),
+                    info.docker_root_dir.as_deref().unwrap_or(""),
+                )
+                .map_err(|detail| BackendError::MissingCapability {
+                    capability: "docker.userns".into(),
+                    detail,
+                })
+            })
+            .await
+            .copied()
+    }
+
+    /// The `VOLUME`s the image declares.
+    async fn image_volumes(
+        &self,
+        docker: &Docker,
+        image: &str,
+    ) -> Result<Vec<String>, BackendError> {
+        let img = docker
+            .inspect_image(image)
+            .await
+            .map_err(|e| engine_err(&format!("inspecting image {image}"), e))?;
+        let mut v = img.config.and_then(|c| c.volumes).unwrap_or_default();
+        v.sort();
+        Ok(v)
     }
 
     /// This tier's encrypted volumes.
@@ -298,14 +434,36 @@ impl DockerBackend {
             .mode(0o700)
             .create(&dir)
             .map_err(|e| BackendError::io(format!("creating {}", dir.display()), e))?;
+        // The disk limit is decided first: a refusal makes nothing more.
+        let disk = match cell.spec.resources.disk_gib {
+            None => None,
+            Some(gib) => {
+                let image_volumes = self.image_volumes(docker, &cell.spec.image).await?;
+                let plan = self.disk_plan(docker, &image_volumes).await?;
+                Some((gib, image_volumes, plan))
+            }
+        };
+        // Under --userns-remap the container's root is a host uid of the
+        // engine's range: what the cell must read or write is its own.
+        let remap = if req.secrets.is_empty() && cell.spec.volume.is_none() {
+            None
+        } else {
+            self.remap(docker).await?
+        };
         let secrets_dir = if req.secrets.is_empty() {
             None
         } else {
             let s = dir.join("secrets");
             cellhost_core::secrets::write_tmpfs(&s, &req.secrets)?;
+            if let Some(ids) = remap {
+                chown_tree(&s, ids)?;
+            }
             Some(s)
         };
         let encrypted = self.volumes.create_for(req).await?;
+        if let (Some(open), Some(ids)) = (&encrypted, remap) {
+            chown_tree(&open.data_dir, ids)?;
+        }
         let volume = if let Some(open) = &encrypted {
             Some(mapping::VolumeSource::Bind(open.data_dir.as_path()))
         } else if cell.spec.volume.is_some() {
@@ -323,24 +481,88 @@ impl DockerBackend {
         } else {
             None
         };
-        if cell.spec.network.mode == NetworkMode::Bridged {
+        let bridged = cell.spec.network.mode == NetworkMode::Bridged;
+        if bridged {
             egress::ensure(docker, &self.cfg.policy.network).await?;
         }
-        let body = mapping::create_body(
-            cell,
-            labels,
-            &self.cfg.policy,
-            secrets_dir.as_deref(),
-            volume,
-        );
+        let body = |disk: Option<&mapping::DiskLimit<'_>>| {
+            mapping::create_body(
+                cell,
+                labels.clone(),
+                &self.cfg.policy,
+                secrets_dir.as_deref(),
+                volume,
+                disk,
+            )
+        };
         let opts = CreateContainerOptions {
             name: Some(names.container.clone()),
             ..Default::default()
         };
+        let creating = format!("creating container {}", names.container);
+        let Some((gib, image_volumes, plan)) = disk else {
+            docker
+                .create_container(Some(opts), body(None))
+                .await
+                .map_err(|e| engine_err(&creating, e))?;
+            return Ok(());
+        };
+
+        if let DiskPlan::StorageOpt { probe } = plan {
+            let (d, host) = (dir.clone(), req.id.to_string());
+            let net = blocking(move || disk::write_net_files(&d, &host, bridged)).await?;
+            let limit = mapping::DiskLimit::StorageOpt {
+                gib,
+                net_files: &net,
+                hostname: req.id.as_str(),
+            };
+            match docker
+                .create_container(Some(opts.clone()), body(Some(&limit)))
+                .await
+            {
+                Ok(_) => {
+                    if probe {
+                        self.set_verdict(Verdict {
+                            storage_opt: true,
+                            why: "the engine accepted storage_opt size".into(),
+                        });
+                    }
+                    return Ok(());
+                }
+                Err(DockerError::DockerResponseServerError { message, .. })
+                    if probe && disk::refuses_storage_opt(&message) =>
+                {
+                    self.set_verdict(Verdict {
+                        storage_opt: false,
+                        why: message.clone(),
+                    });
+                    if self.cfg.disk == DiskChoice::StorageOpt {
+                        return Err(Self::no_storage_opt(&message));
+                    }
+                    tracing::info!(
+                        "the engine refuses storage_opt size ({message}): diskGiB as a read-only root with a scratch disk"
+                    );
+                }
+                Err(e) => return Err(engine_err(&creating, e)),
+            }
+        }
+
+        let scratch = disk::Scratch::of(&dir);
+        let skip: Vec<&str> = cell
+            .spec
+            .volume
+            .iter()
+            .map(|v| v.path.as_str())
+            .chain(secrets_dir.as_ref().map(|_| mapping::SECRETS_TARGET))
+            .collect();
+        let binds = disk::scratch_binds(&scratch.mnt, &image_volumes, &skip);
+        let (s, b) = (scratch.clone(), binds.clone());
+        blocking(move || disk::make(&s, gib, &b)).await?;
+        let limit = mapping::DiskLimit::Scratch { binds: &binds };
         docker
-            .create_container(Some(opts), body)
+            .create_container(Some(opts), body(Some(&limit)))
             .await
-            .map_err(|e| engine_err(&format!("creating container {}", names.container), e))?;
+            .map_err(|e| engine_err(&creating, e))?;
         Ok(())
     }
 
@@ -661,6 +883,13 @@ impl Backend for DockerBackend {
         let unmounted = cellhost_core::mountinfo::unmount_under(&secrets, true).unwrap_or_default();
         report.errors.extend(unmounted.errors);
         let mounted = unmounted.found;
+        let scratch = disk::Scratch::of(&dir);
+        let disk_existed;
+        (report, disk_existed) = blocking(move || {
+            let found = disk::teardown(&scratch, &mut report);
+            Ok::<_, BackendError>((report, found))
+        })
+        .await?;
         let volume_dir_existed = self.volumes.exists(&handle.id);
         if volume_dir_existed {
             let id = handle.id.clone();
@@ -750,8 +979,11 @@ impl Backend for DockerBackend {
             dir.display().to_string(),
             (dir_existed && dir.exists()) as u64,
         );
-        report.already_gone =
-            !container_existed && !volume_existed && !dir_existed && !volume_dir_existed;
+        report.already_gone = !container_existed
+            && !volume_existed
+            && !dir_existed
+            && !volume_dir_existed
+            && !disk_existed;
         Ok(report)
     }
 
@@ -942,6 +1174,58 @@ impl Backend for DockerBackend {
     }
 }
 
+/// The host uid and gid of a container's root under `--userns-remap`
+/// (`SecurityOptions` has `name=userns`): dockerd keeps that engine's data
+/// in `<data root>/<uid>.<gid>`. `None` without remapping.
+fn remapped_root(
+    security_options: &[String],
+    root_dir: &str,
+) -> Result<Option<(u32, u32)>, String> {
+    let on = security_options
+        .iter()
+        .any(|o| o.split(',').any(|kv| kv == "name=userns"));
+    if !on {
+        return Ok(None);
+    }
+    let last = std::path::Path::new(root_dir)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    last.split_once('.')
+        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+        .map(Some)
+        .ok_or_else(|| {
+            format!("dockerd runs with --userns-remap but its data root {root_dir:?} does not name the remapped uid.gid")
+        })
+}
+
+/// Give `path` and what is directly in it to the remapped root.
+fn chown_tree(path: &std::path::Path, (uid, gid): (u32, u32)) -> Result<(), BackendError> {
+    let own = |p: &std::path::Path| {
+        std::os::unix::fs::lchown(p, Some(uid), Some(gid))
+            .map_err(|e| BackendError::io(format!("chown {uid}:{gid} {}", p.display()), e))
+    };
+    own(path)?;
+    for entry in fs::read_dir(path)
+        .map_err(|e| BackendError::io(format!("reading {}", path.display()), e))?
+    {
+        let entry =
+            entry.map_err(|e| BackendError::io(format!("reading {}", path.display()), e))?;
+        own(&entry.path())?;
+    }
+    Ok(())
+}
+
+/// Run blocking host work (mkfs, mount, files) off the async workers.
+async fn blocking<T: Send + 'static, E: Into<BackendError> + Send + 'static>(
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, BackendError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| BackendError::Engine(format!("host task: {e}")))?
+        .map_err(Into::into)
+}
+
 fn push_capped(buf: &mut Vec<u8>, data: &[u8]) {
     let room = EXEC_OUTPUT_CAP.saturating_sub(buf.len());
     buf.extend_from_slice(&data[..data.len().min(room)]);
@@ -974,6 +1258,24 @@ mod tests {
         running.pid = Some(4242);
         let r = to_status(Some(&running));
         assert_eq!((r.state, r.pid), (CellState::Running, Some(4242)));
+    }
+
+    #[test]
+    fn the_remapped_root_is_read_from_info() {
+        let opts = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let seccomp = opts(&["name=seccomp,profile=default"]);
+        assert_eq!(remapped_root(&seccomp, "/var/lib/docker"), Ok(None));
+        let remap = opts(&["name=seccomp,profile=default", "name=userns"]);
+        assert_eq!(
+            remapped_root(&remap, "/var/lib/docker/100000.100000"),
+            Ok(Some((100000, 100000)))
+        );
+        assert_eq!(
+            remapped_root(&remap, "/d/231072.231073/"),
+            Ok(Some((231072, 231073)))
+        );
+        let err = remapped_root(&remap, "/var/lib/docker").unwrap_err();
+        assert!(err.contains("--userns-remap"), "{err}");
     }
 
     #[test]

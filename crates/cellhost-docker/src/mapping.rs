@@ -3,7 +3,7 @@
 //! tested.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use bollard::models::{
     ContainerCreateBody, HostConfig, HostConfigLogConfig, Mount, MountType, PortBinding,
@@ -98,15 +98,31 @@ pub enum VolumeSource<'a> {
     Bind(&'a Path),
 }
 
+/// How `spec.resources.diskGiB` reaches the engine (see [`crate::disk`]).
+#[derive(Debug, Clone)]
+pub enum DiskLimit<'a> {
+    /// `StorageOpt size` on the writable layer, with the cell's own
+    /// read-only network files (`(source, target)`) and `hostname`.
+    StorageOpt {
+        gib: u64,
+        net_files: &'a [(PathBuf, String)],
+        hostname: &'a str,
+    },
+    /// A read-only root; these host dirs bound read-write at these targets.
+    Scratch { binds: &'a [(PathBuf, String)] },
+}
+
 /// The create body. `secrets_dir` is the host tmpfs holding the secret
 /// files (bind-mounted read-only at [`SECRETS_TARGET`]); `volume` backs
-/// `spec.volume`.
+/// `spec.volume`; `disk` enforces `spec.resources.diskGiB` (none: the
+/// writable layer is not limited).
 pub fn create_body(
     cell: &Cell,
     labels: HashMap<String, String>,
     policy: &Policy,
     secrets_dir: Option<&Path>,
     volume: Option<VolumeSource<'_>>,
+    disk: Option<&DiskLimit<'_>>,
 ) -> ContainerCreateBody {
     let spec = &cell.spec;
     let mut labels = labels;
@@ -138,6 +154,31 @@ pub fn create_body(
             read_only: Some(false),
             ..Default::default()
         });
+    }
+
+    let bind = |(src, target): &(PathBuf, String), read_only: bool| Mount {
+        target: Some(target.clone()),
+        source: Some(src.display().to_string()),
+        typ: Some(MountType::BIND),
+        read_only: Some(read_only),
+        ..Default::default()
+    };
+    let (mut storage_opt, mut readonly_rootfs, mut hostname) = (None, None, None);
+    match disk {
+        None => {}
+        Some(DiskLimit::StorageOpt {
+            gib,
+            net_files,
+            hostname: h,
+        }) => {
+            storage_opt = Some(crate::disk::storage_opt(*gib));
+            mounts.extend(net_files.iter().map(|f| bind(f, true)));
+            hostname = Some(h.to_string());
+        }
+        Some(DiskLimit::Scratch { binds }) => {
+            readonly_rootfs = Some(true);
+            mounts.extend(binds.iter().map(|b| bind(b, false)));
+        }
     }
 
     let mut exposed = Vec::new();
@@ -195,6 +236,8 @@ pub fn create_body(
         security_opt: Some(vec!["no-new-privileges:true".to_string()]),
         // Raw sockets would let a cell spoof traffic on the bridge.
         cap_drop: Some(vec!["NET_RAW".to_string()]),
+        storage_opt,
+        readonly_rootfs,
         log_config: Some(HostConfigLogConfig {
             typ: Some("json-file".to_string()),
             config: Some(HashMap::from([
@@ -216,6 +259,7 @@ pub fn create_body(
         // command is the whole argv, as in every other tier.
         entrypoint: Some(vec![]),
         working_dir: spec.working_dir.clone(),
+        hostname,
         labels: Some(labels),
         exposed_ports: (!exposed.is_empty()).then_some(exposed),
         stop_timeout: Some(policy.stop_timeout_secs),
@@ -290,6 +334,7 @@ spec:
             &policy(),
             Some(Path::new("/run/x/secrets")),
             Some(VolumeSource::Named(&names.volume)),
+            None,
         );
         assert_eq!(body.env.as_deref().unwrap(), ["B=2", "A=1"]);
         assert_eq!(body.entrypoint.as_deref(), Some(&[][..]));
@@ -333,7 +378,7 @@ spec:
         .unwrap();
         let mut p = policy();
         p.restart_unless_stopped = true;
-        let body = create_body(&cell, HashMap::new(), &p, None, None);
+        let body = create_body(&cell, HashMap::new(), &p, None, None, None);
         let h = body.host_config.unwrap();
         assert_eq!(h.network_mode.as_deref(), Some("none"));
         assert!(h.mounts.is_none() && h.port_bindings.is_none());
@@ -343,5 +388,74 @@ spec:
             Some(RestartPolicyNameEnum::UNLESS_STOPPED)
         );
         assert_eq!(body.env, Some(vec![]));
+        assert!(h.storage_opt.is_none() && h.readonly_rootfs.is_none());
+        assert!(body.hostname.is_none());
+    }
+
+    fn cell_with_volume() -> Cell {
+        cellhost_spec::parse(
+            "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: { name: a }\nspec:\n  isolation: container\n  image: x\n  command: [\"true\"]\n  volume: { path: /data, sizeGiB: 1 }\n  resources: { diskGiB: 2 }\n",
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn disk_by_storage_opt_makes_the_network_files_read_only() {
+        let net = vec![
+            (PathBuf::from("/c/net/hosts"), "/etc/hosts".to_string()),
+            (
+                PathBuf::from("/c/net/hostname"),
+                "/etc/hostname".to_string(),
+            ),
+        ];
+        let disk = DiskLimit::StorageOpt {
+            gib: 2,
+            net_files: &net,
+            hostname: "abc",
+        };
+        let body = create_body(
+            &cell_with_volume(),
+            HashMap::new(),
+            &policy(),
+            None,
+            Some(VolumeSource::Named("v")),
+            Some(&disk),
+        );
+        assert_eq!(body.hostname.as_deref(), Some("abc"));
+        let h = body.host_config.unwrap();
+        assert_eq!(h.storage_opt.unwrap()["size"], "2G");
+        assert_eq!(h.readonly_rootfs, None);
+        let m = h.mounts.unwrap();
+        let hosts = m
+            .iter()
+            .find(|m| m.target.as_deref() == Some("/etc/hosts"))
+            .unwrap();
+        assert_eq!(hosts.source.as_deref(), Some("/c/net/hosts"));
+        assert_eq!(hosts.read_only, Some(true));
+        assert_eq!(hosts.typ, Some(MountType::BIND));
+        assert!(m.iter().any(|m| m.target.as_deref() == Some("/data")));
+    }
+
+    #[test]
+    fn disk_by_scratch_is_a_read_only_root_with_writable_binds() {
+        let binds = vec![(PathBuf::from("/c/disk/tmp"), "/tmp".to_string())];
+        let disk = DiskLimit::Scratch { binds: &binds };
+        let body = create_body(
+            &cell_with_volume(),
+            HashMap::new(),
+            &policy(),
+            None,
+            None,
+            Some(&disk),
+        );
+        assert!(body.hostname.is_none());
+        let h = body.host_config.unwrap();
+        assert_eq!(h.readonly_rootfs, Some(true));
+        assert!(h.storage_opt.is_none());
+        let m = h.mounts.unwrap();
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert_eq!(m[0].target.as_deref(), Some("/tmp"));
+        assert_eq!(m[0].source.as_deref(), Some("/c/disk/tmp"));
+        assert_eq!(m[0].read_only, Some(false));
     }
 }

@@ -155,6 +155,16 @@ async fn bridged_cells_have_no_egress() {
     }
     assert!(ok, "test host {PEER}:{PORT} does not answer from the host");
 
+    // A fresh engine has no cellhost network until a bridged cell is
+    // made; the probe script needs its gateway first.
+    let warm = e
+        .create(
+            cell("  command: [\"/bin/true\"]\n  network: { mode: bridged }\n"),
+            vec![],
+        )
+        .await;
+    e.destroy(&warm).await;
+
     // The cell: bridged, a published port, no egress rules.
     let docker = e.docker.clone();
     let probe_cell = async {

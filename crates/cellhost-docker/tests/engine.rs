@@ -230,8 +230,13 @@ async fn secret_is_a_0600_file_and_absent_from_inspect() {
     assert!(cli.status.success());
     assert!(!String::from_utf8_lossy(&cli.stdout).contains(&value));
     let cid = info.id.unwrap();
-    let engine_dir = std::path::Path::new("/var/lib/docker/containers").join(&cid);
-    if let Ok(rd) = std::fs::read_dir(&engine_dir) {
+    // The engine's data root is wherever dockerd was told (scripts/test
+    // gives it a quota-enforcing one).
+    let root = e.docker.info().await.unwrap().docker_root_dir.unwrap();
+    let engine_dir = std::path::Path::new(&root).join("containers").join(&cid);
+    let rd = std::fs::read_dir(&engine_dir)
+        .unwrap_or_else(|err| panic!("{}: {err}", engine_dir.display()));
+    {
         for f in rd.flatten() {
             if f.path().is_file() {
                 let data = std::fs::read(f.path()).unwrap_or_default();
@@ -566,4 +571,50 @@ async fn encrypted_volume_persists_across_stop_start_only_with_its_key() {
     assert!(r.is_clean(), "{}", r.summary());
     assert!(r.checks.iter().any(|c| c.name == "volume-keyslots"));
     assert!(!vols.paths(&h.id).dir.exists());
+}
+
+/// Under an engine run with `--userns-remap`, a cell's root is not the
+/// host's: the workload's host uid is the remapped one. (Secrets and an
+/// encrypted volume work there too: the tests above read and write them.)
+#[tokio::test(flavor = "multi_thread")]
+async fn under_userns_remap_the_cells_root_is_not_the_hosts() {
+    let Some(e) = engine().await else { return };
+    let info = e.docker.info().await.unwrap();
+    let remapped = info
+        .security_options
+        .unwrap_or_default()
+        .iter()
+        .any(|o| o.split(',').any(|kv| kv == "name=userns"));
+    if !remapped {
+        eprintln!("SKIP: dockerd runs without --userns-remap");
+        return;
+    }
+    let h = e
+        .run(cell("  command: [\"/bin/sleep\", \"600\"]\n"), vec![])
+        .await;
+    let pid = e.backend.status(&h).await.unwrap().pid.expect("a pid");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uids: Vec<u32> = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .map(|u| u.parse().unwrap())
+        .collect();
+    assert_eq!(uids.len(), 4, "{status}");
+    assert!(uids.iter().all(|u| *u != 0), "host uids {uids:?}");
+    // Inside, it is root.
+    let out = e
+        .backend
+        .exec(
+            &h,
+            ExecRequest {
+                argv: vec!["/bin/id".into(), "-u".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
+    e.destroy(&h).await;
 }

@@ -101,6 +101,9 @@ use serde::{Deserialize, Serialize};
 
 pub use engine::{EngineChoice, EngineKind, LuksFormat, Probe, probe};
 pub use tools::Tools;
+/// Loop-device residue helpers, shared with tiers that loop-mount files of
+/// their own (the container tier's per-cell scratch disk).
+pub use tools::{detach_loops, loops_backed_by};
 
 /// Make `disk` a sparse file of `size` bytes formatted as LUKS1 with the
 /// same parameters as every cellhost volume (aes-xts-plain64, 512-bit

@@ -133,7 +133,7 @@ pub(crate) fn unmount(mnt: &Path, lazy_if_busy: bool) -> Result<(), String> {
 }
 
 /// Loop devices whose backing file lies under `dir` (`/dev/loopN`).
-pub(crate) fn loops_backed_by(dir: &Path) -> Vec<String> {
+pub fn loops_backed_by(dir: &Path) -> Vec<String> {
     let Ok(rd) = fs::read_dir("/sys/block") else {
         return Vec::new();
     };
@@ -158,7 +158,7 @@ nix::ioctl_none!(loop_clr_fd, 0x4C, 0x01);
 /// Detach loop devices still backed by files under `dir` (a mount that
 /// failed after its loop was set up, or a lazily unmounted volume once its
 /// last user left). Errors are returned per device.
-pub(crate) fn detach_loops(dir: &Path) -> Vec<String> {
+pub fn detach_loops(dir: &Path) -> Vec<String> {
     let mut errors = Vec::new();
     for dev in loops_backed_by(dir) {
         let r = fs::OpenOptions::new()
