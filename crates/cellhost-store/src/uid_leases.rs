@@ -32,7 +32,7 @@ impl UidPool {
         }
         let base = u64::from(self.start) + u64::from(i) * u64::from(self.size);
         let end = base + u64::from(self.size);
-        (end <= u64::from(u32::MAX)).then(|| UidRange {
+        (end <= u64::from(u32::MAX)).then_some(UidRange {
             base: base as u32,
             size: self.size,
         })
