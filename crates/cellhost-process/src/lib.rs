@@ -46,7 +46,8 @@
 //! the host's /etc or other cells, resource limits from cgroups, and
 //! loopback-only networking, or bridged: a netns cellhost-net made, whose
 //! only way out is a veth confined by the cell's nftables table (see
-//! cellhost-net). Secret values never appear in argv (the shim's
+//! cellhost-net). Its syscalls pass an allow-list seccomp filter (see
+//! `seccomp`). Secret values never appear in argv (the shim's
 //! argv is paths and ids), in config.json, in logs or in the store; they
 //! exist only in the cell's tmpfs and in memory during create.
 
