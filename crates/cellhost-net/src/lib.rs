@@ -108,6 +108,10 @@ pub struct NetConfig {
     /// The host address published ports are reached on from outside;
     /// `None`: every host address. 127.0.0.1 works on the host either way.
     pub publish: Option<Ipv4Addr>,
+    /// Networks no cell may reach whatever its egress rules say (the
+    /// operator's policy: link-local and cloud metadata, multicast, the
+    /// bridge's subnet, …): rejected before any allow rule.
+    pub deny: Vec<(Ipv4Addr, u8)>,
 }
 
 impl NetConfig {
@@ -118,6 +122,7 @@ impl NetConfig {
             subnet: DEFAULT_SUBNET.parse().expect("default subnet parses"),
             store_dir,
             publish: None,
+            deny: Vec::new(),
         }
     }
 
@@ -307,6 +312,36 @@ impl Network {
         Ok(())
     }
 
+    /// Name the network namespace of process `pid` (a cell's init, which
+    /// made it inside the cell's user namespace) as cell `id`'s:
+    /// `/run/netns/cellhost-<id>`, a bind mount of `/proc/<pid>/ns/net`, as
+    /// `ip netns` names its own. [`Network::attach`] then uses it rather
+    /// than making one, and `detach` removes the name like any other.
+    pub fn pin_netns(&self, id: &CellId, pid: i32) -> Result<PathBuf, NetError> {
+        let io = |context: String| move |source| NetError::Io { context, source };
+        let dir = Path::new("/run/netns");
+        std::fs::create_dir_all(dir).map_err(io(format!("creating {}", dir.display())))?;
+        let path = dir.join(netns_name(id));
+        if path.exists() {
+            // A retried create: the old name goes first.
+            remove_netns(&path)?;
+        }
+        std::fs::File::create(&path).map_err(io(format!("creating {}", path.display())))?;
+        let src = format!("/proc/{pid}/ns/net");
+        nix::mount::mount(
+            Some(src.as_str()),
+            &path,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| NetError::Io {
+            context: format!("binding {src} at {}", path.display()),
+            source: e.into(),
+        })?;
+        Ok(path)
+    }
+
     /// Give process cell `id` its network: a veth from its own netns. See
     /// the module docs for the order. On error the caller detaches
     /// (everything made so far is found by name).
@@ -361,6 +396,7 @@ impl Network {
         };
         let mut rules = CellRules::for_cell(id, &self.cfg.bridge, &self.owner, address, cell)?;
         rules.publish = self.cfg.publish;
+        rules.deny = self.cfg.deny.clone();
         rules.store = self.bridge_alias();
         let a = Attachment {
             netns: (link == Link::Veth).then(|| Path::new("/run/netns").join(netns_name(id))),

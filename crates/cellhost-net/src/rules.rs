@@ -63,6 +63,8 @@ pub struct CellRules {
     /// the comment so a daemon of another store never takes the tables
     /// for its own.
     pub store: String,
+    /// Networks rejected before any allow rule (the operator's bounds).
+    pub deny: Vec<(Ipv4Addr, u8)>,
 }
 
 /// A document setting this host cannot express, naming its field.
@@ -164,6 +166,7 @@ impl CellRules {
             rate_bytes_per_second: net.egress_bytes_per_second,
             publish: None,
             store: String::new(),
+            deny: Vec::new(),
         })
     }
 
@@ -237,6 +240,7 @@ impl CellRules {
             "\tchain forward {{\n\t\ttype filter hook forward priority filter - 5; policy accept;"
         );
         let _ = writeln!(s, "\t\tip saddr {ip} {own}");
+        s.push_str(&self.deny_rule());
         s.push_str(&self.allow_rules(false));
         let _ = writeln!(s, "\t\t{reject}");
         let _ = writeln!(s, "\t\tip daddr {ip} {own}");
@@ -281,6 +285,24 @@ impl CellRules {
         let _ = writeln!(s, "\t\tip saddr 127.0.0.0/8 ip daddr {ip} masquerade\n\t}}");
         s.push_str("}\n");
         s
+    }
+
+    /// The operator's denied networks, rejected before any allow rule:
+    /// no egress rule, however broad, reaches them.
+    fn deny_rule(&self) -> String {
+        if self.deny.is_empty() {
+            return String::new();
+        }
+        let set = self
+            .deny
+            .iter()
+            .map(|(a, p)| format!("{a}/{p}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "\t\tip saddr {} ip daddr {{ {set} }} counter name egress_denied reject with icmpx admin-prohibited\n",
+            self.address
+        )
     }
 
     /// Accepts for the egress list and the resolvers; `host_only`: only
@@ -520,6 +542,21 @@ mod tests {
         r.publish = Some(Ipv4Addr::LOCALHOST);
         let t = r.render(false);
         assert!(section(&t, "chain output").contains("ip daddr 127.0.0.1 tcp dport 18080"));
+    }
+
+    #[test]
+    fn denied_networks_are_rejected_before_any_allow() {
+        let mut r = rules("{mode: bridged, egress: [{cidr: 0.0.0.0/0}]}", "[]").unwrap();
+        r.deny = vec![
+            (Ipv4Addr::new(169, 254, 0, 0), 16),
+            (Ipv4Addr::new(10, 47, 0, 0), 16),
+        ];
+        let t = r.render(false);
+        let deny = t
+            .find("ip daddr { 169.254.0.0/16, 10.47.0.0/16 } counter name egress_denied reject")
+            .unwrap_or_else(|| panic!("{t}"));
+        let allow = t.find("ip daddr 0.0.0.0/0").unwrap();
+        assert!(deny < allow, "the deny must come first: {t}");
     }
 
     #[test]

@@ -320,6 +320,7 @@ impl NetOpt {
             subnet: self.bridge_subnet,
             store_dir: state_dir.to_path_buf(),
             publish: self.publish,
+            deny: Vec::new(),
         }
     }
 }

@@ -116,7 +116,7 @@ pub fn backend_for(
                 .context("locating the cellhost binary for the shim")?;
             let mut cfg = cellhost_process::ProcessConfig::new(state_dir.join("process"), shim);
             cfg.volume_engine = volume_engine;
-            cfg.network = Some(net.config(state_dir));
+            cfg.network = Some(net_config(net, state_dir, policy));
             cfg.log_cap_bytes = policy.log_bytes;
             cfg.net_raw = policy.net_raw;
             Ok(Arc::new(cellhost_process::ProcessBackend::new(cfg)))
@@ -137,10 +137,33 @@ pub fn backend_for(
                 ));
             }
             let mut cfg = qemu_config(tier, state_dir, status.accel)?;
-            cfg.network = Some(net.config(state_dir));
+            cfg.network = Some(net_config(net, state_dir, policy));
             Ok(Arc::new(cellhost_qemu::QemuBackend::new(cfg)))
         }
     }
+}
+
+/// Where bridged cells attach, with the policy's denied networks (what no
+/// egress rule reaches: see cellhost-policy's `egress.deny`).
+pub fn net_config(
+    net: &crate::cli::NetOpt,
+    state_dir: &Path,
+    policy: &cellhost_policy::Policy,
+) -> cellhost_net::NetConfig {
+    let mut cfg = net.config(state_dir);
+    let bridge = cellhost_policy::Net::new(net.bridge_subnet.network(), net.bridge_subnet.prefix());
+    // Host addresses are the input hook's business (only resolvers pass);
+    // these are what routing would carry off the host.
+    let facts = cellhost_policy::HostFacts {
+        addresses: Vec::new(),
+        bridge: Some(bridge),
+    };
+    cfg.deny = policy
+        .denied_nets(&facts)
+        .into_iter()
+        .map(|n| (n.addr(), n.prefix()))
+        .collect();
+    cfg
 }
 
 /// The host probe for the VM tiers: with a probe boot under KVM of a
@@ -396,7 +419,9 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         .handle(&id)
         .await
         .map_err(|e| supervisor_err(e, "reading the cell"))?;
-    let ttl = Duration::from_secs(view.expires_in_seconds);
+    // The lease the policy settled on (the document as stored), from now:
+    // the store's end is a few milliseconds earlier, and the reaper's.
+    let ttl = Duration::from_secs(view.document.spec.lifetime.ttl());
     if !json_out {
         eprintln!(
             "cellhost: cell {id} ({name}) running, lease {}s",

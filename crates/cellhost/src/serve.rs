@@ -127,7 +127,7 @@ pub fn backends(
         if tier.ok {
             let mut cfg = crate::run::qemu_config(t, state_dir, tier.accel)?;
             cfg.publish_address = args.publish_address.to_string();
-            cfg.network = Some(net.config(state_dir));
+            cfg.network = Some(crate::run::net_config(&net, state_dir, policy));
             out.push(Arc::new(cellhost_qemu::QemuBackend::new(cfg)));
         } else {
             tracing::warn!("{t} tier unavailable: {}", tier.detail);
