@@ -5,7 +5,8 @@
 //! [`SecretValue`]s (zeroed on drop); nothing here logs or stores them.
 //!
 //! [`write_tmpfs`] is how tiers deliver them: a private tmpfs per cell (so
-//! values never reach a disk), one 0600 file per secret, which the tier
+//! values never reach a disk), one 0600 file per secret (0400 and owned by
+//! the cell's own root when it runs under leased ids), which the tier
 //! bind-mounts read-only at `/run/secrets`. The tier unmounts it at
 //! destroy and checks the mount is gone.
 
@@ -95,29 +96,45 @@ pub fn process_env(var: &str) -> Option<Vec<u8>> {
 
 /// Mount a private tmpfs at `dir` (made 0700) and write each secret as a
 /// 0600 file in it. The caller unmounts it at teardown.
-pub fn write_tmpfs(dir: &Path, secrets: &[SecretValue]) -> Result<(), BackendError> {
+pub fn write_tmpfs(
+    dir: &Path,
+    secrets: &[SecretValue],
+    owner: Option<crate::UidRange>,
+) -> Result<(), BackendError> {
     use nix::mount::{MsFlags, mount};
     let ctx = |what: &str, p: &Path| format!("{what} {}", p.display());
     fs::DirBuilder::new()
         .mode(0o700)
         .create(dir)
         .map_err(|e| BackendError::io(ctx("creating", dir), e))?;
+    // Owned by the cell's root when its tier runs it under leased ids (a
+    // user namespace): readable by it and by nobody else on the host.
+    let options = match owner {
+        Some(r) => format!("mode=0500,uid={0},gid={0},size=4m", r.base),
+        None => TMPFS_OPTIONS.to_string(),
+    };
     mount(
         Some("tmpfs"),
         dir,
         Some("tmpfs"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        Some(TMPFS_OPTIONS),
+        Some(options.as_str()),
     )
     .map_err(|e| BackendError::io(ctx("mounting the secrets tmpfs at", dir), e.into()))?;
     for s in secrets {
         let path = dir.join(&s.name);
-        fs::OpenOptions::new()
+        let mode = if owner.is_some() { 0o400 } else { 0o600 };
+        let mut f = fs::OpenOptions::new()
             .create_new(true)
             .write(true)
-            .mode(0o600)
+            .mode(mode)
             .open(&path)
-            .and_then(|mut f| f.write_all(&s.value))
+            .map_err(|e| BackendError::io(ctx("writing secret file", &path), e))?;
+        if let Some(r) = owner {
+            std::os::unix::fs::fchown(&f, Some(r.base), Some(r.base))
+                .map_err(|e| BackendError::io(ctx("chown of secret file", &path), e))?;
+        }
+        f.write_all(&s.value)
             .map_err(|e| BackendError::io(ctx("writing secret file", &path), e))?;
     }
     Ok(())

@@ -454,7 +454,7 @@ impl DockerBackend {
             None
         } else {
             let s = dir.join("secrets");
-            cellhost_core::secrets::write_tmpfs(&s, &req.secrets)?;
+            cellhost_core::secrets::write_tmpfs(&s, &req.secrets, None)?;
             if let Some(ids) = remap {
                 chown_tree(&s, ids)?;
             }

@@ -1,39 +1,40 @@
-//! The OCI bundle of a cell and the shared `image: host` root.
+//! The OCI runtime spec of a process cell.
 //!
-//! Layout on the host (under the backend's state dir, all 0700 root):
+//! Layout on the host: `<state>/cells/<id>/config.json` (0600), written
+//! by the backend before the shim runs; its root is what `root::prepare`
+//! made. No secret is in it: env is the declared env, secrets are files.
 //!
-//! ```text
-//! <state>/host-root/          shared read-only skeleton for `image: host`:
-//!   usr/ etc/ proc/ dev/ sys/ tmp/ run/   empty mount points
-//!   bin -> usr/bin ...                    mirrors of the host's /bin, /lib* symlinks
-//! <state>/host-etc/           minimal /etc shown to every host-image cell
-//!   passwd group hosts nsswitch.conf resolv.conf ld.so.cache
-//!   alternatives/                         mount point: host's, read-only
-//! <state>/cells/<id>/config.json   this cell's OCI runtime spec
-//! ```
+//! What it asks of libcontainer, and why (threat model: the workload is a
+//! hostile stranger sharing the host's kernel):
 //!
-//! Lifecycle: the skeleton and etc are made once, atomically (built in a
-//! temp dir, renamed into place), and reused; they hold no cell data. The
-//! cell's rootfs is that skeleton mounted read-only inside the cell's own
-//! mount namespace, with the host's /usr (and /lib*, /bin, /sbin where they
-//! are real dirs) bind-mounted read-only, and private /tmp, /run, /proc,
-//! /dev. Nothing of a cell's mounts is visible in the host namespace.
-//!
-//! Idempotency: making the skeleton twice is a no-op; a racing maker loses
-//! the rename and uses the winner's.
-//!
-//! Threat model: the cell sees the host's programs and libraries (read-only,
-//! nodev, nosuid) but none of the host's /etc, /home, /root, /var or /run;
-//! its /etc is a fixed minimal set. It runs as uid 0 in its namespaces
-//! with the OCI default capability set, no_new_privileges, masked /proc
-//! paths and a read-only root. No user namespace yet: uid 0 in a cell is
-//! uid 0 on the host for files it can reach (all read-only or its own tmpfs).
+//! - **A user namespace of its own**: cell ids `0..65536` map onto the
+//!   host ids the supervisor leased it (never shared with a live cell), so
+//!   the cell's root is an unprivileged stranger on the host. Its own
+//!   pid, mount, uts, ipc, net and cgroup namespaces (the net one made
+//!   inside the user namespace, so it may mount its own sysfs; a bridged
+//!   cell's veth is moved in after create).
+//! - **Capabilities**: Docker's default set minus CAP_MKNOD (and minus
+//!   CAP_NET_RAW unless the operator's policy allows it), all of them
+//!   only over the cell's own namespaces; `no_new_privileges`.
+//! - **Devices**: the cgroup denies every device, then allows only null,
+//!   zero, full, random, urandom, tty, ptmx and the pts; the nodes are bound
+//!   in from the host (a user namespace cannot mknod), and the cell's own
+//!   /dev is `nodev`.
+//! - **Read-only**: the root, recursively, and every host bind (`rro`:
+//!   `mount_setattr` with `AT_RECURSIVE`, so no submount stays writable);
+//!   `/proc/sys`, `/proc/sysrq-trigger`, … read-only; `/sys` read-only with
+//!   block devices, firmware, powercap and the kernel's debug and security
+//!   trees masked. The writable places are the cell's own tmpfs mounts
+//!   (`/tmp`, sized `diskGiB` and charged to its memory, `/run`,
+//!   `/dev/shm`) and its volume.
+//! - **Limits** in the cgroup (cpu, memory, pids: the policy writes them
+//!   into every document) and rlimits (the policy adds `nofile` and
+//!   `nproc`, never the caller's inherited ones).
 
-use std::fs;
-use std::io;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt, symlink};
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use cellhost_core::UidRange;
 use cellhost_spec::Cell;
 use oci_spec::runtime::{
     Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
@@ -41,205 +42,78 @@ use oci_spec::runtime::{
     MountBuilder, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
 };
 
-/// Top-level host entries mirrored into the `image: host` root: bound
-/// read-only when they are directories, re-created when they are symlinks
-/// (Debian's merged /usr makes most of them symlinks into /usr).
-const HOST_TREES: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
-
-/// Host dir of symlinks that many host programs resolve through.
-const ALTERNATIVES: &str = "/etc/alternatives";
-
-/// Empty mount points every root needs.
-const MOUNT_POINTS: &[&str] = &["proc", "dev", "sys", "tmp", "run", "etc"];
+use crate::root::{ALTERNATIVES, Prepared};
 
 /// CPU bandwidth period (100 ms, the kernel default).
 const CPU_PERIOD_US: u64 = 100_000;
 
-#[derive(Debug, thiserror::Error)]
-pub enum BundleError {
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: io::Error,
-    },
-    #[error("building the OCI spec: {0}")]
-    Spec(String),
-    #[error("spec.image: {0}")]
-    Image(String),
-}
+/// Paths of `/proc` and `/sys` the cell never sees (a read-only tmpfs or
+/// /dev/null over each): kernel memory and timers, keys, block devices
+/// (a loop device of another tenant), firmware tables, power meters (a
+/// side channel), the kernel's debug and security trees.
+pub const MASKED: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/block",
+    "/sys/class/block",
+    "/sys/dev/block",
+    "/sys/devices/virtual/block",
+    "/sys/devices/virtual/powercap",
+    "/sys/kernel/debug",
+    "/sys/kernel/security",
+    "/sys/kernel/tracing",
+    "/sys/fs/bpf",
+];
 
-fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BundleError {
-    let context = context.into();
-    move |source| BundleError::Io { context, source }
-}
+/// `/proc` paths the cell may read but never write.
+pub const READ_ONLY: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// Character devices a cell may open (type, major, minor; `None`: any).
+const DEVICES: &[(i64, Option<i64>)] = &[
+    (1, Some(3)), // null
+    (1, Some(5)), // zero
+    (1, Some(7)), // full
+    (1, Some(8)), // random
+    (1, Some(9)), // urandom
+    (5, Some(0)), // tty
+    (5, Some(2)), // ptmx
+    (136, None),  // pts
+];
+
+#[derive(Debug, thiserror::Error)]
+#[error("building the OCI spec: {0}")]
+pub struct BundleError(String);
 
 fn spec_err(e: impl std::fmt::Display) -> BundleError {
-    BundleError::Spec(e.to_string())
-}
-
-/// The shared host-image root, made on first use.
-#[derive(Debug, Clone)]
-pub struct HostRoot {
-    pub root: PathBuf,
-    pub etc: PathBuf,
-    /// Host trees that are real directories and are bind-mounted.
-    pub binds: Vec<String>,
-}
-
-impl HostRoot {
-    /// Make (or reuse) the skeleton and /etc under `state_dir`.
-    pub fn ensure(state_dir: &Path) -> Result<HostRoot, BundleError> {
-        let root = state_dir.join("host-root");
-        let etc = state_dir.join("host-etc");
-        let mut binds = Vec::new();
-        for t in HOST_TREES {
-            let host = Path::new("/").join(t);
-            match fs::symlink_metadata(&host) {
-                Ok(m) if m.is_dir() => binds.push(t.to_string()),
-                _ => {}
-            }
-        }
-        if !root.exists() {
-            atomic_dir(&root, |tmp| {
-                for d in MOUNT_POINTS {
-                    mkdir(&tmp.join(d), 0o755)?;
-                }
-                for t in HOST_TREES {
-                    let host = Path::new("/").join(t);
-                    let Ok(m) = fs::symlink_metadata(&host) else {
-                        continue;
-                    };
-                    if m.file_type().is_symlink() {
-                        let target = fs::read_link(&host)?;
-                        symlink(target, tmp.join(t))?;
-                    } else if m.is_dir() {
-                        mkdir(&tmp.join(t), 0o755)?;
-                    }
-                }
-                Ok(())
-            })
-            .map_err(io_err(format!("making host root {}", root.display())))?;
-        }
-        if !etc.exists() {
-            atomic_dir(&etc, |tmp| {
-                write_file(
-                    &tmp.join("passwd"),
-                    "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-                )?;
-                write_file(&tmp.join("group"), "root:x:0:\nnogroup:x:65534:\n")?;
-                write_file(
-                    &tmp.join("hosts"),
-                    "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n",
-                )?;
-                write_file(&tmp.join("nsswitch.conf"), "passwd: files\ngroup: files\nhosts: files dns\n")?;
-                write_file(&tmp.join("resolv.conf"), "")?;
-                if let Ok(cache) = fs::read("/etc/ld.so.cache") {
-                    fs::write(tmp.join("ld.so.cache"), cache)?;
-                }
-                // Mount point for the host's /etc/alternatives (Debian's
-                // awk, editor, ... are symlinks through it).
-                if Path::new(ALTERNATIVES).is_dir() {
-                    mkdir(&tmp.join("alternatives"), 0o755)?;
-                }
-                Ok(())
-            })
-            .map_err(io_err(format!("making host etc {}", etc.display())))?;
-        }
-        Ok(HostRoot { root, etc, binds })
-    }
-}
-
-fn mkdir(p: &Path, mode: u32) -> io::Result<()> {
-    fs::DirBuilder::new().mode(mode).create(p)
-}
-
-fn write_file(p: &Path, s: &str) -> io::Result<()> {
-    fs::write(p, s)?;
-    fs::set_permissions(p, fs::Permissions::from_mode(0o644))
-}
-
-/// Build `dir` in a sibling temp dir and rename it into place; if someone
-/// else won the race, keep theirs.
-fn atomic_dir(dir: &Path, fill: impl FnOnce(&Path) -> io::Result<()>) -> io::Result<()> {
-    let parent = dir.parent().unwrap_or(Path::new("/"));
-    fs::create_dir_all(parent)?;
-    // Unique per maker (threads of one process included).
-    let tmp = parent.join(format!(
-        ".{}.tmp-{}-{}",
-        dir.file_name().and_then(|n| n.to_str()).unwrap_or("dir"),
-        std::process::id(),
-        cellhost_core::ids::CellId::random()
-    ));
-    let _ = fs::remove_dir_all(&tmp);
-    mkdir(&tmp, 0o755)?;
-    let filled = fill(&tmp);
-    if let Err(e) = filled {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    match fs::rename(&tmp, dir) {
-        Ok(()) => Ok(()),
-        Err(_) if dir.exists() => {
-            let _ = fs::remove_dir_all(&tmp);
-            Ok(())
-        }
-        Err(e) => {
-            let _ = fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
-}
-
-/// Where the cell's root comes from.
-#[derive(Debug, Clone)]
-pub enum RootSource {
-    Host(HostRoot),
-    Dir(PathBuf),
-}
-
-impl RootSource {
-    pub fn resolve(cell: &Cell, state_dir: &Path) -> Result<RootSource, BundleError> {
-        let image = cell.spec.image.as_str();
-        if image == "host" {
-            return Ok(RootSource::Host(HostRoot::ensure(state_dir)?));
-        }
-        let p = PathBuf::from(image);
-        if !p.is_absolute() {
-            return Err(BundleError::Image(format!(
-                "{image:?} is neither `host` nor an absolute rootfs path"
-            )));
-        }
-        match fs::metadata(&p) {
-            Ok(m) if m.is_dir() => Ok(RootSource::Dir(p)),
-            Ok(_) => Err(BundleError::Image(format!("{image} is not a directory"))),
-            Err(e) => Err(BundleError::Image(format!("rootfs {image}: {e}"))),
-        }
-    }
-
-    fn root_path(&self) -> &Path {
-        match self {
-            RootSource::Host(h) => &h.root,
-            RootSource::Dir(p) => p,
-        }
-    }
+    BundleError(e.to_string())
 }
 
 /// Inputs to [`oci_spec`] beyond the document.
 pub struct SpecInputs<'a> {
     pub cell: &'a Cell,
-    pub root: &'a RootSource,
+    pub root: &'a Prepared,
     /// Host dir (a tmpfs) holding the secret files, if the cell has secrets.
     pub secrets_dir: Option<&'a Path>,
-    /// The opened encrypted volume: (`spec.volume.path`, host data dir).
-    pub volume: Option<(&'a str, &'a Path)>,
-    /// Relative cgroup path (`/cellhost/cellhost-<id>`).
+    /// Relative cgroup path (`/cellhost/<instance>/cellhost-<id>`).
     pub cgroup_path: &'a str,
-    /// Bridged cells: the netns cellhost-net made (joined, not created),
-    /// and the cell's resolv.conf (bound over /etc/resolv.conf where the
-    /// root has one).
-    pub netns: Option<&'a Path>,
-    pub resolv_conf: Option<&'a Path>,
+    /// The host ids the cell's user namespace maps 0.. onto.
+    pub uids: UidRange,
+    /// Keep CAP_NET_RAW (the operator's policy).
+    pub net_raw: bool,
 }
 
 fn mount(dest: &str, typ: &str, source: &str, opts: &[&str]) -> Result<Mount, BundleError> {
@@ -262,18 +136,41 @@ fn bind(dest: &str, source: &Path, opts: &[&str]) -> Result<Mount, BundleError> 
         .map_err(spec_err)
 }
 
+/// Read-only, recursively (`rro`: no submount stays writable).
 fn bind_ro(dest: &str, source: &Path) -> Result<Mount, BundleError> {
-    bind(dest, source, &["rbind", "ro", "nosuid", "nodev"])
+    bind(dest, source, &["rbind", "ro", "rro", "nosuid", "nodev"])
+}
+
+/// The capabilities a cell's processes get (over its own namespaces).
+pub fn capabilities(net_raw: bool) -> HashSet<Capability> {
+    let mut caps: HashSet<Capability> = [
+        Capability::Chown,
+        Capability::DacOverride,
+        Capability::Fsetid,
+        Capability::Fowner,
+        Capability::Setgid,
+        Capability::Setuid,
+        Capability::Setfcap,
+        Capability::Setpcap,
+        Capability::NetBindService,
+        Capability::SysChroot,
+        Capability::Kill,
+        Capability::AuditWrite,
+    ]
+    .into_iter()
+    .collect();
+    if net_raw {
+        caps.insert(Capability::NetRaw);
+    }
+    caps
 }
 
 /// The OCI runtime spec for a cell.
 pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
     let spec = &inp.cell.spec;
-    let tmp_size = spec
-        .resources
-        .memory_mib
-        .map(|m| format!("size={m}m"))
-        .unwrap_or_else(|| "size=256m".to_string());
+    // The cell's scratch: its diskGiB (the policy always sets one), charged
+    // to its memory like every tmpfs page.
+    let tmp_size = format!("size={}g", spec.resources.disk_gib.unwrap_or(1));
 
     let mut mounts = vec![
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"])?,
@@ -281,7 +178,14 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
             "/dev",
             "tmpfs",
             "tmpfs",
-            &["nosuid", "strictatime", "mode=755", "size=65536k"],
+            &[
+                "nosuid",
+                "noexec",
+                "nodev",
+                "strictatime",
+                "mode=755",
+                "size=65536k",
+            ],
         )?,
         mount(
             "/dev/pts",
@@ -326,27 +230,14 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
             &["nosuid", "nodev", "mode=755", "size=16m"],
         )?,
     ];
-    if let RootSource::Host(h) = inp.root {
-        for t in &h.binds {
-            mounts.push(bind_ro(&format!("/{t}"), &Path::new("/").join(t))?);
-        }
-        mounts.push(bind_ro("/etc", &h.etc)?);
-        if h.etc.join("alternatives").is_dir() {
-            mounts.push(bind_ro(ALTERNATIVES, Path::new(ALTERNATIVES))?);
-        }
+    for t in &inp.root.host_binds {
+        mounts.push(bind_ro(&format!("/{t}"), &Path::new("/").join(t))?);
     }
-    if let Some(conf) = inp.resolv_conf {
-        let has_target = match inp.root {
-            RootSource::Host(_) => true,
-            // Not followed: a symlink in the image names a path of the
-            // cell's root, not the host's.
-            RootSource::Dir(d) => {
-                std::fs::symlink_metadata(d.join("etc/resolv.conf")).is_ok_and(|m| m.is_file())
-            }
-        };
-        if has_target {
-            mounts.push(bind_ro("/etc/resolv.conf", conf)?);
-        }
+    if inp.root.alternatives {
+        mounts.push(bind_ro(ALTERNATIVES, Path::new(ALTERNATIVES))?);
+    }
+    if let Some(conf) = &inp.root.resolv_conf {
+        mounts.push(bind_ro("/etc/resolv.conf", conf)?);
     }
     if let Some(dir) = inp.secrets_dir {
         mounts.push(bind(
@@ -355,34 +246,17 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
             &["bind", "ro", "nosuid", "nodev", "noexec"],
         )?);
     }
-    if let Some((dest, source)) = inp.volume {
-        mounts.push(bind(dest, source, &["rbind", "rw", "nosuid", "nodev"])?);
+    if let (Some(v), Some(src)) = (&spec.volume, &inp.root.volume) {
+        mounts.push(bind(&v.path, src, &["bind", "rw", "nosuid", "nodev"])?);
     }
 
-    let caps: std::collections::HashSet<Capability> = [
-        Capability::Chown,
-        Capability::DacOverride,
-        Capability::Fsetid,
-        Capability::Fowner,
-        Capability::Mknod,
-        Capability::NetRaw,
-        Capability::Setgid,
-        Capability::Setuid,
-        Capability::Setfcap,
-        Capability::Setpcap,
-        Capability::NetBindService,
-        Capability::SysChroot,
-        Capability::Kill,
-        Capability::AuditWrite,
-    ]
-    .into_iter()
-    .collect();
+    let caps = capabilities(inp.net_raw);
     let capabilities = LinuxCapabilitiesBuilder::default()
         .bounding(caps.clone())
         .effective(caps.clone())
         .permitted(caps)
-        .inheritable(std::collections::HashSet::<Capability>::new())
-        .ambient(std::collections::HashSet::<Capability>::new())
+        .inheritable(HashSet::<Capability>::new())
+        .ambient(HashSet::<Capability>::new())
         .build()
         .map_err(spec_err)?;
 
@@ -405,12 +279,14 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
         .build()
         .map_err(spec_err)?;
 
-    let mut resources = LinuxResourcesBuilder::default();
+    let mut resources = LinuxResourcesBuilder::default().devices(devices()?);
     if let Some(mib) = spec.resources.memory_mib {
         let bytes = (mib as i64).saturating_mul(1024 * 1024);
         resources = resources.memory(
             LinuxMemoryBuilder::default()
                 .limit(bytes)
+                // No swap beyond the limit: the limit is the limit.
+                .swap(bytes)
                 .build()
                 .map_err(spec_err)?,
         );
@@ -435,55 +311,32 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
     }
 
     let namespaces = [
+        LinuxNamespaceType::User,
         LinuxNamespaceType::Pid,
         LinuxNamespaceType::Mount,
         LinuxNamespaceType::Uts,
         LinuxNamespaceType::Ipc,
         LinuxNamespaceType::Network,
+        LinuxNamespaceType::Cgroup,
     ]
     .into_iter()
     .map(|t| {
-        let mut ns = LinuxNamespaceBuilder::default().typ(t);
-        if let (LinuxNamespaceType::Network, Some(path)) = (t, inp.netns) {
-            ns = ns.path(path.to_path_buf());
-        }
-        ns.build().map_err(spec_err)
+        LinuxNamespaceBuilder::default()
+            .typ(t)
+            .build()
+            .map_err(spec_err)
     })
     .collect::<Result<Vec<_>, _>>()?;
 
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let linux = LinuxBuilder::default()
         .namespaces(namespaces)
+        .uid_mappings(id_mappings(inp.uids)?)
+        .gid_mappings(id_mappings(inp.uids)?)
         .cgroups_path(PathBuf::from(inp.cgroup_path))
         .resources(resources.build().map_err(spec_err)?)
-        .masked_paths(
-            [
-                "/proc/acpi",
-                "/proc/asound",
-                "/proc/kcore",
-                "/proc/keys",
-                "/proc/latency_stats",
-                "/proc/timer_list",
-                "/proc/timer_stats",
-                "/proc/sched_debug",
-                "/proc/scsi",
-                "/sys/firmware",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>(),
-        )
-        .readonly_paths(
-            [
-                "/proc/bus",
-                "/proc/fs",
-                "/proc/irq",
-                "/proc/sys",
-                "/proc/sysrq-trigger",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect::<Vec<_>>(),
-        )
+        .masked_paths(strings(MASKED))
+        .readonly_paths(strings(READ_ONLY))
         .build()
         .map_err(spec_err)?;
 
@@ -491,7 +344,7 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
         .version("1.0.2")
         .root(
             RootBuilder::default()
-                .path(inp.root.root_path())
+                .path(&inp.root.root)
                 .readonly(true)
                 .build()
                 .map_err(spec_err)?,
@@ -503,6 +356,39 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
         .build()
         .map_err(spec_err)
 }
+
+/// Cell ids `0..size` onto the leased host range.
+fn id_mappings(r: UidRange) -> Result<Vec<oci_spec::runtime::LinuxIdMapping>, BundleError> {
+    let m = serde_json::from_value(serde_json::json!({
+        "containerID": 0u32,
+        "hostID": r.base,
+        "size": r.size,
+    }))
+    .map_err(spec_err)?;
+    Ok(vec![m])
+}
+
+/// Deny every device, then allow [`DEVICES`] (read, write, mknod).
+fn devices() -> Result<Vec<oci_spec::runtime::LinuxDeviceCgroup>, BundleError> {
+    let mut out = vec![
+        serde_json::from_value(serde_json::json!({ "allow": false, "access": "rwm" }))
+            .map_err(spec_err)?,
+    ];
+    for (major, minor) in DEVICES {
+        out.push(
+            serde_json::from_value(serde_json::json!({
+                "allow": true,
+                "type": "c",
+                "major": major,
+                "minor": minor,
+                "access": "rwm",
+            }))
+            .map_err(spec_err)?,
+        );
+    }
+    Ok(out)
+}
+
 /// `spec.resources.ulimits` as OCI rlimits (`nofile` -> `RLIMIT_NOFILE`).
 /// The names were checked by the spec crate against the same list.
 fn rlimits(
@@ -516,7 +402,7 @@ fn rlimits(
                 "soft": u.soft,
                 "hard": u.hard,
             }))
-            .map_err(|e| BundleError::Spec(format!("spec.resources.ulimits {}: {e}", u.name)))
+            .map_err(|e| BundleError(format!("spec.resources.ulimits {}: {e}", u.name)))
         })
         .collect()
 }

@@ -55,13 +55,14 @@ mod bundle;
 pub mod exec;
 pub mod executor;
 pub mod hostfs;
+pub mod root;
 pub mod seccomp;
 pub mod shim;
 
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -70,14 +71,15 @@ use async_trait::async_trait;
 use cellhost_core::ids::CellId;
 use cellhost_core::{
     Backend, BackendError, CellHandle, CellState, CellStatus, CreateRequest, ExecOutput,
-    ExecRequest, ExitInfo, ListedCell, LogChunk, ResourceUsage, TeardownReport, VolumeKey,
+    ExecRequest, ExitInfo, ListedCell, LogChunk, ResourceUsage, TeardownReport, UidRange,
+    VolumeKey,
 };
 use cellhost_spec::{Cell, Isolation};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::AsyncBufReadExt;
 
-pub use bundle::{BundleError, HostRoot};
+pub use bundle::BundleError;
 use hostfs::{CellCgroups, Hierarchy};
 use shim::{EXIT_FILE, LC_ROOT, LOG_FILE, SHIM_LOG_FILE, SHIM_PID_FILE, ShimReport};
 
@@ -147,6 +149,8 @@ pub struct ProcessConfig {
     pub network: Option<cellhost_net::NetConfig>,
     /// Cells keep CAP_NET_RAW (the operator's policy `netRaw`).
     pub net_raw: bool,
+    /// The image store rootfs images come from (`<state>/images`).
+    pub images_dir: PathBuf,
 }
 
 /// Default cap on a cell's log: 64 MiB.
@@ -156,12 +160,15 @@ impl ProcessConfig {
     /// A config with the default log cap.
     pub fn new(state_dir: PathBuf, shim: ShimCommand) -> ProcessConfig {
         ProcessConfig {
-            state_dir,
             shim,
             log_cap_bytes: DEFAULT_LOG_CAP_BYTES,
             volume_engine: cellhost_volume::EngineChoice::Auto,
             network: None,
             net_raw: false,
+            images_dir: state_dir
+                .parent()
+                .map_or_else(|| PathBuf::from("images"), |p| p.join("images")),
+            state_dir,
         }
     }
 }
@@ -180,6 +187,8 @@ pub struct ProcessBackend {
     volumes: cellhost_volume::Volumes,
     /// Bridged networking, when configured.
     net: Option<Arc<cellhost_net::Network>>,
+    /// Rootfs images (`spec.image` other than `host`).
+    images: cellhost_image::ImageStore,
 }
 
 /// Paths of one cell on the host, derived from its id.
@@ -209,9 +218,6 @@ impl CellPaths {
     }
 }
 
-/// The cell's resolv.conf in its dir (bridged cells).
-const RESOLV_CONF: &str = "resolv.conf";
-
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BackendError {
     let context = context.into();
     move |e| BackendError::io(context, e)
@@ -228,6 +234,7 @@ impl ProcessBackend {
         let mut vcfg = cellhost_volume::VolumeConfig::new(cfg.state_dir.join("volumes"));
         vcfg.engine = cfg.volume_engine;
         ProcessBackend {
+            images: cellhost_image::ImageStore::new(cfg.images_dir.clone()),
             volumes: cellhost_volume::Volumes::new(vcfg),
             net: cfg
                 .network
@@ -327,6 +334,53 @@ impl ProcessBackend {
         read_state_pid(&self.paths(id).lc_state())
     }
 
+    /// A cell's processes run as its own unprivileged host uid, and its
+    /// init reaches its root and binds under `<state>/cells/<id>/` with
+    /// that uid: every directory from `/` down to `cells` must be
+    /// searchable by others (o+x; nothing in them becomes listable or
+    /// readable). The dirs cellhost owns (the state dir and below) are
+    /// made so; one above that is not is a clear refusal.
+    fn ensure_traversable(&self) -> Result<(), BackendError> {
+        let cells = self.cfg.state_dir.join("cells");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(&cells)
+            .map_err(io_err(format!("creating {}", cells.display())))?;
+        let ours: Vec<&Path> = [
+            Some(cells.as_path()),
+            Some(self.cfg.state_dir.as_path()),
+            self.cfg.state_dir.parent(),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for dir in cells.ancestors() {
+            let m = fs::metadata(dir).map_err(io_err(format!("reading {}", dir.display())))?;
+            let mode = m.permissions().mode();
+            if mode & 0o001 != 0 {
+                continue;
+            }
+            if ours.contains(&dir) {
+                fs::set_permissions(dir, fs::Permissions::from_mode((mode & 0o7777) | 0o011))
+                    .map_err(io_err(format!("chmod o+x {}", dir.display())))?;
+            } else {
+                return Err(BackendError::MissingCapability {
+                    capability: "state_dir".into(),
+                    detail: format!(
+                        "process cells run as their own unprivileged uid, which must pass \
+                         through every directory above {}; {} is mode {:o} (not o+x): use a \
+                         --state-dir whose parents are searchable, e.g. /var/lib/cellhost",
+                        cells.display(),
+                        dir.display(),
+                        mode & 0o7777
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Check the host can enforce what the document asks, before any side
     /// effect.
     fn admit(&self, cell: &Cell, key: Option<&VolumeKey>) -> Result<(), BackendError> {
@@ -336,6 +390,7 @@ impl ProcessBackend {
                 detail: "the process tier needs root (namespaces, cgroups, mounts)".into(),
             });
         }
+        self.ensure_traversable()?;
         let cg = self
             .cgroups_of(&hostfs::cgroup_object(&self.instance, "cellhost-admit"))
             .map_err(io_err("reading /proc/self/mountinfo"))?;
@@ -386,52 +441,45 @@ impl ProcessBackend {
         &self,
         req: &CreateRequest,
         p: &CellPaths,
+        uids: UidRange,
     ) -> Result<Option<cellhost_net::Attachment>, BackendError> {
-        let root = bundle::RootSource::resolve(&req.cell, &self.cfg.state_dir)
-            .map_err(|e| BackendError::Invalid(e.to_string()))?;
+        let source = self.root_source(&req.cell)?;
         fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(0o711)
             .create(&p.dir)
             .map_err(io_err(format!("creating {}", p.dir.display())))?;
+        fs::set_permissions(&p.dir, fs::Permissions::from_mode(0o711))
+            .map_err(io_err(format!("chmod {}", p.dir.display())))?;
         let secrets_dir = if req.secrets.is_empty() {
             None
         } else {
-            cellhost_core::secrets::write_tmpfs(&p.secrets(), &req.secrets)?;
+            cellhost_core::secrets::write_tmpfs(&p.secrets(), &req.secrets, Some(uids))?;
             Some(p.secrets())
         };
-        let attached = match (&self.net, req.cell.spec.network.mode) {
-            (Some(net), cellhost_spec::NetworkMode::Bridged) => {
-                let (net, id, cell) = (net.clone(), req.id.clone(), req.cell.clone());
-                let a = tokio::task::spawn_blocking(move || net.attach(&id, &cell))
-                    .await
-                    .map_err(|e| BackendError::Engine(format!("network attach task: {e}")))?
-                    .map_err(cellhost_net::backend_error)?;
-                write_private(
-                    &p.dir.join(RESOLV_CONF),
-                    cellhost_core::ifconfig::resolv_conf(&req.cell.spec.network.dns).as_bytes(),
-                )?;
-                Some(a)
-            }
-            _ => None,
-        };
+        let bridged =
+            self.net.is_some() && req.cell.spec.network.mode == cellhost_spec::NetworkMode::Bridged;
+        let resolv =
+            bridged.then(|| cellhost_core::ifconfig::resolv_conf(&req.cell.spec.network.dns));
         let volume = self.volumes.create_for(req).await?;
+        if let Some(open) = &volume {
+            // The cell's root owns its volume; nobody else on the host does.
+            std::os::unix::fs::chown(&open.data_dir, Some(uids.base), Some(uids.base))
+                .map_err(io_err(format!("chown {}", open.data_dir.display())))?;
+        }
         let volume = match (&volume, &req.cell.spec.volume) {
             (Some(open), Some(v)) => Some((v.path.as_str(), open.data_dir.as_path())),
             _ => None,
         };
+        let prepared = root::prepare(&p.dir, &source, resolv.as_deref(), volume)?;
         let cgroup_path = format!("/{}/{}", hostfs::CGROUP_PARENT, p.cgroup);
         let spec = bundle::oci_spec(&bundle::SpecInputs {
             cell: &req.cell,
-            root: &root,
+            root: &prepared,
             secrets_dir: secrets_dir.as_deref(),
-            volume,
             cgroup_path: &cgroup_path,
-            netns: attached.as_ref().and_then(|a| a.netns.as_deref()),
-            resolv_conf: attached
-                .as_ref()
-                .map(|_| p.dir.join(RESOLV_CONF))
-                .as_deref(),
+            uids,
+            net_raw: self.cfg.net_raw,
         })
         .map_err(|e| BackendError::Engine(e.to_string()))?;
         let json = serde_json::to_vec(&spec).map_err(|e| BackendError::Engine(e.to_string()))?;
@@ -443,11 +491,51 @@ impl ProcessBackend {
             .mode(0o600)
             .open(p.log())
             .map_err(io_err("creating cell log"))?;
-        self.run_shim(p).await?;
+        let pid = self.run_shim(p).await?;
+        // The cell's network namespace was made inside its user namespace
+        // (so it may mount its own sysfs): a bridged cell's veth goes in
+        // now, before the workload starts.
+        let attached = match (&self.net, bridged) {
+            (Some(net), true) => {
+                let (net, id, cell) = (net.clone(), req.id.clone(), req.cell.clone());
+                let a = tokio::task::spawn_blocking(move || {
+                    net.pin_netns(&id, pid)?;
+                    net.attach(&id, &cell)
+                })
+                .await
+                .map_err(|e| BackendError::Engine(format!("network attach task: {e}")))?
+                .map_err(cellhost_net::backend_error)?;
+                Some(a)
+            }
+            _ => None,
+        };
         Ok(attached)
     }
 
-    async fn run_shim(&self, p: &CellPaths) -> Result<(), BackendError> {
+    /// Where a cell's root comes from: `host` (if the image is allowed at
+    /// all is the policy's business) or a rootfs image of the store.
+    fn root_source(&self, cell: &Cell) -> Result<root::Source, BackendError> {
+        let image = cell.spec.image.as_str();
+        if image == "host" {
+            return Ok(root::Source::Host);
+        }
+        let img = self.images.get(image).map_err(|e| match e {
+            cellhost_image::ImageError::NotFound(_) | cellhost_image::ImageError::BadName(_) => {
+                BackendError::Invalid(format!("spec.image: {e}"))
+            }
+            other => BackendError::Engine(format!("spec.image: {other}")),
+        })?;
+        match img.rootfs() {
+            Some(f) => Ok(root::Source::Image(f)),
+            None => Err(BackendError::Invalid(format!(
+                "spec.image: {image} is a {} image, not a rootfs for process cells",
+                img.manifest.kind.as_str()
+            ))),
+        }
+    }
+
+    /// Run the shim; the container's init pid once it reports.
+    async fn run_shim(&self, p: &CellPaths) -> Result<i32, BackendError> {
         let shim_log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -495,7 +583,8 @@ impl ProcessBackend {
         let rep: ShimReport = serde_json::from_str(&line)
             .map_err(|e| BackendError::Engine(format!("bad shim report {line:?}: {e}")))?;
         if rep.ok {
-            Ok(())
+            rep.pid
+                .ok_or_else(|| BackendError::Engine("the shim reported no pid".into()))
         } else {
             Err(BackendError::Engine(
                 rep.error.unwrap_or_else(|| "shim failed".into()),
@@ -538,8 +627,25 @@ impl ProcessBackend {
         }
     }
 
+    /// Close the cell's encrypted volume (stop, release): first the bind
+    /// its root holds (`rt/volume`), so the volume's mount is free to go.
+    fn close_volume(&self, id: &CellId) -> Result<(), BackendError> {
+        let bind = self.paths(id).dir.join("rt").join("volume");
+        match nix::mount::umount2(&bind, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+            Err(e) => {
+                return Err(BackendError::io(
+                    format!("unmounting {}", bind.display()),
+                    e.into(),
+                ));
+            }
+        }
+        self.volumes.close_if_any(id)
+    }
+
     /// Blocking teardown + verification (runs on a blocking thread).
-    fn destroy_blocking(&self, id: &CellId) -> TeardownReport {
+    /// `uids`: the cell's leased range, checked for processes at the end.
+    fn destroy_blocking(&self, id: &CellId, uids: Option<UidRange>) -> TeardownReport {
         let p = self.paths(id);
         let mut report = TeardownReport::new(id.as_str());
         report.already_gone = !p.dir.exists() && !self.volumes.exists(id);
@@ -558,9 +664,14 @@ impl ProcessBackend {
         let shim_pid = read_pid_file(&p.shim_pid());
         let init_pid = read_state_pid(&p.lc_state());
 
-        // 1. processes
+        // 1. processes: the cgroup's, then anything else still running as
+        //    the cell's ids (a container init that failed before joining
+        //    its cgroup, a zombie its parent has yet to reap).
         self.kill_all(&p, init_pid, &cg, deadline);
         self.wait_shim_gone(&p, deadline);
+        if let Some(r) = uids {
+            kill_uids(r, deadline);
+        }
 
         // 2. libcontainer's own delete (cgroups + its state dir).
         if p.lc_state().join("state.json").exists() {
@@ -672,6 +783,20 @@ impl ProcessBackend {
             p.dir.display().to_string(),
             p.dir.exists() as u64,
         );
+        if let Some(r) = uids {
+            // Nothing may run as the cell's ids once it is gone: the range
+            // goes to another cell next.
+            let left = cellhost_core::uids::processes_in(r);
+            report.check_detail(
+                "uids",
+                format!("processes running as {r}"),
+                left.len() as u64,
+                left.iter()
+                    .map(|(pid, uid)| format!("{pid} (uid {uid})"))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+        }
         report
     }
 
@@ -793,6 +918,22 @@ impl ProcessBackend {
     }
 }
 
+/// SIGKILL every process running as an id of `r` until none is left or
+/// the deadline passes. Every such process is the cell's: the range is
+/// leased to it alone.
+fn kill_uids(r: UidRange, deadline: Instant) {
+    loop {
+        let left = cellhost_core::uids::processes_in(r);
+        if left.is_empty() || Instant::now() >= deadline {
+            return;
+        }
+        for (pid, _) in left {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Let a created container run: libcontainer's start, minus its `chdir`.
 ///
 /// `Container::start` reaches the init's notify socket by `chdir`ing into
@@ -892,6 +1033,10 @@ impl Backend for ProcessBackend {
         Isolation::Process
     }
 
+    fn wants_uids(&self) -> bool {
+        true
+    }
+
     fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle {
         let p = self.paths(id);
         CellHandle {
@@ -914,14 +1059,22 @@ impl Backend for ProcessBackend {
                 req.cell.spec.isolation
             )));
         }
+        let Some(uids) = req.uids else {
+            return Err(BackendError::Invalid(
+                "process cells run in a user namespace of their own: the request needs the \
+                 cell's leased uid range (the supervisor leases one)"
+                    .into(),
+            ));
+        };
         self.admit(&req.cell, req.volume_key.as_ref())?;
-        let handle = self.handle_for(&req.id, &req.cell);
+        let mut handle = self.handle_for(&req.id, &req.cell);
+        handle.uids = Some(uids);
         let p = self.paths(&req.id);
         if p.dir.exists() || self.volumes.exists(&req.id) {
             // Leftovers at this id: pre-clean (idempotent).
             let _ = self.destroy(&handle).await?;
         }
-        match self.create_inner(&req, &p).await {
+        match self.create_inner(&req, &p, uids).await {
             Ok(None) => Ok(handle),
             Ok(Some(net)) => {
                 let mut handle = handle;
@@ -960,7 +1113,7 @@ impl Backend for ProcessBackend {
             let p = this.paths(&id);
             let st = this.status_blocking(&id);
             if st.state != CellState::Running && st.state != CellState::Created {
-                return this.volumes.close_if_any(&id);
+                return this.close_volume(&id);
             }
             if let Some(pid) = st.pid {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
@@ -980,20 +1133,20 @@ impl Backend for ProcessBackend {
             );
             this.wait_shim_gone(&p, Instant::now() + KILL_TIMEOUT);
             // Data at rest is ciphertext while the cell does not run.
-            this.volumes.close_if_any(&id)
+            this.close_volume(&id)
         })
         .await?
     }
 
     async fn release(&self, handle: &CellHandle) -> Result<(), BackendError> {
         let id = handle.id.clone();
-        self.blocking("release", move |this| this.volumes.close_if_any(&id))
+        self.blocking("release", move |this| this.close_volume(&id))
             .await?
     }
 
     async fn destroy(&self, handle: &CellHandle) -> Result<TeardownReport, BackendError> {
-        let id = handle.id.clone();
-        self.blocking("destroy", move |this| this.destroy_blocking(&id))
+        let (id, uids) = (handle.id.clone(), handle.uids);
+        self.blocking("destroy", move |this| this.destroy_blocking(&id, uids))
             .await
     }
 

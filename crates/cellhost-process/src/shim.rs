@@ -133,6 +133,7 @@ fn create(cell_dir: &Path, container_id: &str) -> Result<(Pid, OwnedFd, File), S
     let null = File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
     let lc_root = cell_dir.join(LC_ROOT);
     fs::create_dir_all(&lc_root).map_err(|e| format!("{}: {e}", lc_root.display()))?;
+    raise_hard_limits(cell_dir)?;
 
     // The builder owns the write ends and closes them when it is done, so
     // the shim holds only the read end: EOF means every writer is gone.
@@ -155,6 +156,56 @@ fn create(cell_dir: &Path, container_id: &str) -> Result<(Pid, OwnedFd, File), S
         .ok_or_else(|| "libcontainer reported no init pid".to_string())?;
     loopback_up(pid).map_err(|e| format!("bringing up loopback: {e}"))?;
     Ok((pid, output, log))
+}
+
+/// The cell's rlimits are set inside its user namespace, where a hard
+/// limit can only be lowered: lift the shim's own hard limits (it is host
+/// root) to what the cell asks, so they are the cell's own, never the
+/// ones cellhost happened to inherit.
+fn raise_hard_limits(cell_dir: &Path) -> Result<(), String> {
+    let config = fs::read(cell_dir.join("config.json")).map_err(|e| format!("config.json: {e}"))?;
+    let spec: serde_json::Value =
+        serde_json::from_slice(&config).map_err(|e| format!("config.json: {e}"))?;
+    let Some(rlimits) = spec["process"]["rlimits"].as_array() else {
+        return Ok(());
+    };
+    for r in rlimits {
+        let (Some(name), Some(hard)) = (r["type"].as_str(), r["hard"].as_u64()) else {
+            continue;
+        };
+        let Some(res) = resource(name) else { continue };
+        let (soft, cur_hard) =
+            nix::sys::resource::getrlimit(res).map_err(|e| format!("getrlimit {name}: {e}"))?;
+        if hard > cur_hard {
+            nix::sys::resource::setrlimit(res, soft.min(hard), hard)
+                .map_err(|e| format!("raising {name} to {hard}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
+/// `RLIMIT_NOFILE` as nix's resource.
+fn resource(name: &str) -> Option<nix::sys::resource::Resource> {
+    use nix::sys::resource::Resource as R;
+    Some(match name {
+        "RLIMIT_AS" => R::RLIMIT_AS,
+        "RLIMIT_CORE" => R::RLIMIT_CORE,
+        "RLIMIT_CPU" => R::RLIMIT_CPU,
+        "RLIMIT_DATA" => R::RLIMIT_DATA,
+        "RLIMIT_FSIZE" => R::RLIMIT_FSIZE,
+        "RLIMIT_LOCKS" => R::RLIMIT_LOCKS,
+        "RLIMIT_MEMLOCK" => R::RLIMIT_MEMLOCK,
+        "RLIMIT_MSGQUEUE" => R::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => R::RLIMIT_NICE,
+        "RLIMIT_NOFILE" => R::RLIMIT_NOFILE,
+        "RLIMIT_NPROC" => R::RLIMIT_NPROC,
+        "RLIMIT_RSS" => R::RLIMIT_RSS,
+        "RLIMIT_RTPRIO" => R::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => R::RLIMIT_RTTIME,
+        "RLIMIT_SIGPENDING" => R::RLIMIT_SIGPENDING,
+        "RLIMIT_STACK" => R::RLIMIT_STACK,
+        _ => return None,
+    })
 }
 
 fn wait_for(pid: Pid) -> ExitInfo {

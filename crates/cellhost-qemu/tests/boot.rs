@@ -346,6 +346,7 @@ fn bridged_vm_gets_its_lease_and_publishes_by_dnat() {
         subnet: format!("10.249.{n}.0/24").parse().unwrap(),
         store_dir: state.path().to_path_buf(),
         publish: None,
+        deny: Vec::new(),
     };
     struct Cleanup(cellhost_net::NetConfig, CellId);
     impl Drop for Cleanup {

@@ -402,6 +402,8 @@ pub struct Health {
         (status = 201, description = "Created", body = CellView),
         (status = 400, description = "Invalid document", body = ApiError),
         (status = 401, description = "No valid token", body = ApiError),
+        (status = 403, description = "The operator's policy refuses a field", body = ApiError),
+        (status = 429, description = "A per-tenant cap (policy: tenants)", body = ApiError),
         (status = 409, description = "Not enough capacity", body = ApiError),
         (status = 413, description = "Body too large", body = ApiError),
         (status = 422, description = "Tier not available here", body = ApiError),
@@ -460,6 +462,7 @@ fn volume_key(headers: &HeaderMap) -> ApiResult<Option<VolumeKey>> {
     responses(
         (status = 200, body = Vec<CellView>),
         (status = 401, body = ApiError),
+        (status = 429, description = "A per-tenant cap (policy: tenants)", body = ApiError),
     ))]
 async fn list_cells(
     State(st): State<AppState>,
@@ -474,6 +477,7 @@ async fn list_cells(
     responses(
         (status = 200, body = CellView),
         (status = 401, body = ApiError),
+        (status = 429, description = "A per-tenant cap (policy: tenants)", body = ApiError),
         (status = 404, body = ApiError),
     ))]
 async fn get_cell(
@@ -490,6 +494,7 @@ async fn get_cell(
     responses(
         (status = 200, body = TeardownReportSchema),
         (status = 401, body = ApiError),
+        (status = 429, description = "A per-tenant cap (policy: tenants)", body = ApiError),
         (status = 404, body = ApiError),
         (status = 409, description = "Another operation is running", body = ApiError),
     ))]
@@ -511,6 +516,7 @@ async fn delete_cell(
         (status = 200, body = CellView),
         (status = 400, body = ApiError),
         (status = 401, body = ApiError),
+        (status = 429, description = "A per-tenant cap (policy: tenants)", body = ApiError),
         (status = 404, body = ApiError),
         (status = 409, body = ApiError),
     ))]
@@ -531,6 +537,7 @@ async fn start_cell(
         (status = 200, body = CellView),
         (status = 400, body = ApiError),
         (status = 401, body = ApiError),
+        (status = 429, description = "A per-tenant cap (policy: tenants)", body = ApiError),
         (status = 404, body = ApiError),
         (status = 409, body = ApiError),
     ))]
@@ -561,6 +568,7 @@ async fn stop_cell(
         (status = 200, body = CellView),
         (status = 400, body = ApiError),
         (status = 401, body = ApiError),
+        (status = 429, description = "A per-tenant cap (policy: tenants)", body = ApiError),
         (status = 404, body = ApiError),
         (status = 409, description = "Lease already ended", body = ApiError),
     ))]
@@ -581,6 +589,7 @@ async fn extend_cell(
         (status = 200, body = ExecResponse),
         (status = 400, body = ApiError),
         (status = 401, body = ApiError),
+        (status = 429, description = "A per-tenant cap (policy: tenants)", body = ApiError),
         (status = 404, body = ApiError),
         (status = 409, body = ApiError),
         (status = 422, description = "The tier cannot exec", body = ApiError),
@@ -640,6 +649,7 @@ async fn exec_cell(
         (status = 200, description = "Log bytes", content_type = "text/plain", body = String),
         (status = 400, body = ApiError),
         (status = 401, body = ApiError),
+        (status = 429, description = "A per-tenant cap (policy: tenants)", body = ApiError),
         (status = 404, body = ApiError),
     ))]
 async fn cell_logs(
@@ -725,6 +735,7 @@ async fn cell_logs(
             content((EventPage = "application/json"), (String = "text/event-stream"))),
         (status = 400, body = ApiError),
         (status = 401, body = ApiError),
+        (status = 429, description = "A per-tenant cap (policy: tenants)", body = ApiError),
     ))]
 async fn events(
     State(st): State<AppState>,
@@ -806,7 +817,11 @@ fn event_stream(
 /// capacity and reservations; a tenant only what the market publishes
 /// (tiers, free room, running cells).
 #[utoipa::path(get, path = "/v1/node", tag = "node",
-    responses((status = 200, body = NodeView), (status = 401, body = ApiError)))]
+    responses(
+        (status = 200, body = NodeView),
+        (status = 401, body = ApiError),
+        (status = 429, description = "A per-tenant cap (policy: tenants)", body = ApiError),
+    ))]
 async fn node(
     State(st): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -828,6 +843,7 @@ async fn node(
     responses(
         (status = 200, content_type = "text/plain", body = String),
         (status = 401, body = ApiError),
+        (status = 429, description = "A per-tenant cap (policy: tenants)", body = ApiError),
         (status = 403, description = "Only the operator reads metrics", body = ApiError),
     ))]
 async fn metrics(

@@ -1500,7 +1500,6 @@ impl Supervisor {
             }
             drop(guard);
         }
-        self.sweep_uids(&recorded, &mut sum).await;
         for (backend, obj) in objects {
             if recorded.contains(&obj.id) {
                 continue;
@@ -1542,6 +1541,8 @@ impl Supervisor {
                 }
             }
         }
+        // Last: an orphan destroyed above no longer runs as its range.
+        self.sweep_uids(&recorded, &mut sum).await;
         if sum.errors > 0 {
             self.counters
                 .reconcile_errors

@@ -311,9 +311,9 @@ fn secrets_never_reach_argv_log_or_store() {
     assert_eq!(status.code(), Some(0), "{}", String::from_utf8_lossy(&err));
     let out = String::from_utf8_lossy(&seen);
     assert!(
-        out.contains("/run/secrets/a 600")
-            && out.contains("/run/secrets/b 600")
-            && out.contains("/run/secrets/c 600"),
+        out.contains("/run/secrets/a 400")
+            && out.contains("/run/secrets/b 400")
+            && out.contains("/run/secrets/c 400"),
         "{out}"
     );
     for s in [from_file, from_env, inline] {

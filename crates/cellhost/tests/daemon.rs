@@ -486,9 +486,32 @@ fn bad_requests_get_json_errors() {
     assert_eq!(r.status, 400);
     assert_eq!(r.json()["field"], "limit");
 
-    // Admission: more memory than the node has.
+    // The policy: more memory than its maximum is refused, naming the
+    // field and the policy line.
     let mut big = doc("big", &["/bin/true"], 60);
     big["spec"]["resources"]["memoryMiB"] = json!(1 << 20);
+    let r = d.call("POST", "/v1/cells", Some(big.clone()));
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["code"], "policy");
+    assert_eq!(r.json()["field"], "spec.resources.memoryMiB");
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("policy: resources.maximums.memoryMiB")
+    );
+    assert!(d.cells().is_empty());
+    drop(d);
+
+    // Admission: under a policy that allows it, more memory than the node
+    // has is still refused.
+    let policy = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        policy.path(),
+        "resources:\n  maximums: { cpus: 4, memoryMiB: 1048576, pids: 4096, nofile: 65536, diskGiB: 64 }\n",
+    )
+    .unwrap();
+    let d = Daemon::start(&["--policy", policy.path().to_str().unwrap()]);
     let r = d.call("POST", "/v1/cells", Some(big));
     assert_eq!(r.status, 409);
     assert_eq!(r.json()["code"], "capacity");
@@ -1230,6 +1253,7 @@ fn bridged_cells_through_the_daemon_show_counters_and_orphans_are_swept() {
         subnet: subnet.parse().unwrap(),
         store_dir: d.state.clone(),
         publish: None,
+        deny: Vec::new(),
     });
     let port = common::free_port();
     let mut web = doc(

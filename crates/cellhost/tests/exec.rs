@@ -153,14 +153,11 @@ fn exec_joins_the_cells_namespaces_cgroup_and_fd_set() {
             "{}",
             text(&out.stdout)
         );
-        // The cell's cgroup (no cgroup namespace: full paths).
+        // The cell's cgroup namespace: its own cgroup is its root, and the
+        // host's tree above it is out of sight (the host side is checked
+        // below).
         let out = exec_ok(&t, &h, req(&["cat", "/proc/self/cgroup"])).await;
         let cgroups = text(&out.stdout);
-        let want = format!(
-            "/cellhost/{}/{}",
-            t.backend.cgroup_instance(),
-            id.object_name()
-        );
         let memory = cgroups
             .lines()
             .find(|l| {
@@ -169,7 +166,8 @@ fn exec_joins_the_cells_namespaces_cgroup_and_fd_set() {
                     .is_some_and(|c| c.split(',').any(|c| c == "memory"))
             })
             .unwrap_or_else(|| panic!("no memory line: {cgroups}"));
-        assert!(memory.ends_with(&want), "{cgroups}");
+        assert!(memory.ends_with(":/"), "{cgroups}");
+        assert!(!cgroups.contains("cellhost"), "{cgroups}");
         // SIGPIPE has its default action (the helper, a Rust program,
         // ignores it, and an ignored signal survives execve).
         let out = exec_ok(&t, &h, req(&["grep", "SigIgn", "/proc/self/status"])).await;
@@ -230,13 +228,20 @@ fn exec_joins_the_cells_namespaces_cgroup_and_fd_set() {
         );
         // Same namespaces as the cell's init.
         let init = t.backend.init_pid(&id).unwrap();
-        for ns in ["pid", "mnt", "net", "uts", "ipc"] {
+        for ns in ["pid", "mnt", "net", "uts", "ipc", "user", "cgroup"] {
             let a = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
             let b = std::fs::read_link(format!("/proc/{init}/ns/{ns}")).unwrap();
             assert_eq!(a, b, "{ns} namespace differs");
         }
-        // seccomp mode 2 (filter) and no_new_privs, like the workload.
+        // seccomp mode 2 (filter) and no_new_privs, like the workload, and
+        // the cell's own host uid: never host root.
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let base = h.uids.unwrap().base.to_string();
+        let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        assert!(
+            uid_line.split_whitespace().skip(1).all(|u| u == base),
+            "{uid_line}"
+        );
         assert!(status.contains("NoNewPrivs:\t1"), "{status}");
         assert!(status.contains("Seccomp:\t2"), "{status}");
 

@@ -51,11 +51,25 @@ macro_rules! require_network {
 /// A process tier with bridged networking on a bridge of its own; the
 /// bridge goes after the tier's cells (drop order: tier, config, bridge).
 fn bridged_tier(n: u8) -> (RemoveBridgeOnDrop, NetConfig, common::Tier) {
+    bridged_tier_with(n, false)
+}
+
+/// [`bridged_tier`] whose cells keep CAP_NET_RAW: an operator who allows
+/// raw sockets (policy `netRaw`). The bridge's own defences are tested
+/// against such cells: they must hold without the capability's absence.
+fn bridged_tier_raw(n: u8) -> (RemoveBridgeOnDrop, NetConfig, common::Tier) {
+    bridged_tier_with(n, true)
+}
+
+fn bridged_tier_with(n: u8, net_raw: bool) -> (RemoveBridgeOnDrop, NetConfig, common::Tier) {
     let mut cfg = None;
-    let tier = common::tier_with_network(|dir| {
-        cfg = Some(net_config(dir, n));
-        cfg.clone()
-    });
+    let tier = common::tier_with(
+        |dir| {
+            cfg = Some(net_config(dir, n));
+            cfg.clone()
+        },
+        net_raw,
+    );
     let cfg = cfg.expect("set by tier_with_network");
     (RemoveBridgeOnDrop(cfg.clone()), cfg, tier)
 }
@@ -192,6 +206,7 @@ fn net_config(dir: &std::path::Path, n: u8) -> NetConfig {
         subnet: format!("10.252.{n}.0/24").parse().unwrap(),
         store_dir: dir.to_path_buf(),
         publish: None,
+        deny: Vec::new(),
     }
 }
 
@@ -466,10 +481,7 @@ fn orphaned_network_objects_are_swept_and_conflicts_are_refused_first() {
         )
     };
     let (_, first) = rt.block_on(tier.create(with_port(port), vec![]));
-    let second = rt.block_on(tier.backend.create(cellhost_core::CreateRequest::new(
-        CellId::random(),
-        with_port(port),
-    )));
+    let second = rt.block_on(tier.backend.create(common::request(with_port(port))));
     let e = second.unwrap_err().to_string();
     assert!(
         e.contains("spec.ports.0.host") && e.contains("published by cell"),
@@ -477,10 +489,7 @@ fn orphaned_network_objects_are_swept_and_conflicts_are_refused_first() {
     );
     let busy = TcpListener::bind("0.0.0.0:0").unwrap();
     let busy_port = busy.local_addr().unwrap().port();
-    let third = rt.block_on(tier.backend.create(cellhost_core::CreateRequest::new(
-        CellId::random(),
-        with_port(busy_port),
-    )));
+    let third = rt.block_on(tier.backend.create(common::request(with_port(busy_port))));
     let e = third.unwrap_err().to_string();
     assert!(
         e.contains("spec.ports.0.host") && e.contains("not free on the host"),
@@ -514,7 +523,7 @@ fn forged_sources_are_dropped_and_the_egress_rate_is_capped() {
     let hosts = TestHosts::new(n);
     let resolver = hosts.udp_server(SocketAddr::from((hosts.addr(4), 53)));
     let sink = hosts.tcp_sink(SocketAddr::from((hosts.addr(2), 8080)));
-    let (_bridge, cfg, tier) = bridged_tier(n);
+    let (_bridge, cfg, tier) = bridged_tier_raw(n);
     let cell = common::cell(
         "spoof",
         &format!(
@@ -721,7 +730,7 @@ fn cells_on_one_bridge_see_nothing_of_each_other_nor_the_hosts_loopback() {
     require_process_tier!();
     require_network!();
     let n = octet();
-    let (_bridge, cfg, tier) = bridged_tier(n);
+    let (_bridge, cfg, tier) = bridged_tier_raw(n);
     let doc = |name: &str| {
         common::cell(
             name,

@@ -240,7 +240,7 @@ fn failed_creates_roll_back_cleanly() {
             (
                 "norootfs",
                 "  command: [\"/bin/true\"]\n",
-                Some("/nonexistent/rootfs"),
+                Some("nonexistent"),
             ),
             ("badcmd", "  command: [\"/nonexistent/cmd\"]\n", None),
             ("notexec", "  command: [\"/etc/passwd\"]\n", None),
@@ -253,14 +253,18 @@ fn failed_creates_roll_back_cleanly() {
             let id = CellId::random();
             let err = t
                 .backend
-                .create(CreateRequest::new(id.clone(), cell))
+                .create(CreateRequest {
+                    uids: Some(common::lease_uids(&id)),
+                    ..CreateRequest::new(id.clone(), cell)
+                })
                 .await
                 .unwrap_err();
             eprintln!("{name}: {err}");
             match name {
                 "norootfs" => assert!(
                     matches!(err, BackendError::Invalid(_))
-                        && err.to_string().contains("/nonexistent/rootfs"),
+                        && err.to_string().contains("spec.image")
+                        && err.to_string().contains("nonexistent"),
                     "{err}"
                 ),
                 "badcmd" => assert!(err.to_string().contains("/nonexistent/cmd"), "{err}"),
@@ -280,7 +284,7 @@ fn failed_creates_roll_back_cleanly() {
 }
 
 #[test]
-fn secrets_are_0600_files_in_a_tmpfs() {
+fn secrets_are_0400_files_of_the_cells_root_in_a_tmpfs() {
     require_process_tier!();
     let t = common::tier();
     common::rt().block_on(async {
@@ -295,7 +299,9 @@ fn secrets_are_0600_files_in_a_tmpfs() {
         let log = t.log(&h).await;
         assert_eq!(st.exit.unwrap().code, Some(0), "{log}");
         let lines: Vec<&str> = log.lines().collect();
-        assert_eq!(lines[0], "600 root 10", "{log}");
+        // The cell's root (uid 0 in its namespace: its leased host uid)
+        // owns them; nobody else on the host can read them.
+        assert_eq!(lines[0], "400 root 10", "{log}");
         assert_eq!(lines[1], "tmpfs ro", "{log}");
         assert!(!log.contains("tok-123456"));
         assert!(t.backend.destroy(&h).await.unwrap().is_clean());
@@ -354,12 +360,12 @@ fn stop_escalates_to_sigkill_after_grace() {
 }
 
 #[test]
-fn runs_on_a_rootfs_directory() {
+fn runs_on_a_rootfs_image_that_stays_untouched() {
     require_process_tier!();
     let busybox = std::path::Path::new("/bin/busybox");
     if !busybox.exists() {
         eprintln!(
-            "SKIP runs_on_a_rootfs_directory: /bin/busybox (Debian busybox-static) not installed"
+            "SKIP runs_on_a_rootfs_image_that_stays_untouched: /bin/busybox (Debian busybox-static) not installed"
         );
         return;
     }
@@ -368,12 +374,22 @@ fn runs_on_a_rootfs_directory() {
     std::fs::create_dir_all(rootfs.join("bin")).unwrap();
     std::fs::copy(busybox, rootfs.join("bin/busybox")).unwrap();
     std::os::unix::fs::symlink("busybox", rootfs.join("bin/sh")).unwrap();
+    let store = cellhost_image::ImageStore::new(t.dir.path().join("images"));
+    store
+        .import(
+            "tiny",
+            &cellhost_image::ImportRequest {
+                rootfs: Some(rootfs.clone()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     common::rt().block_on(async {
         let mut cell = common::cell(
             "rootfs",
             "  command: [\"/bin/sh\", \"-c\", \"/bin/busybox ls / | /bin/busybox tr '\\\\n' ' '; if /bin/busybox touch /bin/x 2>/dev/null; then echo rw; else echo ro; fi\"]\n",
         );
-        cell.spec.image = rootfs.display().to_string();
+        cell.spec.image = "tiny".into();
         let (h, st) = t.run(cell).await;
         let log = t.log(&h).await;
         assert_eq!(st.exit.unwrap().code, Some(0), "{log}");
@@ -385,6 +401,37 @@ fn runs_on_a_rootfs_directory() {
         assert_eq!(entries.last(), Some(&"ro"), "rootfs must be read-only: {log}");
         assert!(t.backend.destroy(&h).await.unwrap().is_clean());
     });
+    // Nothing was written into the image: its digest holds, and the mount
+    // points the cell needed were made in the cell's own layer only.
+    assert!(
+        store.verify("tiny").unwrap().is_empty(),
+        "the image changed"
+    );
+    let img = store.get("tiny").unwrap().rootfs().unwrap();
+    let out = std::process::Command::new("debugfs")
+        .args(["-R", "ls /"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("bin") && !listing.contains("proc"),
+        "{listing}"
+    );
+    // A name that is not in the store is refused, naming the field.
+    let mut cell = common::cell("nope", "  command: [\"/bin/true\"]\n");
+    cell.spec.image = "missing".into();
+    let id = CellId::random();
+    let err = common::rt()
+        .block_on(t.backend.create(CreateRequest {
+            uids: Some(common::lease_uids(&id)),
+            ..CreateRequest::new(id.clone(), cell)
+        }))
+        .unwrap_err();
+    assert!(
+        matches!(err, BackendError::Invalid(_)) && err.to_string().contains("spec.image"),
+        "{err}"
+    );
 }
 
 #[test]

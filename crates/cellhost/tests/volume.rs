@@ -34,10 +34,14 @@ fn process_cell_volume_is_ciphertext_and_unrecoverable_after_destroy() {
         );
         let key = VolumeKey::random();
         let id = CellId::random();
+        let uids = common::lease_uids(&id);
         // Without the key: refused before anything is made.
         let err = t
             .backend
-            .create(CreateRequest::new(id.clone(), cell.clone()))
+            .create(CreateRequest {
+                uids: Some(uids),
+                ..CreateRequest::new(id.clone(), cell.clone())
+            })
             .await
             .unwrap_err();
         assert!(
@@ -50,6 +54,7 @@ fn process_cell_volume_is_ciphertext_and_unrecoverable_after_destroy() {
             .backend
             .create(CreateRequest {
                 volume_key: Some(key.duplicate()),
+                uids: Some(uids),
                 ..CreateRequest::new(id.clone(), cell)
             })
             .await
@@ -65,6 +70,9 @@ fn process_cell_volume_is_ciphertext_and_unrecoverable_after_destroy() {
         let written = fs::read(paths.data.join("p")).unwrap();
         assert_eq!(written.len(), 1 << 20);
         assert!(written.starts_with(MARKER));
+        // Written by the cell's root: its own host uid, never host root.
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(fs::metadata(paths.data.join("p")).unwrap().uid(), uids.base);
 
         // Stop closes the volume: data at rest is ciphertext.
         t.backend.stop(&h, Duration::from_secs(1)).await.unwrap();

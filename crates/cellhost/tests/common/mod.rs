@@ -188,12 +188,88 @@ impl Drop for Tier {
         let _ = std::thread::spawn(move || {
             let rt = rt();
             for h in made {
-                let _ = rt.block_on(backend.destroy(&h));
+                if rt.block_on(backend.destroy(&h)).is_ok_and(|r| r.is_clean()) {
+                    release_uids(&h);
+                }
             }
         })
         .join();
         cellhost_process::hostfs::remove_instance_group(&instance);
     }
+}
+
+/// The host-wide uid claims the tests' own cells take, as the supervisor's
+/// do (`/run/cellhost/uids`), under a store name of this test process.
+fn claims() -> &'static cellhost_supervisor::uid_claims::UidClaims {
+    static CLAIMS: std::sync::OnceLock<cellhost_supervisor::uid_claims::UidClaims> =
+        std::sync::OnceLock::new();
+    CLAIMS.get_or_init(|| {
+        cellhost_supervisor::uid_claims::UidClaims::new(
+            cellhost_supervisor::uid_claims::CLAIMS_DIR,
+            format!("test-{}-{}", std::process::id(), CellId::random()),
+        )
+    })
+}
+
+/// A uid range of the policy's default pool for a cell a test makes
+/// through a backend directly (the supervisor leases them otherwise),
+/// claimed host-wide so no other store's cell shares it.
+pub fn lease_uids(id: &CellId) -> cellhost_core::UidRange {
+    let pool = cellhost_policy::Uids::default();
+    let start = (std::process::id() % pool.count) as u64;
+    for i in 0..u64::from(pool.count) {
+        let slot = ((start + i * 7) % u64::from(pool.count)) as u32;
+        let r = cellhost_core::UidRange {
+            base: pool.start + slot * cellhost_core::UidRange::CELL_SIZE,
+            size: cellhost_core::UidRange::CELL_SIZE,
+        };
+        if claims().claim(id, r).unwrap_or(false) {
+            return r;
+        }
+    }
+    panic!("no free uid range for a test cell");
+}
+
+/// Give back the range of a test cell that is gone.
+pub fn release_uids(h: &CellHandle) {
+    if let Some(r) = h.uids {
+        claims().release(&h.id, r);
+    }
+}
+
+/// A busybox rootfs (every applet linked) imported as `name` into the
+/// image store under `state` (`<state>/images`): what process cells that
+/// are not `image: host` run from.
+pub fn busybox_image(state: &Path, name: &str) {
+    let root = tempfile::tempdir().unwrap();
+    for d in ["bin", "etc", "tmp", "root"] {
+        std::fs::create_dir_all(root.path().join(d)).unwrap();
+    }
+    std::fs::copy("/bin/busybox", root.path().join("bin/busybox")).unwrap();
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        let _ = std::os::unix::fs::symlink("busybox", root.path().join("bin").join(applet));
+    }
+    std::fs::write(
+        root.path().join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh
+",
+    )
+    .unwrap();
+    std::fs::write(root.path().join("etc/resolv.conf"), "").unwrap();
+    cellhost_image::ImageStore::new(state.join("images"))
+        .import(
+            name,
+            &cellhost_image::ImportRequest {
+                rootfs: Some(root.path().to_path_buf()),
+                replace: true,
+                ..Default::default()
+            },
+        )
+        .expect("importing the busybox rootfs");
 }
 
 pub fn tier() -> Tier {
@@ -202,6 +278,25 @@ pub fn tier() -> Tier {
 
 /// A tier whose bridged networking is `net(state dir)`.
 pub fn tier_with_network(net: impl FnOnce(&Path) -> Option<cellhost_net::NetConfig>) -> Tier {
+    tier_with(net, false)
+}
+
+/// A create request for a new cell with a uid range of its own (what the
+/// supervisor would lease it).
+pub fn request(cell: Cell) -> CreateRequest {
+    let id = CellId::random();
+    CreateRequest {
+        uids: Some(lease_uids(&id)),
+        ..CreateRequest::new(id, cell)
+    }
+}
+
+/// [`tier_with_network`], with CAP_NET_RAW for its cells when `net_raw`
+/// (an operator's policy that allows raw sockets).
+pub fn tier_with(
+    net: impl FnOnce(&Path) -> Option<cellhost_net::NetConfig>,
+    net_raw: bool,
+) -> Tier {
     let dir = tempfile::Builder::new()
         .prefix("cellhost-test-")
         .tempdir()
@@ -215,7 +310,8 @@ pub fn tier_with_network(net: impl FnOnce(&Path) -> Option<cellhost_net::NetConf
         log_cap_bytes: LOG_CAP,
         volume_engine: Default::default(),
         network: net(dir.path()),
-        net_raw: false,
+        net_raw,
+        images_dir: dir.path().join("images"),
     });
     Tier {
         backend,
@@ -244,10 +340,12 @@ pub fn rt() -> tokio::runtime::Runtime {
 impl Tier {
     pub async fn create(&self, cell: Cell, secrets: Vec<SecretValue>) -> (CellId, CellHandle) {
         let id = CellId::random();
+        let uids = lease_uids(&id);
         let h = self
             .backend
             .create(CreateRequest {
                 secrets,
+                uids: Some(uids),
                 ..CreateRequest::new(id.clone(), cell)
             })
             .await
@@ -388,11 +486,15 @@ pub fn nft_table_exists(id: &CellId) -> bool {
         .success()
 }
 
-/// A TCP port free on 127.0.0.1 just now.
+/// A TCP port free on 127.0.0.1 just now, inside the default policy's
+/// range for published ports (10000-32767), below the kernel's ephemeral
+/// range.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    let policy = cellhost_policy::PortRange::default();
+    let span = u32::from(policy.max - policy.min) + 1;
+    let seed = u32::from_str_radix(&CellId::random().as_str()[..8], 16).unwrap();
+    (0..span)
+        .map(|i| policy.min + ((seed + i * 7919) % span) as u16)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port in the policy's range")
 }
