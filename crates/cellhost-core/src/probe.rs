@@ -84,6 +84,7 @@ use crate::BackendError;
 pub const KEYS: &[&str] = &[
     "root",
     "namespaces",
+    "userns",
     "cgroup",
     "cgroup.cpu",
     "cgroup.memory",
@@ -245,6 +246,7 @@ impl HostReport {
                 match lacking(&[
                     "root",
                     "namespaces",
+                    "userns",
                     "cgroup",
                     "cgroup.cpu",
                     "cgroup.memory",
@@ -255,7 +257,7 @@ impl HostReport {
                         None,
                         None,
                         format!(
-                            "root, namespaces, cgroup {} with cpu/memory/pids limits",
+                            "root, namespaces, user namespaces, cgroup {} with cpu/memory/pids limits",
                             self.cgroup_version
                                 .map_or_else(|| "?".to_string(), |v| v.to_string())
                         ),
@@ -411,12 +413,13 @@ impl Default for ProbeOptions {
 /// [`ProbeOptions::kvm_boot_deadline`] when `kvm_boot` is set).
 pub fn probe(opts: &ProbeOptions) -> HostReport {
     let started = Instant::now();
-    let (qemu_facts, docker, cryptsetup, nftables, namespaces, cgroup) = thread::scope(|s| {
+    let (qemu_facts, docker, cryptsetup, nftables, namespaces, userns, cgroup) = thread::scope(|s| {
         let qemu = s.spawn(check_qemu);
         let docker = s.spawn(|| check_docker(opts));
         let cryptsetup = s.spawn(check_cryptsetup);
         let nftables = s.spawn(check_nftables);
         let namespaces = s.spawn(check_namespaces);
+        let userns = s.spawn(check_userns);
         let cgroup = check_cgroups();
         (
             qemu.join().unwrap_or_else(|_| QemuFacts::failed()),
@@ -429,13 +432,14 @@ pub fn probe(opts: &ProbeOptions) -> HostReport {
             join_cap(cryptsetup, "cryptsetup"),
             join_cap(nftables, "nftables"),
             join_cap(namespaces, "namespaces"),
+            join_cap(userns, "userns"),
             cgroup,
         )
     });
     // The KVM boot needs qemu's answer, so it runs after the others.
     let kvm = check_kvm(opts, qemu_facts.system.as_deref());
 
-    let mut capabilities = vec![check_root(), namespaces];
+    let mut capabilities = vec![check_root(), namespaces, userns];
     capabilities.extend(cgroup.caps);
     capabilities.push(kvm);
     capabilities.push(qemu_facts.cap.clone());
@@ -610,6 +614,33 @@ fn check_namespaces() -> Capability {
         missing.is_empty() && failed.is_empty(),
         detail,
     )
+}
+
+/// User namespaces: process cells run in one of their own (their root is
+/// an unprivileged host uid), so without them the process tier is not
+/// offered.
+fn check_userns() -> Capability {
+    let max = fs::read_to_string("/proc/sys/user/max_user_namespaces")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if max == Some(0) {
+        return Capability::new(
+            "userns",
+            false,
+            "user.max_user_namespaces is 0: user namespaces are off (sysctl user.max_user_namespaces)",
+        );
+    }
+    match unshare_in_child(libc::CLONE_NEWUSER) {
+        Ok(()) => Capability::new(
+            "userns",
+            true,
+            format!(
+                "unshare(user) works in a forked child; max_user_namespaces {}",
+                max.map_or_else(|| "?".to_string(), |m| m.to_string())
+            ),
+        ),
+        Err(e) => Capability::new("userns", false, format!("unshare(user) failed: {e}")),
+    }
 }
 
 /// Why a forked unshare test did not pass.
@@ -2475,6 +2506,7 @@ mod tests {
         let needs = [
             "root",
             "namespaces",
+            "userns",
             "cgroup",
             "cgroup.cpu",
             "cgroup.memory",
