@@ -18,6 +18,11 @@ pub mod supervisor;
 pub mod tokens;
 pub mod uid_claims;
 
+/// Does no process run as any id of `r`?
+pub(crate) fn uids_free(r: cellhost_core::UidRange) -> bool {
+    cellhost_core::uids::processes_in(r).is_empty()
+}
+
 pub use error::SupervisorError;
 pub use supervisor::{
     Caller, CellView, Confidential, ReconcileSummary, Supervisor, SupervisorConfig, record_teardown,

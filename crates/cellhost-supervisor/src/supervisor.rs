@@ -501,6 +501,7 @@ impl Supervisor {
         let claims = UidClaims::new(
             cfg.uid_claims_dir.clone(),
             cellhost_core::ids::instance_tag(store.path()),
+            store.path(),
         );
         let (events, _) = watch::channel(());
         Ok(Arc::new(Supervisor {

@@ -12,6 +12,11 @@
 //! Idempotency: claiming a range this store and cell already hold
 //! succeeds; releasing a missing or foreign claim does nothing.
 //!
+//! Staleness: a claim also names a path that exists while its holder does
+//! (the store's database; a test's `/proc/<pid>`). A claim whose path is
+//! gone and whose range no process runs as is stale: any store may take
+//! it over, so a deleted state dir never holds ranges until reboot.
+//!
 //! Threat model: only root writes the dir. Claims live on a tmpfs (/run)
 //! and go with a reboot, as every cell does.
 
@@ -30,18 +35,26 @@ pub struct UidClaims {
     dir: PathBuf,
     /// Names this store in claims (its state dir's instance tag).
     store: String,
+    /// Exists while this holder does (see the module docs).
+    alive: PathBuf,
 }
 
 /// What a claim file says.
-fn content(store: &str, cell: &CellId, range: UidRange) -> String {
-    format!("{store} {cell} {}\n", range.size)
+fn content(store: &str, cell: &CellId, range: UidRange, alive: &Path) -> String {
+    format!("{store} {cell} {} {}\n", range.size, alive.display())
 }
 
 impl UidClaims {
-    pub fn new(dir: impl Into<PathBuf>, store: impl Into<String>) -> UidClaims {
+    /// Claims in `dir` for `store`, whose holder lives while `alive` exists.
+    pub fn new(
+        dir: impl Into<PathBuf>,
+        store: impl Into<String>,
+        alive: impl Into<PathBuf>,
+    ) -> UidClaims {
         UidClaims {
             dir: dir.into(),
             store: store.into(),
+            alive: alive.into(),
         }
     }
 
@@ -56,7 +69,7 @@ impl UidClaims {
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)?;
-        let want = content(&self.store, cell, range);
+        let want = content(&self.store, cell, range, &self.alive);
         let path = self.path(range.base);
         match std::fs::OpenOptions::new()
             .write(true)
@@ -75,25 +88,38 @@ impl UidClaims {
         }
     }
 
-    /// Bases of ranges claimed by anyone but this store.
+    /// Bases of ranges claimed by anyone but this store. Stale claims
+    /// (see the module docs) are removed instead.
     pub fn foreign(&self) -> Vec<u32> {
-        self.all()
-            .into_iter()
-            .filter(|(_, store, _)| *store != self.store)
-            .map(|(base, _, _)| base)
-            .collect()
+        let mut out = Vec::new();
+        for c in self.all() {
+            if c.store == self.store {
+                continue;
+            }
+            let range = UidRange {
+                base: c.base,
+                size: c.size,
+            };
+            let gone = c.alive.as_ref().is_some_and(|p| !p.exists());
+            if gone && crate::uids_free(range) {
+                let _ = std::fs::remove_file(self.path(c.base));
+                continue;
+            }
+            out.push(c.base);
+        }
+        out
     }
 
     /// This store's claims: `(base, cell)`.
     pub fn ours(&self) -> Vec<(u32, CellId)> {
         self.all()
             .into_iter()
-            .filter(|(_, store, _)| *store == self.store)
-            .filter_map(|(base, _, cell)| Some((base, CellId::parse(&cell).ok()?)))
+            .filter(|c| c.store == self.store)
+            .filter_map(|c| Some((c.base, CellId::parse(&c.cell).ok()?)))
             .collect()
     }
 
-    fn all(&self) -> Vec<(u32, String, String)> {
+    fn all(&self) -> Vec<Claim> {
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
@@ -102,12 +128,20 @@ impl UidClaims {
             let Some(base) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
                 continue;
             };
-            // A claim being written is empty for a moment: foreign to all.
+            // A claim being written is empty for a moment: foreign to all,
+            // and never stale (it names no path yet).
             let text = std::fs::read_to_string(e.path()).unwrap_or_default();
             let mut words = text.split_whitespace();
-            let store = words.next().unwrap_or("").to_string();
-            let cell = words.next().unwrap_or("").to_string();
-            out.push((base, store, cell));
+            out.push(Claim {
+                base,
+                store: words.next().unwrap_or("").to_string(),
+                cell: words.next().unwrap_or("").to_string(),
+                size: words
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(UidRange::CELL_SIZE),
+                alive: words.next().map(PathBuf::from),
+            });
         }
         out
     }
@@ -116,7 +150,7 @@ impl UidClaims {
     pub fn release(&self, cell: &CellId, range: UidRange) {
         let path = self.path(range.base);
         if std::fs::read_to_string(&path)
-            .is_ok_and(|have| have == content(&self.store, cell, range))
+            .is_ok_and(|have| have == content(&self.store, cell, range, &self.alive))
         {
             let _ = std::fs::remove_file(&path);
         }
@@ -127,6 +161,15 @@ impl UidClaims {
     }
 }
 
+/// One claim file, read.
+struct Claim {
+    base: u32,
+    store: String,
+    cell: String,
+    size: u32,
+    alive: Option<PathBuf>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,8 +177,8 @@ mod tests {
     #[test]
     fn two_stores_never_hold_one_range() {
         let d = tempfile::tempdir().unwrap();
-        let a = UidClaims::new(d.path().join("uids"), "store-a");
-        let b = UidClaims::new(d.path().join("uids"), "store-b");
+        let a = UidClaims::new(d.path().join("uids"), "store-a", d.path());
+        let b = UidClaims::new(d.path().join("uids"), "store-b", d.path());
         let r = UidRange {
             base: 1 << 30,
             size: 65_536,
@@ -153,5 +196,25 @@ mod tests {
         a.release(&x, r);
         assert!(a.ours().is_empty());
         assert!(b.claim(&y, r).unwrap());
+    }
+
+    #[test]
+    fn a_claim_whose_holder_is_gone_is_taken_over() {
+        let d = tempfile::tempdir().unwrap();
+        let gone = d.path().join("deleted-store");
+        std::fs::create_dir(&gone).unwrap();
+        let a = UidClaims::new(d.path().join("uids"), "store-a", &gone);
+        let b = UidClaims::new(d.path().join("uids"), "store-b", d.path());
+        // A range nothing runs as (far above any real one here).
+        let r = UidRange {
+            base: u32::MAX - 2 * 65_536,
+            size: 65_536,
+        };
+        let x = CellId::random();
+        assert!(a.claim(&x, r).unwrap());
+        assert_eq!(b.foreign(), vec![r.base], "held while its store exists");
+        std::fs::remove_dir(&gone).unwrap();
+        assert!(b.foreign().is_empty(), "stale once it is gone");
+        assert!(b.claim(&CellId::random(), r).unwrap());
     }
 }
