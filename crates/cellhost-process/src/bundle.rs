@@ -110,8 +110,9 @@ pub struct SpecInputs<'a> {
     pub secrets_dir: Option<&'a Path>,
     /// Relative cgroup path (`/cellhost/<instance>/cellhost-<id>`).
     pub cgroup_path: &'a str,
-    /// The host ids the cell's user namespace maps 0.. onto.
-    pub uids: UidRange,
+    /// The host ids the cell's user namespace maps 0.. onto; `None`: no
+    /// user namespace (the benchmark's baseline only).
+    pub uids: Option<UidRange>,
     /// Keep CAP_NET_RAW (the operator's policy).
     pub net_raw: bool,
 }
@@ -311,15 +312,16 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
     }
 
     let namespaces = [
-        LinuxNamespaceType::User,
-        LinuxNamespaceType::Pid,
-        LinuxNamespaceType::Mount,
-        LinuxNamespaceType::Uts,
-        LinuxNamespaceType::Ipc,
-        LinuxNamespaceType::Network,
-        LinuxNamespaceType::Cgroup,
+        inp.uids.map(|_| LinuxNamespaceType::User),
+        Some(LinuxNamespaceType::Pid),
+        Some(LinuxNamespaceType::Mount),
+        Some(LinuxNamespaceType::Uts),
+        Some(LinuxNamespaceType::Ipc),
+        Some(LinuxNamespaceType::Network),
+        Some(LinuxNamespaceType::Cgroup),
     ]
     .into_iter()
+    .flatten()
     .map(|t| {
         LinuxNamespaceBuilder::default()
             .typ(t)
@@ -329,10 +331,13 @@ pub fn oci_spec(inp: &SpecInputs<'_>) -> Result<Spec, BundleError> {
     .collect::<Result<Vec<_>, _>>()?;
 
     let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-    let linux = LinuxBuilder::default()
-        .namespaces(namespaces)
-        .uid_mappings(id_mappings(inp.uids)?)
-        .gid_mappings(id_mappings(inp.uids)?)
+    let mut linux = LinuxBuilder::default().namespaces(namespaces);
+    if let Some(uids) = inp.uids {
+        linux = linux
+            .uid_mappings(id_mappings(uids)?)
+            .gid_mappings(id_mappings(uids)?);
+    }
+    let linux = linux
         .cgroups_path(PathBuf::from(inp.cgroup_path))
         .resources(resources.build().map_err(spec_err)?)
         .masked_paths(strings(MASKED))

@@ -151,6 +151,10 @@ pub struct ProcessConfig {
     pub net_raw: bool,
     /// The image store rootfs images come from (`<state>/images`).
     pub images_dir: PathBuf,
+    /// Run cells in user namespaces of their own (on by default). Off only
+    /// for `cellhost bench process`'s baseline, which measures what the
+    /// user namespace costs: nothing that serves tenants turns it off.
+    pub user_namespace: bool,
 }
 
 /// Default cap on a cell's log: 64 MiB.
@@ -165,6 +169,7 @@ impl ProcessConfig {
             volume_engine: cellhost_volume::EngineChoice::Auto,
             network: None,
             net_raw: false,
+            user_namespace: true,
             images_dir: state_dir
                 .parent()
                 .map_or_else(|| PathBuf::from("images"), |p| p.join("images")),
@@ -441,7 +446,7 @@ impl ProcessBackend {
         &self,
         req: &CreateRequest,
         p: &CellPaths,
-        uids: UidRange,
+        uids: Option<UidRange>,
     ) -> Result<Option<cellhost_net::Attachment>, BackendError> {
         let source = self.root_source(&req.cell)?;
         fs::DirBuilder::new()
@@ -454,7 +459,7 @@ impl ProcessBackend {
         let secrets_dir = if req.secrets.is_empty() {
             None
         } else {
-            cellhost_core::secrets::write_tmpfs(&p.secrets(), &req.secrets, Some(uids))?;
+            cellhost_core::secrets::write_tmpfs(&p.secrets(), &req.secrets, uids)?;
             Some(p.secrets())
         };
         let bridged =
@@ -462,7 +467,7 @@ impl ProcessBackend {
         let resolv =
             bridged.then(|| cellhost_core::ifconfig::resolv_conf(&req.cell.spec.network.dns));
         let volume = self.volumes.create_for(req).await?;
-        if let Some(open) = &volume {
+        if let (Some(open), Some(uids)) = (&volume, uids) {
             // The cell's root owns its volume; nobody else on the host does.
             std::os::unix::fs::chown(&open.data_dir, Some(uids.base), Some(uids.base))
                 .map_err(io_err(format!("chown {}", open.data_dir.display())))?;
@@ -1059,16 +1064,20 @@ impl Backend for ProcessBackend {
                 req.cell.spec.isolation
             )));
         }
-        let Some(uids) = req.uids else {
-            return Err(BackendError::Invalid(
-                "process cells run in a user namespace of their own: the request needs the \
-                 cell's leased uid range (the supervisor leases one)"
-                    .into(),
-            ));
+        let uids = match (req.uids, self.cfg.user_namespace) {
+            (Some(u), true) => Some(u),
+            (_, false) => None,
+            (None, true) => {
+                return Err(BackendError::Invalid(
+                    "process cells run in a user namespace of their own: the request needs the \
+                     cell's leased uid range (the supervisor leases one)"
+                        .into(),
+                ));
+            }
         };
         self.admit(&req.cell, req.volume_key.as_ref())?;
         let mut handle = self.handle_for(&req.id, &req.cell);
-        handle.uids = Some(uids);
+        handle.uids = uids;
         let p = self.paths(&req.id);
         if p.dir.exists() || self.volumes.exists(&req.id) {
             // Leftovers at this id: pre-clean (idempotent).

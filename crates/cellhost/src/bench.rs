@@ -5,6 +5,10 @@
 //!   workload's first write lands in its log (inotify on the log file), for
 //!   `/bin/echo`; baseline: `unshare -pf -m -u -i -n /bin/echo` until its
 //!   first byte arrives on a pipe. Both include exec and echo's own start.
+//! - what the user namespace costs: the same create→first instruction by a
+//!   backend whose cells get none (a mode only this bench uses), in the
+//!   same loop; cells are leased host uid ranges as the supervisor leases
+//!   them (claimed host-wide, given back after each clean destroy).
 //! - full lifecycle: create, run `/bin/true`, wait for its exit, destroy;
 //!   baselines: `unshare ... /bin/true` spawn to reap, and `docker run --rm`
 //!   of a local image when a Docker daemon answers.
@@ -206,6 +210,57 @@ pub async fn bench(state_dir: &Path, args: BenchArgs, json_out: bool) -> anyhow:
     }
 }
 
+/// Uid ranges for cells this bench makes through a backend directly,
+/// claimed host-wide like the supervisor's (so no other store's live cell
+/// shares one) and given back after each clean destroy.
+struct BenchUids {
+    claims: cellhost_supervisor::uid_claims::UidClaims,
+    held: std::sync::Mutex<std::collections::HashMap<CellId, cellhost_core::UidRange>>,
+}
+
+impl BenchUids {
+    fn new() -> BenchUids {
+        BenchUids {
+            claims: cellhost_supervisor::uid_claims::UidClaims::new(
+                cellhost_supervisor::uid_claims::CLAIMS_DIR,
+                format!("bench-{}", std::process::id()),
+                format!("/proc/{}", std::process::id()),
+            ),
+            held: Default::default(),
+        }
+    }
+
+    fn lease(&self, id: &CellId) -> anyhow::Result<cellhost_core::UidRange> {
+        let pool = cellhost_policy::Uids::default();
+        for slot in (0..pool.count).rev() {
+            let r = cellhost_core::UidRange {
+                base: pool.start + slot * cellhost_core::UidRange::CELL_SIZE,
+                size: cellhost_core::UidRange::CELL_SIZE,
+            };
+            if self.claims.claim(id, r)? {
+                self.held
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id.clone(), r);
+                return Ok(r);
+            }
+        }
+        anyhow::bail!("no free uid range for a bench cell")
+    }
+
+    /// Give back the range of a cell that is gone.
+    fn release(&self, h: &cellhost_core::CellHandle) {
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&h.id);
+        if let Some(r) = held {
+            self.claims.release(&h.id, r);
+        }
+    }
+}
+
 async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Result<u8> {
     let backend = crate::run::backend_for(
         cellhost_spec::Isolation::Process,
@@ -214,10 +269,23 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
         &Default::default(),
         &Default::default(),
     )?;
+    // The same tier without user namespaces: what they cost, measured in
+    // the same loop. Its cells live in a state dir of their own.
+    let bare_dir = state_dir.join(format!("bench-no-userns-{}", std::process::id()));
+    let _bare_cleanup = RemoveOnDrop(bare_dir.clone());
+    let _bare_group = RemoveInstanceGroup(bare_dir.join("process"));
+    let bare: std::sync::Arc<dyn Backend> = {
+        let shim = cellhost_process::ShimCommand::current_exe()?;
+        let mut cfg = cellhost_process::ProcessConfig::new(bare_dir.join("process"), shim);
+        cfg.user_namespace = false;
+        std::sync::Arc::new(cellhost_process::ProcessBackend::new(cfg))
+    };
+    let uids = BenchUids::new();
     let docker = docker_ready();
     let exe = std::env::current_exe()?;
 
     let mut first = Series::default();
+    let mut first_bare = Series::default();
     let mut create_s = Series::default();
     let mut start_s = Series::default();
     let mut destroy_s = Series::default();
@@ -230,19 +298,29 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
 
     // Warm-up: page cache, host root skeleton, cgroup parents.
     for _ in 0..3 {
-        let h = one_cell(&*backend, &["/bin/true"]).await?;
-        wait_exited(&*backend, &h).await?;
-        backend.destroy(&h).await?;
+        for b in [&backend, &bare] {
+            let h = one_cell(&**b, &uids, &["/bin/true"]).await?;
+            wait_exited(&**b, &h).await?;
+            if b.destroy(&h).await?.is_clean() {
+                uids.release(&h);
+            }
+        }
         unshare_run(&["/bin/true"])?;
     }
 
     for i in 0..n {
+        // create → first instruction, without a user namespace (baseline)
+        first_bare.push(first_output(&*bare, &uids, i).await?);
+
         // create → first instruction
         let cell = cell_doc(&format!("bench{i}"), &["/bin/echo", "x"])?;
         let id = CellId::random();
         let t0 = Instant::now();
         let h = backend
-            .create(CreateRequest::new(id.clone(), cell))
+            .create(CreateRequest {
+                uids: Some(uids.lease(&id)?),
+                ..CreateRequest::new(id.clone(), cell)
+            })
             .await
             .map_err(|e| crate::run::backend_err(e, "bench create"))?;
         let created = t0.elapsed();
@@ -268,10 +346,11 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
             "bench cell left residue: {}",
             report.summary()
         );
+        uids.release(&h);
 
         // full lifecycle
         let t0 = Instant::now();
-        let h = one_cell(&*backend, &["/bin/true"]).await?;
+        let h = one_cell(&*backend, &uids, &["/bin/true"]).await?;
         wait_exited(&*backend, &h).await?;
         let td = Instant::now();
         let report = backend.destroy(&h).await?;
@@ -282,6 +361,7 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
             "bench cell left residue: {}",
             report.summary()
         );
+        uids.release(&h);
 
         let (f, _) = unshare_run(&["/bin/echo", "x"])?;
         un_first.push(f);
@@ -301,6 +381,11 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
     }
 
     let first_vs_unshare = first.p50_ratio(&un_first);
+    let userns_ratio = first.p50_ratio(&first_bare);
+    let userns_ms = match (first.ms(50.0), first_bare.ms(50.0)) {
+        (Some(a), Some(b)) => Some(a - b),
+        _ => None,
+    };
     let docker_vs_life = dock.p50_ratio(&life);
     let p50_first = first.ms(50.0).unwrap_or(f64::NAN);
     let targets = json!({
@@ -315,6 +400,8 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
             serde_json::to_string_pretty(&json!({
                 "tier": "process", "cells": n,
                 "create_to_first_instruction": first.json(),
+                "create_to_first_instruction_without_userns": first_bare.json(),
+                "user_namespace_cost_ms_p50": userns_ms,
                 "create": create_s.json(),
                 "start": start_s.json(),
                 "unshare_first_output": un_first.json(),
@@ -323,7 +410,7 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
                 "unshare_lifecycle": un_life.json(),
                 "docker_run_rm": if docker.is_ok() { dock.json() } else { json!({"skipped": docker.as_ref().err()}) },
                 "shim_exec": shim_exec.json(),
-                "ratios": {"first_instruction_vs_unshare": first_vs_unshare, "docker_vs_lifecycle": docker_vs_life},
+                "ratios": {"first_instruction_vs_unshare": first_vs_unshare, "docker_vs_lifecycle": docker_vs_life, "userns_vs_none": userns_ratio},
                 "targets_met": targets,
             }))?
         );
@@ -333,6 +420,7 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
     println!("cellhost bench process: {n} cells, baselines interleaved in the same run");
     println!("{:<40} {:>9} {:>9}", "", "p50 ms", "p99 ms");
     row("cellhost create -> first instruction", &first);
+    row("  the same without a user namespace", &first_bare);
     row("  of which create (shim, libcontainer)", &create_s);
     row("  of which start (libcontainer signal)", &start_s);
     row("baseline: unshare -pf -m -u -i -n echo", &un_first);
@@ -350,6 +438,11 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
         verdict(Some(p50_first <= 3.0))
     );
     println!(
+        "the user namespace costs {} ms p50 on create -> first instruction ({})",
+        userns_ms.map_or_else(|| "n/a".to_string(), |d| format!("{d:.2}")),
+        fmt_ratio(userns_ratio)
+    );
+    println!(
         "first instruction vs unshare: {} (target <= 1.5x): {}",
         fmt_ratio(first_vs_unshare),
         verdict(first_vs_unshare.map(|r| r <= 1.5))
@@ -362,13 +455,57 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
     Ok(0)
 }
 
+/// Create → the first byte of `/bin/echo x` in the log, for one cell of
+/// `backend`; destroyed (and its uids given back) before returning.
+async fn first_output(
+    backend: &dyn Backend,
+    uids: &BenchUids,
+    i: usize,
+) -> anyhow::Result<Duration> {
+    let cell = cell_doc(&format!("bench{i}"), &["/bin/echo", "x"])?;
+    let id = CellId::random();
+    let t0 = Instant::now();
+    let h = backend
+        .create(CreateRequest {
+            uids: Some(uids.lease(&id)?),
+            ..CreateRequest::new(id.clone(), cell)
+        })
+        .await
+        .map_err(|e| crate::run::backend_err(e, "bench create"))?;
+    let log = h.state_dir.join("log");
+    let ino = Inotify::init(InitFlags::IN_CLOEXEC)?;
+    ino.add_watch(&log, AddWatchFlags::IN_MODIFY)?;
+    backend
+        .start(&h)
+        .await
+        .map_err(|e| crate::run::backend_err(e, "bench start"))?;
+    if std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) == 0 {
+        ino.read_events()?;
+    }
+    let first = t0.elapsed();
+    drop(ino);
+    wait_exited(backend, &h).await?;
+    let report = backend.destroy(&h).await?;
+    anyhow::ensure!(
+        report.is_clean(),
+        "bench cell left residue: {}",
+        report.summary()
+    );
+    uids.release(&h);
+    Ok(first)
+}
+
 async fn one_cell(
     backend: &dyn Backend,
+    uids: &BenchUids,
     argv: &[&str],
 ) -> anyhow::Result<cellhost_core::CellHandle> {
     let id = CellId::random();
     let h = backend
-        .create(CreateRequest::new(id, cell_doc("bench", argv)?))
+        .create(CreateRequest {
+            uids: Some(uids.lease(&id)?),
+            ..CreateRequest::new(id, cell_doc("bench", argv)?)
+        })
         .await
         .map_err(|e| crate::run::backend_err(e, "bench create"))?;
     backend
