@@ -413,29 +413,30 @@ impl Default for ProbeOptions {
 /// [`ProbeOptions::kvm_boot_deadline`] when `kvm_boot` is set).
 pub fn probe(opts: &ProbeOptions) -> HostReport {
     let started = Instant::now();
-    let (qemu_facts, docker, cryptsetup, nftables, namespaces, userns, cgroup) = thread::scope(|s| {
-        let qemu = s.spawn(check_qemu);
-        let docker = s.spawn(|| check_docker(opts));
-        let cryptsetup = s.spawn(check_cryptsetup);
-        let nftables = s.spawn(check_nftables);
-        let namespaces = s.spawn(check_namespaces);
-        let userns = s.spawn(check_userns);
-        let cgroup = check_cgroups();
-        (
-            qemu.join().unwrap_or_else(|_| QemuFacts::failed()),
-            docker.join().unwrap_or_else(|_| {
-                DOCKER_KEYS
-                    .iter()
-                    .map(|k| Capability::new(k, false, "the check panicked"))
-                    .collect()
-            }),
-            join_cap(cryptsetup, "cryptsetup"),
-            join_cap(nftables, "nftables"),
-            join_cap(namespaces, "namespaces"),
-            join_cap(userns, "userns"),
-            cgroup,
-        )
-    });
+    let (qemu_facts, docker, cryptsetup, nftables, namespaces, userns, cgroup) =
+        thread::scope(|s| {
+            let qemu = s.spawn(check_qemu);
+            let docker = s.spawn(|| check_docker(opts));
+            let cryptsetup = s.spawn(check_cryptsetup);
+            let nftables = s.spawn(check_nftables);
+            let namespaces = s.spawn(check_namespaces);
+            let userns = s.spawn(check_userns);
+            let cgroup = check_cgroups();
+            (
+                qemu.join().unwrap_or_else(|_| QemuFacts::failed()),
+                docker.join().unwrap_or_else(|_| {
+                    DOCKER_KEYS
+                        .iter()
+                        .map(|k| Capability::new(k, false, "the check panicked"))
+                        .collect()
+                }),
+                join_cap(cryptsetup, "cryptsetup"),
+                join_cap(nftables, "nftables"),
+                join_cap(namespaces, "namespaces"),
+                join_cap(userns, "userns"),
+                cgroup,
+            )
+        });
     // The KVM boot needs qemu's answer, so it runs after the others.
     let kvm = check_kvm(opts, qemu_facts.system.as_deref());
 

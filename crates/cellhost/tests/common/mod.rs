@@ -1,6 +1,8 @@
 //! Shared helpers for the real (root, cgroups, namespaces) tier tests.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -207,6 +209,7 @@ fn claims() -> &'static cellhost_supervisor::uid_claims::UidClaims {
         cellhost_supervisor::uid_claims::UidClaims::new(
             cellhost_supervisor::uid_claims::CLAIMS_DIR,
             format!("test-{}-{}", std::process::id(), CellId::random()),
+            format!("/proc/{}", std::process::id()),
         )
     })
 }
@@ -311,6 +314,7 @@ pub fn tier_with(
         volume_engine: Default::default(),
         network: net(dir.path()),
         net_raw,
+        user_namespace: true,
         images_dir: dir.path().join("images"),
     });
     Tier {
