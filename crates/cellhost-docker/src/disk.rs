@@ -22,7 +22,8 @@
 //!   it fail with ENOSPC; everywhere else in the root they fail with EROFS.
 //!   The engine's network files are read-only under a read-only root.
 //!
-//! Under both, `spec.volume.path` (its own size) and the engine's `/dev`
+//! Under both, `spec.volume.path` (its own `sizeGiB`, see
+//! [`crate::volume`]) and the engine's `/dev`
 //! and `/dev/shm` tmpfs (64 MiB each, charged to the memory limit) are
 //! writable too; secrets are read-only.
 //!
@@ -50,10 +51,14 @@
 //!   tmp/ var-tmp/ run/ vol-<n>/        the bind sources, mode 1777
 //! ```
 //!
-//! Teardown (after the container is removed): unmount (lazily if busy),
-//! detach any loop device still backed by the file (the mount's autoclear
-//! normally has), delete the file; checks `disk-mount`, `disk-loop`,
-//! `disk-file`. Idempotent: each step accepts "already gone".
+//! The scratch disk is a [`LoopFs`], the one implementation of a cell's
+//! loop-mounted ext4 file (the plain volume of [`crate::volume`] is
+//! another, in the same cell dir under other names). Teardown (after the
+//! container is removed): unmount (lazily if busy), detach any loop device
+//! still backed by exactly that file (the mount's autoclear normally has;
+//! matched by file, so one cell's two such files are told apart), delete
+//! the file; checks `disk-mount`, `disk-loop`, `disk-file`. Idempotent:
+//! each step accepts "already gone".
 
 use std::collections::HashMap;
 use std::fs;
@@ -101,42 +106,49 @@ pub struct Verdict {
     pub why: String,
 }
 
+/// A failure of a cell's loop file system (the scratch disk or a plain
+/// volume); `field` is the document field it enforces.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
-    #[error("spec.resources.diskGiB: {gib} GiB does not fit in {dir}: {free} bytes free")]
-    NoRoom { gib: u64, dir: PathBuf, free: u64 },
-    #[error("spec.resources.diskGiB: {context}: {source}")]
+    #[error("{field}: {gib} GiB does not fit in {dir}: {free} bytes free")]
+    NoRoom {
+        field: &'static str,
+        gib: u64,
+        dir: PathBuf,
+        free: u64,
+    },
+    #[error("{field}: {context}: {source}")]
     Io {
+        field: &'static str,
         context: String,
         #[source]
         source: io::Error,
     },
-    /// A tool the scratch disk needs is not installed.
-    #[error("spec.resources.diskGiB: {0}")]
-    Missing(String),
+    /// A tool the loop file system needs is not installed.
+    #[error("{field}: {detail}")]
+    Missing { field: &'static str, detail: String },
     /// A tool ran and failed (its own message).
-    #[error("spec.resources.diskGiB: {step} failed: {detail}")]
-    Step { step: &'static str, detail: String },
-}
-
-impl DiskError {
-    fn io(context: impl Into<String>, source: io::Error) -> Self {
-        DiskError::Io {
-            context: context.into(),
-            source,
-        }
-    }
+    #[error("{field}: {step} failed: {detail}")]
+    Step {
+        field: &'static str,
+        step: &'static str,
+        detail: String,
+    },
 }
 
 impl From<DiskError> for BackendError {
     fn from(e: DiskError) -> BackendError {
         match e {
-            DiskError::Missing(_) => BackendError::MissingCapability {
+            DiskError::Missing { .. } => BackendError::MissingCapability {
                 capability: "loop".into(),
                 detail: e.to_string(),
             },
-            DiskError::Io { context, source } => BackendError::Io {
-                context: format!("spec.resources.diskGiB: {context}"),
+            DiskError::Io {
+                field,
+                context,
+                source,
+            } => BackendError::Io {
+                context: format!("{field}: {context}"),
                 source,
             },
             other => BackendError::Engine(other.to_string()),
@@ -170,19 +182,229 @@ pub fn storage_opt(gib: u64) -> HashMap<String, String> {
     HashMap::from([("size".to_string(), format!("{gib}G"))])
 }
 
-/// The scratch disk's paths in a cell dir.
+/// One ext4 file system of a cell on a loop device: a fallocated file in
+/// the cell dir and the dir it is mounted on. The scratch disk
+/// ([`LoopFs::scratch`]) and a plain volume ([`crate::volume`]) are each
+/// one; they differ only in names.
 #[derive(Debug, Clone)]
-pub struct Scratch {
+pub struct LoopFs {
+    /// The file (`<cell>/<stem>.img`), as the kernel shows it: the cell
+    /// dir's symlinks resolved.
     pub img: PathBuf,
+    /// Its mount point (`<cell>/<stem>/`).
     pub mnt: PathBuf,
+    /// The ext4 label.
+    label: &'static str,
+    /// The document field it enforces: errors name it.
+    field: &'static str,
+    /// Teardown check names: mount, loop, file.
+    checks: [&'static str; 3],
 }
 
-impl Scratch {
-    pub fn of(cell_dir: &Path) -> Scratch {
-        Scratch {
-            img: cell_dir.join("disk.img"),
-            mnt: cell_dir.join("disk"),
+impl LoopFs {
+    /// `<cell>/<stem>.img` mounted on `<cell>/<stem>/`.
+    pub(crate) fn new(
+        cell_dir: &Path,
+        stem: &str,
+        label: &'static str,
+        field: &'static str,
+        checks: [&'static str; 3],
+    ) -> LoopFs {
+        // Mount points and loop backing files are compared with what the
+        // kernel shows, which has every symlink resolved.
+        let dir = fs::canonicalize(cell_dir).unwrap_or_else(|_| cell_dir.to_path_buf());
+        LoopFs {
+            img: dir.join(format!("{stem}.img")),
+            mnt: dir.join(stem),
+            label,
+            field,
+            checks,
         }
+    }
+
+    /// The scratch disk of `diskGiB` (`disk.img` on `disk/`; checks
+    /// `disk-mount`, `disk-loop`, `disk-file`).
+    pub fn scratch(cell_dir: &Path) -> LoopFs {
+        LoopFs::new(
+            cell_dir,
+            "disk",
+            "cellhost-scratch",
+            "spec.resources.diskGiB",
+            ["disk-mount", "disk-loop", "disk-file"],
+        )
+    }
+
+    fn io(&self, context: impl Into<String>, source: io::Error) -> DiskError {
+        DiskError::Io {
+            field: self.field,
+            context: context.into(),
+            source,
+        }
+    }
+
+    fn tool(&self, name: &'static str, args: &[&std::ffi::OsStr]) -> Result<(), DiskError> {
+        use cellhost_core::tool::RunError;
+        cellhost_core::tool::run(Path::new(name), args, None).map_err(|e| match e {
+            RunError::Missing(detail) => DiskError::Missing {
+                field: self.field,
+                detail,
+            },
+            e => DiskError::Step {
+                field: self.field,
+                step: name,
+                detail: e.to_string(),
+            },
+        })
+    }
+
+    /// Make it: a fallocated file of `gib` GiB, ext4, mounted (nosuid,
+    /// nodev), with each of `dirs` (under [`LoopFs::mnt`]) made with
+    /// `mode`. Blocking. The caller tears down on error
+    /// ([`LoopFs::teardown`]).
+    pub fn make(&self, gib: u64, dirs: &[PathBuf], mode: u32) -> Result<(), DiskError> {
+        let size = gib.saturating_mul(GIB);
+        let dir = self.img.parent().unwrap_or(Path::new("/"));
+        let st = nix::sys::statvfs::statvfs(dir)
+            .map_err(|e| self.io(format!("statvfs {}", dir.display()), e.into()))?;
+        let free = st.blocks_available() * st.fragment_size();
+        if free < size {
+            return Err(DiskError::NoRoom {
+                field: self.field,
+                gib,
+                dir: dir.to_path_buf(),
+                free,
+            });
+        }
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&self.img)
+            .map_err(|e| self.io(format!("creating {}", self.img.display()), e))?;
+        let len = i64::try_from(size).unwrap_or(i64::MAX);
+        nix::fcntl::fallocate(f.as_raw_fd(), nix::fcntl::FallocateFlags::empty(), 0, len).map_err(
+            |e| {
+                self.io(
+                    format!("reserving {gib} GiB for {}", self.img.display()),
+                    e.into(),
+                )
+            },
+        )?;
+        drop(f);
+        let os = std::ffi::OsStr::new;
+        // No reserved blocks (the whole disk is the cell's), no discard (it
+        // would punch holes in the reservation). Inode tables and journal
+        // are zeroed now, by mke2fs's zero-range on the file (milliseconds;
+        // the blocks stay allocated): left to the kernel's lazy init, they
+        // are zeroed through the loop device, which punches them out of
+        // the file (16 MiB of a 1 GiB reservation, measured).
+        self.tool(
+            "mkfs.ext4",
+            &[
+                os("-q"),
+                os("-F"),
+                os("-m"),
+                os("0"),
+                os("-L"),
+                os(self.label),
+                os("-E"),
+                os("lazy_itable_init=0,lazy_journal_init=0,nodiscard,root_owner=0:0"),
+                self.img.as_os_str(),
+            ],
+        )?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&self.mnt)
+            .map_err(|e| self.io(format!("creating {}", self.mnt.display()), e))?;
+        self.mount()?;
+        for d in dirs {
+            fs::create_dir(d).map_err(|e| self.io(format!("creating {}", d.display()), e))?;
+            fs::set_permissions(d, fs::Permissions::from_mode(mode))
+                .map_err(|e| self.io(format!("chmod {}", d.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Mount the file on its mount point (nosuid, nodev). mount(8) sets up
+    /// the loop device under util-linux's lock, with autoclear: it
+    /// detaches when the file system is unmounted. Blocking.
+    pub fn mount(&self) -> Result<(), DiskError> {
+        let os = std::ffi::OsStr::new;
+        self.tool(
+            "mount",
+            &[
+                os("-t"),
+                os("ext4"),
+                os("-o"),
+                os("loop,nosuid,nodev"),
+                self.img.as_os_str(),
+                self.mnt.as_os_str(),
+            ],
+        )
+    }
+
+    /// Is something mounted at exactly [`LoopFs::mnt`]?
+    pub fn is_mounted(&self) -> bool {
+        cellhost_core::mountinfo::mounts_under(&self.mnt).is_ok_and(|m| m.contains(&self.mnt))
+    }
+
+    /// Remove it (its users gone: the container removed) and record its
+    /// three checks. Blocking; never fails (a failed step is an error
+    /// line). Returns whether anything of it was there.
+    pub fn teardown(&self, report: &mut TeardownReport) -> bool {
+        let [check_mount, check_loop, check_file] = self.checks;
+        let found = match cellhost_core::mountinfo::unmount_under(&self.mnt, true) {
+            Ok(u) => {
+                report.errors.extend(u.errors);
+                !u.found.is_empty()
+            }
+            Err(e) => {
+                report.error(format!("reading mountinfo: {e}"));
+                false
+            }
+        };
+        // Loop devices are matched by their backing file as the kernel
+        // shows it (symlinks resolved; " (deleted)" once the file is gone).
+        // autoclear detaches the loop once the unmount has released it;
+        // give the kernel a moment, then detach whatever is still backed
+        // by it.
+        for _ in 0..50 {
+            if cellhost_volume::loops_backed_by_file(&self.img).is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        report.errors.extend(
+            cellhost_volume::detach_loops_of_file(&self.img)
+                .into_iter()
+                .map(|e| format!("{check_loop}: {e}")),
+        );
+        let existed = self.img.exists();
+        if let Err(e) = fs::remove_file(&self.img)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            report.error(format!("removing {}: {e}", self.img.display()));
+        }
+        let mounts = cellhost_core::mountinfo::mounts_under(&self.mnt).unwrap_or_default();
+        report.check_detail(
+            check_mount,
+            self.mnt.display().to_string(),
+            mounts.len() as u64,
+            format!("{mounts:?}"),
+        );
+        let loops = cellhost_volume::loops_backed_by_file(&self.img);
+        report.check_detail(
+            check_loop,
+            self.img.display().to_string(),
+            loops.len() as u64,
+            loops.join(","),
+        );
+        report.check(
+            check_file,
+            self.img.display().to_string(),
+            u64::from(self.img.exists()),
+        );
+        found || existed
     }
 }
 
@@ -218,151 +440,6 @@ pub fn scratch_binds(
     out
 }
 
-/// Make the scratch disk: a fallocated file of `gib` GiB, ext4, loop-
-/// mounted (nosuid, nodev), with each bind source made mode 1777. Blocking.
-/// The caller tears down on error ([`teardown`]).
-pub fn make(s: &Scratch, gib: u64, binds: &[(PathBuf, String)]) -> Result<(), DiskError> {
-    let size = gib.saturating_mul(GIB);
-    let dir = s.img.parent().unwrap_or(Path::new("/"));
-    let st = nix::sys::statvfs::statvfs(dir)
-        .map_err(|e| DiskError::io(format!("statvfs {}", dir.display()), e.into()))?;
-    let free = st.blocks_available() * st.fragment_size();
-    if free < size {
-        return Err(DiskError::NoRoom {
-            gib,
-            dir: dir.to_path_buf(),
-            free,
-        });
-    }
-    let f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&s.img)
-        .map_err(|e| DiskError::io(format!("creating {}", s.img.display()), e))?;
-    let len = i64::try_from(size).unwrap_or(i64::MAX);
-    nix::fcntl::fallocate(f.as_raw_fd(), nix::fcntl::FallocateFlags::empty(), 0, len).map_err(
-        |e| {
-            DiskError::io(
-                format!("reserving {gib} GiB for {}", s.img.display()),
-                e.into(),
-            )
-        },
-    )?;
-    drop(f);
-    let os = std::ffi::OsStr::new;
-    // No reserved blocks (the whole disk is the cell's), no discard (it
-    // would punch holes in the reservation), lazy init (milliseconds).
-    tool(
-        "mkfs.ext4",
-        &[
-            os("-q"),
-            os("-F"),
-            os("-m"),
-            os("0"),
-            os("-L"),
-            os("cellhost-scratch"),
-            os("-E"),
-            os("lazy_itable_init=1,lazy_journal_init=1,nodiscard,root_owner=0:0"),
-            s.img.as_os_str(),
-        ],
-    )?;
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&s.mnt)
-        .map_err(|e| DiskError::io(format!("creating {}", s.mnt.display()), e))?;
-    // mount(8) sets up the loop device under util-linux's lock, with
-    // autoclear: it detaches when the file system is unmounted.
-    tool(
-        "mount",
-        &[
-            os("-t"),
-            os("ext4"),
-            os("-o"),
-            os("loop,nosuid,nodev"),
-            s.img.as_os_str(),
-            s.mnt.as_os_str(),
-        ],
-    )?;
-    for (src, _) in binds {
-        fs::create_dir(src).map_err(|e| DiskError::io(format!("creating {}", src.display()), e))?;
-        fs::set_permissions(src, fs::Permissions::from_mode(0o1777))
-            .map_err(|e| DiskError::io(format!("chmod {}", src.display()), e))?;
-    }
-    Ok(())
-}
-
-fn tool(name: &'static str, args: &[&std::ffi::OsStr]) -> Result<(), DiskError> {
-    use cellhost_core::tool::RunError;
-    cellhost_core::tool::run(Path::new(name), args, None).map_err(|e| match e {
-        RunError::Missing(m) => DiskError::Missing(m),
-        e => DiskError::Step {
-            step: name,
-            detail: e.to_string(),
-        },
-    })
-}
-
-/// Remove the scratch disk (container already removed) and record the
-/// `disk-mount`, `disk-loop` and `disk-file` checks. Blocking; never fails
-/// (a failed step is an error line). Returns whether anything was there.
-pub fn teardown(s: &Scratch, report: &mut TeardownReport) -> bool {
-    let found = match cellhost_core::mountinfo::unmount_under(&s.mnt, true) {
-        Ok(u) => {
-            report.errors.extend(u.errors);
-            !u.found.is_empty()
-        }
-        Err(e) => {
-            report.error(format!("reading mountinfo: {e}"));
-            false
-        }
-    };
-    // Loop devices are matched by their backing file as the kernel shows
-    // it: every symlink resolved, and " (deleted)" appended once the file
-    // is gone, so by the cell dir (which holds no other loop-backed file).
-    let dir = s.img.parent().unwrap_or(Path::new("/"));
-    let backing = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    // autoclear detaches the loop once the unmount has released it; give
-    // the kernel a moment, then detach whatever is still backed by it.
-    for _ in 0..50 {
-        if cellhost_volume::loops_backed_by(&backing).is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    report.errors.extend(
-        cellhost_volume::detach_loops(&backing)
-            .into_iter()
-            .map(|e| format!("disk loop: {e}")),
-    );
-    let existed = s.img.exists();
-    if let Err(e) = fs::remove_file(&s.img)
-        && e.kind() != io::ErrorKind::NotFound
-    {
-        report.error(format!("removing {}: {e}", s.img.display()));
-    }
-    let mounts = cellhost_core::mountinfo::mounts_under(&s.mnt).unwrap_or_default();
-    report.check_detail(
-        "disk-mount",
-        s.mnt.display().to_string(),
-        mounts.len() as u64,
-        format!("{mounts:?}"),
-    );
-    let loops = cellhost_volume::loops_backed_by(&backing);
-    report.check_detail(
-        "disk-loop",
-        backing.display().to_string(),
-        loops.len() as u64,
-        loops.join(","),
-    );
-    report.check(
-        "disk-file",
-        s.img.display().to_string(),
-        u64::from(s.img.exists()),
-    );
-    found || existed
-}
-
 /// The read-only network files of a storage-opt cell, in `<cell>/net/`:
 /// `(source, target)` pairs. `bridged` cells resolve through the engine's
 /// embedded DNS on the cellhost network, as they would with the engine's
@@ -376,7 +453,7 @@ pub fn write_net_files(
     fs::DirBuilder::new()
         .mode(0o755)
         .create(&dir)
-        .map_err(|e| DiskError::io(format!("creating {}", dir.display()), e))?;
+        .map_err(|e| net_io(format!("creating {}", dir.display()), e))?;
     let resolv = if bridged {
         "nameserver 127.0.0.11\noptions ndots:0\n".to_string()
     } else {
@@ -394,12 +471,21 @@ pub fn write_net_files(
     let mut out = Vec::new();
     for (name, target, text) in files {
         let p = dir.join(name);
-        fs::write(&p, text).map_err(|e| DiskError::io(format!("writing {}", p.display()), e))?;
+        fs::write(&p, text).map_err(|e| net_io(format!("writing {}", p.display()), e))?;
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644))
-            .map_err(|e| DiskError::io(format!("chmod {}", p.display()), e))?;
+            .map_err(|e| net_io(format!("chmod {}", p.display()), e))?;
         out.push((p, target.to_string()));
     }
     Ok(out)
+}
+
+/// An error writing a storage-opt cell's network files.
+fn net_io(context: String, source: io::Error) -> DiskError {
+    DiskError::Io {
+        field: "spec.resources.diskGiB",
+        context,
+        source,
+    }
 }
 
 #[cfg(test)]

@@ -5,11 +5,12 @@
 //!
 //! ```text
 //! engine: container  cellhost-<id>        labels cellhost.cell/.instance/.owner/.name
-//!         volume     cellhost-<id>-data   (spec.volume), same labels
 //!         network    cellhost             bridge cellhost0, shared, see egress
 //! <state>/docker/cells/<id>/              0700
 //!   secrets/                              tmpfs 0700, one 0600 file per secret,
 //!                                         bind-mounted read-only at /run/secrets
+//!   volume.img, volume/data/              a plain spec.volume: an ext4 of
+//!                                         sizeGiB, bound at its path (see volume)
 //!   disk.img, disk/                       diskGiB in scratch mode (see disk)
 //!   net/                                  diskGiB in storage-opt mode: the
 //!                                         read-only /etc/hosts, hostname,
@@ -20,16 +21,19 @@
 //!
 //! create: pre-clean anything left at this id, pull the image when the
 //! engine lacks it (progress to the configured sink; a failed pull makes
-//! nothing), secrets tmpfs, named volume, network guard for bridged cells,
-//! the disk limit's objects (see [`disk`]), then the container (created,
-//! not started). Any failure removes what was
-//! made. start/stop: the engine's (stop = stop signal, SIGKILL after the
-//! grace period; docker-init is PID 1 so the signal reaches the workload).
-//! destroy: force-remove the container with its anonymous volumes, remove
-//! the named volume, unmount the secrets tmpfs, remove the scratch disk,
-//! remove the cell dir, then *check* each (container, named volume,
-//! anonymous volumes, network endpoints, secrets mount, disk mount, loop
-//! and file, cell dir) and report what is left. status,
+//! nothing), secrets tmpfs, the volume (encrypted, or plain: see
+//! [`volume`]), network guard for bridged cells, the disk limit's objects
+//! (see [`disk`]), then the container (created, not started). Any failure
+//! removes what was made. start/stop: the engine's (stop = stop signal,
+//! SIGKILL after the grace period; docker-init is PID 1 so the signal
+//! reaches the workload); start first mounts a plain volume again if it is
+//! not mounted. destroy: force-remove the container with its anonymous
+//! volumes, remove the engine volume of cells made before plain volumes
+//! were file systems, unmount the secrets tmpfs, remove the plain volume
+//! and the scratch disk, remove the cell dir, then *check* each
+//! (container, engine volume, anonymous volumes, network endpoints,
+//! secrets mount, plain volume and disk mount, loop and file, cell dir)
+//! and report what is left. status,
 //! logs, usage (stats), exec: the engine's. The engine keeps the workload's
 //! log (json-file, capped); `logs` reads it through the API.
 //!
@@ -38,7 +42,8 @@
 //! Every object is named from the cell id, so destroy works from a fresh
 //! process after a crash and twice in a row; "no such container/volume" is
 //! success. `list` finds cells by the instance label, and by leftover
-//! volumes and cell dirs, so reconcile sees half-made cells as orphans.
+//! engine volumes, cell dirs (which hold plain volumes and scratch disks)
+//! and encrypted volumes, so reconcile sees half-made cells as orphans.
 //!
 //! # Threat model
 //!
@@ -52,11 +57,13 @@
 //! get no-new-privileges, no NET_RAW, memory+swap = memory, a pids limit
 //! when asked, a kernel-enforced cap on what they write when
 //! `resources.diskGiB` is set (see [`disk`]; without it the writable layer
-//! is not limited), and a bridged cell's egress is denied (see [`egress`]).
+//! is not limited), a volume that holds at its `sizeGiB` (see [`volume`]),
+//! and a bridged cell's egress is denied (see [`egress`]).
 
 pub mod disk;
 mod egress;
 mod mapping;
+pub mod volume;
 
 use std::collections::HashSet;
 use std::fs;
@@ -70,7 +77,6 @@ use bollard::Docker;
 use bollard::container::LogOutput;
 use bollard::errors::Error as DockerError;
 use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
-use bollard::models::VolumeCreateRequest;
 use bollard::query_parameters::{
     CreateContainerOptions, CreateImageOptions, ListContainersOptions, ListVolumesOptions,
     LogsOptions, RemoveContainerOptions, RemoveVolumeOptions, StatsOptions, StopContainerOptions,
@@ -85,7 +91,7 @@ use cellhost_spec::{Cell, Isolation, NetworkMode};
 use futures_util::StreamExt;
 use tokio::sync::OnceCell;
 
-pub use disk::{DiskChoice, DiskMode, Verdict};
+pub use disk::{DiskChoice, DiskMode, LoopFs, Verdict};
 use mapping::{LABEL_CELL, LABEL_INSTANCE};
 pub use mapping::{Names, Policy};
 
@@ -464,22 +470,13 @@ impl DockerBackend {
         if let (Some(open), Some(ids)) = (&encrypted, remap) {
             chown_tree(&open.data_dir, ids)?;
         }
-        let volume = if let Some(open) = &encrypted {
-            Some(mapping::VolumeSource::Bind(open.data_dir.as_path()))
-        } else if cell.spec.volume.is_some() {
-            let v = VolumeCreateRequest {
-                name: Some(names.volume.clone()),
-                driver: Some("local".into()),
-                labels: Some(labels.clone()),
-                ..Default::default()
-            };
-            docker
-                .create_volume(v)
-                .await
-                .map_err(|e| engine_err(&format!("creating volume {}", names.volume), e))?;
-            Some(mapping::VolumeSource::Named(names.volume.as_str()))
-        } else {
-            None
+        let volume: Option<PathBuf> = match (&encrypted, &cell.spec.volume) {
+            (Some(open), _) => Some(open.data_dir.clone()),
+            (None, Some(v)) => {
+                let (plain, gib) = (volume::of(&dir), v.size_gib);
+                Some(blocking(move || volume::make(&plain, gib, remap)).await?)
+            }
+            (None, None) => None,
         };
         let bridged = cell.spec.network.mode == NetworkMode::Bridged;
         if bridged {
@@ -491,7 +488,7 @@ impl DockerBackend {
                 labels.clone(),
                 &self.cfg.policy,
                 secrets_dir.as_deref(),
-                volume,
+                volume.as_deref(),
                 disk,
             )
         };
@@ -547,7 +544,7 @@ impl DockerBackend {
             }
         }
 
-        let scratch = disk::Scratch::of(&dir);
+        let scratch = LoopFs::scratch(&dir);
         let skip: Vec<&str> = cell
             .spec
             .volume
@@ -556,8 +553,9 @@ impl DockerBackend {
             .chain(secrets_dir.as_ref().map(|_| mapping::SECRETS_TARGET))
             .collect();
         let binds = disk::scratch_binds(&scratch.mnt, &image_volumes, &skip);
-        let (s, b) = (scratch.clone(), binds.clone());
-        blocking(move || disk::make(&s, gib, &b)).await?;
+        let dirs: Vec<PathBuf> = binds.iter().map(|(src, _)| src.clone()).collect();
+        // Mode 1777: any uid of the cell, remapped or not, can write there.
+        blocking(move || scratch.make(gib, &dirs, 0o1777)).await?;
         let limit = mapping::DiskLimit::Scratch { binds: &binds };
         docker
             .create_container(Some(opts), body(Some(&limit)))
@@ -731,7 +729,12 @@ impl Backend for DockerBackend {
             state_dir: self.cell_dir(id),
             tier: serde_json::json!({
                 "container": names.container,
-                "volume": cell.spec.volume.as_ref().map(|_| names.volume),
+                // The host file that backs spec.volume.
+                "volume": cell.spec.volume.as_ref().map(|v| if v.encrypted {
+                    self.volumes.paths(id).disk
+                } else {
+                    volume::of(&self.cell_dir(id)).img
+                }),
                 "image": cell.spec.image,
                 "instance": self.instance,
             }),
@@ -775,6 +778,10 @@ impl Backend for DockerBackend {
         // Without its open volume the bind source is missing: say why
         // rather than let the engine fail on the path.
         self.volumes.require_open(&handle.id)?;
+        // A plain volume unmounted since (a host reboot) is mounted again:
+        // its data is the cell's until destroy.
+        let plain = volume::of(&self.cell_dir(&handle.id));
+        blocking(move || volume::ensure_mounted(&plain)).await?;
         let docker = self.client().await?;
         let name = Names::of(&handle.id).container;
         match docker.start_container(&name, None).await {
@@ -883,11 +890,12 @@ impl Backend for DockerBackend {
         let unmounted = cellhost_core::mountinfo::unmount_under(&secrets, true).unwrap_or_default();
         report.errors.extend(unmounted.errors);
         let mounted = unmounted.found;
-        let scratch = disk::Scratch::of(&dir);
-        let disk_existed;
-        (report, disk_existed) = blocking(move || {
-            let found = disk::teardown(&scratch, &mut report);
-            Ok::<_, BackendError>((report, found))
+        let (plain, scratch) = (volume::of(&dir), LoopFs::scratch(&dir));
+        let (plain_existed, disk_existed);
+        (report, plain_existed, disk_existed) = blocking(move || {
+            let plain = plain.teardown(&mut report);
+            let disk = scratch.teardown(&mut report);
+            Ok::<_, BackendError>((report, plain, disk))
         })
         .await?;
         let volume_dir_existed = self.volumes.exists(&handle.id);
@@ -930,6 +938,7 @@ impl Backend for DockerBackend {
         } else {
             0
         };
+        // Cells made before plain volumes were file systems had one.
         report.check(
             "volume",
             format!("engine volume {}", names.volume),
@@ -983,6 +992,7 @@ impl Backend for DockerBackend {
             && !volume_existed
             && !dir_existed
             && !volume_dir_existed
+            && !plain_existed
             && !disk_existed;
         Ok(report)
     }

@@ -29,6 +29,10 @@ pub const SECRETS_TARGET: &str = "/run/secrets";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Names {
     pub container: String,
+    /// The engine volume that backed a plain `spec.volume` before it was a
+    /// file system of its own (see [`crate::volume`]): no longer made;
+    /// destroy and the orphan listing still look for it, for cells made by
+    /// earlier versions.
     pub volume: String,
 }
 
@@ -89,15 +93,6 @@ pub fn labels(
     l
 }
 
-/// What backs `spec.volume`.
-#[derive(Debug, Clone, Copy)]
-pub enum VolumeSource<'a> {
-    /// An engine volume (plain `spec.volume`).
-    Named(&'a str),
-    /// The open encrypted volume's data dir on the host.
-    Bind(&'a Path),
-}
-
 /// How `spec.resources.diskGiB` reaches the engine (see [`crate::disk`]).
 #[derive(Debug, Clone)]
 pub enum DiskLimit<'a> {
@@ -113,15 +108,16 @@ pub enum DiskLimit<'a> {
 }
 
 /// The create body. `secrets_dir` is the host tmpfs holding the secret
-/// files (bind-mounted read-only at [`SECRETS_TARGET`]); `volume` backs
-/// `spec.volume`; `disk` enforces `spec.resources.diskGiB` (none: the
-/// writable layer is not limited).
+/// files (bind-mounted read-only at [`SECRETS_TARGET`]); `volume` is the
+/// host dir bound read-write at `spec.volume.path` (the plain volume's or
+/// the open encrypted volume's data dir); `disk` enforces
+/// `spec.resources.diskGiB` (none: the writable layer is not limited).
 pub fn create_body(
     cell: &Cell,
     labels: HashMap<String, String>,
     policy: &Policy,
     secrets_dir: Option<&Path>,
-    volume: Option<VolumeSource<'_>>,
+    volume: Option<&Path>,
     disk: Option<&DiskLimit<'_>>,
 ) -> ContainerCreateBody {
     let spec = &cell.spec;
@@ -140,17 +136,14 @@ pub fn create_body(
             ..Default::default()
         });
     }
-    if let (Some(v), Some(src)) = (&spec.volume, volume) {
+    if let (Some(v), Some(dir)) = (&spec.volume, volume) {
         // A bind (not `Binds`): the engine refuses a missing source rather
-        // than creating an empty dir, so a closed volume cannot start.
-        let (source, typ) = match src {
-            VolumeSource::Named(name) => (name.to_string(), MountType::VOLUME),
-            VolumeSource::Bind(dir) => (dir.display().to_string(), MountType::BIND),
-        };
+        // than creating an empty dir, so a closed or unmounted volume
+        // cannot start.
         mounts.push(Mount {
             target: Some(v.path.clone()),
-            source: Some(source),
-            typ: Some(typ),
+            source: Some(dir.display().to_string()),
+            typ: Some(MountType::BIND),
             read_only: Some(false),
             ..Default::default()
         });
@@ -327,13 +320,12 @@ spec:
         )
         .unwrap();
         let id = CellId::random();
-        let names = Names::of(&id);
         let body = create_body(
             &cell,
             labels(&id, "inst", Some("alice"), "web"),
             &policy(),
             Some(Path::new("/run/x/secrets")),
-            Some(VolumeSource::Named(&names.volume)),
+            Some(Path::new("/s/cells/x/volume/data")),
             None,
         );
         assert_eq!(body.env.as_deref().unwrap(), ["B=2", "A=1"]);
@@ -362,8 +354,10 @@ spec:
         let m = h.mounts.as_ref().unwrap();
         assert_eq!(m[0].target.as_deref(), Some(SECRETS_TARGET));
         assert_eq!(m[0].read_only, Some(true));
-        assert_eq!(m[1].source.as_deref(), Some(names.volume.as_str()));
+        assert_eq!(m[1].source.as_deref(), Some("/s/cells/x/volume/data"));
         assert_eq!(m[1].target.as_deref(), Some("/data"));
+        assert_eq!(m[1].typ, Some(MountType::BIND));
+        assert_eq!(m[1].read_only, Some(false));
         assert_eq!(
             h.restart_policy.as_ref().unwrap().name,
             Some(RestartPolicyNameEnum::NO)
@@ -418,7 +412,7 @@ spec:
             HashMap::new(),
             &policy(),
             None,
-            Some(VolumeSource::Named("v")),
+            Some(Path::new("/c/volume/data")),
             Some(&disk),
         );
         assert_eq!(body.hostname.as_deref(), Some("abc"));

@@ -276,7 +276,9 @@ async fn destroy_leaves_nothing_and_twice_is_fine() {
         )
         .await;
     let names = Names::of(&h.id);
-    assert!(e.docker.inspect_volume(&names.volume).await.is_ok());
+    // The volume is the cell's own file system, not an engine volume.
+    assert!(e.docker.inspect_volume(&names.volume).await.is_err());
+    assert!(h.state_dir.join("volume.img").is_file());
     let listed = e.backend.list().await.unwrap();
     assert!(
         listed
@@ -295,6 +297,9 @@ async fn destroy_leaves_nothing_and_twice_is_fine() {
         "anonymous-volumes",
         "network-endpoints",
         "secrets",
+        "plain-volume-mount",
+        "plain-volume-loop",
+        "plain-volume-file",
         "state-dir",
     ] {
         assert!(names_checked.contains(&want), "{names_checked:?}");
@@ -617,4 +622,84 @@ async fn under_userns_remap_the_cells_root_is_not_the_hosts() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0");
     e.destroy(&h).await;
+}
+
+/// `sh -c script` in the cell, which must exit 0; its stdout.
+async fn sh(
+    b: &cellhost_docker::DockerBackend,
+    h: &cellhost_core::CellHandle,
+    script: &str,
+) -> String {
+    let req = ExecRequest {
+        argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    };
+    let out = b.exec(h, req).await.expect("exec");
+    assert_eq!(out.exit.code, Some(0), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A plain volume is adopted, not lost: after a stop, with its mount gone
+/// (as after a host reboot) the engine cannot start the container (its
+/// bind source is missing, so nothing lands on the host's disk under the
+/// empty mount point); a fresh backend on the same state dir (a restarted
+/// daemon) mounts it again at start with the data intact; and when the
+/// container goes behind the daemon's back, the orphan listing still finds
+/// the cell and destroy removes the volume.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_volume_is_adopted_after_restarts_and_found_as_an_orphan() {
+    let Some(e) = engine().await else { return };
+    let h = e
+        .run(
+            cell("  command: [\"/bin/sleep\", \"600\"]\n  volume: { path: /data, sizeGiB: 1 }\n"),
+            vec![],
+        )
+        .await;
+    sh(&e.backend, &h, "echo kept > /data/marker").await;
+    e.backend.stop(&h, Duration::from_secs(1)).await.unwrap();
+
+    let mnt = h.state_dir.join("volume");
+    nix::mount::umount2(&mnt, nix::mount::MntFlags::empty()).expect("unmount the volume");
+    let err = e
+        .docker
+        .start_container(&h.name, None)
+        .await
+        .expect_err("the engine started a container without its volume");
+    println!("the engine without the volume: {err}");
+    assert!(
+        !mnt.join("data").exists(),
+        "the engine made the bind source"
+    );
+
+    let state = h.state_dir.parent().unwrap().parent().unwrap();
+    let fresh = cellhost_docker::DockerBackend::new(cellhost_docker::DockerConfig::new(
+        state.to_path_buf(),
+    ));
+    fresh.start(&h).await.expect("start after the restarts");
+    assert_eq!(sh(&fresh, &h, "cat /data/marker").await, "kept\n");
+
+    e.docker
+        .remove_container(
+            &h.name,
+            Some(bollard::query_parameters::RemoveContainerOptions {
+                force: true,
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+    let listed = fresh.list().await.unwrap();
+    assert!(listed.iter().any(|c| c.id == h.id), "{listed:?}");
+    let r = fresh.destroy(&h).await.unwrap();
+    assert!(r.is_clean(), "{}", r.summary());
+    assert!(!r.already_gone);
+    for want in [
+        "plain-volume-mount",
+        "plain-volume-loop",
+        "plain-volume-file",
+    ] {
+        assert!(r.checks.iter().any(|c| c.name == want), "{:?}", r.checks);
+    }
+    assert!(!h.state_dir.exists());
+    assert!(!fresh.list().await.unwrap().iter().any(|c| c.id == h.id));
 }

@@ -1,8 +1,9 @@
 //! A hostile tenant against the container tier, on a real dockerd (see
 //! common for the skip rule): it tries to write past `diskGiB` in both
-//! disk modes, to open a block device it made, to open a raw socket, and
-//! to write the kernel's control files. Every attempt must fail in the
-//! kernel, and each cell must tear down clean.
+//! disk modes and past a plain volume's `sizeGiB`, to open a block device
+//! it made, to open a raw socket, and to write the kernel's control files.
+//! Every attempt must fail in the kernel, and each cell must tear down
+//! clean.
 
 mod common;
 
@@ -208,6 +209,15 @@ async fn disk_limit_holds_with_a_scratch_disk() {
     assert!(
         more < 8 << 20,
         "/run still took {more} bytes after /tmp filled the disk"
+    );
+
+    // The file on the host holds its whole reservation: no holes, no more.
+    let img = h.state_dir.join("disk.img");
+    let alloc = allocated(&img);
+    assert!(
+        (GIB..=GIB + (1 << 20)).contains(&alloc),
+        "{} has {alloc} bytes allocated",
+        img.display()
     );
 
     let r = e.backend.destroy(&h).await.unwrap();
@@ -421,4 +431,132 @@ async fn an_image_volume_is_inside_the_limit() {
     assert!(out.contains("No space left on device"), "{out}");
     e.destroy(&h).await;
     docker_cli(&["rmi", &tag]);
+}
+
+/// The file backing a cell's plain `spec.volume` on the host.
+fn volume_file(h: &CellHandle) -> std::path::PathBuf {
+    h.state_dir.join("volume.img")
+}
+
+/// Bytes the host's file system has allocated to `path`.
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    m.blocks() * 512
+}
+
+/// A tenant writes 3 GiB into its plain `volume: {path: /data, sizeGiB: 1}`
+/// in 256 MiB steps. `dd` stops at the first error; a file past the limit
+/// stops the run (`OVER`), so a broken limit costs the host about 1.3 GiB,
+/// not 3.
+fn volume_fill() -> String {
+    let limit = GIB + SLACK;
+    format!(
+        r#"
+i=0
+while [ $i -lt 12 ]; do
+  dd if=/dev/zero of=/data/fill bs=1M count=256 seek=$((i * 256)) conv=notrunc 2>&1 || break
+  i=$((i + 1))
+  if [ "$(stat -c %s /data/fill)" -gt {limit} ]; then echo OVER; break; fi
+done
+echo TOTAL $(stat -c %s /data/fill)
+"#
+    )
+}
+
+/// A plain (not encrypted) volume holds at `sizeGiB`: the writes stop at
+/// about 1 GiB with ENOSPC, the host's share of it does not grow (its file
+/// was reserved whole at create), what was written survives a stop and a
+/// start (and the limit still holds after it), and destroy removes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plain_volume_holds_at_its_size() {
+    let Some(e) = engine().await else { return };
+    let h = e
+        .run(
+            cell("  command: [\"/bin/sleep\", \"3600\"]\n  volume: { path: /data, sizeGiB: 1 }\n"),
+            vec![],
+        )
+        .await;
+    let (code, _) = sh(&e, &h, "echo kept > /data/marker").await;
+    assert_eq!(code, Some(0));
+    let t = Instant::now();
+    let (_, out) = sh(&e, &h, &volume_fill()).await;
+    let (total, _) = written(&out);
+    println!("volume fill took {:?}; wrote {total} bytes", t.elapsed());
+    assert!(!out.contains("OVER"), "wrote past 1 GiB + slack:\n{out}");
+    assert!(
+        total <= GIB + SLACK,
+        "wrote {total} bytes into a 1 GiB volume:\n{out}"
+    );
+    assert!(
+        total >= GIB / 2,
+        "wrote only {total} bytes: the limit did not stop it:\n{out}"
+    );
+    assert!(out.contains("No space left on device"), "no ENOSPC:\n{out}");
+
+    // The volume is a bind of the cell's own file system, whose file on
+    // the host was reserved whole at create and did not grow.
+    let info = e.docker.inspect_container(&h.name, None).await.unwrap();
+    let data = info
+        .mounts
+        .unwrap_or_default()
+        .into_iter()
+        .find(|m| m.destination.as_deref() == Some("/data"))
+        .expect("a mount at /data");
+    assert_eq!(data.typ.map(|t| t.to_string()).as_deref(), Some("bind"));
+    assert!(
+        data.source
+            .as_deref()
+            .is_some_and(|s| s.starts_with(h.state_dir.to_str().unwrap())),
+        "{:?}",
+        data.source
+    );
+    let file = volume_file(&h);
+    let alloc = allocated(&file);
+    println!("{} has {alloc} bytes allocated", file.display());
+    assert!(
+        (GIB..=GIB + (1 << 20)).contains(&alloc),
+        "{} has {alloc} bytes allocated",
+        file.display()
+    );
+
+    // Stop and start: the data is still there, and the volume still full.
+    e.backend
+        .stop(&h, std::time::Duration::from_secs(1))
+        .await
+        .unwrap();
+    e.backend.start(&h).await.unwrap();
+    let (_, after) = sh(
+        &e,
+        &h,
+        "cat /data/marker; echo SIZE $(stat -c %s /data/fill 2>/dev/null || echo 0); dd if=/dev/zero of=/data/more bs=1M count=2048 2>&1; echo MORE $(stat -c %s /data/more)",
+    )
+    .await;
+    assert!(after.starts_with("kept\n"), "{after}");
+    assert!(after.contains(&format!("SIZE {total}\n")), "{after}");
+    let more: u64 = after
+        .lines()
+        .find_map(|l| l.strip_prefix("MORE "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{after}"));
+    assert!(after.contains("No space left on device"), "{after}");
+    assert!(more < GIB, "{more} bytes more after a restart:\n{after}");
+
+    let r = e.backend.destroy(&h).await.unwrap();
+    assert!(r.is_clean(), "{}", r.summary());
+    for want in [
+        "plain-volume-mount",
+        "plain-volume-loop",
+        "plain-volume-file",
+    ] {
+        let c = r.checks.iter().find(|c| c.name == want);
+        assert!(c.is_some_and(|c| c.residue == 0), "{want}: {:?}", r.checks);
+    }
+    assert!(!file.exists(), "{} is still there", file.display());
+    assert!(!h.state_dir.exists());
+    assert!(
+        cellhost_volume::loops_backed_by(h.state_dir.parent().unwrap()).is_empty(),
+        "a loop device is still backed by a cell file"
+    );
+    host_still_fine(&e).await;
 }

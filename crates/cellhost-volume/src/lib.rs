@@ -102,8 +102,8 @@ use serde::{Deserialize, Serialize};
 pub use engine::{EngineChoice, EngineKind, LuksFormat, Probe, probe};
 pub use tools::Tools;
 /// Loop-device residue helpers, shared with tiers that loop-mount files of
-/// their own (the container tier's per-cell scratch disk).
-pub use tools::{detach_loops, loops_backed_by};
+/// their own (the container tier's per-cell scratch disk and plain volume).
+pub use tools::{detach_loops, detach_loops_of_file, loops_backed_by, loops_backed_by_file};
 
 /// Make `disk` a sparse file of `size` bytes formatted as LUKS1 with the
 /// same parameters as every cellhost volume (aes-xts-plain64, 512-bit

@@ -3,7 +3,7 @@
 //! [`OpenVolume::data_dir`] into the cell.
 //!
 //! Only `spec.volume` with `encrypted: true` is handled here; a tier
-//! decides what a plain volume is (an engine volume for containers).
+//! decides what a plain volume is (for containers, an ext4 of its own).
 
 use cellhost_core::{BackendError, CreateRequest, TeardownReport, VolumeKey, ids::CellId};
 use cellhost_spec::Cell;

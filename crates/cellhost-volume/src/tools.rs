@@ -134,6 +134,25 @@ pub(crate) fn unmount(mnt: &Path, lazy_if_busy: bool) -> Result<(), String> {
 
 /// Loop devices whose backing file lies under `dir` (`/dev/loopN`).
 pub fn loops_backed_by(dir: &Path) -> Vec<String> {
+    loops_where(|back| back.starts_with(dir))
+}
+
+/// Loop devices backed by exactly `file`, also once it is deleted (the
+/// kernel then shows `<file> (deleted)`). `file` must be as the kernel
+/// shows it: every symlink resolved.
+pub fn loops_backed_by_file(file: &Path) -> Vec<String> {
+    loops_where(|back| is_backing_file(back, file))
+}
+
+/// Is `back` (a loop device's backing file as sysfs shows it) `file`?
+fn is_backing_file(back: &Path, file: &Path) -> bool {
+    let mut deleted = file.as_os_str().to_owned();
+    deleted.push(" (deleted)");
+    back == file || back.as_os_str() == deleted
+}
+
+/// `/dev/loopN` of every loop device whose backing file passes `keep`.
+fn loops_where(keep: impl Fn(&Path) -> bool) -> Vec<String> {
     let Ok(rd) = fs::read_dir("/sys/block") else {
         return Vec::new();
     };
@@ -146,7 +165,7 @@ pub fn loops_backed_by(dir: &Path) -> Vec<String> {
             }
             let back = fs::read_to_string(e.path().join("loop/backing_file")).ok()?;
             let back = PathBuf::from(back.trim_end_matches('\n'));
-            back.starts_with(dir).then(|| format!("/dev/{name}"))
+            keep(&back).then(|| format!("/dev/{name}"))
         })
         .collect();
     out.sort();
@@ -159,8 +178,18 @@ nix::ioctl_none!(loop_clr_fd, 0x4C, 0x01);
 /// failed after its loop was set up, or a lazily unmounted volume once its
 /// last user left). Errors are returned per device.
 pub fn detach_loops(dir: &Path) -> Vec<String> {
+    detach(loops_backed_by(dir))
+}
+
+/// Detach loop devices still backed by exactly `file` (see
+/// [`loops_backed_by_file`]). Errors are returned per device.
+pub fn detach_loops_of_file(file: &Path) -> Vec<String> {
+    detach(loops_backed_by_file(file))
+}
+
+fn detach(devices: Vec<String>) -> Vec<String> {
     let mut errors = Vec::new();
-    for dev in loops_backed_by(dir) {
+    for dev in devices {
         let r = fs::OpenOptions::new()
             .read(true)
             .open(&dev)
@@ -189,6 +218,19 @@ pub(crate) fn qemu_escape(p: &Path) -> OsString {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_loop_is_matched_by_its_exact_file_even_once_deleted() {
+        let f = Path::new("/s/cells/abc/volume.img");
+        assert!(is_backing_file(f, f));
+        assert!(is_backing_file(
+            Path::new("/s/cells/abc/volume.img (deleted)"),
+            f
+        ));
+        assert!(!is_backing_file(Path::new("/s/cells/abc/disk.img"), f));
+        assert!(!is_backing_file(Path::new("/s/cells/abc/volume.img2"), f));
+        assert!(!is_backing_file(Path::new("/s/cells/abc"), f));
+    }
 
     #[test]
     fn run_reports_missing_and_failing_tools() {
