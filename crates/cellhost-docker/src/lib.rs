@@ -133,6 +133,7 @@ impl DockerConfig {
                 network: "cellhost".into(),
                 log_max_bytes: 16 << 20,
                 stop_timeout_secs: 5,
+                pull: true,
             },
             progress: None,
             volume_engine: cellhost_volume::EngineChoice::Auto,
@@ -371,6 +372,12 @@ impl DockerBackend {
             Ok(_) => return Ok(()),
             Err(e) if is_status(&e, 404) => {}
             Err(e) => return Err(engine_err(&format!("inspecting image {image}"), e)),
+        }
+        if !self.cfg.policy.pull {
+            return Err(BackendError::Invalid(format!(
+                "spec.image: {image} is not among this host's images, and the operator's \
+                 policy pulls none (policy: images.pull)"
+            )));
         }
         let (repo, tag) = mapping::split_image(image);
         let opts = CreateImageOptions {

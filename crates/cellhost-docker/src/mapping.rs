@@ -60,6 +60,9 @@ pub struct Policy {
     /// Seconds dockerd waits after the stop signal when it stops a
     /// container by itself (its own shutdown).
     pub stop_timeout_secs: i64,
+    /// May a missing image be pulled? Off: only images the engine already
+    /// has run (the operator's policy `images.pull`).
+    pub pull: bool,
 }
 
 /// `repo[:tag]` / `repo@digest` as the pull API wants it: `fromImage` and
@@ -277,6 +280,7 @@ mod tests {
             network: "cellhost".into(),
             log_max_bytes: 1 << 20,
             stop_timeout_secs: 5,
+            pull: true,
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use cellhost_core::ids::CellId;
 use cellhost_core::{Backend, BackendError, CellState, CreateRequest, ExecRequest, VolumeKey};
 use cellhost_docker::Names;
-use common::{cell, engine, secret};
+use common::{cell, engine, engine_with, secret};
 
 /// A TCP port nothing listens on now.
 fn free_port() -> u16 {
@@ -368,6 +368,25 @@ async fn anonymous_volumes_of_the_image_are_removed() {
     assert!(check.target.starts_with("1 "), "{check:?}");
     assert!(e.docker.inspect_volume(&anon[0]).await.is_err());
     docker_cli(&["rmi", &tag]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_that_pulls_nothing_refuses_a_missing_image_before_the_engine_is_asked() {
+    let Some(e) = engine_with(|c| c.policy.pull = false).await else {
+        return;
+    };
+    let mut c = cell("  command: [\"/bin/true\"]\n");
+    c.spec.image = "registry.example/anyone/miner:latest".into();
+    let err = e
+        .backend
+        .create(CreateRequest::new(CellId::random(), c))
+        .await
+        .expect_err("no pull under this policy");
+    assert!(matches!(err, BackendError::Invalid(_)), "{err:?}");
+    assert!(err.to_string().contains("policy: images.pull"), "{err}");
+    // An image the engine has still runs.
+    let h = e.run(cell("  command: [\"/bin/true\"]\n"), vec![]).await;
+    assert!(e.backend.destroy(&h).await.unwrap().is_clean());
 }
 
 #[tokio::test(flavor = "multi_thread")]

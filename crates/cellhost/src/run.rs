@@ -252,6 +252,7 @@ pub fn docker_config(
     let mut cfg = cellhost_docker::DockerConfig::new(state_dir.join("docker"));
     cfg.volume_engine = volume_engine;
     cfg.policy.log_max_bytes = policy.log_bytes;
+    cfg.policy.pull = policy.images.pull;
     cfg
 }
 
