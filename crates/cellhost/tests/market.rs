@@ -719,6 +719,30 @@ fn refusals_take_nothing_failures_refund_and_replays_do_nothing() {
                 SLEEPER.replace("process", "vm"),
                 ErrorCode::InvalidDocument,
             ),
+            // The operator's policy, asked before the token: a host path
+            // as the image (the spec refuses it), a privileged port, an
+            // egress rule to the cloud's metadata service.
+            (
+                10,
+                SLEEPER.replace("command:", "image: /var/lib/cellhost\n  command:"),
+                ErrorCode::InvalidDocument,
+            ),
+            (
+                10,
+                SLEEPER.replace(
+                    "command:",
+                    "network: { mode: bridged }\n  ports: [ { container: 80, host: 80 } ]\n  command:",
+                ),
+                ErrorCode::PolicyRefused,
+            ),
+            (
+                10,
+                SLEEPER.replace(
+                    "command:",
+                    "network: { mode: bridged, egress: [ { cidr: 169.254.169.254/32 } ] }\n  command:",
+                ),
+                ErrorCode::PolicyRefused,
+            ),
         ] {
             let t = token(&mint.url, sat).await;
             let r = alice
@@ -735,13 +759,13 @@ fn refusals_take_nothing_failures_refund_and_replays_do_nothing() {
         }
         assert!(p.cells().is_empty());
 
-        // Provisioning fails after redemption (a rootfs the provider does
-        // not have: only the backend finds out): the reply refunds it all,
+        // Provisioning fails after redemption (an image the provider's store
+        // does not hold: only the backend finds out): the reply refunds it all,
         // and the refund redeems at the mint for the full amount.
         let paid = token(&mint.url, 10).await;
         let missing = SLEEPER.replace(
             "command:",
-            "image: /var/empty/cellhost-no-rootfs\n  command:",
+            "image: no-such-image\n  command:",
         );
         let r = alice
             .request(
