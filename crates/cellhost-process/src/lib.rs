@@ -1,36 +1,43 @@
-//! The `process` tier: a workload in its own pid, mount, uts, ipc and net
-//! namespaces, inside its own cgroup, on a read-only root, run by youki's
-//! `libcontainer` through a per-cell shim.
+//! The `process` tier: a workload in its own user, pid, mount, uts, ipc,
+//! net and cgroup namespaces, inside its own cgroup, on a read-only root,
+//! run by youki's `libcontainer` through a per-cell shim.
 //!
 //! # Layout on the host
 //!
 //! ```text
-//! <state>/host-root, <state>/host-etc     shared `image: host` root (see bundle)
-//! <state>/cells/<id>/            0700, one per cell
-//!   config.json                  OCI spec (no secrets: env is the declared env)
-//!   log                          workload stdout+stderr, 0600, capped
-//!   secrets/                     tmpfs (0700), one 0600 file per secret,
-//!                                bind-mounted read-only at /run/secrets
+//! <state>/cells/               0711 (the cells' own uids pass through, see root)
+//! <state>/cells/<id>/          0711, one per cell
+//!   config.json                OCI spec (no secrets: env is the declared env)
+//!   log                        workload stdout+stderr, 0600, capped
+//!   secrets/                   tmpfs (0500, owned by the cell's root), one 0400
+//!                              file per secret, bound read-only at /run/secrets
+//!   rt/ image/ root/           the cell's root (see root)
 //!   shim.pid shim.log exit.json  the shim's (see shim)
-//!   exec.lock                    serialises exec set-up against destroy (see exec)
-//!   resolv.conf                  bridged: the declared resolvers, bound at /etc/resolv.conf
-//!   lc/cellhost-<id>/            libcontainer state (state.json, notify socket)
-//! <cgroup hierarchy>/cellhost/cellhost-<id>   per controller (v1) or unified (v2)
+//!   exec.lock                  serialises exec set-up against destroy (see exec)
+//!   lc/cellhost-<id>/          libcontainer state (state.json, notify socket)
+//! <cgroup hierarchy>/cellhost/<instance>/cellhost-<id>   per controller (v1) or unified (v2)
+//! /run/netns/cellhost-<id>     bridged: the cell's netns, pinned (see cellhost-net)
 //! ```
 //!
 //! # Lifecycle
 //!
-//! create: cell dir, secrets tmpfs, config.json, then the shim creates the
-//! container (init waits for the start signal) and reports its pid. start:
-//! libcontainer's start signal. stop: SIGTERM to the init, SIGKILL to the
-//! whole cgroup after the grace period. destroy: SIGKILL the pid namespace's
-//! init (the kernel then kills every process in the namespace) and every
-//! pid left in the cgroup, wait for the shim, libcontainer delete (cgroups,
-//! state), unmount the secrets tmpfs, remove the cell dir, then *check*
-//! each of those and report what is left. exec (while running): a helper
-//! process joins the cell's namespaces and cgroup (see exec); destroy kills
-//! what it started like any other process of the cell. usage: the cell's
-//! cgroup counters, read from files.
+//! create: the cell's uid range must come with the request (the
+//! supervisor leases it); cell dir, secrets tmpfs, the volume (its data
+//! owned by the cell's root), the root (see root), config.json, then the
+//! shim creates the container (init waits for the start signal) and
+//! reports its pid; a bridged cell's netns (made inside its user
+//! namespace) is pinned and its veth attached. start: libcontainer's start
+//! signal. stop: SIGTERM to the init, SIGKILL to the whole cgroup after the
+//! grace period. destroy: SIGKILL the pid namespace's init (the kernel then
+//! kills every process in the namespace), every pid left in the cgroup and
+//! every process still running as the cell's uids, wait for the shim,
+//! libcontainer delete (cgroups, state), unmount everything under the cell
+//! dir, detach the network, destroy the volume, remove the cell dir, then
+//! *check* each of those, and the uid range, and report what is left.
+//! exec (while running): a helper process joins the cell's namespaces (its
+//! user namespace included) and cgroup (see exec); destroy kills what it
+//! started like any other process of the cell. usage: the cell's cgroup
+//! counters, read from files.
 //!
 //! # Idempotency
 //!
@@ -41,15 +48,21 @@
 //!
 //! # Threat model
 //!
-//! The workload is untrusted. It gets exactly its declared environment,
-//! fds 0-2 only (stdin /dev/null, stdout/stderr the cell log), no view of
-//! the host's /etc or other cells, resource limits from cgroups, and
-//! loopback-only networking, or bridged: a netns cellhost-net made, whose
-//! only way out is a veth confined by the cell's nftables table (see
-//! cellhost-net). Its syscalls pass an allow-list seccomp filter (see
-//! `seccomp`). Secret values never appear in argv (the shim's
-//! argv is paths and ids), in config.json, in logs or in the store; they
-//! exist only in the cell's tmpfs and in memory during create.
+//! The workload is a hostile stranger on a shared kernel. Its root is an
+//! unprivileged host uid of a range leased to it alone (a file it makes is
+//! that uid's; a process it runs can signal nothing outside the cell). It
+//! gets exactly its declared environment, fds 0-2 only (stdin /dev/null,
+//! stdout/stderr the cell log), no view of the host's /etc, state dir or
+//! other cells, no device but the standard ones, limits from its cgroup
+//! and rlimits (the policy fills them in: never unlimited), and
+//! loopback-only networking, or bridged: a netns whose only way out is a
+//! veth confined by the cell's nftables table (see cellhost-net). Its
+//! syscalls pass an allow-list seccomp filter (see `seccomp`). Secret
+//! values never appear in argv (the shim's argv is paths and ids), in
+//! config.json, in logs or in the store; they exist only in the cell's
+//! tmpfs and in memory during create. See bundle for what the OCI spec
+//! asks and why; what a shared kernel does not defend against is in the
+//! README's tier table.
 
 mod bundle;
 pub mod exec;
@@ -674,9 +687,10 @@ impl ProcessBackend {
         //    its cgroup, a zombie its parent has yet to reap).
         self.kill_all(&p, init_pid, &cg, deadline);
         self.wait_shim_gone(&p, deadline);
-        if let Some(r) = uids {
-            kill_uids(r, deadline);
-        }
+        // What still runs as the cell's ids once the kill is done: nothing
+        // can join afterwards (the exec lock is ours), so this is the
+        // report's check too.
+        let uid_left = uids.map(|r| (r, kill_uids(r, deadline)));
 
         // 2. libcontainer's own delete (cgroups + its state dir).
         if p.lc_state().join("state.json").exists() {
@@ -788,10 +802,9 @@ impl ProcessBackend {
             p.dir.display().to_string(),
             p.dir.exists() as u64,
         );
-        if let Some(r) = uids {
+        if let Some((r, left)) = uid_left {
             // Nothing may run as the cell's ids once it is gone: the range
             // goes to another cell next.
-            let left = cellhost_core::uids::processes_in(r);
             report.check_detail(
                 "uids",
                 format!("processes running as {r}"),
@@ -924,13 +937,13 @@ impl ProcessBackend {
 }
 
 /// SIGKILL every process running as an id of `r` until none is left or
-/// the deadline passes. Every such process is the cell's: the range is
-/// leased to it alone.
-fn kill_uids(r: UidRange, deadline: Instant) {
+/// the deadline passes; what is left then. Every such process is the
+/// cell's: the range is leased to it alone.
+fn kill_uids(r: UidRange, deadline: Instant) -> Vec<(i32, u32)> {
     loop {
         let left = cellhost_core::uids::processes_in(r);
         if left.is_empty() || Instant::now() >= deadline {
-            return;
+            return left;
         }
         for (pid, _) in left {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
