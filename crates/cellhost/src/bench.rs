@@ -310,43 +310,13 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
 
     for i in 0..n {
         // create → first instruction, without a user namespace (baseline)
-        first_bare.push(first_output(&*bare, &uids, i).await?);
+        first_bare.push(first_output(&*bare, &uids, i).await?.first);
 
         // create → first instruction
-        let cell = cell_doc(&format!("bench{i}"), &["/bin/echo", "x"])?;
-        let id = CellId::random();
-        let t0 = Instant::now();
-        let h = backend
-            .create(CreateRequest {
-                uids: Some(uids.lease(&id)?),
-                ..CreateRequest::new(id.clone(), cell)
-            })
-            .await
-            .map_err(|e| crate::run::backend_err(e, "bench create"))?;
-        let created = t0.elapsed();
-        let log = h.state_dir.join("log");
-        let ino = Inotify::init(InitFlags::IN_CLOEXEC)?;
-        ino.add_watch(&log, AddWatchFlags::IN_MODIFY)?;
-        let t_start = Instant::now();
-        backend
-            .start(&h)
-            .await
-            .map_err(|e| crate::run::backend_err(e, "bench start"))?;
-        start_s.push(t_start.elapsed());
-        create_s.push(created);
-        if std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) == 0 {
-            ino.read_events()?;
-        }
-        first.push(t0.elapsed());
-        drop(ino);
-        wait_exited(&*backend, &h).await?;
-        let report = backend.destroy(&h).await?;
-        anyhow::ensure!(
-            report.is_clean(),
-            "bench cell left residue: {}",
-            report.summary()
-        );
-        uids.release(&h);
+        let t = first_output(&*backend, &uids, i).await?;
+        first.push(t.first);
+        create_s.push(t.create);
+        start_s.push(t.start);
 
         // full lifecycle
         let t0 = Instant::now();
@@ -455,13 +425,22 @@ async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Re
     Ok(0)
 }
 
+/// One cell's way to its first output.
+struct FirstOutput {
+    /// create → the first byte of output in the log.
+    first: Duration,
+    /// Of which create, and start.
+    create: Duration,
+    start: Duration,
+}
+
 /// Create → the first byte of `/bin/echo x` in the log, for one cell of
 /// `backend`; destroyed (and its uids given back) before returning.
 async fn first_output(
     backend: &dyn Backend,
     uids: &BenchUids,
     i: usize,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<FirstOutput> {
     let cell = cell_doc(&format!("bench{i}"), &["/bin/echo", "x"])?;
     let id = CellId::random();
     let t0 = Instant::now();
@@ -472,13 +451,16 @@ async fn first_output(
         })
         .await
         .map_err(|e| crate::run::backend_err(e, "bench create"))?;
+    let create = t0.elapsed();
     let log = h.state_dir.join("log");
     let ino = Inotify::init(InitFlags::IN_CLOEXEC)?;
     ino.add_watch(&log, AddWatchFlags::IN_MODIFY)?;
+    let t_start = Instant::now();
     backend
         .start(&h)
         .await
         .map_err(|e| crate::run::backend_err(e, "bench start"))?;
+    let start = t_start.elapsed();
     if std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) == 0 {
         ino.read_events()?;
     }
@@ -492,7 +474,11 @@ async fn first_output(
         report.summary()
     );
     uids.release(&h);
-    Ok(first)
+    Ok(FirstOutput {
+        first,
+        create,
+        start,
+    })
 }
 
 async fn one_cell(

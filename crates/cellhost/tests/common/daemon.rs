@@ -150,6 +150,16 @@ impl Daemon {
     }
 
     pub fn start_with(extra: &[&str], logged: bool) -> Daemon {
+        Daemon::launch(extra, logged, None)
+    }
+
+    /// [`Daemon::start`], the daemon started with RLIMIT_NOFILE `n` (soft
+    /// and hard) as if whoever started it had set it.
+    pub fn start_with_nofile(extra: &[&str], n: u64) -> Daemon {
+        Daemon::launch(extra, false, Some(n))
+    }
+
+    fn launch(extra: &[&str], logged: bool, nofile: Option<u64>) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("cellhost-daemon-")
             .tempdir()
@@ -160,27 +170,7 @@ impl Daemon {
             socket: dir.path().join("api.sock"),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             log: logged.then(|| dir.path().join("daemon.log")),
-            nofile: None,
-            _dir: Some(dir),
-        };
-        d.spawn();
-        d
-    }
-
-    /// [`Daemon::start`], the daemon started with RLIMIT_NOFILE `n` (soft
-    /// and hard) as if whoever started it had set it.
-    pub fn start_with_nofile(extra: &[&str], n: u64) -> Daemon {
-        let dir = tempfile::Builder::new()
-            .prefix("cellhost-daemon-")
-            .tempdir()
-            .unwrap();
-        let mut d = Daemon {
-            child: None,
-            state: dir.path().join("state"),
-            socket: dir.path().join("api.sock"),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-            log: None,
-            nofile: Some(n),
+            nofile,
             _dir: Some(dir),
         };
         d.spawn();
