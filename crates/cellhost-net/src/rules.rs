@@ -9,12 +9,14 @@
 //!               packets for the host's loopback are dropped; the optional
 //!               egress byte rate is enforced here
 //! table inet cellhost_<id>       routing, by the cell's address
-//!   forward     from the cell: established flows, then each egress rule
-//!               and DNS to the declared resolvers, then reject
+//!   forward     from the cell: established flows, DNS to the declared
+//!               resolvers, a reject of the operator's denied networks, then
+//!               each egress rule, then reject
 //!               (admin-prohibited); to the cell: established flows and
 //!               published ports (DNAT), else drop
-//!   input       from the cell to the host itself: established flows, rules
-//!               naming a single address (/32) and the resolvers; else reject
+//!   input       from the cell to the host itself (any address of it,
+//!               broadcast ones included): established flows and the
+//!               resolvers; else reject
 //!   prerouting  published ports: host address:host port → cell
 //!   output      the same for connections made on the host (127.0.0.1 too)
 //!   postrouting masquerade the cell's allowed egress, and loopback-sourced
@@ -240,8 +242,9 @@ impl CellRules {
             "\tchain forward {{\n\t\ttype filter hook forward priority filter - 5; policy accept;"
         );
         let _ = writeln!(s, "\t\tip saddr {ip} {own}");
+        s.push_str(&self.dns_rule());
         s.push_str(&self.deny_rule());
-        s.push_str(&self.allow_rules(false));
+        s.push_str(&self.egress_rules());
         let _ = writeln!(s, "\t\t{reject}");
         let _ = writeln!(s, "\t\tip daddr {ip} {own}");
         let _ = writeln!(
@@ -250,15 +253,15 @@ impl CellRules {
         );
         let _ = writeln!(s, "\t\tip daddr {ip} drop\n\t}}");
 
-        // The host itself: replies, then only rules that name one address
-        // (a /32) and the declared resolvers. A broad rule such as
-        // 0.0.0.0/0 opens the world, not the provider's own services.
+        // The host itself (any of its addresses, broadcast ones included):
+        // replies and the declared resolvers, nothing else. No egress
+        // rule, however it is written, opens the provider's own services.
         let _ = writeln!(
             s,
             "\tchain input {{\n\t\ttype filter hook input priority filter - 5; policy accept;"
         );
         let _ = writeln!(s, "\t\tip saddr {ip} {own}");
-        s.push_str(&self.allow_rules(true));
+        s.push_str(&self.dns_rule());
         let _ = writeln!(s, "\t\t{reject}\n\t}}");
 
         let dnat = self.dnat_rules();
@@ -305,12 +308,11 @@ impl CellRules {
         )
     }
 
-    /// Accepts for the egress list and the resolvers; `host_only`: only
-    /// those naming single addresses.
-    fn allow_rules(&self, host_only: bool) -> String {
+    /// Accepts for the egress list.
+    fn egress_rules(&self) -> String {
         let ip = self.address;
         let mut s = String::new();
-        for a in self.egress.iter().filter(|a| !host_only || a.prefix == 32) {
+        for a in &self.egress {
             let dest = format!("ip daddr {}/{}", a.net, a.prefix);
             let l4 = match (a.protocol, a.port) {
                 (Some(p), Some(port)) => format!(" {} dport {port}", p.as_str()),
@@ -323,6 +325,14 @@ impl CellRules {
                 "\t\tip saddr {ip} {dest}{l4} counter name egress_allowed accept"
             );
         }
+        s
+    }
+
+    /// DNS (udp and tcp 53) to the declared resolvers: the operator's own
+    /// list, so it passes before the denied networks.
+    fn dns_rule(&self) -> String {
+        let ip = self.address;
+        let mut s = String::new();
         if !self.dns.is_empty() {
             let set = self
                 .dns
@@ -522,14 +532,20 @@ mod tests {
             assert!(t.contains(&want), "missing {want:?} in\n{t}");
         }
         // The world (forward) gets every rule before the reject; the host
-        // itself (input) only the /32 and the resolvers.
+        // itself (input) only the resolvers: not even a /32 rule, which a
+        // directed broadcast or an address the host gains later would turn
+        // into a way to the provider's own services.
         let fwd = section(&t, "chain forward");
         assert!(fwd.find("dport 443").unwrap() < fwd.find("reject").unwrap());
         let input = section(&t, "chain input");
-        assert!(input.contains("192.0.2.7/32"), "{input}");
         assert!(input.contains("th dport 53"), "{input}");
-        for broad in ["10.1.0.0/16", "198.51.100.0/24", "203.0.113.0/24"] {
-            assert!(!input.contains(broad), "{broad} opens the host: {input}");
+        for rule in [
+            "192.0.2.7/32",
+            "10.1.0.0/16",
+            "198.51.100.0/24",
+            "203.0.113.0/24",
+        ] {
+            assert!(!input.contains(rule), "{rule} opens the host: {input}");
         }
         // A publish address narrows the DNAT; 127.0.0.1 stays for the host.
         r.publish = Some(Ipv4Addr::new(192, 0, 2, 1));
