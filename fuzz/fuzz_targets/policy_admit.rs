@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
     let facts = HostFacts {
         addresses: vec![std::net::Ipv4Addr::new(192, 0, 2, 10)],
         bridge: Some("10.47.0.0/16".parse().unwrap()),
+        connected: vec!["192.0.2.0/24".parse().unwrap()],
     };
     match policy.admit(&mut cell, &facts) {
         Ok(()) => {

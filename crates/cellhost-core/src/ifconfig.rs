@@ -40,6 +40,39 @@ pub fn resolv_conf<T: std::fmt::Display>(dns: &[T]) -> String {
 }
 
 /// The netmask of a prefix length.
+/// The IPv4 networks this host (the calling thread's network namespace)
+/// is directly connected to: each interface address with its netmask, as
+/// `(network, prefix)`, loopback left out. Cells are denied these: the
+/// provider's LAN and every bridge of the host (other engines' containers
+/// included) are neighbours, not the internet.
+pub fn connected_networks() -> Vec<(std::net::Ipv4Addr, u8)> {
+    let Ok(ifs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for i in ifs {
+        let (Some(addr), Some(netmask)) = (
+            i.address
+                .as_ref()
+                .and_then(|a| a.as_sockaddr_in().map(|v| v.ip())),
+            i.netmask
+                .as_ref()
+                .and_then(|a| a.as_sockaddr_in().map(|v| v.ip())),
+        ) else {
+            continue;
+        };
+        if addr.is_loopback() {
+            continue;
+        }
+        let prefix = u32::from(netmask).leading_ones() as u8;
+        let net = std::net::Ipv4Addr::from(u32::from(addr) & mask(prefix));
+        if !out.contains(&(net, prefix)) {
+            out.push((net, prefix));
+        }
+    }
+    out
+}
+
 pub fn mask(prefix: u8) -> u32 {
     if prefix == 0 {
         0

@@ -112,6 +112,10 @@ pub struct NetConfig {
     /// operator's policy: link-local and cloud metadata, multicast, the
     /// bridge's subnet, …): rejected before any allow rule.
     pub deny: Vec<(Ipv4Addr, u8)>,
+    /// Also reject every network the host is directly connected to when a
+    /// cell attaches (its LAN, other engines' bridges: an iptables accept
+    /// for the bridge would otherwise carry a cell past their isolation).
+    pub deny_connected: bool,
 }
 
 impl NetConfig {
@@ -123,6 +127,7 @@ impl NetConfig {
             store_dir,
             publish: None,
             deny: Vec::new(),
+            deny_connected: true,
         }
     }
 
@@ -397,6 +402,13 @@ impl Network {
         let mut rules = CellRules::for_cell(id, &self.cfg.bridge, &self.owner, address, cell)?;
         rules.publish = self.cfg.publish;
         rules.deny = self.cfg.deny.clone();
+        if self.cfg.deny_connected {
+            for n in cellhost_core::ifconfig::connected_networks() {
+                if !rules.deny.contains(&n) {
+                    rules.deny.push(n);
+                }
+            }
+        }
         rules.store = self.bridge_alias();
         let a = Attachment {
             netns: (link == Link::Veth).then(|| Path::new("/run/netns").join(netns_name(id))),

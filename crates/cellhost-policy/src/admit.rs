@@ -14,6 +14,9 @@ pub struct HostFacts {
     pub addresses: Vec<Ipv4Addr>,
     /// The cellhost bridge's subnet (denied: other cells, the gateway).
     pub bridge: Option<Net>,
+    /// Networks the host is directly connected to (denied when the
+    /// policy's `egress.denyConnected`).
+    pub connected: Vec<Net>,
 }
 
 /// One thing the policy does not allow.
@@ -81,6 +84,9 @@ impl Policy {
         out.extend(self.egress.deny.iter().copied());
         out.extend(facts.addresses.iter().map(|a| Net::host(*a)));
         out.extend(facts.bridge);
+        if self.egress.deny_connected {
+            out.extend(facts.connected.iter().copied());
+        }
         out.sort_by_key(|n| (n.addr(), n.prefix()));
         out.dedup();
         out
@@ -213,6 +219,17 @@ impl Policy {
                 Some(_) => {}
             }
         }
+        // A volume is host disk too: no larger than a cell's disk may be.
+        if let Some(v) = &cell.spec.volume
+            && v.size_gib > m.disk_gib
+        {
+            r.push(
+                "spec.volume.sizeGiB",
+                format!("{} is more than the {} allowed", v.size_gib, m.disk_gib),
+                &format!("{max}.diskGiB"),
+            );
+        }
+        let res = &mut cell.spec.resources;
         // The guest kernel of a VM keeps its own process table and file
         // limits: those tiers refuse pids and ulimits.
         if !matches!(tier, Isolation::Process | Isolation::Container) {
@@ -342,6 +359,7 @@ mod tests {
         HostFacts {
             addresses: vec![Ipv4Addr::new(192, 0, 2, 10), Ipv4Addr::new(10, 47, 0, 1)],
             bridge: Some("10.47.0.0/16".parse().unwrap()),
+            connected: vec!["192.0.2.0/24".parse().unwrap()],
         }
     }
 
@@ -446,6 +464,22 @@ mod tests {
     }
 
     #[test]
+    fn a_volume_is_no_larger_than_a_cells_disk() {
+        let r = refusals(
+            &Policy::default(),
+            doc(
+                "  isolation: container\n  image: alpine:3\n  command: [x]\n  volume: { path: /data, sizeGiB: 65536 }\n",
+            ),
+        );
+        assert_eq!(
+            r,
+            [
+                "spec.volume.sizeGiB: 65536 is more than the 64 allowed (policy: resources.maximums.diskGiB)"
+            ]
+        );
+    }
+
+    #[test]
     fn ulimits_that_take_from_the_host_are_refused() {
         let r = refusals(
             &Policy::default(),
@@ -483,6 +517,9 @@ mod tests {
         );
         let bad = [
             ("169.254.169.254/32", "egress.deny"),
+            ("100.100.100.200/32", "egress.deny"), // a cloud's metadata in CGNAT space
+            ("10.9.0.0/16", "egress.deny"),        // a private range: a VPC, the LAN
+            ("192.0.2.77/32", "egress.deny"),      // a neighbour on the host's LAN
             ("127.0.0.1/32", "egress.deny"),
             ("192.0.2.10/32", "egress.deny"), // the host's own address
             ("10.47.0.1/32", "egress.deny"),  // the gateway
@@ -503,6 +540,17 @@ mod tests {
                 "{r:?}"
             );
         }
+        // An operator who opens its private ranges and its LAN.
+        let mut open = p.clone();
+        open.egress.deny.clear();
+        open.egress.deny_connected = false;
+        assert!(
+            refusals(
+                &open,
+                doc("  isolation: process\n  command: [x]\n  network:\n    mode: bridged\n    egress: [ { cidr: 10.9.0.0/16 }, { cidr: 192.0.2.77/32 } ]\n"),
+            )
+            .is_empty()
+        );
         let r = refusals(
             &p,
             doc(

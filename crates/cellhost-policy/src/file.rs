@@ -136,6 +136,14 @@ impl Policy {
                 "count must be >= 1 and start + count × 65536 must fit in 32 bits".into(),
             );
         }
+        if !self.uids.start.is_multiple_of(65_536) {
+            return bad(
+                "uids.start",
+                "must be a multiple of 65536: every store cuts the host's ids into the same slots, \
+                 so two stores' ranges are either one or apart"
+                    .into(),
+            );
+        }
         if self.uids.start < 65_536 * 16 {
             return bad(
                 "uids.start",
@@ -208,6 +216,7 @@ mod tests {
         assert!(e("egress: { resolvers: [127.0.0.53] }").contains("egress.resolvers"));
         assert!(e("egress: { allow: [10.1.2.3/8] }").contains("egress.allow"));
         assert!(e("uids: { start: 1000, count: 1 }").contains("uids.start"));
+        assert!(e("uids: { start: 1073745920, count: 1 }").contains("multiple of 65536"));
         assert!(e("images: { names: [\"../x\"] }").contains("images.names.0"));
         assert!(e("lease: { defaultSeconds: 0 }").contains("lease.defaultSeconds"));
     }

@@ -172,20 +172,35 @@ pub struct Egress {
     /// Every `spec.network.egress` rule must lie inside one of these.
     pub allow: Vec<Net>,
     /// Never reachable from a cell, whatever its rules; a rule inside one
-    /// is refused. Always added: the host's own addresses, 0/8, 127/8,
-    /// 169.254/16 (link-local and cloud metadata), 224/4 and 240/4, and
-    /// the bridge's subnet (other cells, the gateway).
+    /// is refused. By default the private and shared ranges (10/8,
+    /// 172.16/12, 192.168/16, 100.64/10: a provider's LAN, a cloud's VPC
+    /// and metadata services such as 100.100.100.200). Always added on
+    /// top: the host's own addresses, 0/8, 127/8, 169.254/16 (link-local
+    /// and cloud metadata), 224/4 and 240/4, and the bridge's subnet
+    /// (other cells, the gateway).
     pub deny: Vec<Net>,
+    /// Also deny every network the host is directly connected to (its LAN,
+    /// the container engine's bridges), as they are when a cell is made.
+    pub deny_connected: bool,
     /// The only resolvers `spec.network.dns` may name, and the ones a
     /// bridged cell that names none gets.
     pub resolvers: Vec<Ipv4Addr>,
 }
 
+/// The private and shared ranges [`Egress::deny`] holds by default.
+pub const PRIVATE_RANGES: [Net; 4] = [
+    Net::new(Ipv4Addr::new(10, 0, 0, 0), 8),
+    Net::new(Ipv4Addr::new(172, 16, 0, 0), 12),
+    Net::new(Ipv4Addr::new(192, 168, 0, 0), 16),
+    Net::new(Ipv4Addr::new(100, 64, 0, 0), 10),
+];
+
 impl Default for Egress {
     fn default() -> Self {
         Egress {
             allow: vec![Net::ANY],
-            deny: Vec::new(),
+            deny: PRIVATE_RANGES.to_vec(),
+            deny_connected: true,
             resolvers: Vec::new(),
         }
     }

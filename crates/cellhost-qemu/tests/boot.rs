@@ -347,6 +347,8 @@ fn bridged_vm_gets_its_lease_and_publishes_by_dnat() {
         store_dir: state.path().to_path_buf(),
         publish: None,
         deny: Vec::new(),
+        // The test hosts are networks this host is connected to.
+        deny_connected: false,
     };
     struct Cleanup(cellhost_net::NetConfig, CellId);
     impl Drop for Cleanup {

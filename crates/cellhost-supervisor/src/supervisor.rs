@@ -485,7 +485,9 @@ impl Supervisor {
     ) -> Result<Arc<Supervisor>> {
         let host = HostInfo::new();
         let sample = host.sample();
-        let capacity = Capacity::from_host(sample.cpus, sample.memory.total_bytes, &cfg.admission);
+        let disk = HostInfo::disk_for(&cfg.state_dir).map_or(0, |d| d.total_bytes);
+        let capacity =
+            Capacity::from_host(sample.cpus, sample.memory.total_bytes, disk, &cfg.admission);
         let mut reservations = HashMap::new();
         for rec in store.list_lenient()?.into_iter().flatten() {
             if rec.desired != Desired::Destroyed {
@@ -547,6 +549,10 @@ impl Supervisor {
         HostFacts {
             addresses,
             bridge: self.cfg.bridge_subnet,
+            connected: cellhost_core::ifconfig::connected_networks()
+                .into_iter()
+                .map(|(a, p)| Net::new(a, p))
+                .collect(),
         }
     }
 
@@ -1139,6 +1145,21 @@ impl Supervisor {
             )));
         }
         let at = rec.expires_at.saturating_add((seconds * 1000) as i64);
+        // No lease runs longer than the policy's from now, however it was
+        // reached: one create or many extends.
+        let max = self.cfg.policy.lease.max_seconds;
+        let left = u64::try_from((at - now).max(0) / 1000).unwrap_or(u64::MAX);
+        if left > max {
+            return Err(SupervisorError::Policy(cellhost_policy::PolicyError {
+                refusals: vec![cellhost_policy::Refusal {
+                    field: "seconds".into(),
+                    message: format!(
+                        "the lease would end in {left} s; at most {max} s from now is allowed"
+                    ),
+                    rule: "lease.maxSeconds".into(),
+                }],
+            }));
+        }
         self.record_view(
             &rec.id,
             Change::event(kinds::EXTENDED, {

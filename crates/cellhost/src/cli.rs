@@ -321,6 +321,7 @@ impl NetOpt {
             store_dir: state_dir.to_path_buf(),
             publish: self.publish,
             deny: Vec::new(),
+            deny_connected: true,
         }
     }
 }

@@ -157,12 +157,16 @@ pub fn net_config(
     let facts = cellhost_policy::HostFacts {
         addresses: Vec::new(),
         bridge: Some(bridge),
+        // Connected networks change (an engine makes a bridge): the
+        // network crate reads them at each attach instead.
+        connected: Vec::new(),
     };
     cfg.deny = policy
         .denied_nets(&facts)
         .into_iter()
         .map(|n| (n.addr(), n.prefix()))
         .collect();
+    cfg.deny_connected = policy.egress.deny_connected;
     cfg
 }
 

@@ -912,6 +912,7 @@ fn bridged_cells_through_the_daemon_show_counters_and_orphans_are_swept() {
         store_dir: d.state.clone(),
         publish: None,
         deny: Vec::new(),
+        deny_connected: false,
     });
     let port = common::free_port();
     let mut web = doc(

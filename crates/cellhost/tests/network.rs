@@ -207,6 +207,8 @@ fn net_config(dir: &std::path::Path, n: u8) -> NetConfig {
         store_dir: dir.to_path_buf(),
         publish: None,
         deny: Vec::new(),
+        // The test hosts are networks this host is connected to.
+        deny_connected: false,
     }
 }
 
