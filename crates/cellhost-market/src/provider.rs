@@ -321,6 +321,7 @@ impl Provider {
             let want = Reservation {
                 cpus: t.cpus,
                 memory_bytes: t.memory_mib << 20,
+                disk_bytes: t.disk_gib.unwrap_or(0) << 30,
             };
             capacity.admit(reserved, want).is_ok()
         };

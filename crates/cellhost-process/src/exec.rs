@@ -325,6 +325,23 @@ fn join(cell_dir: &Path, container_id: &str, req: Wire) -> Result<Pid, ExecError
     if !state_dir.join("state.json").is_file() {
         return Err(ExecError::NotRunning("the cell has no container".into()));
     }
+    // The init libcontainer will join by pid must still be this cell's:
+    // a pid reused by another cell's process would put the command there.
+    // (Checked under the exec lock; what remains is the microseconds until
+    // libcontainer opens its namespaces.)
+    let instance = cell_dir
+        .parent()
+        .and_then(Path::parent)
+        .map(crate::hostfs::instance_tag)
+        .unwrap_or_default();
+    let cgroup = crate::hostfs::cgroup_object(&instance, container_id);
+    match crate::read_state_pid(&state_dir) {
+        Some(pid) if crate::pid_in_cell(pid, &cgroup) => {}
+        _ => return Err(ExecError::NotRunning("its init is gone".into())),
+    }
+    // The cell's own hard limits, which the joining process keeps inside
+    // the cell's user namespace (where it could only lower them).
+    crate::shim::raise_hard_limits(cell_dir).map_err(ExecError::Engine)?;
     let cwd = req.cwd.unwrap_or_else(|| cell_cwd(cell_dir));
     let null = File::open("/dev/null").map_err(io_error("opening /dev/null"))?;
     let env = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();

@@ -1025,13 +1025,13 @@ impl LcState {
     }
 }
 
-fn read_state_pid(lc_state: &Path) -> Option<i32> {
+pub(crate) fn read_state_pid(lc_state: &Path) -> Option<i32> {
     LcState::read(lc_state).pid
 }
 
 /// Is `pid` alive and a member of the cell's cgroup (guards against pid
 /// reuse)?
-fn pid_in_cell(pid: i32, cgroup: &str) -> bool {
+pub(crate) fn pid_in_cell(pid: i32, cgroup: &str) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/cgroup")) {
         Ok(s) => s
             .lines()

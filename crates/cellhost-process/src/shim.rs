@@ -162,7 +162,7 @@ fn create(cell_dir: &Path, container_id: &str) -> Result<(Pid, OwnedFd, File), S
 /// limit can only be lowered: lift the shim's own hard limits (it is host
 /// root) to what the cell asks, so they are the cell's own, never the
 /// ones cellhost happened to inherit.
-fn raise_hard_limits(cell_dir: &Path) -> Result<(), String> {
+pub(crate) fn raise_hard_limits(cell_dir: &Path) -> Result<(), String> {
     let config = fs::read(cell_dir.join("config.json")).map_err(|e| format!("config.json: {e}"))?;
     let spec: serde_json::Value =
         serde_json::from_slice(&config).map_err(|e| format!("config.json: {e}"))?;

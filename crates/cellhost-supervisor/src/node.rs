@@ -11,11 +11,18 @@
 //! memory  = (total memory − host reserve) × memory_overcommit  (default 1.0:
 //!                                                     memory is not shareable;
 //!                                                     overcommit means OOM)
+//!
+//! disk    = the state dir's filesystem × 0.9           (what cells may be
+//!                                                     promised, in all)
 //! ```
 //!
 //! A cell reserves its `resources.cpus` / `resources.memoryMiB`: the
 //! operator's policy writes its defaults into every document that sets
-//! none, so a cell reserves exactly what its cgroup (or VM) enforces.
+//! none, so a cell reserves exactly what its cgroup (or VM) enforces. It
+//! also reserves the disk it may fill: its volume's `sizeGiB`, and
+//! `diskGiB` where that is host disk (a container's writable layer or
+//! scratch file, a VM's overlay; a process cell's scratch is a tmpfs in
+//! its memory).
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -48,6 +55,9 @@ impl Default for AdmissionPolicy {
 pub struct Reservation {
     pub cpus: f64,
     pub memory_bytes: u64,
+    /// Host disk the cell may fill.
+    #[serde(default)]
+    pub disk_bytes: u64,
 }
 
 impl Reservation {
@@ -55,6 +65,12 @@ impl Reservation {
     /// row stored before policies existed gets the policy's defaults).
     pub fn of(spec: &cellhost_spec::CellSpec, policy: &cellhost_policy::Policy) -> Reservation {
         let d = &policy.resources.defaults;
+        let gib = |g: u64| g.saturating_mul(1 << 30);
+        let scratch = match spec.isolation {
+            cellhost_spec::Isolation::Process => 0,
+            _ => gib(spec.resources.disk_gib.unwrap_or(d.disk_gib)),
+        };
+        let volume = spec.volume.as_ref().map_or(0, |v| gib(v.size_gib));
         Reservation {
             cpus: spec.resources.cpus.unwrap_or(d.cpus),
             memory_bytes: spec
@@ -62,6 +78,7 @@ impl Reservation {
                 .memory_mib
                 .unwrap_or(d.memory_mib)
                 .saturating_mul(1 << 20),
+            disk_bytes: scratch.saturating_add(volume),
         }
     }
 }
@@ -71,6 +88,7 @@ impl<'a> std::iter::Sum<&'a Reservation> for Reservation {
         iter.fold(Reservation::default(), |a, r| Reservation {
             cpus: a.cpus + r.cpus,
             memory_bytes: a.memory_bytes.saturating_add(r.memory_bytes),
+            disk_bytes: a.disk_bytes.saturating_add(r.disk_bytes),
         })
     }
 }
@@ -81,15 +99,27 @@ impl<'a> std::iter::Sum<&'a Reservation> for Reservation {
 pub struct Capacity {
     pub cpus: f64,
     pub memory_bytes: u64,
+    /// Disk all cells may be promised (the state dir's filesystem × 0.9).
+    pub disk_bytes: u64,
 }
 
+/// Share of the state dir's filesystem cells may be promised in all.
+pub const DISK_SHARE: f64 = 0.9;
+
 impl Capacity {
-    pub fn from_host(cpus: usize, total_memory: u64, policy: &AdmissionPolicy) -> Capacity {
+    /// `disk`: the size of the filesystem holding the state dir.
+    pub fn from_host(
+        cpus: usize,
+        total_memory: u64,
+        disk: u64,
+        policy: &AdmissionPolicy,
+    ) -> Capacity {
         let mem = total_memory.saturating_sub(policy.host_reserve_bytes) as f64
             * policy.memory_overcommit;
         Capacity {
             cpus: cpus as f64 * policy.cpu_overcommit,
             memory_bytes: mem.max(0.0) as u64,
+            disk_bytes: (disk as f64 * DISK_SHARE) as u64,
         }
     }
 
@@ -98,6 +128,7 @@ impl Capacity {
         Reservation {
             cpus: (self.cpus - reserved.cpus).max(0.0),
             memory_bytes: self.memory_bytes.saturating_sub(reserved.memory_bytes),
+            disk_bytes: self.disk_bytes.saturating_sub(reserved.disk_bytes),
         }
     }
 
@@ -119,6 +150,14 @@ impl Capacity {
                 want.memory_bytes >> 20,
                 self.memory_bytes.saturating_sub(reserved.memory_bytes) >> 20,
                 self.memory_bytes >> 20
+            ));
+        }
+        if reserved.disk_bytes.saturating_add(want.disk_bytes) > self.disk_bytes {
+            return Err(format!(
+                "the cell asks for {} GiB of disk (diskGiB and its volume); {} of this node's {} GiB are free",
+                want.disk_bytes >> 30,
+                self.disk_bytes.saturating_sub(reserved.disk_bytes) >> 30,
+                self.disk_bytes >> 30
             ));
         }
         Ok(())
@@ -281,7 +320,7 @@ mod tests {
             memory_overcommit: 1.0,
             host_reserve_bytes: 1 << 30,
         };
-        let c = Capacity::from_host(2, 5 << 30, &p);
+        let c = Capacity::from_host(2, 5 << 30, 100 << 30, &p);
         assert_eq!(c.cpus, 4.0);
         assert_eq!(c.memory_bytes, 4 << 30);
     }
@@ -291,16 +330,26 @@ mod tests {
         let c = Capacity {
             cpus: 1.0,
             memory_bytes: 1 << 30,
+            disk_bytes: 10 << 30,
         };
         let r = |cpus, mib: u64| Reservation {
             cpus,
             memory_bytes: mib << 20,
+            disk_bytes: 0,
         };
         assert!(c.admit(r(0.7, 0), r(0.3, 1024)).is_ok());
         let e = c.admit(r(0.8, 0), r(0.3, 1)).unwrap_err();
         assert!(e.contains("0.30 CPUs") && e.contains("0.20"), "{e}");
         let e = c.admit(r(0.0, 1000), r(0.1, 100)).unwrap_err();
         assert!(e.contains("100 MiB") && e.contains("24 of"), "{e}");
+        // Disk: what all cells may fill together.
+        let disk = |g: u64| Reservation {
+            disk_bytes: g << 30,
+            ..r(0.0, 0)
+        };
+        assert!(c.admit(disk(6), disk(4)).is_ok());
+        let e = c.admit(disk(7), disk(4)).unwrap_err();
+        assert!(e.contains("4 GiB of disk") && e.contains("3 of"), "{e}");
     }
 
     #[test]

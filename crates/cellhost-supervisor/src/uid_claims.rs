@@ -12,6 +12,10 @@
 //! Idempotency: claiming a range this store and cell already hold
 //! succeeds; releasing a missing or foreign claim does nothing.
 //!
+//! Concurrency: every change (claim, take-over, release) holds an
+//! exclusive `flock` on `<dir>/.lock`, so a take-over never removes a
+//! claim someone made a moment before.
+//!
 //! Staleness: a claim also names a path that exists while its holder does
 //! (the store's database; a test's `/proc/<pid>`). A claim whose path is
 //! gone and whose range no process runs as is stale: any store may take
@@ -62,13 +66,26 @@ impl UidClaims {
         self.dir.join(base.to_string())
     }
 
-    /// Claim `range` for `cell`: `Ok(true)` when it is ours now (made, or
-    /// already ours), `Ok(false)` when someone else holds it.
-    pub fn claim(&self, cell: &CellId, range: UidRange) -> io::Result<bool> {
+    /// The claims dir, made if missing, locked exclusively until the guard
+    /// drops.
+    fn lock(&self) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(self.dir.join(".lock"))?;
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e.into())
+    }
+
+    /// Claim `range` for `cell`: `Ok(true)` when it is ours now (made, or
+    /// already ours), `Ok(false)` when someone else holds it.
+    pub fn claim(&self, cell: &CellId, range: UidRange) -> io::Result<bool> {
+        let _lock = self.lock()?;
         let want = content(&self.store, cell, range, &self.alive);
         let path = self.path(range.base);
         match std::fs::OpenOptions::new()
@@ -91,6 +108,7 @@ impl UidClaims {
     /// Bases of ranges claimed by anyone but this store. Stale claims
     /// (see the module docs) are removed instead.
     pub fn foreign(&self) -> Vec<u32> {
+        let _lock = self.lock();
         let mut out = Vec::new();
         for c in self.all() {
             if c.store == self.store {
@@ -148,6 +166,7 @@ impl UidClaims {
 
     /// Give back `cell`'s claim on `range` (only if it is ours).
     pub fn release(&self, cell: &CellId, range: UidRange) {
+        let _lock = self.lock();
         let path = self.path(range.base);
         if std::fs::read_to_string(&path)
             .is_ok_and(|have| have == content(&self.store, cell, range, &self.alive))

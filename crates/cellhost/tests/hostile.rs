@@ -871,6 +871,31 @@ fn limits_are_the_policys_never_the_callers() {
         let (exit, log) = run_to_exit(&d, doc);
         assert_eq!(exit["code"], 0, "{log}");
         assert_eq!(log, "1500\n2000\n", "inherited {inherited}");
+        // An exec runs under its cell's limits too (libcontainer 0.7.0
+        // gave it oci-spec's default and the daemon's process limit).
+        let id = d.create(cell("execlimits", &["/bin/sleep", "60"]));
+        let r = d.call(
+            "POST",
+            &format!("/v1/cells/{id}/exec"),
+            Some(json!({"argv": ["/bin/cat", "/proc/self/limits"]})),
+        );
+        let limits = r.json()["stdout"].as_str().unwrap().to_string();
+        let row = |name: &str| {
+            limits
+                .lines()
+                .find(|l| l.starts_with(name))
+                .map(|l| {
+                    l.split_whitespace()
+                        .rev()
+                        .skip(1)
+                        .take(2)
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(row("Max open files"), ["1024", "1024"], "{limits}");
+        assert_eq!(row("Max processes"), ["256", "256"], "{limits}");
+        d.destroy_clean(&id);
     }
     // A document asking for more than the policy's maximum is refused.
     let d = Daemon::start(&[]);
@@ -880,4 +905,259 @@ fn limits_are_the_policys_never_the_callers() {
     let r = d.call("POST", "/v1/cells", Some(doc));
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["field"], "spec.resources.ulimits.0");
+}
+
+#[test]
+fn leases_and_disk_stay_inside_the_policy() {
+    require_process_tier!();
+    // Before: three extends of a year each ran a lease to three years; a
+    // volume could ask for 64 TiB.
+    let (d, tcp, _tok) = tenant_daemon(&[]);
+    let r = as_tenant(
+        &tcp,
+        ALICE,
+        "POST",
+        "/v1/cells",
+        Some(&cell("lease", &["/bin/sleep", "60"])),
+    );
+    assert_eq!(r.status, 201);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let r = as_tenant(
+        &tcp,
+        ALICE,
+        "POST",
+        &format!("/v1/cells/{id}/extend"),
+        Some(&json!({"seconds": 31_622_400})),
+    );
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["code"], "policy");
+    // Within the policy's week it extends, and no further.
+    let r = as_tenant(
+        &tcp,
+        ALICE,
+        "POST",
+        &format!("/v1/cells/{id}/extend"),
+        Some(&json!({"seconds": 86_400})),
+    );
+    assert_eq!(r.status, 200);
+    for _ in 0..10 {
+        let r = as_tenant(
+            &tcp,
+            ALICE,
+            "POST",
+            &format!("/v1/cells/{id}/extend"),
+            Some(&json!({"seconds": 86_400})),
+        );
+        if r.status == 403 {
+            break;
+        }
+    }
+    let left =
+        as_tenant(&tcp, ALICE, "GET", &format!("/v1/cells/{id}"), None).json()["expiresInSeconds"]
+            .as_u64()
+            .unwrap();
+    assert!(left <= 604_800, "{left} s");
+    d.destroy_clean(&id);
+    // A volume no larger than a cell's disk.
+    let mut doc = cell("vol", &["/bin/true"]);
+    doc["spec"]["volume"] = json!({"path": "/data", "sizeGiB": 65536, "encrypted": true});
+    let r = as_tenant(&tcp, ALICE, "POST", "/v1/cells", Some(&doc));
+    assert_eq!(r.status, 403, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["field"], "spec.volume.sizeGiB");
+    // And what all cells may be promised is bounded by the disk itself.
+    let node = d.call("GET", "/v1/node", None).json();
+    assert!(
+        node["capacity"]["diskBytes"].as_u64().unwrap() > 0,
+        "{node}"
+    );
+}
+
+/// A container on the engine's default bridge (another tenant's, or the
+/// operator's own), listening on `port`: its address, removed on drop.
+struct Neighbour(String, std::net::Ipv4Addr);
+
+impl Neighbour {
+    fn start(port: u16) -> Option<Neighbour> {
+        if !common::docker_ready() {
+            return None;
+        }
+        let out = std::process::Command::new("docker")
+            .args([
+                "run",
+                "-d",
+                "--rm",
+                "--network",
+                "bridge",
+                common::DOCKER_TEST_IMAGE,
+            ])
+            .args(["httpd", "-f", "-p", &port.to_string(), "-h", "/etc"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let ip = std::process::Command::new("docker")
+            .args(["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &id])
+            .output()
+            .unwrap();
+        let ip = String::from_utf8_lossy(&ip.stdout).trim().parse().unwrap();
+        Some(Neighbour(id, ip))
+    }
+}
+
+impl Drop for Neighbour {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-f", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn a_broad_egress_rule_reaches_neither_the_host_nor_its_neighbours() {
+    require_process_tier!();
+    if python_missing() || cellhost_core::probe::which("nft").is_none() {
+        eprintln!("SKIP: nft not installed (scripts/test installs it)");
+        return;
+    }
+    // Before: with `egress: [{cidr: 0.0.0.0/0}]` a process cell reached
+    // every port of containers on the engine's bridges (an iptables accept
+    // for the cellhost bridge ran before Docker's isolation), and a /32 rule
+    // to the host's broadcast address reached its UDP services.
+    let tcp = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    let udp = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let (tport, uport) = (
+        tcp.local_addr().unwrap().port(),
+        udp.local_addr().unwrap().port(),
+    );
+    let uplink = nix::ifaddrs::getifaddrs()
+        .unwrap()
+        .find(|i| {
+            i.address
+                .and_then(|a| a.as_sockaddr_in().map(|v| !v.ip().is_loopback()))
+                .unwrap_or(false)
+                && i.broadcast.is_some()
+                && !i.interface_name.starts_with("docker")
+                && !i.interface_name.starts_with("ch")
+        })
+        .map(|i| {
+            (
+                i.address.unwrap().as_sockaddr_in().unwrap().ip(),
+                i.broadcast.unwrap().as_sockaddr_in().unwrap().ip(),
+            )
+        });
+    let Some((host_ip, broadcast)) = uplink else {
+        eprintln!("SKIP: no IPv4 interface with a broadcast address");
+        return;
+    };
+    let neighbour = Neighbour::start(5432);
+    if neighbour.is_none() {
+        eprintln!("(no docker engine: the container neighbour is left out)");
+    }
+    let tag = cellhost_core::ids::CellId::random().as_str()[..6].to_string();
+    let n = 16 + u8::from_str_radix(&tag[..2], 16).unwrap() % 234;
+    // A bridge of its own per daemon (a bridge serves one store).
+    let bridge = |k: u8| format!("chho{k}{tag}");
+    let subnet = |k: u8| format!("10.252.{}.0/24", n + k);
+    let gateway = format!("10.252.{n}.1");
+    let gone = |k: u8| {
+        cellhost_net::RemoveBridgeOnDrop(cellhost_net::NetConfig {
+            bridge: bridge(k),
+            subnet: subnet(k).parse().unwrap(),
+            store_dir: std::path::PathBuf::from("/nonexistent"),
+            publish: None,
+            deny: Vec::new(),
+            deny_connected: false,
+        })
+    };
+    let _bridges_gone = (gone(0), gone(1));
+    let script = |targets: &[(String, u16)]| {
+        format!(
+            r#"
+import socket, json
+res = {{}}
+for host, port in {targets:?}:
+    s = socket.socket()
+    s.settimeout(2)
+    try:
+        s.connect((host, port))
+        res[f"tcp {{host}}:{{port}}"] = "connected"
+    except OSError as e:
+        res[f"tcp {{host}}:{{port}}"] = type(e).__name__
+    s.close()
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+for host in ["{broadcast}", "{gateway}", "{host_ip}"]:
+    try:
+        u.sendto(b"cell was here", (host, {uport}))
+        res[f"udp {{host}}"] = "sent"
+    except OSError as e:
+        res[f"udp {{host}}"] = type(e).__name__
+print(json.dumps(res))
+"#
+        )
+    };
+    let mut targets = vec![(gateway.clone(), tport), (host_ip.to_string(), tport)];
+    if let Some(nb) = &neighbour {
+        targets.push((nb.1.to_string(), 5432));
+    }
+    let mut doc = py("broad", &script(&targets));
+    doc["spec"]["network"] = json!({"mode": "bridged", "egress": [{"cidr": "0.0.0.0/0"}]});
+
+    // Under the default policy: nothing of the host or its neighbours.
+    let d = Daemon::start(&["--bridge", &bridge(0), "--bridge-subnet", &subnet(0)]);
+    let (exit, log) = run_to_exit(&d, doc.clone());
+    assert_eq!(exit["code"], 0, "{log}");
+    let res = last_json(&log);
+    for (k, v) in res.as_object().unwrap() {
+        assert_ne!(v, "connected", "{k}: {res}");
+    }
+    assert!(
+        tcp.accept().is_err(),
+        "a cell's connection reached the host's TCP service"
+    );
+    let mut buf = [0u8; 64];
+    assert!(
+        udp.recv_from(&mut buf).is_err(),
+        "a cell's datagram reached the host's UDP service"
+    );
+    drop(d);
+
+    // The control: an operator who opens its private ranges and its LAN
+    // lets the cell reach the neighbour, so the refusal above was the
+    // policy's deny, not a network that was never there. The host itself
+    // stays closed even then (the cell's input chain takes no rule).
+    let policy = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        policy.path(),
+        "egress: { deny: [], denyConnected: false }\n",
+    )
+    .unwrap();
+    let d = Daemon::start(&[
+        "--bridge",
+        &bridge(1),
+        "--bridge-subnet",
+        &subnet(1),
+        "--policy",
+        policy.path().to_str().unwrap(),
+    ]);
+    let (exit, log) = run_to_exit(&d, doc);
+    assert_eq!(exit["code"], 0, "{log}");
+    let res = last_json(&log);
+    if let Some(nb) = &neighbour {
+        assert_eq!(res[format!("tcp {}:5432", nb.1)], "connected", "{res}");
+    }
+    assert!(
+        tcp.accept().is_err(),
+        "reached the host's TCP service: {res}"
+    );
+    assert!(
+        udp.recv_from(&mut buf).is_err(),
+        "reached the host's UDP service: {res}"
+    );
 }

@@ -442,6 +442,13 @@ impl TenantContainerBuilder {
 
             process_builder = process_builder.user(user_builder.build()?);
 
+            // cellhost patch: the container's rlimits, not oci-spec's
+            // default (NOFILE 1024) and whatever else the exec'ing process
+            // happened to have (0.7.0 copied none).
+            if let Some(rlimits) = spec.process().as_ref().and_then(|p| p.rlimits().clone()) {
+                process_builder = process_builder.rlimits(rlimits);
+            }
+
             process_builder.build()?
         };
 
