@@ -140,6 +140,7 @@
 //! cannot smuggle a path like `../..` into a host-object name.
 
 mod error;
+mod host_ports;
 mod leases;
 mod state;
 mod uid_leases;
@@ -157,6 +158,7 @@ use rusqlite::types::{FromSql, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, TransactionBehavior, params};
 
 pub use error::StoreError;
+pub use host_ports::PortTaken;
 pub use leases::{Lease, LeaseOutcome};
 pub use state::{Desired, Observed, ParseStateError};
 pub use uid_leases::{UidLease, UidPool};
@@ -243,6 +245,15 @@ const MIGRATIONS: &[&str] = &[
         size      INTEGER NOT NULL,
         leased_at INTEGER NOT NULL
     ) STRICT;",
+    // 5: host ports published by cells of every tier (see `host_ports`):
+    // one allocator above the tiers, so no two cells publish one port.
+    "CREATE TABLE host_ports (
+        protocol TEXT    NOT NULL,
+        port     INTEGER NOT NULL,
+        cell_id  TEXT    NOT NULL,
+        PRIMARY KEY (protocol, port)
+    ) STRICT;
+    CREATE INDEX host_ports_cell ON host_ports (cell_id);",
 ];
 
 /// The schema version this build writes and understands.
@@ -562,6 +573,7 @@ impl Store {
         // The cell's host ids go with its row: a clean teardown checked
         // that nothing runs as them any more.
         tx.execute("DELETE FROM uid_leases WHERE cell_id = ?1", [id.as_str()])?;
+        tx.execute("DELETE FROM host_ports WHERE cell_id = ?1", [id.as_str()])?;
         tx.commit()?;
         Ok(n > 0)
     }

@@ -28,6 +28,9 @@ pub enum SupervisorError {
     /// The operator's policy does not allow what the document asks.
     #[error("{0}")]
     Policy(#[source] cellhost_policy::PolicyError),
+    /// A host port the document publishes is another cell's.
+    #[error("{field}: {message}")]
+    PortTaken { field: String, message: String },
     /// A per-tenant cap of the policy is reached (cells, streams, rate).
     #[error("{message}")]
     TooMany { code: &'static str, message: String },
@@ -57,6 +60,7 @@ impl SupervisorError {
             SupervisorError::Unavailable(_) => (422, "tier_unavailable"),
             SupervisorError::Policy(_) => (403, "policy"),
             SupervisorError::TooMany { code, .. } => (429, code),
+            SupervisorError::PortTaken { .. } => (409, "port_taken"),
             SupervisorError::Backend(b) => match b {
                 BackendError::Invalid(_) => (400, "invalid"),
                 BackendError::NotFound(_) => (404, "not_found"),
@@ -85,6 +89,7 @@ impl SupervisorError {
         match self {
             SupervisorError::Invalid { field, .. } => field.as_deref(),
             SupervisorError::Policy(p) => p.first().map(|r| r.field.as_str()),
+            SupervisorError::PortTaken { field, .. } => Some(field),
             _ => None,
         }
     }

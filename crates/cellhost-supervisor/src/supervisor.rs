@@ -787,6 +787,11 @@ impl Supervisor {
                 }
             }
         }
+        if let Err(e) = self.lease_ports(id, &cell).await {
+            self.release_uids(id, handle.uids).await;
+            self.forget(id);
+            return Err(e);
+        }
         {
             let (idc, owner, h) = (id.clone(), caller.owner.clone(), handle.clone());
             let data = json!({ "name": cell.metadata.name, "isolation": cell.spec.isolation });
@@ -810,6 +815,8 @@ impl Supervisor {
                 .await;
             if let Err(e) = inserted {
                 self.release_uids(id, handle.uids).await;
+                let idc = id.clone();
+                let _ = self.db(move |s| s.release_ports(&idc)).await;
                 self.forget(id);
                 return Err(e);
             }
@@ -915,6 +922,37 @@ impl Supervisor {
         })
         .await
         .map_err(|e| SupervisorError::Internal(format!("uid lease task: {e}")))?
+    }
+
+    /// Lease the host ports `cell` publishes, across every tier: one
+    /// allocator above the tiers, so no cell's published port is another's
+    /// (a DNAT would otherwise win over a container's proxy).
+    async fn lease_ports(&self, id: &CellId, cell: &Cell) -> Result<()> {
+        let ports: Vec<(String, u16)> = cell
+            .spec
+            .ports
+            .iter()
+            .map(|p| {
+                (
+                    p.protocol.as_str().to_string(),
+                    u16::try_from(p.host).unwrap_or(0),
+                )
+            })
+            .collect();
+        let idc = id.clone();
+        let taken = self
+            .db(move |s| {
+                let refs: Vec<(&str, u16)> = ports.iter().map(|(p, n)| (p.as_str(), *n)).collect();
+                s.lease_ports(&idc, &refs)
+            })
+            .await?;
+        taken.map_err(|t| SupervisorError::PortTaken {
+            field: format!("spec.ports.{}.host", t.index),
+            message: format!(
+                "{} port {} is published by another cell",
+                t.protocol, t.port
+            ),
+        })
     }
 
     /// Give back a range whose cell never got (or no longer has) a row.
@@ -1577,9 +1615,9 @@ impl Supervisor {
         sum
     }
 
-    /// Give back uid leases and claims of this store whose cell has no row
-    /// (a create that crashed between leasing and recording), once no
-    /// process runs as any id of the range.
+    /// Give back uid leases and claims, and host ports, of this store whose
+    /// cell has no row (a create that crashed between leasing and
+    /// recording), uids once no process runs as any id of the range.
     async fn sweep_uids(&self, recorded: &HashSet<CellId>, sum: &mut ReconcileSummary) {
         let leases = match self.db(|s| s.uid_leases()).await {
             Ok(l) => l,
@@ -1612,6 +1650,22 @@ impl Supervisor {
                 continue;
             }
             self.release_uids(&l.cell, Some(l.range)).await;
+        }
+        // Ports of a cell that has no row (a create cut short).
+        if let Ok(holders) = self.db(|s| s.port_holders()).await {
+            for cell in holders {
+                if recorded.contains(&cell) {
+                    continue;
+                }
+                let Some(_guard) = self.try_lock(&cell) else {
+                    continue;
+                };
+                let idc = cell.clone();
+                if matches!(self.db(move |s| s.get(&idc)).await, Ok(None)) {
+                    let idc = cell.clone();
+                    let _ = self.db(move |s| s.release_ports(&idc)).await;
+                }
+            }
         }
         let leased: HashSet<&CellId> = leases.iter().map(|l| &l.cell).collect();
         for (base, cell) in self.claims.ours() {

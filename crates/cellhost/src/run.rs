@@ -366,7 +366,8 @@ pub fn supervisor_err(e: SupervisorError, what: &str) -> anyhow::Error {
         SupervisorError::Policy(_)
         | SupervisorError::Capacity(_)
         | SupervisorError::Unavailable(_)
-        | SupervisorError::TooMany { .. } => exit_err(EXIT_CAPABILITY, format!("{what}: {e}")),
+        | SupervisorError::TooMany { .. }
+        | SupervisorError::PortTaken { .. } => exit_err(EXIT_CAPABILITY, format!("{what}: {e}")),
         _ => exit_err(EXIT_RUNTIME, format!("{what}: {e}")),
     }
 }

@@ -1161,3 +1161,65 @@ print(json.dumps(res))
         "reached the host's UDP service: {res}"
     );
 }
+
+#[test]
+fn a_published_port_is_one_cells_across_every_tier() {
+    require_process_tier!();
+    if cellhost_core::probe::which("nft").is_none() {
+        eprintln!("SKIP: nft not installed (scripts/test installs it)");
+        return;
+    }
+    // Before: a container could publish the port a bridged process cell
+    // published; the process cell's DNAT won, and the container's clients
+    // talked to the other tenant.
+    let tag = cellhost_core::ids::CellId::random().as_str()[..6].to_string();
+    let n = 16 + u8::from_str_radix(&tag[..2], 16).unwrap() % 235;
+    let bridge = format!("chpt{tag}");
+    let subnet = format!("10.251.{n}.0/24");
+    let _gone = cellhost_net::RemoveBridgeOnDrop(cellhost_net::NetConfig {
+        bridge: bridge.clone(),
+        subnet: subnet.parse().unwrap(),
+        store_dir: std::path::PathBuf::from("/nonexistent"),
+        publish: None,
+        deny: Vec::new(),
+        deny_connected: false,
+    });
+    let (d, tcp, _tok) = tenant_daemon(&["--bridge", &bridge, "--bridge-subnet", &subnet]);
+    let port = common::free_port();
+    let mut alice = cell("pub", &["/bin/sleep", "60"]);
+    alice["spec"]["network"] = json!({"mode": "bridged"});
+    alice["spec"]["ports"] = json!([{"container": 8000, "host": port}]);
+    let r = as_tenant(&tcp, ALICE, "POST", "/v1/cells", Some(&alice));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let mut tiers = vec!["process"];
+    if common::docker_ready() {
+        tiers.push("container");
+    }
+    for tier in tiers {
+        let mut bob = json!({
+            "apiVersion": "cellhost.dev/v1", "kind": "Cell",
+            "metadata": {"name": "steal"},
+            "spec": {"isolation": tier, "command": ["/bin/sleep", "60"],
+                     "network": {"mode": "bridged"},
+                     "ports": [{"container": 8000, "host": port}]}
+        });
+        if tier == "container" {
+            bob["spec"]["image"] = json!(common::DOCKER_TEST_IMAGE);
+        }
+        let r = as_tenant(&tcp, BOB, "POST", "/v1/cells", Some(&bob));
+        assert_eq!(
+            r.status,
+            409,
+            "{tier}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["code"], "port_taken");
+        assert_eq!(r.json()["field"], "spec.ports.0.host");
+    }
+    d.destroy_clean(&id);
+    // Free again once its cell is gone.
+    let r = as_tenant(&tcp, BOB, "POST", "/v1/cells", Some(&alice));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    d.destroy_all();
+}
