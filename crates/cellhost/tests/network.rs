@@ -607,9 +607,11 @@ fn bridged_microvm_reaches_only_its_allow_list_and_publishes_ports() {
     // Dropped in reverse order: qemu is killed before its tap goes.
     let _detach = DetachOnDrop(net.clone(), "microvm", id.clone());
     let _kill = KillQemuOnDrop(state.path().join("microvm"));
-    let h = rt
-        .block_on(backend.create(cellhost_core::CreateRequest::new(id.clone(), cell)))
-        .unwrap();
+    // qemu runs as a leased uid range's base, as under the supervisor.
+    let uids = ClaimedUids::new(&id);
+    let mut req = cellhost_core::CreateRequest::new(id.clone(), cell);
+    req.uids = Some(uids.range);
+    let h = rt.block_on(backend.create(req)).unwrap();
     assert_eq!(
         h.tier["network"]["address"],
         format!("10.252.{n}.2"),
@@ -686,6 +688,47 @@ fn bridged_microvm_reaches_only_its_allow_list_and_publishes_ports() {
             .exists()
     );
     assert!(http_get(SocketAddr::from(([127, 0, 0, 1], published))).is_err());
+}
+
+/// A uid range for a cell this test creates without a supervisor: the
+/// first slot of the default policy's range no store claims host-wide;
+/// released on drop.
+struct ClaimedUids {
+    claims: cellhost_supervisor::uid_claims::UidClaims,
+    cell: CellId,
+    range: cellhost_core::UidRange,
+}
+
+impl ClaimedUids {
+    fn new(cell: &CellId) -> ClaimedUids {
+        let pool = cellhost_policy::Uids::default();
+        let claims = cellhost_supervisor::uid_claims::UidClaims::new(
+            cellhost_supervisor::uid_claims::CLAIMS_DIR,
+            format!("network-tests-{}", std::process::id()),
+        );
+        for slot in 0..pool.count {
+            let range = cellhost_core::UidRange {
+                base: pool.start + slot * cellhost_core::UidRange::CELL_SIZE,
+                size: cellhost_core::UidRange::CELL_SIZE,
+            };
+            if cellhost_core::uids::processes_in(range).is_empty()
+                && claims.claim(cell, range).unwrap()
+            {
+                return ClaimedUids {
+                    claims,
+                    cell: cell.clone(),
+                    range,
+                };
+            }
+        }
+        panic!("no free uid range");
+    }
+}
+
+impl Drop for ClaimedUids {
+    fn drop(&mut self) {
+        self.claims.release(&self.cell, self.range);
+    }
 }
 
 /// Removes a cell's network objects on drop (a failed assertion must not
