@@ -1500,7 +1500,6 @@ impl Supervisor {
             }
             drop(guard);
         }
-        self.sweep_uids(&recorded, &mut sum).await;
         for (backend, obj) in objects {
             if recorded.contains(&obj.id) {
                 continue;
@@ -1542,6 +1541,9 @@ impl Supervisor {
                 }
             }
         }
+        // After the orphans: the ranges of those just destroyed go back in
+        // this pass, not the next one (which a stopped daemon never runs).
+        self.sweep_uids(&recorded, &mut sum).await;
         if sum.errors > 0 {
             self.counters
                 .reconcile_errors
