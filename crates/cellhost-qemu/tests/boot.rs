@@ -593,6 +593,7 @@ fn an_orphan_cgroup_is_listed_and_removed() {
         return;
     }
     let state = tempfile::tempdir().unwrap();
+    let _cleanup = common::KillVmsOnDrop(state.path().to_path_buf());
     let backend = QemuBackend::new(common::config(Isolation::Vm, state.path()));
     let id = CellId::random();
     let object = cellhost_core::cgroups::cgroup_object(

@@ -203,6 +203,14 @@ pub async fn bench_microvm(
     };
 
     let uids = BenchUids::claim()?;
+    // The tier's cgroup group goes at the end (its cells' went with them).
+    struct RemoveGroup(String);
+    impl Drop for RemoveGroup {
+        fn drop(&mut self) {
+            cellhost_core::cgroups::remove_instance_group(&self.0);
+        }
+    }
+    let _group = RemoveGroup(cellhost_core::cgroups::instance_tag(&cfg.state_dir));
     let (mut ours, mut base) = (Series(Vec::new()), Series(Vec::new()));
     // One of each to warm the page cache, not counted.
     timed_command(&mut bare(&bare_initrd))?;

@@ -751,6 +751,10 @@ impl Drop for KillQemuOnDrop {
         let _ = Command::new("pkill")
             .args(["-9", "-f", &self.0.to_string_lossy()])
             .status();
+        // The tier's (empty) cgroup group, qemu's cgroups' parent.
+        cellhost_core::cgroups::remove_instance_group(&cellhost_core::cgroups::instance_tag(
+            &self.0,
+        ));
     }
 }
 

@@ -382,11 +382,28 @@ pub fn cell(yaml: &str) -> cellhost_spec::Cell {
 }
 
 /// Kills every process whose argv names `dir` (qemu and its shim) when
-/// dropped, so a failed assertion leaves no VM running in its own session.
+/// dropped, so a failed assertion leaves no VM running in its own session;
+/// then removes the VM cgroups of the state dir `dir` and the tiers'
+/// (empty) cgroup groups.
 pub struct KillVmsOnDrop(pub PathBuf);
 
 impl Drop for KillVmsOnDrop {
     fn drop(&mut self) {
+        self.kill();
+        for tier in ["vm", "microvm"] {
+            let instance = cellhost_core::cgroups::instance_tag(&self.0.join(tier));
+            for name in cellhost_core::cgroups::cell_cgroup_names(&instance).unwrap_or_default() {
+                cellhost_qemu::limits::remove(&cellhost_core::cgroups::cgroup_object(
+                    &instance, &name,
+                ));
+            }
+            cellhost_core::cgroups::remove_instance_group(&instance);
+        }
+    }
+}
+
+impl KillVmsOnDrop {
+    fn kill(&self) {
         let needle = self.0.to_string_lossy().into_owned();
         let Ok(rd) = std::fs::read_dir("/proc") else {
             return;
