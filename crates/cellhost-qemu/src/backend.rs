@@ -163,12 +163,35 @@ fn cgroup_error(e: CgroupError) -> BackendError {
     }
 }
 
-/// The group owning /dev/kvm when it is the `kvm` group: the one
-/// supplementary group a KVM guest's qemu gets.
-fn kvm_group() -> Option<u32> {
-    let st = nix::sys::stat::stat("/dev/kvm").ok()?;
-    let kvm = nix::unistd::Group::from_name("kvm").ok()??;
-    (st.st_gid == kvm.gid.as_raw()).then_some(st.st_gid)
+/// The supplementary groups of a KVM guest's qemu: kvm's group when it
+/// owns /dev/kvm, none when the node is open to all; else qemu could not
+/// open it, a capability the host lacks.
+fn kvm_groups() -> Result<Vec<u32>, BackendError> {
+    let st = nix::sys::stat::stat("/dev/kvm").map_err(|e| BackendError::MissingCapability {
+        capability: "kvm".into(),
+        detail: format!("/dev/kvm: {e}"),
+    })?;
+    let kvm = nix::unistd::Group::from_name("kvm")
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw());
+    kvm_groups_for(st.st_mode, st.st_gid, kvm)
+}
+
+/// [`kvm_groups`] for a node of `mode` owned by group `gid`, the `kvm`
+/// group being `kvm`.
+fn kvm_groups_for(mode: u32, gid: u32, kvm: Option<u32>) -> Result<Vec<u32>, BackendError> {
+    if kvm == Some(gid) && mode & 0o060 == 0o060 {
+        return Ok(vec![gid]);
+    }
+    if mode & 0o006 == 0o006 {
+        return Ok(Vec::new());
+    }
+    Err(BackendError::MissingCapability {
+        capability: "kvm".into(),
+        detail: "/dev/kvm is not open to an unprivileged qemu: give it to group kvm, mode 0660"
+            .into(),
+    })
 }
 
 /// Hand `path` (made by root) to qemu's ids: owner `who`, mode 0600.
@@ -275,7 +298,8 @@ impl Inner {
     }
 
     /// The ids qemu runs as: the base of the cell's lease for both, no
-    /// supplementary group (kvm's group under KVM, when it owns /dev/kvm).
+    /// supplementary group (kvm's group under KVM, when it owns /dev/kvm
+    /// and qemu needs it to open the node).
     fn run_as(&self, uids: UidRange) -> Result<RunAs, BackendError> {
         if uids.base == 0 {
             return Err(BackendError::Invalid(
@@ -283,7 +307,7 @@ impl Inner {
             ));
         }
         let groups = match self.cfg.accel {
-            Accel::Kvm => kvm_group().into_iter().collect(),
+            Accel::Kvm => kvm_groups()?,
             Accel::Tcg => Vec::new(),
         };
         Ok(RunAs {
@@ -1345,6 +1369,24 @@ fn read_log(path: &Path, offset: u64) -> Result<LogChunk, BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kvm_gives_qemu_the_kvm_group_only_when_it_owns_the_node() {
+        assert_eq!(kvm_groups_for(0o20660, 108, Some(108)).unwrap(), [108]);
+        assert_eq!(kvm_groups_for(0o20666, 108, Some(108)).unwrap(), [108]);
+        assert!(kvm_groups_for(0o20666, 0, Some(108)).unwrap().is_empty());
+        assert!(kvm_groups_for(0o20666, 0, None).unwrap().is_empty());
+        for (mode, gid, kvm) in [
+            (0o20600, 0, None),
+            (0o20660, 0, Some(108)),
+            (0o20600, 108, Some(108)),
+        ] {
+            assert!(matches!(
+                kvm_groups_for(mode, gid, kvm),
+                Err(BackendError::MissingCapability { .. })
+            ));
+        }
+    }
 
     #[test]
     fn a_death_at_start_up_says_how_qemu_ended() {
