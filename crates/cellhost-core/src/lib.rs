@@ -11,6 +11,7 @@
 //! supervisor agree on.
 
 mod backend;
+pub mod cgroups;
 pub mod ids;
 pub mod ifconfig;
 pub mod mountinfo;

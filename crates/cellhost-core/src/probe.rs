@@ -26,7 +26,9 @@
 //! - Connects to the Docker socket and sends `GET /_ping`, `GET /version`
 //!   and `GET /info` (read-only API calls).
 //! - Runs `--version` of cryptsetup and the qemu binaries,
-//!   `qemu-system-x86_64 -machine help` and `nft list tables` (read-only).
+//!   `qemu-system-x86_64 -machine help` and `nft list tables` (read-only),
+//!   and starts `qemu-system-x86_64 -machine none` under the sandbox VM
+//!   cells get ([`QEMU_SANDBOX`]), killed as soon as it answers on QMP.
 //!   Every subprocess gets an empty environment plus `PATH`, stdin from
 //!   `/dev/null`, captured output, its own process group, and a deadline;
 //!   its whole group is SIGKILLed when it ends or the deadline passes, so no
@@ -91,6 +93,7 @@ pub const KEYS: &[&str] = &[
     "cgroup.pids",
     "kvm",
     "qemu",
+    "qemu.sandbox",
     "docker",
     "docker.userns",
     "docker.storage-opt",
@@ -102,6 +105,12 @@ pub const KEYS: &[&str] = &[
     "vsock",
     "nftables",
 ];
+
+/// The seccomp sandbox every VM cell's qemu runs under (`-sandbox`): no
+/// obsolete syscalls, no setuid/setgid family, no fork or exec, no
+/// scheduler or affinity changes. The probe checks this qemu accepts it.
+pub const QEMU_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// Deadline for a `--version` style subprocess.
 const CMD_TIMEOUT: Duration = Duration::from_secs(2);
@@ -290,6 +299,13 @@ impl HostReport {
                     Some("qemu"),
                     "qemu: qemu-system-x86_64 does not offer the microvm machine".to_string(),
                 ),
+                // Never a VM without its seccomp sandbox.
+                Some(_) if !self.is_ok("qemu.sandbox") => (
+                    false,
+                    None,
+                    Some("qemu.sandbox"),
+                    format!("qemu.sandbox: {}", self.detail("qemu.sandbox")),
+                ),
                 Some(q) => {
                     let (accel, why) = if self.is_ok("kvm") {
                         (Accel::Kvm, "a probe boot under KVM succeeded".to_string())
@@ -444,6 +460,7 @@ pub fn probe(opts: &ProbeOptions) -> HostReport {
     capabilities.extend(cgroup.caps);
     capabilities.push(kvm);
     capabilities.push(qemu_facts.cap.clone());
+    capabilities.push(qemu_facts.sandbox.clone());
     capabilities.extend(docker);
     capabilities.extend([
         cryptsetup,
@@ -1352,6 +1369,8 @@ fn check_cryptsetup() -> Capability {
 
 struct QemuFacts {
     cap: Capability,
+    /// `qemu.sandbox`: qemu runs under [`QEMU_SANDBOX`].
+    sandbox: Capability,
     system: Option<PathBuf>,
     microvm: bool,
 }
@@ -1360,9 +1379,51 @@ impl QemuFacts {
     fn failed() -> Self {
         QemuFacts {
             cap: Capability::new("qemu", false, "the check panicked"),
+            sandbox: Capability::new("qemu.sandbox", false, "the check panicked"),
             system: None,
             microvm: false,
         }
+    }
+}
+
+/// Does `qemu` run under [`QEMU_SANDBOX`]? It is started with no machine
+/// and QMP on stdout: qemu installs its seccomp filter while it starts,
+/// before the monitor greets, and exits if it cannot (a build without
+/// seccomp refuses `-sandbox` outright). A greeting means the filter is in
+/// place; the child is then killed.
+fn check_qemu_sandbox(qemu: &Path) -> Capability {
+    let args: Vec<&OsStr> = [
+        "-sandbox",
+        QEMU_SANDBOX,
+        "-machine",
+        "none",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-S",
+        "-qmp",
+        "stdio",
+    ]
+    .into_iter()
+    .map(OsStr::new)
+    .collect();
+    let greeted = |out: &[u8]| out.windows(6).any(|w| w == b"\"QMP\":");
+    match run_until(qemu, &args, CMD_TIMEOUT, greeted) {
+        Ok(o) if o.stopped => Capability::new(
+            "qemu.sandbox",
+            true,
+            format!("qemu starts under -sandbox {QEMU_SANDBOX}"),
+        ),
+        Ok(o) => Capability::new(
+            "qemu.sandbox",
+            false,
+            format!(
+                "qemu -sandbox {QEMU_SANDBOX}: {} (VM cells never run without it)",
+                o.failure(CMD_TIMEOUT)
+            ),
+        ),
+        Err(e) => Capability::new("qemu.sandbox", false, e.to_string()),
     }
 }
 
@@ -1413,8 +1474,13 @@ fn check_qemu() -> QemuFacts {
         }
         detail.push_str(&missing.join(", "));
     }
+    let sandbox = match &system {
+        Some(q) => check_qemu_sandbox(q),
+        None => Capability::new("qemu.sandbox", false, "qemu-system-x86_64 not found"),
+    };
     QemuFacts {
         cap: Capability::new("qemu", missing.is_empty(), detail),
+        sandbox,
         system,
         microvm,
     }
@@ -2526,7 +2592,7 @@ mod tests {
             .iter()
             .any(|d| Path::new(d).join("qemu-system-x86_64").is_file());
         let vm = r.tier(Isolation::Vm);
-        assert_eq!(vm.ok, qemu_found, "{vm:?}");
+        assert_eq!(vm.ok, qemu_found && r.is_ok("qemu.sandbox"), "{vm:?}");
         if vm.ok {
             assert_eq!(vm.accel, Some(Accel::Tcg), "no probe boot ran, so tcg");
             assert!(vm.detail.contains("accel tcg"), "{}", vm.detail);
@@ -2538,6 +2604,37 @@ mod tests {
             }
             Err(e) => panic!("unexpected {e}"),
         }
+    }
+
+    #[test]
+    fn no_vm_tier_without_the_qemu_sandbox() {
+        let report = |sandbox: bool| HostReport {
+            capabilities: KEYS
+                .iter()
+                .map(|&k| Capability::new(k, k != "qemu.sandbox" || sandbox, "seccomp off"))
+                .collect(),
+            cgroup_version: Some(CgroupVersion::V2),
+            qemu_system: Some(PathBuf::from("/usr/bin/qemu-system-x86_64")),
+            qemu_microvm: true,
+            elapsed: Duration::ZERO,
+        };
+        for tier in [Isolation::Vm, Isolation::Microvm] {
+            let t = report(false).tier(tier);
+            assert!(!t.ok, "{t:?}");
+            assert_eq!(t.missing, Some("qemu.sandbox"));
+            assert_eq!(t.detail, "qemu.sandbox: seccomp off");
+            assert!(report(true).tier(tier).ok);
+        }
+    }
+
+    #[test]
+    fn qemu_here_runs_under_its_sandbox() {
+        let Some(qemu) = which("qemu-system-x86_64") else {
+            println!("skipped: needs qemu-system-x86_64 on PATH");
+            return;
+        };
+        let c = check_qemu_sandbox(&qemu);
+        assert!(c.ok, "{c:?}");
     }
 
     #[test]

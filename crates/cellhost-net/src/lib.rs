@@ -15,7 +15,8 @@
 //!                                   lo, eth0 <address>/<prefix>, default via
 //!                                   the gateway, IPv6 off
 //! chv<id>                           host end of the veth (process cells) or
-//!                                   a tap qemu opens (VM cells); a bridge
+//!                                   a tap for qemu (VM cells; owned by the
+//!                                   VM's unprivileged uid:gid); a bridge
 //!                                   port that is isolated (no cell talks L2
 //!                                   to another), neither learns nor floods
 //! fdb <mac> → chv<id>, static       frames for a cell reach its port alone
@@ -184,8 +185,9 @@ pub enum NetError {
 enum Link {
     /// A veth pair, its peer `eth0` in the cell's netns (process cells).
     Veth,
-    /// A tap device qemu opens (VM cells).
-    Tap,
+    /// A tap device (VM cells), owned by the uid and gid of the VM's
+    /// unprivileged qemu, the only ids besides root that may attach to it.
+    Tap { uid: u32, gid: u32 },
 }
 
 /// A network error as a backend reports it: a document the host cannot
@@ -354,11 +356,18 @@ impl Network {
         self.attach_link(id, cell, Link::Veth)
     }
 
-    /// Give VM cell `id` its network: a tap device on the bridge for qemu
-    /// to open by name (`chv<id>`, the same name, rules and checks as a
-    /// veth); the guest configures [`Attachment::address`] itself.
-    pub fn attach_tap(&self, id: &CellId, cell: &Cell) -> Result<Attachment, NetError> {
-        self.attach_link(id, cell, Link::Tap)
+    /// Give VM cell `id` its network: a tap device on the bridge
+    /// (`chv<id>`, the same name, rules and checks as a veth) owned by
+    /// `uid`:`gid`, the ids its qemu runs as; the guest configures
+    /// [`Attachment::address`] itself.
+    pub fn attach_tap(
+        &self,
+        id: &CellId,
+        cell: &Cell,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attachment, NetError> {
+        self.attach_link(id, cell, Link::Tap { uid, gid })
     }
 
     fn attach_link(&self, id: &CellId, cell: &Cell, link: Link) -> Result<Attachment, NetError> {
@@ -437,7 +446,10 @@ impl Network {
                 "link add {} type veth peer name eth0 address {} netns {ns}\n",
                 a.link, a.mac
             ),
-            Link::Tap => format!("tuntap add dev {} mode tap\n", a.link),
+            Link::Tap { uid, gid } => format!(
+                "tuntap add dev {} mode tap user {uid} group {gid}\n",
+                a.link
+            ),
         });
         host.push_str(&format!(
             "link set {veth} master {br}\n\

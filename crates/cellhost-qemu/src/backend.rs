@@ -14,7 +14,8 @@ use cellhost_core::probe::Accel;
 use cellhost_core::shim::write_atomic;
 use cellhost_core::{
     Backend, BackendError, CellHandle, CellState, CellStatus, CreateRequest, ExecOutput,
-    ExecRequest, ExitInfo, ListedCell, LogChunk, ResourceUsage, TeardownReport, VolumeKey,
+    ExecRequest, ExitInfo, ListedCell, LogChunk, ResourceUsage, TeardownReport, UidRange,
+    VolumeKey,
 };
 use cellhost_guest::client::{Client, ConnectOptions, Endpoint};
 use cellhost_guest::proto::MainState;
@@ -24,8 +25,9 @@ use nix::unistd::Pid;
 
 use crate::args::{self, Plan};
 use crate::image::{Image, ImageKind, ImageStore};
+use crate::limits::{self, CgroupError, Limits};
 use crate::qmp::Qmp;
-use crate::vmm::{self, QemuCommand};
+use crate::vmm::{self, QemuCommand, RunAs};
 
 /// How the vm and microvm tiers run.
 #[derive(Debug, Clone)]
@@ -54,6 +56,9 @@ pub struct QemuConfig {
     /// Bridged networking (`network.mode: bridged`): VMs get a tap on the
     /// bridge; `None` refuses such cells.
     pub network: Option<cellhost_net::NetConfig>,
+    /// TCG's translation buffer, MiB (`-accel tcg,tb-size=`); counted in
+    /// each VM's memory limit (see [`crate::limits`]).
+    pub tb_mib: u64,
 }
 
 /// The host's TSC rate in kHz: the kernel's own figure where it exports
@@ -100,6 +105,7 @@ impl QemuConfig {
             boot_timeout: Duration::from_secs(120),
             tsc_khz: host_tsc_khz(),
             network: None,
+            tb_mib: limits::TB_MIB,
         }
     }
 }
@@ -112,6 +118,8 @@ pub struct QemuBackend {
 struct Inner {
     cfg: QemuConfig,
     net: Option<Arc<cellhost_net::Network>>,
+    /// This tier's cgroup group (see [`cellhost_core::cgroups::instance_tag`]).
+    instance: String,
 }
 
 impl QemuBackend {
@@ -120,8 +128,9 @@ impl QemuBackend {
             .network
             .clone()
             .map(|n| Arc::new(cellhost_net::Network::new(n, cfg.tier.as_str())));
+        let instance = cellhost_core::cgroups::instance_tag(&cfg.state_dir);
         QemuBackend {
-            inner: Arc::new(Inner { cfg, net }),
+            inner: Arc::new(Inner { cfg, net, instance }),
         }
     }
 
@@ -138,6 +147,59 @@ impl QemuBackend {
 
 fn engine(what: &str, e: impl std::fmt::Display) -> BackendError {
     BackendError::Engine(format!("{what}: {e}"))
+}
+
+/// A cgroup that cannot be made: a missing controller is a capability
+/// this host lacks, the rest the host's I/O.
+fn cgroup_error(e: CgroupError) -> BackendError {
+    match e {
+        CgroupError::Missing { controller } => BackendError::MissingCapability {
+            capability: format!("cgroup.{controller}"),
+            detail: e.to_string(),
+        },
+        CgroupError::Io { what, path, source } => {
+            BackendError::io(format!("{what} {}", path.display()), source)
+        }
+    }
+}
+
+/// The supplementary groups of a KVM guest's qemu: kvm's group when it
+/// owns /dev/kvm, none when the node is open to all; else qemu could not
+/// open it, a capability the host lacks.
+fn kvm_groups() -> Result<Vec<u32>, BackendError> {
+    let st = nix::sys::stat::stat("/dev/kvm").map_err(|e| BackendError::MissingCapability {
+        capability: "kvm".into(),
+        detail: format!("/dev/kvm: {e}"),
+    })?;
+    let kvm = nix::unistd::Group::from_name("kvm")
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw());
+    kvm_groups_for(st.st_mode, st.st_gid, kvm)
+}
+
+/// [`kvm_groups`] for a node of `mode` owned by group `gid`, the `kvm`
+/// group being `kvm`.
+fn kvm_groups_for(mode: u32, gid: u32, kvm: Option<u32>) -> Result<Vec<u32>, BackendError> {
+    if kvm == Some(gid) && mode & 0o060 == 0o060 {
+        return Ok(vec![gid]);
+    }
+    if mode & 0o006 == 0o006 {
+        return Ok(Vec::new());
+    }
+    Err(BackendError::MissingCapability {
+        capability: "kvm".into(),
+        detail: "/dev/kvm is not open to an unprivileged qemu: give it to group kvm, mode 0660"
+            .into(),
+    })
+}
+
+/// Hand `path` (made by root) to qemu's ids: owner `who`, mode 0600.
+fn give(path: &Path, who: &RunAs) -> Result<(), BackendError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::os::unix::fs::chown(path, Some(who.uid), Some(who.gid))
+        .and_then(|_| std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)))
+        .map_err(|e| BackendError::io(format!("giving {} to qemu's uid", path.display()), e))
 }
 
 /// Marker files.
@@ -230,6 +292,31 @@ impl Inner {
         self.cfg.state_dir.join(id.as_str())
     }
 
+    /// `<instance>/cellhost-<id>`: the cell's cgroup below `cellhost/`.
+    fn cgroup_object(&self, id: &CellId) -> String {
+        cellhost_core::cgroups::cgroup_object(&self.instance, &id.object_name())
+    }
+
+    /// The ids qemu runs as: the base of the cell's lease for both, no
+    /// supplementary group (kvm's group under KVM, when it owns /dev/kvm
+    /// and qemu needs it to open the node).
+    fn run_as(&self, uids: UidRange) -> Result<RunAs, BackendError> {
+        if uids.base == 0 {
+            return Err(BackendError::Invalid(
+                "uids: the range starts at 0, and qemu never runs as root".into(),
+            ));
+        }
+        let groups = match self.cfg.accel {
+            Accel::Kvm => kvm_groups()?,
+            Accel::Tcg => Vec::new(),
+        };
+        Ok(RunAs {
+            uid: uids.base,
+            gid: uids.base,
+            groups,
+        })
+    }
+
     fn qemu_program(&self) -> String {
         self.cfg
             .qemu
@@ -300,6 +387,12 @@ impl Inner {
 
     fn check_supported(&self, req: &CreateRequest) -> Result<(), BackendError> {
         let spec = &req.cell.spec;
+        if req.uids.is_none_or(|u| u.base == 0) {
+            return Err(BackendError::Invalid(format!(
+                "uids: a {} cell needs a host uid range of its own (the supervisor leases one): its qemu runs as that unprivileged uid, never as root",
+                self.cfg.tier
+            )));
+        }
         let unsupported = |what: &str| BackendError::MissingCapability {
             capability: "network".into(),
             detail: format!("{what} is not available on the {} tier yet", self.cfg.tier),
@@ -368,7 +461,7 @@ impl Inner {
         let dir = self.cell_dir(&req.id);
         // A dir left by a crashed create of this id: start clean.
         if dir.exists() {
-            self.teardown(&req.id, &mut TeardownReport::new(req.id.as_str()));
+            self.teardown(&req.id, req.uids, &mut TeardownReport::new(req.id.as_str()));
         }
         std::fs::create_dir_all(&self.cfg.state_dir)
             .map_err(|e| BackendError::io(format!("{}", self.cfg.state_dir.display()), e))?;
@@ -379,6 +472,7 @@ impl Inner {
         match self.create_in(&req, &image, &dir) {
             Ok(net) => {
                 let mut h = handle(&self.cfg, &req.id, &req.cell);
+                h.uids = req.uids;
                 if let Some(a) = net {
                     h.tier["network"] = serde_json::to_value(&a).unwrap_or_default();
                 }
@@ -387,7 +481,7 @@ impl Inner {
             Err(e) => {
                 let log = tail(&dir.join(vmm::QEMU_LOG), 400);
                 let console = tail(&dir.join(vmm::SERIAL_LOG), 400);
-                self.teardown(&req.id, &mut TeardownReport::new(req.id.as_str()));
+                self.teardown(&req.id, req.uids, &mut TeardownReport::new(req.id.as_str()));
                 Err(match e {
                     BackendError::Engine(m) if !log.is_empty() || !console.is_empty() => {
                         BackendError::Engine(format!("{m}; qemu: {log}; console: {console}"))
@@ -405,6 +499,7 @@ impl Inner {
         dir: &Path,
     ) -> Result<Option<cellhost_net::Attachment>, BackendError> {
         let spec = &req.cell.spec;
+        let user = self.run_as(req.uids.expect("checked"))?;
         // What `start` runs (a microVM's agent gets it then); no secrets.
         let main = MainCommand {
             argv: spec.command.clone(),
@@ -433,12 +528,13 @@ impl Inner {
                 a.push(s);
             }
             self.run_tool(&self.cfg.qemu_img, &a)?;
+            give(&overlay, &user)?;
         }
         // The tap before the seed (the vm's network-config names its
         // address) and before qemu (which opens the tap by name).
         let attached = match (&self.net, spec.network.mode) {
             (Some(net), NetworkMode::Bridged) => Some(
-                net.attach_tap(&req.id, &req.cell)
+                net.attach_tap(&req.id, &req.cell, user.uid, user.gid)
                     .map_err(cellhost_net::backend_error)?,
             ),
             _ => None,
@@ -462,6 +558,7 @@ impl Inner {
                 };
                 cellhost_volume::format_luks1(&tools, &req.id, &file, v.size_gib << 30, key)
                     .map_err(|e| engine("formatting the volume", e))?;
+                give(&file, &user)?;
                 volume = Some((file, true));
             } else {
                 let file = dir.join(args::VOLUME_QCOW2);
@@ -470,9 +567,21 @@ impl Inner {
                     &self.cfg.qemu_img,
                     &["create", "-q", "-f", "qcow2", &f, &size],
                 )?;
+                give(&file, &user)?;
                 volume = Some((file, false));
             }
         }
+        // qemu reads the seed through a read-only description of the memfd
+        // (it is a read-only drive), inherited through the shim.
+        let seed = seed
+            .map(|f| {
+                std::fs::File::open(crate::seed::proc_path(&f))
+                    .map_err(|e| BackendError::io("reopening the seed read-only", e))
+            })
+            .transpose()?;
+        let limits = Limits::for_cell(&req.cell, self.cfg.accel, self.cfg.tb_mib);
+        let cgroups =
+            limits::create(&self.cgroup_object(&req.id), &limits).map_err(cgroup_error)?;
         let plan = Plan {
             microvm: self.microvm(),
             dir,
@@ -481,14 +590,22 @@ impl Inner {
             image,
             accel: self.cfg.accel,
             publish_address: &self.cfg.publish_address,
-            seed: seed.as_ref().map(crate::seed::proc_path),
+            seed: seed.as_ref().map(|f| f.as_raw_fd()),
             volume,
             tsc_khz: self.cfg.tsc_khz,
             tap: attached.as_ref().map(|a| (a.link.clone(), a.mac.clone())),
+            tb_mib: self.cfg.tb_mib,
         };
-        self.launch(dir, plan.argv(), req.volume_key.as_ref())?;
-        // qemu answers QMP only after opening every drive: the seed memfd
-        // may go now.
+        let (args, fds) = plan.command();
+        let cmd = QemuCommand {
+            program: self.cfg.qemu.to_string_lossy().into_owned(),
+            args,
+            user,
+            cgroups,
+            fds,
+        };
+        self.launch(dir, &cmd, req.volume_key.as_ref(), seed.as_ref())?;
+        // The shim handed the seed to qemu, which holds it open.
         drop(seed);
         if self.microvm() {
             let mut agent = self.agent(dir, self.cfg.boot_timeout)?;
@@ -526,27 +643,33 @@ impl Inner {
         Ok(attached)
     }
 
-    /// Start qemu under the shim and wait until QMP answers.
+    /// Start qemu under the shim and wait until QMP answers. `seed` is
+    /// the descriptor qemu.json names as inherited.
     fn launch(
         &self,
         dir: &Path,
-        argv: Vec<String>,
+        cmd: &QemuCommand,
         key: Option<&VolumeKey>,
+        seed: Option<&std::fs::File>,
     ) -> Result<(), BackendError> {
-        let cmd = QemuCommand {
-            program: self.cfg.qemu.to_string_lossy().into_owned(),
-            args: argv,
-            agent_chardev: self.microvm().then(|| dir.join(args::AGENT_CHARDEV)),
-        };
         write_atomic(
             &dir.join(vmm::QEMU_JSON),
-            &serde_json::to_vec_pretty(&cmd).unwrap_or_default(),
+            &serde_json::to_vec_pretty(cmd).unwrap_or_default(),
         )
         .map_err(|e| BackendError::io("writing qemu.json", e))?;
         let stdin = match key {
             Some(k) => {
-                let (r, w) =
-                    nix::unistd::pipe().map_err(|e| BackendError::io("key pipe", e.into()))?;
+                // Close-on-exec until it is the shim's stdin: a shim of
+                // another cell forked meanwhile must not inherit it.
+                let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                    .map_err(|e| BackendError::io("key pipe", e.into()))?;
+                // qemu's `secret` reopens /dev/stdin as its own uid.
+                nix::unistd::fchown(
+                    r.as_raw_fd(),
+                    Some(nix::unistd::Uid::from_raw(cmd.user.uid)),
+                    Some(nix::unistd::Gid::from_raw(cmd.user.gid)),
+                )
+                .map_err(|e| BackendError::io("key pipe", e.into()))?;
                 let mut w = std::fs::File::from(w);
                 w.write_all(k.passphrase().as_bytes())
                     .map_err(|e| BackendError::io("key pipe", e))?;
@@ -560,17 +683,30 @@ impl Inner {
             .append(true)
             .open(dir.join(SHIM_LOG))
             .map_err(|e| BackendError::io("shim log", e))?;
-        let mut child = Command::new(&self.cfg.vmm_program)
+        let mut command = Command::new(&self.cfg.vmm_program);
+        command
             .arg("__vmm")
             .arg(dir)
             .arg(self.cfg.log_cap.to_string())
             .stdin(stdin)
             .stdout(Stdio::piped())
-            .stderr(Stdio::from(shim_log))
-            .spawn()
-            .map_err(|e| {
-                BackendError::io(format!("starting {}", self.cfg.vmm_program.display()), e)
-            })?;
+            .stderr(Stdio::from(shim_log));
+        if let Some(fd) = seed.map(|f| f.as_raw_fd()) {
+            // SAFETY: the closure runs in the forked child and only makes
+            // one fcntl call (async-signal-safe, no allocation): the seed
+            // descriptor, close-on-exec here, reaches the shim alone.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().map_err(|e| {
+            BackendError::io(format!("starting {}", self.cfg.vmm_program.display()), e)
+        })?;
         let stdout = child.stdout.take().expect("piped");
         let _ = child.wait();
         let mut line = String::new();
@@ -783,9 +919,19 @@ impl Inner {
         Ok(())
     }
 
-    /// Remove everything of a cell, recording what was checked.
-    fn teardown(&self, id: &CellId, report: &mut TeardownReport) {
+    /// Remove everything of a cell, recording what was checked. `uids`
+    /// is the cell's lease when known (the handle's); else qemu.json names
+    /// the uid qemu ran as.
+    fn teardown(&self, id: &CellId, uids: Option<UidRange>, report: &mut TeardownReport) {
         let dir = self.cell_dir(id);
+        let uids = uids.or_else(|| {
+            let b = std::fs::read(dir.join(vmm::QEMU_JSON)).ok()?;
+            let cmd: QemuCommand = serde_json::from_slice(&b).ok()?;
+            Some(UidRange {
+                base: cmd.user.uid,
+                size: 1,
+            })
+        });
         let qemu = self.qemu_program();
         let vmm_name = self.vmm_program();
         // One scan finds both; afterwards each pid is checked on its own.
@@ -802,6 +948,27 @@ impl Inner {
         for pid in shims.iter().filter(|p| owns(**p, &dir)) {
             let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
         }
+        // qemu's cgroup, with anything still in it killed (qemu is gone by
+        // now, and its sandbox forbids it children; a process cannot leave
+        // the cgroup it was put in): gone before anything it could hold
+        // open (the volume) is erased.
+        let object = self.cgroup_object(id);
+        let cgroups_left = limits::remove(&object);
+        // Then nothing may run as one of the cell's ids. Only counted, not
+        // killed: everything of the cell was in its cgroup, so a process
+        // here is not one this teardown knows, and the lease stays taken
+        // (the supervisor keeps a lease whose teardown left residue).
+        let running_as = |r: UidRange| {
+            let until = Instant::now() + Duration::from_secs(5);
+            loop {
+                let left = cellhost_core::uids::processes_in(r);
+                if left.is_empty() || Instant::now() > until {
+                    return left;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let uids_left = uids.map(|r| (r, running_as(r)));
         // The tap, table, neighbour and lease, with checks of their own
         // (qemu, which held the tap open, is gone by now).
         if let Some(net) = &self.net {
@@ -840,7 +1007,7 @@ impl Inner {
         report.check(
             "vm-agent-socket",
             dir.join(args::AGENT_SOCK).display().to_string(),
-            left(dir.join(args::AGENT_SOCK)) + left(dir.join(args::AGENT_CHARDEV)),
+            left(dir.join(args::AGENT_SOCK)),
         );
         report.check(
             "vm-overlay",
@@ -859,12 +1026,29 @@ impl Inner {
         );
         report.check("vm-seed", "memfd (never on disk)", 0);
         report.check("vm-dir", dir.display().to_string(), left(dir.clone()));
+        report.check(
+            "vm-cgroup",
+            format!("cgroup {}/{object}", cellhost_core::cgroups::CGROUP_PARENT),
+            cgroups_left.len() as u64,
+        );
+        if let Some((r, left)) = uids_left {
+            report.check_detail(
+                "uids",
+                format!("processes running as uids {r}"),
+                left.len() as u64,
+                format!("(pid, id): {left:?}"),
+            );
+        }
     }
 
     fn destroy(&self, h: &CellHandle) -> Result<TeardownReport, BackendError> {
         let mut report = TeardownReport::new(h.id.as_str());
         let dir = self.cell_dir(&h.id);
-        report.already_gone = !dir.exists() && self.qemu_pid(&dir).is_none();
+        report.already_gone = !dir.exists()
+            && self.qemu_pid(&dir).is_none()
+            && limits::dirs(&self.cgroup_object(&h.id))
+                .iter()
+                .all(|d| !d.exists());
         let ports: Vec<u32> = h
             .tier
             .get("ports")
@@ -875,7 +1059,7 @@ impl Inner {
                     .collect()
             })
             .unwrap_or_default();
-        self.teardown(&h.id, &mut report);
+        self.teardown(&h.id, h.uids, &mut report);
         let addr = &self.cfg.publish_address;
         let bound = ports
             .iter()
@@ -887,12 +1071,13 @@ impl Inner {
 
     fn list(&self) -> Result<Vec<ListedCell>, BackendError> {
         let mut out = Vec::new();
+        // No tier dir yet: still look for the other objects below.
         let rd = match std::fs::read_dir(&self.cfg.state_dir) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Ok(rd) => Some(rd),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(BackendError::io("listing cells", e)),
         };
-        for e in rd.flatten() {
+        for e in rd.into_iter().flatten().flatten() {
             let Some(id) = e.file_name().to_str().and_then(|s| CellId::parse(s).ok()) else {
                 continue;
             };
@@ -921,6 +1106,25 @@ impl Inner {
                         state: CellState::Exited,
                     });
                 }
+            }
+        }
+        // Cgroups of this tier whose cell dir is gone (a teardown cut
+        // short): reconcile destroys them with the rest.
+        for name in cellhost_core::cgroups::cell_cgroup_names(&self.instance)
+            .map_err(|e| BackendError::io("listing the tier's cgroups", e))?
+        {
+            let Some(id) = name
+                .strip_prefix("cellhost-")
+                .and_then(|s| CellId::parse(s).ok())
+            else {
+                continue;
+            };
+            if !out.iter().any(|c| c.id == id) {
+                out.push(ListedCell {
+                    id,
+                    isolation: self.cfg.tier,
+                    state: CellState::Exited,
+                });
             }
         }
         // qemu processes of this tier whose cell dir is gone (a teardown
@@ -1074,12 +1278,19 @@ fn handle(cfg: &QemuConfig, id: &CellId, cell: &Cell) -> CellHandle {
     }
 }
 
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
 
 #[async_trait]
 impl Backend for QemuBackend {
     fn isolation(&self) -> Isolation {
         self.inner.cfg.tier
+    }
+
+    /// qemu runs as the base uid and gid of the cell's lease.
+    fn wants_uids(&self) -> bool {
+        true
     }
 
     fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle {
@@ -1158,6 +1369,24 @@ fn read_log(path: &Path, offset: u64) -> Result<LogChunk, BackendError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kvm_gives_qemu_the_kvm_group_only_when_it_owns_the_node() {
+        assert_eq!(kvm_groups_for(0o20660, 108, Some(108)).unwrap(), [108]);
+        assert_eq!(kvm_groups_for(0o20666, 108, Some(108)).unwrap(), [108]);
+        assert!(kvm_groups_for(0o20666, 0, Some(108)).unwrap().is_empty());
+        assert!(kvm_groups_for(0o20666, 0, None).unwrap().is_empty());
+        for (mode, gid, kvm) in [
+            (0o20600, 0, None),
+            (0o20660, 0, Some(108)),
+            (0o20600, 108, Some(108)),
+        ] {
+            assert!(matches!(
+                kvm_groups_for(mode, gid, kvm),
+                Err(BackendError::MissingCapability { .. })
+            ));
+        }
+    }
 
     #[test]
     fn a_death_at_start_up_says_how_qemu_ended() {

@@ -1,6 +1,8 @@
 //! Real boots under qemu (TCG here): a Debian kernel with the agent as
 //! PID 1 of an initramfs (microvm), and a busybox ext4 disk with a
-//! cloud-init NoCloud seed (vm). 256 MiB guests.
+//! cloud-init NoCloud seed (vm). 256 MiB guests. Each cell gets a uid
+//! range leased as the supervisor would (common::Lease); its qemu must
+//! run as that range's base, sandboxed, in its own cgroup.
 
 mod common;
 
@@ -51,7 +53,8 @@ fn microvm_boots_agent_runs_command_exec_volume_and_destroys_clean() {
         "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {name: mv}\nspec:\n  isolation: microvm\n  image: deb\n  command: [/bin/sh, -c, 'echo main says $GREETING; sleep 4; exit 5']\n  env: {GREETING: hi-env}\n  secrets: [{name: tok, from: {value: unused}}]\n  volume: {path: /data, sizeGiB: 1, encrypted: true}\n",
     );
     let id = CellId::random();
-    let mut req = CreateRequest::new(id.clone(), cell);
+    let lease = common::Lease::new(&id);
+    let mut req = common::request(&id, cell.clone(), &lease);
     req.secrets = vec![SecretValue {
         name: "tok".into(),
         value: b"s3cret-value".to_vec().into(),
@@ -70,6 +73,16 @@ fn microvm_boots_agent_runs_command_exec_volume_and_destroys_clean() {
     assert_eq!(
         rt.block_on(backend.status(&h)).unwrap().state,
         CellState::Created
+    );
+    assert_eq!(h.uids, Some(lease.range), "the handle keeps the lease");
+    let tier_dir = state.path().join("microvm");
+    common::assert_confined(common::qemu_pid(&dir), &lease, &tier_dir, &id, &cell);
+    // The volume qemu writes is its uid's (in the root-owned cell dir).
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir.join("volume.luks")).unwrap();
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o777),
+        (lease.range.base, lease.range.base, 0o600)
     );
     // Nothing secret in what the host keeps.
     for f in ["qemu.json", "main.json"] {
@@ -150,6 +163,7 @@ fn microvm_boots_agent_runs_command_exec_volume_and_destroys_clean() {
 
     let report = rt.block_on(backend.destroy(&h)).unwrap();
     assert!(report.is_clean(), "{report:?}");
+    common::assert_cgroup_and_uids_gone(&report, &tier_dir, &id);
     assert!(!dir.exists());
     assert_eq!(qemu_naming(&dir), 0);
     let again = rt.block_on(backend.destroy(&h)).unwrap();
@@ -207,11 +221,13 @@ fn vm_boots_with_seed_serves_hostfwd_powers_down_and_orphans_are_swept() {
         "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {{name: web-vm}}\nspec:\n  isolation: vm\n  image: busybox-vm\n  command: [/bin/true]\n  ports: [{{container: 8080, host: {port}}}]\n"
     ));
     let id = CellId::random();
+    let lease = common::Lease::new(&id);
     let rt = rt();
     let h = rt
-        .block_on(backend.create(CreateRequest::new(id.clone(), cell)))
+        .block_on(backend.create(common::request(&id, cell.clone(), &lease)))
         .expect("create");
     let dir = h.state_dir.clone();
+    let tier_dir = state.path().join("vm");
     // Booted paused: created, not running.
     assert_eq!(
         rt.block_on(backend.status(&h)).unwrap().state,
@@ -226,6 +242,7 @@ fn vm_boots_with_seed_serves_hostfwd_powers_down_and_orphans_are_swept() {
         "hostname from the seed: {body}; console: {console}"
     );
     assert!(console.contains(&format!("instance-id={id}")), "{console}");
+    common::assert_confined(common::qemu_pid(&dir), &lease, &tier_dir, &id, &cell);
     // The overlay is a qcow2 over the store's read-only base.
     let info = std::process::Command::new("qemu-img")
         .args(["info", "-U", "--output=json"])
@@ -260,8 +277,9 @@ fn vm_boots_with_seed_serves_hostfwd_powers_down_and_orphans_are_swept() {
         "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {name: orphan-vm}\nspec:\n  isolation: vm\n  image: busybox-vm\n  command: [/bin/true]\n",
     );
     let id2 = CellId::random();
+    let lease2 = common::Lease::new(&id2);
     let h2 = rt
-        .block_on(backend.create(CreateRequest::new(id2.clone(), cell2)))
+        .block_on(backend.create(common::request(&id2, cell2, &lease2)))
         .unwrap();
     let listed = rt.block_on(backend.list()).unwrap();
     assert!(
@@ -272,13 +290,17 @@ fn vm_boots_with_seed_serves_hostfwd_powers_down_and_orphans_are_swept() {
     let placeholder = common::cell(
         "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {name: orphan}\nspec:\n  isolation: vm\n  command: [/bin/true]\n",
     );
+    // Reconcile's placeholder handle knows no lease.
     let oh = backend.handle_for(&id2, &placeholder);
     let report = rt.block_on(backend.destroy(&oh)).unwrap();
     assert!(report.is_clean(), "{report:?}");
+    // Without the lease, the uid qemu ran as is read from qemu.json.
+    common::assert_cgroup_and_uids_gone(&report, &tier_dir, &id2);
     assert_eq!(qemu_naming(&h2.state_dir), 0);
 
     let report = rt.block_on(backend.destroy(&h)).unwrap();
     assert!(report.is_clean(), "{report:?}");
+    common::assert_cgroup_and_uids_gone(&report, &tier_dir, &id);
     assert!(!dir.exists());
     assert!(
         std::net::TcpListener::bind(("127.0.0.1", port)).is_ok(),
@@ -303,15 +325,36 @@ fn what_a_vm_cannot_honour_is_refused_before_anything_is_made() {
         ),
         ("", "spec.image"),
     ];
+    assert!(
+        backend.wants_uids(),
+        "the supervisor leases VM cells a range"
+    );
+    let uids = cellhost_core::UidRange {
+        base: 1 << 30,
+        size: 65_536,
+    };
     for (extra, field) in cases {
         let cell = common::cell(&format!(
             "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {{name: x}}\nspec:\n  isolation: microvm\n  image: nope\n  command: [/bin/true]\n{extra}"
         ));
-        let e = rt
-            .block_on(backend.create(CreateRequest::new(CellId::random(), cell)))
-            .unwrap_err()
-            .to_string();
+        let mut req = CreateRequest::new(CellId::random(), cell);
+        req.uids = Some(uids);
+        let e = rt.block_on(backend.create(req)).unwrap_err().to_string();
         assert!(e.contains(field), "{field}: {e}");
+    }
+    // No uid range, or one starting at root: refused, whatever else.
+    for uids in [None, Some(cellhost_core::UidRange { base: 0, size: 1 })] {
+        let cell = common::cell(
+            "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {name: x}\nspec:\n  isolation: microvm\n  image: nope\n  command: [/bin/true]\n",
+        );
+        let mut req = CreateRequest::new(CellId::random(), cell);
+        req.uids = uids;
+        match rt.block_on(backend.create(req)) {
+            Err(cellhost_core::BackendError::Invalid(m)) => {
+                assert!(m.starts_with("uids:") && m.contains("never as root"), "{m}")
+            }
+            other => panic!("{uids:?}: {other:?}"),
+        }
     }
     assert!(
         !state.path().join("microvm").exists()
@@ -362,6 +405,7 @@ fn bridged_vm_gets_its_lease_and_publishes_by_dnat() {
         }
     }
     let id = CellId::random();
+    let lease = common::Lease::new(&id);
     let _cleanup = Cleanup(net.clone(), id.clone());
     let _vms = common::KillVmsOnDrop(state.path().to_path_buf());
     let mut cfg = common::config(Isolation::Vm, state.path());
@@ -373,7 +417,7 @@ fn bridged_vm_gets_its_lease_and_publishes_by_dnat() {
     ));
     let rt = rt();
     let h = rt
-        .block_on(backend.create(CreateRequest::new(id.clone(), cell)))
+        .block_on(backend.create(common::request(&id, cell, &lease)))
         .expect("create");
     assert_eq!(
         h.tier["network"]["address"],
@@ -382,13 +426,33 @@ fn bridged_vm_gets_its_lease_and_publishes_by_dnat() {
         h.tier
     );
     let dir = h.state_dir.clone();
-    // No user-mode networking: the port is the bridge's DNAT.
-    let argv = std::fs::read_to_string(dir.join("qemu.json")).unwrap_or_default();
-    assert!(!argv.contains("hostfwd"), "{argv}");
+    // No user-mode networking: the port is the bridge's DNAT. qemu gets
+    // the tap as a descriptor the shim attached (it could not open
+    // /dev/net/tun), the tap owned by qemu's ids.
+    let cmd: cellhost_qemu::vmm::QemuCommand =
+        serde_json::from_slice(&std::fs::read(dir.join("qemu.json")).unwrap()).unwrap();
+    assert!(!cmd.args.iter().any(|a| a.contains("hostfwd")), "{cmd:?}");
+    let tap = cmd
+        .fds
+        .iter()
+        .find(|f| {
+            f.what
+                == cellhost_qemu::vmm::FdSource::Tap {
+                    name: cellhost_net::veth_name(&id),
+                }
+        })
+        .expect("the tap is passed");
     assert!(
-        argv.contains(&format!("ifname={}", cellhost_net::veth_name(&id))),
-        "{argv}"
+        cmd.args
+            .iter()
+            .any(|a| a == &format!("tap,id=net0,fd={}", tap.fd)),
+        "{cmd:?}"
     );
+    let sys = std::path::Path::new("/sys/class/net").join(cellhost_net::veth_name(&id));
+    for f in ["owner", "group"] {
+        let v = std::fs::read_to_string(sys.join(f)).unwrap();
+        assert_eq!(v.trim(), lease.range.base.to_string(), "tap {f}");
+    }
     rt.block_on(backend.start(&h)).expect("start");
     let body = wait_hello(port, &dir);
     assert!(body.contains("hello from bridged-vm"), "{body}");
@@ -424,4 +488,152 @@ fn bridged_vm_gets_its_lease_and_publishes_by_dnat() {
             .exists()
     );
     assert!(http_get(port).is_none());
+}
+
+/// Two microVMs at once: each qemu runs as its own lease's base, and with
+/// one qemu's credentials neither cell's dir or volume can be opened by
+/// path (qemu gets descriptors of its own files; the state dir is root's). Both tear down with no cgroup and no process of
+/// their ids left.
+#[test]
+fn two_microvms_run_as_strangers_to_each_other() {
+    let (kernel, modules, agent) = require_boot!();
+    if cellhost_core::probe::which("setpriv").is_none() {
+        eprintln!("SKIP: setpriv (util-linux) not installed");
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let _vms = common::KillVmsOnDrop(state.path().to_path_buf());
+    let store = ImageStore::new(state.path().join("images"));
+    common::microvm_image(&store, "deb", &kernel, &modules, &agent);
+    let backend = QemuBackend::new(common::config(Isolation::Microvm, state.path()));
+    let tier_dir = state.path().join("microvm");
+    let cell = common::cell(
+        "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {name: twin}\nspec:\n  isolation: microvm\n  image: deb\n  command: [/bin/sleep, '600']\n  volume: {path: /data, sizeGiB: 1}\n",
+    );
+    let rt = rt();
+    let ids = [CellId::random(), CellId::random()];
+    let leases = [common::Lease::new(&ids[0]), common::Lease::new(&ids[1])];
+    let hs: Vec<_> = ids
+        .iter()
+        .zip(&leases)
+        .map(|(id, lease)| {
+            rt.block_on(backend.create(common::request(id, cell.clone(), lease)))
+                .expect("create")
+        })
+        .collect();
+    let pids: Vec<i32> = hs.iter().map(|h| common::qemu_pid(&h.state_dir)).collect();
+    for i in 0..2 {
+        common::assert_confined(pids[i], &leases[i], &tier_dir, &ids[i], &cell);
+    }
+    assert_ne!(
+        common::status_field(pids[0], "Uid"),
+        common::status_field(pids[1], "Uid")
+    );
+    // With exactly one qemu's credentials (its uid, gid and groups, read
+    // from /proc), the other cell's dir cannot be listed and its volume
+    // cannot be read or written; nor its own by path (qemu opens no path
+    // there, it got descriptors).
+    let as_qemu = |pid: i32, argv: &[&str]| {
+        let first = |f: &str| {
+            common::status_field(pid, f)
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        let groups = common::status_field(pid, "Groups")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(",");
+        let groups = if groups.is_empty() {
+            "--clear-groups".to_string()
+        } else {
+            format!("--groups={groups}")
+        };
+        std::process::Command::new("setpriv")
+            .args([
+                format!("--reuid={}", first("Uid")),
+                format!("--regid={}", first("Gid")),
+                groups,
+                "--".into(),
+            ])
+            .args(argv)
+            .output()
+            .unwrap()
+    };
+    for (i, j) in [(0, 1), (1, 0), (0, 0)] {
+        let dir = hs[j].state_dir.display().to_string();
+        let vol = hs[j].state_dir.join("volume.qcow2").display().to_string();
+        let append = format!("echo x >> {vol}");
+        for argv in [
+            vec!["ls", dir.as_str()],
+            vec!["head", "-c", "1", vol.as_str()],
+            vec!["sh", "-c", append.as_str()],
+        ] {
+            let out = as_qemu(pids[i], &argv);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && err.contains("Permission denied"),
+                "qemu {i} {argv:?}: {:?} {err}",
+                out.status
+            );
+        }
+    }
+
+    for (i, h) in hs.iter().enumerate() {
+        let report = rt.block_on(backend.destroy(h)).unwrap();
+        assert!(report.is_clean(), "{report:?}");
+        common::assert_cgroup_and_uids_gone(&report, &tier_dir, &ids[i]);
+    }
+}
+
+/// A cgroup of this tier with no cell dir (a teardown cut short) is
+/// listed, and destroying it removes it from every hierarchy.
+#[test]
+fn an_orphan_cgroup_is_listed_and_removed() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("SKIP: not root");
+        return;
+    }
+    let state = tempfile::tempdir().unwrap();
+    let _cleanup = common::KillVmsOnDrop(state.path().to_path_buf());
+    let backend = QemuBackend::new(common::config(Isolation::Vm, state.path()));
+    let id = CellId::random();
+    let object = cellhost_core::cgroups::cgroup_object(
+        &cellhost_core::cgroups::instance_tag(&state.path().join("vm")),
+        &id.object_name(),
+    );
+    let cg = cellhost_core::cgroups::CellCgroups::for_object(&object).unwrap();
+    // Made the way the backend makes them: a microvm document's limits.
+    let made = cellhost_qemu::limits::create(
+        &object,
+        &cellhost_qemu::limits::Limits {
+            memory_bytes: 1 << 30,
+            cpu_quota_us: 100_000,
+            cpu_period_us: 100_000,
+            pids: 10,
+        },
+    )
+    .unwrap();
+    assert!(
+        !made.is_empty() && made.iter().all(|d| d.is_dir()),
+        "{made:?}"
+    );
+    let rt = rt();
+    let listed = rt.block_on(backend.list()).unwrap();
+    assert!(
+        listed
+            .iter()
+            .any(|c| c.id == id && c.state == CellState::Exited),
+        "{listed:?}"
+    );
+    let placeholder = common::cell(
+        "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {name: orphan}\nspec:\n  isolation: vm\n  command: [/bin/true]\n",
+    );
+    let report = rt
+        .block_on(backend.destroy(&backend.handle_for(&id, &placeholder)))
+        .unwrap();
+    assert!(report.is_clean() && !report.already_gone, "{report:?}");
+    assert!(cg.existing().is_empty(), "{:?}", cg.existing());
+    assert!(rt.block_on(backend.list()).unwrap().is_empty());
 }

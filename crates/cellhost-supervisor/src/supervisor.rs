@@ -1601,7 +1601,8 @@ impl Supervisor {
                 }
             }
         }
-        // Last: an orphan destroyed above no longer runs as its range.
+        // After the orphans: the ranges of those just destroyed go back in
+        // this pass, not the next one (which a stopped daemon never runs).
         self.sweep_uids(&recorded, &mut sum).await;
         if sum.errors > 0 {
             self.counters

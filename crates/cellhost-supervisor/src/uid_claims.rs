@@ -105,6 +105,35 @@ impl UidClaims {
         }
     }
 
+    /// Claim for `cell` the first cell-sized slot of the `count` from
+    /// `start` that nobody claims and no process runs as: how a holder
+    /// without a store (a test, a bench) gets a range. Stale claims are
+    /// swept first. `Ok(None)` when every slot is taken.
+    pub fn claim_free(
+        &self,
+        cell: &CellId,
+        start: u32,
+        count: u32,
+    ) -> io::Result<Option<UidRange>> {
+        self.foreign();
+        for slot in 0..count {
+            let Some(base) = slot
+                .checked_mul(UidRange::CELL_SIZE)
+                .and_then(|o| start.checked_add(o))
+            else {
+                break;
+            };
+            let range = UidRange {
+                base,
+                size: UidRange::CELL_SIZE,
+            };
+            if crate::uids_free(range) && self.claim(cell, range)? {
+                return Ok(Some(range));
+            }
+        }
+        Ok(None)
+    }
+
     /// Bases of ranges claimed by anyone but this store. Stale claims
     /// (see the module docs) are removed instead.
     pub fn foreign(&self) -> Vec<u32> {

@@ -232,20 +232,15 @@ impl BenchUids {
 
     fn lease(&self, id: &CellId) -> anyhow::Result<cellhost_core::UidRange> {
         let pool = cellhost_policy::Uids::default();
-        for slot in (0..pool.count).rev() {
-            let r = cellhost_core::UidRange {
-                base: pool.start + slot * cellhost_core::UidRange::CELL_SIZE,
-                size: cellhost_core::UidRange::CELL_SIZE,
-            };
-            if self.claims.claim(id, r)? {
-                self.held
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id.clone(), r);
-                return Ok(r);
-            }
-        }
-        anyhow::bail!("no free uid range for a bench cell")
+        let r = self
+            .claims
+            .claim_free(id, pool.start, pool.count)?
+            .context("no free uid range for a bench cell")?;
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), r);
+        Ok(r)
     }
 
     /// Give back the range of a cell that is gone.

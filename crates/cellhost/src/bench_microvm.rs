@@ -15,6 +15,11 @@
 //! cellhost adds on top of a boot; the 150 ms KVM target cannot be
 //! measured on this host (its KVM does not boot stock kernels) and is
 //! reported as such. Numbers are reported, never asserted.
+//!
+//! The cells run as a supervisor's would: qemu as the base of a uid range
+//! leased here host-wide (the first free slot of the default policy's
+//! range, claimed in /run/cellhost/uids and given back at the end), under
+//! its sandbox and in its cgroup. The bare boot is plain qemu as root.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -46,6 +51,45 @@ fn busybox_root(dir: &Path, init: Option<&str>) -> anyhow::Result<()> {
         std::fs::set_permissions(dir.join("init"), std::fs::Permissions::from_mode(0o755))?;
     }
     Ok(())
+}
+
+/// One uid range for the bench's cells (one at a time), claimed
+/// host-wide as the supervisor claims its leases; released on drop.
+struct BenchUids {
+    claims: cellhost_supervisor::uid_claims::UidClaims,
+    holder: CellId,
+    range: cellhost_core::UidRange,
+}
+
+impl BenchUids {
+    fn claim() -> anyhow::Result<BenchUids> {
+        let pool = cellhost_policy::Uids::default();
+        let claims = cellhost_supervisor::uid_claims::UidClaims::new(
+            cellhost_supervisor::uid_claims::CLAIMS_DIR,
+            format!("bench-microvm-{}", std::process::id()),
+            format!("/proc/{}", std::process::id()),
+        );
+        let holder = CellId::random();
+        let range = claims
+            .claim_free(&holder, pool.start, pool.count)?
+            .with_context(|| {
+                format!(
+                    "no free uid range in {}",
+                    cellhost_supervisor::uid_claims::CLAIMS_DIR
+                )
+            })?;
+        Ok(BenchUids {
+            claims,
+            holder,
+            range,
+        })
+    }
+}
+
+impl Drop for BenchUids {
+    fn drop(&mut self) {
+        self.claims.release(&self.holder, self.range);
+    }
 }
 
 fn kernel_files(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf)> {
@@ -153,16 +197,24 @@ pub async fn bench_microvm(
         c
     };
 
+    let uids = BenchUids::claim()?;
+    // The tier's cgroup group goes at the end (its cells' went with them).
+    struct RemoveGroup(String);
+    impl Drop for RemoveGroup {
+        fn drop(&mut self) {
+            cellhost_core::cgroups::remove_instance_group(&self.0);
+        }
+    }
+    let _group = RemoveGroup(cellhost_core::cgroups::instance_tag(&cfg.state_dir));
     let (mut ours, mut base) = (Series(Vec::new()), Series(Vec::new()));
     // One of each to warm the page cache, not counted.
     timed_command(&mut bare(&bare_initrd))?;
     for i in 0..=rounds {
         let id = CellId::random();
         let t0 = Instant::now();
-        let h = backend
-            .create(CreateRequest::new(id, cell.clone()))
-            .await
-            .context("microvm create")?;
+        let mut req = CreateRequest::new(id, cell.clone());
+        req.uids = Some(uids.range);
+        let h = backend.create(req).await.context("microvm create")?;
         let took = t0.elapsed();
         let report = backend.destroy(&h).await?;
         anyhow::ensure!(

@@ -850,6 +850,28 @@ fn microvm_cells_through_the_daemon_survive_a_kill9_and_orphans_are_swept() {
             .contains("booted-daemon")
     });
     let qemu = microvm_qemu(&d.state, &id).expect("qemu runs");
+    // Under the supervisor's uid lease, sandboxed: never root.
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let base = cellhost_policy::Uids::default().start;
+    for k in ["Uid:", "Gid:"] {
+        let ids = field(k);
+        assert_eq!(ids.len(), 4, "{status}");
+        assert!(
+            ids.iter()
+                .all(|v| v == &ids[0] && v.parse::<u32>().unwrap() >= base),
+            "{k} {ids:?}"
+        );
+    }
+    assert_eq!(field("Seccomp:"), ["2"], "{status}");
     // Metering reads the qemu process (CPU time, RSS).
     d.wait_metered(&id);
 
@@ -886,7 +908,9 @@ fn microvm_cells_through_the_daemon_survive_a_kill9_and_orphans_are_swept() {
             .any(|e| e["subject"] == orphan.as_str() && e["type"] == "cellhost.orphan.destroyed")
     );
     let report = d.destroy_clean(&id);
-    assert!(report.to_string().contains("vm-process"), "{report}");
+    for check in ["vm-process", "vm-cgroup", "uids"] {
+        assert!(report.to_string().contains(check), "{check}: {report}");
+    }
     assert!(microvm_qemu(&d.state, &id).is_none());
     assert!(!d.state.join("microvm").join(&id).exists());
 }

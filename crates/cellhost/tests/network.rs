@@ -618,9 +618,11 @@ fn bridged_microvm_reaches_only_its_allow_list_and_publishes_ports() {
     // Dropped in reverse order: qemu is killed before its tap goes.
     let _detach = DetachOnDrop(net.clone(), "microvm", id.clone());
     let _kill = KillQemuOnDrop(state.path().join("microvm"));
-    let h = rt
-        .block_on(backend.create(cellhost_core::CreateRequest::new(id.clone(), cell)))
-        .unwrap();
+    // qemu runs as a leased uid range's base, as under the supervisor.
+    let uids = ClaimedUids::new(&id);
+    let mut req = cellhost_core::CreateRequest::new(id.clone(), cell);
+    req.uids = Some(uids.range);
+    let h = rt.block_on(backend.create(req)).unwrap();
     assert_eq!(
         h.tier["network"]["address"],
         format!("10.252.{n}.2"),
@@ -699,6 +701,28 @@ fn bridged_microvm_reaches_only_its_allow_list_and_publishes_ports() {
     assert!(http_get(SocketAddr::from(([127, 0, 0, 1], published))).is_err());
 }
 
+/// A uid range for a cell this test creates without a supervisor,
+/// claimed host-wide ([`common::lease_uids`]); released on drop.
+struct ClaimedUids {
+    cell: CellId,
+    range: cellhost_core::UidRange,
+}
+
+impl ClaimedUids {
+    fn new(cell: &CellId) -> ClaimedUids {
+        ClaimedUids {
+            cell: cell.clone(),
+            range: common::lease_uids(cell),
+        }
+    }
+}
+
+impl Drop for ClaimedUids {
+    fn drop(&mut self) {
+        common::release_uid_range(&self.cell, self.range);
+    }
+}
+
 /// Removes a cell's network objects on drop (a failed assertion must not
 /// leave a tap, a table or a netns behind).
 struct DetachOnDrop(NetConfig, &'static str, CellId);
@@ -719,6 +743,10 @@ impl Drop for KillQemuOnDrop {
         let _ = Command::new("pkill")
             .args(["-9", "-f", &self.0.to_string_lossy()])
             .status();
+        // The tier's (empty) cgroup group, qemu's cgroups' parent.
+        cellhost_core::cgroups::remove_instance_group(&cellhost_core::cgroups::instance_tag(
+            &self.0,
+        ));
     }
 }
 

@@ -213,6 +213,160 @@ pub fn vm_image(store: &ImageStore, name: &str, kernel: &Path, modules: &Path) {
         .unwrap();
 }
 
+/// A uid range leased for one cell, as the supervisor would: the first
+/// slot of the policy's default range (2^30, 65 536 ids per cell) that no
+/// store on this host claims (`/run/cellhost/uids`), with no process
+/// running as any of its ids. Released on drop.
+pub struct Lease {
+    claims: cellhost_supervisor::uid_claims::UidClaims,
+    cell: cellhost_core::ids::CellId,
+    pub range: cellhost_core::UidRange,
+}
+
+impl Lease {
+    pub fn new(cell: &cellhost_core::ids::CellId) -> Lease {
+        let pool = cellhost_policy::Uids::default();
+        let claims = cellhost_supervisor::uid_claims::UidClaims::new(
+            cellhost_supervisor::uid_claims::CLAIMS_DIR,
+            format!("cellhost-qemu-tests-{}", std::process::id()),
+            format!("/proc/{}", std::process::id()),
+        );
+        let range = claims
+            .claim_free(cell, pool.start, pool.count)
+            .expect("claiming a uid range")
+            .expect("no free uid range in the policy's default range");
+        Lease {
+            claims,
+            cell: cell.clone(),
+            range,
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.claims.release(&self.cell, self.range);
+    }
+}
+
+/// A create request for `cell` as `id` with `lease`'s range.
+pub fn request(
+    id: &cellhost_core::ids::CellId,
+    cell: cellhost_spec::Cell,
+    lease: &Lease,
+) -> cellhost_core::CreateRequest {
+    let mut r = cellhost_core::CreateRequest::new(id.clone(), cell);
+    r.uids = Some(lease.range);
+    r
+}
+
+/// `/proc/<pid>/status` field `name` (after the colon, trimmed).
+pub fn status_field(pid: i32, name: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}:")))
+        .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+        .trim()
+        .to_string()
+}
+
+/// The cell's qemu, by the pid file its shim wrote.
+pub fn qemu_pid(dir: &Path) -> i32 {
+    std::fs::read_to_string(dir.join("qemu.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The cell's qemu runs confined: as the base of its lease (real,
+/// effective, saved and filesystem uid and gid), no supplementary group,
+/// under a seccomp filter with no_new_privs, without capabilities, in the
+/// cell's cgroup in every hierarchy, whose memory limit is the one
+/// computed for the cell.
+pub fn assert_confined(
+    pid: i32,
+    lease: &Lease,
+    tier_dir: &Path,
+    id: &cellhost_core::ids::CellId,
+    cell: &cellhost_spec::Cell,
+) {
+    let base = lease.range.base;
+    let four = format!("{base}\t{base}\t{base}\t{base}");
+    let uid = status_field(pid, "Uid").replace(char::is_whitespace, "\t");
+    let gid = status_field(pid, "Gid").replace(char::is_whitespace, "\t");
+    assert_eq!(uid, four, "qemu's uids");
+    assert_eq!(gid, four, "qemu's gids");
+    assert_eq!(status_field(pid, "Groups"), "", "supplementary groups");
+    // -sandbox: qemu installs one seccomp filter (mode 2); libseccomp sets
+    // no_new_privs to load it, and the shim set it before exec as well.
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
+    assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
+    let object = cellhost_core::cgroups::cgroup_object(
+        &cellhost_core::cgroups::instance_tag(tier_dir),
+        &id.object_name(),
+    );
+    let want = format!("/cellhost/{object}");
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let cg = cellhost_core::cgroups::CellCgroups::for_object(&object).unwrap();
+    for controller in ["memory", "cpu", "pids"] {
+        let line = cgroups
+            .lines()
+            .find(|l| {
+                let mut f = l.splitn(3, ':');
+                let (_, c) = (f.next(), f.next().unwrap_or(""));
+                if cg.unified {
+                    c.is_empty()
+                } else {
+                    c.split(',').any(|x| x == controller)
+                }
+            })
+            .unwrap_or_else(|| panic!("no {controller} line in {cgroups}"));
+        assert!(line.ends_with(&want), "{controller}: {line} (want {want})");
+    }
+    let (file, mem_dir) = if cg.unified {
+        ("memory.max", cg.memory.clone().unwrap())
+    } else {
+        ("memory.limit_in_bytes", cg.memory.clone().unwrap())
+    };
+    let limit: u64 = std::fs::read_to_string(mem_dir.join(file))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let want = cellhost_qemu::limits::Limits::for_cell(
+        cell,
+        cellhost_core::probe::Accel::Tcg,
+        cellhost_qemu::limits::TB_MIB,
+    );
+    assert_eq!(limit, want.memory_bytes, "{}", mem_dir.display());
+}
+
+/// Everything `report` says about the cell's cgroup and uids: both
+/// checked, nothing left, and the cgroup dirs gone from the host.
+pub fn assert_cgroup_and_uids_gone(
+    report: &cellhost_core::TeardownReport,
+    tier_dir: &Path,
+    id: &cellhost_core::ids::CellId,
+) {
+    for name in ["vm-cgroup", "uids"] {
+        let c = report
+            .checks
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no {name} check in {report:?}"));
+        assert_eq!(c.residue, 0, "{c:?}");
+    }
+    let object = cellhost_core::cgroups::cgroup_object(
+        &cellhost_core::cgroups::instance_tag(tier_dir),
+        &id.object_name(),
+    );
+    let cg = cellhost_core::cgroups::CellCgroups::for_object(&object).unwrap();
+    assert!(cg.existing().is_empty(), "{:?}", cg.existing());
+}
+
 pub fn config(tier: cellhost_spec::Isolation, state: &Path) -> cellhost_qemu::QemuConfig {
     cellhost_qemu::QemuConfig::new(tier, state, cellhost_bin())
 }
@@ -222,11 +376,28 @@ pub fn cell(yaml: &str) -> cellhost_spec::Cell {
 }
 
 /// Kills every process whose argv names `dir` (qemu and its shim) when
-/// dropped, so a failed assertion leaves no VM running in its own session.
+/// dropped, so a failed assertion leaves no VM running in its own session;
+/// then removes the VM cgroups of the state dir `dir` and the tiers'
+/// (empty) cgroup groups.
 pub struct KillVmsOnDrop(pub PathBuf);
 
 impl Drop for KillVmsOnDrop {
     fn drop(&mut self) {
+        self.kill();
+        for tier in ["vm", "microvm"] {
+            let instance = cellhost_core::cgroups::instance_tag(&self.0.join(tier));
+            for name in cellhost_core::cgroups::cell_cgroup_names(&instance).unwrap_or_default() {
+                cellhost_qemu::limits::remove(&cellhost_core::cgroups::cgroup_object(
+                    &instance, &name,
+                ));
+            }
+            cellhost_core::cgroups::remove_instance_group(&instance);
+        }
+    }
+}
+
+impl KillVmsOnDrop {
+    fn kill(&self) {
         let needle = self.0.to_string_lossy().into_owned();
         let Ok(rd) = std::fs::read_dir("/proc") else {
             return;

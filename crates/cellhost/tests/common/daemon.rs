@@ -346,6 +346,11 @@ impl Drop for Daemon {
             }
         }
         cellhost_process::hostfs::remove_instance_group(self.backend().cgroup_instance());
+        for tier in ["vm", "microvm"] {
+            cellhost_core::cgroups::remove_instance_group(&cellhost_core::cgroups::instance_tag(
+                &self.state.join(tier),
+            ));
+        }
     }
 }
 

@@ -219,25 +219,22 @@ fn claims() -> &'static cellhost_supervisor::uid_claims::UidClaims {
 /// claimed host-wide so no other store's cell shares it.
 pub fn lease_uids(id: &CellId) -> cellhost_core::UidRange {
     let pool = cellhost_policy::Uids::default();
-    let start = (std::process::id() % pool.count) as u64;
-    for i in 0..u64::from(pool.count) {
-        let slot = ((start + i * 7) % u64::from(pool.count)) as u32;
-        let r = cellhost_core::UidRange {
-            base: pool.start + slot * cellhost_core::UidRange::CELL_SIZE,
-            size: cellhost_core::UidRange::CELL_SIZE,
-        };
-        if claims().claim(id, r).unwrap_or(false) {
-            return r;
-        }
-    }
-    panic!("no free uid range for a test cell");
+    claims()
+        .claim_free(id, pool.start, pool.count)
+        .expect("claiming a uid range")
+        .expect("no free uid range for a test cell")
 }
 
 /// Give back the range of a test cell that is gone.
 pub fn release_uids(h: &CellHandle) {
     if let Some(r) = h.uids {
-        claims().release(&h.id, r);
+        release_uid_range(&h.id, r);
     }
+}
+
+/// Give back `range`, leased for `id` by [`lease_uids`].
+pub fn release_uid_range(id: &CellId, range: cellhost_core::UidRange) {
+    claims().release(id, range);
 }
 
 /// A busybox rootfs (every applet linked) imported as `name` into the
