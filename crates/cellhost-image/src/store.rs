@@ -137,6 +137,30 @@ impl Image {
     pub fn rootfs(&self) -> Option<PathBuf> {
         self.manifest.rootfs.as_ref().map(|f| self.dir.join(f))
     }
+
+    /// The size in bytes the guest sees of the base disk: a raw file's
+    /// length, or the size in a qcow2 header (big-endian u64 at byte 24,
+    /// after the `QFI\xfb` magic). `None` without a disk.
+    pub fn disk_size(&self) -> Result<Option<u64>, ImageError> {
+        let Some(path) = self.disk() else {
+            return Ok(None);
+        };
+        let ctx = || path.display().to_string();
+        let mut f = std::fs::File::open(&path).map_err(io_err(ctx()))?;
+        if self.manifest.disk_format.as_deref() != Some("qcow2") {
+            return Ok(Some(f.metadata().map_err(io_err(ctx()))?.len()));
+        }
+        let mut head = [0u8; 32];
+        f.read_exact(&mut head).map_err(io_err(ctx()))?;
+        if &head[..4] != b"QFI\xfb" {
+            return Err(ImageError::Invalid {
+                name: self.manifest.name.clone(),
+                what: "disk is not qcow2 (bad magic)".into(),
+            });
+        }
+        let size = u64::from_be_bytes(head[24..32].try_into().expect("8 bytes"));
+        Ok(Some(size))
+    }
 }
 
 /// What `import` copies in.
@@ -605,5 +629,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("--disk"), "{e}");
+    }
+
+    /// The size a guest sees, checked against what qemu-img wrote.
+    #[test]
+    fn disk_size_of_raw_and_qcow2() {
+        let d = tempfile::tempdir().unwrap();
+        let store = ImageStore::new(d.path().join("images"));
+        let raw = d.path().join("raw.img");
+        std::fs::File::create(&raw)
+            .unwrap()
+            .set_len(3 << 20)
+            .unwrap();
+        let req = |p: &Path| ImportRequest {
+            disk: Some(p.to_path_buf()),
+            ..Default::default()
+        };
+        store.import("raw", &req(&raw)).unwrap();
+        assert_eq!(
+            store.get("raw").unwrap().disk_size().unwrap(),
+            Some(3 << 20)
+        );
+        let Some(qemu_img) = cellhost_core::probe::which("qemu-img") else {
+            eprintln!("skipping the qcow2 half: qemu-img is not installed");
+            return;
+        };
+        let q = d.path().join("q.qcow2");
+        let ok = std::process::Command::new(qemu_img)
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&q)
+            .arg("5G")
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        store.import("q", &req(&q)).unwrap();
+        assert_eq!(store.get("q").unwrap().disk_size().unwrap(), Some(5 << 30));
     }
 }

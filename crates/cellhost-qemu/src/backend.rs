@@ -436,6 +436,30 @@ impl Inner {
         Ok(())
     }
 
+    /// A VM's overlay has the size `diskGiB` asks for; one smaller than the
+    /// base disk would cut the guest's filesystem short (qemu-img does not
+    /// refuse it), so it is refused here, naming the field.
+    fn check_disk_fits(&self, req: &CreateRequest, image: &Image) -> Result<(), BackendError> {
+        let Some(gib) = req.cell.spec.resources.disk_gib else {
+            return Ok(());
+        };
+        if self.microvm() {
+            return Ok(());
+        }
+        let base = image
+            .disk_size()
+            .map_err(|e| BackendError::Engine(format!("spec.image: {e}")))?
+            .unwrap_or(0);
+        if gib.saturating_mul(1 << 30) < base {
+            return Err(BackendError::Invalid(format!(
+                "spec.resources.diskGiB: {gib} GiB is smaller than image {}'s disk ({:.1} GiB)",
+                image.manifest.name,
+                base as f64 / f64::from(1u32 << 30)
+            )));
+        }
+        Ok(())
+    }
+
     /// qemu-img and friends, through the shared tool runner (PATH
     /// lookup, cleared env, timeout, one-line stderr).
     fn run_tool(&self, tool: &Path, args: &[&str]) -> Result<(), BackendError> {
@@ -458,6 +482,7 @@ impl Inner {
         }
         self.check_supported(&req)?;
         let image = self.image_for(&req.cell)?;
+        self.check_disk_fits(&req, &image)?;
         let dir = self.cell_dir(&req.id);
         // A dir left by a crashed create of this id: start clean.
         if dir.exists() {

@@ -363,6 +363,47 @@ fn what_a_vm_cannot_honour_is_refused_before_anything_is_made() {
                 .next()
                 .is_none()
     );
+
+    // A vm overlay smaller than its base disk would cut the guest's
+    // filesystem short: refused, naming the field.
+    let vm = QemuBackend::new(common::config(Isolation::Vm, state.path()));
+    // (qcow2: a 2 GiB raw file would be copied and hashed on import.)
+    let disk = state.path().join("big.qcow2");
+    let qemu_img =
+        cellhost_core::probe::which("qemu-img").expect("qemu-img (scripts/test installs it)");
+    let made = std::process::Command::new(qemu_img)
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("2G")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    ImageStore::new(state.path().join("images"))
+        .import(
+            "big",
+            &cellhost_qemu::image::ImportRequest {
+                disk: Some(disk),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let cell = common::cell(
+        "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {name: x}\nspec:\n  isolation: vm\n  image: big\n  command: [/bin/true]\n  resources: {diskGiB: 1}\n",
+    );
+    let mut req = CreateRequest::new(CellId::random(), cell);
+    req.uids = Some(uids);
+    let e = rt.block_on(vm.create(req)).unwrap_err().to_string();
+    assert!(
+        e.contains("spec.resources.diskGiB: 1 GiB is smaller than image big's disk (2.0 GiB)"),
+        "{e}"
+    );
+    assert!(
+        !state.path().join("vm").exists()
+            || std::fs::read_dir(state.path().join("vm"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
 }
 
 /// A bridged vm: a tap on a bridge this test makes, the seed's
