@@ -141,3 +141,28 @@ fn the_example_policy_is_the_built_in_default() {
     let text = include_str!("../../../examples/policy.yaml");
     assert_eq!(Policy::parse(text).unwrap(), Policy::default());
 }
+
+/// What the README tells people to run is admitted as it stands.
+#[test]
+fn every_example_cell_is_admitted_by_the_default_policy() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut seen = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        if !text.lines().any(|l| l.trim() == "kind: Cell") {
+            continue;
+        }
+        let mut cell =
+            parse_and_validate(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        Policy::default()
+            .admit(&mut cell, &HostFacts::default())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        seen += 1;
+    }
+    assert!(
+        seen >= 5,
+        "only {seen} example cells found in {}",
+        dir.display()
+    );
+}
