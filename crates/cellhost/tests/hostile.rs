@@ -1020,7 +1020,7 @@ impl Drop for Neighbour {
 fn a_broad_egress_rule_reaches_neither_the_host_nor_its_neighbours() {
     require_process_tier!();
     if python_missing() || cellhost_core::probe::which("nft").is_none() {
-        eprintln!("SKIP: nft not installed (scripts/test installs it)");
+        eprintln!("SKIP: python3 or nft not installed (scripts/test installs it)");
         return;
     }
     // Before: with `egress: [{cidr: 0.0.0.0/0}]` a process cell reached
