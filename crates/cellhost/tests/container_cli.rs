@@ -13,10 +13,15 @@ use std::time::Duration;
 use common::{DOCKER_TEST_IMAGE as IMAGE, docker_ready};
 
 fn run(state: &Path, doc: &str) -> std::process::Output {
+    run_with(state, doc, &[])
+}
+
+fn run_with(state: &Path, doc: &str, extra: &[&str]) -> std::process::Output {
     let file = state.join("doc.yaml");
     std::fs::write(&file, doc).unwrap();
     common::cellhost(state)
         .arg("run")
+        .args(extra)
         .arg(&file)
         .output()
         .unwrap()
@@ -68,12 +73,24 @@ fn failed_pull_exits_1_naming_the_image_and_leaves_nothing() {
         return;
     }
     let dir = common::state_dir();
-    let out = run(
+    let missing = doc(
+        "cellhost-test/no-such-image:none",
+        "  command: [\"/bin/true\"]\n",
+    );
+    // The default policy pulls nothing: refused at admission (exit 3),
+    // before the engine is asked.
+    let out = run(dir.path(), &missing);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("policy: images.pull"), "{err}");
+    assert!(!err.contains("pulling image"), "{err}");
+    // An operator who allows pulls gets the engine's failure, named.
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "images:\n  pull: true\n").unwrap();
+    let out = run_with(
         dir.path(),
-        &doc(
-            "cellhost-test/no-such-image:none",
-            "  command: [\"/bin/true\"]\n",
-        ),
+        &missing,
+        &["--policy", policy.to_str().unwrap()],
     );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
