@@ -41,6 +41,13 @@
 //! the create's error and decides nothing. An image that declares `VOLUME`s
 //! always gets scratch (the engine's size does not cover volumes).
 //!
+//! btrfs enforces a qgroup's limit only while its quota accounting is
+//! consistent: after an unclean unmount (a host crash) the file system
+//! marks it inconsistent and a container writes past its size until
+//! `btrfs quota rescan`. So on btrfs every create with `diskGiB` first reads
+//! the kernel's flag ([`btrfs_qgroups_hold`]); while it is set (or cannot
+//! be read) the cell gets scratch, and `StorageOpt` refuses it.
+//!
 //! # Layout on the host (scratch)
 //!
 //! ```text
@@ -167,6 +174,66 @@ pub fn driver_verdict(driver: &str) -> Option<Verdict> {
             why: format!("storage driver {driver:?} is not one that enforces storage_opt size"),
         })
     }
+}
+
+/// Do the btrfs qgroups of the file system holding `root` enforce their
+/// limits now? `mountinfo` is `/proc/self/mountinfo`, `sys` the sysfs root
+/// (`/sys`). `Ok` when the kernel reports them consistent, or when quotas
+/// are not on yet (the engine turns them on, with a rescan, at its first
+/// sized create); `Err(why)` when they are inconsistent or the answer
+/// cannot be found, which callers treat as "not enforced".
+pub fn btrfs_qgroups_hold(mountinfo: &str, sys: &Path, root: &Path) -> Result<(), String> {
+    let m = mount_of(mountinfo, root)
+        .ok_or_else(|| format!("no mount holds the engine's data root {}", root.display()))?;
+    let (mount, source) = (m.mount_point.display().to_string(), m.source);
+    if m.fs_type != "btrfs" {
+        return Err(format!(
+            "the engine's data root {} is on {}, not btrfs",
+            root.display(),
+            m.fs_type
+        ));
+    }
+    // The kernel lists a btrfs file system's devices by their name in
+    // /dev (`loop0`, `dm-0`, `vda1`).
+    let dev = fs::canonicalize(&source).unwrap_or_else(|_| PathBuf::from(&source));
+    let name = dev
+        .file_name()
+        .ok_or_else(|| format!("btrfs on {source}: no device name"))?;
+    let fsdir = fs::read_dir(sys.join("fs/btrfs"))
+        .map_err(|e| format!("{}: {e}", sys.join("fs/btrfs").display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|d| d.join("devices").join(name).exists())
+        .ok_or_else(|| format!("btrfs on {source}: not listed under /sys/fs/btrfs"))?;
+    let qgroups = fsdir.join("qgroups");
+    if !qgroups.is_dir() {
+        return Ok(());
+    }
+    match fs::read_to_string(qgroups.join("inconsistent")).map(|s| s.trim().to_string()) {
+        Ok(flag) if flag == "0" => Ok(()),
+        Ok(_) => Err(format!(
+            "the btrfs quota groups of {mount} are inconsistent, so the kernel does not enforce their limits (`btrfs quota rescan -w {mount}` repairs them)"
+        )),
+        Err(e) => Err(format!(
+            "this kernel does not say whether the btrfs quota groups of {mount} are consistent ({}: {e})",
+            qgroups.join("inconsistent").display()
+        )),
+    }
+}
+
+/// The mount that holds `path`: the longest mount point that is a prefix
+/// of it (the later of two equal ones, which is on top).
+fn mount_of(mountinfo: &str, path: &Path) -> Option<cellhost_core::mountinfo::MountEntry> {
+    let mut best: Option<cellhost_core::mountinfo::MountEntry> = None;
+    for m in cellhost_core::mountinfo::parse(mountinfo) {
+        let longer = best
+            .as_ref()
+            .is_none_or(|b| m.mount_point.as_os_str().len() >= b.mount_point.as_os_str().len());
+        if path.starts_with(&m.mount_point) && longer {
+            best = Some(m);
+        }
+    }
+    best
 }
 
 /// Is this engine error its refusal of the size option itself (overlay2:
@@ -539,5 +606,67 @@ mod tests {
         assert_eq!(b[1].0, mnt.join("var-tmp"));
         assert_eq!(b[3].0, mnt.join("vol-0"));
         assert!(b.iter().all(|(s, _)| s.starts_with(mnt)));
+    }
+
+    /// A sysfs with one btrfs file system on `dev`, its qgroup flag
+    /// `flag` (`None`: quotas off; `Some("")`: a kernel without the file).
+    fn fake_sys(dev: &str, flag: Option<&str>) -> tempfile::TempDir {
+        let sys = tempfile::tempdir().unwrap();
+        let fsdir = sys.path().join("fs/btrfs/9f8d419c-0000");
+        fs::create_dir_all(fsdir.join("devices").join(dev)).unwrap();
+        fs::create_dir_all(sys.path().join("fs/btrfs/features")).unwrap();
+        if let Some(flag) = flag {
+            fs::create_dir_all(fsdir.join("qgroups/0_256")).unwrap();
+            if !flag.is_empty() {
+                fs::write(fsdir.join("qgroups/inconsistent"), flag).unwrap();
+            }
+        }
+        sys
+    }
+
+    const MOUNTS: &str = "\
+22 1 252:0 / / rw,relatime - ext4 /dev/vda rw
+40 22 0:45 / /var/lib/docker\\040b rw,relatime - btrfs /dev/loop7 rw,space_cache=v2
+41 40 0:46 / /var/lib/docker\\040b/containers/x/shm rw - tmpfs shm rw
+";
+
+    #[test]
+    fn btrfs_qgroups_hold_only_when_the_kernel_says_consistent() {
+        let root = Path::new("/var/lib/docker b/100000.100000");
+        let ok = fake_sys("loop7", Some("0\n"));
+        assert_eq!(btrfs_qgroups_hold(MOUNTS, ok.path(), root), Ok(()));
+        // Quotas not on yet: the engine's first sized create turns them on.
+        let off = fake_sys("loop7", None);
+        assert_eq!(btrfs_qgroups_hold(MOUNTS, off.path(), root), Ok(()));
+
+        let bad = fake_sys("loop7", Some("1\n"));
+        let why = btrfs_qgroups_hold(MOUNTS, bad.path(), root).unwrap_err();
+        assert!(why.contains("inconsistent"), "{why}");
+        assert!(
+            why.contains("btrfs quota rescan -w /var/lib/docker b"),
+            "{why}"
+        );
+        // Unsure is unsafe: an unreadable flag, an unlisted device, a data
+        // root on another file system are all "does not hold".
+        let old = fake_sys("loop7", Some(""));
+        let why = btrfs_qgroups_hold(MOUNTS, old.path(), root).unwrap_err();
+        assert!(why.contains("does not say"), "{why}");
+        let other = fake_sys("loop3", Some("0"));
+        let why = btrfs_qgroups_hold(MOUNTS, other.path(), root).unwrap_err();
+        assert!(why.contains("not listed"), "{why}");
+        let why = btrfs_qgroups_hold(MOUNTS, ok.path(), Path::new("/srv/docker")).unwrap_err();
+        assert!(why.contains("on ext4, not btrfs"), "{why}");
+    }
+
+    #[test]
+    fn the_mount_of_a_path_is_the_deepest_one_on_top() {
+        let m = mount_of(MOUNTS, Path::new("/var/lib/docker b/containers/x/shm/f")).unwrap();
+        assert_eq!(m.fs_type, "tmpfs");
+        let m = mount_of(MOUNTS, Path::new("/var/lib/docker bb")).unwrap();
+        assert_eq!(m.fs_type, "ext4", "a prefix of the name is not a parent");
+        let over = format!("{MOUNTS}50 22 0:47 / /var/lib/docker\\040b rw - xfs /dev/vdb rw\n");
+        let m = mount_of(&over, Path::new("/var/lib/docker b/x")).unwrap();
+        assert_eq!(m.fs_type, "xfs");
+        assert!(mount_of("garbage\n - \n", Path::new("/x")).is_none());
     }
 }

@@ -68,7 +68,7 @@ pub mod volume;
 use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -170,6 +170,9 @@ pub struct DockerBackend {
     /// Does the engine enforce `storage_opt size`? Asked once (see
     /// [`disk`]); `None` until a cell with `diskGiB` asked.
     verdict: std::sync::Mutex<Option<Verdict>>,
+    /// The engine's data root when its storage driver is btrfs, whose
+    /// qgroups are checked before each sized create (see [`disk`]).
+    btrfs_root: std::sync::OnceLock<PathBuf>,
 }
 
 /// What a create with `diskGiB` does.
@@ -229,6 +232,7 @@ impl DockerBackend {
             negotiated: OnceCell::new(),
             remap: OnceCell::new(),
             verdict: std::sync::Mutex::new(None),
+            btrfs_root: std::sync::OnceLock::new(),
         }
     }
 
@@ -284,20 +288,47 @@ impl DockerBackend {
                     .await
                     .map_err(|e| engine_err("asking the engine for its storage driver", e))?;
                 let driver = info.driver.unwrap_or_default();
+                if driver == "btrfs" {
+                    let root = info.docker_root_dir.unwrap_or_default();
+                    let _ = self.btrfs_root.set(PathBuf::from(root));
+                }
                 match disk::driver_verdict(&driver) {
                     Some(v) => {
                         self.set_verdict(v.clone());
                         v
                     }
                     // The create itself asks the engine.
-                    None => return Ok(DiskPlan::StorageOpt { probe: true }),
+                    None => {
+                        return self.unless_qgroups_broken(DiskPlan::StorageOpt { probe: true });
+                    }
                 }
             }
         };
         match (verdict.storage_opt, forced) {
-            (true, _) => Ok(DiskPlan::StorageOpt { probe: false }),
+            (true, _) => self.unless_qgroups_broken(DiskPlan::StorageOpt { probe: false }),
             (false, true) => Err(Self::no_storage_opt(&verdict.why)),
             (false, false) => Ok(DiskPlan::Scratch),
+        }
+    }
+
+    /// `plan`, unless the engine's data root is btrfs and its qgroups do
+    /// not hold their limits right now: then scratch, or a refusal when
+    /// the operator allows storage-opt only. Asked at every sized create
+    /// (the flag can turn on at any time; reading it is two small files).
+    fn unless_qgroups_broken(&self, plan: DiskPlan) -> Result<DiskPlan, BackendError> {
+        let Some(root) = self.btrfs_root.get() else {
+            return Ok(plan);
+        };
+        let held = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| format!("/proc/self/mountinfo: {e}"))
+            .and_then(|mi| disk::btrfs_qgroups_hold(&mi, Path::new("/sys"), root));
+        match held {
+            Ok(()) => Ok(plan),
+            Err(why) if self.cfg.disk == DiskChoice::StorageOpt => Err(Self::no_storage_opt(&why)),
+            Err(why) => {
+                tracing::warn!("{why}: diskGiB as a read-only root with a scratch disk");
+                Ok(DiskPlan::Scratch)
+            }
         }
     }
 
