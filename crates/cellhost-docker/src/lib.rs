@@ -68,7 +68,7 @@ pub mod volume;
 use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,6 +119,9 @@ pub struct DockerConfig {
     pub volume_engine: cellhost_volume::EngineChoice,
     /// How `resources.diskGiB` is enforced (tests force each mode).
     pub disk: DiskChoice,
+    /// Where sysfs is (`/sys`): the btrfs qgroup flag is read under it.
+    /// A test points it at a copy that says "inconsistent".
+    pub sys_root: PathBuf,
 }
 
 impl DockerConfig {
@@ -138,6 +141,7 @@ impl DockerConfig {
             progress: None,
             volume_engine: cellhost_volume::EngineChoice::Auto,
             disk: DiskChoice::Auto,
+            sys_root: PathBuf::from("/sys"),
         }
     }
 }
@@ -321,7 +325,7 @@ impl DockerBackend {
         };
         let held = std::fs::read_to_string("/proc/self/mountinfo")
             .map_err(|e| format!("/proc/self/mountinfo: {e}"))
-            .and_then(|mi| disk::btrfs_qgroups_hold(&mi, Path::new("/sys"), root));
+            .and_then(|mi| disk::btrfs_qgroups_hold(&mi, &self.cfg.sys_root, root));
         match held {
             Ok(()) => Ok(plan),
             Err(why) if self.cfg.disk == DiskChoice::StorageOpt => Err(Self::no_storage_opt(&why)),

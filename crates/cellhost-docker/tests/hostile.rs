@@ -127,11 +127,12 @@ fn sleeper_with_disk() -> cellhost_spec::Cell {
 #[tokio::test(flavor = "multi_thread")]
 async fn disk_limit_holds_with_storage_opt() {
     let Some(e) = engine().await else { return };
+    e.repair_qgroups().await;
     let h = e.run(sleeper_with_disk(), vec![]).await;
     let verdict = e
         .backend
         .disk_verdict()
-        .expect("the create asked the engine (it does not while the data root's btrfs qgroups are inconsistent: the cell gets scratch; scripts/test rescans them)");
+        .expect("the create asked the engine");
     if !verdict.storage_opt {
         eprintln!(
             "SKIP: this engine does not enforce storage_opt size ({}); scripts/test starts one that does",
@@ -232,6 +233,80 @@ async fn disk_limit_holds_with_a_scratch_disk() {
         "a loop device is still backed by a cell file"
     );
     host_still_fine(&e).await;
+}
+
+/// A sysfs copy whose btrfs file system for `source`'s device says its
+/// qgroups are inconsistent.
+fn sysfs_saying_inconsistent(source: &str) -> tempfile::TempDir {
+    let sys = tempfile::tempdir().unwrap();
+    let dev = std::fs::canonicalize(source).unwrap();
+    let fsdir = sys.path().join("fs/btrfs/copy");
+    std::fs::create_dir_all(fsdir.join("devices").join(dev.file_name().unwrap())).unwrap();
+    std::fs::create_dir_all(fsdir.join("qgroups")).unwrap();
+    std::fs::write(fsdir.join("qgroups/inconsistent"), "1\n").unwrap();
+    sys
+}
+
+/// On a btrfs engine whose qgroups the kernel says are inconsistent (it
+/// then enforces no qgroup limit: a container wrote 3 GiB under
+/// `size=1G` after this machine's host restart), a sized cell gets the
+/// scratch disk and still stops at its limit; forced to storage-opt, it
+/// is refused. The kernel's flag comes from a sysfs copy here (making the
+/// shared engine's file system inconsistent would unlimit every other
+/// test's cells); `tests/btrfs_qgroups.rs` reads the real one.
+#[tokio::test(flavor = "multi_thread")]
+async fn inconsistent_btrfs_qgroups_get_scratch_not_storage_opt() {
+    let Some(probe) = engine().await else { return };
+    let info = probe.docker.info().await.unwrap();
+    if info.driver.as_deref() != Some("btrfs") {
+        eprintln!(
+            "SKIP: the engine's storage driver is {:?}, not btrfs",
+            info.driver
+        );
+        return;
+    }
+    let root = std::path::PathBuf::from(info.docker_root_dir.unwrap());
+    let mi = cellhost_core::mountinfo::read_self().unwrap();
+    let source = mi
+        .iter()
+        .filter(|m| root.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+        .map(|m| m.source.clone())
+        .unwrap();
+    let sys = sysfs_saying_inconsistent(&source);
+    let sys_root = sys.path().to_path_buf();
+    let e = engine_with(|c| c.sys_root = sys_root).await.unwrap();
+    let h = e.run(sleeper_with_disk(), vec![]).await;
+    let hc = e
+        .docker
+        .inspect_container(&h.name, None)
+        .await
+        .unwrap()
+        .host_config
+        .unwrap();
+    assert_eq!(hc.readonly_rootfs, Some(true), "not scratch: {hc:?}");
+    assert!(
+        hc.storage_opt.as_ref().is_none_or(|o| o.is_empty()),
+        "{hc:?}"
+    );
+    fill_and_check(&e, &h).await;
+    e.destroy(&h).await;
+
+    let sys_root = sys.path().to_path_buf();
+    let forced = engine_with(|c| {
+        c.sys_root = sys_root;
+        c.disk = DiskChoice::StorageOpt;
+    })
+    .await
+    .unwrap();
+    let err = forced
+        .backend
+        .create(CreateRequest::new(CellId::random(), sleeper_with_disk()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("spec.resources.diskGiB"), "{err}");
+    assert!(err.contains("inconsistent"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -348,6 +423,7 @@ async fn storage_opt_only_refuses_what_the_engine_cannot_limit() {
     let Some(e) = engine_with(|c| c.disk = DiskChoice::StorageOpt).await else {
         return;
     };
+    e.repair_qgroups().await;
     let id = CellId::random();
     let r = e
         .backend
@@ -406,20 +482,7 @@ async fn an_image_volume_is_inside_the_limit() {
     let h = e.run(c, vec![]).await;
     let info = e.docker.inspect_container(&h.name, None).await.unwrap();
     assert_eq!(info.host_config.unwrap().readonly_rootfs, Some(true));
-    let anon = info
-        .mounts
-        .unwrap_or_default()
-        .into_iter()
-        .find(|m| m.destination.as_deref() == Some("/anon"))
-        .expect("a mount at /anon");
-    assert_eq!(anon.typ.map(|t| t.to_string()).as_deref(), Some("bind"));
-    assert!(
-        anon.source
-            .as_deref()
-            .is_some_and(|s| s.starts_with(h.state_dir.to_str().unwrap())),
-        "{:?}",
-        anon.source
-    );
+    bound_from_the_cell_dir(&e, &h, "/anon").await;
     let (_, out) = sh(
         &e,
         &h,
@@ -431,6 +494,26 @@ async fn an_image_volume_is_inside_the_limit() {
     assert!(out.contains("No space left on device"), "{out}");
     e.destroy(&h).await;
     docker_cli(&["rmi", &tag]);
+}
+
+/// The container's mount at `target` is a bind from inside the cell's
+/// own dir (not an engine volume, which nothing limits).
+async fn bound_from_the_cell_dir(e: &Engine, h: &CellHandle, target: &str) {
+    let info = e.docker.inspect_container(&h.name, None).await.unwrap();
+    let m = info
+        .mounts
+        .unwrap_or_default()
+        .into_iter()
+        .find(|m| m.destination.as_deref() == Some(target))
+        .unwrap_or_else(|| panic!("no mount at {target}"));
+    assert_eq!(m.typ.map(|t| t.to_string()).as_deref(), Some("bind"));
+    assert!(
+        m.source
+            .as_deref()
+            .is_some_and(|s| s.starts_with(h.state_dir.to_str().unwrap())),
+        "{target} from {:?}",
+        m.source
+    );
 }
 
 /// The file backing a cell's plain `spec.volume` on the host.
@@ -496,21 +579,7 @@ async fn a_plain_volume_holds_at_its_size() {
 
     // The volume is a bind of the cell's own file system, whose file on
     // the host was reserved whole at create and did not grow.
-    let info = e.docker.inspect_container(&h.name, None).await.unwrap();
-    let data = info
-        .mounts
-        .unwrap_or_default()
-        .into_iter()
-        .find(|m| m.destination.as_deref() == Some("/data"))
-        .expect("a mount at /data");
-    assert_eq!(data.typ.map(|t| t.to_string()).as_deref(), Some("bind"));
-    assert!(
-        data.source
-            .as_deref()
-            .is_some_and(|s| s.starts_with(h.state_dir.to_str().unwrap())),
-        "{:?}",
-        data.source
-    );
+    bound_from_the_cell_dir(&e, &h, "/data").await;
     let file = volume_file(&h);
     let alloc = allocated(&file);
     println!("{} has {alloc} bytes allocated", file.display());

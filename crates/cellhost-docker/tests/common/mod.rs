@@ -57,6 +57,33 @@ pub async fn engine_with(tune: impl FnOnce(&mut DockerConfig)) -> Option<Engine>
     })
 }
 
+impl Engine {
+    /// Where the engine keeps btrfs subvolumes whose quota accounting is
+    /// inconsistent (the kernel then enforces no `storage_opt size`, and
+    /// the backend gives sized cells scratch instead), rescan them first,
+    /// as an operator would, so a test of storage-opt tests storage-opt.
+    /// Printed when it does.
+    pub async fn repair_qgroups(&self) {
+        let info = self.docker.info().await.expect("docker info");
+        if info.driver.as_deref() != Some("btrfs") {
+            return;
+        }
+        let root = std::path::PathBuf::from(info.docker_root_dir.unwrap_or_default());
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        if let Err(why) =
+            cellhost_docker::disk::btrfs_qgroups_hold(&mi, std::path::Path::new("/sys"), &root)
+        {
+            eprintln!("{why}: rescanning");
+            let st = std::process::Command::new("btrfs")
+                .args(["quota", "rescan", "-w"])
+                .arg(&root)
+                .status()
+                .expect("btrfs");
+            assert!(st.success(), "btrfs quota rescan -w {}", root.display());
+        }
+    }
+}
+
 pub fn cell(body: &str) -> Cell {
     let doc = format!(
         "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {{ name: t }}\nspec:\n  isolation: container\n  image: {IMAGE}\n{body}"
