@@ -119,6 +119,9 @@ pub struct DockerConfig {
     pub volume_engine: cellhost_volume::EngineChoice,
     /// How `resources.diskGiB` is enforced (tests force each mode).
     pub disk: DiskChoice,
+    /// Trust btrfs qgroups with `storage_opt size` (off: a btrfs engine's
+    /// sized cells get scratch; see [`disk`] for why that is the default).
+    pub btrfs_storage_opt: bool,
     /// Where sysfs is (`/sys`): the btrfs qgroup flag is read under it.
     /// A test points it at a copy that says "inconsistent".
     pub sys_root: PathBuf,
@@ -141,6 +144,7 @@ impl DockerConfig {
             progress: None,
             volume_engine: cellhost_volume::EngineChoice::Auto,
             disk: DiskChoice::Auto,
+            btrfs_storage_opt: false,
             sys_root: PathBuf::from("/sys"),
         }
     }
@@ -152,6 +156,7 @@ impl std::fmt::Debug for DockerConfig {
             .field("state_dir", &self.state_dir)
             .field("policy", &self.policy)
             .field("disk", &self.disk)
+            .field("btrfs_storage_opt", &self.btrfs_storage_opt)
             .finish_non_exhaustive()
     }
 }
@@ -296,7 +301,7 @@ impl DockerBackend {
                     let root = info.docker_root_dir.unwrap_or_default();
                     let _ = self.btrfs_root.set(PathBuf::from(root));
                 }
-                match disk::driver_verdict(&driver) {
+                match disk::driver_verdict(&driver, self.cfg.btrfs_storage_opt) {
                     Some(v) => {
                         self.set_verdict(v.clone());
                         v

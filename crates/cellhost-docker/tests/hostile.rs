@@ -126,8 +126,10 @@ fn sleeper_with_disk() -> cellhost_spec::Cell {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn disk_limit_holds_with_storage_opt() {
-    let Some(e) = engine().await else { return };
-    e.repair_qgroups().await;
+    let Some(e) = engine_with(|c| c.btrfs_storage_opt = true).await else {
+        return;
+    };
+    let _qgroups = e.reset_qgroups().await;
     let h = e.run(sleeper_with_disk(), vec![]).await;
     let verdict = e
         .backend
@@ -235,6 +237,53 @@ async fn disk_limit_holds_with_a_scratch_disk() {
     host_still_fine(&e).await;
 }
 
+/// By default a btrfs engine's sized cells get scratch, never its qgroups:
+/// those stopped enforcing for running containers too when the kernel
+/// marked them inconsistent mid-run (a container started while they were
+/// consistent wrote 1.5 GiB under `size=1G` after the flip, measured), and
+/// forced storage-opt is refused, saying why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_btrfs_engine_gives_sized_cells_scratch_by_default() {
+    let Some(e) = engine().await else { return };
+    let info = e.docker.info().await.unwrap();
+    if info.driver.as_deref() != Some("btrfs") {
+        eprintln!(
+            "SKIP: the engine's storage driver is {:?}, not btrfs",
+            info.driver
+        );
+        return;
+    }
+    let h = e.run(sleeper_with_disk(), vec![]).await;
+    let v = e.backend.disk_verdict().expect("a verdict from the driver");
+    assert!(!v.storage_opt && v.why.contains("inconsistent"), "{v:?}");
+    let hc = e
+        .docker
+        .inspect_container(&h.name, None)
+        .await
+        .unwrap()
+        .host_config
+        .unwrap();
+    assert_eq!(hc.readonly_rootfs, Some(true), "not scratch: {hc:?}");
+    assert!(
+        hc.storage_opt.as_ref().is_none_or(|o| o.is_empty()),
+        "{hc:?}"
+    );
+    fill_and_check(&e, &h).await;
+    e.destroy(&h).await;
+
+    let forced = engine_with(|c| c.disk = DiskChoice::StorageOpt)
+        .await
+        .unwrap();
+    let err = forced
+        .backend
+        .create(CreateRequest::new(CellId::random(), sleeper_with_disk()))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("spec.resources.diskGiB"), "{err}");
+    assert!(err.contains("btrfs_storage_opt"), "{err}");
+}
+
 /// A sysfs copy whose btrfs file system for `source`'s device says its
 /// qgroups are inconsistent.
 fn sysfs_saying_inconsistent(source: &str) -> tempfile::TempDir {
@@ -275,7 +324,12 @@ async fn inconsistent_btrfs_qgroups_get_scratch_not_storage_opt() {
         .unwrap();
     let sys = sysfs_saying_inconsistent(&source);
     let sys_root = sys.path().to_path_buf();
-    let e = engine_with(|c| c.sys_root = sys_root).await.unwrap();
+    let e = engine_with(|c| {
+        c.sys_root = sys_root;
+        c.btrfs_storage_opt = true;
+    })
+    .await
+    .unwrap();
     let h = e.run(sleeper_with_disk(), vec![]).await;
     let hc = e
         .docker
@@ -296,6 +350,7 @@ async fn inconsistent_btrfs_qgroups_get_scratch_not_storage_opt() {
     let forced = engine_with(|c| {
         c.sys_root = sys_root;
         c.disk = DiskChoice::StorageOpt;
+        c.btrfs_storage_opt = true;
     })
     .await
     .unwrap();
@@ -420,10 +475,15 @@ fn image_with_volume() -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn storage_opt_only_refuses_what_the_engine_cannot_limit() {
-    let Some(e) = engine_with(|c| c.disk = DiskChoice::StorageOpt).await else {
+    let Some(e) = engine_with(|c| {
+        c.disk = DiskChoice::StorageOpt;
+        c.btrfs_storage_opt = true;
+    })
+    .await
+    else {
         return;
     };
-    e.repair_qgroups().await;
+    let _qgroups = e.reset_qgroups().await;
     let id = CellId::random();
     let r = e
         .backend

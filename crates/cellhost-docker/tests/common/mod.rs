@@ -57,30 +57,36 @@ pub async fn engine_with(tune: impl FnOnce(&mut DockerConfig)) -> Option<Engine>
     })
 }
 
+/// Held by the tests that opt in to btrfs storage-opt, so one's quota
+/// reset never lands in another's fill.
+pub static QGROUPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 impl Engine {
-    /// Where the engine keeps btrfs subvolumes whose quota accounting is
-    /// inconsistent (the kernel then enforces no `storage_opt size`, and
-    /// the backend gives sized cells scratch instead), rescan them first,
-    /// as an operator would, so a test of storage-opt tests storage-opt.
-    /// Printed when it does.
-    pub async fn repair_qgroups(&self) {
+    /// On a btrfs engine, reset its quotas (disable, enable, rescan), as
+    /// an operator who opted in to btrfs storage-opt must: the kernel
+    /// stopped enforcing limits mid-suite here, and a rescan that cleared
+    /// the inconsistent flag did not bring enforcement back (a container
+    /// wrote 3 GiB under `size=1G`); only disabling and enabling did. The
+    /// returned guard keeps other opt-in tests from resetting meanwhile.
+    pub async fn reset_qgroups(&self) -> tokio::sync::MutexGuard<'static, ()> {
+        let guard = QGROUPS.lock().await;
         let info = self.docker.info().await.expect("docker info");
-        if info.driver.as_deref() != Some("btrfs") {
-            return;
+        if info.driver.as_deref() == Some("btrfs") {
+            let root = info.docker_root_dir.unwrap_or_default();
+            for args in [
+                &["quota", "disable"][..],
+                &["quota", "enable"],
+                &["quota", "rescan", "-w"],
+            ] {
+                let out = std::process::Command::new("btrfs")
+                    .args(args)
+                    .arg(&root)
+                    .output()
+                    .expect("btrfs");
+                assert!(out.status.success(), "btrfs {args:?} {root}: {out:?}");
+            }
         }
-        let root = std::path::PathBuf::from(info.docker_root_dir.unwrap_or_default());
-        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        if let Err(why) =
-            cellhost_docker::disk::btrfs_qgroups_hold(&mi, std::path::Path::new("/sys"), &root)
-        {
-            eprintln!("{why}: rescanning");
-            let st = std::process::Command::new("btrfs")
-                .args(["quota", "rescan", "-w"])
-                .arg(&root)
-                .status()
-                .expect("btrfs");
-            assert!(st.success(), "btrfs quota rescan -w {}", root.display());
-        }
+        guard
     }
 }
 
