@@ -2362,7 +2362,7 @@ mod tests {
             vec![
                 "HTTP/1.0 200 OK\r\nApi-Version: 1.48\r\nContent-Type: text/plain\r\n\r\nOK",
                 "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"Version\":\"28.0.4\",\"ApiVersion\":\"1.48\",\"Os\":\"linux\"}\n",
-                "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"Driver\":\"btrfs\",\"SecurityOptions\":[\"name=seccomp,profile=default\",\"name=userns\"]}\n",
+                "HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{\"Driver\":\"zfs\",\"SecurityOptions\":[\"name=seccomp,profile=default\",\"name=userns\"]}\n",
             ],
         );
         let opts = ProbeOptions {
