@@ -611,15 +611,18 @@ fn container_cells_through_the_daemon() {
         assert!(store.remove(&CellId::parse(&orphan).unwrap()).unwrap());
     }
     d.spawn();
+    // The event is written once the whole teardown is done: the container
+    // goes first, then (a sized cell by the policy's default diskGiB) its
+    // scratch disk.
     wait_until(
         "the container orphan to be destroyed",
-        Duration::from_secs(15),
-        || docker_inspect(&format!("cellhost-{orphan}")).is_none(),
-    );
-    assert!(
-        d.events()
-            .iter()
-            .any(|e| e["subject"] == orphan.as_str() && e["type"] == "cellhost.orphan.destroyed")
+        Duration::from_secs(30),
+        || {
+            docker_inspect(&format!("cellhost-{orphan}")).is_none()
+                && d.events().iter().any(|e| {
+                    e["subject"] == orphan.as_str() && e["type"] == "cellhost.orphan.destroyed"
+                })
+        },
     );
     // The recorded cell survived the restart and is destroyed cleanly.
     assert_eq!(
