@@ -256,20 +256,7 @@ async fn a_btrfs_engine_gives_sized_cells_scratch_by_default() {
     let h = e.run(sleeper_with_disk(), vec![]).await;
     let v = e.backend.disk_verdict().expect("a verdict from the driver");
     assert!(!v.storage_opt && v.why.contains("inconsistent"), "{v:?}");
-    let hc = e
-        .docker
-        .inspect_container(&h.name, None)
-        .await
-        .unwrap()
-        .host_config
-        .unwrap();
-    assert_eq!(hc.readonly_rootfs, Some(true), "not scratch: {hc:?}");
-    assert!(
-        hc.storage_opt.as_ref().is_none_or(|o| o.is_empty()),
-        "{hc:?}"
-    );
-    fill_and_check(&e, &h).await;
-    e.destroy(&h).await;
+    scratch_holds(&e, &h).await;
 
     let forced = engine_with(|c| c.disk = DiskChoice::StorageOpt)
         .await
@@ -282,6 +269,25 @@ async fn a_btrfs_engine_gives_sized_cells_scratch_by_default() {
         .to_string();
     assert!(err.contains("spec.resources.diskGiB"), "{err}");
     assert!(err.contains("btrfs_storage_opt"), "{err}");
+}
+
+/// The cell got scratch (a read-only root, no storage_opt), a fill stops
+/// at its `diskGiB`, and it is destroyed.
+async fn scratch_holds(e: &Engine, h: &CellHandle) {
+    let hc = e
+        .docker
+        .inspect_container(&h.name, None)
+        .await
+        .unwrap()
+        .host_config
+        .unwrap();
+    assert_eq!(hc.readonly_rootfs, Some(true), "not scratch: {hc:?}");
+    assert!(
+        hc.storage_opt.as_ref().is_none_or(|o| o.is_empty()),
+        "{hc:?}"
+    );
+    fill_and_check(e, h).await;
+    e.destroy(h).await;
 }
 
 /// A sysfs copy whose btrfs file system for `source`'s device says its
@@ -331,20 +337,7 @@ async fn inconsistent_btrfs_qgroups_get_scratch_not_storage_opt() {
     .await
     .unwrap();
     let h = e.run(sleeper_with_disk(), vec![]).await;
-    let hc = e
-        .docker
-        .inspect_container(&h.name, None)
-        .await
-        .unwrap()
-        .host_config
-        .unwrap();
-    assert_eq!(hc.readonly_rootfs, Some(true), "not scratch: {hc:?}");
-    assert!(
-        hc.storage_opt.as_ref().is_none_or(|o| o.is_empty()),
-        "{hc:?}"
-    );
-    fill_and_check(&e, &h).await;
-    e.destroy(&h).await;
+    scratch_holds(&e, &h).await;
 
     let sys_root = sys.path().to_path_buf();
     let forced = engine_with(|c| {
