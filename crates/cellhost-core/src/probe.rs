@@ -2108,7 +2108,7 @@ fn one_line(s: &str) -> String {
     one_line_max(s, MAX_DETAIL)
 }
 
-/// [`one_line`] with a cap of `max` characters: a tool's stderr as one
+/// `one_line` with a cap of `max` characters: a tool's stderr as one
 /// error line.
 pub fn one_line_max(s: &str, max: usize) -> String {
     let mut out: String = s

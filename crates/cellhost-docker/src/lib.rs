@@ -58,7 +58,7 @@
 //! when asked, a kernel-enforced cap on what they write when
 //! `resources.diskGiB` is set (see [`disk`]; without it the writable layer
 //! is not limited), a volume that holds at its `sizeGiB` (see [`volume`]),
-//! and a bridged cell's egress is denied (see [`egress`]).
+//! and a bridged cell's egress is denied (see the `egress` module).
 
 pub mod disk;
 mod egress;

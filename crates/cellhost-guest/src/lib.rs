@@ -2,7 +2,7 @@
 //!
 //! - [`proto`]: the NDJSON protocol (types shared by both ends, limits,
 //!   validation rules).
-//! - [`line`]: a capped line reader both ends frame with.
+//! - [`mod@line`]: a capped line reader both ends frame with.
 //! - [`agent`]: the in-guest agent behind the `cellhost-agent` binary:
 //!   ping, env and secrets, exec, files, status, shutdown; PID 1 duties.
 //! - [`client`]: the host side, over a unix socket, qemu virtio-serial,

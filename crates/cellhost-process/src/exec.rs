@@ -24,7 +24,7 @@
 //!   kill reaches it and it is metered with the cell;
 //! - gets the cell's capability set and `no_new_privileges`, and a session
 //!   of its own (`setsid`), so its process group id is its pid;
-//! - ends in [`ExecExecutor`]: the cell's default seccomp filter (see
+//! - ends in `ExecExecutor`: the cell's default seccomp filter (see
 //!   `seccomp`) and `execve` with exactly the requested environment
 //!   (libcontainer's own env, which merges in the cell's declared env and
 //!   `HOME`, is ignored).

@@ -44,7 +44,7 @@
 //! stays); [`Volumes::open`] needs the key again. The storage daemon runs in
 //! its own session (`--daemonize`), and mounts are the kernel's, so an open
 //! volume outlives the cellhost process that opened it: a restarted daemon
-//! finds it open ([`Volumes::is_open`]). [`Volumes::destroy`] unmounts (lazy
+//! finds it open ([`Volumes::is_open`]). [`Volumes::destroy_into`] unmounts (lazy
 //! only when busy, then verified), closes, erases every keyslot, deletes the
 //! file and the dir, and records one residue check per kind of object.
 //!
@@ -71,7 +71,7 @@
 //! The key never touches argv, the environment, a file, a log or the store:
 //! cryptsetup reads it on stdin (`--key-file=-`); qemu-storage-daemon reads
 //! it as a `secret` object from its stdin (`file=/dev/stdin`), a pipe that
-//! is closed as soon as it is written. Passphrases are [`Zeroizing`].
+//! is closed as soon as it is written. Passphrases are [`zeroize::Zeroizing`].
 //!
 //! # Why shell out
 //!

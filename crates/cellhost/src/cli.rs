@@ -279,7 +279,7 @@ pub struct ServeArgs {
     pub net: NetOpt,
     /// Also sell cells over Nostr for Cashu, as this market config says
     /// (relays, mints, per-tier size and price). Keys and the wallet live
-    /// in <state>/market/.
+    /// in `<state>/market/`.
     #[arg(long, value_name = "FILE")]
     pub market: Option<PathBuf>,
 }
@@ -390,7 +390,7 @@ pub struct BenchArgs {
     #[arg(long, env = "CELLHOST_AGENT", value_name = "PATH")]
     pub agent: Option<std::path::PathBuf>,
     /// An unpacked Debian kernel package (boot/vmlinuz-*,
-    /// lib/modules/<v>) for bench microvm.
+    /// `lib/modules/<v>`) for bench microvm.
     #[arg(long, env = "CELLHOST_TEST_KERNEL_DIR", value_name = "DIR")]
     pub kernel_dir: Option<std::path::PathBuf>,
 }
@@ -460,7 +460,7 @@ pub enum ImageCommand {
         /// A directory copied into the initramfs (busybox, the workload).
         #[arg(long, value_name = "DIR")]
         rootfs: Option<PathBuf>,
-        /// The guest kernel's lib/modules/<version> (for modular kernels).
+        /// The guest kernel's `lib/modules/<version>` (for modular kernels).
         #[arg(long, value_name = "DIR")]
         modules_dir: Option<PathBuf>,
         /// Modules to load at boot, dependencies added (default with
