@@ -67,6 +67,15 @@ pub fn read_self() -> io::Result<Vec<MountEntry>> {
     Ok(parse(&std::fs::read_to_string("/proc/self/mountinfo")?))
 }
 
+/// The mount that holds `path`: the longest mount point that is a prefix
+/// of it, the later of two equal ones (which is on top).
+pub fn holding<'a>(mounts: &'a [MountEntry], path: &Path) -> Option<&'a MountEntry> {
+    mounts
+        .iter()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+}
+
 /// Mount points at or below `dir`, in mount order.
 pub fn mounts_under(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(read_self()?

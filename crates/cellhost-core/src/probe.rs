@@ -1661,10 +1661,7 @@ fn docker_storage_opt(info: &serde_json::Value, mounts: &[MountEntry]) -> Capabi
         "overlay2" => {
             let backing = status("Backing Filesystem").unwrap_or_else(|| "?".into());
             let root = info["DockerRootDir"].as_str().unwrap_or("/var/lib/docker");
-            let mount = mounts
-                .iter()
-                .filter(|m| Path::new(root).starts_with(&m.mount_point))
-                .max_by_key(|m| m.mount_point.as_os_str().len());
+            let mount = crate::mountinfo::holding(mounts, Path::new(root));
             let prjquota = mount.is_some_and(|m| {
                 m.fs_type == "xfs"
                     && m.super_options

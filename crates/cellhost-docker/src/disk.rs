@@ -196,9 +196,10 @@ pub fn driver_verdict(driver: &str, btrfs_opt_in: bool) -> Option<Verdict> {
 /// sized create); `Err(why)` when they are inconsistent or the answer
 /// cannot be found, which callers treat as "not enforced".
 pub fn btrfs_qgroups_hold(mountinfo: &str, sys: &Path, root: &Path) -> Result<(), String> {
-    let m = mount_of(mountinfo, root)
+    let mounts = cellhost_core::mountinfo::parse(mountinfo);
+    let m = cellhost_core::mountinfo::holding(&mounts, root)
         .ok_or_else(|| format!("no mount holds the engine's data root {}", root.display()))?;
-    let (mount, source) = (m.mount_point.display().to_string(), m.source);
+    let (mount, source) = (m.mount_point.display().to_string(), m.source.clone());
     if m.fs_type != "btrfs" {
         return Err(format!(
             "the engine's data root {} is on {}, not btrfs",
@@ -232,21 +233,6 @@ pub fn btrfs_qgroups_hold(mountinfo: &str, sys: &Path, root: &Path) -> Result<()
             qgroups.join("inconsistent").display()
         )),
     }
-}
-
-/// The mount that holds `path`: the longest mount point that is a prefix
-/// of it (the later of two equal ones, which is on top).
-fn mount_of(mountinfo: &str, path: &Path) -> Option<cellhost_core::mountinfo::MountEntry> {
-    let mut best: Option<cellhost_core::mountinfo::MountEntry> = None;
-    for m in cellhost_core::mountinfo::parse(mountinfo) {
-        let longer = best
-            .as_ref()
-            .is_none_or(|b| m.mount_point.as_os_str().len() >= b.mount_point.as_os_str().len());
-        if path.starts_with(&m.mount_point) && longer {
-            best = Some(m);
-        }
-    }
-    best
 }
 
 /// Is this engine error its refusal of the size option itself (overlay2:
@@ -675,13 +661,17 @@ mod tests {
 
     #[test]
     fn the_mount_of_a_path_is_the_deepest_one_on_top() {
-        let m = mount_of(MOUNTS, Path::new("/var/lib/docker b/containers/x/shm/f")).unwrap();
+        let holding = |text: &str, p: &Path| {
+            let m = cellhost_core::mountinfo::parse(text);
+            cellhost_core::mountinfo::holding(&m, p).cloned()
+        };
+        let m = holding(MOUNTS, Path::new("/var/lib/docker b/containers/x/shm/f")).unwrap();
         assert_eq!(m.fs_type, "tmpfs");
-        let m = mount_of(MOUNTS, Path::new("/var/lib/docker bb")).unwrap();
+        let m = holding(MOUNTS, Path::new("/var/lib/docker bb")).unwrap();
         assert_eq!(m.fs_type, "ext4", "a prefix of the name is not a parent");
         let over = format!("{MOUNTS}50 22 0:47 / /var/lib/docker\\040b rw - xfs /dev/vdb rw\n");
-        let m = mount_of(&over, Path::new("/var/lib/docker b/x")).unwrap();
+        let m = holding(&over, Path::new("/var/lib/docker b/x")).unwrap();
         assert_eq!(m.fs_type, "xfs");
-        assert!(mount_of("garbage\n - \n", Path::new("/x")).is_none());
+        assert!(holding("garbage\n - \n", Path::new("/x")).is_none());
     }
 }

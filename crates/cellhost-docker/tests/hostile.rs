@@ -237,6 +237,20 @@ async fn disk_limit_holds_with_a_scratch_disk() {
     host_still_fine(&e).await;
 }
 
+/// The engine's data root when its storage driver is btrfs; else `None`,
+/// printed as a skip.
+async fn btrfs_root(e: &Engine) -> Option<std::path::PathBuf> {
+    let info = e.docker.info().await.unwrap();
+    if info.driver.as_deref() != Some("btrfs") {
+        eprintln!(
+            "SKIP: the engine's storage driver is {:?}, not btrfs",
+            info.driver
+        );
+        return None;
+    }
+    info.docker_root_dir.map(std::path::PathBuf::from)
+}
+
 /// By default a btrfs engine's sized cells get scratch, never its qgroups:
 /// those stopped enforcing for running containers too when the kernel
 /// marked them inconsistent mid-run (a container started while they were
@@ -245,12 +259,7 @@ async fn disk_limit_holds_with_a_scratch_disk() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_btrfs_engine_gives_sized_cells_scratch_by_default() {
     let Some(e) = engine().await else { return };
-    let info = e.docker.info().await.unwrap();
-    if info.driver.as_deref() != Some("btrfs") {
-        eprintln!(
-            "SKIP: the engine's storage driver is {:?}, not btrfs",
-            info.driver
-        );
+    if btrfs_root(&e).await.is_none() {
         return;
     }
     let h = e.run(sleeper_with_disk(), vec![]).await;
@@ -312,23 +321,14 @@ fn sysfs_saying_inconsistent(source: &str) -> tempfile::TempDir {
 #[tokio::test(flavor = "multi_thread")]
 async fn inconsistent_btrfs_qgroups_get_scratch_not_storage_opt() {
     let Some(probe) = engine().await else { return };
-    let info = probe.docker.info().await.unwrap();
-    if info.driver.as_deref() != Some("btrfs") {
-        eprintln!(
-            "SKIP: the engine's storage driver is {:?}, not btrfs",
-            info.driver
-        );
+    let Some(root) = btrfs_root(&probe).await else {
         return;
-    }
-    let root = std::path::PathBuf::from(info.docker_root_dir.unwrap());
+    };
     let mi = cellhost_core::mountinfo::read_self().unwrap();
-    let source = mi
-        .iter()
-        .filter(|m| root.starts_with(&m.mount_point))
-        .max_by_key(|m| m.mount_point.as_os_str().len())
-        .map(|m| m.source.clone())
-        .unwrap();
-    let sys = sysfs_saying_inconsistent(&source);
+    let source = &cellhost_core::mountinfo::holding(&mi, &root)
+        .unwrap()
+        .source;
+    let sys = sysfs_saying_inconsistent(source);
     let sys_root = sys.path().to_path_buf();
     let e = engine_with(|c| {
         c.sys_root = sys_root;
