@@ -14,6 +14,7 @@ use cellhost_supervisor::events::kinds;
 use cellhost_supervisor::{Caller, Confidential, Supervisor, SupervisorError};
 use cellhost_volume::EngineChoice;
 use serde_json::json;
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::RunArgs;
 use crate::{EXIT_CAPABILITY, EXIT_INVALID, EXIT_RUNTIME, exit_err};
@@ -377,6 +378,11 @@ pub fn supervisor_err(e: SupervisorError, what: &str) -> anyhow::Error {
 /// leases, events), in the foreground: stream the output, end with the
 /// workload or the lease, destroy, exit with the workload's code.
 pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Result<u8> {
+    // Listen before anything is built: a Ctrl-C that lands while the cell
+    // is being created must not kill us with the cell half made. It is
+    // acted on once `create` returns (finished or rolled back).
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     let (cell, base) = load_cell(&args.file, json_out)?;
     let policy = load_policy(args.policy.as_deref())?;
     let volume_key = args
@@ -438,9 +444,6 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
     let deadline = tokio::time::Instant::now() + ttl;
     let mut offset = 0u64;
     let mut captured: Vec<u8> = Vec::new();
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
     // Each container poll is two engine API calls (the whole log, an
     // inspect): poll less often.
     let poll = if handle.isolation == Isolation::Container {
@@ -459,7 +462,7 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
                     _ => {}
                 }
             }
-            _ = &mut ctrl_c => break (Outcome::Interrupted, None),
+            _ = sigint.recv() => break (Outcome::Interrupted, None),
             _ = sigterm.recv() => break (Outcome::Interrupted, None),
             _ = tokio::time::sleep_until(deadline) => break (Outcome::Expired, None),
         }

@@ -141,6 +141,36 @@ fn the_shipped_example_serves_its_secret_on_the_published_port() {
     assert!(leftover_containers(dir.path()).is_empty());
 }
 
+/// A Ctrl-C that lands while the cell is still being made (the container
+/// exists, `create` has not returned) is not fatal: the cell is finished or
+/// rolled back, then destroyed, and `run` exits 130. Before the fix the
+/// default SIGINT action killed `run` and the container was left behind.
+#[test]
+fn ctrl_c_during_create_destroys_the_half_made_cell() {
+    if !docker_ready() {
+        return;
+    }
+    let dir = common::state_dir();
+    let file = dir.path().join("doc.yaml");
+    std::fs::write(&file, doc(IMAGE, "  command: [\"sleep\", \"600\"]\n")).unwrap();
+    let child = common::cellhost(dir.path())
+        .arg("run")
+        .arg(&file)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while leftover_containers(dir.path()).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no container made");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (status, err) = common::interrupt(child);
+    assert_eq!(status.code(), Some(130), "{status:?}\n{err}");
+    assert!(err.contains("teardown clean"), "{err}");
+    assert!(leftover_containers(dir.path()).is_empty());
+}
+
 #[test]
 fn bench_container_reports_both_ratios_and_cleans_up() {
     if !docker_ready() {
