@@ -22,6 +22,8 @@ pub use backend::*;
 pub use report::*;
 pub mod secrets;
 pub mod shim;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 pub mod tool;
 pub mod uids;
 pub use uids::UidRange;
