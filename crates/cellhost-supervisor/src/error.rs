@@ -36,6 +36,18 @@ pub enum SupervisorError {
     TooMany { code: &'static str, message: String },
     #[error("{0}")]
     Backend(#[source] BackendError),
+    /// A create failed, and so did its rollback: the create's cause first,
+    /// then why the rollback did not finish (reconcile retries it).
+    #[error("{cause}; rolling back also failed: {rollback}")]
+    RollbackFailed {
+        #[source]
+        cause: Box<SupervisorError>,
+        rollback: Box<SupervisorError>,
+    },
+    /// A teardown ran but left host objects (the report's summary); the row
+    /// is kept as `failed` and reconcile retries.
+    #[error("teardown left residue: {0}")]
+    Residue(String),
     #[error("state store: {0}")]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -70,6 +82,8 @@ impl SupervisorError {
                 BackendError::Timeout(..) => (504, "timeout"),
                 BackendError::Io { .. } | BackendError::Engine(_) => (500, "backend"),
             },
+            SupervisorError::RollbackFailed { cause, .. } => cause.class(),
+            SupervisorError::Residue(_) => (500, "teardown_failed"),
             SupervisorError::Store(_) => (500, "store"),
             SupervisorError::Internal(_) => (500, "internal"),
         }
@@ -90,6 +104,7 @@ impl SupervisorError {
             SupervisorError::Invalid { field, .. } => field.as_deref(),
             SupervisorError::Policy(p) => p.first().map(|r| r.field.as_str()),
             SupervisorError::PortTaken { field, .. } => Some(field),
+            SupervisorError::RollbackFailed { cause, .. } => cause.field(),
             _ => None,
         }
     }

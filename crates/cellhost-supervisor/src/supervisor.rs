@@ -32,11 +32,14 @@
 //! `desired=destroyed` or `observed=destroying|failed` → finish the destroy;
 //! `observed=creating` → the create was interrupted: secrets are never
 //! stored, so it cannot be finished; roll it back (`create_rolled_back`);
-//! lease ended → reap; otherwise ask the backend: running → adopt
+//! lease ended → reap; otherwise ask the backend: running while
+//! `desired=stopped` → finish the interrupted stop; running → adopt
 //! (`adopted` once per process start), exited → record the exit, gone → the
 //! host object vanished: remove the row (`lost`). Then every host object a
 //! backend lists by naming that has no row is an orphan: destroyed, and
-//! recorded as `cellhost.orphan.destroyed`. Objects are listed *before* rows
+//! recorded as `cellhost.orphan.destroyed`. A teardown that leaves
+//! residue keeps its row (`failed`) and counts as an error; the next pass
+//! retries it. `tests/reconcile.rs` drives every combination. Objects are listed *before* rows
 //! are read, and a create writes its row before making objects, so an
 //! in-flight create is never taken for an orphan.
 //!
@@ -317,6 +320,8 @@ pub struct ReconcileSummary {
     pub exited: u32,
     pub rolled_back: u32,
     pub destroys_finished: u32,
+    /// Stops interrupted between their intent and their effect, finished.
+    pub stops_finished: u32,
     pub reaped: u32,
     pub lost: u32,
     pub orphans: u32,
@@ -853,18 +858,14 @@ impl Supervisor {
             Err(e) => Err(e),
         };
         if let Err(e) = started {
-            let msg = e.to_string();
-            self.record(
-                id,
-                Change::event(kinds::CREATE_FAILED, json!({ "error": msg }))
-                    .desired(Desired::Destroyed)
-                    .observed(Observed::Destroying)
-                    .error(msg),
-            )
-            .await?;
-            let report = backend.destroy(&handle).await?;
-            self.finish_teardown(id, &report, handle.uids).await?;
-            return Err(e.into());
+            let cause = SupervisorError::from(e);
+            return Err(match self.roll_back(id, &handle, backend, &cause).await {
+                Ok(()) => cause,
+                Err(rollback) => SupervisorError::RollbackFailed {
+                    cause: Box::new(cause),
+                    rollback: Box::new(rollback),
+                },
+            });
         }
         let observed = if start {
             Observed::Running
@@ -879,6 +880,30 @@ impl Supervisor {
             Change::event(kinds::CREATED, json!({ "state": observed.as_str() })).observed(observed),
         )
         .await
+    }
+
+    /// Undo a create that failed with `cause`: mark the row destroyed,
+    /// destroy what was made, remove the row. An error (or a report that is
+    /// not clean) leaves the row for reconcile.
+    async fn roll_back(
+        &self,
+        id: &CellId,
+        handle: &CellHandle,
+        backend: &Arc<dyn Backend>,
+        cause: &SupervisorError,
+    ) -> Result<()> {
+        let msg = cause.to_string();
+        self.record(
+            id,
+            Change::event(kinds::CREATE_FAILED, json!({ "error": msg }))
+                .desired(Desired::Destroyed)
+                .observed(Observed::Destroying)
+                .error(msg),
+        )
+        .await?;
+        let report = backend.destroy(handle).await?;
+        self.finish_teardown(id, &report, handle.uids).await?;
+        clean(report).map(drop)
     }
 
     /// Lease `id` a uid range: the lowest slot of the policy's range that
@@ -1133,13 +1158,25 @@ impl Supervisor {
         let idc = rec.id.clone();
         self.db(move |s| s.set_desired(&idc, Desired::Stopped))
             .await?;
+        self.finish_stop(&rec, &handle, &backend, grace).await
+    }
+
+    /// The effect of a stop whose intent (`desired=stopped`) is recorded:
+    /// meter, stop, record the exit.
+    async fn finish_stop(
+        &self,
+        rec: &CellRecord,
+        handle: &CellHandle,
+        backend: &Arc<dyn Backend>,
+        grace: Option<Duration>,
+    ) -> Result<CellView> {
         if rec.observed == Observed::Running {
-            self.meter_cell(&rec, &handle).await;
+            self.meter_cell(rec, handle).await;
         }
         backend
-            .stop(&handle, grace.unwrap_or(self.cfg.stop_grace))
+            .stop(handle, grace.unwrap_or(self.cfg.stop_grace))
             .await?;
-        let status = backend.status(&handle).await?;
+        let status = backend.status(handle).await?;
         let exit = status.exit.unwrap_or_else(ExitInfo::unknown);
         lock(&self.marks).remove(&rec.id);
         let data = serde_json::to_value(exit).unwrap_or_default();
@@ -1508,7 +1545,7 @@ impl Supervisor {
         let idc = rec.id.clone();
         self.db(move |s| s.append_event(&idc, kinds::EXPIRED, &data))
             .await?;
-        self.teardown(&rec, "lease expired").await?;
+        clean(self.teardown(&rec, "lease expired").await?)?;
         self.counters.leases_reaped.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -1717,8 +1754,10 @@ impl Supervisor {
         if rec.desired == Desired::Destroyed
             || matches!(rec.observed, Observed::Destroying | Observed::Failed)
         {
-            self.teardown(&rec, "finishing an interrupted destroy")
-                .await?;
+            clean(
+                self.teardown(&rec, "finishing an interrupted destroy")
+                    .await?,
+            )?;
             sum.destroys_finished += 1;
             return Ok(());
         }
@@ -1734,8 +1773,10 @@ impl Supervisor {
                 )
             })
             .await?;
-            self.teardown(&rec, "rolling back an interrupted create")
-                .await?;
+            clean(
+                self.teardown(&rec, "rolling back an interrupted create")
+                    .await?,
+            )?;
             self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
             sum.rolled_back += 1;
             return Ok(());
@@ -1749,6 +1790,11 @@ impl Supervisor {
         let handle = self.handle_of(&rec)?;
         let status = backend.status(&handle).await?;
         match status.state {
+            CellState::Running if rec.desired == Desired::Stopped => {
+                // A stop was interrupted between its intent and its effect.
+                self.finish_stop(&rec, &handle, &backend, None).await?;
+                sum.stops_finished += 1;
+            }
             CellState::Running => {
                 let first = lock(&self.adopted).insert(rec.id.clone());
                 if first || rec.observed != Observed::Running {
@@ -1829,6 +1875,15 @@ impl Supervisor {
                 }
             }
         }
+    }
+}
+
+/// A clean teardown report, or the residue it found as an error.
+fn clean(report: TeardownReport) -> Result<TeardownReport> {
+    if report.is_clean() {
+        Ok(report)
+    } else {
+        Err(SupervisorError::Residue(report.summary()))
     }
 }
 
