@@ -4,8 +4,8 @@
 //! FakeBackend` and a real store in a temp dir.
 //!
 //! The expected outcome of each combination comes from [`expect`], which
-//! restates the rules of the supervisor's module docs independently of the
-//! code: a change of either must change both.
+//! restates the rules of `docs/supervisor.md` independently of the code: a
+//! change of either must change both.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -128,7 +128,7 @@ struct Outcome {
     events: Vec<&'static str>,
 }
 
-/// The rules, restated from the supervisor's module docs.
+/// The rules, restated from `docs/supervisor.md`.
 fn expect(row: Row, object: Option<CellState>) -> Outcome {
     let gone = |events: Vec<&'static str>| Outcome {
         row: None,
