@@ -68,7 +68,7 @@ mod types;
 mod validate;
 
 pub use parse::{Format, MAX_INPUT_BYTES, ParseError, Position, parse, parse_as};
-pub use redact::{REDACTED, has_inline_secrets, redacted};
+pub use redact::{REDACTED, Redacted, has_inline_secrets, redacted};
 pub use types::*;
 pub use validate::{
     Cidr, FieldError, ValidationErrors, is_image_name, is_posix_name, parse_cidr, validate,

@@ -19,6 +19,31 @@ pub fn redacted(cell: &Cell) -> Cell {
     out
 }
 
+/// A document whose inline secret values read [`REDACTED`]: the only kind
+/// of document the state store accepts. Made only by [`Redacted::of`], so
+/// "already redacted" is a type, not a promise in a doc comment.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(transparent)]
+pub struct Redacted(Cell);
+
+impl Redacted {
+    /// A redacted copy of `cell` (see [`redacted`]).
+    pub fn of(cell: &Cell) -> Redacted {
+        Redacted(redacted(cell))
+    }
+
+    pub fn into_inner(self) -> Cell {
+        self.0
+    }
+}
+
+impl std::ops::Deref for Redacted {
+    type Target = Cell;
+    fn deref(&self) -> &Cell {
+        &self.0
+    }
+}
+
 /// Whether `cell` carries any inline secret value (redacted or not).
 pub fn has_inline_secrets(cell: &Cell) -> bool {
     cell.spec

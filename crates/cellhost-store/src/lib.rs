@@ -153,7 +153,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cellhost_core::ids::CellId;
 use cellhost_core::{CellHandle, ExitInfo};
-use cellhost_spec::{Cell, Isolation};
+use cellhost_spec::{Cell, Isolation, Redacted};
 use rusqlite::types::{FromSql, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, TransactionBehavior, params};
 
@@ -280,9 +280,9 @@ pub struct NewCell<'a> {
     pub isolation: Isolation,
     /// Who rents the cell (`local`, a Nostr pubkey...).
     pub owner: &'a str,
-    /// The validated document, **already redacted** by the caller: the
-    /// store writes it verbatim and never sees secret values.
-    pub document: &'a Cell,
+    /// The validated document, redacted (the type says so): the store
+    /// writes it verbatim and never sees secret values.
+    pub document: &'a Redacted,
     /// Unix ms.
     pub created_at: i64,
     /// Unix ms; end of the lease. Not before `created_at`.

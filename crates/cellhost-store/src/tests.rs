@@ -2,7 +2,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::atomic::{AtomicI64, Ordering};
 
 use cellhost_core::CellState;
-use cellhost_spec::SecretSource;
+use cellhost_spec::{Redacted, SecretSource};
 use serde_json::json;
 
 use super::*;
@@ -13,7 +13,11 @@ fn id(n: u8) -> CellId {
     CellId::parse(&format!("{n:012x}")).unwrap()
 }
 
-fn doc(name: &str, isolation: Isolation) -> Cell {
+fn doc(name: &str, isolation: Isolation) -> Redacted {
+    Redacted::of(&doc_of(name, isolation))
+}
+
+fn doc_of(name: &str, isolation: Isolation) -> Cell {
     serde_json::from_value(json!({
         "apiVersion": "cellhost.dev/v1",
         "kind": "Cell",
@@ -28,7 +32,7 @@ fn doc(name: &str, isolation: Isolation) -> Cell {
     .unwrap()
 }
 
-fn new_cell<'a>(id: &'a CellId, document: &'a Cell, created_at: i64) -> NewCell<'a> {
+fn new_cell<'a>(id: &'a CellId, document: &'a Redacted, created_at: i64) -> NewCell<'a> {
     NewCell {
         id,
         name: &document.metadata.name,
@@ -279,7 +283,7 @@ fn insert_get_list_update_remove_round_trip() {
             name: "alpha".into(),
             isolation: Isolation::Process,
             owner: "local".into(),
-            document: da.clone(),
+            document: (*da).clone(),
             created_at: T0,
             expires_at: T0 + 3_600_000,
             desired: Desired::Running,
@@ -663,25 +667,19 @@ fn two_handles_on_one_file_see_each_others_writes() {
     assert_eq!(s1.get(&a).unwrap(), None);
 }
 
-/// The store never redacts: it stores exactly the document it is given.
-/// Keeping secrets out is the caller's job (redact `SecretSource::Value`
-/// before `insert_cell`); this test pins down both halves of that claim.
+/// The store takes only `Redacted` documents (an unredacted `Cell` does
+/// not compile as `NewCell::document`), writes exactly that, and no
+/// secret value reaches its files; file references are kept.
 #[test]
-fn stores_exactly_the_given_document_so_a_redacted_one_holds_no_secret() {
+fn only_a_redacted_document_is_stored_and_it_holds_no_secret() {
     const SECRET: &str = "hunter2-do-not-store";
-    let mut original = doc("alpha", Isolation::Process);
+    let mut original = doc_of("alpha", Isolation::Process);
     original.spec.secrets = serde_json::from_value(json!([
         { "name": "token", "from": { "value": SECRET } },
         { "name": "key", "from": { "file": "./key" } },
     ]))
     .unwrap();
-    // What a caller does before insert_cell (the store offers no help).
-    let mut redacted = original.clone();
-    for s in &mut redacted.spec.secrets {
-        if let SecretSource::Value(v) = &mut s.from {
-            *v = "<redacted>".into();
-        }
-    }
+    let redacted = Redacted::of(&original);
 
     let tmp = tempfile::tempdir().unwrap();
     let store = Store::open(tmp.path()).unwrap();
@@ -696,7 +694,12 @@ fn stores_exactly_the_given_document_so_a_redacted_one_holds_no_secret() {
         )
         .unwrap();
     assert_eq!(stored, serde_json::to_string(&redacted).unwrap());
-    assert_eq!(store.get(&a).unwrap().unwrap().document, redacted);
+    let back = store.get(&a).unwrap().unwrap().document;
+    assert_eq!(back, *redacted);
+    assert!(
+        matches!(&back.spec.secrets[0].from, SecretSource::Value(v) if v == cellhost_spec::REDACTED)
+    );
+    assert!(matches!(&back.spec.secrets[1].from, SecretSource::File(_)));
     for suffix in ["", "-wal"] {
         let p = tmp.path().join(format!("{DB_FILE_NAME}{suffix}"));
         let bytes = std::fs::read(&p).unwrap();
@@ -706,12 +709,6 @@ fn stores_exactly_the_given_document_so_a_redacted_one_holds_no_secret() {
             p.display()
         );
     }
-
-    // The other half, stated honestly: an unredacted document is stored as
-    // given. The invariant lives with the caller, not here.
-    let b = id(2);
-    store.insert_cell(&new_cell(&b, &original, T0)).unwrap();
-    assert_eq!(store.get(&b).unwrap().unwrap().document, original);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use cellhost_core::ids::CellId;
 use cellhost_core::testing::{FakeBackend, Fault, Op};
 use cellhost_core::{Backend, CellState, ExitInfo};
-use cellhost_spec::{Cell, Isolation};
+use cellhost_spec::{Cell, Isolation, Redacted};
 use cellhost_store::{CellUpdate, Desired, NewCell, Observed, Store, now_ms};
 use cellhost_supervisor::events::kinds;
 use cellhost_supervisor::{
@@ -84,7 +84,7 @@ impl Rig {
                     name: "t",
                     isolation: Isolation::Process,
                     owner: "alice",
-                    document: &cell,
+                    document: &Redacted::of(&cell),
                     created_at: expires.min(now),
                     expires_at: expires,
                 },

@@ -74,7 +74,7 @@ impl Supervisor {
         let now = now_ms();
         let ttl_ms =
             i64::try_from(cell.spec.lifetime.ttl().saturating_mul(1000)).unwrap_or(i64::MAX);
-        let redacted = cellhost_spec::redacted(&cell);
+        let redacted = cellhost_spec::Redacted::of(&cell);
         let mut handle = backend.handle_for(id, &cell);
         if backend.wants_uids() {
             match self.lease_uids(id).await {
