@@ -309,6 +309,11 @@ pub trait Backend: Send + Sync {
     /// effects so the store can record it before anything is made.
     fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle;
 
+    /// The handle of host objects found by naming that have no stored
+    /// handle (an orphan of a crash): from the id alone, enough for
+    /// `status` and `destroy` to find and remove every object.
+    fn found_handle(&self, id: &CellId) -> CellHandle;
+
     /// Does this tier run cells under host ids leased per cell (a user
     /// namespace, an unprivileged VMM)? The supervisor then leases a
     /// [`crate::UidRange`] before create, puts it in the handle and the

@@ -159,6 +159,10 @@ impl Backend for FakeBackend {
         self.handle(id, &cell.metadata.name)
     }
 
+    fn found_handle(&self, id: &CellId) -> CellHandle {
+        self.handle(id, &id.object_name())
+    }
+
     fn wants_uids(&self) -> bool {
         self.wants_uids
     }

@@ -767,6 +767,21 @@ impl Backend for DockerBackend {
         Isolation::Container
     }
 
+    fn found_handle(&self, id: &CellId) -> CellHandle {
+        let names = Names::of(id);
+        CellHandle {
+            id: id.clone(),
+            name: names.container.clone(),
+            isolation: Isolation::Container,
+            state_dir: self.cell_dir(id),
+            tier: serde_json::json!({
+                "container": names.container,
+                "instance": self.instance,
+            }),
+            uids: None,
+        }
+    }
+
     fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle {
         let names = Names::of(id);
         CellHandle {

@@ -1056,10 +1056,17 @@ impl Backend for ProcessBackend {
     }
 
     fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle {
+        CellHandle {
+            name: cell.metadata.name.clone(),
+            ..self.found_handle(id)
+        }
+    }
+
+    fn found_handle(&self, id: &CellId) -> CellHandle {
         let p = self.paths(id);
         CellHandle {
             id: id.clone(),
-            name: cell.metadata.name.clone(),
+            name: id.object_name(),
             isolation: Isolation::Process,
             state_dir: p.dir.clone(),
             tier: serde_json::json!({

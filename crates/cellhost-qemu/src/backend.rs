@@ -496,7 +496,7 @@ impl Inner {
             .map_err(|e| BackendError::io(format!("creating {}", dir.display()), e))?;
         match self.create_in(&req, &image, &dir) {
             Ok(net) => {
-                let mut h = handle(&self.cfg, &req.id, &req.cell);
+                let mut h = handle(&self.cfg, &req.id, Some(&req.cell));
                 h.uids = req.uids;
                 if let Some(a) = net {
                     h.tier["network"] = serde_json::to_value(&a).unwrap_or_default();
@@ -1285,8 +1285,10 @@ fn read_main(dir: &Path) -> Result<MainCommand, BackendError> {
 }
 
 /// The handle: the cell dir, the accelerator and the image's digests.
-fn handle(cfg: &QemuConfig, id: &CellId, cell: &Cell) -> CellHandle {
-    let image = cfg.images.get(&cell.spec.image).ok();
+/// A cell's handle; `cell` is `None` for objects found by naming alone
+/// (an orphan), whose image and ports are unknown.
+fn handle(cfg: &QemuConfig, id: &CellId, cell: Option<&Cell>) -> CellHandle {
+    let image = cell.and_then(|c| cfg.images.get(&c.spec.image).ok());
     CellHandle {
         id: id.clone(),
         name: id.object_name(),
@@ -1294,9 +1296,9 @@ fn handle(cfg: &QemuConfig, id: &CellId, cell: &Cell) -> CellHandle {
         state_dir: cfg.state_dir.join(id.as_str()),
         tier: serde_json::json!({
             "accel": cfg.accel.to_string(),
-            "image": cell.spec.image,
+            "image": cell.map(|c| &c.spec.image),
             "digests": image.as_ref().map(|i| i.manifest.digests.clone()).unwrap_or_default(),
-            "ports": cell.spec.ports.iter().map(|p| p.host).collect::<Vec<_>>(),
+            "ports": cell.map(|c| c.spec.ports.iter().map(|p| p.host).collect::<Vec<_>>()).unwrap_or_default(),
             "qmp": cfg.state_dir.join(id.as_str()).join(args::QMP_SOCK),
         }),
         uids: None,
@@ -1319,7 +1321,11 @@ impl Backend for QemuBackend {
     }
 
     fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle {
-        handle(&self.inner.cfg, id, cell)
+        handle(&self.inner.cfg, id, Some(cell))
+    }
+
+    fn found_handle(&self, id: &CellId) -> CellHandle {
+        handle(&self.inner.cfg, id, None)
     }
 
     async fn create(&self, req: CreateRequest) -> Result<CellHandle, BackendError> {

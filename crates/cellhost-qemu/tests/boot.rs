@@ -287,11 +287,8 @@ fn vm_boots_with_seed_serves_hostfwd_powers_down_and_orphans_are_swept() {
             .iter()
             .any(|c| c.id == id2 && c.state == CellState::Running)
     );
-    let placeholder = common::cell(
-        "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {name: orphan}\nspec:\n  isolation: vm\n  command: [/bin/true]\n",
-    );
-    // Reconcile's placeholder handle knows no lease.
-    let oh = backend.handle_for(&id2, &placeholder);
+    // Reconcile's handle of an orphan knows no lease.
+    let oh = backend.found_handle(&id2);
     let report = rt.block_on(backend.destroy(&oh)).unwrap();
     assert!(report.is_clean(), "{report:?}");
     // Without the lease, the uid qemu ran as is read from qemu.json.
@@ -668,11 +665,8 @@ fn an_orphan_cgroup_is_listed_and_removed() {
             .any(|c| c.id == id && c.state == CellState::Exited),
         "{listed:?}"
     );
-    let placeholder = common::cell(
-        "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {name: orphan}\nspec:\n  isolation: vm\n  command: [/bin/true]\n",
-    );
     let report = rt
-        .block_on(backend.destroy(&backend.handle_for(&id, &placeholder)))
+        .block_on(backend.destroy(&backend.found_handle(&id)))
         .unwrap();
     assert!(report.is_clean() && !report.already_gone, "{report:?}");
     assert!(cg.existing().is_empty(), "{:?}", cg.existing());

@@ -255,11 +255,7 @@ fn kill9_during_50_creates_leaves_a_consistent_host() {
         let st = common::rt()
             .block_on(cellhost_core::Backend::status(
                 &backend,
-                &cellhost_core::Backend::handle_for(
-                    &backend,
-                    &id,
-                    &common::cell("x", "  command: [/bin/true]\n"),
-                ),
+                &cellhost_core::Backend::found_handle(&backend, &id),
             ))
             .unwrap();
         assert_eq!(st.state, cellhost_core::CellState::Running, "{id}");

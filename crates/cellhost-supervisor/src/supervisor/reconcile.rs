@@ -20,20 +20,6 @@ pub struct ReconcileSummary {
     pub errors: u32,
 }
 
-/// The placeholder document an orphan's handle is computed from. Backends
-/// compute handles from the id (and tier); the document only names it.
-fn orphan_document(isolation: Isolation) -> Cell {
-    let mut cell: Cell = serde_json::from_value(json!({
-        "apiVersion": "cellhost.dev/v1",
-        "kind": "Cell",
-        "metadata": { "name": "orphan" },
-        "spec": { "isolation": "process", "command": ["/bin/true"] }
-    }))
-    .expect("static orphan document");
-    cell.spec.isolation = isolation;
-    cell
-}
-
 impl Supervisor {
     /// Destroy every cell whose lease has ended. Each in its own task, so
     /// one slow teardown does not hold up the rest.
@@ -143,7 +129,7 @@ impl Supervisor {
                     continue;
                 }
             }
-            let handle = backend.handle_for(&obj.id, &orphan_document(obj.isolation));
+            let handle = backend.found_handle(&obj.id);
             match backend.destroy(&handle).await {
                 Ok(report) if report.already_gone => {}
                 Ok(report) => {
