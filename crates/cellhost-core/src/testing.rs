@@ -344,7 +344,7 @@ mod tests {
         b.fail(Op::Create, Fault::Error);
         assert!(block(b.create(CreateRequest::new(id2.clone(), doc()))).is_err());
         assert!(b.ids().is_empty(), "a failed create leaves nothing");
-        assert_eq!(b.calls(Op::Destroy), 5);
+        assert_eq!(b.calls(Op::Destroy), 4);
         assert_eq!(b.calls_on(&id2), vec![Op::Create]);
     }
 }
