@@ -15,6 +15,7 @@ pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod supervisor;
+pub mod tiers;
 pub mod tokens;
 pub mod uid_claims;
 

@@ -61,7 +61,10 @@ pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow
         bridge_subnet: "10.254.0.0/24".parse().map_err(anyhow::Error::msg)?,
         publish: None,
     };
-    let _bridge = cellhost_net::RemoveBridgeOnDrop(net.config(&root));
+    let _bridge = cellhost_net::RemoveBridgeOnDrop(
+        crate::run::tier_settings(&root, Default::default(), &net, &Default::default())?
+            .net_config(),
+    );
     let backend = crate::run::backend_for(
         cellhost_spec::Isolation::Process,
         &root,

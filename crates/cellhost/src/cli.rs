@@ -313,15 +313,12 @@ impl Default for NetOpt {
 }
 
 impl NetOpt {
-    /// The network config with leases in `state_dir`'s store.
-    pub fn config(&self, state_dir: &std::path::Path) -> cellhost_net::NetConfig {
-        cellhost_net::NetConfig {
+    /// The tiers' bridge settings.
+    pub fn bridge(&self) -> cellhost_supervisor::tiers::BridgeSettings {
+        cellhost_supervisor::tiers::BridgeSettings {
             bridge: self.bridge.clone(),
             subnet: self.bridge_subnet,
-            store_dir: state_dir.to_path_buf(),
             publish: self.publish,
-            deny: Vec::new(),
-            deny_connected: true,
         }
     }
 }

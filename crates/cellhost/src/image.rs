@@ -10,7 +10,7 @@ use crate::cli::ImageCommand;
 
 /// The store of a state dir.
 pub fn store(state_dir: &Path) -> ImageStore {
-    ImageStore::new(state_dir.join("images"))
+    cellhost_supervisor::tiers::image_store(state_dir)
 }
 
 fn show(m: &Manifest, json: bool) -> anyhow::Result<()> {

@@ -204,7 +204,7 @@ fn doctor(state_dir: &std::path::Path, kvm_boot: bool, json: bool) -> anyhow::Re
     // there is one (what the VM tiers do at start), else its own search.
     let report = cellhost_core::probe::probe(&cellhost_core::probe::ProbeOptions {
         kvm_boot,
-        probe_kernel: run::store_kernel(state_dir).map(|(k, _)| k),
+        probe_kernel: cellhost_supervisor::tiers::store_kernel(state_dir).map(|(k, _)| k),
         ..Default::default()
     });
     let volumes = cellhost_volume::probe();

@@ -11,6 +11,7 @@ use cellhost_core::{Backend, BackendError, CellState, ExitInfo, VolumeKey};
 use cellhost_spec::{Cell, Isolation};
 use cellhost_store::Store;
 use cellhost_supervisor::events::kinds;
+use cellhost_supervisor::tiers::TierSettings;
 use cellhost_supervisor::{Caller, Confidential, Supervisor, SupervisorError};
 use cellhost_volume::EngineChoice;
 use serde_json::json;
@@ -103,6 +104,20 @@ pub fn validate(file: &Path, json_out: bool) -> anyhow::Result<u8> {
     Ok(0)
 }
 
+/// The tiers' settings for this binary (it is also the shims' program).
+pub fn tier_settings(
+    state_dir: &Path,
+    volume_engine: EngineChoice,
+    net: &crate::cli::NetOpt,
+    policy: &cellhost_policy::Policy,
+) -> anyhow::Result<TierSettings> {
+    let exe = std::env::current_exe().context("locating the cellhost binary for the shims")?;
+    let mut s = TierSettings::new(state_dir, exe, Arc::new(policy.clone()));
+    s.volume_engine = volume_engine;
+    s.bridge = net.bridge();
+    Ok(s)
+}
+
 /// The backend for a tier on this host, or exit 4 saying why not.
 pub fn backend_for(
     isolation: Isolation,
@@ -111,154 +126,9 @@ pub fn backend_for(
     net: &crate::cli::NetOpt,
     policy: &cellhost_policy::Policy,
 ) -> anyhow::Result<Arc<dyn Backend>> {
-    match isolation {
-        Isolation::Process => {
-            let shim = cellhost_process::ShimCommand::current_exe()
-                .context("locating the cellhost binary for the shim")?;
-            let mut cfg = cellhost_process::ProcessConfig::new(state_dir.join("process"), shim);
-            cfg.volume_engine = volume_engine;
-            cfg.network = Some(net_config(net, state_dir, policy));
-            cfg.log_cap_bytes = policy.log_bytes;
-            cfg.net_raw = policy.net_raw;
-            Ok(Arc::new(cellhost_process::ProcessBackend::new(cfg)))
-        }
-        Isolation::Container => {
-            let mut cfg = docker_config(state_dir, volume_engine, policy);
-            cfg.progress = Some(std::sync::Arc::new(|line: &str| {
-                eprintln!("cellhost: {line}")
-            }));
-            Ok(Arc::new(cellhost_docker::DockerBackend::new(cfg)))
-        }
-        tier @ (Isolation::Vm | Isolation::Microvm) => {
-            let status = vm_probe(state_dir).tier(tier);
-            if !status.ok {
-                return Err(exit_err(
-                    EXIT_CAPABILITY,
-                    format!("the {tier} tier cannot run here: {}", status.detail),
-                ));
-            }
-            let mut cfg = qemu_config(tier, state_dir, status.accel)?;
-            cfg.network = Some(net_config(net, state_dir, policy));
-            Ok(Arc::new(cellhost_qemu::QemuBackend::new(cfg)))
-        }
-    }
-}
-
-/// Where bridged cells attach, with the policy's denied networks (what no
-/// egress rule reaches: see cellhost-policy's `egress.deny`).
-pub fn net_config(
-    net: &crate::cli::NetOpt,
-    state_dir: &Path,
-    policy: &cellhost_policy::Policy,
-) -> cellhost_net::NetConfig {
-    let mut cfg = net.config(state_dir);
-    let bridge = cellhost_policy::Net::new(net.bridge_subnet.network(), net.bridge_subnet.prefix());
-    // Host addresses are the input hook's business (only resolvers pass);
-    // these are what routing would carry off the host.
-    let facts = cellhost_policy::HostFacts {
-        addresses: Vec::new(),
-        bridge: Some(bridge),
-        // Connected networks change (an engine makes a bridge): the
-        // network crate reads them at each attach instead.
-        connected: Vec::new(),
-    };
-    cfg.deny = policy
-        .denied_nets(&facts)
-        .into_iter()
-        .map(|n| (n.addr(), n.prefix()))
-        .collect();
-    cfg.deny_connected = policy.egress.deny_connected;
-    cfg
-}
-
-/// The host probe for the VM tiers: with a probe boot under KVM of a
-/// kernel from the image store (when /dev/kvm exists), so the tiers get
-/// KVM only where a guest kernel really boots on it, TCG otherwise. The
-/// verdict is cached per kernel digest in `<state>/images/kvm-probe.json`:
-/// a failing boot can take the whole deadline (8 s; the guest hangs at
-/// once under KVM here), and only the first start should pay it.
-pub fn vm_probe(state_dir: &Path) -> cellhost_core::probe::HostReport {
-    #[derive(serde::Serialize, serde::Deserialize)]
-    struct Cached {
-        digest: String,
-        ok: bool,
-        detail: String,
-    }
-    // The manifest already holds the kernel's digest: no rehashing.
-    let (kernel, digest) = store_kernel(state_dir).unzip();
-    let cache = crate::image::store(state_dir).root().join("kvm-probe.json");
-    let cached: Option<Cached> = std::fs::read(&cache)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .filter(|c: &Cached| Some(&c.digest) == digest.as_ref());
-    let kvm_dev = Path::new("/dev/kvm").exists();
-    let mut report = cellhost_core::probe::probe(&cellhost_core::probe::ProbeOptions {
-        kvm_boot: kvm_dev && kernel.is_some() && cached.is_none(),
-        probe_kernel: kernel,
-        // A kernel that boots under KVM reaches its root mount in about a
-        // second; a slower answer means TCG, the safe side.
-        kvm_boot_deadline: std::time::Duration::from_secs(8),
-        ..Default::default()
-    });
-    let Some(kvm) = report.capabilities.iter_mut().find(|c| c.name == "kvm") else {
-        return report;
-    };
-    match (cached, digest) {
-        (Some(c), _) if kvm_dev => {
-            kvm.ok = c.ok;
-            kvm.detail = format!("{} (cached probe boot)", c.detail);
-        }
-        (None, Some(digest)) if kvm_dev => {
-            let c = Cached {
-                digest,
-                ok: kvm.ok,
-                detail: kvm.detail.clone(),
-            };
-            if let Ok(b) = serde_json::to_vec(&c) {
-                let _ = std::fs::write(&cache, b);
-            }
-        }
-        _ => {}
-    }
-    report
-}
-
-/// A kernel of the image store (the first image that has one), with its
-/// digest from the manifest.
-pub fn store_kernel(state_dir: &Path) -> Option<(std::path::PathBuf, String)> {
-    let store = crate::image::store(state_dir);
-    store.list().ok()?.into_iter().find_map(|m| {
-        let k = m.kernel.as_ref()?;
-        let digest = m.digests.get(k)?.clone();
-        Some((store.root().join(&m.name).join(k), digest))
-    })
-}
-
-/// The vm or microvm tier's config for a state dir, with the probe's
-/// accelerator.
-pub fn qemu_config(
-    tier: Isolation,
-    state_dir: &Path,
-    accel: Option<cellhost_core::probe::Accel>,
-) -> anyhow::Result<cellhost_qemu::QemuConfig> {
-    let exe = std::env::current_exe().context("locating the cellhost binary for the vmm shim")?;
-    let mut cfg = cellhost_qemu::QemuConfig::new(tier, state_dir, exe);
-    cfg.accel = accel.unwrap_or(cellhost_core::probe::Accel::Tcg);
-    Ok(cfg)
-}
-
-/// The container tier's config for a state dir (its own subdir), under the
-/// operator's policy.
-pub fn docker_config(
-    state_dir: &Path,
-    volume_engine: EngineChoice,
-    policy: &cellhost_policy::Policy,
-) -> cellhost_docker::DockerConfig {
-    let mut cfg = cellhost_docker::DockerConfig::new(state_dir.join("docker"));
-    cfg.volume_engine = volume_engine;
-    cfg.policy.log_max_bytes = policy.log_bytes;
-    cfg.policy.pull = policy.images.pull;
-    cfg
+    tier_settings(state_dir, volume_engine, net, policy)?
+        .backend(isolation)
+        .map_err(|e| exit_err(EXIT_CAPABILITY, e.to_string()))
 }
 
 /// Read a volume key file (32 bytes raw, 64 hex digits or base64). The
@@ -390,13 +260,11 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         .as_deref()
         .map(read_volume_key)
         .transpose()?;
-    let backend = backend_for(
-        cell.spec.isolation,
-        state_dir,
-        args.volume.volume_engine.0,
-        &args.net,
-        &policy,
-    )?;
+    let mut tiers = tier_settings(state_dir, args.volume.volume_engine.0, &args.net, &policy)?;
+    tiers.progress = Some(Arc::new(|line: &str| eprintln!("cellhost: {line}")));
+    let backend = tiers
+        .backend(cell.spec.isolation)
+        .map_err(|e| exit_err(EXIT_CAPABILITY, e.to_string()))?;
     // A daemon on this state dir would reconcile our in-flight cell away.
     let _lock = crate::serve::lock_state_dir(state_dir, false)?;
     let secrets =

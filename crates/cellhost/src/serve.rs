@@ -29,7 +29,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use cellhost_core::Backend;
-use cellhost_spec::Isolation;
 use cellhost_store::Store;
 use cellhost_supervisor::node::AdmissionPolicy;
 use cellhost_supervisor::tokens::Tokens;
@@ -82,7 +81,6 @@ pub fn backends(
     args: &ServeArgs,
     policy: &cellhost_policy::Policy,
 ) -> anyhow::Result<Vec<Arc<dyn Backend>>> {
-    let mut out: Vec<Arc<dyn Backend>> = Vec::new();
     // Bridged cells publish where containers do (every address for
     // 0.0.0.0, the default).
     let mut net = args.net.clone();
@@ -98,42 +96,17 @@ pub fn backends(
             Some(std::net::Ipv4Addr::LOCALHOST)
         }
     };
+    let mut tiers =
+        crate::run::tier_settings(state_dir, args.volume.volume_engine.0, &net, policy)?;
+    tiers.publish_address = Some(args.publish_address.to_string());
+    tiers.container_restart_unless_stopped =
+        args.container_restart == ContainerRestart::UnlessStopped;
     // One probe for every tier (with the VM tiers' KVM verdict).
-    let report = crate::run::vm_probe(state_dir);
-    let tier = report.tier(Isolation::Process);
-    if tier.ok {
-        out.push(crate::run::backend_for(
-            Isolation::Process,
-            state_dir,
-            args.volume.volume_engine.0,
-            &net,
-            policy,
-        )?);
-    } else {
-        tracing::warn!("process tier unavailable: {}", tier.detail);
+    let (backends, unavailable) = tiers.backends();
+    for u in unavailable {
+        tracing::warn!("{} tier unavailable: {}", u.tier, u.detail);
     }
-    let tier = report.tier(Isolation::Container);
-    if tier.ok {
-        let mut cfg = crate::run::docker_config(state_dir, args.volume.volume_engine.0, policy);
-        cfg.policy.restart_unless_stopped =
-            args.container_restart == ContainerRestart::UnlessStopped;
-        cfg.policy.publish_address = args.publish_address.to_string();
-        out.push(Arc::new(cellhost_docker::DockerBackend::new(cfg)));
-    } else {
-        tracing::warn!("container tier unavailable: {}", tier.detail);
-    }
-    for t in [Isolation::Vm, Isolation::Microvm] {
-        let tier = report.tier(t);
-        if tier.ok {
-            let mut cfg = crate::run::qemu_config(t, state_dir, tier.accel)?;
-            cfg.publish_address = args.publish_address.to_string();
-            cfg.network = Some(crate::run::net_config(&net, state_dir, policy));
-            out.push(Arc::new(cellhost_qemu::QemuBackend::new(cfg)));
-        } else {
-            tracing::warn!("{t} tier unavailable: {}", tier.detail);
-        }
-    }
-    Ok(out)
+    Ok(backends)
 }
 
 fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
