@@ -614,18 +614,9 @@ impl DockerBackend {
     /// Refuse what this tier cannot do yet, before anything is made.
     fn check_supported(&self, req: &CreateRequest) -> Result<(), BackendError> {
         let cell = &req.cell;
+        cellhost_spec::validate_for(Isolation::Container, cell)
+            .map_err(|e| BackendError::Invalid(e.to_string()))?;
         self.volumes.admit(cell, req.volume_key.as_ref())?;
-        if !cell.spec.ports.is_empty() && cell.spec.network.mode == NetworkMode::None {
-            return Err(BackendError::Invalid(
-                "spec.ports: publishing ports needs spec.network.mode: bridged (mode none is loopback only)".into(),
-            ));
-        }
-        if !cell.spec.network.egress.is_empty() {
-            return Err(BackendError::MissingCapability {
-                capability: "network.egress".into(),
-                detail: "the container tier denies all egress of bridged cells; allow-lists are not supported yet".into(),
-            });
-        }
         Ok(())
     }
 

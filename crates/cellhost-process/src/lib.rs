@@ -402,6 +402,8 @@ impl ProcessBackend {
     /// Check the host can enforce what the document asks, before any side
     /// effect.
     fn admit(&self, cell: &Cell, key: Option<&VolumeKey>) -> Result<(), BackendError> {
+        cellhost_spec::validate_for(Isolation::Process, cell)
+            .map_err(|e| BackendError::Invalid(e.to_string()))?;
         if !nix::unistd::geteuid().is_root() {
             return Err(BackendError::MissingCapability {
                 capability: "root".into(),
@@ -437,21 +439,7 @@ impl ProcessBackend {
             };
             net.admit(cell).map_err(cellhost_net::backend_error)?;
         }
-        if cell.spec.volume.as_ref().is_some_and(|v| !v.encrypted) {
-            return Err(BackendError::MissingCapability {
-                capability: "volume".into(),
-                detail: "the process tier has encrypted volumes only (spec.volume.encrypted: true)"
-                    .into(),
-            });
-        }
         self.volumes.admit(cell, key)?;
-        if !cell.spec.ports.is_empty()
-            && cell.spec.network.mode != cellhost_spec::NetworkMode::Bridged
-        {
-            return Err(BackendError::Invalid(
-                "spec.ports: publishing ports needs spec.network.mode: bridged (mode none is loopback only)".into(),
-            ));
-        }
         Ok(())
     }
 

@@ -402,24 +402,9 @@ impl Inner {
                 return Err(unsupported("network.mode: bridged (no bridge configured)"));
             };
             net.admit(&req.cell).map_err(cellhost_net::backend_error)?;
-        } else if self.microvm() && !spec.ports.is_empty() {
-            return Err(BackendError::Invalid(
-                "spec.ports: a microVM publishes ports only with spec.network.mode: bridged".into(),
-            ));
         }
-        // Limits a guest kernel sets for itself: refused, not ignored.
-        if spec.resources.pids.is_some() {
-            return Err(BackendError::Invalid(format!(
-                "spec.resources.pids: not applicable to {} cells (the guest kernel has its own limits)",
-                self.cfg.tier
-            )));
-        }
-        if !spec.resources.ulimits.is_empty() {
-            return Err(BackendError::Invalid(format!(
-                "spec.resources.ulimits: not applicable to {} cells (set them inside the guest)",
-                self.cfg.tier
-            )));
-        }
+        cellhost_spec::validate_for(self.cfg.tier, &req.cell)
+            .map_err(|e| BackendError::Invalid(e.to_string()))?;
         if let Some(v) = &spec.volume
             && v.encrypted
             && req.volume_key.is_none()

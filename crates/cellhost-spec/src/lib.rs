@@ -64,11 +64,13 @@ pub mod limits;
 mod parse;
 mod path;
 mod redact;
+mod tiers;
 mod types;
 mod validate;
 
 pub use parse::{Format, MAX_INPUT_BYTES, ParseError, Position, parse, parse_as};
 pub use redact::{REDACTED, Redacted, has_inline_secrets, redacted};
+pub use tiers::validate_for;
 pub use types::*;
 pub use validate::{
     Cidr, FieldError, ValidationErrors, is_image_name, is_posix_name, parse_cidr, validate,

@@ -110,6 +110,28 @@ impl SupervisorError {
     }
 }
 
+/// A tier's refusals ([`cellhost_spec::validate_for`]): the first one's
+/// field, every message.
+impl From<cellhost_spec::ValidationErrors> for SupervisorError {
+    fn from(e: cellhost_spec::ValidationErrors) -> Self {
+        let mut errors = e.errors.into_iter();
+        let Some(first) = errors.next() else {
+            return SupervisorError::Invalid {
+                field: None,
+                message: "invalid document".into(),
+            };
+        };
+        let mut message = first.message;
+        for more in errors {
+            message.push_str(&format!("; {more}"));
+        }
+        SupervisorError::Invalid {
+            field: (!first.path.is_empty()).then_some(first.path),
+            message,
+        }
+    }
+}
+
 impl From<BackendError> for SupervisorError {
     fn from(e: BackendError) -> Self {
         SupervisorError::Backend(e)

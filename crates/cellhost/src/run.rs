@@ -48,10 +48,16 @@ pub fn read_doc(file: &Path) -> anyhow::Result<(String, PathBuf)> {
     Ok((text, base))
 }
 
-/// Parse and validate, or exit 3 listing every problem.
+/// Parse and validate, tier rules included (`validate_for`), or exit 3
+/// listing every problem.
 pub fn load_cell(file: &Path, json_out: bool) -> anyhow::Result<(Cell, PathBuf)> {
     let (text, base) = read_doc(file)?;
-    match cellhost_spec::parse_and_validate(&text) {
+    let checked = cellhost_spec::parse_and_validate(&text).and_then(|c| {
+        cellhost_spec::validate_for(c.spec.isolation, &c)
+            .map(|()| c)
+            .map_err(cellhost_spec::SpecError::from)
+    });
+    match checked {
         Ok(c) => Ok((c, base)),
         Err(e) => {
             let errs = e.field_errors();

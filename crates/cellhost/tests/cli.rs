@@ -436,3 +436,22 @@ fn bench_guest_reports_pings_execs_and_cleans_up() {
         "{out:?}"
     );
 }
+
+/// A tier's refusals (`cellhost_spec::validate_for`) are document errors:
+/// `validate` and `run` name the field and exit 3, before any tier is
+/// built.
+#[test]
+fn tier_refusals_name_the_field_and_exit_3() {
+    let dir = common::state_dir();
+    let doc = write(
+        dir.path(),
+        "vol.yaml",
+        &format!("{HEAD}  command: [\"/bin/true\"]\n  volume: {{ path: /data, sizeGiB: 1 }}\n"),
+    );
+    for cmd in ["validate", "run"] {
+        let out = cellhost(dir.path()).arg(cmd).arg(&doc).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(3), "{cmd}: {err}");
+        assert!(err.contains("spec.volume.encrypted"), "{cmd}: {err}");
+    }
+}

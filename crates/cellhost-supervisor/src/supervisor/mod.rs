@@ -412,6 +412,7 @@ impl Supervisor {
                 cell.spec.isolation
             )));
         }
+        cellhost_spec::validate_for(cell.spec.isolation, cell)?;
         self.cfg
             .policy
             .admit(cell, &self.host_facts())
