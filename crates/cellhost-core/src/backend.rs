@@ -283,14 +283,47 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
-    /// The engine (libcontainer, dockerd, qemu...) failed.
-    #[error("{0}")]
-    Engine(String),
+    /// The engine (libcontainer, dockerd, qemu...) failed: what was being
+    /// done, and the engine's own error when there is one (shown after the
+    /// context, and kept as the `source` for callers that walk the chain).
+    #[error("{}", with_cause(.context, .source.as_deref()))]
+    Engine {
+        context: String,
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    },
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
 }
 
+/// `context: source`, or the context alone.
+fn with_cause(context: &str, source: Option<&(dyn std::error::Error + Send + Sync)>) -> String {
+    match source {
+        Some(s) => format!("{context}: {s}"),
+        None => context.to_string(),
+    }
+}
+
 impl BackendError {
+    /// An engine failure described by `context` alone.
+    pub fn engine(context: impl Into<String>) -> Self {
+        BackendError::Engine {
+            context: context.into(),
+            source: None,
+        }
+    }
+
+    /// An engine failure while doing `context`, caused by `source`.
+    pub fn engine_from(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        BackendError::Engine {
+            context: context.into(),
+            source: Some(source.into()),
+        }
+    }
+
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         BackendError::Io {
             context: context.into(),
@@ -416,6 +449,24 @@ mod tests {
             oom.describe(),
             "killed by SIGKILL (OOM-killed: memory limit reached)"
         );
+    }
+
+    #[test]
+    fn engine_errors_keep_their_cause() {
+        use std::error::Error as _;
+        let io = std::io::Error::other("disk on fire");
+        let e = BackendError::engine_from("writing the overlay", io);
+        assert_eq!(e.to_string(), "writing the overlay: disk on fire");
+        let cause = e.source().expect("the cause is kept");
+        assert_eq!(cause.to_string(), "disk on fire");
+        assert!(cause.downcast_ref::<std::io::Error>().is_some());
+        let e = BackendError::engine("the shim reported no pid");
+        assert_eq!(e.to_string(), "the shim reported no pid");
+        assert!(e.source().is_none());
+        let run = crate::tool::RunError::Failed(Some(3), "bad flag".into());
+        assert_eq!(run.to_string(), "exit 3: bad flag");
+        let run = crate::tool::RunError::Failed(None, "x".into());
+        assert_eq!(run.to_string(), "killed: x");
     }
 
     #[test]

@@ -134,7 +134,7 @@ impl FakeBackend {
     }
 
     fn scripted(op: Op) -> BackendError {
-        BackendError::Engine(format!("scripted {op:?} failure"))
+        BackendError::engine(format!("scripted {op:?} failure"))
     }
 
     fn handle(&self, id: &CellId, name: &str) -> CellHandle {

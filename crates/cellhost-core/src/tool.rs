@@ -35,22 +35,14 @@ pub fn find(tool: &Path) -> Option<PathBuf> {
 }
 
 /// How a tool run failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// Not installed (or not executable).
+    #[error("{0}")]
     Missing(String),
     /// Ran and failed: exit code (None when killed) and its stderr.
+    #[error("{}: {}", .0.map_or_else(|| "killed".to_string(), |c| format!("exit {c}")), .1)]
     Failed(Option<i32>, String),
-}
-
-impl std::fmt::Display for RunError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            RunError::Missing(m) => f.write_str(m),
-            RunError::Failed(Some(c), e) => write!(f, "exit {c}: {e}"),
-            RunError::Failed(None, e) => write!(f, "killed: {e}"),
-        }
-    }
 }
 
 /// Run `tool args…`, feeding `stdin` (then EOF) when given; stdout

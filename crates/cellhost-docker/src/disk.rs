@@ -163,7 +163,7 @@ impl From<DiskError> for BackendError {
                 context: format!("{field}: {context}"),
                 source,
             },
-            other => BackendError::Engine(other.to_string()),
+            other => BackendError::engine_from("scratch disk", other),
         }
     }
 }

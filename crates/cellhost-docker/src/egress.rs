@@ -82,7 +82,7 @@ fn iptables(args: &[&str]) -> Result<bool, BackendError> {
         Some(0) => Ok(true),
         // -C: "rule does not exist" is 1.
         Some(1) if args.first() == Some(&"-C") => Ok(false),
-        _ => Err(BackendError::Engine(format!(
+        _ => Err(BackendError::engine(format!(
             "iptables {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
@@ -150,7 +150,7 @@ pub async fn ensure(docker: &Docker, network: &str) -> Result<(), BackendError> 
     let _one_at_a_time = RULES_LOCK.lock().await;
     tokio::task::spawn_blocking(ensure_rules)
         .await
-        .map_err(|e| BackendError::Engine(format!("egress guard task: {e}")))?
+        .map_err(|e| BackendError::engine_from("egress guard task", e))?
 }
 
 #[cfg(test)]

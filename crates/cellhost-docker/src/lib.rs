@@ -202,10 +202,12 @@ pub(crate) fn is_status(e: &DockerError, status: u16) -> bool {
 /// one, else what the client saw (socket missing, refused, timeout).
 pub(crate) fn engine_err(ctx: &str, e: DockerError) -> BackendError {
     match e {
+        // The engine's message is the cause, in words: the HTTP error
+        // around it adds nothing.
         DockerError::DockerResponseServerError { message, .. } => {
-            BackendError::Engine(format!("{ctx}: {message}"))
+            BackendError::engine(format!("{ctx}: {message}"))
         }
-        other => BackendError::Engine(format!("{ctx}: docker engine: {other}")),
+        other => BackendError::engine_from(format!("{ctx}: docker engine"), other),
     }
 }
 
@@ -436,12 +438,12 @@ impl DockerBackend {
             let info = item.map_err(|e| match e {
                 DockerError::DockerResponseServerError { message, .. }
                 | DockerError::DockerStreamError { error: message } => {
-                    BackendError::Engine(format!("spec.image: pulling {image} failed: {message}"))
+                    BackendError::engine(format!("spec.image: pulling {image} failed: {message}"))
                 }
                 other => engine_err(&format!("spec.image: pulling {image}"), other),
             })?;
             if let Some(msg) = info.error_detail.and_then(|d| d.message) {
-                return Err(BackendError::Engine(format!(
+                return Err(BackendError::engine(format!(
                     "spec.image: pulling {image} failed: {msg}"
                 )));
             }
@@ -808,7 +810,7 @@ impl Backend for DockerBackend {
         // Leftovers of an earlier attempt at this id go first.
         let pre = self.destroy(&handle).await?;
         if !pre.is_clean() {
-            return Err(BackendError::Engine(format!(
+            return Err(BackendError::engine(format!(
                 "cleaning leftovers of {}: {}",
                 req.id,
                 pre.summary()
@@ -1135,7 +1137,7 @@ impl Backend for DockerBackend {
             }),
             Some(Err(e)) if is_status(&e, 404) => Err(BackendError::NotFound(handle.id.clone())),
             Some(Err(e)) => Err(engine_err(&format!("stats of {name}"), e)),
-            None => Err(BackendError::Engine(format!("stats of {name}: no answer"))),
+            None => Err(BackendError::engine(format!("stats of {name}: no answer"))),
         }
     }
 
@@ -1185,7 +1187,7 @@ impl Backend for DockerBackend {
             .await
             .map_err(|e| engine_err(&format!("exec in {name}"), e))?;
         let StartExecResults::Attached { mut output, .. } = started else {
-            return Err(BackendError::Engine(format!(
+            return Err(BackendError::engine(format!(
                 "exec in {name}: engine detached"
             )));
         };
@@ -1285,7 +1287,7 @@ async fn blocking<T: Send + 'static, E: Into<BackendError> + Send + 'static>(
 ) -> Result<T, BackendError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| BackendError::Engine(format!("host task: {e}")))?
+        .map_err(|e| BackendError::engine_from("host task", e))?
         .map_err(Into::into)
 }
 

@@ -408,7 +408,7 @@ async fn missing_image_fails_clearly_and_leaves_nothing() {
         msg.contains("spec.image") && msg.contains("cellhost-test/does-not-exist:never"),
         "{msg}"
     );
-    assert!(matches!(err, BackendError::Engine(_)), "{err:?}");
+    assert!(matches!(err, BackendError::Engine { .. }), "{err:?}");
     let names = Names::of(&id);
     assert!(
         e.docker

@@ -205,7 +205,7 @@ pub fn backend_error(e: NetError) -> cellhost_core::BackendError {
             capability: "network.address".into(),
             detail: e.to_string(),
         },
-        other => B::Engine(format!("bridged network: {other}")),
+        other => B::engine_from("bridged network", other),
     }
 }
 

@@ -739,7 +739,7 @@ pub(crate) async fn run(
         cwd: req.cwd,
         timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
     })
-    .map_err(|e| BackendError::Engine(format!("encoding the exec request: {e}")))?;
+    .map_err(|e| BackendError::engine_from("encoding the exec request", e))?;
     line.push(b'\n');
 
     let helper = b.cfg.shim.with_subcommand(EXEC_SUBCOMMAND);
@@ -766,7 +766,7 @@ pub(crate) async fn run(
     })?;
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         let _ = child.start_kill();
-        return Err(BackendError::Engine("exec helper pipes missing".into()));
+        return Err(BackendError::engine("exec helper pipes missing"));
     };
     // The control socket is served on a blocking thread (a std socket);
     // `hang_up` ends the conversation however this future ends.
@@ -823,12 +823,12 @@ pub(crate) async fn run(
             Err(not_running(id, state))
         }
         Some(Ok(Report::Failed { error })) => {
-            Err(BackendError::Engine(format!("exec in cell {id}: {error}")))
+            Err(BackendError::engine(format!("exec in cell {id}: {error}")))
         }
         Some(Err(why)) => {
             let tail = String::from_utf8_lossy(&got.stderr.buf);
             let tail = tail.lines().last().unwrap_or("no diagnostics");
-            Err(BackendError::Engine(format!(
+            Err(BackendError::engine(format!(
                 "exec helper for cell {id}: {why} ({status}): {tail}"
             )))
         }

@@ -305,7 +305,7 @@ impl ProcessBackend {
         let this = self.clone();
         tokio::task::spawn_blocking(move || f(&this))
             .await
-            .map_err(|e| BackendError::Engine(format!("{what} task: {e}")))
+            .map_err(|e| BackendError::engine(format!("{what} task: {e}")))
     }
 
     /// Cumulative cpu time and current memory of the cell's cgroup.
@@ -487,8 +487,9 @@ impl ProcessBackend {
             uids,
             net_raw: self.cfg.net_raw,
         })
-        .map_err(|e| BackendError::Engine(e.to_string()))?;
-        let json = serde_json::to_vec(&spec).map_err(|e| BackendError::Engine(e.to_string()))?;
+        .map_err(|e| BackendError::engine_from("building the OCI spec", e))?;
+        let json = serde_json::to_vec(&spec)
+            .map_err(|e| BackendError::engine_from("encoding config.json", e))?;
         write_private(&p.dir.join("config.json"), &json)?;
         // The log exists before the shim so readers never race its creation.
         fs::OpenOptions::new()
@@ -509,7 +510,7 @@ impl ProcessBackend {
                     net.attach(&id, &cell)
                 })
                 .await
-                .map_err(|e| BackendError::Engine(format!("network attach task: {e}")))?
+                .map_err(|e| BackendError::engine_from("network attach task", e))?
                 .map_err(cellhost_net::backend_error)?;
                 Some(a)
             }
@@ -529,7 +530,7 @@ impl ProcessBackend {
             cellhost_image::ImageError::NotFound(_) | cellhost_image::ImageError::BadName(_) => {
                 BackendError::Invalid(format!("spec.image: {e}"))
             }
-            other => BackendError::Engine(format!("spec.image: {other}")),
+            other => BackendError::engine_from("spec.image", other),
         })?;
         match img.rootfs() {
             Some(f) => Ok(root::Source::Image(f)),
@@ -564,7 +565,7 @@ impl ProcessBackend {
         let stdout = child
             .stdout
             .take()
-            .ok_or_else(|| BackendError::Engine("shim stdout missing".into()))?;
+            .ok_or_else(|| BackendError::engine("shim stdout missing"))?;
         let mut lines = tokio::io::BufReader::new(stdout).lines();
         let line = tokio::time::timeout(SHIM_REPORT_TIMEOUT, lines.next_line()).await;
         // The shim's first process exits right after forking; reap it.
@@ -579,7 +580,7 @@ impl ProcessBackend {
             Ok(Err(e)) => return Err(BackendError::io("reading shim report", e)),
             Ok(Ok(None)) => {
                 let log = fs::read_to_string(p.dir.join(SHIM_LOG_FILE)).unwrap_or_default();
-                return Err(BackendError::Engine(format!(
+                return Err(BackendError::engine(format!(
                     "shim exited without reporting: {}",
                     log.lines().last().unwrap_or("no diagnostics")
                 )));
@@ -587,12 +588,12 @@ impl ProcessBackend {
             Ok(Ok(Some(l))) => l,
         };
         let rep: ShimReport = serde_json::from_str(&line)
-            .map_err(|e| BackendError::Engine(format!("bad shim report {line:?}: {e}")))?;
+            .map_err(|e| BackendError::engine(format!("bad shim report {line:?}: {e}")))?;
         if rep.ok {
             rep.pid
-                .ok_or_else(|| BackendError::Engine("the shim reported no pid".into()))
+                .ok_or_else(|| BackendError::engine("the shim reported no pid"))
         } else {
-            Err(BackendError::Engine(
+            Err(BackendError::engine(
                 rep.error.unwrap_or_else(|| "shim failed".into()),
             ))
         }
@@ -952,11 +953,11 @@ fn start_container(lc_state: &Path) -> Result<(), BackendError> {
     use libcontainer::container::{Container, ContainerStatus};
     use std::os::fd::AsRawFd;
     let engine = |what: &str, e: &dyn std::error::Error| {
-        BackendError::Engine(format!("{what}: {}", shim::error_chain(e)))
+        BackendError::engine(format!("{what}: {}", shim::error_chain(e)))
     };
     let mut c = Container::load(lc_state.to_path_buf()).map_err(|e| engine("loading state", &e))?;
     if !c.can_start() {
-        return Err(BackendError::Engine(format!(
+        return Err(BackendError::engine(format!(
             "container is {:?}, not created",
             c.status()
         )));
@@ -1103,7 +1104,7 @@ impl Backend for ProcessBackend {
                 if report.is_clean() {
                     Err(e)
                 } else {
-                    Err(BackendError::Engine(format!(
+                    Err(BackendError::engine(format!(
                         "{e}; rollback incomplete: {}",
                         report.summary()
                     )))
@@ -1117,7 +1118,10 @@ impl Backend for ProcessBackend {
         self.blocking("start", move |this| {
             this.volumes.require_open(&id)?;
             start_container(&this.paths(&id).lc_state()).map_err(|e| match e {
-                BackendError::Engine(m) => BackendError::Engine(format!("starting cell {id}: {m}")),
+                BackendError::Engine { context, source } => BackendError::Engine {
+                    context: format!("starting cell {id}: {context}"),
+                    source,
+                },
                 other => other,
             })
         })

@@ -245,7 +245,7 @@ fn image_root(
         ],
         None,
     )
-    .map_err(|e| BackendError::Engine(format!("mounting image {}: {e}", file.display())))?;
+    .map_err(|e| BackendError::engine(format!("mounting image {}: {e}", file.display())))?;
     for d in ["upper", "work"] {
         mkdir(&rt.join(d), 0o755)?;
     }

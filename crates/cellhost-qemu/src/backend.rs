@@ -141,12 +141,12 @@ impl QemuBackend {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || f(&inner))
             .await
-            .map_err(|e| BackendError::Engine(format!("blocking task: {e}")))?
+            .map_err(|e| BackendError::engine_from("blocking task", e))?
     }
 }
 
-fn engine(what: &str, e: impl std::fmt::Display) -> BackendError {
-    BackendError::Engine(format!("{what}: {e}"))
+fn engine(what: &str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> BackendError {
+    BackendError::engine_from(what, e)
 }
 
 /// A cgroup that cannot be made: a missing controller is a capability
@@ -433,7 +433,7 @@ impl Inner {
         }
         let base = image
             .disk_size()
-            .map_err(|e| BackendError::Engine(format!("spec.image: {e}")))?
+            .map_err(|e| BackendError::engine_from("spec.image", e))?
             .unwrap_or(0);
         if gib.saturating_mul(1 << 30) < base {
             return Err(BackendError::Invalid(format!(
@@ -450,7 +450,7 @@ impl Inner {
     fn run_tool(&self, tool: &Path, args: &[&str]) -> Result<(), BackendError> {
         let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
         cellhost_core::tool::run(tool, &args, None).map_err(|e| {
-            BackendError::Engine(format!(
+            BackendError::engine(format!(
                 "{} {}: {e}",
                 tool.display(),
                 args.first().and_then(|a| a.to_str()).unwrap_or("")
@@ -493,8 +493,11 @@ impl Inner {
                 let console = tail(&dir.join(vmm::SERIAL_LOG), 400);
                 self.teardown(&req.id, req.uids, &mut TeardownReport::new(req.id.as_str()));
                 Err(match e {
-                    BackendError::Engine(m) if !log.is_empty() || !console.is_empty() => {
-                        BackendError::Engine(format!("{m}; qemu: {log}; console: {console}"))
+                    BackendError::Engine { context, source }
+                        if !log.is_empty() || !console.is_empty() =>
+                    {
+                        let m = BackendError::Engine { context, source }.to_string();
+                        BackendError::engine(format!("{m}; qemu: {log}; console: {console}"))
                     }
                     other => other,
                 })
@@ -724,9 +727,9 @@ impl Inner {
             .read_line(&mut line)
             .map_err(|e| BackendError::io("reading the shim's report", e))?;
         let report: cellhost_core::shim::ShimReport = serde_json::from_str(line.trim())
-            .map_err(|_| BackendError::Engine(format!("the shim reported {:?}", line.trim())))?;
+            .map_err(|_| BackendError::engine(format!("the shim reported {:?}", line.trim())))?;
         if !report.ok {
-            return Err(BackendError::Engine(format!(
+            return Err(BackendError::engine(format!(
                 "starting qemu: {}",
                 report.error.unwrap_or_default()
             )));
@@ -738,7 +741,7 @@ impl Inner {
                 Ok(_) => return Ok(()),
                 Err(e) => {
                     if self.qemu_pid(dir).is_none() {
-                        return Err(BackendError::Engine(died_starting(dir)));
+                        return Err(BackendError::engine(died_starting(dir)));
                     }
                     if Instant::now() > deadline {
                         return Err(engine("QMP never answered", e));

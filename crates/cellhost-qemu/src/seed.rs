@@ -173,10 +173,10 @@ pub fn build(
     // The shared runner drains stdout (the image) and stderr on threads of
     // their own: neither pipe can fill and stall the other.
     let mut iso = cellhost_core::tool::output(genisoimage, &args, None)
-        .map_err(|e| BackendError::Engine(format!("genisoimage: {e}")))?;
+        .map_err(|e| BackendError::engine_from("genisoimage", e))?;
     if iso.len() < 32 * 1024 {
         zeroize::Zeroize::zeroize(&mut iso);
-        return Err(BackendError::Engine(format!(
+        return Err(BackendError::engine(format!(
             "genisoimage: wrote {} bytes, not an image",
             iso.len()
         )));

@@ -80,7 +80,7 @@ impl SupervisorError {
                 BackendError::MissingCapability { .. } => (422, "tier_unavailable"),
                 BackendError::Unsupported { .. } => (422, "unsupported"),
                 BackendError::Timeout(..) => (504, "timeout"),
-                BackendError::Io { .. } | BackendError::Engine(_) => (500, "backend"),
+                BackendError::Io { .. } | BackendError::Engine { .. } => (500, "backend"),
             },
             SupervisorError::RollbackFailed { cause, .. } => cause.class(),
             SupervisorError::Residue(_) => (500, "teardown_failed"),

@@ -21,7 +21,7 @@ impl From<VolumeError> for BackendError {
                 BackendError::Invalid(e.to_string())
             }
             e @ (VolumeError::Step { .. } | VolumeError::Io { .. }) => {
-                BackendError::Engine(e.to_string())
+                BackendError::engine_from("encrypted volume", e)
             }
         }
     }
@@ -48,7 +48,7 @@ impl Volumes {
         let vols = self.clone();
         tokio::task::spawn_blocking(move || f(&vols))
             .await
-            .map_err(|e| BackendError::Engine(format!("volume task: {e}")))?
+            .map_err(|e| BackendError::engine_from("volume task", e))?
     }
 
     /// Before any side effect: can this cell's encrypted volume be made
