@@ -10,19 +10,11 @@
 //! the workload's code (128 + signal when it was killed).
 
 mod bench;
-mod bench_api;
-mod bench_container;
-mod bench_guest;
-mod bench_microvm;
-mod bench_network;
-mod bench_volume;
 mod cli;
 mod client;
-mod image;
-mod market;
-mod remote;
-mod run;
-mod serve;
+mod commands;
+
+use commands::{doctor, image, market, remote, run, serve};
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -72,7 +64,7 @@ fn main() -> ExitCode {
         return cellhost_process::exec::exec_main(&args[2..]);
     }
     if args.get(1).is_some_and(|a| a == "__bench-echo") && args.len() == 3 {
-        return match bench_guest::echo_server(std::path::Path::new(&args[2])) {
+        return match bench::guest::echo_server(std::path::Path::new(&args[2])) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("cellhost __bench-echo: {e:#}");
@@ -187,7 +179,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     match cli.command {
         Command::Run(args) => runtime()?.block_on(run::run(&state_dir, args, cli.json)),
         Command::Validate { file } => run::validate(&file, cli.json),
-        Command::Doctor { kvm_boot } => doctor(&state_dir, kvm_boot, cli.json),
+        Command::Doctor { kvm_boot } => doctor::doctor(&state_dir, kvm_boot, cli.json),
         Command::Bench(b) => runtime()?.block_on(bench::bench(&state_dir, b, cli.json)),
         Command::Serve(args) => runtime()?.block_on(serve::serve(&state_dir, args)),
         Command::Image(cmd) => image::image(&state_dir, cmd, cli.json),
@@ -197,51 +189,4 @@ fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             runtime()?.block_on(remote::dispatch(&client, cmd, cli.json))
         }
     }
-}
-
-fn doctor(state_dir: &std::path::Path, kvm_boot: bool, json: bool) -> anyhow::Result<u8> {
-    // With --kvm-boot: the probe boots a kernel of the image store when
-    // there is one (what the VM tiers do at start), else its own search.
-    let report = cellhost_core::probe::probe(&cellhost_core::probe::ProbeOptions {
-        kvm_boot,
-        probe_kernel: cellhost_supervisor::tiers::store_kernel(state_dir).map(|(k, _)| k),
-        ..Default::default()
-    });
-    let volumes = cellhost_volume::probe();
-    let chosen = volumes.choose(cellhost_volume::EngineChoice::Auto);
-    if json {
-        let mut v = serde_json::to_value(&report)?;
-        let row = |r: &Result<String, String>| match r {
-            Ok(d) => serde_json::json!({"ok": true, "detail": d}),
-            Err(d) => serde_json::json!({"ok": false, "detail": d}),
-        };
-        v["volumeEngines"] = serde_json::json!({
-            "dm-crypt": row(&volumes.dm_crypt),
-            "userspace": row(&volumes.userspace),
-            "auto": chosen.as_ref().ok().map(|k| k.as_str()),
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        print!("{report}");
-        println!("encrypted volumes:");
-        for kind in [
-            cellhost_volume::EngineKind::DmCrypt,
-            cellhost_volume::EngineKind::Userspace,
-        ] {
-            let (ok, detail) = match volumes.get(kind) {
-                Ok(d) => ("yes", d.as_str()),
-                Err(d) => ("no ", d.as_str()),
-            };
-            println!(
-                "  {ok}  {:<10} {}  {detail}",
-                kind.as_str(),
-                kind.format().as_str()
-            );
-        }
-        match chosen {
-            Ok(k) => println!("  auto picks {k}"),
-            Err(_) => println!("  no engine: spec.volume.encrypted cells are refused"),
-        }
-    }
-    Ok(0)
 }

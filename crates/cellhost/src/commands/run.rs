@@ -272,7 +272,7 @@ pub async fn run(state_dir: &Path, args: RunArgs, json_out: bool) -> anyhow::Res
         .backend(cell.spec.isolation)
         .map_err(|e| exit_err(EXIT_CAPABILITY, e.to_string()))?;
     // A daemon on this state dir would reconcile our in-flight cell away.
-    let _lock = crate::serve::lock_state_dir(state_dir, false)?;
+    let _lock = crate::commands::serve::lock_state_dir(state_dir, false)?;
     let secrets =
         cellhost_core::secrets::resolve(&cell.spec, &base, cellhost_core::secrets::process_env)
             .map_err(|e| exit_err(EXIT_INVALID, e.to_string()))?;

@@ -18,6 +18,13 @@
 //! Numbers are reported, never asserted: targets are printed with met or
 //! missed.
 
+pub mod api;
+pub mod container;
+pub mod guest;
+pub mod microvm;
+pub mod network;
+pub mod volume;
+
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -190,21 +197,23 @@ pub async fn bench(state_dir: &Path, args: BenchArgs, json_out: bool) -> anyhow:
     match args.tier {
         BenchTier::Process => bench_process(state_dir, args.cells.max(1), json_out).await,
         BenchTier::Api => {
-            crate::bench_api::bench_api(state_dir, args.cells.max(1), args.concurrency, json_out)
+            crate::bench::api::bench_api(state_dir, args.cells.max(1), args.concurrency, json_out)
                 .await
         }
         BenchTier::Container => {
-            crate::bench_container::bench_container(state_dir, args.cells.max(1), json_out).await
+            crate::bench::container::bench_container(state_dir, args.cells.max(1), json_out).await
         }
         BenchTier::Volume => {
-            crate::bench_volume::bench_volume(state_dir, args.cells, json_out).await
+            crate::bench::volume::bench_volume(state_dir, args.cells, json_out).await
         }
-        BenchTier::Microvm => crate::bench_microvm::bench_microvm(state_dir, &args, json_out).await,
+        BenchTier::Microvm => {
+            crate::bench::microvm::bench_microvm(state_dir, &args, json_out).await
+        }
         BenchTier::Network => {
-            crate::bench_network::bench_network(state_dir, args.cells, json_out).await
+            crate::bench::network::bench_network(state_dir, args.cells, json_out).await
         }
         BenchTier::Guest => {
-            crate::bench_guest::bench_guest(state_dir, args.cells, args.agent.as_deref(), json_out)
+            crate::bench::guest::bench_guest(state_dir, args.cells, args.agent.as_deref(), json_out)
                 .await
         }
     }
@@ -257,7 +266,7 @@ impl BenchUids {
 }
 
 async fn bench_process(state_dir: &Path, n: usize, json_out: bool) -> anyhow::Result<u8> {
-    let backend = crate::run::backend_for(
+    let backend = crate::commands::run::backend_for(
         cellhost_spec::Isolation::Process,
         state_dir,
         Default::default(),
@@ -445,7 +454,7 @@ async fn first_output(
             ..CreateRequest::new(id.clone(), cell)
         })
         .await
-        .map_err(|e| crate::run::backend_err(e, "bench create"))?;
+        .map_err(|e| crate::commands::run::backend_err(e, "bench create"))?;
     let create = t0.elapsed();
     let log = h.state_dir.join("log");
     let ino = Inotify::init(InitFlags::IN_CLOEXEC)?;
@@ -454,7 +463,7 @@ async fn first_output(
     backend
         .start(&h)
         .await
-        .map_err(|e| crate::run::backend_err(e, "bench start"))?;
+        .map_err(|e| crate::commands::run::backend_err(e, "bench start"))?;
     let start = t_start.elapsed();
     if std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0) == 0 {
         ino.read_events()?;
@@ -488,11 +497,11 @@ async fn one_cell(
             ..CreateRequest::new(id, cell_doc("bench", argv)?)
         })
         .await
-        .map_err(|e| crate::run::backend_err(e, "bench create"))?;
+        .map_err(|e| crate::commands::run::backend_err(e, "bench create"))?;
     backend
         .start(&h)
         .await
-        .map_err(|e| crate::run::backend_err(e, "bench start"))?;
+        .map_err(|e| crate::commands::run::backend_err(e, "bench start"))?;
     Ok(h)
 }
 

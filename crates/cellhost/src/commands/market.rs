@@ -99,13 +99,13 @@ pub async fn market(cmd: MarketCommand, json: bool) -> anyhow::Result<u8> {
             let token = read_secret(&token_file, "token")?;
             let document = match &doc {
                 Some(f) => {
-                    let bytes = crate::remote::inline_document(f, json)?;
+                    let bytes = crate::commands::remote::inline_document(f, json)?;
                     Some(String::from_utf8(bytes.to_vec()).context("the document is not UTF-8")?)
                 }
                 None => None,
             };
             let volume_key = match &volume_key_file {
-                Some(f) => Some(crate::run::read_volume_key(f)?.passphrase()),
+                Some(f) => Some(crate::commands::run::read_volume_key(f)?.passphrase()),
                 None => None,
             };
             let ssh_key = ssh_key_file

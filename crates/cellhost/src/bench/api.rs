@@ -129,7 +129,7 @@ pub async fn bench_api(
     let _groups = ["backend", "supervisor", "daemon"]
         .map(|sub| crate::bench::RemoveInstanceGroup(root.join(sub).join("process")));
     let _cleanup = crate::bench::RemoveOnDrop(root.clone());
-    let backend = crate::run::backend_for(
+    let backend = crate::commands::run::backend_for(
         cellhost_spec::Isolation::Process,
         &root.join("backend"),
         Default::default(),
@@ -143,7 +143,7 @@ pub async fn bench_api(
     cfg.admission.host_reserve_bytes = 0;
     let sup = Supervisor::new(
         store,
-        vec![crate::run::backend_for(
+        vec![crate::commands::run::backend_for(
             cellhost_spec::Isolation::Process,
             &lib_dir,
             Default::default(),

@@ -97,7 +97,7 @@ pub fn backends(
         }
     };
     let mut tiers =
-        crate::run::tier_settings(state_dir, args.volume.volume_engine.0, &net, policy)?;
+        crate::commands::run::tier_settings(state_dir, args.volume.volume_engine.0, &net, policy)?;
     tiers.publish_address = Some(args.publish_address.to_string());
     tiers.container_restart_unless_stopped =
         args.container_restart == ContainerRestart::UnlessStopped;
@@ -158,7 +158,7 @@ pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
         }
         None => None,
     };
-    let policy = crate::run::load_policy(args.policy.as_deref())?;
+    let policy = crate::commands::run::load_policy(args.policy.as_deref())?;
     for (flag, v) in [
         ("--cpu-overcommit", args.cpu_overcommit),
         ("--memory-overcommit", args.memory_overcommit),
@@ -179,7 +179,7 @@ pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
             .with_context(|| format!("opening the store in {}", state_dir.display()))?,
     );
     let backends = backends(state_dir, &args, &policy)?;
-    let mut cfg = crate::run::supervisor_config(state_dir, policy, &args.net);
+    let mut cfg = crate::commands::run::supervisor_config(state_dir, policy, &args.net);
     if let Some(n) = &args.node_name {
         cfg.node_name = n.clone();
     }

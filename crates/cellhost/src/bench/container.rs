@@ -178,7 +178,7 @@ async fn destroy_clean(backend: &DockerBackend, h: &CellHandle) -> anyhow::Resul
     let report = backend
         .destroy(h)
         .await
-        .map_err(|e| crate::run::backend_err(e, "bench destroy"))?;
+        .map_err(|e| crate::commands::run::backend_err(e, "bench destroy"))?;
     anyhow::ensure!(
         report.is_clean(),
         "bench cell {} left residue: {}",
@@ -208,19 +208,19 @@ async fn ours(
     let h = backend
         .create(CreateRequest::new(CellId::random(), cell.clone()))
         .await
-        .map_err(|e| crate::run::backend_err(e, "bench create"))?;
+        .map_err(|e| crate::commands::run::backend_err(e, "bench create"))?;
     let created = t0.elapsed();
     let ran = async {
         backend
             .start(&h)
             .await
-            .map_err(|e| crate::run::backend_err(e, "bench start"))?;
+            .map_err(|e| crate::commands::run::backend_err(e, "bench start"))?;
         let started = t0.elapsed();
         if wait {
             let st = backend
                 .wait(&h)
                 .await
-                .map_err(|e| crate::run::backend_err(e, "bench wait"))?;
+                .map_err(|e| crate::commands::run::backend_err(e, "bench wait"))?;
             anyhow::ensure!(
                 st.exit.as_ref().and_then(|x| x.code) == Some(0),
                 "bench cell did not exit 0: {st:?}"

@@ -62,10 +62,10 @@ pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow
         publish: None,
     };
     let _bridge = cellhost_net::RemoveBridgeOnDrop(
-        crate::run::tier_settings(&root, Default::default(), &net, &Default::default())?
+        crate::commands::run::tier_settings(&root, Default::default(), &net, &Default::default())?
             .net_config(),
     );
-    let backend = crate::run::backend_for(
+    let backend = crate::commands::run::backend_for(
         cellhost_spec::Isolation::Process,
         &root,
         Default::default(),
@@ -189,7 +189,7 @@ async fn one_cell(
     let h = backend
         .create(CreateRequest::new(CellId::random(), cell))
         .await
-        .map_err(|e| crate::run::backend_err(e, "bench create"))?;
+        .map_err(|e| crate::commands::run::backend_err(e, "bench create"))?;
     let create = t0.elapsed();
     let log = h.state_dir.join("log");
     let ino = Inotify::init(InitFlags::IN_CLOEXEC)?;
@@ -197,7 +197,7 @@ async fn one_cell(
     backend
         .start(&h)
         .await
-        .map_err(|e| crate::run::backend_err(e, "bench start"))?;
+        .map_err(|e| crate::commands::run::backend_err(e, "bench start"))?;
     let packet = match sock {
         Some(sock) => {
             let want: std::net::Ipv4Addr = h.tier["network"]["address"]

@@ -61,7 +61,7 @@ pub async fn dispatch(c: &Client, cmd: Command, json: bool) -> anyhow::Result<u8
         } => {
             let key = volume_key_file
                 .as_deref()
-                .map(crate::run::read_volume_key)
+                .map(crate::commands::run::read_volume_key)
                 .transpose()?;
             let v: Value = c
                 .json_with(Method::POST, &cell_path(&id, "/start")?, None, key.as_ref())
@@ -271,7 +271,7 @@ async fn create(
     json: bool,
 ) -> anyhow::Result<u8> {
     let key = volume_key_file
-        .map(crate::run::read_volume_key)
+        .map(crate::commands::run::read_volume_key)
         .transpose()?;
     let body = inline_document(file, json)?;
     let v: Value = c
@@ -294,7 +294,7 @@ async fn create(
 /// secrets are read here and inlined (a remote side may take only inline
 /// values). The result holds secret values: zeroed on drop.
 pub fn inline_document(file: &Path, json: bool) -> anyhow::Result<Zeroizing<Vec<u8>>> {
-    let (mut cell, base) = crate::run::load_cell(file, json)?;
+    let (mut cell, base) = crate::commands::run::load_cell(file, json)?;
     let values =
         cellhost_core::secrets::resolve(&cell.spec, &base, cellhost_core::secrets::process_env)
             .map_err(|e| exit_err(EXIT_INVALID, e.to_string()))?;
