@@ -455,3 +455,23 @@ fn tier_refusals_name_the_field_and_exit_3() {
         assert!(err.contains("spec.volume.encrypted"), "{cmd}: {err}");
     }
 }
+
+/// A document the operator's policy refuses (a host port below its
+/// range) exits 4 and names the field and the policy line, before any
+/// cell is made.
+#[test]
+fn a_policy_refusal_exits_4_naming_field_and_rule() {
+    let dir = common::state_dir();
+    let doc = write(
+        dir.path(),
+        "port.yaml",
+        &format!(
+            "{HEAD}  command: [\"/bin/true\"]\n  network: {{ mode: bridged }}\n  ports: [{{ container: 80, host: 80 }}]\n"
+        ),
+    );
+    let out = cellhost(dir.path()).arg("run").arg(&doc).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("spec.ports.0.host"), "{err}");
+    assert!(err.contains("policy: ports"), "{err}");
+}
