@@ -463,10 +463,6 @@ mod tests {
         let e = BackendError::engine("the shim reported no pid");
         assert_eq!(e.to_string(), "the shim reported no pid");
         assert!(e.source().is_none());
-        let run = crate::tool::RunError::Failed(Some(3), "bad flag".into());
-        assert_eq!(run.to_string(), "exit 3: bad flag");
-        let run = crate::tool::RunError::Failed(None, "x".into());
-        assert_eq!(run.to_string(), "killed: x");
     }
 
     #[test]

@@ -7,24 +7,20 @@
 //! returns a [`TeardownReport`] that says what it checked and what it found
 //! left. Destroy is idempotent: "already gone" is success.
 //!
-//! This crate holds no engine code; it is what the engines and the
-//! supervisor agree on.
+//! This crate holds no engine code and no host code: it is what the
+//! engines and the supervisor agree on. Host utilities (the tool runner,
+//! the probe, cgroups) are `cellhost-host`; OS helpers the guest agent
+//! shares are `cellhost-os`.
 
 mod backend;
-pub mod cgroups;
 pub mod ids;
-pub mod ifconfig;
-pub mod mountinfo;
-pub mod probe;
 mod report;
 
 pub use backend::*;
 pub use report::*;
 pub mod secrets;
-pub mod shim;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
-pub mod tool;
 pub mod uids;
 pub use uids::UidRange;
 mod volume_key;

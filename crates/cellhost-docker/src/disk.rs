@@ -196,8 +196,8 @@ pub fn driver_verdict(driver: &str, btrfs_opt_in: bool) -> Option<Verdict> {
 /// sized create); `Err(why)` when they are inconsistent or the answer
 /// cannot be found, which callers treat as "not enforced".
 pub fn btrfs_qgroups_hold(mountinfo: &str, sys: &Path, root: &Path) -> Result<(), String> {
-    let mounts = cellhost_core::mountinfo::parse(mountinfo);
-    let m = cellhost_core::mountinfo::holding(&mounts, root)
+    let mounts = cellhost_os::mountinfo::parse(mountinfo);
+    let m = cellhost_os::mountinfo::holding(&mounts, root)
         .ok_or_else(|| format!("no mount holds the engine's data root {}", root.display()))?;
     let (mount, source) = (m.mount_point.display().to_string(), m.source.clone());
     if m.fs_type != "btrfs" {
@@ -309,8 +309,8 @@ impl LoopFs {
     }
 
     fn tool(&self, name: &'static str, args: &[&std::ffi::OsStr]) -> Result<(), DiskError> {
-        use cellhost_core::tool::RunError;
-        cellhost_core::tool::run(Path::new(name), args, None).map_err(|e| match e {
+        use cellhost_host::tool::RunError;
+        cellhost_host::tool::run(Path::new(name), args, None).map_err(|e| match e {
             RunError::Missing(detail) => DiskError::Missing {
                 field: self.field,
                 detail,
@@ -417,7 +417,7 @@ impl LoopFs {
 
     /// Is something mounted at exactly [`LoopFs::mnt`]?
     pub fn is_mounted(&self) -> bool {
-        cellhost_core::mountinfo::mounts_under(&self.mnt).is_ok_and(|m| m.contains(&self.mnt))
+        cellhost_os::mountinfo::mounts_under(&self.mnt).is_ok_and(|m| m.contains(&self.mnt))
     }
 
     /// Remove it (its users gone: the container removed) and record its
@@ -425,7 +425,7 @@ impl LoopFs {
     /// line). Returns whether anything of it was there.
     pub fn teardown(&self, report: &mut TeardownReport) -> bool {
         let [check_mount, check_loop, check_file] = self.checks;
-        let found = match cellhost_core::mountinfo::unmount_under(&self.mnt, true) {
+        let found = match cellhost_os::mountinfo::unmount_under(&self.mnt, true) {
             Ok(u) => {
                 report.errors.extend(u.errors);
                 !u.found.is_empty()
@@ -457,7 +457,7 @@ impl LoopFs {
         {
             report.error(format!("removing {}: {e}", self.img.display()));
         }
-        let mounts = cellhost_core::mountinfo::mounts_under(&self.mnt).unwrap_or_default();
+        let mounts = cellhost_os::mountinfo::mounts_under(&self.mnt).unwrap_or_default();
         report.check_detail(
             check_mount,
             self.mnt.display().to_string(),
@@ -662,8 +662,8 @@ mod tests {
     #[test]
     fn the_mount_of_a_path_is_the_deepest_one_on_top() {
         let holding = |text: &str, p: &Path| {
-            let m = cellhost_core::mountinfo::parse(text);
-            cellhost_core::mountinfo::holding(&m, p).cloned()
+            let m = cellhost_os::mountinfo::parse(text);
+            cellhost_os::mountinfo::holding(&m, p).cloned()
         };
         let m = holding(MOUNTS, Path::new("/var/lib/docker b/containers/x/shm/f")).unwrap();
         assert_eq!(m.fs_type, "tmpfs");

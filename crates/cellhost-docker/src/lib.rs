@@ -942,7 +942,7 @@ impl Backend for DockerBackend {
                 true
             }
         };
-        let unmounted = cellhost_core::mountinfo::unmount_under(&secrets, true).unwrap_or_default();
+        let unmounted = cellhost_os::mountinfo::unmount_under(&secrets, true).unwrap_or_default();
         report.errors.extend(unmounted.errors);
         let mounted = unmounted.found;
         let (plain, scratch) = (volume::of(&dir), LoopFs::scratch(&dir));
@@ -1029,7 +1029,7 @@ impl Backend for DockerBackend {
         let secret_mounts = if mounted.is_empty() {
             0
         } else {
-            cellhost_core::mountinfo::mounts_under(&secrets)
+            cellhost_os::mountinfo::mounts_under(&secrets)
                 .map(|m| m.len() as u64)
                 .unwrap_or(0)
         };

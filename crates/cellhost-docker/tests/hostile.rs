@@ -324,10 +324,8 @@ async fn inconsistent_btrfs_qgroups_get_scratch_not_storage_opt() {
     let Some(root) = btrfs_root(&probe).await else {
         return;
     };
-    let mi = cellhost_core::mountinfo::read_self().unwrap();
-    let source = &cellhost_core::mountinfo::holding(&mi, &root)
-        .unwrap()
-        .source;
+    let mi = cellhost_os::mountinfo::read_self().unwrap();
+    let source = &cellhost_os::mountinfo::holding(&mi, &root).unwrap().source;
     let sys = sysfs_saying_inconsistent(source);
     let sys_root = sys.path().to_path_buf();
     let e = engine_with(|c| {

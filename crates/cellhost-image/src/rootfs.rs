@@ -16,7 +16,7 @@
 //! a journal (read-only: nothing to replay), check it and shrink it to its
 //! minimum with `resize2fs -M`. The tools are shelled out because they are
 //! the interface to ext4 (e2fsprogs), with a cleared environment and a
-//! deadline (`cellhost_core::tool`).
+//! deadline (`cellhost_host::tool`).
 
 use std::ffi::OsStr;
 use std::fs;
@@ -24,7 +24,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use cellhost_core::tool::{self, RunError};
+use cellhost_host::tool::{self, RunError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RootfsError {

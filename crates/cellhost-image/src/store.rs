@@ -650,7 +650,7 @@ mod tests {
             store.get("raw").unwrap().disk_size().unwrap(),
             Some(3 << 20)
         );
-        let Some(qemu_img) = cellhost_core::probe::which("qemu-img") else {
+        let Some(qemu_img) = cellhost_host::probe::which("qemu-img") else {
             eprintln!("skipping the qcow2 half: qemu-img is not installed");
             return;
         };

@@ -42,7 +42,7 @@
 //! address and the published host ports, all or nothing), netns, link,
 //! neighbour entry, fdb entry, both tables (one `nft -f -` transaction),
 //! address and route inside the netns (ioctls from a thread that joined
-//! it: `cellhost_core::ifconfig`). `detach`: the link first (so a
+//! it: `cellhost_os::ifconfig`). `detach`: the link first (so a
 //! cell is never connected without its tables), neighbours, both tables,
 //! the netns; each is *checked* into the TeardownReport, and the lease is
 //! released only when none is left.
@@ -279,7 +279,7 @@ impl Network {
     pub fn admit(&self, cell: &Cell) -> Result<(), NetError> {
         self.cfg.check()?;
         for tool in ["ip", "bridge", "nft", "conntrack"] {
-            if cellhost_core::probe::which(tool).is_none() {
+            if cellhost_host::probe::which(tool).is_none() {
                 return Err(NetError::MissingTool {
                     tool: match tool {
                         "ip" => "ip",
@@ -412,7 +412,7 @@ impl Network {
         rules.publish = self.cfg.publish;
         rules.deny = self.cfg.deny.clone();
         if self.cfg.deny_connected {
-            for n in cellhost_core::ifconfig::connected_networks() {
+            for n in cellhost_os::ifconfig::connected_networks() {
                 if !rules.deny.contains(&n) {
                     rules.deny.push(n);
                 }
@@ -484,7 +484,7 @@ impl Network {
         // thread that joins the netns (no process to spawn).
         configure_in(
             netns,
-            &cellhost_core::ifconfig::Ipv4Config {
+            &cellhost_os::ifconfig::Ipv4Config {
                 interface: "eth0".into(),
                 address: a.address,
                 prefix: a.prefix,
@@ -793,7 +793,7 @@ impl Network {
     /// `-i/-o <bridge> -j ACCEPT` in DOCKER-USER (or FORWARD) where the
     /// FORWARD policy is DROP; removed with `add == false`.
     fn forward_accepts(&self, add: bool) -> Result<(), NetError> {
-        if cellhost_core::probe::which("iptables").is_none() {
+        if cellhost_host::probe::which("iptables").is_none() {
             return Ok(());
         }
         let br = self.cfg.bridge.as_str();
@@ -849,7 +849,7 @@ impl Drop for RemoveBridgeOnDrop {
 /// naming the command with its stderr.
 fn run(program: &str, args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>, NetError> {
     let argv: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-    cellhost_core::tool::output(Path::new(program), &argv, stdin).map_err(|e| NetError::Command {
+    cellhost_host::tool::output(Path::new(program), &argv, stdin).map_err(|e| NetError::Command {
         command: format!("{program} {}", args.join(" ")),
         detail: e.to_string(),
     })
@@ -1021,7 +1021,7 @@ fn remove_netns(path: &Path) -> Result<(), NetError> {
 /// autoconf chatter would fill the `ipv6` counter), then `c`. A
 /// short-lived thread joins the netns (setns affects only the calling
 /// thread); /proc/sys/net resolves in the writer's netns.
-fn configure_in(path: &Path, c: &cellhost_core::ifconfig::Ipv4Config) -> Result<(), NetError> {
+fn configure_in(path: &Path, c: &cellhost_os::ifconfig::Ipv4Config) -> Result<(), NetError> {
     let (path, c) = (path.to_path_buf(), c.clone());
     std::thread::spawn(move || -> Result<(), NetError> {
         let io_err = |context: String| move |source| NetError::Io { context, source };
@@ -1034,7 +1034,7 @@ fn configure_in(path: &Path, c: &cellhost_core::ifconfig::Ipv4Config) -> Result<
         for conf in ["all", "default"] {
             write_sysctl(&format!("/proc/sys/net/ipv6/conf/{conf}/disable_ipv6"), "1")?;
         }
-        cellhost_core::ifconfig::apply(&c).map_err(io_err(format!(
+        cellhost_os::ifconfig::apply(&c).map_err(io_err(format!(
             "configuring {} in {}",
             c.interface,
             path.display()

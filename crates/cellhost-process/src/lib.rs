@@ -466,7 +466,7 @@ impl ProcessBackend {
         let bridged =
             self.net.is_some() && req.cell.spec.network.mode == cellhost_spec::NetworkMode::Bridged;
         let resolv =
-            bridged.then(|| cellhost_core::ifconfig::resolv_conf(&req.cell.spec.network.dns));
+            bridged.then(|| cellhost_os::ifconfig::resolv_conf(&req.cell.spec.network.dns));
         let volume = self.volumes.create_for(req).await?;
         if let (Some(open), Some(uids)) = (&volume, uids) {
             // The cell's root owns its volume; nobody else on the host does.
@@ -710,7 +710,7 @@ impl ProcessBackend {
         }
 
         // 3. mounts under the cell dir (the secrets tmpfs).
-        if let Ok(u) = cellhost_core::mountinfo::unmount_under(&p.dir, true) {
+        if let Ok(u) = cellhost_os::mountinfo::unmount_under(&p.dir, true) {
             for e in u.errors {
                 report.error(e);
             }
@@ -851,7 +851,7 @@ impl ProcessBackend {
 
     fn status_blocking(&self, id: &CellId) -> CellStatus {
         let p = self.paths(id);
-        if let Some(exit) = cellhost_core::shim::read_exit(&p.dir) {
+        if let Some(exit) = cellhost_host::shim::read_exit(&p.dir) {
             return CellStatus {
                 state: CellState::Exited,
                 pid: None,
@@ -907,7 +907,7 @@ impl ProcessBackend {
                     // The shim may have written exit.json and exited since
                     // we looked: read it again before calling it unknown.
                     let exit =
-                        cellhost_core::shim::read_exit(&p.dir).unwrap_or_else(ExitInfo::unknown);
+                        cellhost_host::shim::read_exit(&p.dir).unwrap_or_else(ExitInfo::unknown);
                     CellStatus {
                         state: CellState::Exited,
                         pid: None,
@@ -930,7 +930,7 @@ impl ProcessBackend {
 /// cell's: the range is leased to it alone.
 fn kill_uids(r: UidRange, deadline: Instant) -> Vec<(i32, u32)> {
     loop {
-        let left = cellhost_core::uids::processes_in(r);
+        let left = cellhost_host::uids::processes_in(r);
         if left.is_empty() || Instant::now() >= deadline {
             return left;
         }
@@ -993,7 +993,7 @@ fn write_private(path: &Path, data: &[u8]) -> Result<(), BackendError> {
         .map_err(io_err(format!("writing {}", path.display())))
 }
 
-use cellhost_core::shim::read_pid_file;
+use cellhost_host::shim::read_pid_file;
 
 /// The two fields of libcontainer's `state.json` cellhost reads.
 #[derive(Debug, Default, serde::Deserialize)]
@@ -1031,7 +1031,7 @@ pub(crate) fn pid_in_cell(pid: i32, cgroup: &str) -> bool {
 
 /// Is `pid` a live shim of the cell at `dir`? (A zombie is not alive.)
 fn shim_alive(pid: i32, dir: &Path) -> bool {
-    cellhost_core::shim::alive_naming(pid, dir)
+    cellhost_host::shim::alive_naming(pid, dir)
 }
 
 #[async_trait]

@@ -233,7 +233,7 @@ fn image_root(
     // mount(8) is the interface to loop devices here: it allocates one
     // under util-linux's lock, with autoclear, so the device goes with the
     // mount. `noload`: a read-only ext4 replays nothing.
-    cellhost_core::tool::run(
+    cellhost_host::tool::run(
         Path::new("mount"),
         &[
             OsStr::new("-t"),

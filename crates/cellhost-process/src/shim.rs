@@ -38,7 +38,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use cellhost_core::ExitInfo;
-pub use cellhost_core::shim::{
+pub use cellhost_host::shim::{
     ShimReport, copy_capped, detach_stdout, error_chain, exit_of, reap, report, write_atomic,
 };
 use libcontainer::container::builder::ContainerBuilder;
@@ -50,7 +50,7 @@ use crate::hostfs::CellCgroups;
 
 /// File names inside a cell dir.
 pub const LOG_FILE: &str = "log";
-pub use cellhost_core::shim::EXIT_FILE;
+pub use cellhost_host::shim::EXIT_FILE;
 pub const SHIM_PID_FILE: &str = "shim.pid";
 pub const SHIM_LOG_FILE: &str = "shim.log";
 pub const LC_ROOT: &str = "lc";
@@ -106,7 +106,7 @@ pub fn main(cell_dir: &Path, container_id: &str, log_cap: u64) -> i32 {
     {
         exit.oom_killed = cg.oom_kills().unwrap_or(0) > 0;
     }
-    if let Err(e) = cellhost_core::shim::write_exit(cell_dir, &exit) {
+    if let Err(e) = cellhost_host::shim::write_exit(cell_dir, &exit) {
         tracing::error!("writing exit status: {e}");
         return 1;
     }

@@ -17,7 +17,7 @@
 
 use std::path::{Path, PathBuf};
 
-use cellhost_core::probe::{Accel, QEMU_SANDBOX};
+use cellhost_host::probe::{Accel, QEMU_SANDBOX};
 use cellhost_spec::{Cell, Protocol};
 
 use crate::image::{AGENT_PATH, Image};

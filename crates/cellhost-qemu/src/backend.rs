@@ -10,8 +10,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cellhost_core::ids::CellId;
-use cellhost_core::probe::Accel;
-use cellhost_core::shim::write_atomic;
 use cellhost_core::{
     Backend, BackendError, CellHandle, CellState, CellStatus, CreateRequest, ExecOutput,
     ExecRequest, ExitInfo, ListedCell, LogChunk, ResourceUsage, TeardownReport, UidRange,
@@ -19,6 +17,8 @@ use cellhost_core::{
 };
 use cellhost_guest::client::{Client, ConnectOptions, Endpoint};
 use cellhost_guest::proto::MainState;
+use cellhost_host::probe::Accel;
+use cellhost_host::shim::write_atomic;
 use cellhost_spec::{Cell, Isolation, NetworkMode};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -89,7 +89,7 @@ impl QemuConfig {
     /// Defaults: tools from PATH, TCG, ports on 127.0.0.1, 4 MiB of
     /// console, 120 s to boot (TCG on a busy host is slow).
     pub fn new(tier: Isolation, state_root: &Path, vmm_program: PathBuf) -> QemuConfig {
-        let tool = |n: &str| cellhost_core::probe::which(n).unwrap_or_else(|| PathBuf::from(n));
+        let tool = |n: &str| cellhost_host::probe::which(n).unwrap_or_else(|| PathBuf::from(n));
         QemuConfig {
             tier,
             state_dir: state_root.join(tier.as_str()),
@@ -118,7 +118,7 @@ pub struct QemuBackend {
 struct Inner {
     cfg: QemuConfig,
     net: Option<Arc<cellhost_net::Network>>,
-    /// This tier's cgroup group (see [`cellhost_core::cgroups::instance_tag`]).
+    /// This tier's cgroup group (see [`cellhost_host::cgroups::instance_tag`]).
     instance: String,
 }
 
@@ -128,7 +128,7 @@ impl QemuBackend {
             .network
             .clone()
             .map(|n| Arc::new(cellhost_net::Network::new(n, cfg.tier.as_str())));
-        let instance = cellhost_core::cgroups::instance_tag(&cfg.state_dir);
+        let instance = cellhost_host::cgroups::instance_tag(&cfg.state_dir);
         QemuBackend {
             inner: Arc::new(Inner { cfg, net, instance }),
         }
@@ -208,7 +208,7 @@ const STARTED: &str = "started";
 const STOPPING: &str = "stopping";
 const SHIM_LOG: &str = "shim.log";
 
-use cellhost_core::shim::{alive_naming as owns, read_exit, read_pid_file as read_pid};
+use cellhost_host::shim::{alive_naming as owns, read_exit, read_pid_file as read_pid};
 
 /// Every process's pid and argv (NUL-separated), read from /proc.
 fn cmdlines() -> Vec<(i32, Vec<u8>)> {
@@ -280,7 +280,7 @@ fn died_starting(dir: &Path) -> String {
 fn tail(path: &Path, max: usize) -> String {
     let b = std::fs::read(path).unwrap_or_default();
     let s = String::from_utf8_lossy(&b[b.len().saturating_sub(max)..]).into_owned();
-    cellhost_core::probe::one_line_max(&s, max)
+    cellhost_host::probe::one_line_max(&s, max)
 }
 
 impl Inner {
@@ -294,7 +294,7 @@ impl Inner {
 
     /// `<instance>/cellhost-<id>`: the cell's cgroup below `cellhost/`.
     fn cgroup_object(&self, id: &CellId) -> String {
-        cellhost_core::cgroups::cgroup_object(&self.instance, &id.object_name())
+        cellhost_host::cgroups::cgroup_object(&self.instance, &id.object_name())
     }
 
     /// The ids qemu runs as: the base of the cell's lease for both, no
@@ -449,7 +449,7 @@ impl Inner {
     /// lookup, cleared env, timeout, one-line stderr).
     fn run_tool(&self, tool: &Path, args: &[&str]) -> Result<(), BackendError> {
         let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
-        cellhost_core::tool::run(tool, &args, None).map_err(|e| {
+        cellhost_host::tool::run(tool, &args, None).map_err(|e| {
             BackendError::engine(format!(
                 "{} {}: {e}",
                 tool.display(),
@@ -726,7 +726,7 @@ impl Inner {
         std::io::BufReader::new(stdout)
             .read_line(&mut line)
             .map_err(|e| BackendError::io("reading the shim's report", e))?;
-        let report: cellhost_core::shim::ShimReport = serde_json::from_str(line.trim())
+        let report: cellhost_host::shim::ShimReport = serde_json::from_str(line.trim())
             .map_err(|_| BackendError::engine(format!("the shim reported {:?}", line.trim())))?;
         if !report.ok {
             return Err(BackendError::engine(format!(
@@ -974,7 +974,7 @@ impl Inner {
         let running_as = |r: UidRange| {
             let until = Instant::now() + Duration::from_secs(5);
             loop {
-                let left = cellhost_core::uids::processes_in(r);
+                let left = cellhost_host::uids::processes_in(r);
                 if left.is_empty() || Instant::now() > until {
                     return left;
                 }
@@ -1041,7 +1041,7 @@ impl Inner {
         report.check("vm-dir", dir.display().to_string(), left(dir.clone()));
         report.check(
             "vm-cgroup",
-            format!("cgroup {}/{object}", cellhost_core::cgroups::CGROUP_PARENT),
+            format!("cgroup {}/{object}", cellhost_host::cgroups::CGROUP_PARENT),
             cgroups_left.len() as u64,
         );
         if let Some((r, left)) = uids_left {
@@ -1123,7 +1123,7 @@ impl Inner {
         }
         // Cgroups of this tier whose cell dir is gone (a teardown cut
         // short): reconcile destroys them with the rest.
-        for name in cellhost_core::cgroups::cell_cgroup_names(&self.instance)
+        for name in cellhost_host::cgroups::cell_cgroup_names(&self.instance)
             .map_err(|e| BackendError::io("listing the tier's cgroups", e))?
         {
             let Some(id) = name
@@ -1256,7 +1256,7 @@ impl Inner {
 
 /// The cell's recorded exit (exit.json), if any.
 fn record_exit(dir: &Path, exit: &ExitInfo) -> Result<(), BackendError> {
-    cellhost_core::shim::write_exit(dir, exit).map_err(|e| BackendError::io("exit.json", e))
+    cellhost_host::shim::write_exit(dir, exit).map_err(|e| BackendError::io("exit.json", e))
 }
 
 const MAIN_JSON: &str = "main.json";

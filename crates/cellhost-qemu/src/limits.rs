@@ -3,7 +3,7 @@
 //! # Layout on the host
 //!
 //! `<hierarchy>/cellhost/<instance>/cellhost-<id>` (named and found as a
-//! process cell's, [`cellhost_core::cgroups`]; `<instance>` is the tier's
+//! process cell's, [`cellhost_host::cgroups`]; `<instance>` is the tier's
 //! state dir's tag, so vm and microvm cells are listed apart): in each
 //! mounted v1 hierarchy that carries memory, cpu, cpuacct or pids on a v1
 //! or hybrid host, or in the unified hierarchy on a v2 host (the memory,
@@ -31,8 +31,8 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use cellhost_core::cgroups::{CGROUP_PARENT, CellCgroups, Hierarchy};
-use cellhost_core::probe::Accel;
+use cellhost_host::cgroups::{CGROUP_PARENT, CellCgroups, Hierarchy};
+use cellhost_host::probe::Accel;
 use cellhost_spec::Cell;
 
 use crate::args::{DEFAULT_MEMORY_MIB, vcpus};
@@ -205,7 +205,7 @@ pub fn plan(
 /// Make cell cgroup `object` with limits `l`; the dirs qemu joins. On
 /// error, what was made is removed again.
 pub fn create(object: &str, l: &Limits) -> Result<Vec<PathBuf>, CgroupError> {
-    let hs = cellhost_core::cgroups::hierarchies()
+    let hs = cellhost_host::cgroups::hierarchies()
         .map_err(io_err("reading", Path::new("/proc/self/mountinfo")))?;
     let (dirs, writes) = plan(&hs, object, l)?;
     if let Some(u) = hs.iter().find(|h| h.unified)
@@ -280,8 +280,8 @@ pub fn dirs(object: &str) -> Vec<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use cellhost_core::cgroups::hierarchies_from;
-    use cellhost_core::mountinfo::parse;
+    use cellhost_host::cgroups::hierarchies_from;
+    use cellhost_os::mountinfo::parse;
 
     fn cell(extra: &str) -> Cell {
         cellhost_spec::parse_and_validate(&format!(

@@ -172,7 +172,7 @@ pub fn build(
     args.extend(network_arg.as_deref().map(OsStr::new));
     // The shared runner drains stdout (the image) and stderr on threads of
     // their own: neither pipe can fill and stall the other.
-    let mut iso = cellhost_core::tool::output(genisoimage, &args, None)
+    let mut iso = cellhost_host::tool::output(genisoimage, &args, None)
         .map_err(|e| BackendError::engine_from("genisoimage", e))?;
     if iso.len() < 32 * 1024 {
         zeroize::Zeroize::zeroize(&mut iso);

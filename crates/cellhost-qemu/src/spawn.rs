@@ -228,7 +228,7 @@ impl Exec {
                 if n == 0 {
                     return Ok(pid);
                 }
-                let _ = cellhost_core::shim::reap(pid);
+                let _ = cellhost_host::shim::reap(pid);
                 let step = u32::from_ne_bytes(report[..4].try_into().unwrap_or([0; 4]));
                 let errno = i32::from_ne_bytes(report[4..].try_into().unwrap_or([0; 4]));
                 Err(SpawnError::Child {
@@ -399,7 +399,7 @@ mod tests {
         )
         .unwrap();
         let pid = exec.spawn().unwrap();
-        cellhost_core::shim::reap(pid).unwrap();
+        cellhost_host::shim::reap(pid).unwrap();
         let text = std::fs::read_to_string(&out).unwrap();
         let u = 1u32 << 30;
         let g = u + 1;

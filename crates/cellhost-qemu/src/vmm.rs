@@ -46,7 +46,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 
-use cellhost_core::shim::{ShimReport, copy_capped, detach_stdout, reap, report, write_atomic};
+use cellhost_host::shim::{ShimReport, copy_capped, detach_stdout, reap, report, write_atomic};
 use nix::unistd::ForkResult;
 use serde::{Deserialize, Serialize};
 
@@ -58,7 +58,7 @@ pub const SHIM_PID: &str = "shim.pid";
 pub const QEMU_LOG: &str = "qemu.log";
 pub const SERIAL_LOG: &str = "serial.log";
 /// How the cell ended (the workload's status).
-pub use cellhost_core::shim::EXIT_FILE;
+pub use cellhost_host::shim::EXIT_FILE;
 /// How qemu itself ended.
 pub const QEMU_EXIT: &str = "qemu-exit.json";
 

@@ -207,7 +207,7 @@ fn http_get(port: u16) -> Option<String> {
 #[test]
 fn vm_boots_with_seed_serves_hostfwd_powers_down_and_orphans_are_swept() {
     let (kernel, modules, _agent) = require_boot!();
-    if cellhost_core::probe::which("genisoimage").is_none() {
+    if cellhost_host::probe::which("genisoimage").is_none() {
         eprintln!("SKIP: genisoimage not installed (scripts/test installs it)");
         return;
     }
@@ -367,7 +367,7 @@ fn what_a_vm_cannot_honour_is_refused_before_anything_is_made() {
     // (qcow2: a 2 GiB raw file would be copied and hashed on import.)
     let disk = state.path().join("big.qcow2");
     let qemu_img =
-        cellhost_core::probe::which("qemu-img").expect("qemu-img (scripts/test installs it)");
+        cellhost_host::probe::which("qemu-img").expect("qemu-img (scripts/test installs it)");
     let made = std::process::Command::new(qemu_img)
         .args(["create", "-q", "-f", "qcow2"])
         .arg(&disk)
@@ -411,8 +411,8 @@ fn what_a_vm_cannot_honour_is_refused_before_anything_is_made() {
 #[test]
 fn bridged_vm_gets_its_lease_and_publishes_by_dnat() {
     let (kernel, modules, _agent) = require_boot!();
-    if cellhost_core::probe::which("genisoimage").is_none()
-        || cellhost_core::probe::which("nft").is_none()
+    if cellhost_host::probe::which("genisoimage").is_none()
+        || cellhost_host::probe::which("nft").is_none()
     {
         eprintln!("SKIP: genisoimage or nft not installed (scripts/test installs them)");
         return;
@@ -535,7 +535,7 @@ fn bridged_vm_gets_its_lease_and_publishes_by_dnat() {
 #[test]
 fn two_microvms_run_as_strangers_to_each_other() {
     let (kernel, modules, agent) = require_boot!();
-    if cellhost_core::probe::which("setpriv").is_none() {
+    if cellhost_host::probe::which("setpriv").is_none() {
         eprintln!("SKIP: setpriv (util-linux) not installed");
         return;
     }
@@ -637,11 +637,11 @@ fn an_orphan_cgroup_is_listed_and_removed() {
     let _cleanup = common::KillVmsOnDrop(state.path().to_path_buf());
     let backend = QemuBackend::new(common::config(Isolation::Vm, state.path()));
     let id = CellId::random();
-    let object = cellhost_core::cgroups::cgroup_object(
-        &cellhost_core::cgroups::instance_tag(&state.path().join("vm")),
+    let object = cellhost_host::cgroups::cgroup_object(
+        &cellhost_host::cgroups::instance_tag(&state.path().join("vm")),
         &id.object_name(),
     );
-    let cg = cellhost_core::cgroups::CellCgroups::for_object(&object).unwrap();
+    let cg = cellhost_host::cgroups::CellCgroups::for_object(&object).unwrap();
     // Made the way the backend makes them: a microvm document's limits.
     let made = cellhost_qemu::limits::create(
         &object,

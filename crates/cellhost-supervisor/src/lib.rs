@@ -21,7 +21,7 @@ pub mod uid_claims;
 
 /// Does no process run as any id of `r`?
 pub(crate) fn uids_free(r: cellhost_core::UidRange) -> bool {
-    cellhost_core::uids::processes_in(r).is_empty()
+    cellhost_host::uids::processes_in(r).is_empty()
 }
 
 pub use error::SupervisorError;

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use cellhost_core::Backend;
-use cellhost_core::probe::{Accel, HostReport};
+use cellhost_host::probe::{Accel, HostReport};
 use cellhost_image::ImageStore;
 use cellhost_policy::Policy;
 use cellhost_spec::Isolation;
@@ -243,7 +243,7 @@ pub fn vm_probe(state_dir: &Path) -> HostReport {
         .and_then(|b| serde_json::from_slice(&b).ok())
         .filter(|c: &Cached| Some(&c.digest) == digest.as_ref());
     let kvm_dev = Path::new("/dev/kvm").exists();
-    let mut report = cellhost_core::probe::probe(&cellhost_core::probe::ProbeOptions {
+    let mut report = cellhost_host::probe::probe(&cellhost_host::probe::ProbeOptions {
         kvm_boot: kvm_dev && kernel.is_some() && cached.is_none(),
         probe_kernel: kernel,
         // A kernel that boots under KVM reaches its root mount in about a

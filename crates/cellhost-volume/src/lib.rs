@@ -95,8 +95,8 @@ use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use cellhost_core::mountinfo::mounts_under;
 use cellhost_core::{TeardownReport, VolumeKey, ids::CellId};
+use cellhost_os::mountinfo::mounts_under;
 use serde::{Deserialize, Serialize};
 
 pub use engine::{EngineChoice, EngineKind, LuksFormat, Probe, probe};

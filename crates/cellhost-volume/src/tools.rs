@@ -1,5 +1,5 @@
 //! Running cryptsetup, qemu-storage-daemon, mkfs.ext4 and mount (through
-//! `cellhost_core::tool`: cleared env, deadline, captured stderr, secrets
+//! `cellhost_host::tool`: cleared env, deadline, captured stderr, secrets
 //! on stdin only); unmounting and loop-device checks by syscall.
 
 use std::ffi::{OsStr, OsString};
@@ -10,8 +10,8 @@ use cellhost_core::ids::CellId;
 
 use crate::{EngineKind, VolumeError};
 
-pub(crate) use cellhost_core::tool::find;
-pub use cellhost_core::tool::{RunError, run};
+pub(crate) use cellhost_host::tool::find;
+pub use cellhost_host::tool::{RunError, run};
 
 /// Where the tools are. A bare name is looked up on `PATH` when run; a path
 /// is used as is. Operators with tools in odd places set these; tests use
@@ -113,7 +113,7 @@ pub(crate) fn step(id: &CellId, step: &'static str, e: RunError) -> VolumeError 
 pub(crate) fn unmount(mnt: &Path, lazy_if_busy: bool) -> Result<(), String> {
     let mut tries = 0;
     let u = loop {
-        let u = cellhost_core::mountinfo::unmount_under(mnt, lazy_if_busy)
+        let u = cellhost_os::mountinfo::unmount_under(mnt, lazy_if_busy)
             .map_err(|e| format!("reading mountinfo: {e}"))?;
         let busy = u.errors.iter().any(|e| e.contains("EBUSY"));
         if lazy_if_busy || !busy || tries >= 20 {

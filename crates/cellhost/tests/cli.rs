@@ -93,7 +93,7 @@ fn unavailable_tier_exits_4() {
     let out = cellhost(dir.path()).arg("run").arg(&doc).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.lines().count(), 1, "one clear line: {err}");
-    if cellhost_core::probe::which("qemu-system-x86_64").is_none() {
+    if cellhost_host::probe::which("qemu-system-x86_64").is_none() {
         // No qemu: the tier itself is missing.
         assert_eq!(out.status.code(), Some(4), "{err}");
         assert!(err.contains("microvm"), "{err}");
@@ -346,7 +346,7 @@ fn doctor_reports_every_capability_and_tier() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    for key in cellhost_core::probe::KEYS {
+    for key in cellhost_host::probe::KEYS {
         assert!(names.contains(key), "doctor lacks {key}: {names:?}");
     }
     let tiers: Vec<&str> = v["tiers"]

@@ -920,7 +920,7 @@ fn microvm_cells_through_the_daemon_survive_a_kill9_and_orphans_are_swept() {
 #[test]
 fn bridged_cells_through_the_daemon_show_counters_and_orphans_are_swept() {
     require_process_tier!();
-    if cellhost_core::probe::which("nft").is_none() {
+    if cellhost_host::probe::which("nft").is_none() {
         eprintln!("SKIP: nft not installed (scripts/test installs it)");
         return;
     }

@@ -1028,7 +1028,7 @@ impl Drop for Neighbour {
 #[test]
 fn a_broad_egress_rule_reaches_neither_the_host_nor_its_neighbours() {
     require_process_tier!();
-    if python_missing() || cellhost_core::probe::which("nft").is_none() {
+    if python_missing() || cellhost_host::probe::which("nft").is_none() {
         eprintln!("SKIP: python3 or nft not installed (scripts/test installs it)");
         return;
     }
@@ -1174,7 +1174,7 @@ print(json.dumps(res))
 #[test]
 fn a_published_port_is_one_cells_across_every_tier() {
     require_process_tier!();
-    if cellhost_core::probe::which("nft").is_none() {
+    if cellhost_host::probe::which("nft").is_none() {
         eprintln!("SKIP: nft not installed (scripts/test installs it)");
         return;
     }

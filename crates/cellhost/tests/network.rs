@@ -32,7 +32,7 @@ fn network_missing() -> Option<String> {
         return Some("not root".into());
     }
     for tool in ["ip", "bridge", "nft", "conntrack"] {
-        if cellhost_core::probe::which(tool).is_none() {
+        if cellhost_host::probe::which(tool).is_none() {
             return Some(format!("{tool} not installed (scripts/test installs it)"));
         }
     }
@@ -744,7 +744,7 @@ impl Drop for KillQemuOnDrop {
             .args(["-9", "-f", &self.0.to_string_lossy()])
             .status();
         // The tier's (empty) cgroup group, qemu's cgroups' parent.
-        cellhost_core::cgroups::remove_instance_group(&cellhost_core::cgroups::instance_tag(
+        cellhost_host::cgroups::remove_instance_group(&cellhost_host::cgroups::instance_tag(
             &self.0,
         ));
     }

@@ -60,7 +60,7 @@ pub fn setup(pid1: bool) {
     let common = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mount_fs("proc", "/proc", common, None);
     // One read of the table (through our own /proc now), for the rest.
-    let mounted: Vec<PathBuf> = cellhost_core::mountinfo::read_self()
+    let mounted: Vec<PathBuf> = cellhost_os::mountinfo::read_self()
         .map(|t| t.into_iter().map(|m| m.mount_point).collect())
         .unwrap_or_default();
     let absent = |p: &str| !mounted.iter().any(|m| m == Path::new(p));

@@ -257,7 +257,7 @@ impl Agent {
                         files::write_atomic(
                             &self.config.resolv_dir,
                             "resolv.conf",
-                            cellhost_core::ifconfig::resolv_conf(&plan.dns).as_bytes(),
+                            cellhost_os::ifconfig::resolv_conf(&plan.dns).as_bytes(),
                             0o644,
                         )
                     })

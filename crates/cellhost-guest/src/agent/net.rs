@@ -23,7 +23,7 @@
 //! agent is PID 1 or runs with `--configure-net`, so an agent run as a
 //! plain process on a host can never be told to reconfigure it.
 //!
-//! The interface itself is set by `cellhost_core::ifconfig` (ioctls), which
+//! The interface itself is set by `cellhost_os::ifconfig` (ioctls), which
 //! the host side uses too for a process cell's netns.
 
 use std::io;
@@ -72,7 +72,7 @@ pub fn plan(req: &NetRequest) -> Result<NetPlan, Failure> {
             let g: Ipv4Addr = g
                 .parse()
                 .map_err(|_| Failure::invalid(format!("gateway: {g:?} is not an IPv4 address")))?;
-            let mask = cellhost_core::ifconfig::mask(prefix);
+            let mask = cellhost_os::ifconfig::mask(prefix);
             if u32::from(g) & mask != u32::from(address) & mask {
                 return Err(Failure::invalid(format!(
                     "gateway: {g} is not on {address}/{prefix}"
@@ -104,7 +104,7 @@ pub fn plan(req: &NetRequest) -> Result<NetPlan, Failure> {
 
 /// Carry out `p` on this machine's network stack.
 pub fn apply(p: &NetPlan) -> io::Result<()> {
-    cellhost_core::ifconfig::apply(&cellhost_core::ifconfig::Ipv4Config {
+    cellhost_os::ifconfig::apply(&cellhost_os::ifconfig::Ipv4Config {
         interface: p.interface.clone(),
         address: p.address,
         prefix: p.prefix,

@@ -48,7 +48,7 @@ pub fn boot_ready() -> Result<(PathBuf, PathBuf, PathBuf), String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Err("not root".into());
     }
-    if cellhost_core::probe::which("qemu-system-x86_64").is_none() {
+    if cellhost_host::probe::which("qemu-system-x86_64").is_none() {
         return Err("qemu-system-x86_64 not installed (scripts/test installs it)".into());
     }
     let (k, m) = kernel().ok_or("CELLHOST_TEST_KERNEL_DIR unset (scripts/test sets it)")?;
@@ -304,13 +304,13 @@ pub fn assert_confined(
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
     assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
-    let object = cellhost_core::cgroups::cgroup_object(
-        &cellhost_core::cgroups::instance_tag(tier_dir),
+    let object = cellhost_host::cgroups::cgroup_object(
+        &cellhost_host::cgroups::instance_tag(tier_dir),
         &id.object_name(),
     );
     let want = format!("/cellhost/{object}");
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let cg = cellhost_core::cgroups::CellCgroups::for_object(&object).unwrap();
+    let cg = cellhost_host::cgroups::CellCgroups::for_object(&object).unwrap();
     for controller in ["memory", "cpu", "pids"] {
         let line = cgroups
             .lines()
@@ -338,7 +338,7 @@ pub fn assert_confined(
         .unwrap();
     let want = cellhost_qemu::limits::Limits::for_cell(
         cell,
-        cellhost_core::probe::Accel::Tcg,
+        cellhost_host::probe::Accel::Tcg,
         cellhost_qemu::limits::TB_MIB,
     );
     assert_eq!(limit, want.memory_bytes, "{}", mem_dir.display());
@@ -359,11 +359,11 @@ pub fn assert_cgroup_and_uids_gone(
             .unwrap_or_else(|| panic!("no {name} check in {report:?}"));
         assert_eq!(c.residue, 0, "{c:?}");
     }
-    let object = cellhost_core::cgroups::cgroup_object(
-        &cellhost_core::cgroups::instance_tag(tier_dir),
+    let object = cellhost_host::cgroups::cgroup_object(
+        &cellhost_host::cgroups::instance_tag(tier_dir),
         &id.object_name(),
     );
-    let cg = cellhost_core::cgroups::CellCgroups::for_object(&object).unwrap();
+    let cg = cellhost_host::cgroups::CellCgroups::for_object(&object).unwrap();
     assert!(cg.existing().is_empty(), "{:?}", cg.existing());
 }
 
@@ -385,13 +385,13 @@ impl Drop for KillVmsOnDrop {
     fn drop(&mut self) {
         self.kill();
         for tier in ["vm", "microvm"] {
-            let instance = cellhost_core::cgroups::instance_tag(&self.0.join(tier));
-            for name in cellhost_core::cgroups::cell_cgroup_names(&instance).unwrap_or_default() {
-                cellhost_qemu::limits::remove(&cellhost_core::cgroups::cgroup_object(
+            let instance = cellhost_host::cgroups::instance_tag(&self.0.join(tier));
+            for name in cellhost_host::cgroups::cell_cgroup_names(&instance).unwrap_or_default() {
+                cellhost_qemu::limits::remove(&cellhost_host::cgroups::cgroup_object(
                     &instance, &name,
                 ));
             }
-            cellhost_core::cgroups::remove_instance_group(&instance);
+            cellhost_host::cgroups::remove_instance_group(&instance);
         }
     }
 }

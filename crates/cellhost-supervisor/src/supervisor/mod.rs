@@ -395,7 +395,7 @@ impl Supervisor {
         HostFacts {
             addresses,
             bridge: self.cfg.bridge_subnet,
-            connected: cellhost_core::ifconfig::connected_networks()
+            connected: cellhost_os::ifconfig::connected_networks()
                 .into_iter()
                 .map(|(a, p)| Net::new(a, p))
                 .collect(),

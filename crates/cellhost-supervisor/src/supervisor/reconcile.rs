@@ -192,7 +192,7 @@ impl Supervisor {
             if !matches!(self.db(move |s| s.get(&idc)).await, Ok(None)) {
                 continue;
             }
-            let left = cellhost_core::uids::processes_in(l.range);
+            let left = cellhost_host::uids::processes_in(l.range);
             if !left.is_empty() {
                 sum.errors += 1;
                 tracing::warn!(
@@ -231,7 +231,7 @@ impl Supervisor {
                     base,
                     size: UidRange::CELL_SIZE,
                 };
-                if cellhost_core::uids::processes_in(range).is_empty() {
+                if cellhost_host::uids::processes_in(range).is_empty() {
                     self.claims.release(&cell, range);
                 }
             }

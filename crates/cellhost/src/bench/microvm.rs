@@ -27,8 +27,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 use cellhost_core::ids::CellId;
-use cellhost_core::probe::Accel;
 use cellhost_core::{Backend, CreateRequest};
+use cellhost_host::probe::Accel;
 use cellhost_qemu::image::{ImageStore, InitramfsRequest, MICROVM_MODULES, build_initramfs};
 use cellhost_spec::Isolation;
 use serde_json::json;
@@ -202,10 +202,10 @@ pub async fn bench_microvm(
     struct RemoveGroup(String);
     impl Drop for RemoveGroup {
         fn drop(&mut self) {
-            cellhost_core::cgroups::remove_instance_group(&self.0);
+            cellhost_host::cgroups::remove_instance_group(&self.0);
         }
     }
-    let _group = RemoveGroup(cellhost_core::cgroups::instance_tag(&cfg.state_dir));
+    let _group = RemoveGroup(cellhost_host::cgroups::instance_tag(&cfg.state_dir));
     let (mut ours, mut base) = (Series(Vec::new()), Series(Vec::new()));
     // One of each to warm the page cache, not counted.
     timed_command(&mut bare(&bare_initrd))?;

@@ -3,7 +3,7 @@
 pub fn doctor(state_dir: &std::path::Path, kvm_boot: bool, json: bool) -> anyhow::Result<u8> {
     // With --kvm-boot: the probe boots a kernel of the image store when
     // there is one (what the VM tiers do at start), else its own search.
-    let report = cellhost_core::probe::probe(&cellhost_core::probe::ProbeOptions {
+    let report = cellhost_host::probe::probe(&cellhost_host::probe::ProbeOptions {
         kvm_boot,
         probe_kernel: cellhost_supervisor::tiers::store_kernel(state_dir).map(|(k, _)| k),
         ..Default::default()

@@ -174,10 +174,10 @@ pub fn backend_err(e: BackendError, what: &str) -> anyhow::Error {
 /// `; doctor: no  cgroup.memory  <why>` for a capability key, so a refusal
 /// shows what `cellhost doctor` shows for the same thing.
 fn doctor_says(capability: &str) -> String {
-    if !cellhost_core::probe::KEYS.contains(&capability) {
+    if !cellhost_host::probe::KEYS.contains(&capability) {
         return "; see `cellhost doctor`".to_string();
     }
-    let report = cellhost_core::probe::probe(&Default::default());
+    let report = cellhost_host::probe::probe(&Default::default());
     match report.get(capability) {
         Some(c) => format!(
             "; doctor: {} {} ({})",

@@ -347,7 +347,7 @@ impl Drop for Daemon {
         }
         cellhost_process::hostfs::remove_instance_group(self.backend().cgroup_instance());
         for tier in ["vm", "microvm"] {
-            cellhost_core::cgroups::remove_instance_group(&cellhost_core::cgroups::instance_tag(
+            cellhost_host::cgroups::remove_instance_group(&cellhost_host::cgroups::instance_tag(
                 &self.state.join(tier),
             ));
         }

@@ -15,7 +15,7 @@ use cellhost_spec::Cell;
 /// need the process tier print this and return (a capability probe, never a
 /// silent skip).
 pub fn process_tier_missing() -> Option<String> {
-    let report = cellhost_core::probe::probe(&Default::default());
+    let report = cellhost_host::probe::probe(&Default::default());
     let tier = report.tier(cellhost_spec::Isolation::Process);
     (!tier.ok).then(|| tier.detail.clone())
 }
@@ -410,7 +410,7 @@ pub fn microvm_missing() -> Option<String> {
     if !nix::unistd::Uid::effective().is_root() {
         return Some("not root".into());
     }
-    if cellhost_core::probe::which("qemu-system-x86_64").is_none() {
+    if cellhost_host::probe::which("qemu-system-x86_64").is_none() {
         return Some("qemu-system-x86_64 not installed (scripts/test installs it)".into());
     }
     for var in ["CELLHOST_TEST_KERNEL_DIR", "CELLHOST_AGENT_STATIC"] {

@@ -23,15 +23,15 @@ pub const CGROUP_PARENT: &str = "cellhost";
 /// The cgroup group of one backend instance, under [`CGROUP_PARENT`]: see
 /// [`instance_tag`]. A cell's cgroup is
 /// `/cellhost/<instance>/cellhost-<id>`.
-pub use crate::ids::instance_tag;
+pub use cellhost_core::ids::instance_tag;
 
 /// `<instance>/cellhost-<id>`: the cell's cgroup below [`CGROUP_PARENT`].
 pub fn cgroup_object(instance: &str, container_id: &str) -> String {
     format!("{instance}/{container_id}")
 }
 
-use crate::mountinfo::MountEntry;
-use crate::mountinfo::read_self as mounts;
+use cellhost_os::mountinfo::MountEntry;
+use cellhost_os::mountinfo::read_self as mounts;
 
 /// A mounted cgroup hierarchy.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,7 +43,7 @@ pub struct Hierarchy {
     pub controllers: Vec<String>,
 }
 
-use crate::mountinfo::V1_CONTROLLERS;
+use cellhost_os::mountinfo::V1_CONTROLLERS;
 
 /// Every cgroup hierarchy mounted in this mount namespace.
 pub fn hierarchies() -> io::Result<Vec<Hierarchy>> {
@@ -258,7 +258,7 @@ pub fn cell_cgroup_names_in(instance: &str, hs: &[Hierarchy]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mountinfo::parse as parse_mountinfo;
+    use cellhost_os::mountinfo::parse as parse_mountinfo;
 
     const SAMPLE: &str = "\
 25 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw

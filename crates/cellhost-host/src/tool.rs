@@ -159,3 +159,16 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod run_error_tests {
+    use super::RunError;
+
+    #[test]
+    fn run_errors_read_as_before() {
+        let run = RunError::Failed(Some(3), "bad flag".into());
+        assert_eq!(run.to_string(), "exit 3: bad flag");
+        let run = RunError::Failed(None, "x".into());
+        assert_eq!(run.to_string(), "killed: x");
+    }
+}

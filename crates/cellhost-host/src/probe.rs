@@ -59,7 +59,7 @@
 //! only pattern-matched and quoted (truncated, on one line). No secret
 //! passes through the probe, and children inherit none of our environment.
 
-use crate::mountinfo::MountEntry;
+use cellhost_os::mountinfo::MountEntry;
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
 use std::fmt;
@@ -79,7 +79,7 @@ use std::time::{Duration, Instant, SystemTime};
 use cellhost_spec::Isolation;
 use serde::Serialize;
 
-use crate::BackendError;
+use cellhost_core::BackendError;
 
 /// Every capability key [`probe`] reports, in report order. Stable: the CLI,
 /// `--json` consumers and test skips match on these strings.
@@ -778,7 +778,7 @@ fn known_v1_controllers() -> BTreeSet<String> {
     if !from_proc.is_empty() {
         return from_proc;
     }
-    crate::mountinfo::V1_CONTROLLERS
+    cellhost_os::mountinfo::V1_CONTROLLERS
         .iter()
         .map(|c| c.to_string())
         .collect()
@@ -1025,7 +1025,7 @@ fn check_cgroups() -> CgroupCheck {
         }
     };
     let layout = cgroup_layout(
-        &crate::mountinfo::parse(&mountinfo),
+        &cellhost_os::mountinfo::parse(&mountinfo),
         &known_v1_controllers(),
         read_v2_controllers,
     );
@@ -1575,7 +1575,7 @@ fn check_docker(opts: &ProbeOptions) -> Vec<Capability> {
     });
     match info {
         Ok(info) => {
-            let mounts = crate::mountinfo::read_self().unwrap_or_default();
+            let mounts = cellhost_os::mountinfo::read_self().unwrap_or_default();
             vec![
                 engine,
                 docker_userns(&info),
@@ -1661,7 +1661,7 @@ fn docker_storage_opt(info: &serde_json::Value, mounts: &[MountEntry]) -> Capabi
         "overlay2" => {
             let backing = status("Backing Filesystem").unwrap_or_else(|| "?".into());
             let root = info["DockerRootDir"].as_str().unwrap_or("/var/lib/docker");
-            let mount = crate::mountinfo::holding(mounts, Path::new(root));
+            let mount = cellhost_os::mountinfo::holding(mounts, Path::new(root));
             let prjquota = mount.is_some_and(|m| {
                 m.fs_type == "xfs"
                     && m.super_options
@@ -2697,7 +2697,7 @@ garbage line without separator
 1 2 3 - short
 ";
         let known = known_v1_controllers();
-        let mounts = crate::mountinfo::parse(text);
+        let mounts = cellhost_os::mountinfo::parse(text);
         assert_eq!(mounts.len(), 6);
         let l = cgroup_layout(&mounts, &known, |_| vec![]);
         assert_eq!(l.version, Some(CgroupVersion::Hybrid));
@@ -2723,7 +2723,7 @@ garbage line without separator
         );
 
         let v2 = "29 23 0:26 / /sys/fs/cgroup rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n";
-        let l = cgroup_layout(&crate::mountinfo::parse(v2), &known, |p| {
+        let l = cgroup_layout(&cellhost_os::mountinfo::parse(v2), &known, |p| {
             assert_eq!(p, Path::new("/sys/fs/cgroup"));
             vec!["cpu".into(), "memory".into(), "pids".into()]
         });
@@ -2734,11 +2734,12 @@ garbage line without separator
 
     #[test]
     fn mountinfo_odd_content_does_not_panic() {
-        let m = crate::mountinfo::parse("1 2 3:4 / /a\\040b\\ rw - ext4 /dev/x rw\n\\\n - \n");
+        let m =
+            cellhost_os::mountinfo::parse("1 2 3:4 / /a\\040b\\ rw - ext4 /dev/x rw\n\\\n - \n");
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].mount_point, Path::new("/a b\\"));
-        assert_eq!(crate::mountinfo::unescape("\\777\\0"), "\\777\\0");
-        assert_eq!(crate::mountinfo::unescape("x\\134y"), "x\\y");
+        assert_eq!(cellhost_os::mountinfo::unescape("\\777\\0"), "\\777\\0");
+        assert_eq!(cellhost_os::mountinfo::unescape("x\\134y"), "x\\y");
         for junk in [
             "",
             "-",
@@ -2747,7 +2748,7 @@ garbage line without separator
             "\u{0} - \u{1}",
             "é é é é é - é",
         ] {
-            let _ = crate::mountinfo::parse(junk);
+            let _ = cellhost_os::mountinfo::parse(junk);
         }
     }
 

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
-use crate::ExitInfo;
+use cellhost_core::ExitInfo;
 
 /// The line the shim reports on its stdout.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -126,12 +126,12 @@ pub fn reap(pid: Pid) -> nix::Result<ExitInfo> {
 pub const EXIT_FILE: &str = "exit.json";
 
 /// The cell's recorded exit, if any (`<dir>/exit.json`).
-pub fn read_exit(dir: &Path) -> Option<crate::ExitInfo> {
+pub fn read_exit(dir: &Path) -> Option<cellhost_core::ExitInfo> {
     serde_json::from_slice(&fs::read(dir.join(EXIT_FILE)).ok()?).ok()
 }
 
 /// Record how the cell ended, atomically (`<dir>/exit.json`).
-pub fn write_exit(dir: &Path, exit: &crate::ExitInfo) -> io::Result<()> {
+pub fn write_exit(dir: &Path, exit: &cellhost_core::ExitInfo) -> io::Result<()> {
     write_atomic(
         &dir.join(EXIT_FILE),
         &serde_json::to_vec(exit).unwrap_or_default(),
