@@ -776,25 +776,17 @@ impl Backend for DockerBackend {
     }
 
     fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle {
-        let names = Names::of(id);
-        CellHandle {
-            id: id.clone(),
-            name: names.container.clone(),
-            isolation: Isolation::Container,
-            state_dir: self.cell_dir(id),
-            tier: serde_json::json!({
-                "container": names.container,
-                // The host file that backs spec.volume.
-                "volume": cell.spec.volume.as_ref().map(|v| if v.encrypted {
-                    self.volumes.paths(id).disk
-                } else {
-                    volume::of(&self.cell_dir(id)).img
-                }),
-                "image": cell.spec.image,
-                "instance": self.instance,
-            }),
-            uids: None,
-        }
+        let mut handle = self.found_handle(id);
+        // The host file that backs spec.volume.
+        handle.tier["volume"] = serde_json::json!(cell.spec.volume.as_ref().map(|v| {
+            if v.encrypted {
+                self.volumes.paths(id).disk
+            } else {
+                volume::of(&self.cell_dir(id)).img
+            }
+        }));
+        handle.tier["image"] = serde_json::json!(cell.spec.image);
+        handle
     }
 
     async fn create(&self, req: CreateRequest) -> Result<CellHandle, BackendError> {
