@@ -174,17 +174,40 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
+/// Commands that only read and print die quietly, as Unix tools do, when
+/// their reader goes away (`cellhost doctor | head -1`); Rust's runtime
+/// ignores SIGPIPE, and `println!` then panics. Not for commands that
+/// hold cells, money or a daemon (run, bench, serve, image, market): they
+/// must get to their cleanup.
+fn die_on_sigpipe() {
+    // SAFETY: called before any thread starts, and SIG_DFL installs no
+    // handler, so no Rust code runs in signal context.
+    unsafe {
+        let _ = nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        );
+    }
+}
+
 fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     let state_dir = cli.state_dir.clone();
     match cli.command {
         Command::Run(args) => runtime()?.block_on(run::run(&state_dir, args, cli.json)),
-        Command::Validate { file } => run::validate(&file, cli.json),
-        Command::Doctor { kvm_boot } => doctor::doctor(&state_dir, kvm_boot, cli.json),
+        Command::Validate { file } => {
+            die_on_sigpipe();
+            run::validate(&file, cli.json)
+        }
+        Command::Doctor { kvm_boot } => {
+            die_on_sigpipe();
+            doctor::doctor(&state_dir, kvm_boot, cli.json)
+        }
         Command::Bench(b) => runtime()?.block_on(bench::bench(&state_dir, b, cli.json)),
         Command::Serve(args) => runtime()?.block_on(serve::serve(&state_dir, args)),
         Command::Image(cmd) => image::image(&state_dir, cmd, cli.json),
         Command::Market(cmd) => runtime()?.block_on(market::market(cmd, cli.json)),
         cmd => {
+            die_on_sigpipe();
             let client = remote::client(&cli.api, cli.token_file.as_deref())?;
             runtime()?.block_on(remote::dispatch(&client, cmd, cli.json))
         }

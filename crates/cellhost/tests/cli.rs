@@ -475,3 +475,27 @@ fn a_policy_refusal_exits_4_naming_field_and_rule() {
     assert!(err.contains("spec.ports.0.host"), "{err}");
     assert!(err.contains("policy: ports"), "{err}");
 }
+
+/// `cellhost doctor | head -1`: a reader that goes away ends a printing
+/// command quietly (SIGPIPE), never with a panic's backtrace.
+#[test]
+fn a_closed_stdout_ends_a_printing_command_without_a_panic() {
+    let dir = common::state_dir();
+    let mut child = cellhost(dir.path())
+        .arg("doctor")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // the reader is gone before doctor prints
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?} {err}",
+        out.status
+    );
+}
