@@ -520,24 +520,36 @@ fn schemathesis_finds_no_server_errors() {
     let Addr::Tcp(hostport) = &tcp else {
         unreachable!()
     };
-    let out = Command::new(&st)
-        .args(["run", &format!("http://{hostport}/openapi.json")])
-        .args(["--checks", "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance"])
-        .args(["--header", &format!("Authorization: Bearer {ALICE}")])
-        .args(["--max-examples", "30", "--workers", "2", "--suppress-health-check", "all"])
-        // SSE streams never end on their own: bound each request.
-        .args(["--request-timeout", "3"])
-        .env("SCHEMATHESIS_HOOKS", "")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run schemathesis");
-    let text = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    eprintln!("{text}");
-    assert!(out.status.success(), "schemathesis found failures:\n{text}");
+    let run = || {
+        let out = Command::new(&st)
+            .args(["run", &format!("http://{hostport}/openapi.json")])
+            .args(["--checks", "not_a_server_error,response_schema_conformance,status_code_conformance,content_type_conformance"])
+            .args(["--header", &format!("Authorization: Bearer {ALICE}")])
+            .args(["--max-examples", "30", "--workers", "2", "--suppress-health-check", "all"])
+            // SSE streams never end on their own: bound each request.
+            .args(["--request-timeout", "3"])
+            .env("SCHEMATHESIS_HOOKS", "")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run schemathesis");
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{text}");
+        (out.status.success(), text)
+    };
+    let (mut ok, mut text) = run();
+    // schemathesis itself sometimes fails while generating a case (seen:
+    // "Runtime Error: AST constructor recursion depth mismatch" inside its
+    // coverage phase), which says nothing about the API. Such a run, with
+    // no failure found, is run once more; a finding always fails the test.
+    if !ok && !text.contains("FAILURES") && text.contains("Runtime Error") {
+        eprintln!("schemathesis erred without a finding; running it once more");
+        (ok, text) = run();
+    }
+    assert!(ok, "schemathesis found failures:\n{text}");
     d.destroy_all();
     assert!(d.host_ids().is_empty());
 }
