@@ -121,14 +121,15 @@
 //! # Threat model
 //!
 //! The file holds: cell ids, names, owners (consumer identities), leases,
-//! the cell document **as the caller passed it**, backend handles (paths,
+//! the cell document **redacted** (a [`NewCell::document`] is a
+//! [`cellhost_spec::Redacted`], which only `Redacted::of` makes, so an
+//! unredacted document does not compile as one), backend handles (paths,
 //! cgroup names, container ids), exit statuses, error strings, and events.
 //! It must never hold a secret value or a volume key (DESIGN.md,
-//! Invariants: "never the store"). The store does not and cannot tell a
-//! secret from a string, so that invariant is enforced by the caller: it
-//! redacts `SecretSource::Value` before [`Store::insert_cell`], and puts
-//! no secret in error strings or event data. Tests here check only the
-//! honest claim: what is stored is exactly what was given.
+//! Invariants: "never the store"). The store cannot tell a secret from a
+//! string in error strings or event data: keeping secrets out of those is
+//! the caller's part. A test checks that a stored document holds no
+//! inline secret value, in the file or its WAL.
 //!
 //! Readers: the file is 0600 and owned by the user cellhost runs as (root),
 //! in a directory created 0700. Anyone who can read it learns which cells
