@@ -232,6 +232,12 @@ impl ImageStore {
         ImageStore { root: root.into() }
     }
 
+    /// The store of a cellhost state dir: `<state>/images`, the one place
+    /// every tier, command and bench finds it.
+    pub fn of_state_dir(state_dir: &Path) -> ImageStore {
+        ImageStore::new(state_dir.join("images"))
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

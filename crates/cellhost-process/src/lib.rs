@@ -183,9 +183,11 @@ impl ProcessConfig {
             network: None,
             net_raw: false,
             user_namespace: true,
-            images_dir: state_dir
-                .parent()
-                .map_or_else(|| PathBuf::from("images"), |p| p.join("images")),
+            images_dir: cellhost_image::ImageStore::of_state_dir(
+                state_dir.parent().unwrap_or(Path::new("")),
+            )
+            .root()
+            .to_path_buf(),
             state_dir,
         }
     }

@@ -93,7 +93,7 @@ impl QemuConfig {
         QemuConfig {
             tier,
             state_dir: state_root.join(tier.as_str()),
-            images: ImageStore::new(state_root.join("images")),
+            images: ImageStore::of_state_dir(state_root),
             vmm_program,
             qemu: tool("qemu-system-x86_64"),
             qemu_img: tool("qemu-img"),

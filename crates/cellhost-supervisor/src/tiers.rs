@@ -217,11 +217,6 @@ impl TierSettings {
     }
 }
 
-/// The image store of a state dir.
-pub fn image_store(state_dir: &Path) -> ImageStore {
-    ImageStore::new(state_dir.join("images"))
-}
-
 /// The host probe for the VM tiers: with a probe boot under KVM of a
 /// kernel from the image store (when /dev/kvm exists), so the tiers get
 /// KVM only where a guest kernel really boots on it, TCG otherwise. The
@@ -237,7 +232,9 @@ pub fn vm_probe(state_dir: &Path) -> HostReport {
     }
     // The manifest already holds the kernel's digest: no rehashing.
     let (kernel, digest) = store_kernel(state_dir).unzip();
-    let cache = image_store(state_dir).root().join("kvm-probe.json");
+    let cache = ImageStore::of_state_dir(state_dir)
+        .root()
+        .join("kvm-probe.json");
     let cached: Option<Cached> = std::fs::read(&cache)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -277,7 +274,7 @@ pub fn vm_probe(state_dir: &Path) -> HostReport {
 /// A kernel of the image store (the first image that has one), with its
 /// digest from the manifest.
 pub fn store_kernel(state_dir: &Path) -> Option<(PathBuf, String)> {
-    let store = image_store(state_dir);
+    let store = ImageStore::of_state_dir(state_dir);
     store.list().ok()?.into_iter().find_map(|m| {
         let k = m.kernel.as_ref()?;
         let digest = m.digests.get(k)?.clone();

@@ -135,7 +135,7 @@ pub async fn bench_microvm(
     // The cellhost image: busybox + the agent + virtio modules.
     let rootfs = root.join("rootfs");
     busybox_root(&rootfs, None)?;
-    let store = ImageStore::new(root.join("images"));
+    let store = ImageStore::of_state_dir(&root);
     store.build_microvm(
         "bench",
         &kernel,

@@ -8,11 +8,6 @@ use cellhost_image::{ImageStore, ImportRequest, InitramfsRequest, MICROVM_MODULE
 
 use crate::cli::ImageCommand;
 
-/// The store of a state dir.
-pub fn store(state_dir: &Path) -> ImageStore {
-    cellhost_supervisor::tiers::image_store(state_dir)
-}
-
 fn show(m: &Manifest, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(m)?);
@@ -29,7 +24,7 @@ fn show(m: &Manifest, json: bool) -> anyhow::Result<()> {
 }
 
 pub fn image(state_dir: &Path, cmd: ImageCommand, json: bool) -> anyhow::Result<u8> {
-    let store = store(state_dir);
+    let store = ImageStore::of_state_dir(state_dir);
     match cmd {
         ImageCommand::Import {
             name,
