@@ -1,11 +1,12 @@
-//! Address and port leases for bridged cells (migration 3).
+//! Address leases for bridged cells (migration 3; its port table went in
+//! migration 6, host ports are `host_ports`).
 //!
-//! A lease is taken in one `BEGIN IMMEDIATE` transaction: the cell's
-//! address (the lowest free one in the pool's range) and every host port it
-//! publishes, or nothing. Taking a lease for a cell that has one returns
-//! the same address (create retried after a crash); releasing is
-//! idempotent. Several processes may share the file: SQLite's write lock
-//! serialises them, so two cells never get one address or one port.
+//! The supervisor takes a lease before create, in one `BEGIN IMMEDIATE`
+//! transaction: the lowest free address of the pool's range. Taking a
+//! lease for a cell that has one returns the same address; releasing is
+//! idempotent, and a cell's row removal releases it too. Several processes
+//! may share the file: SQLite's write lock serialises them, so two cells
+//! never get one address.
 
 use std::net::Ipv4Addr;
 use std::ops::RangeInclusive;
@@ -23,8 +24,6 @@ pub struct Lease {
     /// The tier that took it (each lists only its own cells).
     pub owner: String,
     pub address: Ipv4Addr,
-    /// `(protocol, host port)` pairs the cell publishes.
-    pub ports: Vec<(String, u16)>,
 }
 
 /// What [`Store::lease_address`] did.
@@ -35,26 +34,17 @@ pub enum LeaseOutcome {
     Leased { address: Ipv4Addr, fresh: bool },
     /// Every address of the range is leased.
     PoolExhausted,
-    /// A host port is another cell's.
-    PortTaken {
-        protocol: String,
-        port: u16,
-        by: String,
-    },
 }
 
 impl Store {
-    /// Lease `cell` the lowest free address of `range` in `pool`, and the
-    /// host `ports` it publishes; all or nothing. A cell that already holds
-    /// a lease in `pool` gets the same address back (its ports are then
-    /// replaced by `ports`).
+    /// Lease `cell` the lowest free address of `range` in `pool`. A cell
+    /// that already holds a lease in `pool` gets the same address back.
     pub fn lease_address(
         &self,
         cell: &CellId,
         pool: &str,
         owner: &str,
         range: RangeInclusive<Ipv4Addr>,
-        ports: &[(&str, u16)],
     ) -> Result<LeaseOutcome, StoreError> {
         let now = (self.clock)();
         let mut conn = self.conn();
@@ -106,31 +96,6 @@ impl Store {
                 next
             }
         };
-        tx.execute(
-            "DELETE FROM net_ports WHERE cell_id = ?1",
-            params![cell.as_str()],
-        )?;
-        for (protocol, port) in ports {
-            let by: Option<String> = tx
-                .query_row(
-                    "SELECT cell_id FROM net_ports WHERE protocol = ?1 AND port = ?2",
-                    params![protocol, port],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if let Some(by) = by {
-                // Dropping the transaction rolls the address back too.
-                return Ok(LeaseOutcome::PortTaken {
-                    protocol: protocol.to_string(),
-                    port: *port,
-                    by,
-                });
-            }
-            tx.execute(
-                "INSERT INTO net_ports (protocol, port, cell_id) VALUES (?1, ?2, ?3)",
-                params![protocol, port, cell.as_str()],
-            )?;
-        }
         tx.commit()?;
         Ok(LeaseOutcome::Leased {
             address: to_addr(address)?,
@@ -138,7 +103,7 @@ impl Store {
         })
     }
 
-    /// Give back `cell`'s address and ports. `Ok(false)` if it held none.
+    /// Give back `cell`'s address. `Ok(false)` if it held none.
     pub fn release_lease(&self, cell: &CellId) -> Result<bool, StoreError> {
         let n = self.conn().execute(
             "DELETE FROM net_leases WHERE cell_id = ?1",
@@ -160,68 +125,40 @@ impl Store {
         let Some((pool, owner, address)) = row else {
             return Ok(None);
         };
-        let mut stmt = conn.prepare(
-            "SELECT protocol, port FROM net_ports WHERE cell_id = ?1 ORDER BY protocol, port",
-        )?;
-        let ports = stmt
-            .query_map(params![cell.as_str()], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
-            })?
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .map(|(p, n)| {
-                u16::try_from(n)
-                    .map(|n| (p, n))
-                    .map_err(|_| StoreError::Invalid(format!("net_ports: port {n}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(Some(Lease {
             cell: cell.clone(),
             pool,
             owner,
             address: to_addr(address)?,
-            ports,
         }))
     }
 
-    /// Every lease in `pool`, by address.
-    pub fn leases(&self, pool: &str) -> Result<Vec<Lease>, StoreError> {
+    /// Every lease, by pool and address.
+    pub fn leases(&self) -> Result<Vec<Lease>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT l.cell_id, l.address, p.protocol, p.port, l.owner
-             FROM net_leases l LEFT JOIN net_ports p ON p.cell_id = l.cell_id
-             WHERE l.pool = ?1 ORDER BY l.address, p.protocol, p.port",
+            "SELECT cell_id, pool, owner, address FROM net_leases ORDER BY pool, address",
         )?;
         let rows = stmt
-            .query_map(params![pool], |r| {
+            .query_map([], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, Option<String>>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
-                    r.get::<_, String>(4)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
                 ))
             })?
             .collect::<Result<Vec<_>, _>>()?;
-        let mut out: Vec<Lease> = Vec::new();
-        for (id, address, protocol, port, owner) in rows {
-            let cell = CellId::parse(&id).map_err(|e| StoreError::Invalid(e.to_string()))?;
-            if out.last().is_none_or(|l| l.cell != cell) {
-                out.push(Lease {
-                    cell,
-                    pool: pool.to_string(),
+        rows.into_iter()
+            .map(|(id, pool, owner, address)| {
+                Ok(Lease {
+                    cell: CellId::parse(&id).map_err(|e| StoreError::Invalid(e.to_string()))?,
+                    pool,
                     owner,
                     address: to_addr(address)?,
-                    ports: Vec::new(),
-                });
-            }
-            if let (Some(protocol), Some(port), Some(last)) = (protocol, port, out.last_mut()) {
-                let port = u16::try_from(port)
-                    .map_err(|_| StoreError::Invalid(format!("net_ports: port {port}")))?;
-                last.ports.push((protocol, port));
-            }
-        }
-        Ok(out)
+                })
+            })
+            .collect()
     }
 }
 
@@ -250,10 +187,7 @@ mod tests {
         let (_d, s) = store();
         let r = || range([10, 0, 0, 2], [10, 0, 0, 4]);
         let ids: Vec<CellId> = (0..4).map(|_| CellId::random()).collect();
-        let lease = |i: usize| match s
-            .lease_address(&ids[i], "br0", "process", r(), &[])
-            .unwrap()
-        {
+        let lease = |i: usize| match s.lease_address(&ids[i], "br0", "process", r()).unwrap() {
             LeaseOutcome::Leased { address, .. } => Some(address),
             _ => None,
         };
@@ -263,14 +197,12 @@ mod tests {
         assert_eq!(lease(2), Some([10, 0, 0, 4].into()));
         assert_eq!(lease(3), None);
         assert_eq!(
-            s.lease_address(&ids[3], "br0", "process", r(), &[])
-                .unwrap(),
+            s.lease_address(&ids[3], "br0", "process", r()).unwrap(),
             LeaseOutcome::PoolExhausted
         );
         // A retry is the same address, and not fresh.
         assert_eq!(
-            s.lease_address(&ids[1], "br0", "process", r(), &[])
-                .unwrap(),
+            s.lease_address(&ids[1], "br0", "process", r()).unwrap(),
             LeaseOutcome::Leased {
                 address: [10, 0, 0, 3].into(),
                 fresh: false
@@ -287,50 +219,16 @@ mod tests {
         // Another pool is another address space.
         let other = CellId::random();
         assert_eq!(
-            s.lease_address(&other, "br1", "process", r(), &[]).unwrap(),
+            s.lease_address(&other, "br1", "process", r()).unwrap(),
             LeaseOutcome::Leased {
                 address: [10, 0, 0, 2].into(),
                 fresh: true
             }
         );
         assert!(matches!(
-            s.lease_address(&other, "br0", "process", r(), &[]),
+            s.lease_address(&other, "br0", "process", r()),
             Err(StoreError::Invalid(m)) if m.contains("br1")
         ));
-    }
-
-    #[test]
-    fn a_taken_port_refuses_the_whole_lease_and_release_frees_ports() {
-        let (_d, s) = store();
-        let r = || range([10, 0, 0, 2], [10, 0, 0, 200]);
-        let (a, b) = (CellId::random(), CellId::random());
-        assert!(matches!(
-            s.lease_address(&a, "br0", "process", r(), &[("tcp", 8080), ("udp", 8080)])
-                .unwrap(),
-            LeaseOutcome::Leased { .. }
-        ));
-        match s
-            .lease_address(&b, "br0", "process", r(), &[("tcp", 9090), ("tcp", 8080)])
-            .unwrap()
-        {
-            LeaseOutcome::PortTaken { protocol, port, by } => {
-                assert_eq!((protocol.as_str(), port, by), ("tcp", 8080, a.to_string()));
-            }
-            other => panic!("{other:?}"),
-        }
-        // Nothing of b's was kept: not its address, not 9090.
-        let leases = s.leases("br0").unwrap();
-        assert_eq!(leases.len(), 1);
-        assert_eq!(
-            leases[0].ports,
-            [("tcp".to_string(), 8080), ("udp".to_string(), 8080)]
-        );
-        s.release_lease(&a).unwrap();
-        assert!(matches!(
-            s.lease_address(&b, "br0", "process", r(), &[("tcp", 8080)]).unwrap(),
-            LeaseOutcome::Leased { address, fresh: true } if address == Ipv4Addr::new(10, 0, 0, 2)
-        ));
-        assert_eq!(s.leases("br0").unwrap()[0].ports, [("tcp".into(), 8080)]);
     }
 
     #[test]
@@ -342,7 +240,7 @@ mod tests {
             let t = move |s: &Store| {
                 (0..40)
                     .map(
-                        |_| match s.lease_address(&CellId::random(), "p", "process", r(), &[]) {
+                        |_| match s.lease_address(&CellId::random(), "p", "process", r()) {
                             Ok(LeaseOutcome::Leased { address, .. }) => address,
                             other => panic!("{other:?}"),
                         },

@@ -50,13 +50,14 @@
 //! net_leases  cell_id TEXT PK, pool (a bridge's name), owner (the tier
 //!             that took it), address (IPv4 as INTEGER), leased_at (unix
 //!             ms); UNIQUE (pool, address)
-//! net_ports   protocol, port, cell_id -> net_leases ON DELETE CASCADE;
-//!             PK (protocol, port): a host port belongs to one cell
 //! ```
 //!
-//! Leases have no foreign key to `cells`: the process tier takes one
-//! before the supervisor has a handle, and reconcile releases leases of
-//! cells whose row is gone.
+//! Migration 6 drops migration 3's `net_ports`: host ports are leased in
+//! `host_ports` (migration 5) for every tier.
+//!
+//! Leases have no foreign key to `cells`: the supervisor takes them before
+//! the row is written, and reconcile releases leases of cells whose row is
+//! gone.
 //!
 //! Both tables are `STRICT` (SQLite checks column types). `events` has no
 //! foreign key to `cells` on purpose: the log outlives the row
@@ -159,7 +160,7 @@ use rusqlite::types::{FromSql, ValueRef};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Row, ToSql, TransactionBehavior, params};
 
 pub use error::StoreError;
-pub use host_ports::PortTaken;
+pub use host_ports::PortRefusal;
 pub use leases::{Lease, LeaseOutcome};
 pub use state::{Desired, Observed, ParseStateError};
 pub use uid_leases::{UidLease, UidPool};
@@ -255,6 +256,9 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (protocol, port)
     ) STRICT;
     CREATE INDEX host_ports_cell ON host_ports (cell_id);",
+    // 6: one allocator for host ports (`host_ports`): the bridge's own
+    // port table goes.
+    "DROP TABLE net_ports;",
 ];
 
 /// The schema version this build writes and understands.
@@ -571,10 +575,11 @@ impl Store {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         insert_event(&tx, id, at, kind, &data)?;
         let n = tx.execute("DELETE FROM cells WHERE id = ?1", [id.as_str()])?;
-        // The cell's host ids go with its row: a clean teardown checked
-        // that nothing runs as them any more.
+        // The cell's host ids, ports and address go with its row: a clean
+        // teardown checked that nothing of the cell uses them any more.
         tx.execute("DELETE FROM uid_leases WHERE cell_id = ?1", [id.as_str()])?;
         tx.execute("DELETE FROM host_ports WHERE cell_id = ?1", [id.as_str()])?;
+        tx.execute("DELETE FROM net_leases WHERE cell_id = ?1", [id.as_str()])?;
         tx.commit()?;
         Ok(n > 0)
     }

@@ -71,6 +71,7 @@ fn handle(id: &CellId, isolation: Isolation) -> CellHandle {
         state_dir: PathBuf::from(format!("/var/lib/cellhost/cells/{id}")),
         tier: json!({ "cgroup": format!("/sys/fs/cgroup/cellhost/{id}") }),
         uids: None,
+        address: None,
     }
 }
 
