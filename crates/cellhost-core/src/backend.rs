@@ -1,5 +1,6 @@
 //! The `Backend` trait and the types that cross it.
 
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -46,6 +47,11 @@ pub struct CreateRequest {
     /// The host ids leased to this cell (tiers whose
     /// [`Backend::wants_uids`] is true get one from the supervisor).
     pub uids: Option<crate::UidRange>,
+    /// The cell's network plan: the address leased to it in the pool
+    /// [`Backend::address_pool`] named (bridged cells). Host ports are
+    /// planned in the document itself: every `spec.ports[].host` is
+    /// leased, none is 0.
+    pub address: Option<Ipv4Addr>,
 }
 
 impl CreateRequest {
@@ -59,6 +65,7 @@ impl CreateRequest {
             owner: None,
             volume_key: None,
             uids: None,
+            address: None,
         }
     }
 }
@@ -80,6 +87,24 @@ pub struct CellHandle {
     /// checks that no process runs as any of them before the lease goes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uids: Option<crate::UidRange>,
+    /// The address leased to the cell on its tier's bridge, if any: the
+    /// network's teardown forgets its flows before the lease goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
+}
+
+/// Where a tier attaches a cell to the network: a bridge's address pool.
+/// The supervisor leases the cell one address of `first..=last` in the
+/// store (one allocator for every tier) and hands it over in the
+/// [`CreateRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddressPool {
+    /// The pool's name (the bridge's).
+    pub pool: String,
+    /// The tier taking the lease.
+    pub owner: String,
+    pub first: Ipv4Addr,
+    pub last: Ipv4Addr,
 }
 
 /// How a workload ended.
@@ -353,6 +378,15 @@ pub trait Backend: Send + Sync {
     /// request, and gives it back only after a clean teardown.
     fn wants_uids(&self) -> bool {
         false
+    }
+
+    /// The pool `cell` takes its address from, when this tier plumbs it
+    /// into a bridge of cellhost's (bridged process and VM cells). The
+    /// supervisor then leases an address before create, puts it in the
+    /// handle and the request, and gives it back only after a clean
+    /// teardown. `None`: the tier needs none (or its engine assigns one).
+    fn address_pool(&self, _cell: &Cell) -> Option<AddressPool> {
+        None
     }
 
     /// Make every host object of the cell, workload ready but not running.

@@ -10,6 +10,7 @@
 //! report), `status` of a cell without objects is `Gone`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -19,8 +20,8 @@ use cellhost_spec::{Cell, Isolation};
 
 use crate::ids::CellId;
 use crate::{
-    Backend, BackendError, CellHandle, CellState, CellStatus, CreateRequest, ExitInfo, ListedCell,
-    LogChunk, ResourceUsage, TeardownReport,
+    AddressPool, Backend, BackendError, CellHandle, CellState, CellStatus, CreateRequest, ExitInfo,
+    ListedCell, LogChunk, ResourceUsage, TeardownReport,
 };
 
 /// A backend operation, for scripting failures and counting calls.
@@ -58,12 +59,15 @@ struct Inner {
     objects: BTreeMap<CellId, FakeObject>,
     faults: HashMap<Op, VecDeque<Fault>>,
     calls: Vec<(Op, Option<CellId>)>,
+    /// The address each create and destroy was given.
+    addresses: Vec<(Op, CellId, Option<Ipv4Addr>)>,
 }
 
 /// See the module docs.
 pub struct FakeBackend {
     isolation: Isolation,
     wants_uids: bool,
+    pool: Option<AddressPool>,
     inner: Mutex<Inner>,
 }
 
@@ -73,6 +77,7 @@ impl FakeBackend {
         FakeBackend {
             isolation,
             wants_uids: false,
+            pool: None,
             inner: Mutex::default(),
         }
     }
@@ -81,6 +86,23 @@ impl FakeBackend {
     pub fn with_uids(mut self) -> FakeBackend {
         self.wants_uids = true;
         self
+    }
+
+    /// Attach every cell to `pool`, as a bridged tier does.
+    pub fn with_addresses(mut self, pool: AddressPool) -> FakeBackend {
+        self.pool = Some(pool);
+        self
+    }
+
+    /// The address each `create` and `destroy` of cell `id` was given, in
+    /// order.
+    pub fn addresses_on(&self, id: &CellId) -> Vec<(Op, Option<Ipv4Addr>)> {
+        self.lock()
+            .addresses
+            .iter()
+            .filter(|(_, c, _)| c == id)
+            .map(|(o, _, a)| (*o, *a))
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -145,6 +167,7 @@ impl FakeBackend {
             state_dir: PathBuf::from(format!("/nonexistent/cellhost-fake/{id}")),
             tier: serde_json::json!({ "fake": true }),
             uids: None,
+            address: None,
         }
     }
 }
@@ -167,12 +190,23 @@ impl Backend for FakeBackend {
         self.wants_uids
     }
 
+    fn address_pool(&self, _cell: &Cell) -> Option<AddressPool> {
+        self.pool.clone()
+    }
+
     async fn create(&self, req: CreateRequest) -> Result<CellHandle, BackendError> {
+        self.lock()
+            .addresses
+            .push((Op::Create, req.id.clone(), req.address));
         if self.enter(Op::Create, Some(&req.id)).is_some() {
             return Err(Self::scripted(Op::Create));
         }
+        if self.pool.is_some() && req.address.is_none() {
+            return Err(BackendError::Invalid("no address planned".into()));
+        }
         let mut handle = self.handle(&req.id, &req.cell.metadata.name);
         handle.uids = req.uids;
+        handle.address = req.address;
         self.put(&req.id, CellState::Created, None);
         Ok(handle)
     }
@@ -218,6 +252,9 @@ impl Backend for FakeBackend {
     }
 
     async fn destroy(&self, handle: &CellHandle) -> Result<TeardownReport, BackendError> {
+        self.lock()
+            .addresses
+            .push((Op::Destroy, handle.id.clone(), handle.address));
         let fault = self.enter(Op::Destroy, Some(&handle.id));
         if fault == Some(Fault::Error) {
             return Err(Self::scripted(Op::Destroy));

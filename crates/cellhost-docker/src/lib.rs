@@ -772,6 +772,7 @@ impl Backend for DockerBackend {
                 "instance": self.instance,
             }),
             uids: None,
+            address: None,
         }
     }
 

@@ -69,7 +69,6 @@
 //! passwords and documents are never logged or put in the ledger (which
 //! keeps each answer only as the gift wrap sent, sealed to the requester).
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -78,7 +77,9 @@ use cdk::mint_url::MintUrl;
 use cellhost_core::{SecretValue, VolumeKey};
 use cellhost_spec::{Cell, Isolation, SecretRef, SecretSource};
 use cellhost_supervisor::node::Reservation;
-use cellhost_supervisor::{Caller, CellView, Confidential, Supervisor, SupervisorError};
+use cellhost_supervisor::{
+    Caller, CellView, Confidential, CreateOptions, Supervisor, SupervisorError,
+};
 use nostr_sdk::nips::nip59::UnwrappedGift;
 use nostr_sdk::prelude::*;
 use zeroize::Zeroizing;
@@ -974,10 +975,17 @@ impl Provider {
         // 5. The token, offline, and what it buys.
         let checked = self.cashier.check(&req.token)?;
         let seconds = seconds_for(checked.amount_msat(), offer)?;
-        // Ports: hand out host ports now (free, not taken by another cell;
-        // no other spawn runs while `provision` is held), so the reply can
-        // name them.
-        self.assign_ports(&mut cell).await?;
+        // Ports: the supervisor's allocator gives each a host port of
+        // `portRange` at create (the reply names them); that one is free
+        // now is checked before the token is taken (no other spawn runs
+        // while `provision` is held).
+        for p in cell.spec.ports.iter_mut() {
+            p.host = 0;
+        }
+        self.sup
+            .check_ports(&cell, Some(self.port_range()))
+            .await
+            .map_err(|e| Refusal::new(ErrorCode::NoCapacity, e.to_string()))?;
 
         // 6. Redeem. Every refusal above took nothing.
         let (received, paid_msat, seconds) = self
@@ -1004,7 +1012,14 @@ impl Provider {
             secrets,
             volume_key,
         };
-        let made = self.sup.create(&caller, cell, confidential, true).await;
+        let opts = CreateOptions {
+            start: true,
+            host_ports: Some(self.port_range()),
+        };
+        let made = self
+            .sup
+            .create_with(&caller, cell, confidential, opts)
+            .await;
         fail::fail_point!("market-spawn-created", |_| crash());
         match made {
             Ok(view) => Ok(self.paid(rid, "spawn", &view, credentials, paid_msat, seconds)),
@@ -1243,44 +1258,11 @@ impl Provider {
         }
     }
 
-    /// Give every `spec.ports` entry a host port from the market's range
-    /// that no cell uses and that binds now. Runs under `provision`.
-    async fn assign_ports(&self, cell: &mut Cell) -> Result<(), Refusal> {
-        if cell.spec.ports.is_empty() {
-            return Ok(());
-        }
-        let used: HashSet<u32> = self
-            .sup
-            .list(&Caller::operator())
-            .await
-            .map_err(|e| Refusal::new(ErrorCode::Internal, e.to_string()))?
-            .iter()
-            .flat_map(|v| v.document.spec.ports.iter().map(|p| p.host))
-            .collect();
+    /// The market's host ports (`portRange`, inside the policy's).
+    fn port_range(&self) -> std::ops::RangeInclusive<u16> {
         let (lo, hi) = self.cfg.port_range;
-        let mut next = lo;
-        for p in cell.spec.ports.iter_mut() {
-            let Some(port) = (next..=hi).find(|c| !used.contains(c) && port_free(*c, p.protocol))
-            else {
-                return Err(Refusal::new(
-                    ErrorCode::NoCapacity,
-                    format!("no free host port left in {lo}..={hi}"),
-                ));
-            };
-            p.host = port;
-            next = port + 1;
-        }
-        Ok(())
-    }
-}
-
-fn port_free(port: u32, proto: cellhost_spec::Protocol) -> bool {
-    let Ok(port) = u16::try_from(port) else {
-        return false;
-    };
-    match proto {
-        cellhost_spec::Protocol::Tcp => std::net::TcpListener::bind(("0.0.0.0", port)).is_ok(),
-        cellhost_spec::Protocol::Udp => std::net::UdpSocket::bind(("0.0.0.0", port)).is_ok(),
+        let clamp = |p: u32| u16::try_from(p).unwrap_or(u16::MAX);
+        clamp(lo)..=clamp(hi)
     }
 }
 

@@ -1,7 +1,8 @@
 //! Bridged networking for cells: a veth pair from a process cell's
-//! network namespace (or a tap for a VM) to a cellhost bridge, an address
-//! leased in the state store, and one nftables table per cell and family
-//! that denies egress by default.
+//! network namespace (or a tap for a VM) to a cellhost bridge, at the
+//! address the supervisor leased the cell from [`Network::pool`], and one
+//! nftables table per cell and family that denies egress by default. This
+//! crate plumbs; it allocates nothing and never opens the store.
 //!
 //! # Layout on the host
 //!
@@ -25,8 +26,6 @@
 //! table inet cellhost_<id>          routing, egress list, DNAT (see `rules`);
 //!                                   both carry a comment naming tier, cell
 //!                                   and bridge
-//! <state>/cellhost.db net_leases    address and host ports (see
-//!                                   cellhost-store `leases`)
 //! iptables FORWARD / DOCKER-USER    `-i/-o <bridge> -j ACCEPT`, only where
 //!                                   another tool (Docker) set the FORWARD
 //!                                   policy to DROP: an nftables drop in any
@@ -38,24 +37,25 @@
 //!
 //! # Lifecycle
 //!
-//! `attach` (before the workload starts): bridge ensured, lease taken (the
-//! address and the published host ports, all or nothing), netns, link,
+//! `attach` (before the workload starts, with the leased address): bridge
+//! ensured, netns, link,
 //! neighbour entry, fdb entry, both tables (one `nft -f -` transaction),
 //! address and route inside the netns (ioctls from a thread that joined
 //! it: `cellhost_os::ifconfig`). `detach`: the link first (so a
 //! cell is never connected without its tables), neighbours, both tables,
-//! the netns; each is *checked* into the TeardownReport, and the lease is
-//! released only when none is left.
+//! the netns, the address's tracked flows; each is *checked* into the
+//! TeardownReport. The supervisor gives the address back only when the
+//! report is clean.
 //!
 //! # Idempotency
 //!
 //! Every object is named from the cell id alone, so `detach` works from a
 //! fresh process after a crash, and twice. `attach` replaces what an
 //! earlier attempt left (the table load is create-or-replace, a stale link
-//! is deleted first, the lease is the same address). The lease is taken
-//! first and released last, so every object of a cell is found through
-//! [`Network::cells`] (leases and tables of this tier, veths on the
-//! bridge) until it is gone: reconcile sweeps orphans by it.
+//! is deleted first). Every object of a cell is found through
+//! [`Network::cells`] (tables of this tier, veths on the bridge) until it
+//! is gone: reconcile sweeps orphans by it. A teardown without the
+//! address (an orphan's) reads it from the cell's neighbour entry.
 //!
 //! # Threat model
 //!
@@ -83,12 +83,11 @@ pub mod subnet;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
-use cellhost_core::TeardownReport;
 use cellhost_core::ids::CellId;
+use cellhost_core::{AddressPool, TeardownReport};
 use cellhost_spec::{Cell, Protocol};
-use cellhost_store::{LeaseOutcome, Store, StoreError};
 
 pub use rules::{CellRules, Count, Counters, RuleError};
 pub use subnet::{Subnet, mac_for, netns_name, table_name, veth_name};
@@ -104,7 +103,8 @@ pub struct NetConfig {
     /// Bridge interface name (at most 15 bytes).
     pub bridge: String,
     pub subnet: Subnet,
-    /// The state dir holding the store (`cellhost.db`) for leases.
+    /// The state dir whose cells use the bridge (named in the bridge's
+    /// alias: one bridge serves one state dir).
     pub store_dir: PathBuf,
     /// The host address published ports are reached on from outside;
     /// `None`: every host address. 127.0.0.1 works on the host either way.
@@ -120,7 +120,7 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
-    /// The default bridge and subnet, leases in `store_dir`'s store.
+    /// The default bridge and subnet, for `store_dir`'s cells.
     pub fn new(store_dir: PathBuf) -> NetConfig {
         NetConfig {
             bridge: DEFAULT_BRIDGE.into(),
@@ -161,10 +161,6 @@ pub enum NetError {
     Rule(#[from] RuleError),
     #[error("{command} failed: {detail}")]
     Command { command: String, detail: String },
-    #[error("state store: {0}")]
-    Store(#[from] StoreError),
-    #[error("no free address left on {bridge} ({subnet})")]
-    PoolExhausted { bridge: String, subnet: Subnet },
     #[error("{field}: host port {port}/{protocol} is {why}")]
     PortTaken {
         field: String,
@@ -191,8 +187,8 @@ enum Link {
 }
 
 /// A network error as a backend reports it: a document the host cannot
-/// carry out is invalid (naming the field), a missing tool or a full pool
-/// is a missing capability, the rest is the engine's.
+/// carry out is invalid (naming the field), a missing tool is a missing
+/// capability, the rest is the engine's.
 pub fn backend_error(e: NetError) -> cellhost_core::BackendError {
     use cellhost_core::BackendError as B;
     match e {
@@ -200,10 +196,6 @@ pub fn backend_error(e: NetError) -> cellhost_core::BackendError {
         NetError::MissingTool { tool, detail } => B::MissingCapability {
             capability: tool.into(),
             detail,
-        },
-        NetError::PoolExhausted { .. } => B::MissingCapability {
-            capability: "network.address".into(),
-            detail: e.to_string(),
         },
         other => B::engine_from("bridged network", other),
     }
@@ -233,7 +225,6 @@ pub struct Network {
     /// and tables carry it, and [`Network::cells`] lists only its own, so
     /// tiers sharing a bridge never sweep each other's cells.
     owner: String,
-    store: Mutex<Option<Arc<Store>>>,
     /// When [`Network::ensure_bridge`] last found everything in place.
     ensured: Mutex<Option<std::time::Instant>>,
 }
@@ -254,7 +245,6 @@ impl Network {
         Network {
             cfg,
             owner: owner.to_string(),
-            store: Mutex::new(None),
             ensured: Mutex::new(None),
         }
     }
@@ -263,14 +253,16 @@ impl Network {
         &self.cfg
     }
 
-    fn store(&self) -> Result<Arc<Store>, NetError> {
-        let mut s = self.store.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(s) = &*s {
-            return Ok(s.clone());
+    /// The pool cells of this tier lease their address from: the
+    /// bridge's subnet past the gateway, leases owned by this tier.
+    pub fn pool(&self) -> AddressPool {
+        let range = self.cfg.subnet.cell_range();
+        AddressPool {
+            pool: self.cfg.bridge.clone(),
+            owner: self.owner.clone(),
+            first: *range.start(),
+            last: *range.end(),
         }
-        let opened = Arc::new(Store::open(&self.cfg.store_dir)?);
-        *s = Some(opened.clone());
-        Ok(opened)
     }
 
     /// Check, before any side effect, that this host can attach `cell`:
@@ -349,11 +341,17 @@ impl Network {
         Ok(path)
     }
 
-    /// Give process cell `id` its network: a veth from its own netns. See
-    /// the module docs for the order. On error the caller detaches
-    /// (everything made so far is found by name).
-    pub fn attach(&self, id: &CellId, cell: &Cell) -> Result<Attachment, NetError> {
-        self.attach_link(id, cell, Link::Veth)
+    /// Give process cell `id` its network at `address` (leased from
+    /// [`Network::pool`]): a veth from its own netns. See the module docs
+    /// for the order. On error the caller detaches (everything made so far
+    /// is found by name).
+    pub fn attach(
+        &self,
+        id: &CellId,
+        cell: &Cell,
+        address: Ipv4Addr,
+    ) -> Result<Attachment, NetError> {
+        self.attach_link(id, cell, address, Link::Veth)
     }
 
     /// Give VM cell `id` its network: a tap device on the bridge
@@ -364,50 +362,27 @@ impl Network {
         &self,
         id: &CellId,
         cell: &Cell,
+        address: Ipv4Addr,
         uid: u32,
         gid: u32,
     ) -> Result<Attachment, NetError> {
-        self.attach_link(id, cell, Link::Tap { uid, gid })
+        self.attach_link(id, cell, address, Link::Tap { uid, gid })
     }
 
-    fn attach_link(&self, id: &CellId, cell: &Cell, link: Link) -> Result<Attachment, NetError> {
+    fn attach_link(
+        &self,
+        id: &CellId,
+        cell: &Cell,
+        address: Ipv4Addr,
+        link: Link,
+    ) -> Result<Attachment, NetError> {
+        if !self.cfg.subnet.cell_range().contains(&address) {
+            return Err(NetError::Config(format!(
+                "address {address} is not in {}'s cell range ({})",
+                self.cfg.bridge, self.cfg.subnet
+            )));
+        }
         self.ensure_bridge()?;
-        let store = self.store()?;
-        let ports: Vec<(&str, u16)> = cell
-            .spec
-            .ports
-            .iter()
-            .map(|p| (p.protocol.as_str(), u16::try_from(p.host).unwrap_or(0)))
-            .collect();
-        let (address, fresh) = match store.lease_address(
-            id,
-            &self.cfg.bridge,
-            &self.owner,
-            self.cfg.subnet.cell_range(),
-            &ports,
-        )? {
-            LeaseOutcome::Leased { address, fresh } => (address, fresh),
-            LeaseOutcome::PoolExhausted => {
-                return Err(NetError::PoolExhausted {
-                    bridge: self.cfg.bridge.clone(),
-                    subnet: self.cfg.subnet,
-                });
-            }
-            LeaseOutcome::PortTaken { protocol, port, by } => {
-                let i = cell
-                    .spec
-                    .ports
-                    .iter()
-                    .position(|p| p.protocol.as_str() == protocol && p.host == u32::from(port))
-                    .unwrap_or(0);
-                return Err(NetError::PortTaken {
-                    field: format!("spec.ports.{i}.host"),
-                    port,
-                    protocol: if protocol == "udp" { "udp" } else { "tcp" },
-                    why: format!("published by cell {by}"),
-                });
-            }
-        };
         let mut rules = CellRules::for_cell(id, &self.cfg.bridge, &self.owner, address, cell)?;
         rules.publish = self.cfg.publish;
         rules.deny = self.cfg.deny.clone();
@@ -469,11 +444,10 @@ impl Network {
             &["fdb", "replace", &a.mac, "dev", &a.link, "master", "static"],
             None,
         )?;
-        // A fresh lease means no earlier attempt of ours left tables: load
-        // them as new (replacing costs the kernel a table delete, ~10 ms);
-        // if some are left all the same (a store that lost rows), the
-        // `create` fails the transaction and they are replaced.
-        if !fresh || run("nft", &["-f", "-"], Some(rules.render(false).as_bytes())).is_err() {
+        // Load the tables as new (replacing costs the kernel a table
+        // delete, ~10 ms); if an earlier attempt left some, the `create`
+        // fails the transaction and they are replaced.
+        if run("nft", &["-f", "-"], Some(rules.render(false).as_bytes())).is_err() {
             run("nft", &["-f", "-"], Some(rules.render(true).as_bytes()))?;
         }
 
@@ -495,26 +469,21 @@ impl Network {
     }
 
     /// Remove `id`'s network and record each check in `report`: the
-    /// table, the veth, the neighbour entry, the netns, the lease.
-    pub fn detach(&self, id: &CellId, report: &mut TeardownReport) {
-        let address = self.lease_of(id).ok().flatten().map(|l| l.address);
-        self.detach_with(id, address, report);
-    }
-
-    /// The lease of `id`, if any.
-    fn lease_of(&self, id: &CellId) -> Result<Option<cellhost_store::Lease>, NetError> {
-        Ok(self.store()?.lease_of(id)?)
-    }
-
-    /// [`Network::detach`] with the lease's address already read.
-    fn detach_with(&self, id: &CellId, address: Option<Ipv4Addr>, report: &mut TeardownReport) {
+    /// table, the veth, the neighbour entry, the netns, the flows of
+    /// `address` (the cell's; when `None`, the one its neighbour entry
+    /// names, if any).
+    pub fn detach(&self, id: &CellId, address: Option<Ipv4Addr>, report: &mut TeardownReport) {
         let table = table_name(id);
         let veth = veth_name(id);
         let ns = netns_name(id);
         let mac = mac_for(id);
         let br = &self.cfg.bridge;
         let netns = Path::new("/run/netns").join(&ns);
-        let store = self.store();
+        let address = address.or_else(|| {
+            neighbours_with(br, &mac)
+                .iter()
+                .find_map(|a| a.parse::<Ipv4Addr>().ok())
+        });
         // The link first: without it the cell has no network at all.
         // Links and neighbours in one `ip -force -batch` (the checks below
         // say what is left if a line fails).
@@ -584,52 +553,36 @@ impl Network {
         report.check("net-netns", netns.display().to_string(), namespaces);
         let target = address.map_or_else(|| "no lease".into(), |a| format!("flows of {a}"));
         report.check("net-conntrack", target, flows);
-        // The address and ports go back only when nothing of the cell is
-        // left: a table still DNATing to the address must not meet a new
-        // holder of it.
-        if tables + links + neighbours + namespaces + flows == 0
-            && let Err(e) = store.as_ref().map(|s| s.release_lease(id))
-        {
-            report.error(format!("releasing the address lease: {e}"));
-        }
-        let leased = match &store {
-            Ok(s) => s.lease_of(id).map(|l| u64::from(l.is_some())).unwrap_or(1),
-            Err(_) => 1,
-        };
-        report.check("net-lease", format!("{br} lease of {id}"), leased);
     }
 
-    /// [`Network::detach`] if `id` has any network object, else nothing
-    /// (a cell with `network.mode: none`). The lease is taken first and
-    /// released last, so no lease, no veth and no netns means no table.
-    pub fn detach_if_any(&self, id: &CellId, report: &mut TeardownReport) {
-        // An unreadable store counts as a lease: detach and let it say.
-        let lease = self.lease_of(id);
-        let leased = lease.as_ref().map_or(true, Option::is_some);
-        if leased
+    /// [`Network::detach`] if `id` has an address or any network object,
+    /// else nothing (a cell with `network.mode: none`). The supervisor
+    /// leases the address before create and gives it back after a clean
+    /// teardown, so a cell without one, a veth, a netns or a neighbour
+    /// entry has no table either.
+    pub fn detach_if_any(
+        &self,
+        id: &CellId,
+        address: Option<Ipv4Addr>,
+        report: &mut TeardownReport,
+    ) {
+        if address.is_some()
             || link_exists(&veth_name(id))
             || Path::new("/run/netns").join(netns_name(id)).exists()
+            || !neighbours_with(&self.cfg.bridge, &mac_for(id)).is_empty()
         {
-            let address = lease.ok().flatten().map(|l| l.address);
-            self.detach_with(id, address, report);
+            self.detach(id, address, report);
         }
     }
 
-    /// Every cell of this owner with a network object on this bridge: its
-    /// leases, the tables carrying its comment, and (process cells) veth
-    /// ports named `chv<id>`. (A link exists only while its lease does:
-    /// taken first, released last; the port scan covers a store that lost
-    /// its rows. A tap cannot tell a vm from a microVM, so VM tiers skip
-    /// it.) Reconcile destroys those without a record.
+    /// Every cell of this owner with a network object on this bridge: the
+    /// tables carrying its comment, and (process cells) veth ports named
+    /// `chv<id>`. (A tap cannot tell a vm from a microVM, so VM tiers skip
+    /// the port scan; their tables are made with the tap.) Reconcile
+    /// destroys those without a record.
     pub fn cells(&self) -> Result<Vec<CellId>, NetError> {
         let store = self.bridge_alias();
-        let mut ids: Vec<CellId> = self
-            .store()?
-            .leases(&self.cfg.bridge)?
-            .into_iter()
-            .filter(|l| l.owner == self.owner)
-            .map(|l| l.cell)
-            .collect();
+        let mut ids: Vec<CellId> = Vec::new();
         for (name, comment) in cellhost_table_comments() {
             if let Some(id) = subnet::id_in(&name, "cellhost_")
                 && comment == CellRules::comment(&id, &self.cfg.bridge, &self.owner, &store)

@@ -122,7 +122,8 @@ impl Policy {
         }
         for (i, p) in cell.spec.ports.iter().enumerate() {
             let (lo, hi) = (u32::from(self.ports.min), u32::from(self.ports.max));
-            if !(lo..=hi).contains(&p.host) {
+            // 0: the allocator picks one of the range.
+            if p.host != 0 && !(lo..=hi).contains(&p.host) {
                 r.push(
                     format!("spec.ports.{i}.host"),
                     format!(

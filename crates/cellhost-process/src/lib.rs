@@ -504,12 +504,12 @@ impl ProcessBackend {
         // The cell's network namespace was made inside its user namespace
         // (so it may mount its own sysfs): a bridged cell's veth goes in
         // now, before the workload starts.
-        let attached = match (&self.net, bridged) {
-            (Some(net), true) => {
+        let attached = match (&self.net, bridged, req.address) {
+            (Some(net), true, Some(address)) => {
                 let (net, id, cell) = (net.clone(), req.id.clone(), req.cell.clone());
                 let a = tokio::task::spawn_blocking(move || {
                     net.pin_netns(&id, pid)?;
-                    net.attach(&id, &cell)
+                    net.attach(&id, &cell, address)
                 })
                 .await
                 .map_err(|e| BackendError::engine_from("network attach task", e))?
@@ -654,7 +654,12 @@ impl ProcessBackend {
 
     /// Blocking teardown + verification (runs on a blocking thread).
     /// `uids`: the cell's leased range, checked for processes at the end.
-    fn destroy_blocking(&self, id: &CellId, uids: Option<UidRange>) -> TeardownReport {
+    fn destroy_blocking(
+        &self,
+        id: &CellId,
+        uids: Option<UidRange>,
+        address: Option<std::net::Ipv4Addr>,
+    ) -> TeardownReport {
         let p = self.paths(id);
         let mut report = TeardownReport::new(id.as_str());
         report.already_gone = !p.dir.exists() && !self.volumes.exists(id);
@@ -720,7 +725,7 @@ impl ProcessBackend {
 
         // 4. the network (its own objects; checks of its own).
         if let Some(net) = &self.net {
-            net.detach_if_any(id, &mut report);
+            net.detach_if_any(id, address, &mut report);
         }
 
         // 5. the encrypted volume (its own dir; checks of its own).
@@ -1046,6 +1051,11 @@ impl Backend for ProcessBackend {
         true
     }
 
+    fn address_pool(&self, cell: &Cell) -> Option<cellhost_core::AddressPool> {
+        let net = self.net.as_ref()?;
+        (cell.spec.network.mode == cellhost_spec::NetworkMode::Bridged).then(|| net.pool())
+    }
+
     fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle {
         CellHandle {
             name: cell.metadata.name.clone(),
@@ -1065,6 +1075,7 @@ impl Backend for ProcessBackend {
                 "cgroup": format!("/{}/{}", hostfs::CGROUP_PARENT, p.cgroup),
             }),
             uids: None,
+            address: None,
         }
     }
 
@@ -1086,9 +1097,17 @@ impl Backend for ProcessBackend {
                 ));
             }
         };
+        if self.address_pool(&req.cell).is_some() && req.address.is_none() {
+            return Err(BackendError::Invalid(
+                "a bridged cell attaches at its leased address: the request needs one from the \
+                 tier's address pool (the supervisor leases one)"
+                    .into(),
+            ));
+        }
         self.admit(&req.cell, req.volume_key.as_ref())?;
         let mut handle = self.handle_for(&req.id, &req.cell);
         handle.uids = uids;
+        handle.address = req.address;
         let p = self.paths(&req.id);
         if p.dir.exists() || self.volumes.exists(&req.id) {
             // Leftovers at this id: pre-clean (idempotent).
@@ -1168,9 +1187,11 @@ impl Backend for ProcessBackend {
     }
 
     async fn destroy(&self, handle: &CellHandle) -> Result<TeardownReport, BackendError> {
-        let (id, uids) = (handle.id.clone(), handle.uids);
-        self.blocking("destroy", move |this| this.destroy_blocking(&id, uids))
-            .await
+        let (id, uids, address) = (handle.id.clone(), handle.uids, handle.address);
+        self.blocking("destroy", move |this| {
+            this.destroy_blocking(&id, uids, address)
+        })
+        .await
     }
 
     async fn status(&self, handle: &CellHandle) -> Result<CellStatus, BackendError> {

@@ -471,7 +471,12 @@ impl Inner {
         let dir = self.cell_dir(&req.id);
         // A dir left by a crashed create of this id: start clean.
         if dir.exists() {
-            self.teardown(&req.id, req.uids, &mut TeardownReport::new(req.id.as_str()));
+            self.teardown(
+                &req.id,
+                req.uids,
+                req.address,
+                &mut TeardownReport::new(req.id.as_str()),
+            );
         }
         std::fs::create_dir_all(&self.cfg.state_dir)
             .map_err(|e| BackendError::io(format!("{}", self.cfg.state_dir.display()), e))?;
@@ -483,6 +488,7 @@ impl Inner {
             Ok(net) => {
                 let mut h = handle(&self.cfg, &req.id, Some(&req.cell));
                 h.uids = req.uids;
+                h.address = req.address;
                 if let Some(a) = net {
                     h.tier["network"] = serde_json::to_value(&a).unwrap_or_default();
                 }
@@ -491,7 +497,12 @@ impl Inner {
             Err(e) => {
                 let log = tail(&dir.join(vmm::QEMU_LOG), 400);
                 let console = tail(&dir.join(vmm::SERIAL_LOG), 400);
-                self.teardown(&req.id, req.uids, &mut TeardownReport::new(req.id.as_str()));
+                self.teardown(
+                    &req.id,
+                    req.uids,
+                    req.address,
+                    &mut TeardownReport::new(req.id.as_str()),
+                );
                 Err(match e {
                     BackendError::Engine { context, source }
                         if !log.is_empty() || !console.is_empty() =>
@@ -545,11 +556,18 @@ impl Inner {
         }
         // The tap before the seed (the vm's network-config names its
         // address) and before qemu (which opens the tap by name).
-        let attached = match (&self.net, spec.network.mode) {
-            (Some(net), NetworkMode::Bridged) => Some(
-                net.attach_tap(&req.id, &req.cell, user.uid, user.gid)
+        let attached = match (&self.net, spec.network.mode, req.address) {
+            (Some(net), NetworkMode::Bridged, Some(address)) => Some(
+                net.attach_tap(&req.id, &req.cell, address, user.uid, user.gid)
                     .map_err(cellhost_net::backend_error)?,
             ),
+            (Some(_), NetworkMode::Bridged, None) => {
+                return Err(BackendError::Invalid(
+                    "a bridged cell attaches at its leased address: the request needs one from \
+                     the tier's address pool (the supervisor leases one)"
+                        .into(),
+                ));
+            }
             _ => None,
         };
         if !self.microvm() {
@@ -935,7 +953,13 @@ impl Inner {
     /// Remove everything of a cell, recording what was checked. `uids`
     /// is the cell's lease when known (the handle's); else qemu.json names
     /// the uid qemu ran as.
-    fn teardown(&self, id: &CellId, uids: Option<UidRange>, report: &mut TeardownReport) {
+    fn teardown(
+        &self,
+        id: &CellId,
+        uids: Option<UidRange>,
+        address: Option<std::net::Ipv4Addr>,
+        report: &mut TeardownReport,
+    ) {
         let dir = self.cell_dir(id);
         let uids = uids.or_else(|| {
             let b = std::fs::read(dir.join(vmm::QEMU_JSON)).ok()?;
@@ -985,7 +1009,7 @@ impl Inner {
         // The tap, table, neighbour and lease, with checks of their own
         // (qemu, which held the tap open, is gone by now).
         if let Some(net) = &self.net {
-            net.detach_if_any(id, report);
+            net.detach_if_any(id, address, report);
         }
         let luks = dir.join(args::VOLUME_LUKS);
         let keyslots = match cellhost_volume::erase_header(&luks) {
@@ -1072,7 +1096,7 @@ impl Inner {
                     .collect()
             })
             .unwrap_or_default();
-        self.teardown(&h.id, h.uids, &mut report);
+        self.teardown(&h.id, h.uids, h.address, &mut report);
         let addr = &self.cfg.publish_address;
         let bound = ports
             .iter()
@@ -1290,6 +1314,7 @@ fn handle(cfg: &QemuConfig, id: &CellId, cell: Option<&Cell>) -> CellHandle {
             "qmp": cfg.state_dir.join(id.as_str()).join(args::QMP_SOCK),
         }),
         uids: None,
+        address: None,
     }
 }
 
@@ -1306,6 +1331,11 @@ impl Backend for QemuBackend {
     /// qemu runs as the base uid and gid of the cell's lease.
     fn wants_uids(&self) -> bool {
         true
+    }
+
+    fn address_pool(&self, cell: &Cell) -> Option<cellhost_core::AddressPool> {
+        let net = self.inner.net.as_ref()?;
+        (cell.spec.network.mode == NetworkMode::Bridged).then(|| net.pool())
     }
 
     fn handle_for(&self, id: &CellId, cell: &Cell) -> CellHandle {

@@ -437,6 +437,7 @@ fn bridged_vm_gets_its_lease_and_publishes_by_dnat() {
             let n = cellhost_net::Network::new(self.0.clone(), "vm");
             n.detach(
                 &self.1,
+                None,
                 &mut cellhost_core::TeardownReport::new(self.1.as_str()),
             );
             let _ = n.remove_bridge();
@@ -454,9 +455,11 @@ fn bridged_vm_gets_its_lease_and_publishes_by_dnat() {
         "apiVersion: cellhost.dev/v1\nkind: Cell\nmetadata: {{name: bridged-vm}}\nspec:\n  isolation: vm\n  image: busybox-vm\n  command: [/bin/true]\n  network: {{mode: bridged}}\n  ports: [{{container: 8080, host: {port}}}]\n"
     ));
     let rt = rt();
-    let h = rt
-        .block_on(backend.create(common::request(&id, cell, &lease)))
-        .expect("create");
+    // The pool's first address, as the supervisor's allocator would lease
+    // the only cell of a new bridge.
+    let mut req = common::request(&id, cell, &lease);
+    req.address = backend.address_pool(&req.cell).map(|p| p.first);
+    let h = rt.block_on(backend.create(req)).expect("create");
     assert_eq!(
         h.tier["network"]["address"],
         format!("10.249.{n}.2"),
@@ -514,7 +517,7 @@ fn bridged_vm_gets_its_lease_and_publishes_by_dnat() {
 
     let report = rt.block_on(backend.destroy(&h)).unwrap();
     assert!(report.is_clean(), "{report:?}");
-    for check in ["net-table", "net-veth", "net-lease", "vm-process"] {
+    for check in ["net-table", "net-veth", "net-conntrack", "vm-process"] {
         assert!(
             report.checks.iter().any(|c| c.name == check),
             "{check}: {report:?}"

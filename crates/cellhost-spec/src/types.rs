@@ -222,6 +222,9 @@ impl Protocol {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Port {
     pub container: u32,
+    /// The host port; 0 (or left out): any free port of the operator's
+    /// range, chosen at create and shown in the stored document.
+    #[serde(default)]
     pub host: u32,
     #[serde(default)]
     pub protocol: Protocol,

@@ -486,6 +486,11 @@ fn check_ports(ports: &[Port], errs: &mut ValidationErrors) {
         push_index(&mut base, i);
         check_port_number(errs, &join(&base, "container"), port.container);
         let host_path = join(&base, "host");
+        if port.host == 0 {
+            // Any free port of the operator's range: the supervisor's
+            // allocator picks one per entry.
+            continue;
+        }
         check_port_number(errs, &host_path, port.host);
         match first_use.get(&(port.host, port.protocol)) {
             Some(first) => errs.push(
@@ -1191,11 +1196,10 @@ mod tests {
             "spec.ports.0.container",
             "must be <= 65535",
         );
-        assert_one(
-            &one(port(80, 0, Protocol::Tcp)),
-            "spec.ports.0.host",
-            "must be >= 1",
-        );
+        // Host 0: any port of the operator's range, as often as wanted.
+        assert_ok(&with(|c| {
+            c.spec.ports = vec![port(80, 0, Protocol::Tcp), port(81, 0, Protocol::Tcp)]
+        }));
         assert_one(
             &one(port(80, 70_000, Protocol::Udp)),
             "spec.ports.0.host",

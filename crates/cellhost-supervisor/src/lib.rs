@@ -26,5 +26,6 @@ pub(crate) fn uids_free(r: cellhost_core::UidRange) -> bool {
 
 pub use error::SupervisorError;
 pub use supervisor::{
-    Caller, CellView, Confidential, ReconcileSummary, Supervisor, SupervisorConfig, record_teardown,
+    Caller, CellView, Confidential, CreateOptions, ReconcileSummary, Supervisor, SupervisorConfig,
+    record_teardown,
 };

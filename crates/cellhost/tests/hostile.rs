@@ -1226,6 +1226,45 @@ fn a_published_port_is_one_cells_across_every_tier() {
         assert_eq!(r.json()["code"], "port_taken");
         assert_eq!(r.json()["field"], "spec.ports.0.host");
     }
+    // Any port (host 0), twice: the one allocator gives Bob ports no cell
+    // holds, and his cell an address of its own on the bridge.
+    let mut any = alice.clone();
+    any["spec"]["ports"] = json!([{"container": 8000, "host": 0}, {"container": 8001}]);
+    let r = as_tenant(&tcp, BOB, "POST", "/v1/cells", Some(&any));
+    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    let bob = r.json()["id"].as_str().unwrap().to_string();
+    let got: Vec<u64> = r.json()["document"]["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["host"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got.len(), 2);
+    assert!(
+        got[0] != got[1] && !got.contains(&u64::from(port)),
+        "{got:?}"
+    );
+    assert!(got.iter().all(|p| (10_000..=32_767).contains(p)), "{got:?}");
+    let address = |id: &str| {
+        let v = as_tenant(
+            &tcp,
+            if id == bob { BOB } else { ALICE },
+            "GET",
+            &format!("/v1/cells/{id}"),
+            None,
+        )
+        .json();
+        v["tierDetails"]["network"]["address"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (a_addr, b_addr) = (address(&id), address(&bob));
+    assert!(
+        !a_addr.is_empty() && a_addr != b_addr,
+        "{a_addr} vs {b_addr}"
+    );
+    d.destroy_clean(&bob);
     d.destroy_clean(&id);
     // Free again once its cell is gone.
     let r = as_tenant(&tcp, BOB, "POST", "/v1/cells", Some(&alice));

@@ -114,6 +114,7 @@ impl Engine {
                 owner: Some("tester".into()),
                 volume_key: None,
                 uids: None,
+                address: None,
             })
             .await
             .expect("create")

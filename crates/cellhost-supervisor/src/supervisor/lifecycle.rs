@@ -3,7 +3,24 @@
 //! Each step writes the desired state before its side effect and the
 //! observed state after it (see the parent module).
 
+use std::net::Ipv4Addr;
+use std::ops::RangeInclusive;
+
+use cellhost_core::AddressPool;
+use cellhost_store::{LeaseOutcome, PortRefusal};
+
 use super::*;
+
+/// How [`Supervisor::create_with`] makes a cell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreateOptions {
+    /// Start the workload once it is made.
+    pub start: bool,
+    /// Where `spec.ports` entries with host port 0 get theirs: this range
+    /// within the policy's `ports` (the market's `portRange`); `None`: the
+    /// policy's whole range.
+    pub host_ports: Option<RangeInclusive<u16>>,
+}
 
 impl Supervisor {
     /// Admit, record, create and (unless `start` is false) start a cell.
@@ -15,6 +32,21 @@ impl Supervisor {
         cell: Cell,
         confidential: Confidential,
         start: bool,
+    ) -> Result<CellView> {
+        let opts = CreateOptions {
+            start,
+            host_ports: None,
+        };
+        self.create_with(caller, cell, confidential, opts).await
+    }
+
+    /// [`Supervisor::create`] with every option.
+    pub async fn create_with(
+        self: &Arc<Self>,
+        caller: &Caller,
+        cell: Cell,
+        confidential: Confidential,
+        opts: CreateOptions,
     ) -> Result<CellView> {
         let mut cell = cell;
         self.admit_document(&mut cell)?;
@@ -42,7 +74,7 @@ impl Supervisor {
         }
         let t0 = Instant::now();
         let out = self
-            .create_inner(caller, &id, cell, confidential, start, &backend)
+            .create_inner(caller, &id, cell, confidential, &opts, &backend)
             .await;
         drop(guard);
         match &out {
@@ -66,27 +98,45 @@ impl Supervisor {
         &self,
         caller: &Caller,
         id: &CellId,
-        cell: Cell,
+        mut cell: Cell,
         confidential: Confidential,
-        start: bool,
+        opts: &CreateOptions,
         backend: &Arc<dyn Backend>,
     ) -> Result<CellView> {
+        let start = opts.start;
         let now = now_ms();
         let ttl_ms =
             i64::try_from(cell.spec.lifetime.ttl().saturating_mul(1000)).unwrap_or(i64::MAX);
+        // The network plan and host ids, leased before anything is made
+        // (one allocator for every tier): the host ports (written into the
+        // document, which the handle and the stored copy then show), the
+        // address, the uid range. Each goes back with the row.
+        if let Err(e) = self
+            .lease_ports(id, &mut cell, opts.host_ports.clone())
+            .await
+        {
+            self.forget(id);
+            return Err(e);
+        }
         let redacted = cellhost_spec::Redacted::of(&cell);
         let mut handle = backend.handle_for(id, &cell);
-        if backend.wants_uids() {
-            match self.lease_uids(id).await {
-                Ok(r) => handle.uids = Some(r),
-                Err(e) => {
-                    self.forget(id);
-                    return Err(e);
+        let planned = match backend.address_pool(&cell) {
+            Some(pool) => self.lease_address(id, pool).await.map(Some),
+            None => Ok(None),
+        };
+        let leased = match planned {
+            Ok(address) => {
+                handle.address = address;
+                if backend.wants_uids() {
+                    self.lease_uids(id).await.map(|r| handle.uids = Some(r))
+                } else {
+                    Ok(())
                 }
             }
-        }
-        if let Err(e) = self.lease_ports(id, &cell).await {
-            self.release_uids(id, handle.uids).await;
+            Err(e) => Err(e),
+        };
+        if let Err(e) = leased {
+            self.release_leases(id, handle.uids).await;
             self.forget(id);
             return Err(e);
         }
@@ -112,9 +162,7 @@ impl Supervisor {
                 })
                 .await;
             if let Err(e) = inserted {
-                self.release_uids(id, handle.uids).await;
-                let idc = id.clone();
-                let _ = self.db(move |s| s.release_ports(&idc)).await;
+                self.release_leases(id, handle.uids).await;
                 self.forget(id);
                 return Err(e);
             }
@@ -129,6 +177,7 @@ impl Supervisor {
                 owner: Some(caller.owner.clone()),
                 volume_key: confidential.volume_key,
                 uids: handle.uids,
+                address: handle.address,
             })
             .await;
         // A tier may learn more at create than handle_for could say (a
@@ -244,33 +293,109 @@ impl Supervisor {
 
     /// Lease the host ports `cell` publishes, across every tier: one
     /// allocator above the tiers, so no cell's published port is another's
-    /// (a DNAT would otherwise win over a container's proxy).
-    pub(super) async fn lease_ports(&self, id: &CellId, cell: &Cell) -> Result<()> {
-        let ports: Vec<(String, u16)> = cell
-            .spec
+    /// (a DNAT would otherwise win over a container's proxy). Entries with
+    /// host port 0 get the lowest free port of the range, written into
+    /// `cell`.
+    pub(super) async fn lease_ports(
+        &self,
+        id: &CellId,
+        cell: &mut Cell,
+        narrow: Option<RangeInclusive<u16>>,
+    ) -> Result<()> {
+        if cell.spec.ports.is_empty() {
+            return Ok(());
+        }
+        let (wanted, range) = (self.ports_wanted(cell), self.port_range(narrow)?);
+        let idc = id.clone();
+        let got = self
+            .db(move |s| {
+                let refs: Vec<(&str, u16)> = wanted.iter().map(|(p, n)| (p.as_str(), *n)).collect();
+                s.lease_ports(&idc, &refs, range, &host_port_free)
+            })
+            .await?
+            .map_err(port_refusal)?;
+        for (p, n) in cell.spec.ports.iter_mut().zip(got) {
+            p.host = u32::from(n);
+        }
+        Ok(())
+    }
+
+    /// Would [`Supervisor::create_with`] find `cell` its host ports now?
+    /// Leases nothing: a check before money is taken (the market's).
+    pub async fn check_ports(
+        &self,
+        cell: &Cell,
+        narrow: Option<RangeInclusive<u16>>,
+    ) -> Result<()> {
+        if cell.spec.ports.is_empty() {
+            return Ok(());
+        }
+        let (wanted, range) = (self.ports_wanted(cell), self.port_range(narrow)?);
+        self.db(move |s| {
+            let refs: Vec<(&str, u16)> = wanted.iter().map(|(p, n)| (p.as_str(), *n)).collect();
+            s.fit_ports(&refs, range, &host_port_free)
+        })
+        .await?
+        .map(drop)
+        .map_err(port_refusal)
+    }
+
+    fn ports_wanted(&self, cell: &Cell) -> Vec<(String, u16)> {
+        cell.spec
             .ports
             .iter()
             .map(|p| {
-                (
-                    p.protocol.as_str().to_string(),
-                    u16::try_from(p.host).unwrap_or(0),
-                )
+                let n = u16::try_from(p.host).unwrap_or(0);
+                (p.protocol.as_str().to_string(), n)
             })
-            .collect();
+            .collect()
+    }
+
+    /// The policy's host ports, narrowed to `narrow`.
+    fn port_range(&self, narrow: Option<RangeInclusive<u16>>) -> Result<RangeInclusive<u16>> {
+        let p = &self.cfg.policy.ports;
+        let (lo, hi) = match &narrow {
+            Some(n) => ((*n.start()).max(p.min), (*n.end()).min(p.max)),
+            None => (p.min, p.max),
+        };
+        if lo > hi {
+            return Err(SupervisorError::Capacity(format!(
+                "no host port range left: {narrow:?} is outside the policy's ports {}-{}",
+                p.min, p.max
+            )));
+        }
+        Ok(lo..=hi)
+    }
+
+    /// Lease `id` an address of `pool` for its tier to plumb in.
+    pub(super) async fn lease_address(&self, id: &CellId, pool: AddressPool) -> Result<Ipv4Addr> {
         let idc = id.clone();
-        let taken = self
+        let (name, first, last) = (pool.pool.clone(), pool.first, pool.last);
+        match self
+            .db(move |s| s.lease_address(&idc, &pool.pool, &pool.owner, pool.first..=pool.last))
+            .await?
+        {
+            LeaseOutcome::Leased { address, .. } => Ok(address),
+            LeaseOutcome::PoolExhausted => Err(SupervisorError::Capacity(format!(
+                "no free address left on {name} ({first}-{last})"
+            ))),
+        }
+    }
+
+    /// Give back everything leased to a cell that never got (or no longer
+    /// has) a row: its uid range, host ports and address.
+    pub(super) async fn release_leases(&self, id: &CellId, uids: Option<UidRange>) {
+        self.release_uids(id, uids).await;
+        let idc = id.clone();
+        let released = self
             .db(move |s| {
-                let refs: Vec<(&str, u16)> = ports.iter().map(|(p, n)| (p.as_str(), *n)).collect();
-                s.lease_ports(&idc, &refs)
+                s.release_ports(&idc)?;
+                s.release_lease(&idc)
             })
-            .await?;
-        taken.map_err(|t| SupervisorError::PortTaken {
-            field: format!("spec.ports.{}.host", t.index),
-            message: format!(
-                "{} port {} is published by another cell",
-                t.protocol, t.port
-            ),
-        })
+            .await;
+        if let Err(e) = released {
+            tracing::warn!(cell = %id, "releasing host ports and address: {e}");
+        }
     }
 
     /// Give back a range whose cell never got (or no longer has) a row.
@@ -540,5 +665,38 @@ impl Supervisor {
             ),
             Err(_) => false,
         }
+    }
+}
+
+/// Can a host service bind `port` now (on every address)? The allocator
+/// skips ports the host already uses.
+fn host_port_free(protocol: &str, port: u16) -> bool {
+    match protocol {
+        "udp" => std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok(),
+        _ => std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok(),
+    }
+}
+
+/// The allocator's refusal, naming the `spec.ports` entry.
+fn port_refusal(r: PortRefusal) -> SupervisorError {
+    match r {
+        PortRefusal::Taken {
+            index,
+            protocol,
+            port,
+            ..
+        } => SupervisorError::PortTaken {
+            field: format!("spec.ports.{index}.host"),
+            message: format!("{protocol} port {port} is published by another cell"),
+        },
+        PortRefusal::Exhausted {
+            index,
+            protocol,
+            range,
+        } => SupervisorError::Capacity(format!(
+            "spec.ports.{index}.host: no {protocol} host port of {}-{} is free",
+            range.start(),
+            range.end()
+        )),
     }
 }

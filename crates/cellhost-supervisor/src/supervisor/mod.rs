@@ -57,6 +57,7 @@ mod metering;
 mod reconcile;
 mod views;
 
+pub use lifecycle::CreateOptions;
 pub use reconcile::ReconcileSummary;
 pub use views::{CellView, UsageView};
 

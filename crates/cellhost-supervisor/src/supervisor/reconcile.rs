@@ -92,6 +92,8 @@ impl Supervisor {
             }
         };
         let mut recorded = HashSet::new();
+        // Orphans whose teardown left something: their leases stay.
+        let mut kept = HashSet::new();
         for row in rows {
             let rec = match row {
                 Ok(r) => r,
@@ -129,10 +131,18 @@ impl Supervisor {
                     continue;
                 }
             }
-            let handle = backend.found_handle(&obj.id);
+            let mut handle = backend.found_handle(&obj.id);
+            // The address it was leased, for its network's teardown.
+            let idc = obj.id.clone();
+            if let Ok(Some(lease)) = self.db(move |s| s.lease_of(&idc)).await {
+                handle.address = Some(lease.address);
+            }
             match backend.destroy(&handle).await {
                 Ok(report) if report.already_gone => {}
                 Ok(report) => {
+                    if !report.is_clean() {
+                        kept.insert(obj.id.clone());
+                    }
                     sum.orphans += 1;
                     self.counters
                         .orphans_destroyed
@@ -150,6 +160,7 @@ impl Supervisor {
                 }
                 Err(e) => {
                     sum.errors += 1;
+                    kept.insert(obj.id.clone());
                     tracing::warn!("destroying orphan {}: {e}", obj.id);
                 }
             }
@@ -157,6 +168,8 @@ impl Supervisor {
         // After the orphans: the ranges of those just destroyed go back in
         // this pass, not the next one (which a stopped daemon never runs).
         self.sweep_uids(&recorded, &mut sum).await;
+        kept.extend(recorded);
+        self.sweep_addresses(&kept, &mut sum).await;
         if sum.errors > 0 {
             self.counters
                 .reconcile_errors
@@ -167,6 +180,36 @@ impl Supervisor {
         }
         self.reconciled.send_modify(|n| *n += 1);
         sum
+    }
+
+    /// Give back address leases of this store whose cell has no row and no
+    /// host object left (`kept`: the recorded cells and the orphans whose
+    /// teardown was not clean).
+    pub(super) async fn sweep_addresses(&self, kept: &HashSet<CellId>, sum: &mut ReconcileSummary) {
+        let leases = match self.db(|s| s.leases()).await {
+            Ok(l) => l,
+            Err(e) => {
+                sum.errors += 1;
+                tracing::warn!("reconcile: reading address leases: {e}");
+                return;
+            }
+        };
+        for l in leases {
+            if kept.contains(&l.cell) {
+                continue;
+            }
+            let Some(_guard) = self.try_lock(&l.cell) else {
+                continue;
+            };
+            let idc = l.cell.clone();
+            if matches!(self.db(move |s| s.get(&idc)).await, Ok(None)) {
+                let idc = l.cell.clone();
+                if let Err(e) = self.db(move |s| s.release_lease(&idc)).await {
+                    sum.errors += 1;
+                    tracing::warn!("reconcile: releasing {}'s address: {e}", l.cell);
+                }
+            }
+        }
     }
 
     /// Give back uid leases and claims, and host ports, of this store whose

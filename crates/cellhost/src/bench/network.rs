@@ -11,7 +11,7 @@
 //!
 //! The ratio compares first output with first output (one method for
 //! both); first packet is the figure. Also create and destroy of
-//! each (bridged: + lease, netns, veth, tables / + 6 network checks).
+//! each (bridged: + lease, netns, veth, tables / + 5 network checks).
 //!
 //! After each destroy the bench pauses 100 ms, uncounted, so the kernel's
 //! deferred netns cleanup of one cell does not land in the next one's
@@ -73,6 +73,8 @@ pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow
         &Default::default(),
     )?;
     let _group = crate::bench::RemoveInstanceGroup(root.join("process"));
+    // Addresses are leased as the supervisor leases them, in the store.
+    let store = cellhost_store::Store::open(&root)?;
     let gateway = net.bridge_subnet.gateway();
     let sock = UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
     sock.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -86,12 +88,12 @@ pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow
     // One of each first, not counted: page cache, host root, bridge.
     for round in 0..n + 1 {
         let cell = doc("bench-none", "printf x", json!({"mode": "none"}))?;
-        let t = one_cell(&*backend, cell, None).await?;
+        let t = one_cell(&*backend, &store, cell, None).await?;
         if round > 0 {
             none.push(t);
         }
         let cell = doc("bench-bridged", &bridged_script, bridged_net.clone())?;
-        let t = one_cell(&*backend, cell, Some(&sock)).await?;
+        let t = one_cell(&*backend, &store, cell, Some(&sock)).await?;
         if round > 0 {
             bridged.push(t);
         }
@@ -135,7 +137,7 @@ pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow
         "  of which create (+ lease, netns, veth, fdb, nft)",
         &bridged.create,
     );
-    row("bridged: destroy (+ 6 network checks)", &bridged.destroy);
+    row("bridged: destroy (+ 5 network checks)", &bridged.destroy);
     row("none: create -> first output", &none.output);
     row("  of which create", &none.create);
     row("none: destroy", &none.destroy);
@@ -178,16 +180,29 @@ impl Times {
     }
 }
 
-/// Create, start, wait for its first packet on `sock` (bridged) and its
-/// first output, wait for the exit, destroy (clean or an error).
+/// Lease (bridged: the address, in `store`), create, start, wait for its
+/// first packet on `sock` (bridged) and its first output, wait for the
+/// exit, destroy (clean or an error), release.
 async fn one_cell(
     backend: &dyn Backend,
+    store: &cellhost_store::Store,
     cell: cellhost_spec::Cell,
     sock: Option<&UdpSocket>,
 ) -> anyhow::Result<Sample> {
     let t0 = Instant::now();
+    let id = CellId::random();
+    let address = match backend.address_pool(&cell) {
+        Some(p) => match store.lease_address(&id, &p.pool, &p.owner, p.first..=p.last)? {
+            cellhost_store::LeaseOutcome::Leased { address, .. } => Some(address),
+            cellhost_store::LeaseOutcome::PoolExhausted => anyhow::bail!("{} is full", p.pool),
+        },
+        None => None,
+    };
     let h = backend
-        .create(CreateRequest::new(CellId::random(), cell))
+        .create(CreateRequest {
+            address,
+            ..CreateRequest::new(id.clone(), cell)
+        })
         .await
         .map_err(|e| crate::commands::run::backend_err(e, "bench create"))?;
     let create = t0.elapsed();
@@ -224,6 +239,7 @@ async fn one_cell(
         "bench cell left residue: {}",
         report.summary()
     );
+    store.release_lease(&id)?;
     // The kernel frees a destroyed cell's netns later, on a worker taking
     // the rtnl lock: let it finish, uncounted.
     tokio::time::sleep(SETTLE).await;

@@ -338,19 +338,42 @@ pub fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The address the supervisor would lease a cell from `pool` (a bridged
+/// cell's), taken in the store under `state` for a cell a test makes
+/// through a backend directly.
+pub fn lease_address(
+    state: &Path,
+    id: &CellId,
+    pool: Option<cellhost_core::AddressPool>,
+) -> Option<std::net::Ipv4Addr> {
+    let pool = pool?;
+    let store = cellhost_store::Store::open(state).expect("opening the test's store");
+    match store
+        .lease_address(id, &pool.pool, &pool.owner, pool.first..=pool.last)
+        .expect("leasing an address")
+    {
+        cellhost_store::LeaseOutcome::Leased { address, .. } => Some(address),
+        cellhost_store::LeaseOutcome::PoolExhausted => panic!("{} is full", pool.pool),
+    }
+}
+
 impl Tier {
+    /// [`request`] with the address the supervisor would lease a bridged
+    /// cell from this tier's pool.
+    pub fn request(&self, cell: Cell) -> CreateRequest {
+        let mut req = request(cell);
+        let pool = self.backend.address_pool(&req.cell);
+        req.address = lease_address(self.dir.path(), &req.id, pool);
+        req
+    }
+
     pub async fn create(&self, cell: Cell, secrets: Vec<SecretValue>) -> (CellId, CellHandle) {
-        let id = CellId::random();
-        let uids = lease_uids(&id);
-        let h = self
-            .backend
-            .create(CreateRequest {
-                secrets,
-                uids: Some(uids),
-                ..CreateRequest::new(id.clone(), cell)
-            })
-            .await
-            .expect("create");
+        let req = CreateRequest {
+            secrets,
+            ..self.request(cell)
+        };
+        let id = req.id.clone();
+        let h = self.backend.create(req).await.expect("create");
         self.made.lock().unwrap().push(h.clone());
         (id, h)
     }
