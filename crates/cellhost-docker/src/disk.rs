@@ -1,76 +1,23 @@
 //! `spec.resources.diskGiB` for container cells: the most a cell can write
-//! to disk, enforced by the kernel in one of two modes.
+//! to disk, enforced by the kernel in one of two modes ([`DiskChoice`]):
+//! **storage-opt** (the engine caps the writable layer) or **scratch** (a
+//! read-only root and one loop-mounted ext4 of N GiB, a [`LoopFs`], bound
+//! at [`SCRATCH_TARGETS`] and at every `VOLUME` of the image).
 //!
-//! # Modes
+//! Invariants (modes, probe and the btrfs caveat in `docs/tiers.md`, "Disk
+//! limit"):
+//! - whether the engine enforces a size is decided once per backend and
+//!   cached ([`Verdict`]); an engine error other than a `--storage-opt`
+//!   refusal is the create's error and decides nothing;
+//! - an image that declares `VOLUME`s always gets scratch; a btrfs engine
+//!   gets scratch unless the operator opts in, and even then only while
+//!   [`btrfs_qgroups_hold`];
+//! - the scratch file is fallocated whole: tenants cannot overcommit the
+//!   host's disk;
+//! - teardown is idempotent (each step accepts "already gone") and detaches
+//!   only a loop device backed by exactly that file.
 //!
-//! - **storage-opt**: the engine's `HostConfig.StorageOpt {"size": "<N>G"}`
-//!   caps the container's writable layer (overlay2 on xfs mounted with
-//!   `prjquota`: a project quota; btrfs: a qgroup; zfs: a dataset quota;
-//!   devicemapper: the thin device's size). Writes past it fail with
-//!   EDQUOT/ENOSPC. The root is writable everywhere. The engine's own
-//!   `/etc/hosts`, `/etc/hostname` and `/etc/resolv.conf` are host files
-//!   outside that layer, writable by the container and counted by nothing:
-//!   these cells get their own, read-only, from `<cell>/net/` instead (the
-//!   container's hostname is then its cell id).
-//! - **scratch**: a read-only root (`ReadonlyRootfs`) and one ext4 file
-//!   system of N GiB per cell, on a loop device, whose directories are
-//!   bind-mounted read-write at [`SCRATCH_TARGETS`] (`/tmp`, `/var/tmp`,
-//!   `/run`: where programs expect to write on a read-only root; each is
-//!   mode 1777, so any uid of the cell, remapped or not, can write there)
-//!   and at every `VOLUME` the image declares (which would otherwise be an
-//!   engine volume that nothing limits). They share the N GiB: writes past
-//!   it fail with ENOSPC; everywhere else in the root they fail with EROFS.
-//!   The engine's network files are read-only under a read-only root.
-//!
-//! Under both, `spec.volume.path` (its own `sizeGiB`, see
-//! [`crate::volume`]) and the engine's `/dev`
-//! and `/dev/shm` tmpfs (64 MiB each, charged to the memory limit) are
-//! writable too; secrets are read-only.
-//!
-//! # Which mode
-//!
-//! [`DiskChoice`] (operator or test): `Auto` uses storage-opt where the
-//! engine enforces it, else scratch; `StorageOpt` refuses a cell the engine
-//! cannot limit; `Scratch` always uses scratch. Whether the engine enforces
-//! a size is decided once per backend and cached ([`Verdict`]): the storage
-//! driver (from `GET /info`) must be one that enforces it in the kernel
-//! ([`SIZE_DRIVERS`]); then the first create that asks for a size is the
-//! probe: the engine either accepts it (and then enforces it) or refuses
-//! with a `--storage-opt` message (overlay2 without xfs+pquota), after which
-//! that cell and every later one uses scratch. Any other engine error is
-//! the create's error and decides nothing. An image that declares `VOLUME`s
-//! always gets scratch (the engine's size does not cover volumes).
-//!
-//! btrfs enforces a qgroup's limit only while its quota accounting is
-//! consistent. The kernel marks it inconsistent after an unclean unmount,
-//! a snapshot inherited into a higher qgroup, a deep subvolume deleted,
-//! and it flipped during an ordinary test run here; from then on every
-//! container, running ones too, writes past its size until `btrfs quota
-//! rescan` (measured: 1.5 GiB under `size=1G`, in a container started
-//! while consistent). So a btrfs engine gets scratch unless the operator
-//! opts in (`DockerConfig::btrfs_storage_opt`), and even then every create
-//! with `diskGiB` first reads the kernel's flag ([`btrfs_qgroups_hold`]);
-//! while it is set (or cannot be read) the cell gets scratch, and
-//! `StorageOpt` refuses it.
-//!
-//! # Layout on the host (scratch)
-//!
-//! ```text
-//! <state>/docker/cells/<id>/disk.img   N GiB, fallocated (the space is the
-//!                                      cell's: tenants cannot overcommit
-//!                                      the host's disk), ext4, no discard
-//! <state>/docker/cells/<id>/disk/      its loop mount (nosuid, nodev)
-//!   tmp/ var-tmp/ run/ vol-<n>/        the bind sources, mode 1777
-//! ```
-//!
-//! The scratch disk is a [`LoopFs`], the one implementation of a cell's
-//! loop-mounted ext4 file (the plain volume of [`crate::volume`] is
-//! another, in the same cell dir under other names). Teardown (after the
-//! container is removed): unmount (lazily if busy), detach any loop device
-//! still backed by exactly that file (the mount's autoclear normally has;
-//! matched by file, so one cell's two such files are told apart), delete
-//! the file; checks `disk-mount`, `disk-loop`, `disk-file`. Idempotent:
-//! each step accepts "already gone".
+//! Design: `docs/tiers.md`.
 
 use std::collections::HashMap;
 use std::fs;

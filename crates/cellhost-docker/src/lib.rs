@@ -1,64 +1,24 @@
 //! The `container` tier: a cell is a Docker container, driven through the
 //! Engine API with `bollard` (no docker CLI in the path).
 //!
-//! # Layout on the host
+//! Invariants (layout, lifecycle and threat model in `docs/tiers.md`,
+//! "container"):
+//! - every object is named from the cell id, so destroy works from a fresh
+//!   process after a crash and twice in a row; "no such container/volume"
+//!   is success;
+//! - `list` finds cells by the instance label and by leftovers (engine
+//!   volumes, cell dirs, encrypted volumes), so reconcile sees half-made
+//!   cells as orphans;
+//! - a failed create removes what was made; destroy *checks* each object and
+//!   reports what is left;
+//! - the container's environment is exactly the document's plus what the
+//!   engine and image add (HOSTNAME; PATH/HOME when unset; image ENV);
+//! - secret values live only in the host tmpfs (never the create body,
+//!   `docker inspect`, argv, logs or the store), so the engine must be local.
 //!
-//! ```text
-//! engine: container  cellhost-<id>        labels cellhost.cell/.instance/.owner/.name
-//!         network    cellhost             bridge cellhost0, shared, see egress
-//! <state>/docker/cells/<id>/              0700
-//!   secrets/                              tmpfs 0700, one 0600 file per secret,
-//!                                         bind-mounted read-only at /run/secrets
-//!   volume.img, volume/data/              a plain spec.volume: an ext4 of
-//!                                         sizeGiB, bound at its path (see volume)
-//!   disk.img, disk/                       diskGiB in scratch mode (see disk)
-//!   net/                                  diskGiB in storage-opt mode: the
-//!                                         read-only /etc/hosts, hostname,
-//!                                         resolv.conf (see disk)
-//! ```
+//! See also [`disk`] (`diskGiB`) and [`volume`] (plain volumes).
 //!
-//! # Lifecycle
-//!
-//! create: pre-clean anything left at this id, pull the image when the
-//! engine lacks it (progress to the configured sink; a failed pull makes
-//! nothing), secrets tmpfs, the volume (encrypted, or plain: see
-//! [`volume`]), network guard for bridged cells, the disk limit's objects
-//! (see [`disk`]), then the container (created, not started). Any failure
-//! removes what was made. start/stop: the engine's (stop = stop signal,
-//! SIGKILL after the grace period; docker-init is PID 1 so the signal
-//! reaches the workload); start first mounts a plain volume again if it is
-//! not mounted. destroy: force-remove the container with its anonymous
-//! volumes, remove the engine volume of cells made before plain volumes
-//! were file systems, unmount the secrets tmpfs, remove the plain volume
-//! and the scratch disk, remove the cell dir, then *check* each
-//! (container, engine volume, anonymous volumes, network endpoints,
-//! secrets mount, plain volume and disk mount, loop and file, cell dir)
-//! and report what is left. status,
-//! logs, usage (stats), exec: the engine's. The engine keeps the workload's
-//! log (json-file, capped); `logs` reads it through the API.
-//!
-//! # Idempotency
-//!
-//! Every object is named from the cell id, so destroy works from a fresh
-//! process after a crash and twice in a row; "no such container/volume" is
-//! success. `list` finds cells by the instance label, and by leftover
-//! engine volumes, cell dirs (which hold plain volumes and scratch disks)
-//! and encrypted volumes, so reconcile sees half-made cells as orphans.
-//!
-//! # Threat model
-//!
-//! The workload is untrusted; the engine is trusted and local (secrets and
-//! volumes are host paths bind-mounted in, so a remote DOCKER_HOST is not
-//! supported for cells that have them). The container's environment is
-//! exactly the document's plus what the engine and image add (HOSTNAME;
-//! PATH/HOME when unset; image ENV) — nothing of the host's or the
-//! daemon's. Secret values never appear in the create body, `docker
-//! inspect`, argv, logs or the store: only in the host tmpfs. Containers
-//! get no-new-privileges, no NET_RAW, memory+swap = memory, a pids limit
-//! when asked, a kernel-enforced cap on what they write when
-//! `resources.diskGiB` is set (see [`disk`]; without it the writable layer
-//! is not limited), a volume that holds at its `sizeGiB` (see [`volume`]),
-//! and a bridged cell's egress is denied (see the `egress` module).
+//! Design: `docs/tiers.md`.
 
 pub mod disk;
 mod egress;

@@ -1,64 +1,18 @@
-//! A plain (not encrypted) `spec.volume` of a container cell: a file
-//! system of its own, `sizeGiB` large, so the kernel enforces the size.
+//! A plain (not encrypted) `spec.volume` of a container cell: a [`LoopFs`]
+//! of its own, `sizeGiB` large, so the kernel enforces the size (the
+//! engine's `local` driver cannot; see `docs/volumes.md`).
 //!
-//! # Why not an engine volume
+//! Invariants (layout, lifecycle and reasons in `docs/volumes.md`):
+//! - the file is reserved whole at create; a volume that does not fit is
+//!   refused naming `spec.volume.sizeGiB`, never made smaller or sparse;
+//! - the container binds `volume/data`, never `volume/`, so a cell never
+//!   writes its volume onto the host's disk under an empty mount point;
+//! - host code never walks what the tenant wrote;
+//! - every path derives from the cell id and lies in the cell dir, and
+//!   nothing is kept in memory: `list` finds an orphaned volume, and start,
+//!   stop and destroy work from the paths alone, from a fresh process too.
 //!
-//! The engine's `local` driver has no size that holds here: it accepts
-//! `size` only when its data root is xfs mounted with project quotas (on
-//! this host's btrfs data root it refuses with "quota size requested but
-//! no quota support"), and a local volume of `type`/`o` options passes
-//! them to mount(2), which for a bind limits nothing. A cell with an
-//! engine volume could fill the host's disk through it. So the volume is a
-//! [`LoopFs`], like the scratch disk of `diskGiB` (see [`crate::disk`]).
-//!
-//! # Layout on the host
-//!
-//! ```text
-//! <state>/docker/cells/<id>/volume.img   sizeGiB, fallocated, ext4 (label
-//!                                        cellhost-volume), no discard
-//! <state>/docker/cells/<id>/volume/      its loop mount (nosuid, nodev)
-//!   data/                                bound read-write at
-//!                                        spec.volume.path; mode 0755, owned
-//!                                        by the container's root (the
-//!                                        remapped uid under --userns-remap)
-//! ```
-//!
-//! # Invariants
-//!
-//! - Writes past `sizeGiB` fail with ENOSPC in the cell (ext4 keeps its
-//!   journal and tables inside, so a little less than `sizeGiB` is usable).
-//!   The host's share is the file, reserved whole at create: tenants cannot
-//!   overcommit the host's disk, and a volume that does not fit is refused
-//!   at create naming `spec.volume.sizeGiB`, never made smaller or sparse.
-//! - The container binds `volume/data`, never `volume/`: while the file
-//!   system is not mounted `data` does not exist, and the engine refuses a
-//!   missing bind source, so a cell never writes its volume onto the host's
-//!   disk under an empty mount point.
-//! - Host code never walks what the tenant wrote: `data` is made before the
-//!   container exists, and teardown unmounts, detaches and deletes the file.
-//! - Every path derives from the cell id and lies in the cell dir, so the
-//!   orphan listing (`list`, which lists cell dirs) finds a volume whose
-//!   container is gone, and destroy from a fresh process removes it.
-//! - It starts empty: the image's files at `spec.volume.path` are hidden,
-//!   not copied in as an engine volume would (as for an encrypted volume).
-//!
-//! # Lifecycle
-//!
-//! - **create**: made after the secrets, before the container; a failure
-//!   removes it with the rest of the cell.
-//! - **stop/start**: the file system stays mounted on the host while the
-//!   container is stopped, and the restarted container binds the same data.
-//!   start mounts it again when the file is there and its mount is not
-//!   (after a host reboot, or anything else that unmounted it), so the data
-//!   persists from create to destroy. Until then the engine cannot start
-//!   the container (its bind source is missing), with any restart policy.
-//! - **daemon restart**: the mount and its loop device are the kernel's and
-//!   outlive the cellhost process; nothing about them is kept in memory, so
-//!   a restarted daemon adopts them as they are (start, stop and destroy
-//!   work from the paths alone). A dockerd restart leaves host mounts alone.
-//! - **destroy** (after the container is removed): unmount (lazily if
-//!   busy), detach the loop device if autoclear has not, delete the file;
-//!   checks `plain-volume-mount`, `plain-volume-loop`, `plain-volume-file`.
+//! Design: `docs/volumes.md`.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

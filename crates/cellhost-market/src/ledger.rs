@@ -1,48 +1,20 @@
-//! The provider's ledger of requests: replay protection, money taken, and
-//! outcomes.
+//! The provider's ledger of requests (`<state>/market/ledger.sqlite`):
+//! replay protection, money taken, and outcomes.
 //!
-//! # Layout on the host
+//! Invariants (schema, lifecycle and threat model in `docs/market.md`):
+//! - `id` is the request's rumor id, recomputed here, never taken from the
+//!   wire;
+//! - a request is claimed (one insert) before any work on it; a row with no
+//!   outcome is never re-run: the provider settles it
+//!   ([`Ledger::unfinished`]);
+//! - money taken is written ([`Ledger::redeemed`]) the moment the swap
+//!   returns, before the cell is made or the lease extended; the outcome and
+//!   the answer are written in one statement ([`Ledger::conclude`]);
+//! - columns added after the first version are added to an older file at
+//!   open (its answers count as sent);
+//! - rows hold no token, key, password or document.
 //!
-//! `<state>/market/ledger.sqlite` (0600, WAL; opened as the daemon's store
-//! is), one table `requests`: `id` (PK), `sender`, `op`, `received_at`;
-//! what was taken before the work (`mint`, `taken_msat`, `taken_seconds`,
-//! `taken_cell`); the end (`outcome`, `cell`, `paid_msat`, `seconds`); the
-//! answer (`reply`, `reply_sent`, `reply_tries`).
-//! `id` is the request's rumor id (the inner, signed-by-nobody kind-14
-//! event's id, recomputed here, never taken from the wire): the gift wrap
-//! around it changes on every send, the rumor does not.
-//!
-//! # Lifecycle and idempotency
-//!
-//! 1. A request is *claimed* (row inserted, one statement) before any work
-//!    on it; a second delivery of the same rumor finds the row and is not
-//!    run again, across restarts too.
-//! 2. Money taken is written down the moment the mint's swap returns
-//!    ([`Ledger::redeemed`]: the mint, the amount, the seconds it buys, and
-//!    for a top-up the cell), before the cell is made or the lease
-//!    extended.
-//! 3. The outcome and the answer are written in one statement
-//!    ([`Ledger::conclude`]), then the answer is published and marked sent
-//!    ([`Ledger::sent`]); answers no relay took are published again
-//!    ([`Ledger::unsent`], [`Ledger::tried`]), up to [`MAX_REPLY_TRIES`]
-//!    times.
-//!
-//! A row with no outcome is a request a crash cut short; it is never re-run.
-//! At the next start the provider settles it ([`Ledger::unfinished`]): with
-//! money taken, the consumer gets what was delivered or a refund; without,
-//! an `interrupted` answer.
-//!
-//! Columns added after the first version are added to an older file at
-//! open (`ALTER TABLE … ADD COLUMN`); its answers count as sent.
-//!
-//! # Threat model
-//!
-//! Rows hold no token, key, password or document: only who asked for what,
-//! the stable outcome code (`refund_owed` marks money taken and neither
-//! delivered nor refunded), the cell id, amounts, and the answer as sent:
-//! a NIP-59 gift wrap sealed to the requester with a throwaway key, which
-//! this provider cannot open again (so a refund in it stays the
-//! requester's alone).
+//! Design: `docs/market.md`.
 
 use std::path::Path;
 use std::sync::Mutex;

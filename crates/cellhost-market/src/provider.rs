@@ -1,73 +1,22 @@
 //! The provider: sells this node's cells over Nostr for Cashu.
 //!
-//! # Layout on the host
+//! Invariants (the request pipeline, crash settlement and threat model are
+//! in `docs/market.md`):
+//! - every request is claimed in the ledger before any work, so it runs at
+//!   most once, across restarts; one a crash cut short is settled at the
+//!   next start, never re-run;
+//! - nothing is redeemed before every check that could refuse has passed;
+//!   what is taken and not delivered is refunded in the reply, or recorded
+//!   as `refund_owed`; a refund is made only on evidence that nothing was
+//!   delivered;
+//! - cells are owned by the tenant `nostr:<requester hex pubkey>`; a third
+//!   party's request about a cell looks like one about a missing cell;
+//! - only NIP-17 is read; requests older than `maxRequestAgeSeconds` are
+//!   refused unpaid;
+//! - tokens, refund tokens, volume keys, passwords and documents are never
+//!   logged or put in the ledger.
 //!
-//! `<state>/market/` (0700): `nostr.key`, `wallet.seed`, `wallet.sqlite`,
-//! `ledger.sqlite` (see `keys`, `cashier`, `ledger`). Cells are the
-//! daemon's: each is owned by the tenant `nostr:<requester hex pubkey>`,
-//! so the supervisor itself keeps one consumer off another's cells.
-//!
-//! # Lifecycle
-//!
-//! Start: load or make the key and seed, connect to the relays, publish the
-//! offer, subscribe to gift wraps addressed to us. Every heartbeat interval:
-//! publish a heartbeat with the node's free capacity, and republish the
-//! offer when what it says changed (a tier filled up or came back).
-//! Each request runs in its own task:
-//!
-//! ```text
-//! unwrap (NIP-59; the seal's signer is the sender) → rumor kind 14 → its
-//! id recomputed → ledger claim (a replay stops here; its kept answer is
-//! sent again) → not too old → parse → per op:
-//! spawn:  tier on offer and running → document (or template) valid, of that
-//!         tier, within the offer's size → secrets, volume key → capacity
-//!         → token parses, mint accepted, unit sat → amount buys
-//!         minSeconds..=maxSeconds → REDEEM → ledger: taken → create
-//!         with that lease (labelled with the request id) → on failure:
-//!         refund token for all of it
-//! topup:  cell exists for this key, lease running → token checks → amount
-//!         → REDEEM → ledger: taken → extend (its event names the
-//!         request) → on failure: refund
-//! status: the cell for this key
-//! stop:   destroy the cell for this key
-//! → reply (NIP-17, to the sender only, `e` = the request's rumor id)
-//! → ledger outcome
-//! ```
-//!
-//! # Idempotency
-//!
-//! The ledger claim makes every request run at most once, across restarts.
-//! The lease is the daemon's: the reaper destroys a cell when it ends,
-//! whether or not this front is running. A request a crash cut short is
-//! settled at the next start, after the supervisor's first reconcile,
-//! beside new requests: if it took money, the consumer gets what was
-//! delivered (the cell carrying its request id exists, was made and its
-//! lease runs; the cell's event log holds the extension made for the
-//! top-up's request) or a refund of all of it; if not, an `interrupted`
-//! answer.
-//! Answers are kept in the ledger as sent; one no relay took is published
-//! again at the next heartbeats.
-//!
-//! # Threat model
-//!
-//! Requests are hostile until checked. Only NIP-17 is read: NIP-04 and
-//! plain events are ignored. Nothing is redeemed before every check that
-//! could refuse has passed; what is taken for a cell (or an extension)
-//! that is not delivered is refunded in the reply, and what cannot be
-//! refunded (the mint down at that moment) is recorded as `refund_owed`.
-//! A crash after redemption is settled at restart (above); a refund is
-//! made only on evidence that nothing was delivered, and a row that cannot
-//! be judged yet is tried again every heartbeat interval. Gaps left, both
-//! in a moment of milliseconds: a crash during the swap itself (the
-//! wallet's saga recovery keeps the money, the ledger has no record it was
-//! this request's: the answer is `interrupted`, telling the consumer to
-//! ask if the mint says the token is spent), and a crash between a refund
-//! being made and its answer being recorded (the refund is made again at
-//! the next start: the provider's loss, never the consumer's). Requests older than `maxRequestAgeSeconds` are refused unpaid.
-//! A third party's request about a cell looks exactly like one about a
-//! missing cell (`not_found`). Tokens, refund tokens, volume keys,
-//! passwords and documents are never logged or put in the ledger (which
-//! keeps each answer only as the gift wrap sent, sealed to the requester).
+//! Design: `docs/market.md`.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

@@ -1,82 +1,24 @@
-//! Bridged networking for cells: a veth pair from a process cell's
-//! network namespace (or a tap for a VM) to a cellhost bridge, at the
-//! address the supervisor leased the cell from [`Network::pool`], and one
-//! nftables table per cell and family that denies egress by default. This
-//! crate plumbs; it allocates nothing and never opens the store.
+//! Bridged networking for cells: a veth pair from a process cell's network
+//! namespace (or a tap for a VM) to a cellhost bridge, at the address the
+//! supervisor leased the cell from [`Network::pool`], and one nftables table
+//! per cell and family that denies egress by default. This crate plumbs; it
+//! allocates nothing and never opens the store.
 //!
-//! # Layout on the host
+//! Invariants (host objects, threat model and reasons in `docs/network.md`):
+//! - every object is named from the cell id alone, so `detach` works from a
+//!   fresh process after a crash, and twice; `attach` replaces what an
+//!   earlier attempt left;
+//! - every object of a cell is found through [`Network::cells`] until it is
+//!   gone: reconcile sweeps orphans by it;
+//! - `attach` order: bridge, netns, link, neighbour, fdb, both tables (one
+//!   `nft -f -` transaction), address and route inside the netns;
+//! - `detach` removes the link first (a cell is never connected without its
+//!   tables), then neighbours, tables, netns and the address's tracked flows,
+//!   each checked into the `TeardownReport`; the supervisor gives the address
+//!   back only when the report is clean;
+//! - tools get fixed argv: generated names, validated addresses and ports.
 //!
-//! ```text
-//! <bridge> (default cellhost-br0)   Linux bridge, <gateway>/<prefix> (the
-//!                                   subnet's first address), route_localnet=1,
-//!                                   alias `cellhost:<hash of the store dir>`
-//!                                   (one bridge serves one store)
-//! /run/netns/cellhost-<id>          a process cell's netns (iproute2's
-//!                                   naming, so `ip netns` shows it); inside:
-//!                                   lo, eth0 <address>/<prefix>, default via
-//!                                   the gateway, IPv6 off
-//! chv<id>                           host end of the veth (process cells) or
-//!                                   a tap for qemu (VM cells; owned by the
-//!                                   VM's unprivileged uid:gid); a bridge
-//!                                   port that is isolated (no cell talks L2
-//!                                   to another), neither learns nor floods
-//! fdb <mac> → chv<id>, static       frames for a cell reach its port alone
-//! neighbour <address> → <mac>       permanent on the bridge
-//! table netdev cellhost_<id>        the link: own MAC, IPv4 and ARP only
-//! table inet cellhost_<id>          routing, egress list, DNAT (see `rules`);
-//!                                   both carry a comment naming tier, cell
-//!                                   and bridge
-//! iptables FORWARD / DOCKER-USER    `-i/-o <bridge> -j ACCEPT`, only where
-//!                                   another tool (Docker) set the FORWARD
-//!                                   policy to DROP: an nftables drop in any
-//!                                   base chain is final, so without these
-//!                                   no forwarded packet would pass; the
-//!                                   cell's own tables do the filtering
-//! sysctl net.ipv4.ip_forward = 1    host-wide, as every router-mode runtime
-//! ```
-//!
-//! # Lifecycle
-//!
-//! `attach` (before the workload starts, with the leased address): bridge
-//! ensured, netns, link,
-//! neighbour entry, fdb entry, both tables (one `nft -f -` transaction),
-//! address and route inside the netns (ioctls from a thread that joined
-//! it: `cellhost_os::ifconfig`). `detach`: the link first (so a
-//! cell is never connected without its tables), neighbours, both tables,
-//! the netns, the address's tracked flows; each is *checked* into the
-//! TeardownReport. The supervisor gives the address back only when the
-//! report is clean.
-//!
-//! # Idempotency
-//!
-//! Every object is named from the cell id alone, so `detach` works from a
-//! fresh process after a crash, and twice. `attach` replaces what an
-//! earlier attempt left (the table load is create-or-replace, a stale link
-//! is deleted first). Every object of a cell is found through
-//! [`Network::cells`] (tables of this tier, veths on the bridge) until it
-//! is gone: reconcile sweeps orphans by it. A teardown without the
-//! address (an orphan's) reads it from the cell's neighbour entry.
-//!
-//! # Threat model
-//!
-//! The workload is untrusted and root in its netns with CAP_NET_RAW (it may
-//! forge packets; a VM guest may send anything). Everything that limits it
-//! lives on the host side, out of its reach: the link's ingress hook drops
-//! every frame not from the cell's MAC, IPv4 not from its address, ARP not
-//! naming both, IPv6, other ethertypes, and packets for the host's
-//! loopback; forwarded and host-bound packets from the cell pass only its
-//! own flows (conntrack-marked) and the declared allow-list (for the host
-//! itself only single addresses and the resolvers); nothing reaches the
-//! cell but its own flows and its published ports. The host's own
-//! processes (the provider) may connect to cells directly.
-//!
-//! # Why shell out
-//!
-//! `nft -f -` is the interface to nftables' atomic transactions (the issue
-//! names it), and `ip`/`bridge` are the interface to iproute2's named netns
-//! under /run/netns and the bridge's fdb, which operators inspect with the
-//! same tools. They get fixed argv of names and addresses we generated; no
-//! document text reaches them except validated addresses and port numbers.
+//! Design: `docs/network.md`.
 
 pub mod rules;
 pub mod subnet;

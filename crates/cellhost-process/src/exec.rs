@@ -1,97 +1,25 @@
-//! `exec`: run a command inside a running process cell, like `docker exec`.
+//! `exec`: run a command inside a running process cell, like `docker exec`,
+//! through a helper process (`cellhost __exec <cell-dir> <container-id>`,
+//! see [`crate::ShimCommand::with_subcommand`]) that joins the cell with
+//! libcontainer's tenant builder.
 //!
-//! # Why a helper process
+//! Invariants (the join, lifecycle and threat model in `docs/tiers.md`,
+//! "exec"):
+//! - libcontainer never runs on a thread of the supervisor's runtime: the
+//!   helper is single-threaded when it calls it, and lives exactly as long
+//!   as the command;
+//! - the command gets the cell's boundary (namespaces, cgroup, capabilities,
+//!   `no_new_privileges`, seccomp, read-only root), exactly the requested
+//!   environment and fds 0-2; the helper's environment is empty;
+//! - the request (it may hold secrets) travels only over the control socket,
+//!   never in argv, a file, a log line or an error message;
+//! - `<cell-dir>/exec.lock` serialises the join of concurrent execs; destroy
+//!   holds it for its whole teardown, so no exec re-creates the cgroup of a
+//!   cell being destroyed;
+//! - a timeout is `BackendError::Timeout` and drops the output; output is
+//!   capped at [`OUTPUT_CAP_BYTES`] per pipe and never parsed.
 //!
-//! libcontainer forks and clones, and its tenant path `chdir`s to reach a
-//! notify socket: process-wide effects that must not happen on a thread of
-//! the supervisor's tokio runtime. So each exec re-executes the `cellhost`
-//! binary as `cellhost __exec <cell-dir> <container-id>` (the shim's program
-//! and argument prefix with another subcommand, see
-//! [`crate::ShimCommand::with_subcommand`]); the helper is single-threaded
-//! when it calls libcontainer, and it lives exactly as long as the command.
-//!
-//! # How the command joins the cell
-//!
-//! The helper runs libcontainer's tenant builder (`ContainerBuilder::
-//! as_tenant`), which reads the cell's `config.json` and libcontainer state
-//! and starts a process that
-//!
-//! - joins the init's pid, mount, uts, ipc and net namespaces (`setns` on
-//!   `/proc/<init>/ns/*`): it sees the cell's root, `/proc`, hostname and
-//!   loopback, and dies with the cell's pid namespace;
-//! - is added to the cell's cgroup in every hierarchy (no limits are
-//!   re-applied: the cell's limits already cover it), so destroy's cgroup
-//!   kill reaches it and it is metered with the cell;
-//! - gets the cell's capability set and `no_new_privileges`, and a session
-//!   of its own (`setsid`), so its process group id is its pid;
-//! - ends in `ExecExecutor`: the cell's default seccomp filter (see
-//!   `seccomp`) and `execve` with exactly the requested environment
-//!   (libcontainer's own env, which merges in the cell's declared env and
-//!   `HOME`, is ignored).
-//!
-//! The command is the helper's child (libcontainer clones it with
-//! `CLONE_PARENT` from its intermediate process), with fd 0 `/dev/null`,
-//! fds 1 and 2 the two pipes the backend reads, and no other fd
-//! (libcontainer marks every other descriptor close-on-exec).
-//!
-//! # Layout on the host
-//!
-//! ```text
-//! <cell-dir>/exec.lock    flock: serialises the join (milliseconds) of
-//!                         concurrent execs, and destroy against all of them
-//! <cell-dir>/lc/cellhost-<id>/tenant-notify-*.sock
-//!                         made by libcontainer per exec, removed by the
-//!                         helper right after the join
-//! ```
-//!
-//! # Lifecycle
-//!
-//! 1. backend: validate the request (pure), check the cell is running,
-//!    spawn the helper with an empty environment, stdin one end of a unix
-//!    socketpair (the control channel), stdout and stderr pipes; send the
-//!    request as one JSON line on the control channel.
-//! 2. helper: take `exec.lock`, join (above), remove the notify sockets,
-//!    release the lock, point its own fds 1 and 2 at `/dev/null` (so the
-//!    pipes reach EOF when the command's processes close them).
-//! 3. helper: wait for the command (pidfd + poll); on the timeout, or when
-//!    the backend closes the control channel (its caller gave up), SIGKILL
-//!    the command's process group. Report one JSON line; exit.
-//! 4. backend: read both pipes while waiting, keeping [`OUTPUT_CAP_BYTES`]
-//!    of each (the rest is read and dropped, so a chatty command never
-//!    blocks); after the report, read on to EOF or for [`DRAIN_GRACE`] at
-//!    most (a background child of the command that keeps a pipe open is
-//!    not waited for); reap the helper.
-//!
-//! # Timeout
-//!
-//! A timeout is `BackendError::Timeout`, and the output is dropped: being
-//! killed is not the command's own result, and a caller must not mistake
-//! it for one. The clock starts when the helper reads the request (the
-//! join, a few milliseconds, counts). The command's process group is
-//! killed, which is the command and every child that did not start a
-//! session of its own; the cell and its other processes run on (anything
-//! that escaped the group dies with the cell). A helper that neither
-//! reports nor exits within the timeout + [`HELPER_SLACK`] is killed.
-//!
-//! # Idempotency
-//!
-//! An exec changes nothing of the cell's host objects except for what its
-//! command does inside the cell. A helper that finds the cell gone or not
-//! running (it may end between the backend's check and the join) reports
-//! so, and the caller gets `NotFound` or `WrongState`. Destroy holds
-//! `exec.lock` for its whole teardown, so no exec can join (and so
-//! re-create the cgroup of) a cell being destroyed.
-//!
-//! # Threat model
-//!
-//! The command is as untrusted as the workload and gets the same boundary:
-//! namespaces, cgroup, capabilities, `no_new_privileges`, seccomp, the
-//! read-only root. Nothing of the host passes: the helper's environment is
-//! empty, the command's is exactly the request's, its fds are 0-2. The
-//! request's environment may hold secrets: it travels only over the
-//! control socket, never in argv, a file, a log line or an error message.
-//! Output is bytes, capped, never parsed. `ExitInfo::oom_killed` is always
-//! false for an exec (the OOM counter is the cell's, not the command's).
+//! Design: `docs/tiers.md`.
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};

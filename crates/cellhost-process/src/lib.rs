@@ -2,67 +2,22 @@
 //! net and cgroup namespaces, inside its own cgroup, on a read-only root,
 //! run by youki's `libcontainer` through a per-cell shim.
 //!
-//! # Layout on the host
+//! Invariants (layout, lifecycle and threat model in `docs/tiers.md`,
+//! "process"):
+//! - everything is found again from the cell id alone (dir and cgroup
+//!   names), so destroy works from a fresh process after a crash and on a
+//!   destroyed cell; a create that fails half way calls destroy;
+//! - destroy *checks* every object it removed, and the uid range, and
+//!   reports what is left;
+//! - the cell's uid range comes with the request (the supervisor leases it):
+//!   the workload's root is an unprivileged host uid of that range;
+//! - the workload gets exactly its declared environment, fds 0-2, and limits
+//!   that are never unlimited;
+//! - secret values never appear in argv (the shim's argv is paths and ids),
+//!   config.json, logs or the store: only in the cell's tmpfs, and in memory
+//!   during create.
 //!
-//! ```text
-//! <state>/cells/               0711 (the cells' own uids pass through, see root)
-//! <state>/cells/<id>/          0711, one per cell
-//!   config.json                OCI spec (no secrets: env is the declared env)
-//!   log                        workload stdout+stderr, 0600, capped
-//!   secrets/                   tmpfs (0500, owned by the cell's root), one 0400
-//!                              file per secret, bound read-only at /run/secrets
-//!   rt/ image/ root/           the cell's root (see root)
-//!   shim.pid shim.log exit.json  the shim's (see shim)
-//!   exec.lock                  serialises exec set-up against destroy (see exec)
-//!   lc/cellhost-<id>/          libcontainer state (state.json, notify socket)
-//! <cgroup hierarchy>/cellhost/<instance>/cellhost-<id>   per controller (v1) or unified (v2)
-//! /run/netns/cellhost-<id>     bridged: the cell's netns, pinned (see cellhost-net)
-//! ```
-//!
-//! # Lifecycle
-//!
-//! create: the cell's uid range must come with the request (the
-//! supervisor leases it); cell dir, secrets tmpfs, the volume (its data
-//! owned by the cell's root), the root (see root), config.json, then the
-//! shim creates the container (init waits for the start signal) and
-//! reports its pid; a bridged cell's netns (made inside its user
-//! namespace) is pinned and its veth attached. start: libcontainer's start
-//! signal. stop: SIGTERM to the init, SIGKILL to the whole cgroup after the
-//! grace period. destroy: SIGKILL the pid namespace's init (the kernel then
-//! kills every process in the namespace), every pid left in the cgroup and
-//! every process still running as the cell's uids, wait for the shim,
-//! libcontainer delete (cgroups, state), unmount everything under the cell
-//! dir, detach the network, destroy the volume, remove the cell dir, then
-//! *check* each of those, and the uid range, and report what is left.
-//! exec (while running): a helper process joins the cell's namespaces (its
-//! user namespace included) and cgroup (see exec); destroy kills what it
-//! started like any other process of the cell. usage: the cell's cgroup
-//! counters, read from files.
-//!
-//! # Idempotency
-//!
-//! Everything is found again from the cell id alone (dir and cgroup names),
-//! so destroy works from a fresh process after a crash, and destroying a
-//! destroyed cell is a clean report. A create that fails half way calls
-//! destroy before returning the error.
-//!
-//! # Threat model
-//!
-//! The workload is a hostile stranger on a shared kernel. Its root is an
-//! unprivileged host uid of a range leased to it alone (a file it makes is
-//! that uid's; a process it runs can signal nothing outside the cell). It
-//! gets exactly its declared environment, fds 0-2 only (stdin /dev/null,
-//! stdout/stderr the cell log), no view of the host's /etc, state dir or
-//! other cells, no device but the standard ones, limits from its cgroup
-//! and rlimits (the policy fills them in: never unlimited), and
-//! loopback-only networking, or bridged: a netns whose only way out is a
-//! veth confined by the cell's nftables table (see cellhost-net). Its
-//! syscalls pass an allow-list seccomp filter (see `seccomp`). Secret
-//! values never appear in argv (the shim's argv is paths and ids), in
-//! config.json, in logs or in the store; they exist only in the cell's
-//! tmpfs and in memory during create. See bundle for what the OCI spec
-//! asks and why; what a shared kernel does not defend against is in the
-//! README's tier table.
+//! Design: `docs/tiers.md`.
 
 mod bundle;
 pub mod exec;

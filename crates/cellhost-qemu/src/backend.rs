@@ -1,5 +1,5 @@
-//! The [`Backend`] of the vm and microvm tiers (see the crate header for
-//! layout, lifecycle, idempotency and threat model).
+//! The [`Backend`] of the vm and microvm tiers (layout, lifecycle,
+//! idempotency and threat model: `docs/tiers.md`).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};

@@ -1,145 +1,25 @@
-//! cellhost's state store: one SQLite file that remembers every cell.
+//! cellhost's state store: one SQLite file (`<state_dir>/cellhost.db`)
+//! that remembers every cell, so reconcile can finish what a crash cut
+//! short. It stores rows and hands them back typed; it knows nothing of
+//! backends, and callers never write SQL.
 //!
-//! DESIGN.md, "Data flow": the supervisor writes a cell's desired state to
-//! the store *before* any side effect, and what it observed *after* every
-//! side effect, so a crash at any line leaves a record that reconcile can
-//! finish. This crate is that record. It knows nothing of backends; it
-//! stores rows and hands them back typed. Callers never write SQL.
+//! Invariants (the schema, migrations and reasons are in `docs/store.md`):
+//! - the db file is created 0600 before SQLite opens it (tightened if wider,
+//!   a symlink refused), in a dir created 0700; WAL with `synchronous=FULL`,
+//!   so a commit that returned is on disk before the caller acts;
+//! - migrations are append-only, counted by `PRAGMA user_version`, and run
+//!   under `BEGIN IMMEDIATE`, so two processes apply each exactly once;
+//! - the store polices no transition, it records what it is told;
+//!   [`Store::apply`] groups a state change with its event in one commit;
+//! - `events`, `usage` and leases have no foreign key to `cells` on purpose:
+//!   they outlive the row (or precede it);
+//! - [`Store::remove`] of an absent row is `Ok(false)`; a second
+//!   [`Store::insert_cell`] of an id is [`StoreError::AlreadyExists`];
+//! - never a secret value or a volume key: a [`NewCell::document`] is a
+//!   [`cellhost_spec::Redacted`]; rows read back are parsed strictly
+//!   ([`StoreError::Corrupt`], never a panic) and `CellId`s re-validated.
 //!
-//! # Layout on the host
-//!
-//! ```text
-//! <state_dir>/            0700  created by Store::open when missing
-//!   cellhost.db           0600  the database; created 0600 by us before
-//!                               SQLite opens it, tightened to 0600 if found
-//!                               wider; a symlink here is refused
-//!   cellhost.db-wal       0600  write-ahead log  } made by SQLite with the
-//!   cellhost.db-shm       0600  WAL index (mmap) } db file's mode
-//! ```
-//!
-//! `<state_dir>` is shared with other cellhost state (per-cell dirs), so an
-//! *existing* directory is left with the mode it has; the db file's own
-//! 0600 is what guards the records, the directory's 0700 is depth.
-//!
-//! Schema (migration 1; `PRAGMA user_version` counts applied migrations):
-//!
-//! ```text
-//! cells   id TEXT PK, name, isolation, owner, document (JSON Cell),
-//!         created_at, expires_at (unix ms), desired, observed,
-//!         handle (JSON CellHandle, NULL until create returns),
-//!         exit (JSON ExitInfo), last_error, updated_at (unix ms)
-//! events  id INTEGER PK AUTOINCREMENT, cell_id, at (unix ms), type, data (JSON)
-//! ```
-//!
-//! Migration 2:
-//!
-//! ```text
-//! events  + owner (the cell row's owner when the event was appended; NULL
-//!           for events of cells without a row, e.g. orphans)
-//! usage   id PK AUTOINCREMENT, cell_id, owner, start_ms, end_ms,
-//!         cpu_ns_counter (the cell's cumulative CPU counter at end_ms),
-//!         cpu_seconds, memory_byte_seconds, wall_seconds (this interval)
-//! ```
-//!
-//! `usage` has no foreign key either: billing reads intervals of cells
-//! that are long gone.
-//!
-//! Migration 3 (bridged networking, see [`Store::lease_address`]):
-//!
-//! ```text
-//! net_leases  cell_id TEXT PK, pool (a bridge's name), owner (the tier
-//!             that took it), address (IPv4 as INTEGER), leased_at (unix
-//!             ms); UNIQUE (pool, address)
-//! ```
-//!
-//! Migration 6 drops migration 3's `net_ports`: host ports are leased in
-//! `host_ports` (migration 5) for every tier.
-//!
-//! Leases have no foreign key to `cells`: the supervisor takes them before
-//! the row is written, and reconcile releases leases of cells whose row is
-//! gone.
-//!
-//! Both tables are `STRICT` (SQLite checks column types). `events` has no
-//! foreign key to `cells` on purpose: the log outlives the row
-//! (`cellhost.cell.destroyed` is appended after the row is removed).
-//!
-//! # Lifecycle of a row
-//!
-//! 1. [`Store::insert_cell`]: `desired=running`, `observed=creating`,
-//!    before the backend makes anything.
-//! 2. [`Store::set_handle`] once `create` returns; [`Store::set_observed`]
-//!    after `create`/`start`/status; [`Store::set_exit`] when it ends;
-//!    [`Store::set_error`] when a step fails. [`Store::apply`] does several
-//!    of these plus the matching event in one commit.
-//! 3. [`Store::set_desired`]`(Destroyed)` before teardown, `Destroying`
-//!    while it runs, `Gone` after a clean `TeardownReport`.
-//! 4. [`Store::remove`], only by the caller, only after the report is
-//!    clean. A dirty report leaves the row (with `last_error`) for
-//!    reconcile.
-//!
-//! The store does not police transitions (that rule lives in the
-//! supervisor, in one place); it records what it is told, atomically.
-//!
-//! # Durability: `synchronous=FULL`
-//!
-//! In WAL mode `NORMAL` survives a process crash but may lose the last
-//! commits on power loss or a kernel panic. The store's one promise is that
-//! the row exists *before* the side effect; under `NORMAL` a power cut could
-//! keep a container, a VM disk or a LUKS file, and lose the `creating` row
-//! that names it, with the owner and the paid lease. `FULL` syncs the WAL
-//! on every commit, so a write that returned is on disk before the caller
-//! acts. (The naming convention, `cellhost-<id>` on every host object, stays
-//! the backstop if the disk itself lies.)
-//!
-//! The price is one `fdatasync` per commit. Measured on the development VM
-//! (ext4 on virtio): about 4.1 ms per commit with `FULL`, 0.05 ms with
-//! `NORMAL`. So group a state change with its event: [`Store::apply`] writes
-//! several columns and the event in one commit (one sync, atomic). A cell's
-//! create path is then about three commits.
-//!
-//! # Concurrency
-//!
-//! Several processes may open the file at once (`cellhost run` now, a
-//! daemon later). WAL lets readers run beside the one writer; a writer that
-//! finds the lock taken waits up to [`BUSY_TIMEOUT`] before
-//! [`StoreError::Sqlite`] (`SQLITE_BUSY`). Migrations run inside
-//! `BEGIN IMMEDIATE` and re-read `user_version` under the write lock, so two
-//! processes opening a fresh file apply migration 1 exactly once. Within a
-//! process, a [`Store`] is `Send + Sync` (one connection behind a mutex).
-//! Event ids are assigned under SQLite's single write lock and become
-//! visible in id order, so a reader that resumes from the last id it saw
-//! (`events_since(last, n)`) misses none.
-//!
-//! # Idempotency
-//!
-//! Opening is idempotent (an already-migrated file is only checked).
-//! Setters are idempotent (setting the same value twice is one state).
-//! [`Store::remove`] of an absent row is `Ok(false)`: "already gone" is
-//! success, as for destroy. [`Store::insert_cell`] is not: a second insert
-//! of the same id is [`StoreError::AlreadyExists`], because two creates of
-//! one id are a bug, not a retry.
-//!
-//! # Threat model
-//!
-//! The file holds: cell ids, names, owners (consumer identities), leases,
-//! the cell document **redacted** (a [`NewCell::document`] is a
-//! [`cellhost_spec::Redacted`], which only `Redacted::of` makes, so an
-//! unredacted document does not compile as one), backend handles (paths,
-//! cgroup names, container ids), exit statuses, error strings, and events.
-//! It must never hold a secret value or a volume key (DESIGN.md,
-//! Invariants: "never the store"). The store cannot tell a secret from a
-//! string in error strings or event data: keeping secrets out of those is
-//! the caller's part. A test checks that a stored document holds no
-//! inline secret value, in the file or its WAL.
-//!
-//! Readers: the file is 0600 and owned by the user cellhost runs as (root),
-//! in a directory created 0700. Anyone who can read it learns which cells
-//! exist, who rents them and their documents, not how to get into them.
-//! Anyone who can *write* it (root) can make reconcile destroy or adopt the
-//! wrong objects; that is inside the host's trust boundary. Rows read back
-//! are parsed strictly (a corrupt row is [`StoreError::Corrupt`], never a
-//! panic or a default) and `CellId`s are re-validated, so a damaged row
-//! cannot smuggle a path like `../..` into a host-object name.
+//! Design: `docs/store.md`.
 
 mod error;
 mod host_ports;

@@ -1,87 +1,24 @@
-//! Consumer-keyed encrypted volumes for cells.
+//! Consumer-keyed encrypted volumes for cells: the consumer's key
+//! ([`VolumeKey`]) encrypts an ext4 file system on a LUKS container file,
+//! through dm-crypt ([`EngineKind::DmCrypt`], LUKS2) or userspace
+//! ([`EngineKind::Userspace`], LUKS1 via `qemu-storage-daemon`), chosen by
+//! [`probe`] unless the operator forces one ([`EngineChoice`]).
 //!
-//! The consumer's 32-byte key ([`VolumeKey`]) encrypts the cell's
-//! persistent data, so a copy of the host's disk taken after the cell is
-//! gone (or while it is stopped) shows only ciphertext. Two engines put an
-//! ext4 file system on a LUKS container file:
+//! Invariants (layout, lifecycle, threat model in `docs/volumes.md`):
+//! - the key never touches argv, the environment, a file, a log or the
+//!   store: it goes over a pipe on stdin; passphrases are
+//!   [`zeroize::Zeroizing`];
+//! - tiers bind `mnt/data`, never `mnt`: a closed volume leaves no path a
+//!   cell could write plaintext to;
+//! - create starts with destroy's cleanup and rolls back on failure;
+//!   destroy and close of a missing or half-made volume succeed;
+//! - destroy erases every keyslot in place before deleting the file;
+//! - an open volume outlives the process that opened it (the storage daemon
+//!   has its own session, mounts are the kernel's): a restarted daemon finds
+//!   it open ([`Volumes::is_open`]);
+//! - every argv is fixed text plus paths under `<root>`.
 //!
-//! - **dm-crypt** ([`EngineKind::DmCrypt`], LUKS2) where the kernel has
-//!   device-mapper: `cryptsetup luksFormat` → `cryptsetup open` → ext4 on
-//!   `/dev/mapper/cellhost-<id>`.
-//! - **userspace** ([`EngineKind::Userspace`], LUKS1) where it has not
-//!   (containers, nested and CI hosts): `qemu-storage-daemon` opens the
-//!   container with its own LUKS driver and exports the decrypted view as a
-//!   FUSE file; a loop mount puts ext4 on it. qemu's LUKS driver reads
-//!   LUKS1, so this engine formats LUKS1; the format is recorded per volume.
-//!
-//! The engine is chosen by [`probe`] (dm-crypt when usable, else userspace)
-//! unless the operator forces one ([`EngineChoice`]).
-//!
-//! # Layout on the host
-//!
-//! ```text
-//! <root>/<id>/            0700 root, one per cell
-//!   volume.json           engine, LUKS format, size (never the key)
-//!   disk.luks             the LUKS container (sparse; header + ciphertext)
-//!   plain                 userspace only: qemu-storage-daemon's FUSE export
-//!   qsd.pid               userspace only: the storage daemon's pid
-//!   mnt/                  ext4 mount point
-//!   mnt/data/             what the tier binds into the cell at spec.volume.path
-//! ```
-//!
-//! Tiers bind `mnt/data`, never `mnt`: when the volume is closed that path
-//! does not exist, so an engine that would create a missing bind source
-//! (or a cell started by something other than cellhost) cannot write the
-//! cell's data, in plaintext, onto the host's disk under an empty mount
-//! point.
-//!
-//! # Lifecycle
-//!
-//! [`Volumes::create`]: pre-clean whatever is left at that id, write
-//! `volume.json`, make the sparse file, format, open, mkfs, mount, make
-//! `data/`. Any failure rolls back everything made (the same teardown as
-//! destroy). [`Volumes::close`] unmounts and closes (the container file
-//! stays); [`Volumes::open`] needs the key again. The storage daemon runs in
-//! its own session (`--daemonize`), and mounts are the kernel's, so an open
-//! volume outlives the cellhost process that opened it: a restarted daemon
-//! finds it open ([`Volumes::is_open`]). [`Volumes::destroy_into`] unmounts (lazy
-//! only when busy, then verified), closes, erases every keyslot, deletes the
-//! file and the dir, and records one residue check per kind of object.
-//!
-//! # Idempotency
-//!
-//! destroy and close on a missing or half-made volume do what is left and
-//! succeed; a second destroy finds nothing and reports zero residue. create
-//! starts with destroy's cleanup, so a crash mid-create is mended by the
-//! next create or destroy of that id.
-//!
-//! # Threat model
-//!
-//! Protects: data at rest from anyone who reads the host's disk, its
-//! backups or its snapshots, at any time the volume is closed, and after
-//! destroy (the keyslots are overwritten in place before the file is
-//! deleted, so recovered blocks of the deleted file, or a hard link, cannot
-//! be unlocked). In-place overwrite does not reach older copies of the
-//! header on copy-on-write file systems (btrfs, ZFS, reflinks), in
-//! snapshots taken while the volume existed, or in an SSD's remapped
-//! blocks: put `<state>` on a plain file system for that guarantee.
-//! Does not protect: against root on the host while the volume is open (the
-//! kernel or the storage daemon holds the master key in memory, and the
-//! mount is readable) — nothing short of confidential computing does.
-//! The key never touches argv, the environment, a file, a log or the store:
-//! cryptsetup reads it on stdin (`--key-file=-`); qemu-storage-daemon reads
-//! it as a `secret` object from its stdin (`file=/dev/stdin`), a pipe that
-//! is closed as soon as it is written. Passphrases are [`zeroize::Zeroizing`].
-//!
-//! # Why shell out
-//!
-//! cryptsetup, qemu-storage-daemon, mkfs.ext4 and mount are the interfaces
-//! of record for LUKS formatting, qemu's block layer, ext4 and loop-device
-//! setup (mount(8) allocates the loop device under util-linux's lock and
-//! sets autoclear, so it detaches at umount). Reimplementing LUKS or ext4
-//! here would be both more code and less audit-able; the argv of every call
-//! is fixed text plus paths under `<root>`, and the key goes over a pipe.
-//! Unmounting is a syscall (`umount2`).
+//! Design: `docs/volumes.md`.
 
 mod engine;
 mod erase;
