@@ -1027,7 +1027,7 @@ fn bridged_cells_through_the_daemon_show_counters_and_orphans_are_swept() {
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    for want in ["net-table", "net-veth", "net-netns", "net-lease"] {
+    for want in ["net-table", "net-veth", "net-netns", "net-conntrack"] {
         assert!(names.contains(&want), "{want} not in {names:?}");
     }
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
