@@ -327,10 +327,11 @@ fn lease_expiry_destroys_a_running_cell() {
             .unwrap()
             .as_millis() as i64
     };
-    // Destroyed within 1 s of expires_at (created + ttl).
-    let late = ms(destroyed) - (ms(created) + 1000);
-    assert!(late < 1000, "destroyed {late} ms after expiry");
+    // Reaped after expires_at (created + ttl), destroyed after that. How
+    // soon after is the reaper's tick, not asserted here: no wall-clock
+    // bound in a test (a loaded machine would fail it).
     assert!(ms(expired) >= ms(created) + 1000);
+    assert!(ms(destroyed) >= ms(expired));
     assert!(d.host_ids().is_empty());
 }
 
