@@ -934,7 +934,7 @@ impl Provider {
         self.sup
             .check_ports(&cell, Some(self.port_range()))
             .await
-            .map_err(|e| Refusal::new(ErrorCode::NoCapacity, e.to_string()))?;
+            .map_err(|e| Refusal::new(ErrorCode::NoCapacity, e.public_message()))?;
 
         // 6. Redeem. Every refusal above took nothing.
         let (received, paid_msat, seconds) = self
@@ -973,13 +973,11 @@ impl Provider {
         match made {
             Ok(view) => Ok(self.paid(rid, "spawn", &view, credentials, paid_msat, seconds)),
             Err(e) => Ok(self
-                .refund(
-                    rid,
-                    "spawn",
-                    &checked.mint,
-                    received,
-                    format!("the cell could not be made: {e}"),
-                )
+                .refund(rid, "spawn", &checked.mint, received, {
+                    // The consumer reads this: no host detail.
+                    tracing::warn!(request = rid, "spawn: {e}");
+                    format!("the cell could not be made: {}", e.public_message())
+                })
                 .await),
         }
     }
@@ -1079,7 +1077,7 @@ impl Provider {
             .await
             .map_err(|e| match e {
                 SupervisorError::NotFound(_) => not_found(id),
-                other => Refusal::new(ErrorCode::Internal, other.to_string()),
+                other => Refusal::new(ErrorCode::Internal, other.public_message()),
             })?;
         let mut reply = Reply::ok(rid, "stop");
         let mut access = self.access(&view, credentials_of(&view));
@@ -1097,7 +1095,7 @@ impl Provider {
     async fn visible(&self, caller: &Caller, id: &str) -> Result<CellView, Refusal> {
         self.sup.get(caller, id).await.map_err(|e| match e {
             SupervisorError::NotFound(_) | SupervisorError::Invalid { .. } => not_found(id),
-            other => Refusal::new(ErrorCode::Internal, other.to_string()),
+            other => Refusal::new(ErrorCode::Internal, other.public_message()),
         })
     }
 
@@ -1254,7 +1252,7 @@ fn invalid_document(e: &SupervisorError) -> Refusal {
             format!("document.{}", field.as_deref().unwrap_or("")),
             message.clone(),
         ),
-        other => Refusal::new(ErrorCode::InvalidDocument, other.to_string()),
+        other => Refusal::new(ErrorCode::InvalidDocument, other.public_message()),
     }
 }
 
@@ -1437,7 +1435,7 @@ fn refusal_of_admission(e: SupervisorError) -> Refusal {
         },
         SupervisorError::TooMany { .. } => Refusal::new(ErrorCode::TooManyCells, e.to_string()),
         SupervisorError::Unavailable(_) => Refusal::new(ErrorCode::TierUnavailable, e.to_string()),
-        _ => Refusal::new(ErrorCode::NoCapacity, e.to_string()),
+        _ => Refusal::new(ErrorCode::NoCapacity, e.public_message()),
     }
 }
 

@@ -93,13 +93,26 @@ impl ApiFailure {
 impl From<SupervisorError> for ApiFailure {
     fn from(e: SupervisorError) -> Self {
         let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        if status.is_server_error() {
-            tracing::error!("api: {e}");
-        }
+        // A caller may be a hostile tenant: the host's own failures reach
+        // it as a fixed sentence and a reference into the operator's log.
+        let error = if e.is_redacted() {
+            let id = cellhost_core::ids::CellId::random();
+            let reference = &id.as_str()[..8];
+            tracing::error!(reference, "api: {e}");
+            format!(
+                "{} (ref {reference} in the operator's log)",
+                e.public_message()
+            )
+        } else {
+            if status.is_server_error() {
+                tracing::error!("api: {e}");
+            }
+            e.to_string()
+        };
         ApiFailure {
             status,
             body: ApiError {
-                error: e.to_string(),
+                error,
                 code: e.code().to_string(),
                 field: e.field().map(str::to_string),
             },

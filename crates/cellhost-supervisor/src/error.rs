@@ -99,6 +99,35 @@ impl SupervisorError {
         self.class().1
     }
 
+    /// What a tenant may read. Errors about its request keep their
+    /// message; the host's own failures (a tier's engine or I/O error, the
+    /// store, a teardown's residue, an internal error) get a fixed
+    /// sentence, since their text names host paths and objects. The whole
+    /// error goes to the operator's log.
+    pub fn public_message(&self) -> String {
+        match self {
+            SupervisorError::Backend(BackendError::Io { .. } | BackendError::Engine { .. }) => {
+                "the tier failed on the host".into()
+            }
+            SupervisorError::Store(_) => "the state store failed".into(),
+            SupervisorError::Internal(_) => "internal error".into(),
+            SupervisorError::Residue(_) => {
+                "the teardown left host objects behind; it is retried".into()
+            }
+            SupervisorError::RollbackFailed { cause, .. } => format!(
+                "{}; rolling back also failed and is retried",
+                cause.public_message()
+            ),
+            other => other.to_string(),
+        }
+    }
+
+    /// Does [`SupervisorError::public_message`] leave out what the error
+    /// says?
+    pub fn is_redacted(&self) -> bool {
+        self.public_message() != self.to_string()
+    }
+
     pub fn field(&self) -> Option<&str> {
         match self {
             SupervisorError::Invalid { field, .. } => field.as_deref(),
