@@ -5,16 +5,17 @@
 //! all or nothing, before anything of the cell is made. A port the
 //! document names is the cell's unless another cell of this store
 //! publishes it (whatever its tier: a bridged process cell's DNAT, a
-//! container's docker-proxy, a vm's hostfwd); port 0 gets the lowest port
-//! of the given range that no cell holds and that the caller's check finds
-//! free on the host. The ports go with the cell's row
+//! container's docker-proxy, a vm's hostfwd) or the caller's check finds a
+//! host service on it; port 0 gets the lowest port of the given range that
+//! no cell holds, the request does not name, and the check finds free. The ports go with the cell's row
 //! ([`Store::remove_with_event`]) or by [`Store::release_ports`] for a cell
 //! that never got one.
 
+use std::collections::{HashMap, HashSet};
 use std::ops::RangeInclusive;
 
 use cellhost_core::ids::CellId;
-use rusqlite::{OptionalExtension, TransactionBehavior, params};
+use rusqlite::{TransactionBehavior, params};
 
 use crate::{Store, StoreError};
 
@@ -27,6 +28,12 @@ pub enum PortRefusal {
         protocol: String,
         port: u16,
         by: CellId,
+    },
+    /// The port at `index` is one a host service binds now.
+    InUse {
+        index: usize,
+        protocol: String,
+        port: u16,
     },
     /// No port of the range is free for the request's `index` (port 0).
     Exhausted {
@@ -76,50 +83,76 @@ impl Store {
             "DELETE FROM host_ports WHERE cell_id = ?1",
             params![cell.as_str()],
         )?;
-        let holder = |protocol: &str, port: u16| -> Result<Option<String>, StoreError> {
-            Ok(tx
-                .query_row(
+        // Every held port of each protocol asked for, read once: a request
+        // of many ports costs one query per protocol, not one per candidate.
+        let mut held: HashMap<&str, HashSet<u16>> = HashMap::new();
+        for (protocol, _) in ports {
+            if held.contains_key(protocol) {
+                continue;
+            }
+            let mut stmt = tx.prepare("SELECT port FROM host_ports WHERE protocol = ?1")?;
+            let taken = stmt
+                .query_map(params![protocol], |r| r.get::<_, u16>(0))?
+                .collect::<Result<HashSet<_>, _>>()?;
+            held.insert(protocol, taken);
+        }
+        let mut leased = vec![0u16; ports.len()];
+        // Named ports first, so a port 0 never takes one the same request
+        // names; then each port 0 from where the last one stopped.
+        for (index, (protocol, port)) in ports.iter().enumerate() {
+            if *port == 0 {
+                continue;
+            }
+            let taken = held.entry(protocol).or_default();
+            if taken.contains(port) {
+                let by: String = tx.query_row(
                     "SELECT cell_id FROM host_ports WHERE protocol = ?1 AND port = ?2",
                     params![protocol, port],
                     |r| r.get(0),
-                )
-                .optional()?)
-        };
-        let mut leased = Vec::with_capacity(ports.len());
-        for (index, (protocol, port)) in ports.iter().enumerate() {
-            let port = if *port == 0 {
-                let mut found = None;
-                for candidate in range.clone() {
-                    if holder(protocol, candidate)?.is_none() && free(protocol, candidate) {
-                        found = Some(candidate);
-                        break;
-                    }
-                }
-                let Some(p) = found else {
-                    // Dropping the transaction leases nothing.
-                    return Ok(Err(PortRefusal::Exhausted {
-                        index,
-                        protocol: protocol.to_string(),
-                        range,
-                    }));
-                };
-                p
-            } else if let Some(by) = holder(protocol, *port)? {
+                )?;
                 let by = CellId::parse(&by).map_err(|e| StoreError::Invalid(e.to_string()))?;
+                // Dropping the transaction leases nothing.
                 return Ok(Err(PortRefusal::Taken {
                     index,
                     protocol: protocol.to_string(),
                     port: *port,
                     by,
                 }));
-            } else {
-                *port
+            }
+            if !free(protocol, *port) {
+                return Ok(Err(PortRefusal::InUse {
+                    index,
+                    protocol: protocol.to_string(),
+                    port: *port,
+                }));
+            }
+            taken.insert(*port);
+            leased[index] = *port;
+        }
+        let mut next: HashMap<&str, u16> = HashMap::new();
+        for (index, (protocol, port)) in ports.iter().enumerate() {
+            if *port != 0 {
+                continue;
+            }
+            let taken = held.entry(protocol).or_default();
+            let from = next.get(protocol).copied().unwrap_or(*range.start());
+            let Some(p) = (from..=*range.end()).find(|c| !taken.contains(c) && free(protocol, *c))
+            else {
+                return Ok(Err(PortRefusal::Exhausted {
+                    index,
+                    protocol: protocol.to_string(),
+                    range,
+                }));
             };
+            taken.insert(p);
+            next.insert(protocol, p.saturating_add(1));
+            leased[index] = p;
+        }
+        for ((protocol, _), port) in ports.iter().zip(&leased) {
             tx.execute(
                 "INSERT INTO host_ports (protocol, port, cell_id) VALUES (?1, ?2, ?3)",
                 params![protocol, port, cell.as_str()],
             )?;
-            leased.push(port);
         }
         if commit {
             tx.commit()?;
@@ -218,6 +251,27 @@ mod tests {
             .lease_ports(&ids[2], &[("tcp", 0)], ANY, &|_, p| p != 20002)
             .unwrap();
         assert_eq!(got, Ok(vec![20003]));
+        // A port 0 never takes a port the same request names.
+        let (x, y) = (CellId::random(), CellId::random());
+        for c in &ids {
+            s.release_ports(c).unwrap();
+        }
+        assert_eq!(
+            lease(&s, &x, &[("udp", 0), ("udp", 20000)]),
+            Ok(vec![20001, 20000])
+        );
+        // A named port a host service binds is refused.
+        let busy = s
+            .lease_ports(&y, &[("tcp", 20001)], ANY, &|_, p| p != 20001)
+            .unwrap();
+        assert_eq!(
+            busy,
+            Err(PortRefusal::InUse {
+                index: 0,
+                protocol: "tcp".into(),
+                port: 20001
+            })
+        );
     }
 
     #[test]

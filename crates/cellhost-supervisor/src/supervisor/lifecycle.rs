@@ -689,6 +689,14 @@ fn port_refusal(r: PortRefusal) -> SupervisorError {
             field: format!("spec.ports.{index}.host"),
             message: format!("{protocol} port {port} is published by another cell"),
         },
+        PortRefusal::InUse {
+            index,
+            protocol,
+            port,
+        } => SupervisorError::PortTaken {
+            field: format!("spec.ports.{index}.host"),
+            message: format!("{protocol} port {port} is in use on the host"),
+        },
         PortRefusal::Exhausted {
             index,
             protocol,
