@@ -137,8 +137,11 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX host_ports_cell ON host_ports (cell_id);",
     // 6: one allocator for host ports (`host_ports`): the bridge's own
-    // port table goes.
-    "DROP TABLE net_ports;",
+    // port table goes, its rows kept there (cells older than migration 5
+    // held their ports only in it).
+    "INSERT OR IGNORE INTO host_ports (protocol, port, cell_id)
+        SELECT protocol, port, cell_id FROM net_ports;
+    DROP TABLE net_ports;",
 ];
 
 /// The schema version this build writes and understands.

@@ -867,3 +867,35 @@ fn migration_2_upgrades_a_version_1_file() {
     assert_eq!(ev.len(), 1);
     assert_eq!(ev[0].owner, None);
 }
+
+#[test]
+fn migration_6_keeps_the_ports_only_the_bridge_table_held() {
+    // A store at schema 5 whose bridged cell held its port only in
+    // migration 3's net_ports (made before migration 5 existed).
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let conn = Connection::open(tmp.path().join(DB_FILE_NAME)).unwrap();
+        for sql in &MIGRATIONS[..5] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 5).unwrap();
+        conn.execute_batch(&format!(
+            "INSERT INTO net_leases (cell_id, pool, owner, address, leased_at)
+                 VALUES ('{0}', 'br0', 'process', 167772162, 0);
+             INSERT INTO net_ports (protocol, port, cell_id) VALUES ('tcp', 20000, '{0}');",
+            id(1)
+        ))
+        .unwrap();
+    }
+    let store = Store::open(tmp.path()).unwrap();
+    assert_eq!(store.schema_version().unwrap(), SCHEMA_VERSION);
+    assert_eq!(store.port_holders().unwrap(), [id(1)]);
+    // Another cell cannot take it.
+    let taken = store
+        .lease_ports(&id(2), &[("tcp", 20000)], 20000..=20001, &|_, _| true)
+        .unwrap();
+    assert!(
+        matches!(&taken, Err(PortRefusal::Taken { by, .. }) if *by == id(1)),
+        "{taken:?}"
+    );
+}
