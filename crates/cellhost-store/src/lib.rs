@@ -451,6 +451,28 @@ impl Store {
         kind: &str,
         data: &serde_json::Value,
     ) -> Result<bool, StoreError> {
+        self.remove_row(id, kind, data, true)
+    }
+
+    /// [`Store::remove_with_event`] for a cell found gone without a
+    /// teardown of ours: its host ports and address stay leased until
+    /// reconcile finds nothing of it left (a table may still DNAT to them).
+    pub fn remove_lost(
+        &self,
+        id: &CellId,
+        kind: &str,
+        data: &serde_json::Value,
+    ) -> Result<bool, StoreError> {
+        self.remove_row(id, kind, data, false)
+    }
+
+    fn remove_row(
+        &self,
+        id: &CellId,
+        kind: &str,
+        data: &serde_json::Value,
+        network: bool,
+    ) -> Result<bool, StoreError> {
         check_event_kind(kind)?;
         let data = encode("event data", data)?;
         let at = (self.clock)();
@@ -461,8 +483,10 @@ impl Store {
         // The cell's host ids, ports and address go with its row: a clean
         // teardown checked that nothing of the cell uses them any more.
         tx.execute("DELETE FROM uid_leases WHERE cell_id = ?1", [id.as_str()])?;
-        tx.execute("DELETE FROM host_ports WHERE cell_id = ?1", [id.as_str()])?;
-        tx.execute("DELETE FROM net_leases WHERE cell_id = ?1", [id.as_str()])?;
+        if network {
+            tx.execute("DELETE FROM host_ports WHERE cell_id = ?1", [id.as_str()])?;
+            tx.execute("DELETE FROM net_leases WHERE cell_id = ?1", [id.as_str()])?;
+        }
         tx.commit()?;
         Ok(n > 0)
     }

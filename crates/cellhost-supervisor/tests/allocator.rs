@@ -268,6 +268,20 @@ async fn reconcile_tears_an_orphan_down_at_its_address_then_frees_it() {
     r.sup.reconcile_once().await;
     assert!(r.fake.object(&orphan).is_none());
     assert_eq!(r.store.lease_of(&orphan).unwrap(), None);
+    // A cell found gone without a teardown of ours: its row goes, its
+    // address and ports stay leased through that pass (a table of it may
+    // still DNAT to them) and go at the next one, which finds nothing.
+    let v = r.create(&[0]).await.unwrap();
+    let handle = r.store.get(&id(&v)).unwrap().unwrap().handle.unwrap();
+    r.fake.destroy(&handle).await.unwrap();
+    let sum = r.sup.reconcile_once().await;
+    assert_eq!(sum.lost, 1, "{sum:?}");
+    assert!(r.store.get(&id(&v)).unwrap().is_none());
+    assert!(r.store.lease_of(&id(&v)).unwrap().is_some());
+    assert_eq!(r.store.port_holders().unwrap(), [id(&v)]);
+    r.sup.reconcile_once().await;
+    assert_eq!(r.store.lease_of(&id(&v)).unwrap(), None);
+    assert!(r.store.port_holders().unwrap().is_empty());
     // A lease with neither row nor object (a create that crashed before
     // making anything) goes too.
     let lost = CellId::random();

@@ -386,16 +386,19 @@ impl Supervisor {
     /// has) a row: its uid range, host ports and address.
     pub(super) async fn release_leases(&self, id: &CellId, uids: Option<UidRange>) {
         self.release_uids(id, uids).await;
-        let idc = id.clone();
-        let released = self
-            .db(move |s| {
-                s.release_ports(&idc)?;
-                s.release_lease(&idc)
-            })
-            .await;
-        if let Err(e) = released {
+        if let Err(e) = self.release_network(id).await {
             tracing::warn!(cell = %id, "releasing host ports and address: {e}");
         }
+    }
+
+    /// Give back `id`'s host ports and address.
+    pub(super) async fn release_network(&self, id: &CellId) -> Result<()> {
+        let idc = id.clone();
+        self.db(move |s| {
+            s.release_ports(&idc)?;
+            s.release_lease(&idc).map(drop)
+        })
+        .await
     }
 
     /// Give back a range whose cell never got (or no longer has) a row.

@@ -137,12 +137,13 @@ impl Supervisor {
             if let Ok(Some(lease)) = self.db(move |s| s.lease_of(&idc)).await {
                 handle.address = Some(lease.address);
             }
-            match backend.destroy(&handle).await {
+            let destroyed = backend.destroy(&handle).await;
+            if destroyed.as_ref().map_or(true, |r| !r.is_clean()) {
+                kept.insert(obj.id.clone());
+            }
+            match destroyed {
                 Ok(report) if report.already_gone => {}
                 Ok(report) => {
-                    if !report.is_clean() {
-                        kept.insert(obj.id.clone());
-                    }
                     sum.orphans += 1;
                     self.counters
                         .orphans_destroyed
@@ -160,7 +161,6 @@ impl Supervisor {
                 }
                 Err(e) => {
                     sum.errors += 1;
-                    kept.insert(obj.id.clone());
                     tracing::warn!("destroying orphan {}: {e}", obj.id);
                 }
             }
@@ -169,7 +169,7 @@ impl Supervisor {
         // this pass, not the next one (which a stopped daemon never runs).
         self.sweep_uids(&recorded, &mut sum).await;
         kept.extend(recorded);
-        self.sweep_addresses(&kept, &mut sum).await;
+        self.sweep_network_leases(&kept, &mut sum).await;
         if sum.errors > 0 {
             self.counters
                 .reconcile_errors
@@ -182,37 +182,50 @@ impl Supervisor {
         sum
     }
 
-    /// Give back address leases of this store whose cell has no row and no
-    /// host object left (`kept`: the recorded cells and the orphans whose
-    /// teardown was not clean).
-    pub(super) async fn sweep_addresses(&self, kept: &HashSet<CellId>, sum: &mut ReconcileSummary) {
-        let leases = match self.db(|s| s.leases()).await {
-            Ok(l) => l,
+    /// Give back host ports and addresses of this store whose cell has no
+    /// row and no host object left (`kept`: the recorded cells and the
+    /// orphans whose teardown was not clean): a create cut short, a cell
+    /// found gone, an orphan just destroyed.
+    pub(super) async fn sweep_network_leases(
+        &self,
+        kept: &HashSet<CellId>,
+        sum: &mut ReconcileSummary,
+    ) {
+        let held = self
+            .db(|s| {
+                let mut ids: Vec<CellId> = s.leases()?.into_iter().map(|l| l.cell).collect();
+                ids.extend(s.port_holders()?);
+                Ok(ids)
+            })
+            .await;
+        let mut held = match held {
+            Ok(h) => h,
             Err(e) => {
                 sum.errors += 1;
-                tracing::warn!("reconcile: reading address leases: {e}");
+                tracing::warn!("reconcile: reading network leases: {e}");
                 return;
             }
         };
-        for l in leases {
-            if kept.contains(&l.cell) {
+        held.sort();
+        held.dedup();
+        for cell in held {
+            if kept.contains(&cell) {
                 continue;
             }
-            let Some(_guard) = self.try_lock(&l.cell) else {
+            let Some(_guard) = self.try_lock(&cell) else {
                 continue;
             };
-            let idc = l.cell.clone();
-            if matches!(self.db(move |s| s.get(&idc)).await, Ok(None)) {
-                let idc = l.cell.clone();
-                if let Err(e) = self.db(move |s| s.release_lease(&idc)).await {
-                    sum.errors += 1;
-                    tracing::warn!("reconcile: releasing {}'s address: {e}", l.cell);
-                }
+            let idc = cell.clone();
+            if matches!(self.db(move |s| s.get(&idc)).await, Ok(None))
+                && let Err(e) = self.release_network(&cell).await
+            {
+                sum.errors += 1;
+                tracing::warn!("reconcile: releasing {cell}'s ports and address: {e}");
             }
         }
     }
 
-    /// Give back uid leases and claims, and host ports, of this store whose
+    /// Give back uid leases and claims of this store whose
     /// cell has no row (a create that crashed between leasing and
     /// recording), uids once no process runs as any id of the range.
     pub(super) async fn sweep_uids(&self, recorded: &HashSet<CellId>, sum: &mut ReconcileSummary) {
@@ -247,22 +260,6 @@ impl Supervisor {
                 continue;
             }
             self.release_uids(&l.cell, Some(l.range)).await;
-        }
-        // Ports of a cell that has no row (a create cut short).
-        if let Ok(holders) = self.db(|s| s.port_holders()).await {
-            for cell in holders {
-                if recorded.contains(&cell) {
-                    continue;
-                }
-                let Some(_guard) = self.try_lock(&cell) else {
-                    continue;
-                };
-                let idc = cell.clone();
-                if matches!(self.db(move |s| s.get(&idc)).await, Ok(None)) {
-                    let idc = cell.clone();
-                    let _ = self.db(move |s| s.release_ports(&idc)).await;
-                }
-            }
         }
         let leased: HashSet<&CellId> = leases.iter().map(|l| &l.cell).collect();
         for (base, cell) in self.claims.ours() {
@@ -372,9 +369,11 @@ impl Supervisor {
                 }
             }
             CellState::Gone => {
+                // Not torn down by us: its ports and address stay leased
+                // until a sweep finds nothing of it left.
                 let idc = rec.id.clone();
                 self.db(move |s| {
-                    s.remove_with_event(
+                    s.remove_lost(
                         &idc,
                         kinds::LOST,
                         &json!({ "reason": "its host objects are gone" }),
