@@ -546,12 +546,17 @@ impl Supervisor {
     }
 
     fn handle_of(&self, rec: &CellRecord) -> Result<CellHandle> {
-        match &rec.handle {
-            Some(h) => Ok(h.clone()),
-            None => Ok(self
-                .backend(rec.isolation)?
-                .handle_for(&rec.id, &rec.document)),
+        let backend = self.backend(rec.isolation)?;
+        let mut h = match &rec.handle {
+            Some(h) => h.clone(),
+            None => backend.handle_for(&rec.id, &rec.document),
+        };
+        // A handle stored before addresses were planned names none: the
+        // lease does, so the network's teardown forgets the right flows.
+        if h.address.is_none() && backend.address_pool(&rec.document).is_some() {
+            h.address = self.store.lease_of(&rec.id)?.map(|l| l.address);
         }
+        Ok(h)
     }
 
     /// The workload (re)starts now with a fresh CPU counter.
