@@ -1050,13 +1050,11 @@ impl Provider {
         match extended {
             Ok(v) => Ok(self.paid(rid, "topup", &v, credentials_of(&v), paid_msat, seconds)),
             Err(e) => Ok(self
-                .refund(
-                    rid,
-                    "topup",
-                    &checked.mint,
-                    received,
-                    format!("the lease could not be extended: {e}"),
-                )
+                .refund(rid, "topup", &checked.mint, received, {
+                    // The consumer reads this: no host detail.
+                    tracing::warn!(request = rid, "topup: {e}");
+                    format!("the lease could not be extended: {}", e.public_message())
+                })
                 .await),
         }
     }

@@ -234,7 +234,11 @@ impl Supervisor {
         backend: &Arc<dyn Backend>,
         cause: &SupervisorError,
     ) -> Result<()> {
-        let msg = cause.to_string();
+        // The event and the row's error are the tenant's to read: the
+        // public text there. The whole error is the caller's to report
+        // (the API and the market log it, `run` prints it).
+        tracing::debug!(cell = %id, "create failed: {cause}");
+        let msg = cause.public_message();
         self.record(
             id,
             Change::event(kinds::CREATE_FAILED, json!({ "error": msg }))

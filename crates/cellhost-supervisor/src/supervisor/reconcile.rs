@@ -110,7 +110,7 @@ impl Supervisor {
             if let Err(e) = self.reconcile_row(&rec.id, &mut sum).await {
                 sum.errors += 1;
                 tracing::warn!("reconcile {}: {e}", rec.id);
-                let (idc, msg) = (rec.id.clone(), e.to_string());
+                let (idc, msg) = (rec.id.clone(), e.public_message());
                 let _ = self.db(move |s| s.set_error(&idc, &msg)).await;
             }
             drop(guard);
