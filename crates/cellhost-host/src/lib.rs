@@ -5,6 +5,7 @@
 //! (`probe`, split by subject).
 
 pub mod cgroups;
+pub mod ports;
 pub mod probe;
 pub mod shim;
 pub mod tool;

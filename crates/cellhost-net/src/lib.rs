@@ -29,7 +29,7 @@ use std::sync::{Mutex, PoisonError};
 
 use cellhost_core::ids::CellId;
 use cellhost_core::{AddressPool, TeardownReport};
-use cellhost_spec::{Cell, Protocol};
+use cellhost_spec::Cell;
 
 pub use rules::{CellRules, Count, Counters, RuleError};
 pub use subnet::{Subnet, mac_for, netns_name, table_name, veth_name};
@@ -237,11 +237,7 @@ impl Network {
         )?;
         for (i, p) in cell.spec.ports.iter().enumerate() {
             let port = u16::try_from(p.host).unwrap_or(0);
-            let bound = match p.protocol {
-                Protocol::Tcp => std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).err(),
-                Protocol::Udp => std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).err(),
-            };
-            if let Some(e) = bound {
+            if let Err(e) = cellhost_host::ports::free(p.protocol.as_str(), port) {
                 return Err(NetError::PortTaken {
                     field: format!("spec.ports.{i}.host"),
                     port,

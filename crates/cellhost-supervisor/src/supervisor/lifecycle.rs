@@ -678,10 +678,7 @@ impl Supervisor {
 /// Can a host service bind `port` now (on every address)? The allocator
 /// skips ports the host already uses.
 fn host_port_free(protocol: &str, port: u16) -> bool {
-    match protocol {
-        "udp" => std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok(),
-        _ => std::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).is_ok(),
-    }
+    cellhost_host::ports::free(protocol, port).is_ok()
 }
 
 /// The allocator's refusal, naming the `spec.ports` entry.
