@@ -312,10 +312,7 @@ impl Supervisor {
         let (wanted, range) = (self.ports_wanted(cell), self.port_range(narrow)?);
         let idc = id.clone();
         let got = self
-            .db(move |s| {
-                let refs: Vec<(&str, u16)> = wanted.iter().map(|(p, n)| (p.as_str(), *n)).collect();
-                s.lease_ports(&idc, &refs, range, &host_port_free)
-            })
+            .db(move |s| s.lease_ports(&idc, &wanted, range, &host_port_free))
             .await?
             .map_err(port_refusal)?;
         for (p, n) in cell.spec.ports.iter_mut().zip(got) {
@@ -335,23 +332,17 @@ impl Supervisor {
             return Ok(());
         }
         let (wanted, range) = (self.ports_wanted(cell), self.port_range(narrow)?);
-        self.db(move |s| {
-            let refs: Vec<(&str, u16)> = wanted.iter().map(|(p, n)| (p.as_str(), *n)).collect();
-            s.fit_ports(&refs, range, &host_port_free)
-        })
-        .await?
-        .map(drop)
-        .map_err(port_refusal)
+        self.db(move |s| s.fit_ports(&wanted, range, &host_port_free))
+            .await?
+            .map(drop)
+            .map_err(port_refusal)
     }
 
-    fn ports_wanted(&self, cell: &Cell) -> Vec<(String, u16)> {
+    fn ports_wanted(&self, cell: &Cell) -> Vec<(&'static str, u16)> {
         cell.spec
             .ports
             .iter()
-            .map(|p| {
-                let n = u16::try_from(p.host).unwrap_or(0);
-                (p.protocol.as_str().to_string(), n)
-            })
+            .map(|p| (p.protocol.as_str(), u16::try_from(p.host).unwrap_or(0)))
             .collect()
     }
 
