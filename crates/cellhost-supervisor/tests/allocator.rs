@@ -58,9 +58,14 @@ fn rig() -> Rig {
 }
 
 /// The first of three consecutive ports below the ephemeral range that
-/// nothing on this host binds (TCP) now.
+/// nothing on this host binds (TCP) now, in a stretch of its own per rig:
+/// the tests run at once, and the allocator's own check that a port is
+/// free (a brief bind) would otherwise meet another test's.
 fn three_free_ports() -> u16 {
-    (20_000..32_000)
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let stretch = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = 20_000 + stretch * 1_000;
+    (start..start + 1_000)
         .step_by(7)
         .find(|b| (0..3).all(|i| std::net::TcpListener::bind(("0.0.0.0", b + i)).is_ok()))
         .expect("three free ports")
