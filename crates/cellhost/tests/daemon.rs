@@ -357,14 +357,8 @@ fn orphans_are_swept_and_recorded() {
     wait_until("orphans to be swept", Duration::from_secs(15), || {
         d.host_ids().is_empty()
     });
-    let events = d.events();
     for id in [&live, &hand] {
-        assert!(
-            events
-                .iter()
-                .any(|e| e["subject"] == id.as_str() && e["type"] == "cellhost.orphan.destroyed"),
-            "no orphan event for {id}"
-        );
+        d.wait_orphan_event(id);
     }
     assert!(d.cells().is_empty());
 }
@@ -802,11 +796,7 @@ fn orphan_volume_is_swept() {
         || !dir.exists(),
     );
     assert!(!vols.is_open(&id));
-    let swept = d
-        .events()
-        .iter()
-        .any(|e| e["subject"] == id.as_str() && e["type"] == "cellhost.orphan.destroyed");
-    assert!(swept, "orphan event recorded");
+    d.wait_orphan_event(id.as_str());
 }
 
 /// The live qemu of a microvm cell, by the pid file its shim wrote.
@@ -906,19 +896,11 @@ fn microvm_cells_through_the_daemon_survive_a_kill9_and_orphans_are_swept() {
         "running"
     );
     assert_eq!(exec(&d)["stdout"], "daemon\n");
-    wait_until(
-        "the microvm orphan to be destroyed",
-        Duration::from_secs(30),
-        || {
-            !d.state.join("microvm").join(&orphan).exists()
-                && microvm_qemu(&d.state, &orphan).is_none()
-        },
-    );
-    assert!(
-        d.events()
-            .iter()
-            .any(|e| e["subject"] == orphan.as_str() && e["type"] == "cellhost.orphan.destroyed")
-    );
+    // The event is written after the teardown returns: wait for it, then
+    // check that the teardown left nothing.
+    d.wait_orphan_event(&orphan);
+    assert!(!d.state.join("microvm").join(&orphan).exists());
+    assert!(microvm_qemu(&d.state, &orphan).is_none());
     let report = d.destroy_clean(&id);
     for check in ["vm-process", "vm-cgroup", "uids"] {
         assert!(report.to_string().contains(check), "{check}: {report}");
@@ -1010,11 +992,7 @@ fn bridged_cells_through_the_daemon_show_counters_and_orphans_are_swept() {
         Duration::from_secs(20),
         || !common::nft_table_exists(&orphan_id),
     );
-    wait_until("the orphan event", Duration::from_secs(10), || {
-        d.events()
-            .iter()
-            .any(|e| e["subject"] == orphan.as_str() && e["type"] == "cellhost.orphan.destroyed")
-    });
+    d.wait_orphan_event(&orphan);
     assert!(
         !Path::new("/run/netns")
             .join(cellhost_net::netns_name(&orphan_id))

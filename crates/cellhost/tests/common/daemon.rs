@@ -252,6 +252,21 @@ impl Daemon {
         r.json()["events"].as_array().unwrap().clone()
     }
 
+    /// Wait for reconcile's `orphan.destroyed` event of `id`. It is
+    /// written after the teardown returns, so a test that saw the host
+    /// objects go must still wait for it.
+    pub fn wait_orphan_event(&self, id: &str) {
+        wait_until(
+            &format!("the orphan event of {id}"),
+            Duration::from_secs(30),
+            || {
+                self.events()
+                    .iter()
+                    .any(|e| e["subject"] == id && e["type"] == "cellhost.orphan.destroyed")
+            },
+        );
+    }
+
     /// DELETE a cell: 200, and every check of its report has zero residue.
     /// Returns the report.
     pub fn destroy_clean(&self, id: &str) -> serde_json::Value {
