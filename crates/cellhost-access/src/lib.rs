@@ -9,6 +9,7 @@ pub mod client;
 pub mod nip98;
 pub mod tls;
 
+pub use nostr::{Keys, PublicKey};
 pub use tls::Fingerprint;
 
 /// What can go wrong setting up or using tenant access.

@@ -24,6 +24,7 @@ use std::sync::Mutex;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use nostr::secp256k1::rand::{Rng, rngs::OsRng};
 use nostr::{Event, EventBuilder, JsonUtil, Keys, Kind, PublicKey, Tag, TagKind, Timestamp, Url};
 use sha2::{Digest, Sha256};
 
@@ -144,6 +145,14 @@ impl Verifier {
         &self.base
     }
 
+    /// The base URL's host, without brackets (a name for the certificate).
+    pub fn host(&self) -> String {
+        Url::parse(&self.base)
+            .ok()
+            .and_then(|u| u.host_str().map(|h| h.trim_matches(['[', ']']).to_string()))
+            .unwrap_or_default()
+    }
+
     /// The signer of `header` for `req`, checked at `now` (unix seconds).
     pub fn verify(
         &self,
@@ -257,7 +266,10 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 /// The `Authorization` header value for a request, signed by `keys` at
-/// `at` (unix seconds; [`now`] for a live request).
+/// `at` (unix seconds; [`now`] for a live request). A random `nonce` tag
+/// makes each signature its own event, so repeating a request within
+/// one second is not taken for a replay. (A signer without one, such as
+/// rust-nostr's or nostr-tools', must wait a second to repeat a request.)
 pub fn sign(
     keys: &Keys,
     method: &str,
@@ -266,9 +278,13 @@ pub fn sign(
     at: u64,
 ) -> Result<String, nostr::event::builder::Error> {
     let named = |k: &str, v: String| Tag::custom(TagKind::custom(k.to_string()), [v]);
+    // Two identical requests in one second would otherwise be one event
+    // id, and the second refused as a replay. Verifiers ignore the tag.
+    let nonce: [u8; 16] = OsRng.r#gen();
     let mut tags = vec![
         named("u", url.to_string()),
         named("method", method.to_ascii_uppercase()),
+        named("nonce", hex(&nonce)),
     ];
     if !body.is_empty() {
         tags.push(named("payload", hex(&Sha256::digest(body))));

@@ -194,3 +194,14 @@ async fn interoperates_with_rust_nostr_nip98() {
 }
 
 use nostr::hashes::Hash as _;
+
+#[test]
+fn the_same_request_twice_in_one_second_is_two_events() {
+    let v = Verifier::new(BASE).unwrap();
+    let keys = Keys::generate();
+    let url = format!("{BASE}/v1/cells");
+    let a = sign(&keys, "GET", &url, b"", NOW).unwrap();
+    let b = sign(&keys, "GET", &url, b"", NOW).unwrap();
+    assert!(v.verify(&a, get("/v1/cells"), NOW).is_ok());
+    assert!(v.verify(&b, get("/v1/cells"), NOW).is_ok());
+}
