@@ -87,6 +87,21 @@ pub struct OfferDetails {
     /// Address consumers reach published ports on.
     pub host: String,
     pub tiers: Vec<TierOffer>,
+    /// The tenant API, where the provider serves one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<TenantApi>,
+}
+
+/// Where a consumer's NIP-98 signed requests go, and the certificate it
+/// pins there. The offer is signed by the provider's key, so the pin
+/// needs no CA.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TenantApi {
+    /// `https://host:port`.
+    pub url: String,
+    /// SHA-256 of the server certificate's DER, 64 lowercase hex digits.
+    pub tls_sha256: String,
 }
 
 /// One tier on offer: what a cell gets and what a second of it costs.
@@ -486,6 +501,10 @@ pub struct Access {
     /// The cell's exit, once it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit: Option<serde_json::Value>,
+    /// The cell in the tenant API (sign requests with the renting key;
+    /// pin the offer's `api.tlsSha256`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -38,7 +38,7 @@ use crate::config::{MarketConfig, TierConfig};
 use crate::ledger::{Entry, Ledger, Outcome, Redeemed};
 use crate::proto::{
     self, Access, ErrorCode, Heartbeat, Offer, OfferDetails, PaygressSpec, PortAccess, Refusal,
-    Reply, Request, SpawnRequest, TierOffer,
+    Reply, Request, SpawnRequest, TenantApi, TierOffer,
 };
 use crate::{MarketError, keys};
 
@@ -97,6 +97,8 @@ pub struct Provider {
     /// Held while answers no relay took are published again (one pass at
     /// a time).
     resending: tokio::sync::Mutex<()>,
+    /// The tenant API the offer names, when `serve` runs one.
+    api: Option<TenantApi>,
 }
 
 impl Provider {
@@ -106,6 +108,7 @@ impl Provider {
         sup: Arc<Supervisor>,
         cfg: MarketConfig,
         state_dir: &Path,
+        api: Option<TenantApi>,
     ) -> Result<Arc<Provider>, MarketError> {
         check_against_policy(&cfg, sup.policy())?;
         let paths = ProviderPaths::new(state_dir);
@@ -164,6 +167,7 @@ impl Provider {
             last_offer: Mutex::new(None),
             provision: tokio::sync::Mutex::new(()),
             resending: tokio::sync::Mutex::new(()),
+            api,
         }))
     }
 
@@ -330,6 +334,7 @@ impl Provider {
                 relays: self.cfg.relays.clone(),
                 host: self.cfg.host.clone(),
                 tiers,
+                api: self.api.clone(),
             },
         }
     }
@@ -1196,6 +1201,10 @@ impl Provider {
             expires_at: view.expires_at.clone(),
             expires_in_seconds: view.expires_in_seconds,
             credentials,
+            api: self
+                .api
+                .as_ref()
+                .map(|a| format!("{}/v1/cells/{}", a.url, view.id)),
             exit: view
                 .exit
                 .as_ref()

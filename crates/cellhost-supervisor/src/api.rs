@@ -1,5 +1,6 @@
 //! The HTTP API (axum): REST + JSON over a unix socket (operator) and,
-//! optionally, TCP with bearer tokens (tenants).
+//! optionally, for tenants: TCP with bearer tokens, and TLS where a
+//! tenant is a Nostr key that signs each request (NIP-98).
 //!
 //! # Layout on the host
 //!
@@ -7,13 +8,18 @@
 //! /run/cellhost/            0700 (created by `cellhost serve` when missing)
 //!   api.sock                0600  every request is the operator
 //! tcp:127.0.0.1:7070        optional; `Authorization: Bearer <token>`
+//! https://HOST:PORT         optional; `Authorization: Nostr <event>`
+//!                           (or Bearer); the certificate is pinned by
+//!                           the fingerprint the market's offer carries
 //! ```
 //!
 //! # Threat model
 //!
 //! The socket's mode is the operator's authentication: whoever can connect
-//! is root-equivalent for cells. TCP callers are tenants: no token → 401;
-//! a token sees and touches only the cells it owns (any other id → 404,
+//! is root-equivalent for cells. TCP and TLS callers are tenants: no
+//! token or signature → 401 (a bad signature: 401 with its own `code`,
+//! see `cellhost_access::nip98`); a tenant sees and touches only the
+//! cells it owns (any other id → 404,
 //! indistinguishable from a missing one). `/healthz` and `/openapi.json`
 //! are public. Bodies are capped at [`BODY_LIMIT`]; a malformed body,
 //! query or document is a 400 JSON error naming the field, never a panic.
@@ -33,6 +39,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use cellhost_access::nip98::{self, AuthError, SignedRequest, Verifier};
 use cellhost_core::{ExecRequest, VolumeKey};
 use futures_util::stream::{self, Stream};
 use serde::{Deserialize, Serialize};
@@ -124,8 +131,10 @@ impl IntoResponse for ApiFailure {
     fn into_response(self) -> Response {
         let mut r = (self.status, Json(self.body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            r.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            for scheme in ["Bearer", "Nostr"] {
+                r.headers_mut()
+                    .append(header::WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
+            }
         }
         r
     }
@@ -217,13 +226,14 @@ pub fn operator_router(sup: Arc<Supervisor>) -> Router<()> {
     routes(sup, None).layer(Extension(Caller::operator()))
 }
 
-/// The tenants' router (TCP): bearer tokens decide the caller, and the
-/// policy's per-tenant caps apply (see `limits`).
-pub fn tenant_router(sup: Arc<Supervisor>, tokens: Arc<Tokens>) -> Router<()> {
+/// The tenants' router (TCP or TLS): a bearer token or a NIP-98
+/// signature decides the caller, and the policy's per-tenant caps apply
+/// (see `limits`).
+pub fn tenant_router(sup: Arc<Supervisor>, auth: TenantAuth) -> Router<()> {
     let limits = TenantLimits::new(sup.policy().tenants);
     routes(sup, Some(limits.clone()))
         .layer(middleware::from_fn_with_state(limits, rate_limit))
-        .layer(middleware::from_fn_with_state(tokens, authenticate))
+        .layer(middleware::from_fn_with_state(Arc::new(auth), authenticate))
 }
 
 /// Take one request from the caller's bucket, or answer 429 with
@@ -253,29 +263,92 @@ async fn rate_limit(State(limits): State<Arc<TenantLimits>>, req: Request, next:
     }
 }
 
-async fn authenticate(State(tokens): State<Arc<Tokens>>, mut req: Request, next: Next) -> Response {
+/// Who may call the tenants' router: bearer tokens the operator issued,
+/// NIP-98 requests signed by a Nostr key (the tenant `nostr:<hex>`), or
+/// both.
+#[derive(Default)]
+pub struct TenantAuth {
+    pub tokens: Option<Arc<Tokens>>,
+    pub nostr: Option<Arc<Verifier>>,
+}
+
+/// The tenant a NIP-98 signer is: the owner the market gives the cells it
+/// sells to the same key.
+pub fn nostr_owner(key: &cellhost_access::PublicKey) -> String {
+    format!("nostr:{}", key.to_hex())
+}
+
+async fn authenticate(State(auth): State<Arc<TenantAuth>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if path == "/healthz" || path == "/openapi.json" {
         return next.run(req).await;
     }
-    let token = req
+    let header = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match token.and_then(|t| tokens.owner(t)) {
+        .unwrap_or_default()
+        .to_string();
+    if let (Some(verifier), Some(_)) = (&auth.nostr, header.strip_prefix("Nostr ")) {
+        // The signature covers the body: read it (capped) before routing,
+        // and hand the same bytes on.
+        let (parts, body) = req.into_parts();
+        let bytes = match axum::body::to_bytes(body, BODY_LIMIT).await {
+            Ok(b) => b,
+            Err(_) => {
+                return ApiFailure::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("bodies are capped at {BODY_LIMIT} bytes"),
+                )
+                .into_response();
+            }
+        };
+        let signed = SignedRequest {
+            method: parts.method.as_str(),
+            path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            body: &bytes,
+        };
+        return match verifier.verify(&header, signed, nip98::now()) {
+            Ok(key) => {
+                let mut req = Request::from_parts(parts, Body::from(bytes));
+                req.extensions_mut()
+                    .insert(Caller::tenant(nostr_owner(&key)));
+                next.run(req).await
+            }
+            Err(e) => {
+                let status = match e {
+                    AuthError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::UNAUTHORIZED,
+                };
+                ApiFailure::new(status, e.code(), e.to_string()).into_response()
+            }
+        };
+    }
+    let token = header.strip_prefix("Bearer ").map(str::trim);
+    let owner = auth
+        .tokens
+        .as_ref()
+        .zip(token)
+        .and_then(|(tokens, t)| tokens.owner(t));
+    match owner {
         Some(owner) => {
-            let caller = Caller::tenant(owner);
-            req.extensions_mut().insert(caller);
+            let mut req = req;
+            req.extensions_mut().insert(Caller::tenant(owner));
             next.run(req).await
         }
-        None => ApiFailure::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid `Authorization: Bearer <token>` header is required",
-        )
-        .into_response(),
+        None => {
+            let wanted = match (&auth.tokens, &auth.nostr) {
+                (Some(_), Some(_)) => {
+                    "a valid `Authorization: Bearer <token>` or `Authorization: Nostr <NIP-98 event>` header is required"
+                }
+                (None, Some(_)) => {
+                    "a valid `Authorization: Nostr <NIP-98 event>` header is required"
+                }
+                _ => "a valid `Authorization: Bearer <token>` header is required",
+            };
+            ApiFailure::new(StatusCode::UNAUTHORIZED, "unauthorized", wanted).into_response()
+        }
     }
 }
 

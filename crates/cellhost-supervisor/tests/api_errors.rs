@@ -55,7 +55,11 @@ fn the_hosts_failures_reach_a_tenant_without_their_detail() {
     let store = Arc::new(Store::open(dir.path()).unwrap());
     let sup = Supervisor::new(store, vec![fake.clone() as Arc<dyn Backend>], cfg).unwrap();
     let tokens = Arc::new(Tokens::parse(&format!("alice {TOKEN}\n")).unwrap());
-    let app = cellhost_supervisor::api::tenant_router(sup, tokens);
+    let auth = cellhost_supervisor::api::TenantAuth {
+        tokens: Some(tokens),
+        nostr: None,
+    };
+    let app = cellhost_supervisor::api::tenant_router(sup, auth);
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();

@@ -217,6 +217,37 @@ pub enum MarketCommand {
         offer: String,
         cell: String,
     },
+    /// Show a cell you rented, through the provider's tenant API (your key
+    /// signs the request; the offer pins the certificate).
+    Inspect {
+        #[command(flatten)]
+        opt: MarketOpt,
+        offer: String,
+        cell: String,
+    },
+    /// Print a rented cell's output (stdout and stderr, as written).
+    Logs {
+        #[command(flatten)]
+        opt: MarketOpt,
+        offer: String,
+        cell: String,
+        /// Keep printing new output until the cell ends.
+        #[arg(short, long)]
+        follow: bool,
+    },
+    /// Run a command in a rented cell; exits with its exit code.
+    Exec {
+        #[command(flatten)]
+        opt: MarketOpt,
+        offer: String,
+        cell: String,
+        /// Killed after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        exec_timeout: u64,
+        /// The program and its arguments (after `--`).
+        #[arg(required = true, last = true)]
+        argv: Vec<String>,
+    },
     /// Wait for the answer to a request sent earlier (the id a timed-out
     /// rent, topup, status or stop printed). A provider that crashed
     /// mid-request sends it when it is back: the cell, or a refund.
@@ -238,9 +269,21 @@ pub struct ServeArgs {
     /// --tokens).
     #[arg(long, value_name = "tcp:HOST:PORT")]
     pub listen: Option<String>,
-    /// Bearer tokens for --listen: lines of `owner token`, file mode 0600.
+    /// Bearer tokens for --listen (and --tenant-listen): lines of `owner
+    /// token`, file mode 0600.
     #[arg(long, value_name = "FILE")]
     pub tokens: Option<PathBuf>,
+    /// Serve the tenant API over TLS here, e.g. 0.0.0.0:7443. Tenants are
+    /// Nostr keys signing each request (NIP-98), plus --tokens' owners.
+    /// The certificate is self-signed, made on first start in
+    /// `<state>/tls/`; the market's offer carries its fingerprint.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub tenant_listen: Option<std::net::SocketAddr>,
+    /// The URL consumers reach --tenant-listen at, which signed requests
+    /// must name (default https://HOST:PORT of --tenant-listen; required
+    /// when that host is 0.0.0.0 or ::).
+    #[arg(long, value_name = "URL")]
+    pub tenant_url: Option<String>,
     /// Name of this node in events and /v1/node (default: hostname).
     #[arg(long)]
     pub node_name: Option<String>,

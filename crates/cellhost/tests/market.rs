@@ -1204,3 +1204,235 @@ fn random_text(n: usize) -> String {
     cellhost_core::ids::fill_random(&mut b);
     String::from_utf8_lossy(&b).to_string()
 }
+
+// ------------------------------------------------------------ tenant API
+
+/// `cellhost market SUB --relay R --identity I ARGS…`, output as is.
+async fn market_raw(
+    relay: &str,
+    identity: &Path,
+    sub: &str,
+    args: &[&str],
+) -> std::process::Output {
+    tokio::process::Command::new(common::cellhost_bin())
+        .args(["market", sub, "--relay", relay, "--identity"])
+        .arg(identity)
+        .args(["--timeout", "30"])
+        .args(args)
+        .output()
+        .await
+        .unwrap()
+}
+
+/// A renter reaches the cell it paid for through the provider's tenant
+/// API: found through the signed offer, the certificate pinned from it,
+/// every request signed by the renter's key (NIP-98). Then what an
+/// attacker tries: another key, a replay, a stale or misaddressed
+/// signature, a body swapped under its signature, no signature at all.
+#[test]
+fn a_renter_reaches_its_cell_through_the_signed_tenant_api() {
+    use cellhost_access::client::PinnedClient;
+    use cellhost_access::nip98::{now, sign};
+    use hyper::header::{AUTHORIZATION, HeaderValue};
+
+    require_process_tier!();
+    let rt = common::rt_multi();
+    rt.block_on(async {
+        let mint = start_mint().await;
+        let (_relay, relay) = start_relay().await;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let p = Provider::start_with(&relay, &mint.url, &["--tenant-listen", &listen]);
+        let dir = tempfile::tempdir().unwrap();
+        let me = dir.path().join("me.key");
+        let c = consumer(&relay).await;
+        let provider = wait_live_offer(&c, &p).await;
+        let npub = provider.to_bech32().unwrap();
+
+        // The offer names the API and the fingerprint of the certificate
+        // the daemon made in <state>/tls/.
+        let offer = c.offer_of(provider).await.unwrap().offer;
+        let api = offer.cellhost.api.expect("the offer names the tenant API");
+        let url = format!("https://{listen}");
+        assert_eq!(api.url, url);
+        let der = std::fs::read(p.state_dir().join("tls/cert.der")).unwrap();
+        assert_eq!(
+            api.tls_sha256,
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&der))
+        );
+
+        // Rent a cell that says hello and stays up.
+        let doc = dir.path().join("cell.yaml");
+        std::fs::write(
+            &doc,
+            SLEEPER.replace(
+                "command: [/bin/sleep, '600']",
+                "command: [/bin/sh, -c, 'echo hello-from-the-cell; exec sleep 600']",
+            ),
+        )
+        .unwrap();
+        let tok = dir.path().join("t1");
+        std::fs::write(&tok, token(&mint.url, 120).await).unwrap();
+        let (code, reply, err) = rent_cli(&relay, &me, &npub, &tok, &doc).await;
+        assert_eq!(code, 0, "{reply} {err}\nlog:\n{}", p.log());
+        let id = reply["cell"]["id"].as_str().unwrap().to_string();
+        assert_eq!(reply["cell"]["api"], format!("{url}/v1/cells/{id}"));
+
+        // inspect, logs, exec: the renter's key signs; the CLI pins.
+        let out = market_raw(&relay, &me, "inspect", &[&npub, &id]).await;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let view: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(view["id"], id.as_str());
+        assert_eq!(view["observed"], "running");
+        let mut logs = String::new();
+        let until = Instant::now() + Duration::from_secs(10);
+        while !logs.contains("hello-from-the-cell") {
+            assert!(Instant::now() < until, "no hello in the logs: {logs:?}");
+            let out = market_raw(&relay, &me, "logs", &[&npub, &id]).await;
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            logs = String::from_utf8_lossy(&out.stdout).to_string();
+        }
+        let out = market_raw(
+            &relay,
+            &me,
+            "exec",
+            &[&npub, &id, "--", "/bin/sh", "-c", "echo $((6*7)); exit 3"],
+        )
+        .await;
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n");
+
+        // Another key's signature on my cell: not found, as if missing.
+        let other = dir.path().join("other.key");
+        let out = market_raw(&relay, &other, "inspect", &[&npub, &id]).await;
+        assert_eq!(out.status.code(), Some(5));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("not found"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+
+        // By hand: the same pinned TLS, headers signed by the test.
+        let keys = cellhost_market::keys::nostr_keys(&me).unwrap();
+        let pin = api.tls_sha256.parse().unwrap();
+        let raw = PinnedClient::new(&url, pin, None).unwrap();
+        let path = format!("/v1/cells/{id}");
+        let send = |method: &'static str, pq: String, body: Vec<u8>, auth: Option<String>| {
+            let raw = &raw;
+            async move {
+                let h: Vec<_> = auth
+                    .map(|a| (AUTHORIZATION, HeaderValue::from_str(&a).unwrap()))
+                    .into_iter()
+                    .collect();
+                let r = raw.send(method, &pq, body, &h).await.unwrap();
+                let status = r.status().as_u16();
+                let body = http_body_util::BodyExt::collect(r.into_body())
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                let v = serde_json::from_slice::<Value>(&body)
+                    .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into()));
+                (status, v)
+            }
+        };
+        let signed = |method: &str, pq: &str, body: &[u8], at: u64| {
+            sign(&keys, method, &format!("{url}{pq}"), body, at).unwrap()
+        };
+
+        let h = signed("GET", &path, b"", now());
+        let (status, v) = send("GET", path.clone(), vec![], Some(h.clone())).await;
+        assert_eq!((status, v["id"].as_str()), (200, Some(id.as_str())), "{v}");
+        // The same signed request again: a replay.
+        let (status, v) = send("GET", path.clone(), vec![], Some(h)).await;
+        assert_eq!(
+            (status, v["code"].as_str()),
+            (401, Some("auth_replayed")),
+            "{v}"
+        );
+        // Signed two minutes ago.
+        let stale = signed("GET", &path, b"", now() - 120);
+        let (status, v) = send("GET", path.clone(), vec![], Some(stale)).await;
+        assert_eq!(
+            (status, v["code"].as_str()),
+            (401, Some("auth_expired")),
+            "{v}"
+        );
+        // Signed for another path, and for another method.
+        let elsewhere = signed("GET", "/v1/cells", b"", now());
+        let (status, v) = send("GET", path.clone(), vec![], Some(elsewhere)).await;
+        assert_eq!(
+            (status, v["code"].as_str()),
+            (401, Some("auth_url_mismatch")),
+            "{v}"
+        );
+        let as_get = signed("GET", &path, b"", now());
+        let (status, v) = send("DELETE", path.clone(), vec![], Some(as_get)).await;
+        assert_eq!(
+            (status, v["code"].as_str()),
+            (401, Some("auth_method_mismatch")),
+            "{v}"
+        );
+        // A body swapped under its signature.
+        let exec = format!("{path}/exec");
+        let harmless = br#"{"argv":["true"]}"#;
+        let h = signed("POST", &exec, harmless, now());
+        let evil = br#"{"argv":["/bin/sh","-c","echo swapped"]}"#.to_vec();
+        let (status, v) = send("POST", exec.clone(), evil, Some(h)).await;
+        assert_eq!(
+            (status, v["code"].as_str()),
+            (401, Some("auth_payload_mismatch")),
+            "{v}"
+        );
+        // No signature at all, and a bearer token nobody issued.
+        let (status, v) = send("GET", path.clone(), vec![], None).await;
+        assert_eq!(
+            (status, v["code"].as_str()),
+            (401, Some("unauthorized")),
+            "{v}"
+        );
+        let bogus = Some("Bearer 0123456789abcdef0123".to_string());
+        let (status, _) = send("GET", path.clone(), vec![], bogus).await;
+        assert_eq!(status, 401);
+        // Another key, signed right: 404, the same as a missing cell.
+        let stranger = Keys::generate();
+        let h = sign(&stranger, "DELETE", &format!("{url}{path}"), b"", now()).unwrap();
+        let (status, v) = send("DELETE", path.clone(), vec![], Some(h)).await;
+        assert_eq!(
+            (status, v["code"].as_str()),
+            (404, Some("not_found")),
+            "{v}"
+        );
+        // The cell is untouched by all of that.
+        let h = signed("GET", &path, b"", now());
+        let (status, v) = send("GET", path.clone(), vec![], Some(h)).await;
+        assert_eq!(
+            (status, v["observed"].as_str()),
+            (200, Some("running")),
+            "{v}"
+        );
+        // The renter may end it through the API.
+        let h = signed("DELETE", &path, b"", now());
+        let (status, v) = send("DELETE", path.clone(), vec![], Some(h)).await;
+        assert_eq!(status, 200, "{v}");
+        let out = market_raw(&relay, &me, "inspect", &[&npub, &id]).await;
+        assert_eq!(out.status.code(), Some(5));
+        c.shutdown().await;
+    });
+}

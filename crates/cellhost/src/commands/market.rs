@@ -4,13 +4,16 @@
 //! consumer's Nostr key lives in a 0600 file, generated on first use: the
 //! cells it rents belong to it.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
+use cellhost_access::client::PinnedClient;
+use cellhost_core::ids::CellId;
 use cellhost_market::consumer::{Consumer, Listing, OfferFilter, parse_pubkey, parse_request_id};
 use cellhost_market::proto::{Reply, Request, SpawnRequest, VERSION};
+use http_body_util::BodyExt;
 use zeroize::Zeroizing;
 
 use crate::cli::{MarketCommand, MarketOpt};
@@ -165,6 +168,73 @@ pub async fn market(cmd: MarketCommand, json: bool) -> anyhow::Result<u8> {
             )
             .await
         }
+        MarketCommand::Inspect { opt, offer, cell } => {
+            let api = TenantApi::open(&opt, &offer, &cell).await?;
+            let (status, body) = api
+                .client
+                .call("GET", &api.path(""), vec![], 1 << 20)
+                .await?;
+            let view = api.answer(status, &body)?;
+            println!("{}", serde_json::to_string_pretty(&view)?);
+            Ok(0)
+        }
+        MarketCommand::Logs {
+            opt,
+            offer,
+            cell,
+            follow,
+        } => {
+            let api = TenantApi::open(&opt, &offer, &cell).await?;
+            let q = if follow { "/logs?follow=true" } else { "/logs" };
+            let r = api.client.send("GET", &api.path(q), vec![], &[]).await?;
+            let status = r.status().as_u16();
+            let mut body = r.into_body();
+            if status != 200 {
+                let bytes = body
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                api.answer(status, &bytes)?;
+                return Ok(EXIT_REFUSED);
+            }
+            let mut out = std::io::stdout().lock();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.context("reading the log")?;
+                if let Some(d) = frame.data_ref() {
+                    out.write_all(d)?;
+                    out.flush()?;
+                }
+            }
+            Ok(0)
+        }
+        MarketCommand::Exec {
+            opt,
+            offer,
+            cell,
+            exec_timeout,
+            argv,
+        } => {
+            let api = TenantApi::open(&opt, &offer, &cell).await?;
+            let body = serde_json::json!({
+                "argv": argv,
+                "timeoutMs": exec_timeout.clamp(1, 3600) * 1000,
+            });
+            let (status, bytes) = api
+                .client
+                .call(
+                    "POST",
+                    &api.path("/exec"),
+                    serde_json::to_vec(&body)?,
+                    16 << 20,
+                )
+                .await?;
+            let out = api.answer(status, &bytes)?;
+            print!("{}", out["stdout"].as_str().unwrap_or_default());
+            eprint!("{}", out["stderr"].as_str().unwrap_or_default());
+            let code = out["exitCode"].as_i64().unwrap_or(1);
+            Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
+        }
         MarketCommand::Reply {
             opt,
             offer,
@@ -180,6 +250,68 @@ pub async fn market(cmd: MarketCommand, json: bool) -> anyhow::Result<u8> {
             c.shutdown().await;
             finish(reply?, json)
         }
+    }
+}
+
+/// One rented cell in its provider's tenant API.
+struct TenantApi {
+    client: PinnedClient,
+    cell: String,
+}
+
+impl TenantApi {
+    /// Find `offer`'s signed offer, and a client pinned to the certificate
+    /// it names, signing with the consumer's key.
+    async fn open(opt: &MarketOpt, offer: &str, cell: &str) -> anyhow::Result<TenantApi> {
+        let cell = CellId::parse(cell)
+            .map_err(|e| exit_err(EXIT_USAGE, format!("cell {cell:?}: {e}")))?
+            .to_string();
+        let provider = parse_pubkey(offer).map_err(|e| exit_err(EXIT_USAGE, e.to_string()))?;
+        let c = connect(opt).await?;
+        let listing = c.offer_of(provider).await;
+        let keys = c.keys().clone();
+        c.shutdown().await;
+        let listing = listing?;
+        let Some(api) = listing.offer.cellhost.api else {
+            return Err(exit_err(
+                EXIT_RUNTIME,
+                format!(
+                    "{} serves no tenant API (its offer names none)",
+                    listing.npub
+                ),
+            ));
+        };
+        let pin = api
+            .tls_sha256
+            .parse()
+            .map_err(|e| exit_err(EXIT_RUNTIME, format!("the offer's api.tlsSha256: {e}")))?;
+        Ok(TenantApi {
+            client: PinnedClient::new(&api.url, pin, Some(keys))?,
+            cell,
+        })
+    }
+
+    fn path(&self, rest: &str) -> String {
+        format!("/v1/cells/{}{rest}", self.cell)
+    }
+
+    /// The JSON of a 200, or an error that says what went wrong.
+    fn answer(&self, status: u16, body: &[u8]) -> anyhow::Result<serde_json::Value> {
+        let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+        if status == 200 {
+            return Ok(v);
+        }
+        let said = v["error"].as_str().unwrap_or("no reason given");
+        let code = v["code"].as_str().unwrap_or("");
+        let why = match status {
+            404 => format!(
+                "cell {} not found: it is not yours, or its lease ended",
+                self.cell
+            ),
+            401 => format!("the provider refused the signature ({code}): {said}"),
+            _ => format!("the provider answered {status} ({code}): {said}"),
+        };
+        Err(exit_err(EXIT_REFUSED, why))
     }
 }
 

@@ -28,8 +28,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use cellhost_access::nip98::Verifier;
+use cellhost_access::tls::{TlsIdentity, TlsListener};
 use cellhost_core::Backend;
+use cellhost_market::proto::TenantApi;
 use cellhost_store::Store;
+use cellhost_supervisor::api::TenantAuth;
 use cellhost_supervisor::node::AdmissionPolicy;
 use cellhost_supervisor::tokens::Tokens;
 use cellhost_supervisor::{Supervisor, api};
@@ -132,15 +136,70 @@ fn bind_socket(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(l)
 }
 
+/// The tenant API's TLS side, ready to serve.
+struct TenantTls {
+    listener: TlsListener,
+    url: String,
+    fingerprint: cellhost_access::Fingerprint,
+    verifier: Arc<Verifier>,
+}
+
+/// Bind `addr`, load (or make) the certificate in `<state>/tls/`, and fix
+/// the URL signed requests must name.
+async fn tenant_tls(
+    state_dir: &Path,
+    addr: std::net::SocketAddr,
+    url: Option<&str>,
+) -> anyhow::Result<TenantTls> {
+    let url = match url {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None if addr.ip().is_unspecified() => {
+            return Err(exit_err(
+                EXIT_USAGE,
+                format!("--tenant-listen {addr} needs --tenant-url: the address consumers reach"),
+            ));
+        }
+        None => format!("https://{addr}"),
+    };
+    let verifier = Arc::new(
+        Verifier::new(&url).map_err(|e| exit_err(EXIT_USAGE, format!("--tenant-url {e}")))?,
+    );
+    let host = verifier.host();
+    let identity =
+        TlsIdentity::load_or_create(&state_dir.join("tls"), &[host, "localhost".to_string()])?;
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    let listener = TlsListener::new(tcp, identity.server_config()?)?;
+    Ok(TenantTls {
+        listener,
+        url,
+        fingerprint: identity.fingerprint(),
+        verifier,
+    })
+}
+
 pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
     let _lock = lock_state_dir(state_dir, true)?;
     let tokens = match (&args.listen, &args.tokens) {
-        (Some(_), Some(f)) => Some(Arc::new(Tokens::load(f)?)),
         (Some(_), None) => {
             return Err(exit_err(EXIT_USAGE, "--listen needs --tokens FILE"));
         }
-        (None, Some(_)) => return Err(exit_err(EXIT_USAGE, "--tokens needs --listen")),
-        (None, None) => None,
+        (None, Some(_)) if args.tenant_listen.is_none() => {
+            return Err(exit_err(
+                EXIT_USAGE,
+                "--tokens needs --listen or --tenant-listen",
+            ));
+        }
+        (_, Some(f)) => Some(Arc::new(Tokens::load(f)?)),
+        (_, None) => None,
+    };
+    let tenant_tls = match args.tenant_listen {
+        Some(addr) => Some(tenant_tls(state_dir, addr, args.tenant_url.as_deref()).await?),
+        None if args.tenant_url.is_some() => {
+            return Err(exit_err(EXIT_USAGE, "--tenant-url needs --tenant-listen"));
+        }
+        None => None,
     };
     let tcp = match &args.listen {
         Some(l) => {
@@ -201,9 +260,13 @@ pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
     };
     let sup = Supervisor::new(store, backends, cfg)?;
     cellhost_market::arm_failpoints();
+    let offer_api = tenant_tls.as_ref().map(|t| TenantApi {
+        url: t.url.clone(),
+        tls_sha256: t.fingerprint.to_string(),
+    });
     let market = match market_cfg {
         Some(c) => Some(
-            cellhost_market::provider::Provider::open(sup.clone(), c, state_dir)
+            cellhost_market::provider::Provider::open(sup.clone(), c, state_dir, offer_api)
                 .await
                 .map_err(|e| exit_err(EXIT_USAGE, e.to_string()))?,
         ),
@@ -220,15 +283,32 @@ pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
     let unix_server = axum::serve(unix, api::operator_router(sup.clone()))
         .with_graceful_shutdown(shutdown(stop_rx.clone()));
     let unix_task = tokio::spawn(async move { unix_server.await });
-    let tcp_task = match (tcp, tokens) {
+    let tcp_task = match (tcp, &tokens) {
         (Some(l), Some(t)) => {
             tracing::info!("tenant API on tcp:{}", l.local_addr()?);
-            let server = axum::serve(l, api::tenant_router(sup.clone(), t))
+            let auth = TenantAuth {
+                tokens: Some(t.clone()),
+                nostr: None,
+            };
+            let server = axum::serve(l, api::tenant_router(sup.clone(), auth))
                 .with_graceful_shutdown(shutdown(stop_rx.clone()));
             Some(tokio::spawn(async move { server.await }))
         }
         _ => None,
     };
+    let tls_task = tenant_tls.map(|t| {
+        eprintln!(
+            "cellhost: tenant API on {} (certificate sha256 {})",
+            t.url, t.fingerprint
+        );
+        let auth = TenantAuth {
+            tokens: tokens.clone(),
+            nostr: Some(t.verifier),
+        };
+        let server = axum::serve(t.listener, api::tenant_router(sup.clone(), auth))
+            .with_graceful_shutdown(shutdown(stop_rx.clone()));
+        tokio::spawn(async move { server.await })
+    });
     let market_task = market.map(|m| {
         eprintln!(
             "cellhost: market provider {}",
@@ -256,7 +336,7 @@ pub async fn serve(state_dir: &Path, args: ServeArgs) -> anyhow::Result<u8> {
     let _ = loops.await;
     // Streams (logs -f, events -f) may hold connections: do not wait long.
     let _ = tokio::time::timeout(Duration::from_secs(2), unix_task).await;
-    if let Some(t) = tcp_task {
+    for t in [tcp_task, tls_task].into_iter().flatten() {
         let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
     }
     if let Some(t) = market_task {
