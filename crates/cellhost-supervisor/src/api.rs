@@ -131,10 +131,8 @@ impl IntoResponse for ApiFailure {
     fn into_response(self) -> Response {
         let mut r = (self.status, Json(self.body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
-            for scheme in ["Bearer", "Nostr"] {
-                r.headers_mut()
-                    .append(header::WWW_AUTHENTICATE, HeaderValue::from_static(scheme));
-            }
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         r
     }
@@ -321,7 +319,7 @@ async fn authenticate(State(auth): State<Arc<TenantAuth>>, req: Request, next: N
                     AuthError::Busy => StatusCode::SERVICE_UNAVAILABLE,
                     _ => StatusCode::UNAUTHORIZED,
                 };
-                ApiFailure::new(status, e.code(), e.to_string()).into_response()
+                nostr_challenge(ApiFailure::new(status, e.code(), e.to_string()).into_response())
             }
         };
     }
@@ -347,9 +345,25 @@ async fn authenticate(State(auth): State<Arc<TenantAuth>>, req: Request, next: N
                 }
                 _ => "a valid `Authorization: Bearer <token>` header is required",
             };
-            ApiFailure::new(StatusCode::UNAUTHORIZED, "unauthorized", wanted).into_response()
+            let r =
+                ApiFailure::new(StatusCode::UNAUTHORIZED, "unauthorized", wanted).into_response();
+            if auth.nostr.is_some() {
+                nostr_challenge(r)
+            } else {
+                r
+            }
         }
     }
+}
+
+/// A 401 of a listener that takes NIP-98: its challenge names `Nostr`
+/// too (after `Bearer`, which every 401 carries).
+fn nostr_challenge(mut r: Response) -> Response {
+    if r.status() == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .append(header::WWW_AUTHENTICATE, HeaderValue::from_static("Nostr"));
+    }
+    r
 }
 
 async fn not_found() -> ApiFailure {
