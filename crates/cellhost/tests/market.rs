@@ -1207,6 +1207,18 @@ fn random_text(n: usize) -> String {
 
 // ------------------------------------------------------------ tenant API
 
+/// One request a stranger tries: what it is, method, path and query,
+/// body, Authorization header, and the status and code it must get.
+type Attempt = (
+    &'static str,
+    &'static str,
+    String,
+    Vec<u8>,
+    Option<String>,
+    u16,
+    &'static str,
+);
+
 /// `cellhost market SUB --relay R --identity I ARGS…`, output as is.
 async fn market_raw(
     relay: &str,
@@ -1367,58 +1379,85 @@ fn a_renter_reaches_its_cell_through_the_signed_tenant_api() {
             "{v}"
         );
         // Signed two minutes ago.
-        let stale = signed("GET", &path, b"", now() - 120);
-        let (status, v) = send("GET", path.clone(), vec![], Some(stale)).await;
-        assert_eq!(
-            (status, v["code"].as_str()),
-            (401, Some("auth_expired")),
-            "{v}"
-        );
-        // Signed for another path, and for another method.
-        let elsewhere = signed("GET", "/v1/cells", b"", now());
-        let (status, v) = send("GET", path.clone(), vec![], Some(elsewhere)).await;
-        assert_eq!(
-            (status, v["code"].as_str()),
-            (401, Some("auth_url_mismatch")),
-            "{v}"
-        );
-        let as_get = signed("GET", &path, b"", now());
-        let (status, v) = send("DELETE", path.clone(), vec![], Some(as_get)).await;
-        assert_eq!(
-            (status, v["code"].as_str()),
-            (401, Some("auth_method_mismatch")),
-            "{v}"
-        );
-        // A body swapped under its signature.
+        // What a stranger tries, each with the code it must get.
         let exec = format!("{path}/exec");
         let harmless = br#"{"argv":["true"]}"#;
-        let h = signed("POST", &exec, harmless, now());
         let evil = br#"{"argv":["/bin/sh","-c","echo swapped"]}"#.to_vec();
-        let (status, v) = send("POST", exec.clone(), evil, Some(h)).await;
-        assert_eq!(
-            (status, v["code"].as_str()),
-            (401, Some("auth_payload_mismatch")),
-            "{v}"
-        );
-        // No signature at all, and a bearer token nobody issued.
-        let (status, v) = send("GET", path.clone(), vec![], None).await;
-        assert_eq!(
-            (status, v["code"].as_str()),
-            (401, Some("unauthorized")),
-            "{v}"
-        );
-        let bogus = Some("Bearer 0123456789abcdef0123".to_string());
-        let (status, _) = send("GET", path.clone(), vec![], bogus).await;
-        assert_eq!(status, 401);
-        // Another key, signed right: 404, the same as a missing cell.
         let stranger = Keys::generate();
-        let h = sign(&stranger, "DELETE", &format!("{url}{path}"), b"", now()).unwrap();
-        let (status, v) = send("DELETE", path.clone(), vec![], Some(h)).await;
-        assert_eq!(
-            (status, v["code"].as_str()),
-            (404, Some("not_found")),
-            "{v}"
-        );
+        // (what, method, path and query, body, Authorization, status, code)
+        let cases: Vec<Attempt> = vec![
+            (
+                "signed two minutes ago",
+                "GET",
+                path.clone(),
+                vec![],
+                Some(signed("GET", &path, b"", now() - 120)),
+                401,
+                "auth_expired",
+            ),
+            (
+                "signed for another path",
+                "GET",
+                path.clone(),
+                vec![],
+                Some(signed("GET", "/v1/cells", b"", now())),
+                401,
+                "auth_url_mismatch",
+            ),
+            (
+                "a GET's signature on a DELETE",
+                "DELETE",
+                path.clone(),
+                vec![],
+                Some(signed("GET", &path, b"", now())),
+                401,
+                "auth_method_mismatch",
+            ),
+            (
+                "a body swapped under its signature",
+                "POST",
+                exec.clone(),
+                evil,
+                Some(signed("POST", &exec, harmless, now())),
+                401,
+                "auth_payload_mismatch",
+            ),
+            (
+                "no signature",
+                "GET",
+                path.clone(),
+                vec![],
+                None,
+                401,
+                "unauthorized",
+            ),
+            (
+                "a bearer token nobody issued",
+                "GET",
+                path.clone(),
+                vec![],
+                Some("Bearer 0123456789abcdef0123".into()),
+                401,
+                "unauthorized",
+            ),
+            (
+                "another key, signed right",
+                "DELETE",
+                path.clone(),
+                vec![],
+                Some(sign(&stranger, "DELETE", &format!("{url}{path}"), b"", now()).unwrap()),
+                404,
+                "not_found",
+            ),
+        ];
+        for (what, method, pq, body, auth, want, code) in cases {
+            let (status, v) = send(method, pq, body, auth).await;
+            assert_eq!(
+                (status, v["code"].as_str()),
+                (want, Some(code)),
+                "{what}: {v}"
+            );
+        }
         // The cell is untouched by all of that.
         let h = signed("GET", &path, b"", now());
         let (status, v) = send("GET", path.clone(), vec![], Some(h)).await;
