@@ -5,6 +5,7 @@
 //! (`probe`, split by subject).
 
 pub mod cgroups;
+pub mod netns;
 pub mod ports;
 pub mod probe;
 pub mod shim;
