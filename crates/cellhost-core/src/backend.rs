@@ -293,6 +293,9 @@ pub enum BackendError {
     Unsupported { op: &'static str, tier: Isolation },
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// Nothing in the cell accepts connections on this port.
+    #[error("nothing in the cell accepts connections on port {0}")]
+    PortClosed(u16),
     #[error("cell {0} not found")]
     NotFound(CellId),
     #[error("cell {id} is {state:?}; {op} needs it {wanted}")]
@@ -464,6 +467,23 @@ pub trait Backend: Send + Sync {
         let _ = (handle, req);
         Err(BackendError::Unsupported {
             op: "exec",
+            tier: self.isolation(),
+        })
+    }
+
+    /// A TCP connection to `port` on the running cell's own network (its
+    /// loopback included), made from inside the cell: no host port is
+    /// published and the host's own services are out of reach.
+    /// [`BackendError::PortClosed`] when nothing listens there. Tiers
+    /// that cannot say so.
+    async fn connect(
+        &self,
+        handle: &CellHandle,
+        port: u16,
+    ) -> Result<std::net::TcpStream, BackendError> {
+        let _ = (handle, port);
+        Err(BackendError::Unsupported {
+            op: "connect",
             tier: self.isolation(),
         })
     }

@@ -1094,6 +1094,48 @@ impl Backend for DockerBackend {
         }
     }
 
+    /// From inside the container's network namespace, joined through a
+    /// pidfd of its init, checked to be in the container's cgroup.
+    async fn connect(
+        &self,
+        handle: &CellHandle,
+        port: u16,
+    ) -> Result<std::net::TcpStream, BackendError> {
+        let docker = self.client().await?;
+        let name = Names::of(&handle.id).container;
+        let c = match docker.inspect_container(&name, None).await {
+            Ok(c) => c,
+            Err(e) if is_status(&e, 404) => return Err(BackendError::NotFound(handle.id.clone())),
+            Err(e) => return Err(engine_err(&format!("inspecting {name}"), e)),
+        };
+        let st = to_status(c.state.as_ref());
+        let (Some(full_id), Some(pid)) = (c.id, st.pid.filter(|_| st.state == CellState::Running))
+        else {
+            return Err(BackendError::WrongState {
+                id: handle.id.clone(),
+                op: "connect",
+                state: st.state,
+                wanted: "running",
+            });
+        };
+        let pid =
+            i32::try_from(pid).map_err(|_| BackendError::engine(format!("{name}: pid {pid}")))?;
+        let belongs = move |cgroup: &str| cgroup.contains(&full_id);
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let id = handle.id.clone();
+        tokio::task::spawn_blocking(move || {
+            cellhost_host::netns::connect_in(
+                pid,
+                belongs,
+                addr,
+                cellhost_host::netns::CONNECT_TIMEOUT,
+            )
+        })
+        .await
+        .map_err(|e| BackendError::engine(format!("connect task: {e}")))?
+        .map_err(|e| cellhost_host::netns::connect_error(&id, port, e))
+    }
+
     async fn exec(
         &self,
         handle: &CellHandle,

@@ -1208,4 +1208,54 @@ impl Backend for ProcessBackend {
     ) -> Result<ExecOutput, BackendError> {
         exec::run(self, &handle.id, req).await
     }
+
+    /// From inside the cell's network namespace, joined through a pidfd
+    /// of its init, checked to be in the cell's cgroup.
+    async fn connect(
+        &self,
+        handle: &CellHandle,
+        port: u16,
+    ) -> Result<std::net::TcpStream, BackendError> {
+        let id = handle.id.clone();
+        let state = self
+            .blocking("status", {
+                let id = id.clone();
+                move |this| this.status_blocking(&id).state
+            })
+            .await?;
+        if state != CellState::Running {
+            return Err(match state {
+                CellState::Gone => BackendError::NotFound(id),
+                state => BackendError::WrongState {
+                    id,
+                    op: "connect",
+                    state,
+                    wanted: "running",
+                },
+            });
+        }
+        let pid = self
+            .init_pid(&id)
+            .ok_or_else(|| BackendError::NotFound(id.clone()))?;
+        // `/proc/<pid>/cgroup` lines end in the path: this instance's
+        // group of this cell (or below it).
+        let object = format!("/{}", self.cgroup_object(&id));
+        let belongs = move |cgroup: &str| {
+            cgroup.lines().any(|l| {
+                let path = l.splitn(3, ':').nth(2).unwrap_or_default();
+                path.ends_with(&object) || path.contains(&format!("{object}/"))
+            })
+        };
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        self.blocking("connect", move |_| {
+            cellhost_host::netns::connect_in(
+                pid,
+                belongs,
+                addr,
+                cellhost_host::netns::CONNECT_TIMEOUT,
+            )
+        })
+        .await?
+        .map_err(|e| cellhost_host::netns::connect_error(&id, port, e))
+    }
 }

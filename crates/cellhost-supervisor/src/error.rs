@@ -75,6 +75,7 @@ impl SupervisorError {
             SupervisorError::PortTaken { .. } => (409, "port_taken"),
             SupervisorError::Backend(b) => match b {
                 BackendError::Invalid(_) => (400, "invalid"),
+                BackendError::PortClosed(_) => (502, "port_closed"),
                 BackendError::NotFound(_) => (404, "not_found"),
                 BackendError::WrongState { .. } => (409, "conflict"),
                 BackendError::MissingCapability { .. } => (422, "tier_unavailable"),
