@@ -32,6 +32,8 @@ use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message as WsMessage, WebSocket, WebSocketUpgrade};
 use axum::extract::{DefaultBodyLimit, Extension, FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -209,6 +211,7 @@ fn routes(sup: Arc<Supervisor>, limits: Option<Arc<TenantLimits>>) -> Router<()>
         .route("/v1/cells/{id}/extend", post(extend_cell))
         .route("/v1/cells/{id}/exec", post(exec_cell))
         .route("/v1/cells/{id}/logs", get(cell_logs))
+        .route("/v1/cells/{id}/ports/{port}", get(port_stream))
         .route("/v1/events", get(events))
         .route("/v1/node", get(node))
         .route("/metrics", get(metrics))
@@ -827,6 +830,96 @@ async fn cell_logs(
     Ok((plain, Body::from_stream(s)).into_response())
 }
 
+/// Most bytes of one WebSocket message a port stream takes from a client.
+pub const PORT_MESSAGE_LIMIT: usize = 1 << 20;
+
+/// A TCP stream to a port inside the cell, carried over a WebSocket
+/// (binary messages both ways), with no host port published. The
+/// connection is made from inside the cell before the upgrade, so a
+/// closed port is an HTTP error, not an empty stream. It counts as one of
+/// the tenant's streams.
+#[utoipa::path(get, path = "/v1/cells/{id}/ports/{port}", tag = "cells",
+    params(("id" = String, Path, description = "Cell id"),
+           ("port" = u16, Path, description = "TCP port inside the cell, 1..=65535")),
+    responses(
+        (status = 101, description = "A WebSocket: binary messages are the TCP stream's bytes"),
+        (status = 400, body = ApiError),
+        (status = 401, body = ApiError),
+        (status = 404, body = ApiError),
+        (status = 409, description = "The cell is not running", body = ApiError),
+        (status = 422, description = "The tier cannot connect into its cells", body = ApiError),
+        (status = 429, description = "A per-tenant cap (policy: tenants)", body = ApiError),
+        (status = 502, description = "Nothing in the cell accepts connections on the port", body = ApiError),
+    ))]
+async fn port_stream(
+    State(st): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path((id, port)): Path<(String, String)>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    let port: u16 = port
+        .parse()
+        .map_err(|_| ApiFailure::bad_request(Some("port"), "must be 1..=65535"))?;
+    let ws = ws.map_err(|rej| ApiFailure::bad_request(None, rej.body_text()))?;
+    let guard = st.stream(&caller)?;
+    let tcp = st.sup.connect(&caller, &id, port).await?;
+    let tcp = tcp
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpStream::from_std(tcp))
+        .map_err(|e| {
+            ApiFailure::from(SupervisorError::Internal(format!(
+                "port stream socket: {e}"
+            )))
+        })?;
+    Ok(ws
+        .max_message_size(PORT_MESSAGE_LIMIT)
+        .on_upgrade(move |socket| async move {
+            pump_port(socket, tcp).await;
+            drop(guard);
+        }))
+}
+
+/// Copy WebSocket binary messages into `tcp` and its bytes back, until
+/// the cell's side closes (or the client's, once the cell has answered).
+async fn pump_port(socket: WebSocket, tcp: tokio::net::TcpStream) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut to_client, mut from_client) = socket.split();
+    let (mut rd, mut wr) = tcp.into_split();
+    let up = async move {
+        while let Some(Ok(msg)) = from_client.next().await {
+            let more = match msg {
+                WsMessage::Binary(b) => wr.write_all(&b).await.is_ok(),
+                WsMessage::Close(_) => false,
+                _ => true,
+            };
+            if !more {
+                break;
+            }
+        }
+        // The client is done sending: half-close, as TCP would.
+        let _ = wr.shutdown().await;
+    };
+    let down = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let chunk = Bytes::copy_from_slice(&buf[..n]);
+            if to_client.send(WsMessage::Binary(chunk)).await.is_err() {
+                return;
+            }
+        }
+        let _ = to_client.send(WsMessage::Close(None)).await;
+    };
+    tokio::pin!(down);
+    tokio::select! {
+        () = up => down.await,
+        () = &mut down => {}
+    }
+}
+
 /// The audit log as CloudEvents; `follow=true` streams Server-Sent Events.
 #[utoipa::path(get, path = "/v1/events", tag = "events",
     params(EventsQuery),
@@ -1007,7 +1100,7 @@ impl Modify for BearerAuth {
 #[openapi(
     info(title = "cellhost", description = "Rent isolated compute cells. On the unix socket every caller is the operator; on TCP a bearer token names the owner."),
     paths(create_cell, list_cells, get_cell, delete_cell, start_cell, stop_cell, extend_cell,
-          exec_cell, cell_logs, events, node, metrics, healthz, openapi_json),
+          exec_cell, cell_logs, port_stream, events, node, metrics, healthz, openapi_json),
     components(schemas(ApiError, CellView, CellDocument, EventPage, CloudEvent, NodeStatus,
                         TenantNodeStatus, NodeView,
                         ExtendRequest, ExecBody, ExecResponse, TeardownReportSchema, Health)),

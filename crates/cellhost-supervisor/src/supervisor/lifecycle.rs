@@ -648,6 +648,29 @@ impl Supervisor {
         Ok(self.backend(rec.isolation)?.exec(&handle, req).await?)
     }
 
+    /// A TCP connection to `port` inside the caller's running cell (see
+    /// `Backend::connect`): nothing is published on the host.
+    pub async fn connect(
+        &self,
+        caller: &Caller,
+        id: &str,
+        port: u16,
+    ) -> Result<std::net::TcpStream> {
+        if port == 0 {
+            return Err(SupervisorError::invalid("port", "must be 1..=65535"));
+        }
+        let rec = self.visible(caller, id).await?;
+        if rec.observed != Observed::Running {
+            return Err(SupervisorError::Conflict(format!(
+                "cell {} is {}; a connection needs it running",
+                rec.id,
+                rec.observed.as_str()
+            )));
+        }
+        let handle = self.handle_of(&rec)?;
+        Ok(self.backend(rec.isolation)?.connect(&handle, port).await?)
+    }
+
     pub async fn logs(&self, caller: &Caller, id: &str, offset: u64) -> Result<LogChunk> {
         let rec = self.visible(caller, id).await?;
         let handle = self.handle_of(&rec)?;
