@@ -137,10 +137,21 @@ async fn redeem(mint: &str, token: &str) -> Result<u64, cdk::Error> {
 // ------------------------------------------------------------ the relay
 
 async fn start_relay() -> (LocalRelay, String) {
-    let relay = LocalRelay::new(RelayBuilder::default().addr(IpAddr::V4(Ipv4Addr::LOCALHOST)));
-    relay.run().await.unwrap();
-    let url = relay.url().await.to_string();
-    (relay, url)
+    // rust-nostr's relay picks a random port, checks that it is free, then
+    // binds it: a socket of a test running alongside can take the port in
+    // between (EADDRINUSE). Pick again then.
+    let mut last = None;
+    for _ in 0..10 {
+        let relay = LocalRelay::new(RelayBuilder::default().addr(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        match relay.run().await {
+            Ok(()) => {
+                let url = relay.url().await.to_string();
+                return (relay, url);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    panic!("no relay in 10 tries: {last:?}");
 }
 
 // ------------------------------------------------------------ the provider
