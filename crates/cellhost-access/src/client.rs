@@ -29,6 +29,10 @@ use crate::tls::{Fingerprint, pinned_client_config};
 /// Longest a connection (TCP and TLS) may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// A WebSocket to the tenant API, over the pinned TLS connection.
+pub type PinnedSocket =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>;
+
 /// A client of one tenant API.
 pub struct PinnedClient {
     base: String,
@@ -141,6 +145,37 @@ impl PinnedClient {
         Ok((status, body))
     }
 
+    /// Open a WebSocket at `path_and_query` (a GET, signed like any
+    /// request). A refusal before the upgrade is
+    /// [`AccessError::Refused`] with the API's status and JSON body.
+    pub async fn websocket(&self, path_and_query: &str) -> Result<PinnedSocket, AccessError> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let tls = self.connect().await?;
+        let ws_url = format!("wss://{}{path_and_query}", self.authority);
+        let mut req = ws_url
+            .as_str()
+            .into_client_request()
+            .map_err(|e| AccessError::InvalidUrl(format!("{ws_url}: {e}")))?;
+        if let Some(keys) = &self.signer {
+            let url = format!("{}{path_and_query}", self.base);
+            let auth = crate::nip98::sign(keys, "GET", &url, b"", crate::nip98::now())
+                .map_err(|e| AccessError::Sign(e.to_string()))?;
+            let v = HeaderValue::from_str(&auth).map_err(|e| AccessError::Sign(e.to_string()))?;
+            req.headers_mut().insert(AUTHORIZATION, v);
+        }
+        match tokio_tungstenite::client_async(req, tls).await {
+            Ok((ws, _)) => Ok(ws),
+            Err(tokio_tungstenite::tungstenite::Error::Http(r)) => Err(AccessError::Refused {
+                status: r.status().as_u16(),
+                body: String::from_utf8_lossy(r.body().as_deref().unwrap_or_default())
+                    .chars()
+                    .take(4096)
+                    .collect(),
+            }),
+            Err(e) => Err(AccessError::WebSocket(e.to_string())),
+        }
+    }
+
     async fn connect(&self) -> Result<tokio_rustls::client::TlsStream<TcpStream>, AccessError> {
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.addr[..]))
             .await
@@ -168,5 +203,47 @@ impl PinnedClient {
                 self.base
             ))),
         }
+    }
+}
+
+/// Carry `tcp` over `ws` (binary messages both ways) until the cell's
+/// side closes, or the local side has closed and the cell has answered:
+/// the consumer's end of a port stream.
+pub async fn pump_tcp(ws: PinnedSocket, tcp: TcpStream) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut to_cell, mut from_cell) = ws.split();
+    let (mut rd, mut wr) = tcp.into_split();
+    let up = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let chunk = Bytes::copy_from_slice(&buf[..n]);
+            if to_cell.send(Message::Binary(chunk)).await.is_err() {
+                return;
+            }
+        }
+        let _ = to_cell.send(Message::Close(None)).await;
+    };
+    let down = async move {
+        while let Some(Ok(msg)) = from_cell.next().await {
+            let more = match msg {
+                Message::Binary(b) => wr.write_all(&b).await.is_ok(),
+                Message::Close(_) => false,
+                _ => true,
+            };
+            if !more {
+                break;
+            }
+        }
+        let _ = wr.shutdown().await;
+    };
+    tokio::pin!(down);
+    tokio::select! {
+        () = up => down.await,
+        () = &mut down => {}
     }
 }

@@ -46,4 +46,8 @@ pub enum AccessError {
     Body(String),
     #[error("signing the request: {0}")]
     Sign(String),
+    #[error("the tenant API answered {status}: {body}")]
+    Refused { status: u16, body: String },
+    #[error("WebSocket: {0}")]
+    WebSocket(String),
 }

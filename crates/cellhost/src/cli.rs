@@ -248,6 +248,19 @@ pub enum MarketCommand {
         #[arg(required = true, last = true)]
         argv: Vec<String>,
     },
+    /// Reach a port inside a rented cell from a local port: each local
+    /// connection is a TCP stream to the cell's port, carried over the
+    /// tenant API (a WebSocket). No host port is published. Runs until
+    /// interrupted.
+    PortForward {
+        #[command(flatten)]
+        opt: MarketOpt,
+        offer: String,
+        cell: String,
+        /// `[LOCAL_ADDR:]LOCAL_PORT:CELL_PORT` (the local address defaults
+        /// to 127.0.0.1; local port 0 picks a free one, printed).
+        forward: String,
+    },
     /// Wait for the answer to a request sent earlier (the id a timed-out
     /// rent, topup, status or stop printed). A provider that crashed
     /// mid-request sends it when it is back: the cell, or a refund.

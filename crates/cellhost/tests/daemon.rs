@@ -591,6 +591,26 @@ fn container_cells_through_the_daemon() {
         labels["cellhost.instance"].as_str().unwrap(),
         cellhost_core::ids::instance_tag(&d.state.join("docker"))
     );
+    // A port stream into the container: httpd on its own loopback only,
+    // reached with no port published; a closed port is 502.
+    let r = d.call(
+        "POST",
+        &format!("/v1/cells/{id}/exec"),
+        Some(json!({"argv": ["/bin/sh", "-c",
+            "echo forty-two > /tmp/index.html; httpd -p 127.0.0.1:8080 -h /tmp"]})),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let page = d
+        .port_stream(&id, 8080, b"GET /index.html HTTP/1.0\r\n\r\n")
+        .expect("a port stream");
+    let page = String::from_utf8_lossy(&page);
+    assert!(
+        page.starts_with("HTTP/1.") && page.contains("forty-two"),
+        "{page}"
+    );
+    let (status, body) = d.port_stream(&id, 8081, b"").unwrap_err();
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("port_closed"), "{body}");
     // exec and logs through the API.
     let r = d.call(
         "POST",

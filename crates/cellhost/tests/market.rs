@@ -1230,6 +1230,40 @@ type Attempt = (
     &'static str,
 );
 
+/// The local address a `market port-forward` child prints on stderr.
+async fn forwarding_address(child: &mut tokio::process::Child) -> std::net::SocketAddr {
+    use tokio::io::AsyncBufReadExt;
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let read = async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            if let Some(rest) = l.strip_prefix("forwarding ") {
+                return rest.split_whitespace().next().unwrap().parse().unwrap();
+            }
+            eprintln!("port-forward: {l}");
+        }
+        panic!("port-forward ended without forwarding");
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("port-forward started in 60 s")
+}
+
+/// An HTTP/1.0 GET of `path` on `addr`: the whole response.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: cell\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+        .await
+        .expect("a response in 30 s")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// `cellhost market SUB --relay R --identity I ARGS…`, output as is.
 async fn market_raw(
     relay: &str,
@@ -1294,7 +1328,8 @@ fn a_renter_reaches_its_cell_through_the_signed_tenant_api() {
             &doc,
             SLEEPER.replace(
                 "command: [/bin/sleep, '600']",
-                "command: [/bin/sh, -c, 'echo hello-from-the-cell; exec sleep 600']",
+                "command: [/bin/sh, -c, 'echo hello-from-the-cell; echo forty-two > /tmp/index.html; \
+                 exec busybox httpd -f -p 127.0.0.1:8080 -h /tmp']",
             ),
         )
         .unwrap();
@@ -1351,6 +1386,53 @@ fn a_renter_reaches_its_cell_through_the_signed_tenant_api() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+
+        // Port forwarding: the cell's HTTP server listens on the cell's own
+        // loopback only; a local port reaches it through the API.
+        let until = Instant::now() + Duration::from_secs(15);
+        loop {
+            let probe = ["--", "busybox", "wget", "-q", "-O", "-", "http://127.0.0.1:8080/"];
+            let out = market_raw(&relay, &me, "exec", &[&[npub.as_str(), id.as_str()][..], &probe[..]].concat()).await;
+            if String::from_utf8_lossy(&out.stdout).contains("forty-two") {
+                break;
+            }
+            assert!(Instant::now() < until, "httpd never answered in the cell");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let mut fwd = tokio::process::Command::new(common::cellhost_bin())
+            .args(["market", "port-forward", "--relay", &relay, "--identity"])
+            .arg(&me)
+            .args([&npub, &id, "127.0.0.1:0:8080"])
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let local = forwarding_address(&mut fwd).await;
+        for _ in 0..3 {
+            let page = http_get(local, "/index.html").await;
+            assert!(page.starts_with("HTTP/1.") && page.contains("forty-two"), "{page}");
+        }
+        fwd.kill().await.unwrap();
+
+        // A port the cell does not listen on, which the host does: the
+        // connection is made inside the cell, so the host's service is
+        // never reached.
+        let host_service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        host_service.set_nonblocking(true).unwrap();
+        let hp = host_service.local_addr().unwrap().port().to_string();
+        let out = market_raw(&relay, &me, "port-forward", &[&npub, &id, &format!("0:{hp}")]).await;
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(5), "{err}");
+        assert!(err.contains("port_closed"), "{err}");
+        assert_eq!(
+            host_service.accept().map(|_| ()).unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock,
+            "the host's own service was reached from the tenant API"
+        );
+        // Another key cannot forward into my cell.
+        let other_fwd = market_raw(&relay, &other, "port-forward", &[&npub, &id, "0:8080"]).await;
+        assert_eq!(other_fwd.status.code(), Some(5));
+        assert!(String::from_utf8_lossy(&other_fwd.stderr).contains("not found"));
 
         // By hand: the same pinned TLS, headers signed by the test.
         let keys = cellhost_market::keys::nostr_keys(&me).unwrap();

@@ -235,6 +235,44 @@ pub async fn market(cmd: MarketCommand, json: bool) -> anyhow::Result<u8> {
             let code = out["exitCode"].as_i64().unwrap_or(1);
             Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
         }
+        MarketCommand::PortForward {
+            opt,
+            offer,
+            cell,
+            forward,
+        } => {
+            let (local, port) = parse_forward(&forward)?;
+            let api = TenantApi::open(&opt, &offer, &cell).await?;
+            let listener = tokio::net::TcpListener::bind(local)
+                .await
+                .with_context(|| format!("binding {local}"))?;
+            // Fail now, not at the first connection, when the cell or the
+            // port cannot be reached.
+            let path = api.path(&format!("/ports/{port}"));
+            match api.client.websocket(&path).await {
+                Ok(ws) => drop(ws),
+                Err(e) => return Err(api.refusal(e)),
+            }
+            eprintln!(
+                "forwarding {} → cell {} port {port} (Ctrl-C to stop)",
+                listener.local_addr()?,
+                api.cell
+            );
+            let api = std::sync::Arc::new(api);
+            loop {
+                let (tcp, peer) = tokio::select! {
+                    a = listener.accept() => a?,
+                    _ = tokio::signal::ctrl_c() => return Ok(0),
+                };
+                let (api, path) = (api.clone(), path.clone());
+                tokio::spawn(async move {
+                    match api.client.websocket(&path).await {
+                        Ok(ws) => cellhost_access::client::pump_tcp(ws, tcp).await,
+                        Err(e) => eprintln!("{peer}: {:#}", api.refusal(e)),
+                    }
+                });
+            }
+        }
         MarketCommand::Reply {
             opt,
             offer,
@@ -295,6 +333,19 @@ impl TenantApi {
         format!("/v1/cells/{}{rest}", self.cell)
     }
 
+    /// A refused WebSocket as [`TenantApi::answer`] words it.
+    fn refusal(&self, e: cellhost_access::AccessError) -> anyhow::Error {
+        match e {
+            cellhost_access::AccessError::Refused { status, body } => {
+                match self.answer(status, body.as_bytes()) {
+                    Err(e) => e,
+                    Ok(_) => anyhow::anyhow!("the provider answered {status}"),
+                }
+            }
+            e => e.into(),
+        }
+    }
+
     /// The JSON of a 200, or an error that says what went wrong.
     fn answer(&self, status: u16, body: &[u8]) -> anyhow::Result<serde_json::Value> {
         let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
@@ -313,6 +364,23 @@ impl TenantApi {
         };
         Err(exit_err(EXIT_REFUSED, why))
     }
+}
+
+/// `[ADDR:]LOCAL:CELL` → (local address, cell port).
+fn parse_forward(s: &str) -> anyhow::Result<(std::net::SocketAddr, u16)> {
+    let bad = || {
+        exit_err(
+            EXIT_USAGE,
+            format!("{s:?}: expected [LOCAL_ADDR:]LOCAL_PORT:CELL_PORT"),
+        )
+    };
+    let (local, cell) = s.rsplit_once(':').ok_or_else(bad)?;
+    let cell: u16 = cell.parse().ok().filter(|p| *p != 0).ok_or_else(bad)?;
+    let local = match local.parse::<u16>() {
+        Ok(p) => std::net::SocketAddr::from(([127, 0, 0, 1], p)),
+        Err(_) => local.parse().map_err(|_| bad())?,
+    };
+    Ok((local, cell))
 }
 
 /// Print `reply`; the exit code says whether it was a refusal.

@@ -252,6 +252,52 @@ impl Daemon {
         r.json()["events"].as_array().unwrap().clone()
     }
 
+    /// Through `/v1/cells/{id}/ports/{port}` (a WebSocket on the operator
+    /// socket): send `request`, read until the cell's side closes. A
+    /// refusal before the upgrade is `Err((status, body))`.
+    pub fn port_stream(
+        &self,
+        id: &str,
+        port: u16,
+        request: &[u8],
+    ) -> Result<Vec<u8>, (u16, String)> {
+        use futures_util::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::{Error, Message};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let sock = tokio::net::UnixStream::connect(&self.socket).await.unwrap();
+            let url = format!("ws://cellhost/v1/cells/{id}/ports/{port}");
+            let mut ws = match tokio_tungstenite::client_async(url, sock).await {
+                Ok((ws, _)) => ws,
+                Err(Error::Http(r)) => {
+                    let body = String::from_utf8_lossy(r.body().as_deref().unwrap_or_default());
+                    return Err((r.status().as_u16(), body.into_owned()));
+                }
+                Err(e) => panic!("websocket: {e}"),
+            };
+            ws.send(Message::Binary(request.to_vec().into()))
+                .await
+                .unwrap();
+            let mut out = Vec::new();
+            let read = async {
+                while let Some(Ok(m)) = ws.next().await {
+                    match m {
+                        Message::Binary(b) => out.extend_from_slice(&b),
+                        Message::Close(_) => break,
+                        _ => {}
+                    }
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(30), read)
+                .await
+                .expect("the port stream ended in 30 s");
+            Ok(out)
+        })
+    }
+
     /// Wait for reconcile's `orphan.destroyed` event of `id`. It is
     /// written after the teardown returns, so a test that saw the host
     /// objects go must still wait for it.
