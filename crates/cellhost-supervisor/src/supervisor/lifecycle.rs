@@ -635,17 +635,28 @@ impl Supervisor {
         .await
     }
 
-    pub async fn exec(&self, caller: &Caller, id: &str, req: ExecRequest) -> Result<ExecOutput> {
+    /// The backend and handle of the caller's cell, which must be
+    /// running for `what`.
+    async fn running(
+        &self,
+        caller: &Caller,
+        id: &str,
+        what: &str,
+    ) -> Result<(&Arc<dyn Backend>, CellHandle)> {
         let rec = self.visible(caller, id).await?;
         if rec.observed != Observed::Running {
             return Err(SupervisorError::Conflict(format!(
-                "cell {} is {}; exec needs it running",
+                "cell {} is {}; {what} needs it running",
                 rec.id,
                 rec.observed.as_str()
             )));
         }
-        let handle = self.handle_of(&rec)?;
-        Ok(self.backend(rec.isolation)?.exec(&handle, req).await?)
+        Ok((self.backend(rec.isolation)?, self.handle_of(&rec)?))
+    }
+
+    pub async fn exec(&self, caller: &Caller, id: &str, req: ExecRequest) -> Result<ExecOutput> {
+        let (backend, handle) = self.running(caller, id, "exec").await?;
+        Ok(backend.exec(&handle, req).await?)
     }
 
     /// A TCP connection to `port` inside the caller's running cell (see
@@ -659,16 +670,8 @@ impl Supervisor {
         if port == 0 {
             return Err(SupervisorError::invalid("port", "must be 1..=65535"));
         }
-        let rec = self.visible(caller, id).await?;
-        if rec.observed != Observed::Running {
-            return Err(SupervisorError::Conflict(format!(
-                "cell {} is {}; a connection needs it running",
-                rec.id,
-                rec.observed.as_str()
-            )));
-        }
-        let handle = self.handle_of(&rec)?;
-        Ok(self.backend(rec.isolation)?.connect(&handle, port).await?)
+        let (backend, handle) = self.running(caller, id, "a connection").await?;
+        Ok(backend.connect(&handle, port).await?)
     }
 
     pub async fn logs(&self, caller: &Caller, id: &str, offset: u64) -> Result<LogChunk> {
