@@ -381,6 +381,34 @@ fn doctor_reports_every_capability_and_tier() {
     );
 }
 
+/// `bench api` measures its three paths (backend, supervisor, the API)
+/// end to end, each cell under a leased uid range, and leaves nothing.
+#[test]
+fn bench_api_measures_three_paths_and_cleans_up() {
+    require_process_tier!();
+    let dir = common::state_dir();
+    let out = cellhost(dir.path())
+        .args(["--json", "bench", "api", "--cells", "2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for path in ["backend_direct", "supervisor_direct", "api"] {
+        assert_eq!(v[path]["n"], 2, "{v}");
+        assert!(v[path]["cells_per_s"].as_f64().unwrap() > 0.0, "{v}");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("bench-api"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[test]
 fn bench_guest_reports_pings_execs_and_cleans_up() {
     // The agent binary sits next to cellhost when the workspace is built

@@ -15,6 +15,7 @@
 //! destroyed after each batch (destroy is not timed here). The API's own
 //! overhead is api vs supervisor; the daemon's total is api vs backend.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -126,6 +127,11 @@ pub async fn bench_api(
     json_out: bool,
 ) -> anyhow::Result<u8> {
     let root = state_dir.join(format!("bench-api-{}", std::process::id()));
+    // Process cells run as their own uid, which must pass through it.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o711)
+        .create(&root)?;
     let _groups = ["backend", "supervisor", "daemon"]
         .map(|sub| crate::bench::RemoveInstanceGroup(root.join(sub).join("process")));
     let _cleanup = crate::bench::RemoveOnDrop(root.clone());
@@ -155,6 +161,10 @@ pub async fn bench_api(
     let (daemon, client) = spawn_daemon(&root.join("daemon")).await?;
     let client = Arc::new(client);
     let body = Arc::new(serde_json::to_vec(&doc())?);
+    let direct = Arc::new(Direct {
+        backend,
+        uids: crate::bench::BenchUids::new(),
+    });
 
     let mut results = [
         Throughput::default(),
@@ -164,13 +174,13 @@ pub async fn bench_api(
     let modes = [Mode::Backend, Mode::Supervisor, Mode::Api];
     // Warm-up: one small batch of each, untimed.
     for m in modes {
-        run_batch(m, 4, concurrency, &backend, &sup, &client, &body).await?;
+        run_batch(m, 4, concurrency, &direct, &sup, &client, &body).await?;
     }
     let mut done = 0;
     while done < n {
         let k = BATCH.min(n - done);
         for (i, m) in modes.iter().enumerate() {
-            let (lat, wall) = run_batch(*m, k, concurrency, &backend, &sup, &client, &body).await?;
+            let (lat, wall) = run_batch(*m, k, concurrency, &direct, &sup, &client, &body).await?;
             results[i].lat.0.extend(lat);
             results[i].wall += wall;
         }
@@ -231,13 +241,20 @@ pub async fn bench_api(
     Ok(0)
 }
 
+/// The backend-direct path: the tier, and uid ranges leased as the
+/// supervisor would.
+struct Direct {
+    backend: Arc<dyn Backend>,
+    uids: crate::bench::BenchUids,
+}
+
 /// Create `k` running cells in mode `m`, `conc` at a time; latencies and the
 /// batch's wall time. Then destroy them (untimed).
 async fn run_batch(
     m: Mode,
     k: usize,
     conc: usize,
-    backend: &Arc<dyn Backend>,
+    direct: &Arc<Direct>,
     sup: &Arc<Supervisor>,
     client: &Arc<Client>,
     body: &Arc<Vec<u8>>,
@@ -247,8 +264,8 @@ async fn run_batch(
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..k {
         let permit = sem.clone().acquire_owned().await?;
-        let (backend, sup, client, body) =
-            (backend.clone(), sup.clone(), client.clone(), body.clone());
+        let (direct, sup, client, body) =
+            (direct.clone(), sup.clone(), client.clone(), body.clone());
         tasks.spawn(async move {
             let _p = permit;
             let t = Instant::now();
@@ -256,8 +273,12 @@ async fn run_batch(
                 Mode::Backend => {
                     let cell: cellhost_spec::Cell = serde_json::from_slice(&body)?;
                     let id = CellId::random();
-                    let h = backend.create(CreateRequest::new(id.clone(), cell)).await?;
-                    backend.start(&h).await?;
+                    let req = CreateRequest {
+                        uids: Some(direct.uids.lease(&id)?),
+                        ..CreateRequest::new(id.clone(), cell)
+                    };
+                    let h = direct.backend.create(req).await?;
+                    direct.backend.start(&h).await?;
                     Ok(id.to_string())
                 }
                 Mode::Supervisor => {
@@ -294,13 +315,14 @@ async fn run_batch(
             Mode::Backend => {
                 let id = CellId::parse(&id)?;
                 let cell: cellhost_spec::Cell = serde_json::from_slice(body)?;
-                let h = backend.handle_for(&id, &cell);
-                let r = backend.destroy(&h).await?;
+                let h = direct.backend.handle_for(&id, &cell);
+                let r = direct.backend.destroy(&h).await?;
                 anyhow::ensure!(
                     r.is_clean(),
                     "bench cell {id} left residue: {}",
                     r.summary()
                 );
+                direct.uids.release(&h);
             }
             Mode::Supervisor => {
                 let r = sup.destroy(&Caller::operator(), &id).await?;

@@ -222,13 +222,13 @@ pub async fn bench(state_dir: &Path, args: BenchArgs, json_out: bool) -> anyhow:
 /// Uid ranges for cells this bench makes through a backend directly,
 /// claimed host-wide like the supervisor's (so no other store's live cell
 /// shares one) and given back after each clean destroy.
-struct BenchUids {
+pub(crate) struct BenchUids {
     claims: cellhost_supervisor::uid_claims::UidClaims,
     held: std::sync::Mutex<std::collections::HashMap<CellId, cellhost_core::UidRange>>,
 }
 
 impl BenchUids {
-    fn new() -> BenchUids {
+    pub(crate) fn new() -> BenchUids {
         BenchUids {
             claims: cellhost_supervisor::uid_claims::UidClaims::new(
                 cellhost_supervisor::uid_claims::CLAIMS_DIR,
@@ -239,7 +239,7 @@ impl BenchUids {
         }
     }
 
-    fn lease(&self, id: &CellId) -> anyhow::Result<cellhost_core::UidRange> {
+    pub(crate) fn lease(&self, id: &CellId) -> anyhow::Result<cellhost_core::UidRange> {
         let pool = cellhost_policy::Uids::default();
         let r = self
             .claims
@@ -253,7 +253,7 @@ impl BenchUids {
     }
 
     /// Give back the range of a cell that is gone.
-    fn release(&self, h: &cellhost_core::CellHandle) {
+    pub(crate) fn release(&self, h: &cellhost_core::CellHandle) {
         let held = self
             .held
             .lock()
