@@ -75,6 +75,7 @@ pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow
     let _group = crate::bench::RemoveInstanceGroup(root.join("process"));
     // Addresses are leased as the supervisor leases them, in the store.
     let store = cellhost_store::Store::open(&root)?;
+    let uids = crate::bench::BenchUids::new();
     let gateway = net.bridge_subnet.gateway();
     let sock = UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
     sock.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -88,12 +89,12 @@ pub async fn bench_network(state_dir: &Path, n: usize, json_out: bool) -> anyhow
     // One of each first, not counted: page cache, host root, bridge.
     for round in 0..n + 1 {
         let cell = doc("bench-none", "printf x", json!({"mode": "none"}))?;
-        let t = one_cell(&*backend, &store, cell, None).await?;
+        let t = one_cell(&*backend, &store, &uids, cell, None).await?;
         if round > 0 {
             none.push(t);
         }
         let cell = doc("bench-bridged", &bridged_script, bridged_net.clone())?;
-        let t = one_cell(&*backend, &store, cell, Some(&sock)).await?;
+        let t = one_cell(&*backend, &store, &uids, cell, Some(&sock)).await?;
         if round > 0 {
             bridged.push(t);
         }
@@ -186,6 +187,7 @@ impl Times {
 async fn one_cell(
     backend: &dyn Backend,
     store: &cellhost_store::Store,
+    uids: &crate::bench::BenchUids,
     cell: cellhost_spec::Cell,
     sock: Option<&UdpSocket>,
 ) -> anyhow::Result<Sample> {
@@ -201,6 +203,7 @@ async fn one_cell(
     let h = backend
         .create(CreateRequest {
             address,
+            uids: Some(uids.lease(&id)?),
             ..CreateRequest::new(id.clone(), cell)
         })
         .await
@@ -220,7 +223,19 @@ async fn one_cell(
                 .unwrap_or_default()
                 .parse()?;
             let mut buf = [0u8; 16];
-            while sock.recv_from(&mut buf)?.1.ip() != std::net::IpAddr::V4(want) {}
+            loop {
+                match sock.recv_from(&mut buf) {
+                    Ok((_, from)) if from.ip() == std::net::IpAddr::V4(want) => break,
+                    Ok(_) => {}
+                    Err(e) => {
+                        let said = std::fs::read_to_string(&log).unwrap_or_default();
+                        anyhow::bail!(
+                            "no packet from the bridged cell {want} ({e}); its log: {said:?} \
+                             (a cell reaches the host itself only on its resolvers)"
+                        );
+                    }
+                }
+            }
             Some(t0.elapsed())
         }
         None => None,
@@ -240,6 +255,7 @@ async fn one_cell(
         report.summary()
     );
     store.release_lease(&id)?;
+    uids.release(&h);
     // The kernel frees a destroyed cell's netns later, on a worker taking
     // the rtnl lock: let it finish, uncounted.
     tokio::time::sleep(SETTLE).await;
