@@ -299,6 +299,35 @@ fn lease_that_ends_while_the_daemon_is_down_is_reaped_at_restart() {
     assert!(d.host_ids().is_empty());
 }
 
+/// An open port stream ends with the cell's lease: the teardown ends the
+/// cell's server, and the stream with it. The server holds its connection
+/// open (its stdin never ends), so only the lease can close it.
+#[test]
+fn a_port_stream_ends_with_the_lease() {
+    require_process_tier!();
+    let d = Daemon::start(&[]);
+    let held = ["/bin/sh", "-c", "sleep 600 | busybox nc -l -p 8080"];
+    let id = d.create(doc("held", &held, 4));
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        match d.port_stream(&id, 8080, b"") {
+            Ok(_) => break,
+            // nc not listening yet.
+            Err((502, _)) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("no port stream: {e:?}"),
+        }
+    }
+    // It ended only once the lease had.
+    assert!(
+        d.events()
+            .iter()
+            .any(|e| e["subject"] == id.as_str() && e["type"] == "cellhost.cell.expired"),
+        "the stream ended before the lease did"
+    );
+}
+
 #[test]
 fn lease_expiry_destroys_a_running_cell() {
     require_process_tier!();
