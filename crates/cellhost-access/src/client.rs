@@ -88,6 +88,22 @@ impl PinnedClient {
         &self.base
     }
 
+    /// The NIP-98 header of one request about to be sent, when signing.
+    fn authorization(
+        &self,
+        method: &str,
+        path_and_query: &str,
+        body: &[u8],
+    ) -> Result<Option<String>, AccessError> {
+        let Some(keys) = &self.signer else {
+            return Ok(None);
+        };
+        let url = format!("{}{path_and_query}", self.base);
+        crate::nip98::sign(keys, method, &url, body, crate::nip98::now())
+            .map(Some)
+            .map_err(|e| AccessError::Sign(e.to_string()))
+    }
+
     /// Send one request; the response body streams.
     pub async fn send(
         &self,
@@ -109,10 +125,7 @@ impl PinnedClient {
             .method(method)
             .uri(path_and_query)
             .header(HOST, &self.authority);
-        if let Some(keys) = &self.signer {
-            let url = format!("{}{path_and_query}", self.base);
-            let auth = crate::nip98::sign(keys, method, &url, &body, crate::nip98::now())
-                .map_err(|e| AccessError::Sign(e.to_string()))?;
+        if let Some(auth) = self.authorization(method, path_and_query, &body)? {
             req = req.header(AUTHORIZATION, auth);
         }
         if !body.is_empty() {
@@ -156,10 +169,7 @@ impl PinnedClient {
             .as_str()
             .into_client_request()
             .map_err(|e| AccessError::InvalidUrl(format!("{ws_url}: {e}")))?;
-        if let Some(keys) = &self.signer {
-            let url = format!("{}{path_and_query}", self.base);
-            let auth = crate::nip98::sign(keys, "GET", &url, b"", crate::nip98::now())
-                .map_err(|e| AccessError::Sign(e.to_string()))?;
+        if let Some(auth) = self.authorization("GET", path_and_query, b"")? {
             let v = HeaderValue::from_str(&auth).map_err(|e| AccessError::Sign(e.to_string()))?;
             req.headers_mut().insert(AUTHORIZATION, v);
         }

@@ -186,7 +186,7 @@ impl Verifier {
         }
         match tag(&event, "payload") {
             Some(p) => {
-                let want = hex(&Sha256::digest(req.body));
+                let want = hex::encode(Sha256::digest(req.body));
                 if !p.eq_ignore_ascii_case(&want) {
                     return Err(AuthError::PayloadMismatch(
                         "the auth event's `payload` tag is not the SHA-256 of this body",
@@ -261,10 +261,6 @@ fn clip(s: &str) -> String {
     s.chars().take(200).collect()
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The `Authorization` header value for a request, signed by `keys` at
 /// `at` (unix seconds; [`now`] for a live request). A random `nonce` tag
 /// makes each signature its own event, so repeating a request within
@@ -284,10 +280,10 @@ pub fn sign(
     let mut tags = vec![
         named("u", url.to_string()),
         named("method", method.to_ascii_uppercase()),
-        named("nonce", hex(&nonce)),
+        named("nonce", hex::encode(nonce)),
     ];
     if !body.is_empty() {
-        tags.push(named("payload", hex(&Sha256::digest(body))));
+        tags.push(named("payload", hex::encode(Sha256::digest(body))));
     }
     let event = EventBuilder::new(Kind::HttpAuth, "")
         .tags(tags)

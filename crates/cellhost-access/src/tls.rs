@@ -50,7 +50,7 @@ impl Fingerprint {
 
 impl fmt::Display for Fingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&crate::nip98::hex(&self.0))
+        f.write_str(&hex::encode(self.0))
     }
 }
 
@@ -66,14 +66,9 @@ impl FromStr for Fingerprint {
     /// 64 hex digits; `:` separators (as openssl prints them) are allowed.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let digits: String = s.chars().filter(|c| *c != ':').collect();
-        let bad = || AccessError::InvalidFingerprint(s.chars().take(100).collect());
-        if digits.len() != 64 || !digits.is_ascii() {
-            return Err(bad());
-        }
         let mut out = [0u8; 32];
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = u8::from_str_radix(&digits[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
-        }
+        hex::decode_to_slice(&digits, &mut out)
+            .map_err(|_| AccessError::InvalidFingerprint(s.chars().take(100).collect()))?;
         Ok(Fingerprint(out))
     }
 }

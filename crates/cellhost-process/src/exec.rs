@@ -630,18 +630,19 @@ impl Drop for HangUp {
     }
 }
 
-async fn cell_state(b: &ProcessBackend, id: &CellId) -> Result<CellState, BackendError> {
+pub(crate) async fn cell_state(b: &ProcessBackend, id: &CellId) -> Result<CellState, BackendError> {
     let id = id.clone();
     b.blocking("status", move |this| this.status_blocking(&id).state)
         .await
 }
 
-fn not_running(id: &CellId, state: CellState) -> BackendError {
+/// The error for `op` on a cell in `state` (not running).
+pub(crate) fn not_running(id: &CellId, op: &'static str, state: CellState) -> BackendError {
     match state {
         CellState::Gone => BackendError::NotFound(id.clone()),
         state => BackendError::WrongState {
             id: id.clone(),
-            op: "exec",
+            op,
             state,
             wanted: "running",
         },
@@ -657,7 +658,7 @@ pub(crate) async fn run(
     check_request(&req)?;
     let state = cell_state(b, id).await?;
     if state != CellState::Running {
-        return Err(not_running(id, state));
+        return Err(not_running(id, "exec", state));
     }
     let p = b.paths(id);
     let timeout = req.timeout;
@@ -748,7 +749,7 @@ pub(crate) async fn run(
                 CellState::Running => CellState::Exited,
                 s => s,
             };
-            Err(not_running(id, state))
+            Err(not_running(id, "exec", state))
         }
         Some(Ok(Report::Failed { error })) => {
             Err(BackendError::engine(format!("exec in cell {id}: {error}")))

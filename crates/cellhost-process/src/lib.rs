@@ -1217,22 +1217,9 @@ impl Backend for ProcessBackend {
         port: u16,
     ) -> Result<std::net::TcpStream, BackendError> {
         let id = handle.id.clone();
-        let state = self
-            .blocking("status", {
-                let id = id.clone();
-                move |this| this.status_blocking(&id).state
-            })
-            .await?;
+        let state = exec::cell_state(self, &id).await?;
         if state != CellState::Running {
-            return Err(match state {
-                CellState::Gone => BackendError::NotFound(id),
-                state => BackendError::WrongState {
-                    id,
-                    op: "connect",
-                    state,
-                    wanted: "running",
-                },
-            });
+            return Err(exec::not_running(&id, "connect", state));
         }
         let pid = self
             .init_pid(&id)
