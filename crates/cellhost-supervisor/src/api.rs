@@ -314,7 +314,7 @@ async fn authenticate(State(auth): State<Arc<TenantAuth>>, req: Request, next: N
             Ok(key) => {
                 let mut req = Request::from_parts(parts, Body::from(bytes));
                 req.extensions_mut()
-                    .insert(Caller::tenant(nostr_owner(&key)));
+                    .insert(Caller::key_holder(nostr_owner(&key)));
                 next.run(req).await
             }
             Err(e) => {

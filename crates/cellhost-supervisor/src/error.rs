@@ -28,6 +28,9 @@ pub enum SupervisorError {
     /// The operator's policy does not allow what the document asks.
     #[error("{0}")]
     Policy(#[source] cellhost_policy::PolicyError),
+    /// Only payment buys this (a key's signature alone does not).
+    #[error("{0}")]
+    Unpaid(String),
     /// A host port the document publishes is another cell's.
     #[error("{field}: {message}")]
     PortTaken { field: String, message: String },
@@ -71,6 +74,7 @@ impl SupervisorError {
             SupervisorError::Capacity(_) => (409, "capacity"),
             SupervisorError::Unavailable(_) => (422, "tier_unavailable"),
             SupervisorError::Policy(_) => (403, "policy"),
+            SupervisorError::Unpaid(_) => (403, "payment_required"),
             SupervisorError::TooMany { code, .. } => (429, code),
             SupervisorError::PortTaken { .. } => (409, "port_taken"),
             SupervisorError::Backend(b) => match b {

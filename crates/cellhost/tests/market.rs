@@ -1477,6 +1477,8 @@ fn a_renter_reaches_its_cell_through_the_signed_tenant_api() {
         let harmless = br#"{"argv":["true"]}"#;
         let evil = br#"{"argv":["/bin/sh","-c","echo swapped"]}"#.to_vec();
         let stranger = Keys::generate();
+        let extend = format!("{path}/extend");
+        let extend_body = br#"{"seconds":3600}"#;
         // (what, method, path and query, body, Authorization, status, code)
         let cases: Vec<Attempt> = vec![
             (
@@ -1514,6 +1516,24 @@ fn a_renter_reaches_its_cell_through_the_signed_tenant_api() {
                 Some(signed("POST", &exec, harmless, now())),
                 401,
                 "auth_payload_mismatch",
+            ),
+            (
+                "a free cell: the renter's own key creates one",
+                "POST",
+                "/v1/cells".into(),
+                SLEEPER.as_bytes().to_vec(),
+                Some(signed("POST", "/v1/cells", SLEEPER.as_bytes(), now())),
+                403,
+                "payment_required",
+            ),
+            (
+                "free time: the renter's own key extends its lease",
+                "POST",
+                extend.clone(),
+                extend_body.to_vec(),
+                Some(signed("POST", &extend, extend_body, now())),
+                403,
+                "payment_required",
             ),
             (
                 "no signature",

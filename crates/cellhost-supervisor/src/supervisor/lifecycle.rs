@@ -48,6 +48,7 @@ impl Supervisor {
         confidential: Confidential,
         opts: CreateOptions,
     ) -> Result<CellView> {
+        caller.must_have_paid("create a cell")?;
         let mut cell = cell;
         self.admit_document(&mut cell)?;
         let backend = self.backend(cell.spec.isolation)?.clone();
@@ -591,6 +592,7 @@ impl Supervisor {
         seconds: u64,
         request: Option<&str>,
     ) -> Result<CellView> {
+        caller.must_have_paid("extend a lease")?;
         if seconds == 0 || seconds > MAX_EXTEND_SECONDS {
             return Err(SupervisorError::invalid(
                 "seconds",

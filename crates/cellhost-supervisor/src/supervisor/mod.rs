@@ -120,6 +120,10 @@ pub struct Caller {
     pub owner: String,
     /// The operator sees and manages every cell.
     pub operator: bool,
+    /// A key that proved only who it is (a NIP-98 signature): anyone can
+    /// make one, so it may use the cells it rented but neither create a
+    /// cell nor extend a lease; the market does both once paid.
+    pub unpaid: bool,
 }
 
 /// Move every secret's value out of a document that came from a remote
@@ -154,6 +158,7 @@ impl Caller {
         Caller {
             owner: OPERATOR.to_string(),
             operator: true,
+            unpaid: false,
         }
     }
 
@@ -162,7 +167,29 @@ impl Caller {
         Caller {
             operator: owner == OPERATOR,
             owner,
+            unpaid: false,
         }
+    }
+
+    /// The holder of a key that signed a request: the tenant `owner`,
+    /// never the operator, and [`Caller::unpaid`].
+    pub fn key_holder(owner: impl Into<String>) -> Caller {
+        Caller {
+            owner: owner.into(),
+            operator: false,
+            unpaid: true,
+        }
+    }
+
+    /// Refuse what only payment (or the operator's trust) buys.
+    fn must_have_paid(&self, what: &str) -> Result<()> {
+        if self.unpaid {
+            return Err(SupervisorError::Unpaid(format!(
+                "a signature alone cannot {what}: rent and top up through the market, which \
+                 does both once paid"
+            )));
+        }
+        Ok(())
     }
 
     fn may_see(&self, owner: Option<&str>) -> bool {
