@@ -165,8 +165,10 @@ impl Verifier {
             return Err(AuthError::WrongKind(event.kind.as_u16()));
         }
         event.verify().map_err(|_| AuthError::BadSignature)?;
-        let skew = now as i64 - event.created_at.as_secs() as i64;
-        if skew.unsigned_abs() > WINDOW {
+        // In i128: a signed `created_at` may be any u64.
+        let skew = i128::from(now) - i128::from(event.created_at.as_secs());
+        if skew.unsigned_abs() > u128::from(WINDOW) {
+            let skew = i64::try_from(skew).unwrap_or(if skew < 0 { i64::MIN } else { i64::MAX });
             return Err(AuthError::Expired { skew });
         }
         let request_url = format!("{}{}", self.base, req.path_and_query);

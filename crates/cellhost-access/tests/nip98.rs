@@ -51,6 +51,9 @@ fn each_wrong_request_has_its_code() {
     assert_eq!(code(&old, get("/v1/cells/abc"), NOW), "auth_expired");
     let ahead = sign(&keys, "GET", &url, b"", NOW + WINDOW + 1).unwrap();
     assert_eq!(code(&ahead, get("/v1/cells/abc"), NOW), "auth_expired");
+    // A created_at far past i64 is refused, not an overflow.
+    let far = sign(&keys, "GET", &url, b"", 1 << 63).unwrap();
+    assert_eq!(code(&far, get("/v1/cells/abc"), NOW), "auth_expired");
     // At the window's edge it still counts.
     let edge = sign(&keys, "GET", &url, b"", NOW - WINDOW).unwrap();
     assert!(v.verify(&edge, get("/v1/cells/abc"), NOW).is_ok());

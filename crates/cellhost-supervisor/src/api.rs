@@ -873,6 +873,7 @@ async fn port_stream(
         })?;
     Ok(ws
         .max_message_size(PORT_MESSAGE_LIMIT)
+        .max_frame_size(PORT_MESSAGE_LIMIT)
         .on_upgrade(move |socket| async move {
             pump_port(socket, tcp).await;
             drop(guard);
